@@ -1,0 +1,93 @@
+"""Outgoing channels between services: keepalive, message sizes, the internal token, the
+caller's request id, and the caller's deadline propagated to every downstream call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from runops.kit.context import current_request_id, remaining_deadline
+
+# Calls made outside any RPC (background jobs) still get a bound.
+DEFAULT_TIMEOUT_SECONDS = 30.0
+
+
+def _details(details: grpc.aio.ClientCallDetails, token: str | None) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    present = {key for key, _ in metadata}
+    if token and "authorization" not in present:
+        metadata.add("authorization", f"Bearer {token}")
+    request_id = current_request_id.get()
+    if request_id and "x-request-id" not in present:
+        metadata.add("x-request-id", request_id)
+    timeout = details.timeout
+    remaining = remaining_deadline()
+    if remaining is not None:
+        timeout = remaining if timeout is None else min(timeout, remaining)
+    elif timeout is None:
+        timeout = DEFAULT_TIMEOUT_SECONDS
+    return grpc.aio.ClientCallDetails(
+        details.method, timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _Propagate(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+):
+    def __init__(self, token: str | None) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[..., Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(_details(client_call_details, self._token), request)
+
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[..., Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(_details(client_call_details, self._token), request)
+
+    async def intercept_stream_unary(
+        self,
+        continuation: Callable[..., Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
+        return await continuation(_details(client_call_details, self._token), request_iterator)
+
+
+def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.enable_retries", 1),
+    ]
+
+
+def create_channel(
+    target: str,
+    *,
+    token: str | None = None,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    extra_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+) -> grpc.aio.Channel:
+    """An insecure (in-cluster) channel whose calls carry `token` as a bearer credential and
+    never outlive the RPC that made them."""
+    return grpc.aio.insecure_channel(
+        target,
+        options=channel_options(max_message_bytes),
+        interceptors=[_Propagate(token), *extra_interceptors],
+    )

@@ -1,0 +1,245 @@
+"""Domain errors and their rich gRPC statuses (google.rpc BadRequest / ErrorInfo / RetryInfo).
+
+Handlers raise a RunopsError subclass; the server interceptor turns it into a status whose
+details name the offending field, give a stable reason and, for retryable refusals, a delay.
+Clients read those details back with `details_of`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "runops.dev"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class RunopsError(Exception):
+    """Base of every error a handler may raise on purpose."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    default_reason: ClassVar[str] = "UNKNOWN"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        violations: Sequence[FieldViolation] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+        self.violations = tuple(violations)
+        self.retry_after = retry_after
+
+
+class InvalidArgument(RunopsError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(RunopsError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(RunopsError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(RunopsError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(RunopsError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(RunopsError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(RunopsError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(RunopsError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class Aborted(RunopsError):
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class DeadlineExceeded(RunopsError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Internal(RunopsError):
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+class Violations:
+    """Collects every field violation of a request before failing once, naming them all."""
+
+    def __init__(self) -> None:
+        self._items: list[FieldViolation] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def add(self, field_path: str, description: str) -> None:
+        self._items.append(FieldViolation(field_path, description))
+
+    def require(self, value: object, field_path: str) -> bool:
+        if value in ("", None, b"") or (isinstance(value, (list, tuple)) and not value):
+            self.add(field_path, "is required")
+            return False
+        return True
+
+    def max_length(self, value: str, field_path: str, limit: int) -> bool:
+        if len(value) > limit:
+            self.add(field_path, f"must be at most {limit} characters (got {len(value)})")
+            return False
+        return True
+
+    def required_text(self, value: str, field_path: str, limit: int) -> bool:
+        return self.require(value, field_path) and self.max_length(value, field_path, limit)
+
+    def enum(self, value: int, field_path: str, allowed: Mapping[int, str]) -> bool:
+        """`allowed` maps the accepted numeric values to their names (UNSPECIFIED excluded)."""
+        if value not in allowed:
+            names = ", ".join(sorted(allowed.values()))
+            self.add(field_path, f"must be one of {names} (got {value})")
+            return False
+        return True
+
+    def raise_if_any(self, message: str = "the request has invalid fields") -> None:
+        if self._items:
+            fields = ", ".join(v.field for v in self._items)
+            raise InvalidArgument(f"{message}: {fields}", violations=self._items)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def rich_status(err: RunopsError) -> grpc.Status:
+    """The grpc.Status (code, message, google.rpc details) that carries `err` to the client."""
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(
+                reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
+            )
+        )
+    ]
+    if err.violations:
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in err.violations
+                    ]
+                )
+            )
+        )
+    if err.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_after * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """What a client can read back from a failed call."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    violations: tuple[FieldViolation, ...] = ()
+    retry_after: float | None = None
+
+    @property
+    def fields(self) -> list[str]:
+        return [v.field for v in self.violations]
+
+
+def details_of(exc: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
+    """Code, message and google.rpc details of a failed call (sync or asyncio)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    message = exc.details() if hasattr(exc, "details") else str(exc)
+    status = _status_from_trailers(exc)
+    result = ErrorDetails(code=code, message=message or "")
+    if status is None:
+        return result
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    retry_after: float | None = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return ErrorDetails(code, message or "", reason, metadata, tuple(violations), retry_after)
+
+
+def _status_from_trailers(exc: grpc.RpcError) -> status_pb2.Status | None:
+    trailers: Any = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            if status.code != code_pb2.OK:
+                return status
+    return None

@@ -1,0 +1,216 @@
+"""The one server interceptor every service runs: request context, auth, metrics, error mapping.
+
+grpc.aio interceptors see a method handler, not the call; so this wraps each handler's
+behaviour (all four RPC kinds) in `_call_scope`, which binds structlog context, authenticates,
+counts the call and turns exceptions into rich statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import structlog
+
+from runops.kit import metrics
+from runops.kit.auth import Access, Authenticator
+from runops.kit.context import current_principal, current_request_id, current_server_context
+from runops.kit.errors import Internal, RunopsError, rich_status
+
+log = structlog.get_logger("runops.rpc")
+
+# Turns a dependency's exception into a domain error (e.g. lost connection -> UNAVAILABLE);
+# returns None for exceptions it does not know.
+ErrorMapper = Callable[[BaseException], RunopsError | None]
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+def _kind(handler: Any) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        access: Mapping[str, Access],
+        error_mappers: Sequence[ErrorMapper] = (),
+    ) -> None:
+        # access: full method name ("/pkg.Service/Method") or service name -> level.
+        self._auth = authenticator
+        self._access = dict(access)
+        self._mappers = tuple(error_mappers)
+
+    def _access_for(self, method: str) -> Access:
+        service, _ = _split(method)
+        return self._access.get(method) or self._access.get(service) or Access.PUBLIC
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        # Handlers are typed loosely: the grpc stubs describe the sync API's behaviours.
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        return self._wrap(handler, method, self._access_for(method))
+
+    def _wrap(self, handler: Any, method: str, access: Access) -> Any:
+        kind = _kind(handler)
+        scope = self._call_scope
+        service, name = _split(method)
+        labels = (kind, service, name)
+
+        if kind == "unary":
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Context) -> Any:
+                async with scope(method, labels, access, context):
+                    return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if kind == "client_stream":
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
+                async with scope(method, labels, access, context):
+                    return await inner_su(_counted(requests, labels), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if kind == "server_stream":
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                async with scope(method, labels, access, context):
+                    async for response in _responses(inner_us(request, context)):
+                        metrics.MSG_SENT.labels(*labels).inc()
+                        yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(
+            requests: AsyncIterator[Any], context: Context
+        ) -> AsyncIterator[Any]:
+            async with scope(method, labels, access, context):
+                async for response in _responses(inner_ss(_counted(requests, labels), context)):
+                    metrics.MSG_SENT.labels(*labels).inc()
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer
+        )
+
+    def _map(self, exc: BaseException) -> RunopsError | None:
+        if isinstance(exc, RunopsError):
+            return exc
+        for mapper in self._mappers:
+            mapped = mapper(exc)
+            if mapped is not None:
+                return mapped
+        return None
+
+    @asynccontextmanager
+    async def _call_scope(
+        self, method: str, labels: tuple[str, str, str], access: Access, context: Context
+    ) -> AsyncIterator[None]:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
+        tokens = (
+            current_request_id.set(request_id),
+            current_server_context.set(context),
+        )
+        principal_token = None
+        code = grpc.StatusCode.OK
+        started = time.perf_counter()
+        metrics.STARTED.labels(*labels).inc()
+        with structlog.contextvars.bound_contextvars(rpc=method, request_id=request_id):
+            try:
+                principal = await self._auth.authenticate(access, metadata)
+                principal_token = current_principal.set(principal)
+                yield
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException as exc:
+                if _is_abort(exc):
+                    code = _context_code(context)
+                    raise
+                err = self._map(exc)
+                if err is None:
+                    log.exception("unhandled error", error_type=type(exc).__name__)
+                    err = Internal(
+                        f"internal error; quote request id {request_id} when reporting it"
+                    )
+                elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                    log.warning("rpc failed", code=err.code.name, reason=err.reason, error=str(exc))
+                code = err.code
+                await context.abort_with_status(rich_status(err))
+            finally:
+                metrics.HANDLED.labels(*labels, code.name).inc()
+                metrics.HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+                if principal_token is not None:
+                    current_principal.reset(principal_token)
+                current_request_id.reset(tokens[0])
+                current_server_context.reset(tokens[1])
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # grpc.aio raises AbortError out of context.abort(); it must propagate untouched.
+    return isinstance(exc, grpc.aio.AbortError)
+
+
+def _context_code(context: Context) -> grpc.StatusCode:
+    try:
+        code = context.code()
+    except Exception:
+        return grpc.StatusCode.UNKNOWN
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for candidate in grpc.StatusCode:
+        if candidate.value[0] == code:
+            return candidate
+    return grpc.StatusCode.UNKNOWN
+
+
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """A server-streaming behaviour is an async generator, or a coroutine using context.write."""
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for item in result:
+        yield item
+
+
+async def _counted(
+    requests: AsyncIterator[Any], labels: tuple[str, str, str]
+) -> AsyncIterator[Any]:
+    counter = metrics.MSG_RECEIVED.labels(*labels)
+    async for request in requests:
+        counter.inc()
+        yield request

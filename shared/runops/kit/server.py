@@ -1,0 +1,268 @@
+"""Server bootstrap shared by every service (after grpc's examples/python asyncio patterns).
+
+A ServiceApp wires a grpc.aio server with health (driven by dependency checks), reflection,
+the kit interceptor (auth, logs, metrics, error mapping), message-size and keepalive options,
+Prometheus on its own port, and graceful shutdown: NOT_SERVING, stop accepting, drain
+in-flight RPCs within the grace period, then close the service's pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from runops.kit.auth import Access, ApiKeyResolver, Authenticator
+from runops.kit.dependencies import dependency_error
+from runops.kit.interceptors import ErrorMapper, ServerInterceptor
+from runops.kit.logging import configure_logging
+from runops.kit.metrics import MetricsServer
+from runops.kit.settings import ServerSettings, SettingsError, load_settings
+
+log = structlog.get_logger("runops.server")
+
+DependencyCheck = Callable[[], Awaitable[object]]
+Hook = Callable[[], Awaitable[object]]
+Job = Callable[[], Coroutine[Any, Any, object]]
+SettingsT = TypeVar("SettingsT", bound=ServerSettings)
+
+
+@dataclass(frozen=True)
+class _Registration:
+    name: str
+    register: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        # Accept client keepalive pings every 10 s or more, even without active calls.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class ServiceApp:
+    def __init__(
+        self,
+        name: str,
+        settings: ServerSettings,
+        *,
+        api_key_resolver: ApiKeyResolver | None = None,
+        error_mappers: Sequence[ErrorMapper] = (),
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self._api_key_resolver = api_key_resolver
+        self._error_mappers = (*error_mappers, dependency_error)
+        self._services: list[_Registration] = []
+        self._access: dict[str, Access] = {}
+        self._checks: dict[str, DependencyCheck] = {}
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
+        self._background: list[Job] = []
+        self._tasks: list[asyncio.Task[object]] = []
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics: MetricsServer | None = None
+        self._port: int | None = None
+        self._serving: bool | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    # -- wiring -----------------------------------------------------------------------------
+    def add_service(
+        self,
+        full_name: str,
+        register: Callable[[Any, grpc.aio.Server], None],
+        servicer: Any,
+        *,
+        access: Access = Access.INTERNAL,
+        method_access: Mapping[str, Access] | None = None,
+    ) -> None:
+        """Register a servicer; `access` is its default level, `method_access` overrides by
+        method name (e.g. {"CreateOrganization": Access.ADMIN})."""
+        self._services.append(_Registration(full_name, register, servicer))
+        self._access[full_name] = access
+        for method, level in (method_access or {}).items():
+            self._access[f"/{full_name}/{method}"] = level
+
+    def add_dependency(self, name: str, check: DependencyCheck) -> None:
+        """A check that raises (or times out) while `name` is down; health follows it."""
+        self._checks[name] = check
+
+    def on_startup(self, hook: Hook) -> None:
+        self._startup.append(hook)
+
+    def on_shutdown(self, hook: Hook) -> None:
+        """Runs after in-flight RPCs drained, in reverse registration order (close pools here)."""
+        self._shutdown.append(hook)
+
+    def add_background(self, job: Job) -> None:
+        """A long-running coroutine started after the server and cancelled at shutdown."""
+        self._background.append(job)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the server has not started")
+        return self._port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics is None else self._metrics.port
+
+    @property
+    def target(self) -> str:
+        host = self.settings.grpc_host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{self.port}"
+
+    async def start(self) -> int:
+        for hook in self._startup:
+            await hook()
+        interceptor = ServerInterceptor(
+            Authenticator(
+                admin_token=self.settings.admin_token,
+                internal_token=self.settings.internal_token,
+                api_key_resolver=self._api_key_resolver,
+            ),
+            self._access,
+            self._error_mappers,
+        )
+        server = grpc.aio.server(interceptors=[interceptor], options=server_options(self.settings))
+        for reg in self._services:
+            reg.register(reg.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [reg.name for reg in self._services]
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise SettingsError(f"cannot listen on {address}: is the port in use?")
+        await server.start()
+        self._server, self._port = server, port
+        if self.settings.metrics_port >= 0:
+            self._metrics = MetricsServer(self.settings.metrics_host, self.settings.metrics_port)
+        await self._check_dependencies()
+        self._tasks.append(asyncio.create_task(self._watch_dependencies(), name="health-watch"))
+        for job in self._background:
+            self._tasks.append(asyncio.create_task(job(), name=getattr(job, "__name__", "job")))
+        log.info(
+            "serving",
+            service=self.name,
+            address=self.target,
+            metrics_port=self.metrics_port,
+            services=names,
+        )
+        return port
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving or self._stopping:
+            return
+        self._serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *(reg.name for reg in self._services)):
+            await self.health.set(name, status)
+
+    async def _check_dependencies(self) -> None:
+        timeout = self.settings.health_check_interval_seconds
+        down: list[str] = []
+        for name, check in self._checks.items():
+            try:
+                await asyncio.wait_for(check(), timeout=max(timeout, 0.5))
+            except Exception as exc:
+                down.append(name)
+                log.warning("dependency down", dependency=name, error=repr(exc))
+        if down and self._serving is not False:
+            log.warning("health NOT_SERVING", down=down)
+        elif not down and self._serving is False:
+            log.info("health SERVING again")
+        await self._set_serving(not down)
+
+    async def _watch_dependencies(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_check_interval_seconds)
+            await self._check_dependencies()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop; safe to call more than once."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        await self._set_serving(False)
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_period_seconds if grace is None else grace
+        log.info("shutting down", grace_seconds=grace)
+        if self.settings.shutdown_delay_seconds:
+            await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        if self._server is not None:
+            await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for hook in reversed(self._shutdown):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        if self._metrics is not None:
+            self._metrics.stop()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(app: ServiceApp) -> None:
+    """Start, then stop gracefully on SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await app.start()
+    await stop_requested.wait()
+    await app.stop()
+
+
+def run_service(
+    settings_cls: type[SettingsT], build: Callable[[SettingsT], Awaitable[ServiceApp]]
+) -> None:
+    """Entry point of a service process: settings validated first (a bad one exits 2 with its
+    reason), logs configured, then serve until SIGTERM."""
+    try:
+        settings = load_settings(settings_cls)
+        configure_logging(settings.log_level, settings.log_format)
+        asyncio.run(_build_and_serve(build, settings))
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def _build_and_serve(
+    build: Callable[[SettingsT], Awaitable[ServiceApp]], settings: SettingsT
+) -> None:
+    await serve(await build(settings))
