@@ -99,7 +99,7 @@ async def _wait_for_health(channel: grpc.aio.Channel, want: int, within: float =
 
 
 async def test_reflection_lists_services(channel: grpc.aio.Channel) -> None:
-    stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # typed for sync channels
+    stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
 
     async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
         yield reflection_pb2.ServerReflectionRequest(list_services="")
