@@ -67,9 +67,7 @@ def _auth(token: str) -> tuple[tuple[str, str]]:
 
 async def _health(channel: grpc.aio.Channel, service: str = "") -> int:
     stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type the sync channel only
-    response = await stub.Check(
-        health_pb2.HealthCheckRequest(service=service), timeout=5
-    )
+    response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return int(response.status)
 
 

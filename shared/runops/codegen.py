@@ -46,8 +46,10 @@ def generate(out_root: Path) -> list[Path]:
         raise SystemExit("protoc failed: see the messages above")
     written: list[Path] = []
     for package in PROTO_PACKAGES:
-        for init in (out_root / "runops" / package / "__init__.py",
-                     out_root / "runops" / package / "v1" / "__init__.py"):
+        for init in (
+            out_root / "runops" / package / "__init__.py",
+            out_root / "runops" / package / "v1" / "__init__.py",
+        ):
             init.parent.mkdir(parents=True, exist_ok=True)
             init.write_text(INIT_TEXT)
             written.append(init)
