@@ -9,7 +9,9 @@ Run as a process with `python -m tests.kit_app`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,22 @@ SERVICE = "runops.controlplane.v1.ControlPlaneService"
 
 
 class KitAppServicer(cp_grpc.ControlPlaneServiceServicer):
-    def __init__(self, internal_token: str | None) -> None:
+    def __init__(self, internal_token: str | None, shutting_down: asyncio.Event) -> None:
         self._token = internal_token
+        self._shutting_down = shutting_down
+
+    async def WatchInvalidations(
+        self, request: cp.WatchInvalidationsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[cp.WatchInvalidationsResponse]:
+        """Streams until the server shuts down, like a real watch."""
+        sequence = 0
+        while not self._shutting_down.is_set():
+            sequence += 1
+            yield cp.WatchInvalidationsResponse(
+                invalidation=cp.Invalidation(sequence=sequence), reset=sequence == 1
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._shutting_down.wait(), timeout=0.1)
 
     async def GetEnvironment(
         self, request: cp.GetEnvironmentRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -73,7 +89,8 @@ def build_app(settings: ServerSettings, down_file: Path | None = None) -> Servic
         cp_grpc.add_ControlPlaneServiceServicer_to_server,
         # Implements only what the kit tests call; the rest answer UNIMPLEMENTED.
         KitAppServicer(  # type: ignore[abstract]
-            settings.internal_token.get_secret_value() if settings.internal_token else None
+            settings.internal_token.get_secret_value() if settings.internal_token else None,
+            app.shutting_down,
         ),
         access=Access.INTERNAL,
         method_access={"CreateOrganization": Access.ADMIN},

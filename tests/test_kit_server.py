@@ -214,6 +214,30 @@ async def test_metrics_count_handled_rpcs_by_code(
     ) in body
 
 
+async def test_shutdown_ends_long_lived_streams_without_waiting_out_the_grace(
+    tmp_path: Path,
+) -> None:
+    service = build_app(_settings(grace_period_seconds=30), down_file=None)
+    await service.start()
+    async with grpc.aio.insecure_channel(service.target) as ch:
+        stream = cp_grpc.ControlPlaneServiceStub(ch).WatchInvalidations(
+            cp.WatchInvalidationsRequest(), metadata=_auth(INTERNAL)
+        )
+        first = await stream.read()
+        assert isinstance(first, cp.WatchInvalidationsResponse)
+        assert first.reset
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await service.stop()
+        received: list[cp.WatchInvalidationsResponse] = []
+        while isinstance(message := await stream.read(), cp.WatchInvalidationsResponse):
+            received.append(message)
+        assert await stream.code() == grpc.StatusCode.OK
+        # The watch ended on shutdown, not by cancellation at the end of the 30 s grace.
+        assert loop.time() - began < 10
+        assert all(not m.reset for m in received)
+
+
 def test_bad_settings_refuse_to_load() -> None:
     with pytest.raises(SettingsError) as info:
         load_settings(ServerSettings, grpc_port=70000, grace_period_seconds=-1)

@@ -154,7 +154,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 principal = await self._auth.authenticate(access, metadata)
                 principal_token = current_principal.set(principal)
                 yield
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
+                # The client went away, or the server cancelled the RPC at the end of the grace
+                # period; a stream's consumer closing the generator lands here too.
                 code = grpc.StatusCode.CANCELLED
                 raise
             except BaseException as exc:

@@ -83,6 +83,9 @@ class ServiceApp:
         self._serving: bool | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
+        # Set when shutdown begins: long-lived streams (watches) end on it instead of holding
+        # the server for the whole grace period.
+        self.shutting_down = asyncio.Event()
 
     # -- wiring -----------------------------------------------------------------------------
     def add_service(
@@ -211,6 +214,7 @@ class ServiceApp:
             return
         await self._set_serving(False)
         self._stopping = True
+        self.shutting_down.set()
         await self.health.enter_graceful_shutdown()
         grace = self.settings.grace_period_seconds if grace is None else grace
         log.info("shutting down", grace_seconds=grace)
