@@ -1,0 +1,1 @@
+"""The `runops` command line (entry point: runops.cli.main:main)."""

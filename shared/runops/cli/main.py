@@ -1,0 +1,78 @@
+"""`runops` command: argparse subcommands whose implementations are imported only when run, so
+`runops --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+# name -> (help, add its arguments, "module:function" taking the parsed args, returning an exit code)
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], str]
+
+
+def _up_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where server data and logs go (default: a temporary directory removed on exit)",
+    )
+    parser.add_argument(
+        "--with-cluster", action="store_true", help="also start a 3-master Redis Cluster"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="start everything, print the endpoints, then stop and exit (CI smoke test)",
+    )
+
+
+def _protos_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--check", action="store_true", help="only report whether generated code is stale"
+    )
+
+
+COMMANDS: dict[str, Command] = {
+    "up": (
+        "start the local stack (Postgres with replicas, Redis, S3) and every service",
+        _up_args,
+        "runops.cli.up:command",
+    ),
+    "protos": (
+        "regenerate the Python code and stubs from protos/ (--check: report staleness)",
+        _protos_args,
+        "runops.cli.main:_protos",
+    ),
+}
+
+
+def _protos(args: argparse.Namespace) -> int:
+    from runops.codegen import main as codegen_main
+
+    return codegen_main(["--check"] if args.check else [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runops", description="runops operator commands")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (text, add_args, target) in COMMANDS.items():
+        sub = subcommands.add_parser(name, help=text, description=text)
+        add_args(sub)
+        sub.set_defaults(target=target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _, function = str(args.target).partition(":")
+    handler: Callable[[argparse.Namespace], int] = getattr(
+        importlib.import_module(module), function
+    )
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

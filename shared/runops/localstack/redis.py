@@ -1,0 +1,134 @@
+"""redis-server as local processes: one standalone server, and a 3-master Redis Cluster."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from runops.localstack.ports import HOST, free_cluster_port, free_port
+from runops.localstack.process import StackError, log_tail, run, spawn, terminate
+
+Progress = Callable[[str], None]
+CLUSTER_SIZE = 3
+# Failover is never exercised locally; a short node timeout only matters if a node dies.
+_CLUSTER_ARGS = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", "5000"]  # fmt: skip
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(f"{name} not found on PATH: apt-get install redis-server redis-tools")
+    return found
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class _RedisProcess:
+    """One redis-server without persistence, in its own directory."""
+
+    def __init__(self, directory: Path, port: int, extra_args: list[str]) -> None:
+        self.port = port
+        self._dir = directory
+        self._extra = extra_args
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_file(self) -> Path:
+        return self._dir / "redis.log"
+
+    def start(self, timeout: float = 20) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            _binary("redis-server"),
+            "--port", str(self.port), "--bind", HOST, "--dir", str(self._dir),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", *self._extra,
+        ]  # fmt: skip
+        self._proc = spawn(cmd, self.log_file, cwd=self._dir)
+        deadline = time.monotonic() + timeout
+        while not _ping(self.port):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise StackError(
+                    f"redis-server on port {self.port} did not start:\n{log_tail(self.log_file)}"
+                )
+            time.sleep(0.02)
+
+    def stop(self, keep_files: bool = False) -> None:
+        if self._proc is not None:
+            terminate(self._proc)
+            self._proc = None
+        if not keep_files:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class RedisServer:
+    """A standalone Redis on a free loopback port."""
+
+    def __init__(self, state_dir: Path, port: int | None = None) -> None:
+        self.port = port if port is not None else free_port()
+        self._server = _RedisProcess(state_dir / "redis", self.port, [])
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, keep_files: bool = False) -> None:
+        self._server.stop(keep_files)
+
+
+class RedisCluster:
+    """Three cluster-enabled masters (no replicas) owning all 16384 slots between them."""
+
+    def __init__(self, state_dir: Path, progress: Progress | None = None) -> None:
+        self.ports = [free_cluster_port() for _ in range(CLUSTER_SIZE)]
+        self._progress = progress or (lambda _line: None)
+        self._nodes = [
+            _RedisProcess(state_dir / "redis-cluster" / str(port), port, _CLUSTER_ARGS)
+            for port in self.ports
+        ]
+        self._root = state_dir / "redis-cluster"
+
+    @property
+    def nodes(self) -> list[str]:
+        """host:port of every master (what RedisCluster clients take as startup nodes)."""
+        return [f"{HOST}:{port}" for port in self.ports]
+
+    def start(self, timeout: float = 30) -> None:
+        with ThreadPoolExecutor(CLUSTER_SIZE) as pool:
+            list(pool.map(lambda node: node.start(), self._nodes))
+        cli = _binary("redis-cli")
+        run(
+            [cli, "--cluster", "create", *self.nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            "forming the Redis Cluster (redis-cli --cluster create)",
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            while "cluster_state:ok" not in run(
+                [cli, "-h", HOST, "-p", str(port), "cluster", "info"], "redis-cli cluster info"
+            ):
+                if time.monotonic() > deadline:
+                    raise StackError(f"Redis Cluster not ok within {timeout:.0f}s (node {port})")
+                time.sleep(0.05)
+        self._progress(f"redis cluster ready on {','.join(self.nodes)}")
+
+    def stop(self, keep_files: bool = False) -> None:
+        for node in self._nodes:
+            node.stop(keep_files)
+        if not keep_files:
+            shutil.rmtree(self._root, ignore_errors=True)
