@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,12 +17,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from runops.localstack import LocalStack, StackError, printing_progress
 from runops.localstack.ports import HOST, free_port
 from runops.localstack.process import log_tail, spawn, terminate
+from runops.localstack.stack import LABEL_WIDTH
 
 SERVICE_NAMES = ("controlplane", "runstore", "mollifier", "ingest")
 HEALTH_TIMEOUT = 60.0
@@ -62,6 +61,14 @@ def seed_demo(ctx: UpContext) -> list[str] | None:
     return None
 
 
+def write_env_file(ctx: UpContext) -> Path:
+    """The services' environment as `export` lines, for shells and clients."""
+    path = ctx.stack.state_dir / "runops.env"
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in sorted(ctx.env.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _services_roots() -> list[Path]:
     spec = importlib.util.find_spec("services")
     if spec is None or spec.submodule_search_locations is None:
@@ -99,6 +106,11 @@ def _service_env(ctx: UpContext, service: ServiceProcess) -> dict[str, str]:
 
 
 async def _wait_serving(service: ServiceProcess, limit_seconds: float) -> None:
+    # We fork pg_ctl and friends after using gRPC; its fork handlers only add log noise.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     deadline = time.monotonic() + limit_seconds
     async with grpc.aio.insecure_channel(service.target) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type only sync channels
@@ -155,21 +167,21 @@ def _endpoint_lines(ctx: UpContext, demo: list[str] | None) -> list[str]:
     lines = ["", "runops local stack is up", *ctx.stack.describe()]
     for s in ctx.services:
         lines.append(
-            f"{s.name + ':':16} grpc {s.target}  metrics http://{HOST}:{s.metrics_port}/metrics"
+            f"{s.name + ':':{LABEL_WIDTH}}grpc {s.target}  metrics http://{HOST}:{s.metrics_port}/metrics"
             f"  log {s.log_file}"
         )
     if not ctx.services:
-        lines.append("services:        none found (no services/<name>/__main__.py yet)")
+        lines.append(f"{'services:':{LABEL_WIDTH}}none found (no services/<name>/__main__.py yet)")
     lines += [
-        f"admin token:     {ctx.admin_token}",
-        f"internal token:  {ctx.internal_token}",
+        f"{'admin token:':{LABEL_WIDTH}}{ctx.admin_token}",
+        f"{'internal token:':{LABEL_WIDTH}}{ctx.internal_token}",
         *(demo or []),
     ]
     return lines
 
 
 class _Stop(Exception):
-    """Raised from the signal handler so a SIGTERM unwinds like a Ctrl-C."""
+    """Raised from the signal handler: Ctrl-C and SIGTERM unwind to the same clean stop."""
 
 
 def _raise_stop(signum: int, _frame: FrameType | None) -> None:
@@ -192,7 +204,8 @@ def _wait_until_stopped(ctx: UpContext) -> int:
 
 def up(state_dir: Path | None, with_cluster: bool, check: bool) -> int:
     progress = printing_progress("runops up")
-    previous_int = signal.getsignal(signal.SIGINT)
+    # Installed explicitly: a shell starts background jobs with SIGINT ignored.
+    previous_int = signal.signal(signal.SIGINT, _raise_stop)
     previous_term = signal.signal(signal.SIGTERM, _raise_stop)
     stack = LocalStack(state_dir, with_cluster=with_cluster, progress=progress)
     ctx = UpContext(stack=stack, services=[])
@@ -215,7 +228,9 @@ def up(state_dir: Path | None, with_cluster: bool, check: bool) -> int:
             progress(f"starting services: {', '.join(names)}")
             start_services(ctx)
             progress("all services SERVING")
-        demo = seed_demo(ctx)
+        env_file = write_env_file(ctx)
+        demo = [f"{'env file:':{LABEL_WIDTH}}{env_file} (source it to reach the stack)"]
+        demo += seed_demo(ctx) or []
         print("\n".join(_endpoint_lines(ctx, demo)), flush=True)
         if check:
             progress("--check: everything started; stopping")

@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 CONTROLPLANE_DATABASE = "runops_controlplane"
 RUNOPS_DATABASE = "runops"
+# Endpoint lines line up their values at this column.
+LABEL_WIDTH = 25
 
 
 class _Component(Protocol):
@@ -169,15 +171,17 @@ class LocalStack:
     def describe(self) -> list[str]:
         """Human-readable endpoint lines."""
 
-        def db(name: str, database: PostgresDatabase) -> list[str]:
-            replica = database.replica_dsn if database.has_replica else "(none: writer)"
-            return [f"{name} writer:  {database.writer_dsn}", f"{name} replica: {replica}"]
+        def line(label: str, value: str) -> str:
+            return f"{label + ':':{LABEL_WIDTH}}{value}"
 
-        lines = db("controlplane db", self.controlplane_db) + db("runops db", self.runops_db)
-        lines.append(f"redis:           {self.redis_url}")
+        lines: list[str] = []
+        for name, db in (("controlplane db", self.controlplane_db), ("runops db", self.runops_db)):
+            lines.append(line(f"{name} writer", db.writer_dsn))
+            lines.append(line(f"{name} replica", db.replica_dsn if db.has_replica else "(none)"))
+        lines.append(line("redis", self.redis_url))
         if self._cluster_nodes:
-            lines.append(f"redis cluster:   {','.join(self._cluster_nodes)}")
-        lines.append(f"s3:              {self.s3_endpoint_url} (bucket {self.s3_bucket})")
+            lines.append(line("redis cluster", ",".join(self._cluster_nodes)))
+        lines.append(line("s3", f"{self.s3_endpoint_url} (bucket {self.s3_bucket})"))
         return lines
 
     # -- lifecycle -------------------------------------------------------------------------
