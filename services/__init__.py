@@ -1,0 +1,1 @@
+"""The runops services, one package each: `python -m services.<name>` runs one."""
