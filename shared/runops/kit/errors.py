@@ -7,6 +7,7 @@ Clients read those details back with `details_of`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,6 +16,8 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from runops.kit.ids import split_friendly_id
 
 ERROR_DOMAIN = "runops.dev"
 
@@ -140,6 +143,22 @@ class Violations:
     def required_text(self, value: str, field_path: str, limit: int) -> bool:
         return self.require(value, field_path) and self.max_length(value, field_path, limit)
 
+    def matches(self, value: str, field_path: str, pattern: re.Pattern[str], what: str) -> bool:
+        """`value` must fully match `pattern`; `what` tells the caller what that means."""
+        if pattern.fullmatch(value) is None:
+            self.add(field_path, f"must be {what} (got {value[:64]!r})")
+            return False
+        return True
+
+    def friendly_id(self, value: str, field_path: str, prefix: str) -> bool:
+        """A required `<prefix>_<body>` id of at most 64 characters."""
+        if not self.required_text(value, field_path, 64):
+            return False
+        if split_friendly_id(value) is None or not value.startswith(prefix + "_"):
+            self.add(field_path, f"must be an id like {prefix}_<body> (got {value[:64]!r})")
+            return False
+        return True
+
     def enum(self, value: int, field_path: str, allowed: Mapping[int, str]) -> bool:
         """`allowed` maps the accepted numeric values to their names (UNSPECIFIED excluded)."""
         if value not in allowed:
@@ -243,3 +262,27 @@ def _status_from_trailers(exc: grpc.RpcError) -> status_pb2.Status | None:
             if status.code != code_pb2.OK:
                 return status
     return None
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> RunopsError:
+    """A downstream call's failure as the domain error it was raised as, details intact, so a
+    caller's mistake (NOT_FOUND, INVALID_ARGUMENT, ...) can be passed on rather than becoming
+    INTERNAL."""
+    details = details_of(exc)
+    cls = next(
+        (c for c in _ERROR_CLASSES if c.code == details.code),
+        RunopsError,
+    )
+    return cls(
+        details.message,
+        reason=details.reason,
+        metadata=details.metadata,
+        violations=details.violations,
+        retry_after=details.retry_after,
+    )
+
+
+_ERROR_CLASSES: tuple[type[RunopsError], ...] = (
+    InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unauthenticated,
+    PermissionDenied, ResourceExhausted, Unavailable, Aborted, DeadlineExceeded, Internal,
+)  # fmt: skip

@@ -1,0 +1,274 @@
+"""runops.controlplane.v1.ControlPlaneService: cached resolves and admin writes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from runops.clients.controlplane_cache import (
+    ControlPlaneCache,
+    WorkerResolution,
+    hash_api_key,
+    loaded_environment,
+    loaded_flags,
+    loaded_worker,
+)
+from runops.common.v1 import common_pb2
+from runops.controlplane.v1 import controlplane_pb2 as cp
+from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
+from runops.kit.cache import Loaded
+from runops.kit.errors import FailedPrecondition, FieldViolation, NotFound, Unauthenticated
+from services.controlplane import validation
+from services.controlplane.invalidation import InvalidationHub
+from services.controlplane.store import ControlPlaneStore
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# One answer for every key that is not live (wrong, rotated, malformed, empty), so a caller
+# learns nothing about why.
+_BAD_KEY = "the API key is not valid"
+
+
+def _bad_key() -> Unauthenticated:
+    return Unauthenticated(_BAD_KEY, reason="INVALID_API_KEY")
+
+
+class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
+    def __init__(
+        self, store: ControlPlaneStore, cache: ControlPlaneCache, hub: InvalidationHub,
+        shutting_down: asyncio.Event,
+    ) -> None:  # fmt: skip
+        self._store = store
+        self._cache = cache
+        self._hub = hub
+        self._shutting_down = shutting_down
+
+    # -- cached lookups (also used by the app's own API-key resolver) -----------------------
+    async def authenticate(self, api_key: str) -> cp.Environment:
+        """Every key takes the same path: hash, cache, indexed lookup of the hash. Comparing
+        digests rather than keys means timing can only ever reveal bits of a sha256."""
+        key_hash = hash_api_key(api_key)
+
+        async def load() -> Loaded[cp.Environment]:
+            env = await self._store.environment_by_key_hash(key_hash)
+            return Loaded(None) if env is None else loaded_environment(env.id, env)
+
+        env = await self._cache.api_keys.get(key_hash, load)
+        if env is None:
+            raise _bad_key()
+        return env
+
+    async def environment(self, env_id: str) -> cp.Environment | None:
+        async def load() -> Loaded[cp.Environment]:
+            found = await self._store.environments([env_id])
+            return loaded_environment(env_id, found.get(env_id))
+
+        return await self._cache.environments.get(env_id, load)
+
+    async def environments(self, ids: list[str]) -> dict[str, cp.Environment]:
+        """Cached ones from the cache, all the others in one query."""
+        cache = self._cache.environments
+        found: dict[str, cp.Environment] = {}
+        missing: list[str] = []
+        for env_id in ids:
+            hit, env = cache.peek(env_id)
+            if not hit:
+                missing.append(env_id)
+            elif env is not None:
+                found[env_id] = env
+        if missing:
+            started = cache.begin()
+            loaded = await self._store.environments(missing)
+            for env_id in missing:
+                env = loaded.get(env_id)
+                cache.offer(env_id, loaded_environment(env_id, env), started)
+                if env is not None:
+                    found[env_id] = env
+        return found
+
+    # -- resolve RPCs -----------------------------------------------------------------------
+    async def AuthenticateApiKey(
+        self, request: cp.AuthenticateApiKeyRequest, context: Context
+    ) -> cp.AuthenticateApiKeyResponse:
+        return cp.AuthenticateApiKeyResponse(environment=await self.authenticate(request.api_key))
+
+    async def GetEnvironment(
+        self, request: cp.GetEnvironmentRequest, context: Context
+    ) -> cp.GetEnvironmentResponse:
+        env_id = validation.environment_id(request.environment_id)
+        env = await self.environment(env_id)
+        if env is None:
+            raise _environment_not_found(env_id)
+        return cp.GetEnvironmentResponse(environment=env)
+
+    async def BatchGetEnvironments(
+        self, request: cp.BatchGetEnvironmentsRequest, context: Context
+    ) -> cp.BatchGetEnvironmentsResponse:
+        ids = validation.environment_ids(list(request.environment_ids))
+        found = await self.environments(ids)
+        return cp.BatchGetEnvironmentsResponse(
+            environments=[found[i] for i in ids if i in found],
+            missing_ids=[i for i in ids if i not in found],
+        )
+
+    async def ResolveWorkerVersion(
+        self, request: cp.ResolveWorkerVersionRequest, context: Context
+    ) -> cp.ResolveWorkerVersionResponse:
+        query = validation.resolve_worker(request)
+        env = await self.environment(query.environment_id)
+        if env is None:
+            raise _environment_not_found(query.environment_id)
+
+        async def load() -> Loaded[WorkerResolution]:
+            return loaded_worker(env, await self._store.worker(env.id, query.worker))
+
+        resolution = await self._cache.workers.get((env.id, query.worker), load)
+        if resolution is None:
+            raise _no_worker(env, query.worker)
+        worker, tasks = resolution
+        if query.task_identifiers:
+            by_id = {t.task_identifier: t for t in tasks}
+            unknown = [t for t in query.task_identifiers if t not in by_id]
+            if unknown:
+                raise NotFound(
+                    f"worker {worker.version} has no task {', '.join(unknown)}",
+                    reason="TASK_NOT_FOUND",
+                    metadata={"worker_id": worker.id, "tasks": ",".join(unknown)},
+                    violations=[
+                        FieldViolation(f"task_identifiers[{request.task_identifiers.index(t)}]", "is not a task of the resolved worker")
+                        for t in unknown
+                    ],
+                )  # fmt: skip
+            tasks = tuple(by_id[t] for t in query.task_identifiers)
+        return cp.ResolveWorkerVersionResponse(worker=worker, tasks=tasks)
+
+    async def GetOrganizationFlags(
+        self, request: cp.GetOrganizationFlagsRequest, context: Context
+    ) -> cp.GetOrganizationFlagsResponse:
+        org_id = validation.organization_id(request.organization_id)
+
+        async def load() -> Loaded[cp.OrganizationFlags]:
+            return loaded_flags(org_id, await self._store.flags(org_id))
+
+        flags = await self._cache.flags.get(org_id, load)
+        if flags is None:
+            raise NotFound(
+                f"organization {org_id} does not exist",
+                reason="ORGANIZATION_NOT_FOUND",
+                violations=[FieldViolation("organization_id", "no organization has this id")],
+            )
+        return cp.GetOrganizationFlagsResponse(flags=flags)
+
+    # -- admin RPCs -------------------------------------------------------------------------
+    async def CreateOrganization(
+        self, request: cp.CreateOrganizationRequest, context: Context
+    ) -> cp.CreateOrganizationResponse:
+        validation.create_organization(request)
+        org = await self._store.create_organization(request.slug, request.title)
+        return cp.CreateOrganizationResponse(organization=org)
+
+    async def CreateProject(
+        self, request: cp.CreateProjectRequest, context: Context
+    ) -> cp.CreateProjectResponse:
+        validation.create_project(request)
+        project = await self._store.create_project(
+            request.organization_id, request.slug, request.name
+        )
+        return cp.CreateProjectResponse(project=project)
+
+    async def CreateEnvironment(
+        self, request: cp.CreateEnvironmentRequest, context: Context
+    ) -> cp.CreateEnvironmentResponse:
+        env_type = validation.create_environment(request)
+        env, api_key = await self._store.create_environment(
+            request.project_id, request.slug, env_type
+        )
+        return cp.CreateEnvironmentResponse(environment=env, api_key=api_key)
+
+    async def RotateApiKey(
+        self, request: cp.RotateApiKeyRequest, context: Context
+    ) -> cp.RotateApiKeyResponse:
+        env, api_key = await self._store.rotate_api_key(
+            validation.environment_id(request.environment_id)
+        )
+        return cp.RotateApiKeyResponse(environment=env, api_key=api_key)
+
+    async def PauseEnvironment(
+        self, request: cp.PauseEnvironmentRequest, context: Context
+    ) -> cp.PauseEnvironmentResponse:
+        env = await self._store.set_paused(validation.environment_id(request.environment_id), True)
+        return cp.PauseEnvironmentResponse(environment=env)
+
+    async def ResumeEnvironment(
+        self, request: cp.ResumeEnvironmentRequest, context: Context
+    ) -> cp.ResumeEnvironmentResponse:
+        env = await self._store.set_paused(validation.environment_id(request.environment_id), False)
+        return cp.ResumeEnvironmentResponse(environment=env)
+
+    async def SetOrganizationFlags(
+        self, request: cp.SetOrganizationFlagsRequest, context: Context
+    ) -> cp.SetOrganizationFlagsResponse:
+        flags = await self._store.set_flags(validation.set_flags(request))
+        return cp.SetOrganizationFlagsResponse(flags=flags)
+
+    async def RegisterWorker(
+        self, request: cp.RegisterWorkerRequest, context: Context
+    ) -> cp.RegisterWorkerResponse:
+        tasks = validation.register_worker(request)
+        worker, stored = await self._store.register_worker(
+            request.environment_id, request.version, request.sdk_version, tasks
+        )
+        return cp.RegisterWorkerResponse(worker=worker, tasks=stored)
+
+    async def PromoteWorker(
+        self, request: cp.PromoteWorkerRequest, context: Context
+    ) -> cp.PromoteWorkerResponse:
+        validation.promote_worker(request)
+        worker = await self._store.promote_worker(request.environment_id, request.worker_id)
+        return cp.PromoteWorkerResponse(worker=worker)
+
+    # -- invalidation stream ----------------------------------------------------------------
+    async def WatchInvalidations(
+        self, request: cp.WatchInvalidationsRequest, context: Context
+    ) -> Any:
+        if request.organization_id:
+            validation.organization_id(request.organization_id)
+        subscription = self._hub.subscribe(request.organization_id)
+        try:
+            while (message := await subscription.next()) is not None:
+                yield message
+        finally:
+            self._hub.unsubscribe(subscription)
+
+
+def _environment_not_found(env_id: str) -> NotFound:
+    return NotFound(
+        f"environment {env_id} does not exist",
+        reason="ENVIRONMENT_NOT_FOUND",
+        metadata={"environment_id": env_id},
+        violations=[FieldViolation("environment_id", "no environment has this id")],
+    )
+
+
+def _no_worker(env: cp.Environment, worker: str) -> NotFound | FailedPrecondition:
+    if worker:
+        return NotFound(
+            f"environment {env.id} has no worker {worker!r}",
+            reason="WORKER_NOT_FOUND",
+            violations=[
+                FieldViolation("worker", "matches no worker id or version of the environment")
+            ],
+        )
+    return FailedPrecondition(
+        f"environment {env.id} has no "
+        + (
+            "registered worker"
+            if env.type == common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT
+            else "promoted current worker"
+        )
+        + " yet: register (and in deployed environments promote) one first",
+        reason="NO_CURRENT_WORKER",
+        metadata={"environment_id": env.id},
+    )

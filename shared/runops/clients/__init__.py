@@ -1,0 +1,1 @@
+"""Client helpers other services use to call runops services."""

@@ -1,0 +1,260 @@
+"""The control plane as other services use it: the stub behind a client-side cache that a
+WatchInvalidations subscription keeps fresh (reconnecting on its own).
+
+    async with ControlPlaneClient(target, token=internal_token) as control_plane:
+        env = await control_plane.authenticate_api_key(key)    # raises Unauthenticated
+        app = ServiceApp(..., api_key_resolver=control_plane.authenticate_api_key)
+
+While the subscription is down the client cannot know what changed, so it caches nothing and
+asks the control plane every time; the first message of every (re)subscription is a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import random
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import NoReturn
+
+import grpc
+import structlog
+
+from runops.clients.controlplane_cache import (
+    ControlPlaneCache,
+    WorkerResolution,
+    hash_api_key,
+    loaded_environment,
+    loaded_flags,
+    loaded_worker,
+)
+from runops.controlplane.v1 import controlplane_pb2 as cp
+from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
+from runops.kit.cache import Loaded
+from runops.kit.channels import create_channel
+from runops.kit.errors import NotFound, Unauthenticated, details_of, error_from_rpc
+
+log = structlog.get_logger("runops.clients.controlplane")
+
+# A watch is reopened this often (calls carry a deadline); each reopening starts with a reset.
+WATCH_STREAM_SECONDS = 3600.0
+MAX_BACKOFF_SECONDS = 5.0
+# Reasons the control plane gives for a confirmed absence (cached like a found value).
+INVALID_API_KEY = "INVALID_API_KEY"
+ENVIRONMENT_NOT_FOUND = "ENVIRONMENT_NOT_FOUND"
+ORGANIZATION_NOT_FOUND = "ORGANIZATION_NOT_FOUND"
+
+
+def _absent(exc: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str) -> bool:
+    return exc.code() == code and details_of(exc).reason == reason
+
+
+class ControlPlaneClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        cache_ttl_seconds: float = 30.0,
+        cache_max_entries: int = 10_000,
+        organization_id: str = "",
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self._channel = channel or create_channel(target, token=token)
+        self.stub = cp_grpc.ControlPlaneServiceStub(self._channel)
+        self.cache = ControlPlaneCache(
+            "controlplane_client", ttl_seconds=cache_ttl_seconds, max_entries=cache_max_entries
+        )
+        self.cache.enabled = False
+        self._organization_id = organization_id
+        self._watch_task: asyncio.Task[None] | None = None
+        # Set while a subscription is live (after its reset); tests and health can wait on it.
+        self.subscribed = asyncio.Event()
+        self.invalidations_received = 0
+
+    async def __aenter__(self) -> ControlPlaneClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self, wait_seconds: float = 5.0) -> None:
+        """Subscribe in the background; wait up to `wait_seconds` for the first reset (the
+        client works uncached until then)."""
+        if self._watch_task is None:
+            # A fresh context: the watch must not inherit the deadline of an RPC being handled.
+            self._watch_task = asyncio.create_task(
+                self._watch(), name="controlplane-watch", context=contextvars.Context()
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.subscribed.wait(), wait_seconds)
+
+    async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch_task
+            self._watch_task = None
+        await self._channel.close()
+
+    async def _watch(self) -> None:
+        backoff = 0.1
+        request = cp.WatchInvalidationsRequest(organization_id=self._organization_id)
+        while True:
+            try:
+                call = self.stub.WatchInvalidations(request, timeout=WATCH_STREAM_SECONDS)
+                async for message in call:
+                    if message.reset:
+                        self.cache.clear()
+                        self.cache.enabled = True
+                        self.subscribed.set()
+                        backoff = 0.1
+                    else:
+                        self.invalidations_received += 1
+                        self.cache.apply(message.invalidation)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    log.warning("invalidation watch failed; caching off until it is back",
+                                code=exc.code().name, error=exc.details(), retry_in=backoff)  # fmt: skip
+            finally:
+                self.subscribed.clear()
+                self.cache.enabled = False
+                self.cache.clear()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    # -- lookups ----------------------------------------------------------------------------
+    async def authenticate_api_key(self, api_key: str) -> cp.Environment:
+        """The key's environment; raises Unauthenticated for any key that is not live. Fits
+        ServiceApp's `api_key_resolver`."""
+        key_hash = hash_api_key(api_key)
+
+        async def load() -> Loaded[cp.Environment]:
+            try:
+                reply = await self.stub.AuthenticateApiKey(
+                    cp.AuthenticateApiKeyRequest(api_key=api_key)
+                )
+            except grpc.aio.AioRpcError as exc:
+                if _absent(exc, grpc.StatusCode.UNAUTHENTICATED, INVALID_API_KEY):
+                    return Loaded(None)
+                raise
+            return loaded_environment(reply.environment.id, reply.environment)
+
+        env = await self.cache.api_keys.get(key_hash, load)
+        if env is None:
+            raise Unauthenticated("the API key is not valid", reason=INVALID_API_KEY)
+        return env
+
+    async def get_environment(self, environment_id: str) -> cp.Environment | None:
+        """None when the environment does not exist."""
+
+        async def load() -> Loaded[cp.Environment]:
+            try:
+                reply = await self.stub.GetEnvironment(
+                    cp.GetEnvironmentRequest(environment_id=environment_id)
+                )
+            except grpc.aio.AioRpcError as exc:
+                if _absent(exc, grpc.StatusCode.NOT_FOUND, ENVIRONMENT_NOT_FOUND):
+                    return loaded_environment(environment_id, None)
+                _raise_domain(exc)
+            return loaded_environment(environment_id, reply.environment)
+
+        return await self.cache.environments.get(environment_id, load)
+
+    async def batch_get_environments(self, ids: Iterable[str]) -> dict[str, cp.Environment]:
+        """The environments that exist among `ids`: cached ones locally, the rest in one call."""
+        wanted = list(dict.fromkeys(ids))
+        found: dict[str, cp.Environment] = {}
+        missing: list[str] = []
+        for env_id in wanted:
+            hit, env = self.cache.environments.peek(env_id)
+            if not hit:
+                missing.append(env_id)
+            elif env is not None:
+                found[env_id] = env
+        if missing:
+            started = self.cache.environments.begin()
+            try:
+                reply = await self.stub.BatchGetEnvironments(
+                    cp.BatchGetEnvironmentsRequest(environment_ids=missing)
+                )
+            except grpc.aio.AioRpcError as exc:
+                _raise_domain(exc)
+            for env in reply.environments:
+                found[env.id] = env
+                self.cache.environments.offer(env.id, loaded_environment(env.id, env), started)
+            for env_id in reply.missing_ids:
+                self.cache.environments.offer(env_id, loaded_environment(env_id, None), started)
+        return found
+
+    async def resolve_worker_version(
+        self, environment_id: str, worker: str = "", task_identifiers: Sequence[str] = ()
+    ) -> WorkerResolution:
+        """The worker new runs lock to and its task defaults (only `task_identifiers`, in that
+        order, when given). Domain errors (NOT_FOUND, FAILED_PRECONDITION) pass through."""
+        env = await self.get_environment(environment_id)
+        if env is None:
+            raise NotFound(
+                f"environment {environment_id} does not exist", reason=ENVIRONMENT_NOT_FOUND
+            )
+
+        async def load() -> Loaded[WorkerResolution]:
+            try:
+                reply = await self.stub.ResolveWorkerVersion(
+                    cp.ResolveWorkerVersionRequest(environment_id=environment_id, worker=worker)
+                )
+            except grpc.aio.AioRpcError as exc:
+                _raise_domain(exc)
+            return loaded_worker(env, (reply.worker, tuple(reply.tasks)))
+
+        resolution = await self.cache.workers.get((environment_id, worker), load)
+        assert resolution is not None  # absence is an error, never cached
+        found, tasks = resolution
+        if not task_identifiers:
+            return resolution
+        by_id = {t.task_identifier: t for t in tasks}
+        unknown = [t for t in task_identifiers if t not in by_id]
+        if unknown:
+            raise NotFound(
+                f"worker {found.version} has no task {', '.join(unknown)}",
+                reason="TASK_NOT_FOUND",
+                metadata={"worker_id": found.id, "tasks": ",".join(unknown)},
+            )
+        return found, tuple(by_id[t] for t in task_identifiers)
+
+    async def get_organization_flags(self, organization_id: str) -> cp.OrganizationFlags:
+        async def load() -> Loaded[cp.OrganizationFlags]:
+            try:
+                reply = await self.stub.GetOrganizationFlags(
+                    cp.GetOrganizationFlagsRequest(organization_id=organization_id)
+                )
+            except grpc.aio.AioRpcError as exc:
+                if _absent(exc, grpc.StatusCode.NOT_FOUND, ORGANIZATION_NOT_FOUND):
+                    return loaded_flags(organization_id, None)
+                _raise_domain(exc)
+            return loaded_flags(organization_id, reply.flags)
+
+        flags = await self.cache.flags.get(organization_id, load)
+        if flags is None:
+            raise NotFound(
+                f"organization {organization_id} does not exist", reason=ORGANIZATION_NOT_FOUND
+            )
+        return flags
+
+
+def _raise_domain(exc: grpc.aio.AioRpcError) -> NoReturn:
+    """Transient failures stay AioRpcError (the kit maps them to retryable statuses); a
+    caller's mistake becomes the domain error it was."""
+    if exc.code() in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ):
+        raise error_from_rpc(exc) from exc
+    raise exc

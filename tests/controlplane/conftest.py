@@ -1,0 +1,34 @@
+"""A control-plane server per session, with admin and internal stubs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
+from runops.localstack import LocalStack
+from services.controlplane.app import ControlPlane
+from tests.controlplane.harness import ADMIN, INTERNAL, Seeded, seed, start_control_plane, stub
+
+
+@pytest.fixture(scope="session")
+async def control_plane(stack: LocalStack) -> AsyncIterator[ControlPlane]:
+    plane = await start_control_plane(stack)
+    yield plane
+    await plane.app.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+def admin(control_plane: ControlPlane) -> cp_grpc.ControlPlaneServiceStub:
+    return stub(control_plane.app.target, ADMIN)
+
+
+@pytest.fixture(scope="session")
+def internal(control_plane: ControlPlane) -> cp_grpc.ControlPlaneServiceStub:
+    return stub(control_plane.app.target, INTERNAL)
+
+
+@pytest.fixture
+async def seeded(admin: cp_grpc.ControlPlaneServiceStub) -> Seeded:
+    return await seed(admin)

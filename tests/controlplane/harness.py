@@ -1,0 +1,99 @@
+"""Control-plane processes and seeded environments for the tests and the benchmark."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from runops.common.v1 import common_pb2
+from runops.controlplane.v1 import controlplane_pb2 as cp
+from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
+from runops.kit.channels import create_channel
+from runops.kit.settings import load_settings
+from runops.localstack import LocalStack
+from services.controlplane.app import ControlPlane, build_control_plane
+from services.controlplane.settings import ControlPlaneSettings
+
+ADMIN = "admin-token-for-tests"
+INTERNAL = "internal-token-for-tests"
+
+
+def settings_for(stack: LocalStack, **overrides: Any) -> ControlPlaneSettings:
+    values: dict[str, Any] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_port": -1,
+        "grace_period_seconds": 2,
+        "health_check_interval_seconds": 0.2,
+        "admin_token": ADMIN,
+        "internal_token": INTERNAL,
+        "controlplane_db_writer_url": stack.controlplane_db.writer_dsn,
+        "controlplane_db_replica_url": stack.controlplane_db.replica_dsn,
+    }
+    values.update(overrides)
+    return load_settings(ControlPlaneSettings, **values)
+
+
+async def start_control_plane(stack: LocalStack, **overrides: Any) -> ControlPlane:
+    plane = await build_control_plane(settings_for(stack, **overrides))
+    await plane.app.start()
+    return plane
+
+
+def stub(target: str, token: str | None) -> cp_grpc.ControlPlaneServiceStub:
+    return cp_grpc.ControlPlaneServiceStub(create_channel(target, token=token))
+
+
+@dataclass(frozen=True)
+class Seeded:
+    organization: cp.Organization
+    project: cp.Project
+    environment: cp.Environment
+    api_key: str
+
+    @property
+    def env_id(self) -> str:
+        return self.environment.id
+
+    @property
+    def org_id(self) -> str:
+        return self.organization.id
+
+
+async def seed(
+    admin: cp_grpc.ControlPlaneServiceStub,
+    env_type: common_pb2.EnvironmentType.ValueType = common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT,
+    organization: cp.Organization | None = None,
+) -> Seeded:
+    """A fresh organization (unless given), project and environment with its API key."""
+    suffix = secrets.token_hex(4)
+    if organization is None:
+        organization = (
+            await admin.CreateOrganization(
+                cp.CreateOrganizationRequest(slug=f"org-{suffix}", title=f"Org {suffix}")
+            )
+        ).organization
+    project = (
+        await admin.CreateProject(
+            cp.CreateProjectRequest(
+                organization_id=organization.id, slug=f"proj-{suffix}", name=f"Project {suffix}"
+            )
+        )
+    ).project
+    created = await admin.CreateEnvironment(
+        cp.CreateEnvironmentRequest(project_id=project.id, slug=f"env-{suffix}", type=env_type)
+    )
+    return Seeded(organization, project, created.environment, created.api_key)
+
+
+async def expect_error(call: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    """Await `call`; it must fail with `code`. Returns the error for its details."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == code, f"expected {code.name}, got {exc.code().name}: {exc.details()}"
+        return exc
+    raise AssertionError(f"expected {code.name}, the call succeeded")
