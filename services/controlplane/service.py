@@ -137,7 +137,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
                     reason="TASK_NOT_FOUND",
                     metadata={"worker_id": worker.id, "tasks": ",".join(unknown)},
                     violations=[
-                        FieldViolation(f"task_identifiers[{request.task_identifiers.index(t)}]", "is not a task of the resolved worker")
+                        FieldViolation(f"task_identifiers[{list(request.task_identifiers).index(t)}]", "is not a task of the resolved worker")
                         for t in unknown
                     ],
                 )  # fmt: skip

@@ -6,10 +6,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.localstack import LocalStack
 from services.controlplane.app import ControlPlane
-from tests.controlplane.harness import ADMIN, INTERNAL, Seeded, seed, start_control_plane, stub
+from tests.controlplane.harness import (
+    ADMIN,
+    INTERNAL,
+    Seeded,
+    Stub,
+    seed,
+    start_control_plane,
+    stub,
+)
 
 
 @pytest.fixture(scope="session")
@@ -20,15 +27,15 @@ async def control_plane(stack: LocalStack) -> AsyncIterator[ControlPlane]:
 
 
 @pytest.fixture(scope="session")
-def admin(control_plane: ControlPlane) -> cp_grpc.ControlPlaneServiceStub:
+def admin(control_plane: ControlPlane) -> Stub:
     return stub(control_plane.app.target, ADMIN)
 
 
 @pytest.fixture(scope="session")
-def internal(control_plane: ControlPlane) -> cp_grpc.ControlPlaneServiceStub:
+def internal(control_plane: ControlPlane) -> Stub:
     return stub(control_plane.app.target, INTERNAL)
 
 
 @pytest.fixture
-async def seeded(admin: cp_grpc.ControlPlaneServiceStub) -> Seeded:
+async def seeded(admin: Stub) -> Seeded:
     return await seed(admin)

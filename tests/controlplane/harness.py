@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
+import pytest
 
 from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
@@ -16,6 +17,14 @@ from runops.kit.settings import load_settings
 from runops.localstack import LocalStack
 from services.controlplane.app import ControlPlane, build_control_plane
 from services.controlplane.settings import ControlPlaneSettings
+
+if TYPE_CHECKING:
+    from runops.controlplane.v1.controlplane_pb2_grpc import ControlPlaneServiceAsyncStub
+
+    # The generated stub is typed by channel kind; ours are always grpc.aio.
+    Stub: TypeAlias = ControlPlaneServiceAsyncStub
+else:
+    Stub = cp_grpc.ControlPlaneServiceStub
 
 ADMIN = "admin-token-for-tests"
 INTERNAL = "internal-token-for-tests"
@@ -43,8 +52,14 @@ async def start_control_plane(stack: LocalStack, **overrides: Any) -> ControlPla
     return plane
 
 
-def stub(target: str, token: str | None) -> cp_grpc.ControlPlaneServiceStub:
-    return cp_grpc.ControlPlaneServiceStub(create_channel(target, token=token))
+# A grpc.aio channel closes when collected; stubs do not keep theirs alive.
+_channels: list[grpc.aio.Channel] = []
+
+
+def stub(target: str, token: str | None) -> Stub:
+    channel = create_channel(target, token=token)
+    _channels.append(channel)
+    return cp_grpc.ControlPlaneServiceStub(channel)
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,7 @@ class Seeded:
 
 
 async def seed(
-    admin: cp_grpc.ControlPlaneServiceStub,
+    admin: Stub,
     env_type: common_pb2.EnvironmentType.ValueType = common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT,
     organization: cp.Organization | None = None,
 ) -> Seeded:
@@ -91,9 +106,8 @@ async def seed(
 
 async def expect_error(call: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     """Await `call`; it must fail with `code`. Returns the error for its details."""
-    try:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() == code, f"expected {code.name}, got {exc.code().name}: {exc.details()}"
-        return exc
-    raise AssertionError(f"expected {code.name}, the call succeeded")
+    exc = caught.value
+    assert exc.code() == code, f"expected {code.name}, got {exc.code().name}: {exc.details()}"
+    return exc

@@ -33,37 +33,47 @@ def _details(details: grpc.aio.ClientCallDetails, token: str | None) -> grpc.aio
     )
 
 
-class _Propagate(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-):
+class _Propagate:
     def __init__(self, token: str | None) -> None:
         self._token = token
 
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return _details(details, self._token)
+
+
+# grpc.aio files an interceptor under the first of the four kinds it is an instance of, so
+# each kind needs its own class.
+class _UnaryUnary(_Propagate, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
-        self,
-        continuation: Callable[..., Any],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Any,
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(_details(client_call_details, self._token), request)
+        return await continuation(self._details(details), request)
 
+
+class _UnaryStream(_Propagate, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
-        self,
-        continuation: Callable[..., Any],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Any,
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(_details(client_call_details, self._token), request)
+        return await continuation(self._details(details), request)
 
+
+class _StreamUnary(_Propagate, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
-        self,
-        continuation: Callable[..., Any],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request_iterator: Any,
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, requests: Any
     ) -> Any:
-        return await continuation(_details(client_call_details, self._token), request_iterator)
+        return await continuation(self._details(details), requests)
+
+
+class _StreamStream(_Propagate, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def propagating_interceptors(token: str | None) -> list[grpc.aio.ClientInterceptor]:
+    """One interceptor per call kind: token, request id and deadline on every outgoing call."""
+    return [cls(token) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
 def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, Any]]:
@@ -89,5 +99,5 @@ def create_channel(
     return grpc.aio.insecure_channel(
         target,
         options=channel_options(max_message_bytes),
-        interceptors=[_Propagate(token), *extra_interceptors],
+        interceptors=[*propagating_interceptors(token), *extra_interceptors],
     )

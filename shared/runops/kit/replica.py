@@ -72,7 +72,9 @@ class ReplicaRouter:
         self._held = False
 
     async def writer_lsn(self, conn: DbConnection | None = None) -> str:
-        """The writer's current WAL position (after a commit: at or past that commit)."""
-        query = "SELECT pg_current_wal_lsn()::text"
+        """The writer's WAL insert position: past every record of every committed transaction.
+        (The write position is not: with synchronous_commit off a commit record may still sit
+        in the WAL buffers.)"""
+        query = "SELECT pg_current_wal_insert_lsn()::text"
         value = await (conn.fetchval(query) if conn is not None else self.writer.fetchval(query))
         return str(value)
