@@ -162,6 +162,8 @@ class InvalidationListener:
         self._hub = hub
         self.connected = asyncio.Event()
         self.received = 0
+        # The LISTEN connection's server process (tests terminate it).
+        self.backend_pid: int | None = None
         self._position_dirty = False
         self._position_task: asyncio.Task[None] | None = None
 
@@ -185,7 +187,10 @@ class InvalidationListener:
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def _listen(self) -> None:
-        conn = await asyncpg.connect(self._dsn, timeout=5)
+        conn = await asyncpg.connect(
+            self._dsn, timeout=5, server_settings={"application_name": "runops-controlplane-listen"}
+        )
+        self.backend_pid = conn.get_server_pid()
         try:
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _conn: lost.set())
