@@ -26,8 +26,6 @@ ADMIN_METHODS = (
     "PauseEnvironment", "ResumeEnvironment", "SetOrganizationFlags", "RegisterWorker",
     "PromoteWorker",
 )  # fmt: skip
-# How long start-up waits for the invalidation feed before serving uncached.
-FEED_START_TIMEOUT_SECONDS = 10.0
 
 
 async def _pool(dsn: str, settings: ControlPlaneSettings) -> asyncpg.Pool:
@@ -67,6 +65,7 @@ class ControlPlane:
             self.store, self.cache, self.hub, self.app.shutting_down
         )
         self._listen_task: asyncio.Task[None] | None = None
+        self._feed_start_timeout = settings.feed_start_timeout_seconds
 
         app = self.app
         app.add_service(
@@ -84,7 +83,7 @@ class ControlPlane:
     async def _start_feed(self) -> None:
         self._listen_task = asyncio.create_task(self.listener.run(), name="invalidation-feed")
         try:
-            await asyncio.wait_for(self.listener.connected.wait(), FEED_START_TIMEOUT_SECONDS)
+            await asyncio.wait_for(self.listener.connected.wait(), self._feed_start_timeout)
         except TimeoutError:
             log.warning("invalidation feed not up yet; serving uncached until it is")
 

@@ -10,12 +10,24 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
+from runops.kit.channels import create_channel
 from runops.kit.errors import details_of
+from runops.localstack import LocalStack
+from runops.localstack.ports import free_port
 from services.controlplane.app import ControlPlane
-from tests.controlplane.harness import INTERNAL, Seeded, Stub, expect_error, seed, stub
+from tests.controlplane.harness import (
+    INTERNAL,
+    Seeded,
+    Stub,
+    expect_error,
+    seed,
+    start_control_plane,
+    stub,
+)
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -392,3 +404,31 @@ async def test_registering_a_worker_again_is_idempotent(admin: Stub, seeded: See
         register(admin, seeded.env_id, "7", task("a")), grpc.StatusCode.ALREADY_EXISTS
     )
     assert details_of(exc).fields == ["version"]
+
+
+# -- a database that is down ---------------------------------------------------------------
+
+
+async def test_a_database_that_is_down_is_retryable_and_not_serving(stack: LocalStack) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/runops_controlplane"
+    plane = await start_control_plane(
+        stack,
+        controlplane_db_writer_url=dead,
+        controlplane_db_replica_url=None,
+        feed_start_timeout_seconds=0,
+    )
+    try:
+        internal = stub(plane.app.target, INTERNAL)
+        exc = await expect_error(
+            internal.GetEnvironment(
+                cp.GetEnvironmentRequest(environment_id="env_cnothere000000000000000000")
+            ),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert details_of(exc).retry_after is not None
+        health: Any = health_pb2_grpc.HealthStub(create_channel(plane.app.target))
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not plane.cache.enabled  # no invalidation feed, so nothing may be cached
+    finally:
+        await plane.app.stop(grace=1)
