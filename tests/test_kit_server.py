@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.errors import details_of
-from runops.kit.server import ServiceApp
+from runops.kit.server import LIVENESS, ServiceApp
 from runops.kit.settings import ServerSettings, SettingsError, load_settings
 from tests.kit_app import SERVICE, build_app
 
@@ -81,6 +81,8 @@ async def test_health_follows_a_dependency(
 ) -> None:
     (tmp_path / "down").touch()
     await _wait_for_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # Liveness does not follow dependencies: a restart would not bring the database back.
+    assert await _health(channel, LIVENESS) == health_pb2.HealthCheckResponse.SERVING
     (tmp_path / "down").unlink()
     await _wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING)
 
@@ -288,6 +290,7 @@ async def test_sigterm_drains_in_flight_rpc_then_not_serving_and_exit() -> None:
             await asyncio.sleep(0.3)
             proc.send_signal(signal.SIGTERM)
             await _wait_for_health(ch, health_pb2.HealthCheckResponse.NOT_SERVING, within=1)
+            assert await _health(ch, LIVENESS) == health_pb2.HealthCheckResponse.NOT_SERVING
             response = await in_flight
             assert response.environment.id == "sleep:2.5"
         code = await asyncio.to_thread(proc.wait, 30)

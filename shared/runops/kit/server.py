@@ -34,6 +34,9 @@ DependencyCheck = Callable[[], Awaitable[object]]
 Hook = Callable[[], Awaitable[object]]
 Job = Callable[[], Coroutine[Any, Any, object]]
 SettingsT = TypeVar("SettingsT", bound=ServerSettings)
+# Health name for liveness probes: SERVING while the process serves at all, whatever its
+# dependencies; NOT_SERVING only once shutdown begins (restarting cannot fix a database).
+LIVENESS = "liveness"
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class ServiceApp:
         self._server, self._port = server, port
         if self.settings.metrics_port >= 0:
             self._metrics = MetricsServer(self.settings.metrics_host, self.settings.metrics_port)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._check_dependencies()
         self._tasks.append(asyncio.create_task(self._watch_dependencies(), name="health-watch"))
         for job in self._background:
