@@ -46,6 +46,11 @@ COMMANDS: dict[str, Command] = {
         _protos_args,
         "runops.cli.main:_protos",
     ),
+    "admin": (
+        "control-plane admin: organizations, projects, environments, API keys, flags",
+        lambda parser: importlib.import_module("runops.cli.admin").add_arguments(parser),
+        "runops.cli.admin:command",
+    ),
 }
 
 

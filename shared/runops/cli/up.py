@@ -26,6 +26,7 @@ SERVICE_NAMES = ("controlplane", "runstore", "mollifier", "ingest")
 HEALTH_TIMEOUT = 60.0
 # Services drain in-flight RPCs for up to their grace period (20 s by default) after SIGTERM.
 STOP_TIMEOUT = 30.0
+DEMO_SLUG = "demo"
 
 
 @dataclass
@@ -53,12 +54,38 @@ class UpContext:
 
 
 def seed_demo(ctx: UpContext) -> list[str] | None:
-    """HOOK (to be filled in): seed a demo organization/project/environment through the
-    control plane's admin RPCs and return lines to print, such as its API key.
+    """With a control plane running: a demo organization/project and a DEVELOPMENT environment
+    through the admin RPCs (the code behind `runops admin bootstrap`). Returns the lines to
+    print and adds RUNOPS_DEMO_ENVIRONMENT_ID / RUNOPS_DEMO_API_KEY to ctx.env (for
+    runops.env). A reused --state-dir already has "demo": a fresh `demo-<random>` organization
+    is created then, since an existing environment's key cannot be read back."""
+    plane = next((s for s in ctx.services if s.name == "controlplane"), None)
+    if plane is None:
+        return None
+    import grpc
 
-    Currently a no-op that returns None."""
-    del ctx
-    return None
+    from runops.cli.admin import bootstrap_at
+
+    try:
+        result = asyncio.run(
+            bootstrap_at(plane.target, ctx.admin_token, DEMO_SLUG, suffix_if_taken=True)
+        )
+    except grpc.aio.AioRpcError as exc:
+        return [f"{'demo:':{LABEL_WIDTH}}not seeded: {exc.code().name}: {exc.details()}"]
+    env, api_key = result.environments[0]
+    ctx.env["RUNOPS_DEMO_ENVIRONMENT_ID"] = env.id
+    ctx.env["RUNOPS_DEMO_API_KEY"] = api_key
+    lines = [
+        f"{'demo environment:':{LABEL_WIDTH}}{env.id} (DEVELOPMENT, organization "
+        f"{result.organization.slug}, project {result.project.slug})",
+        f"{'demo api key:':{LABEL_WIDTH}}{api_key}",
+    ]
+    if result.organization.slug != DEMO_SLUG:
+        lines.append(
+            f"{'':{LABEL_WIDTH}}({DEMO_SLUG!r} exists from an earlier run of this --state-dir; "
+            f"created {result.organization.slug!r} with a new key)"
+        )
+    return lines
 
 
 def write_env_file(ctx: UpContext) -> Path:
@@ -228,9 +255,9 @@ def up(state_dir: Path | None, with_cluster: bool, check: bool) -> int:
             progress(f"starting services: {', '.join(names)}")
             start_services(ctx)
             progress("all services SERVING")
+        seeded = seed_demo(ctx) or []  # before the env file: it adds RUNOPS_DEMO_* to ctx.env
         env_file = write_env_file(ctx)
-        demo = [f"{'env file:':{LABEL_WIDTH}}{env_file} (source it to reach the stack)"]
-        demo += seed_demo(ctx) or []
+        demo = [f"{'env file:':{LABEL_WIDTH}}{env_file} (source it to reach the stack)", *seeded]
         print("\n".join(_endpoint_lines(ctx, demo)), flush=True)
         if check:
             progress("--check: everything started; stopping")
