@@ -56,6 +56,32 @@ async def client(second_process: str) -> AsyncIterator[ControlPlaneClient]:
         yield subscribed
 
 
+@pytest.fixture
+async def seeded(admin: Stub, other: Stub) -> Seeded:
+    return await seed_known(admin, other)
+
+
+async def seed_known(
+    admin: Stub,
+    other: Stub,
+    env_type: common_pb2.EnvironmentType.ValueType = common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT,
+) -> Seeded:
+    """A fresh environment, once the second process knows of it. (A read there right after a
+    write on the first may miss it until the NOTIFY arrives: milliseconds, and the absence it
+    caches meanwhile is dropped by that same NOTIFY.)"""
+    fresh = await seed(admin, env_type)
+
+    async def known() -> bool:
+        try:
+            await other.AuthenticateApiKey(cp.AuthenticateApiKeyRequest(api_key=fresh.api_key))
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    await until(known, limit=PROPAGATION_LIMIT_SECONDS)
+    return fresh
+
+
 async def next_message(
     call: grpc.aio.UnaryStreamCall[Any, Any], limit: float = 5
 ) -> cp.WatchInvalidationsResponse:
@@ -241,13 +267,15 @@ async def test_the_client_resubscribes_on_its_own(stack: LocalStack, admin: Stub
             await plane.app.stop(grace=1)
 
 
-async def test_client_maps_absence_and_mistakes(client: ControlPlaneClient, admin: Stub) -> None:
+async def test_client_maps_absence_and_mistakes(
+    client: ControlPlaneClient, admin: Stub, other: Stub
+) -> None:
     missing = "env_cmissing000000000000000002"
     assert await client.get_environment(missing) is None
     assert client.cache.environments.peek(missing) == (True, None)
     with pytest.raises(Unauthenticated):
         await client.authenticate_api_key("rk_dev_nope")
-    prod = await seed(admin, common_pb2.ENVIRONMENT_TYPE_PRODUCTION)
+    prod = await seed_known(admin, other, common_pb2.ENVIRONMENT_TYPE_PRODUCTION)
     with pytest.raises(FailedPrecondition):
         await client.resolve_worker_version(prod.env_id)
     with pytest.raises(NotFound):
