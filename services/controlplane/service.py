@@ -14,6 +14,7 @@ from runops.clients.controlplane_cache import (
     loaded_environment,
     loaded_flags,
     loaded_worker,
+    select_tasks,
 )
 from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
@@ -127,21 +128,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         resolution = await self._cache.workers.get((env.id, query.worker), load)
         if resolution is None:
             raise _no_worker(env, query.worker)
-        worker, tasks = resolution
-        if query.task_identifiers:
-            by_id = {t.task_identifier: t for t in tasks}
-            unknown = [t for t in query.task_identifiers if t not in by_id]
-            if unknown:
-                raise NotFound(
-                    f"worker {worker.version} has no task {', '.join(unknown)}",
-                    reason="TASK_NOT_FOUND",
-                    metadata={"worker_id": worker.id, "tasks": ",".join(unknown)},
-                    violations=[
-                        FieldViolation(f"task_identifiers[{list(request.task_identifiers).index(t)}]", "is not a task of the resolved worker")
-                        for t in unknown
-                    ],
-                )  # fmt: skip
-            tasks = tuple(by_id[t] for t in query.task_identifiers)
+        worker, tasks = select_tasks(resolution, query.task_identifiers)
         return cp.ResolveWorkerVersionResponse(worker=worker, tasks=tasks)
 
     async def GetOrganizationFlags(

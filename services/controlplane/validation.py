@@ -82,9 +82,7 @@ def resolve_worker(request: cp.ResolveWorkerVersionRequest) -> WorkerQuery:
     for i, task in enumerate(request.task_identifiers[:MAX_TASKS]):
         v.matches(task, f"task_identifiers[{i}]", TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT)
     v.raise_if_any()
-    return WorkerQuery(
-        request.environment_id, request.worker, tuple(dict.fromkeys(request.task_identifiers))
-    )
+    return WorkerQuery(request.environment_id, request.worker, tuple(request.task_identifiers))
 
 
 def _slug(v: Violations, value: str, field: str) -> None:

@@ -282,3 +282,28 @@ async def test_client_maps_absence_and_mistakes(
         await client.resolve_worker_version(missing)
     found = await client.batch_get_environments([prod.env_id, missing])
     assert list(found) == [prod.env_id]
+    registered = await admin.RegisterWorker(
+        cp.RegisterWorkerRequest(
+            environment_id=prod.env_id,
+            version="1",
+            tasks=[cp.TaskDefinition(task_identifier=t) for t in ("a", "b")],
+        )
+    )
+    await admin.PromoteWorker(
+        cp.PromoteWorkerRequest(environment_id=prod.env_id, worker_id=registered.worker.id)
+    )
+
+    async def promoted() -> bool:
+        try:
+            await client.resolve_worker_version(prod.env_id)
+        except FailedPrecondition:
+            return False
+        return True
+
+    await until(promoted, limit=PROPAGATION_LIMIT_SECONDS)
+    worker, tasks = await client.resolve_worker_version(prod.env_id, task_identifiers=["b", "a"])
+    assert worker.id == registered.worker.id
+    assert [t.task_identifier for t in tasks] == ["b", "a"]
+    with pytest.raises(NotFound) as caught:
+        await client.resolve_worker_version(prod.env_id, task_identifiers=["a", "zz"])
+    assert [v.field for v in caught.value.violations] == ["task_identifiers[1]"]

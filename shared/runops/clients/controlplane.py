@@ -29,6 +29,7 @@ from runops.clients.controlplane_cache import (
     loaded_environment,
     loaded_flags,
     loaded_worker,
+    select_tasks,
 )
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
@@ -215,18 +216,7 @@ class ControlPlaneClient:
 
         resolution = await self.cache.workers.get((environment_id, worker), load)
         assert resolution is not None  # absence is an error, never cached
-        found, tasks = resolution
-        if not task_identifiers:
-            return resolution
-        by_id = {t.task_identifier: t for t in tasks}
-        unknown = [t for t in task_identifiers if t not in by_id]
-        if unknown:
-            raise NotFound(
-                f"worker {found.version} has no task {', '.join(unknown)}",
-                reason="TASK_NOT_FOUND",
-                metadata={"worker_id": found.id, "tasks": ",".join(unknown)},
-            )
-        return found, tuple(by_id[t] for t in task_identifiers)
+        return select_tasks(resolution, task_identifiers)
 
     async def get_organization_flags(self, organization_id: str) -> cp.OrganizationFlags:
         async def load() -> Loaded[cp.OrganizationFlags]:
