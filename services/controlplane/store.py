@@ -211,7 +211,13 @@ class ControlPlaneStore:
                 yield conn, invalidations
                 await self._publisher.publish(conn, invalidations)
             # Our own reads must not refill the cache from a replica that lags this commit.
-            self.router.require(await self.router.writer_lsn(conn))
+            try:
+                self.router.require(await self.router.writer_lsn(conn))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Committed (its answer, maybe a key shown once, must reach the caller) but
+                # the position is unknown: read the writer until the NOTIFY teaches one.
+                log.warning("cannot read the WAL position after a write", error=repr(exc))
+                self.router.hold()
         self._publisher.applied_locally(invalidations)
 
     async def create_organization(self, slug: str, title: str) -> cp.Organization:
