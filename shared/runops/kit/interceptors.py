@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -46,6 +46,24 @@ def _kind(handler: Any) -> str:
     return "unary"
 
 
+class _MethodMetrics:
+    """One method's metric children, resolved once: `labels()` costs more than the increment."""
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        self.labels = labels
+        self.started = metrics.STARTED.labels(*labels)
+        self.seconds = metrics.HANDLING_SECONDS.labels(*labels)
+        self.sent = metrics.MSG_SENT.labels(*labels)
+        self.received = metrics.MSG_RECEIVED.labels(*labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = metrics.HANDLED.labels(*self.labels, code.name)
+        return child
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
@@ -57,6 +75,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._auth = authenticator
         self._access = dict(access)
         self._mappers = tuple(error_mappers)
+        # grpc hands us the same handler object for a method every call: wrap it once.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def _access_for(self, method: str) -> Access:
         service, _ = _split(method)
@@ -72,13 +92,18 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        return self._wrap(handler, method, self._access_for(method))
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method, self._access_for(method))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, handler: Any, method: str, access: Access) -> Any:
         kind = _kind(handler)
         scope = self._call_scope
         service, name = _split(method)
-        labels = (kind, service, name)
+        labels = _MethodMetrics((kind, service, name))
 
         if kind == "unary":
             inner_uu = handler.unary_unary
@@ -106,7 +131,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 async with scope(method, labels, access, context):
                     async for response in _responses(inner_us(request, context)):
-                        metrics.MSG_SENT.labels(*labels).inc()
+                        labels.sent.inc()
                         yield response
 
             return grpc.unary_stream_rpc_method_handler(
@@ -119,7 +144,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         ) -> AsyncIterator[Any]:
             async with scope(method, labels, access, context):
                 async for response in _responses(inner_ss(_counted(requests, labels), context)):
-                    metrics.MSG_SENT.labels(*labels).inc()
+                    labels.sent.inc()
                     yield response
 
         return grpc.stream_stream_rpc_method_handler(
@@ -137,10 +162,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     @asynccontextmanager
     async def _call_scope(
-        self, method: str, labels: tuple[str, str, str], access: Access, context: Context
+        self, method: str, labels: _MethodMetrics, access: Access, context: Context
     ) -> AsyncIterator[None]:
         metadata = {k: v for k, v in (context.invocation_metadata() or ())}
-        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
+        request_id = str(metadata.get("x-request-id") or os.urandom(16).hex())
         tokens = (
             current_request_id.set(request_id),
             current_server_context.set(context),
@@ -148,38 +173,37 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         principal_token = None
         code = grpc.StatusCode.OK
         started = time.perf_counter()
-        metrics.STARTED.labels(*labels).inc()
-        with structlog.contextvars.bound_contextvars(rpc=method, request_id=request_id):
-            try:
-                principal = await self._auth.authenticate(access, metadata)
-                principal_token = current_principal.set(principal)
-                yield
-            except (asyncio.CancelledError, GeneratorExit):
-                # The client went away, or the server cancelled the RPC at the end of the grace
-                # period; a stream's consumer closing the generator lands here too.
-                code = grpc.StatusCode.CANCELLED
+        labels.started.inc()
+        log_context = structlog.contextvars.bind_contextvars(rpc=method, request_id=request_id)
+        try:
+            principal = await self._auth.authenticate(access, metadata)
+            principal_token = current_principal.set(principal)
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away, or the server cancelled the RPC at the end of the grace
+            # period; a stream's consumer closing the generator lands here too.
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException as exc:
+            if _is_abort(exc):
+                code = _context_code(context)
                 raise
-            except BaseException as exc:
-                if _is_abort(exc):
-                    code = _context_code(context)
-                    raise
-                err = self._map(exc)
-                if err is None:
-                    log.exception("unhandled error", error_type=type(exc).__name__)
-                    err = Internal(
-                        f"internal error; quote request id {request_id} when reporting it"
-                    )
-                elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                    log.warning("rpc failed", code=err.code.name, reason=err.reason, error=str(exc))
-                code = err.code
-                await context.abort_with_status(rich_status(err))
-            finally:
-                metrics.HANDLED.labels(*labels, code.name).inc()
-                metrics.HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
-                if principal_token is not None:
-                    current_principal.reset(principal_token)
-                current_request_id.reset(tokens[0])
-                current_server_context.reset(tokens[1])
+            err = self._map(exc)
+            if err is None:
+                log.exception("unhandled error", error_type=type(exc).__name__)
+                err = Internal(f"internal error; quote request id {request_id} when reporting it")
+            elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                log.warning("rpc failed", code=err.code.name, reason=err.reason, error=str(exc))
+            code = err.code
+            await context.abort_with_status(rich_status(err))
+        finally:
+            labels.handled(code).inc()
+            labels.seconds.observe(time.perf_counter() - started)
+            if principal_token is not None:
+                current_principal.reset(principal_token)
+            current_request_id.reset(tokens[0])
+            current_server_context.reset(tokens[1])
+            structlog.contextvars.reset_contextvars(**log_context)
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -209,10 +233,7 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
         yield item
 
 
-async def _counted(
-    requests: AsyncIterator[Any], labels: tuple[str, str, str]
-) -> AsyncIterator[Any]:
-    counter = metrics.MSG_RECEIVED.labels(*labels)
+async def _counted(requests: AsyncIterator[Any], labels: _MethodMetrics) -> AsyncIterator[Any]:
     async for request in requests:
-        counter.inc()
+        labels.received.inc()
         yield request
