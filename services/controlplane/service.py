@@ -10,30 +10,25 @@ import grpc
 from runops.clients.controlplane_cache import (
     ControlPlaneCache,
     WorkerResolution,
+    environment_not_found,
     hash_api_key,
+    invalid_api_key,
     loaded_environment,
     loaded_flags,
     loaded_worker,
+    organization_not_found,
     select_tasks,
 )
 from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.cache import Loaded
-from runops.kit.errors import FailedPrecondition, FieldViolation, NotFound, Unauthenticated
+from runops.kit.errors import FailedPrecondition, FieldViolation, NotFound
 from services.controlplane import validation
 from services.controlplane.invalidation import InvalidationHub
 from services.controlplane.store import ControlPlaneStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-# One answer for every key that is not live (wrong, rotated, malformed, empty), so a caller
-# learns nothing about why.
-_BAD_KEY = "the API key is not valid"
-
-
-def _bad_key() -> Unauthenticated:
-    return Unauthenticated(_BAD_KEY, reason="INVALID_API_KEY")
 
 
 class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
@@ -58,7 +53,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
 
         env = await self._cache.api_keys.get(key_hash, load)
         if env is None:
-            raise _bad_key()
+            raise invalid_api_key()
         return env
 
     async def environment(self, env_id: str) -> cp.Environment | None:
@@ -101,7 +96,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         env_id = validation.environment_id(request.environment_id)
         env = await self.environment(env_id)
         if env is None:
-            raise _environment_not_found(env_id)
+            raise environment_not_found(env_id)
         return cp.GetEnvironmentResponse(environment=env)
 
     async def BatchGetEnvironments(
@@ -120,7 +115,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         query = validation.resolve_worker(request)
         env = await self.environment(query.environment_id)
         if env is None:
-            raise _environment_not_found(query.environment_id)
+            raise environment_not_found(query.environment_id)
 
         async def load() -> Loaded[WorkerResolution]:
             return loaded_worker(env, await self._store.worker(env.id, query.worker))
@@ -141,11 +136,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
 
         flags = await self._cache.flags.get(org_id, load)
         if flags is None:
-            raise NotFound(
-                f"organization {org_id} does not exist",
-                reason="ORGANIZATION_NOT_FOUND",
-                violations=[FieldViolation("organization_id", "no organization has this id")],
-            )
+            raise organization_not_found(org_id)
         return cp.GetOrganizationFlagsResponse(flags=flags)
 
     # -- admin RPCs -------------------------------------------------------------------------
@@ -228,15 +219,6 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
                 yield message
         finally:
             self._hub.unsubscribe(subscription)
-
-
-def _environment_not_found(env_id: str) -> NotFound:
-    return NotFound(
-        f"environment {env_id} does not exist",
-        reason="ENVIRONMENT_NOT_FOUND",
-        metadata={"environment_id": env_id},
-        violations=[FieldViolation("environment_id", "no environment has this id")],
-    )
 
 
 def _no_worker(env: cp.Environment, worker: str) -> NotFound | FailedPrecondition:

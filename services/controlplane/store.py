@@ -14,10 +14,10 @@ import asyncpg
 import structlog
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from runops.clients.controlplane_cache import WorkerResolution, hash_api_key
+from runops.clients.controlplane_cache import WorkerResolution, hash_api_key, not_found
 from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
-from runops.kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, NotFound
+from runops.kit.errors import AlreadyExists, FailedPrecondition, FieldViolation
 from runops.kit.ids import ENVIRONMENT, ORGANIZATION, PROJECT, WORKER, Residency, mint
 from runops.kit.replica import DbConnection, ReplicaRouter
 from services.controlplane.invalidation import Publisher
@@ -248,7 +248,7 @@ class ControlPlaneStore:
                 f"proj_{secrets.token_hex(10)}",
             )  # fmt: skip
             if row is None:
-                raise _not_found("organization", organization_id, "organization_id")
+                raise not_found("organization", organization_id, "organization_id")
         return cp.Project(
             id=row["id"], organization_id=row["organization_id"], slug=row["slug"],
             name=row["name"], external_ref=row["external_ref"], created_at=timestamp(row["created_at"]),
@@ -264,7 +264,7 @@ class ControlPlaneStore:
                 mint(ENVIRONMENT, Residency.LEGACY), project_id, slug, environment_type,
             )  # fmt: skip
             if env_id is None:
-                raise _not_found("project", project_id, "project_id")
+                raise not_found("project", project_id, "project_id")
             api_key = await self._insert_key(conn, env_id, environment_type)
             env = await self._environment_on(conn, env_id)
             org = env.organization.id
@@ -285,7 +285,7 @@ class ControlPlaneStore:
     async def _environment_on(self, conn: DbConnection, env_id: str) -> cp.Environment:
         row = await conn.fetchrow(SELECT_ENVIRONMENTS, [env_id])
         if row is None:
-            raise _not_found("environment", env_id, "environment_id")
+            raise not_found("environment", env_id, "environment_id")
         return environment_from_row(row)
 
     async def _lock_environment(self, conn: DbConnection, env_id: str) -> asyncpg.Record:
@@ -294,7 +294,7 @@ class ControlPlaneStore:
             env_id,
         )
         if row is None:
-            raise _not_found("environment", env_id, "environment_id")
+            raise not_found("environment", env_id, "environment_id")
         return row
 
     async def rotate_api_key(self, env_id: str) -> tuple[cp.Environment, str]:
@@ -325,7 +325,7 @@ class ControlPlaneStore:
                 env_id, paused,
             )  # fmt: skip
             if org is None:
-                raise _not_found("environment", env_id, "environment_id")
+                raise not_found("environment", env_id, "environment_id")
             invalidations.append(_invalidation(cp.INVALIDATION_KIND_ENVIRONMENT, env_id, org))
             env = await self._environment_on(conn, env_id)
         return env
@@ -342,7 +342,7 @@ class ControlPlaneStore:
                 json.dumps(changes.set_extra), list(changes.remove_extra),
             )  # fmt: skip
             if row is None:
-                raise _not_found("organization", changes.organization_id, "organization_id")
+                raise not_found("organization", changes.organization_id, "organization_id")
             invalidations.append(
                 _invalidation(cp.INVALIDATION_KIND_ORGANIZATION, row["id"], row["id"])
             )
@@ -408,19 +408,10 @@ class ControlPlaneStore:
                 env_id, worker_id,
             )  # fmt: skip
             if updated is None:
-                raise _not_found("worker", worker_id, "worker_id", f" in environment {env_id}")
+                raise not_found("worker", worker_id, "worker_id", f" in environment {env_id}")
             invalidations.append(
                 _invalidation(cp.INVALIDATION_KIND_WORKER, env_id, locked["organization_id"])
             )
             row = await conn.fetchrow(SELECT_WORKER, env_id, worker_id)
             assert row is not None
         return worker_from_row(row)
-
-
-def _not_found(what: str, value: str, field: str, where: str = "") -> NotFound:
-    return NotFound(
-        f"{what} {value} does not exist{where}",
-        reason=f"{what.upper()}_NOT_FOUND",
-        metadata={field: value},
-        violations=[FieldViolation(field, f"no {what} has this id")],
-    )

@@ -23,29 +23,31 @@ import grpc
 import structlog
 
 from runops.clients.controlplane_cache import (
+    ENVIRONMENT_NOT_FOUND,
+    INVALID_API_KEY,
+    ORGANIZATION_NOT_FOUND,
     ControlPlaneCache,
     WorkerResolution,
+    environment_not_found,
     hash_api_key,
+    invalid_api_key,
     loaded_environment,
     loaded_flags,
     loaded_worker,
+    organization_not_found,
     select_tasks,
 )
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.cache import Loaded
 from runops.kit.channels import create_channel
-from runops.kit.errors import NotFound, Unauthenticated, details_of, error_from_rpc
+from runops.kit.errors import details_of, error_from_rpc
 
 log = structlog.get_logger("runops.clients.controlplane")
 
 # A watch is reopened this often (calls carry a deadline); each reopening starts with a reset.
 WATCH_STREAM_SECONDS = 3600.0
 MAX_BACKOFF_SECONDS = 5.0
-# Reasons the control plane gives for a confirmed absence (cached like a found value).
-INVALID_API_KEY = "INVALID_API_KEY"
-ENVIRONMENT_NOT_FOUND = "ENVIRONMENT_NOT_FOUND"
-ORGANIZATION_NOT_FOUND = "ORGANIZATION_NOT_FOUND"
 
 
 def _absent(exc: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str) -> bool:
@@ -149,7 +151,7 @@ class ControlPlaneClient:
 
         env = await self.cache.api_keys.get(key_hash, load)
         if env is None:
-            raise Unauthenticated("the API key is not valid", reason=INVALID_API_KEY)
+            raise invalid_api_key()
         return env
 
     async def get_environment(self, environment_id: str) -> cp.Environment | None:
@@ -201,9 +203,7 @@ class ControlPlaneClient:
         order, when given). Domain errors (NOT_FOUND, FAILED_PRECONDITION) pass through."""
         env = await self.get_environment(environment_id)
         if env is None:
-            raise NotFound(
-                f"environment {environment_id} does not exist", reason=ENVIRONMENT_NOT_FOUND
-            )
+            raise environment_not_found(environment_id)
 
         async def load() -> Loaded[WorkerResolution]:
             try:
@@ -232,9 +232,7 @@ class ControlPlaneClient:
 
         flags = await self.cache.flags.get(organization_id, load)
         if flags is None:
-            raise NotFound(
-                f"organization {organization_id} does not exist", reason=ORGANIZATION_NOT_FOUND
-            )
+            raise organization_not_found(organization_id)
         return flags
 
 

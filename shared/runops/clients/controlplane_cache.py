@@ -13,9 +13,39 @@ from typing import Protocol
 
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.cache import Loaded, TtlCache
-from runops.kit.errors import FieldViolation, NotFound
+from runops.kit.errors import FieldViolation, NotFound, Unauthenticated
 
 WorkerResolution = tuple[cp.BackgroundWorker, tuple[cp.TaskDefinition, ...]]
+
+
+# Reasons of a confirmed absence: cached like a found value, by the server and by clients.
+INVALID_API_KEY = "INVALID_API_KEY"
+ENVIRONMENT_NOT_FOUND = "ENVIRONMENT_NOT_FOUND"
+ORGANIZATION_NOT_FOUND = "ORGANIZATION_NOT_FOUND"
+
+
+def invalid_api_key() -> Unauthenticated:
+    """One answer for every key that is not live (wrong, rotated, malformed, empty), so a
+    caller learns nothing about why."""
+    return Unauthenticated("the API key is not valid", reason=INVALID_API_KEY)
+
+
+def not_found(what: str, value: str, field: str, where: str = "") -> NotFound:
+    """NOT_FOUND `<WHAT>_NOT_FOUND` naming `field`, e.g. ("environment", id, "environment_id")."""
+    return NotFound(
+        f"{what} {value} does not exist{where}",
+        reason=f"{what.upper()}_NOT_FOUND",
+        metadata={field: value},
+        violations=[FieldViolation(field, f"no {what} has this id")],
+    )
+
+
+def environment_not_found(environment_id: str) -> NotFound:
+    return not_found("environment", environment_id, "environment_id")
+
+
+def organization_not_found(organization_id: str) -> NotFound:
+    return not_found("organization", organization_id, "organization_id")
 
 
 def hash_api_key(api_key: str) -> bytes:
