@@ -61,9 +61,7 @@ class ControlPlane:
         self.hub = InvalidationHub(settings.watch_queue_size)
         self.listener = InvalidationListener(settings.writer_dsn, self.cache, self.router, self.hub)
         self.store = ControlPlaneStore(self.router, self.publisher)
-        self.servicer = ControlPlaneServicer(
-            self.store, self.cache, self.hub, self.app.shutting_down
-        )
+        self.servicer = ControlPlaneServicer(self.store, self.cache, self.hub)
         self._listen_task: asyncio.Task[None] | None = None
         self._feed_start_timeout = settings.feed_start_timeout_seconds
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
@@ -33,15 +32,13 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
     def __init__(
-        self, store: ControlPlaneStore, cache: ControlPlaneCache, hub: InvalidationHub,
-        shutting_down: asyncio.Event,
-    ) -> None:  # fmt: skip
+        self, store: ControlPlaneStore, cache: ControlPlaneCache, hub: InvalidationHub
+    ) -> None:
         self._store = store
         self._cache = cache
         self._hub = hub
-        self._shutting_down = shutting_down
 
-    # -- cached lookups (also used by the app's own API-key resolver) -----------------------
+    # -- cached lookups ---------------------------------------------------------------------
     async def authenticate(self, api_key: str) -> cp.Environment:
         """Every key takes the same path: hash, cache, indexed lookup of the hash. Comparing
         digests rather than keys means timing can only ever reveal bits of a sha256."""
@@ -63,27 +60,6 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
 
         return await self._cache.environments.get(env_id, load)
 
-    async def environments(self, ids: list[str]) -> dict[str, cp.Environment]:
-        """Cached ones from the cache, all the others in one query."""
-        cache = self._cache.environments
-        found: dict[str, cp.Environment] = {}
-        missing: list[str] = []
-        for env_id in ids:
-            hit, env = cache.peek(env_id)
-            if not hit:
-                missing.append(env_id)
-            elif env is not None:
-                found[env_id] = env
-        if missing:
-            started = cache.begin()
-            loaded = await self._store.environments(missing)
-            for env_id in missing:
-                env = loaded.get(env_id)
-                cache.offer(env_id, loaded_environment(env_id, env), started)
-                if env is not None:
-                    found[env_id] = env
-        return found
-
     # -- resolve RPCs -----------------------------------------------------------------------
     async def AuthenticateApiKey(
         self, request: cp.AuthenticateApiKeyRequest, context: Context
@@ -103,7 +79,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.BatchGetEnvironmentsRequest, context: Context
     ) -> cp.BatchGetEnvironmentsResponse:
         ids = validation.environment_ids(list(request.environment_ids))
-        found = await self.environments(ids)
+        found = await self._cache.environments_batch(ids, self._store.environments)
         return cp.BatchGetEnvironmentsResponse(
             environments=[found[i] for i in ids if i in found],
             missing_ids=[i for i in ids if i not in found],

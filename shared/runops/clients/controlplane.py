@@ -172,29 +172,17 @@ class ControlPlaneClient:
 
     async def batch_get_environments(self, ids: Iterable[str]) -> dict[str, cp.Environment]:
         """The environments that exist among `ids`: cached ones locally, the rest in one call."""
-        wanted = list(dict.fromkeys(ids))
-        found: dict[str, cp.Environment] = {}
-        missing: list[str] = []
-        for env_id in wanted:
-            hit, env = self.cache.environments.peek(env_id)
-            if not hit:
-                missing.append(env_id)
-            elif env is not None:
-                found[env_id] = env
-        if missing:
-            started = self.cache.environments.begin()
+
+        async def load_missing(missing: list[str]) -> dict[str, cp.Environment]:
             try:
                 reply = await self.stub.BatchGetEnvironments(
                     cp.BatchGetEnvironmentsRequest(environment_ids=missing)
                 )
             except grpc.aio.AioRpcError as exc:
                 _raise_domain(exc)
-            for env in reply.environments:
-                found[env.id] = env
-                self.cache.environments.offer(env.id, loaded_environment(env.id, env), started)
-            for env_id in reply.missing_ids:
-                self.cache.environments.offer(env_id, loaded_environment(env_id, None), started)
-        return found
+            return {env.id: env for env in reply.environments}
+
+        return await self.cache.environments_batch(list(dict.fromkeys(ids)), load_missing)
 
     async def resolve_worker_version(
         self, environment_id: str, worker: str = "", task_identifiers: Sequence[str] = ()

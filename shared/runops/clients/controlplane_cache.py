@@ -8,7 +8,7 @@ and the API key resolving to it) and ``workers:<env id>`` (resolved worker versi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 from runops.controlplane.v1 import controlplane_pb2 as cp
@@ -146,6 +146,32 @@ class ControlPlaneCache:
     def enabled(self, value: bool) -> None:
         for cache in (self.api_keys, self.environments, self.workers, self.flags):
             cache.enabled = value
+
+    async def environments_batch(
+        self,
+        ids: Sequence[str],
+        load_missing: Callable[[list[str]], Awaitable[Mapping[str, cp.Environment]]],
+    ) -> dict[str, cp.Environment]:
+        """The environments among `ids` that exist: cached ones from the cache, all the others
+        with one `load_missing` call (what it does not return is cached as absent)."""
+        cache = self.environments
+        found: dict[str, cp.Environment] = {}
+        missing: list[str] = []
+        for env_id in ids:
+            hit, env = cache.peek(env_id)
+            if not hit:
+                missing.append(env_id)
+            elif env is not None:
+                found[env_id] = env
+        if missing:
+            started = cache.begin()
+            loaded = await load_missing(missing)
+            for env_id in missing:
+                env = loaded.get(env_id)
+                cache.offer(env_id, loaded_environment(env_id, env), started)
+                if env is not None:
+                    found[env_id] = env
+        return found
 
     def _drop_scope(self, scope: str) -> None:
         for cache in self._all:
