@@ -66,6 +66,8 @@ class ControlPlaneClient:
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
+        # A channel given by the caller stays the caller's to close.
+        self._owns_channel = channel is None
         self._channel = channel or create_channel(target, token=token)
         self.stub = cp_grpc.ControlPlaneServiceStub(self._channel)
         self.cache = ControlPlaneCache(
@@ -104,7 +106,8 @@ class ControlPlaneClient:
             with contextlib.suppress(BaseException):
                 await self._watch_task
             self._watch_task = None
-        await self._channel.close()
+        if self._owns_channel:
+            await self._channel.close()
 
     async def _watch(self) -> None:
         backoff = 0.1
