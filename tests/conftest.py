@@ -12,6 +12,11 @@ The Redis Cluster starts only when a test asks for the `redis_cluster` fixture.
 from __future__ import annotations
 
 import os
+
+# The tests fork+exec servers and services while grpc.aio is busy; gRPC's fork handlers are
+# for fork without exec and only add risk (gRPC issues 17986, 37259). Before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 

@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
+from runops.kit import server as kit_server
 from runops.kit.errors import details_of
 from runops.kit.server import LIVENESS, ServiceApp
 from runops.kit.settings import ServerSettings, SettingsError, load_settings
@@ -309,3 +310,33 @@ def _serving_address(proc: subprocess.Popen[str]) -> str:
             if event.get("event") == "serving":
                 return str(event["address"])
     raise AssertionError(f"the process exited ({proc.wait()}) before serving")
+
+
+async def test_shutdown_goes_on_when_grpc_stop_hangs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpc.aio's own stop has been seen to hang past its grace: pools must still close."""
+    service = build_app(_settings(), down_file=tmp_path / "down")
+    closed = asyncio.Event()
+
+    async def close_pools() -> None:
+        closed.set()
+
+    service.on_shutdown(close_pools)
+    await service.start()
+    server = service._server
+    assert server is not None
+    real_stop = server.stop
+    never = asyncio.Event()
+
+    async def hanging_stop(grace: float | None) -> None:
+        await never.wait()
+
+    monkeypatch.setattr(server, "stop", hanging_stop)
+    monkeypatch.setattr(kit_server, "STOP_MARGIN_SECONDS", 0.2)
+    try:
+        await asyncio.wait_for(service.stop(grace=0.1), timeout=5)
+        assert closed.is_set()
+    finally:
+        never.set()
+        await real_stop(None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from runops.cli.admin import TARGET_ENV, TOKEN_ENV, run_admin
-from runops.cli.up import ServiceProcess, UpContext, seed_demo
+from runops.cli.up import ServiceProcess, UpContext, seed_demo_async
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1.controlplane_pb2_grpc import ControlPlaneServiceStub
 from runops.kit.channels import create_channel
@@ -204,10 +203,10 @@ async def test_seed_demo(
         admin_token=ADMIN,
         internal_token=INTERNAL,
     )
-    # seed_demo is synchronous (asyncio.run): run it off this test's event loop. Twice: the
-    # second run finds "demo" taken, as with a reused --state-dir.
-    await asyncio.to_thread(seed_demo, ctx)
-    lines = await asyncio.to_thread(seed_demo, ctx)
+    # On this test's loop (grpc.aio must not meet a second loop in another thread). Twice:
+    # the second run finds "demo" taken, as with a reused --state-dir.
+    await seed_demo_async(ctx)
+    lines = await seed_demo_async(ctx)
     assert lines is not None
     text = "\n".join(lines)
     env_id, api_key = ctx.env["RUNOPS_DEMO_ENVIRONMENT_ID"], ctx.env["RUNOPS_DEMO_API_KEY"]
@@ -218,4 +217,4 @@ async def test_seed_demo(
     assert got.environment.id == env_id
     assert got.environment.organization.slug.startswith("demo-")
 
-    assert seed_demo(UpContext(stack=stack, services=[])) is None
+    assert await seed_demo_async(UpContext(stack=stack, services=[])) is None

@@ -53,7 +53,7 @@ class UpContext:
     internal_token: str = ""
 
 
-def seed_demo(ctx: UpContext) -> list[str] | None:
+async def seed_demo_async(ctx: UpContext) -> list[str] | None:
     """With a control plane running: a demo organization/project and a DEVELOPMENT environment
     through the admin RPCs (the code behind `runops admin bootstrap`). Returns the lines to
     print and adds RUNOPS_DEMO_ENVIRONMENT_ID / RUNOPS_DEMO_API_KEY to ctx.env (for
@@ -67,9 +67,7 @@ def seed_demo(ctx: UpContext) -> list[str] | None:
     from runops.cli.admin import bootstrap_at
 
     try:
-        result = asyncio.run(
-            bootstrap_at(plane.target, ctx.admin_token, DEMO_SLUG, suffix_if_taken=True)
-        )
+        result = await bootstrap_at(plane.target, ctx.admin_token, DEMO_SLUG, suffix_if_taken=True)
     except grpc.aio.AioRpcError as exc:
         return [f"{'demo:':{LABEL_WIDTH}}not seeded: {exc.code().name}: {exc.details()}"]
     env, api_key = result.environments[0]
@@ -86,6 +84,12 @@ def seed_demo(ctx: UpContext) -> list[str] | None:
             f"created {result.organization.slug!r} with a new key)"
         )
     return lines
+
+
+def seed_demo(ctx: UpContext) -> list[str] | None:
+    """seed_demo_async on a loop of its own (`runops up` is synchronous). grpc.aio objects must
+    not meet two event loops: callers that have a loop await seed_demo_async instead."""
+    return asyncio.run(seed_demo_async(ctx))
 
 
 def write_env_file(ctx: UpContext) -> Path:

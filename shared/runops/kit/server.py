@@ -37,6 +37,8 @@ SettingsT = TypeVar("SettingsT", bound=ServerSettings)
 # Health name for liveness probes: SERVING while the process serves at all, whatever its
 # dependencies; NOT_SERVING only once shutdown begins (restarting cannot fix a database).
 LIVENESS = "liveness"
+# How long past the grace period stop() waits for grpc's own shutdown.
+STOP_MARGIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,8 @@ class ServiceApp:
             await self.health.set(name, status)
 
     async def _check_dependencies(self) -> None:
+        if self._stopping:
+            return  # NOT_SERVING for good; nothing to report
         timeout = self.settings.health_check_interval_seconds
         down: list[str] = []
         for name, check in self._checks.items():
@@ -225,7 +229,16 @@ class ServiceApp:
         if self.settings.shutdown_delay_seconds:
             await asyncio.sleep(self.settings.shutdown_delay_seconds)
         if self._server is not None:
-            await self._server.stop(grace)
+            # grpc.aio's stop has been seen to hang past its grace (gRPC issue 28999): the
+            # rest of shutdown (pools, metrics) must still happen. (Not wait_for: it would
+            # wait for the cancellation too.)
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            done, _ = await asyncio.wait({stopping}, timeout=grace + STOP_MARGIN_SECONDS)
+            if not done:
+                log.error(
+                    "gRPC server did not stop within its grace period; going on",
+                    tasks=[_describe(t) for t in asyncio.all_tasks() if not t.done()],
+                )
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -243,6 +256,12 @@ class ServiceApp:
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
+
+
+def _describe(task: asyncio.Task[Any]) -> str:
+    frames = task.get_stack(limit=1)
+    where = f" at {frames[0].f_code.co_filename}:{frames[0].f_lineno}" if frames else ""
+    return f"{task.get_name()} {task.get_coro()!r}{where}"
 
 
 async def serve(app: ServiceApp) -> None:
