@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
 
 import asyncpg
 import structlog
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from runops.clients.controlplane_cache import WorkerResolution, hash_api_key, not_found
 from runops.common.v1 import common_pb2
@@ -24,7 +23,6 @@ from services.controlplane.invalidation import Publisher
 from services.controlplane.validation import FlagChanges, TaskRow
 
 log = structlog.get_logger("runops.controlplane.store")
-T = TypeVar("T")
 
 _API_KEY_PREFIXES = {
     "DEVELOPMENT": "rk_dev_",
@@ -77,10 +75,6 @@ SELECT_FLAGS = """
     FROM organizations WHERE id = $1
 """
 
-# Errors of a replica that is down or restarting: the read goes to the writer instead.
-_REPLICA_FAILURES = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.PostgresConnectionError,
-                     asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError)  # fmt: skip
-
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
@@ -124,20 +118,21 @@ def worker_from_row(row: asyncpg.Record) -> cp.BackgroundWorker:
     )
 
 
-def task_from_row(row: asyncpg.Record | TaskRow) -> cp.TaskDefinition:
-    get: Callable[[str], Any] = row.__getitem__ if isinstance(row, asyncpg.Record) else row.__getattribute__  # fmt: skip
+def task_definition(row: TaskRow) -> cp.TaskDefinition:
     task = cp.TaskDefinition(
-        task_identifier=get("task_identifier"),
-        queue=get("queue"),
-        max_attempts=get("max_attempts"),
-        machine_preset=get("machine_preset"),
+        task_identifier=row.task_identifier,
+        queue=row.queue,
+        max_attempts=row.max_attempts,
+        machine_preset=row.machine_preset,
     )
-    ttl_ms = get("default_ttl_ms")
-    if ttl_ms is not None:
-        task.default_ttl.CopyFrom(
-            duration_pb2.Duration(seconds=ttl_ms // 1000, nanos=(ttl_ms % 1000) * 1_000_000)
-        )
+    if row.default_ttl_ms is not None:
+        task.default_ttl.FromMilliseconds(row.default_ttl_ms)
     return task
+
+
+def task_from_record(record: asyncpg.Record) -> cp.TaskDefinition:
+    """A SELECT_TASKS row: its columns are TaskRow's fields."""
+    return task_definition(TaskRow(**dict(record)))
 
 
 def flags_from_row(row: asyncpg.Record) -> cp.OrganizationFlags:
@@ -166,23 +161,13 @@ class ControlPlaneStore:
         self._publisher = publisher
 
     # -- reads ------------------------------------------------------------------------------
-    async def _read(self, query: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
-        pool = await self.router.reader()
-        if pool is self.router.writer:
-            return await query(pool)
-        try:
-            return await query(pool)
-        except _REPLICA_FAILURES as exc:
-            log.warning("replica read failed; reading the writer", error=repr(exc))
-            return await query(self.router.writer)
-
     async def environment_by_key_hash(self, key_hash: bytes) -> cp.Environment | None:
-        row = await self._read(lambda pool: pool.fetchrow(SELECT_BY_KEY_HASH, key_hash))
+        row = await self.router.read(lambda pool: pool.fetchrow(SELECT_BY_KEY_HASH, key_hash))
         return None if row is None else environment_from_row(row)
 
     async def environments(self, ids: Sequence[str]) -> dict[str, cp.Environment]:
         """Many environments in one query; absent ids are simply not in the result."""
-        rows = await self._read(lambda pool: pool.fetch(SELECT_ENVIRONMENTS, list(ids)))
+        rows = await self.router.read(lambda pool: pool.fetch(SELECT_ENVIRONMENTS, list(ids)))
         return {row["id"]: environment_from_row(row) for row in rows}
 
     async def worker(self, environment_id: str, worker: str) -> WorkerResolution | None:
@@ -192,12 +177,12 @@ class ControlPlaneStore:
                 if row is None:
                     return None
                 tasks = await conn.fetch(SELECT_TASKS, row["id"])
-            return worker_from_row(row), tuple(task_from_row(t) for t in tasks)
+            return worker_from_row(row), tuple(task_from_record(t) for t in tasks)
 
-        return await self._read(query)
+        return await self.router.read(query)
 
     async def flags(self, organization_id: str) -> cp.OrganizationFlags | None:
-        row = await self._read(lambda pool: pool.fetchrow(SELECT_FLAGS, organization_id))
+        row = await self.router.read(lambda pool: pool.fetchrow(SELECT_FLAGS, organization_id))
         return None if row is None else flags_from_row(row)
 
     # -- writes -----------------------------------------------------------------------------
@@ -379,8 +364,8 @@ class ControlPlaneStore:
                 )
             row = await conn.fetchrow(SELECT_WORKER, env_id, worker_id)
             assert row is not None
-            stored = tuple(task_from_row(t) for t in await conn.fetch(SELECT_TASKS, worker_id))
-        wanted = {t.task_identifier: task_from_row(t) for t in tasks}
+            stored = tuple(task_from_record(t) for t in await conn.fetch(SELECT_TASKS, worker_id))
+        wanted = {t.task_identifier: task_definition(t) for t in tasks}
         if not created and {t.task_identifier: t for t in stored} != wanted:
             raise AlreadyExists(
                 f"worker version {version!r} is already registered with different tasks; "

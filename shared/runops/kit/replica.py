@@ -8,6 +8,9 @@ replayed past it (one cheap check, then replica reads again).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import asyncpg
 import asyncpg.pool
 import structlog
@@ -16,16 +19,22 @@ log = structlog.get_logger("runops.replica")
 
 # What `pool.acquire()` hands out and what `asyncpg.connect()` returns.
 DbConnection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+T = TypeVar("T")
+
+# A replica that is down or restarting: the read goes to the writer instead.
+REPLICA_FAILURES = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+)
 
 
 def parse_lsn(text: str) -> int:
     """'16/B374D848' -> its 64-bit position."""
     high, _, low = text.partition("/")
     return (int(high, 16) << 32) | int(low, 16)
-
-
-def format_lsn(position: int) -> str:
-    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
 class ReplicaRouter:
@@ -46,7 +55,7 @@ class ReplicaRouter:
         required = self._required
         try:
             replayed = await self.replica.fetchval("SELECT pg_last_wal_replay_lsn()::text")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except REPLICA_FAILURES as exc:
             log.warning("replica unreachable; reading the writer", error=repr(exc))
             return self.writer
         # NULL: the "replica" is a primary (promoted, or pointed at the writer).
@@ -56,8 +65,19 @@ class ReplicaRouter:
             return self.replica
         return self.writer
 
-    def require(self, lsn: str | int) -> None:
-        position = parse_lsn(lsn) if isinstance(lsn, str) else lsn
+    async def read(self, query: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+        """Run `query` on the pool `reader` picks; on the writer if the replica fails it."""
+        pool = await self.reader()
+        if pool is self.writer:
+            return await query(pool)
+        try:
+            return await query(pool)
+        except REPLICA_FAILURES as exc:
+            log.warning("replica read failed; reading the writer", error=repr(exc))
+            return await query(self.writer)
+
+    def require(self, lsn: str) -> None:
+        position = parse_lsn(lsn)
         if position > self._required:
             self._required = position
             self._reached = False
@@ -66,7 +86,7 @@ class ReplicaRouter:
         """A write happened whose LSN is not known yet: read the writer until `release`."""
         self._held = True
 
-    def release(self, lsn: str | int) -> None:
+    def release(self, lsn: str) -> None:
         """`lsn`, read after every write announced before, is now the position to wait for."""
         self.require(lsn)
         self._held = False
