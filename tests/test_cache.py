@@ -184,3 +184,14 @@ async def test_stamps_stay_bounded_under_many_invalidations() -> None:
     for i in range(20_000):
         c.invalidate(f"k{i}")
     assert len(c._key_stamps) <= 4097
+
+
+async def test_a_batched_load_older_than_pruned_stamps_is_not_stored() -> None:
+    c = cache()
+    started = c.begin()
+    c.invalidate("k")  # happened during the batched load...
+    for i in range(5000):  # ...and its stamp is pruned away by many later ones
+        c.invalidate(f"other{i}")
+    assert "k" not in c._key_stamps
+    assert not c.offer("k", Loaded("stale"), started)
+    assert c.offer("k", Loaded("fresh"), c.begin())

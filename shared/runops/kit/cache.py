@@ -73,6 +73,9 @@ class TtlCache(Generic[K, V]):
         self._key_stamps: dict[K, int] = {}
         self._scope_stamps: dict[str, int] = {}
         self._cleared_at = 0
+        # Stamps up to this tick were pruned: a load that started before it cannot be checked,
+        # so it is not stored (batched loads via begin/offer are not tracked in _inflight).
+        self._pruned_through = 0
         # While disabled (e.g. a consumer lost its invalidation feed) nothing is stored.
         self.enabled = True
         self._hits = CACHE_LOOKUPS.labels(name, "hit")
@@ -142,7 +145,7 @@ class TtlCache(Generic[K, V]):
         return False
 
     def _still_valid(self, key: K, scopes: Iterable[str], started: int) -> bool:
-        if not self.enabled or self._cleared_at > started:
+        if not self.enabled or self._cleared_at > started or self._pruned_through > started:
             return False
         if self._key_stamps.get(key, -1) > started:
             return False
@@ -162,6 +165,7 @@ class TtlCache(Generic[K, V]):
 
     def _prune_stamps(self) -> None:
         oldest = min((started for started, _ in self._inflight.values()), default=self._tick)
+        self._pruned_through = oldest
         self._key_stamps = {k: t for k, t in self._key_stamps.items() if t > oldest}
         self._scope_stamps = {s: t for s, t in self._scope_stamps.items() if t > oldest}
 
