@@ -121,9 +121,6 @@ class InvalidationHub:
         self._subscriptions: set[Subscription] = set()
         self._closed = False
 
-    def __len__(self) -> int:
-        return len(self._subscriptions)
-
     def subscribe(self, organization_id: str = "") -> Subscription:
         subscription = Subscription(organization_id, self._queue_size)
         if self._closed:
@@ -161,7 +158,6 @@ class InvalidationListener:
         self._router = router
         self._hub = hub
         self.connected = asyncio.Event()
-        self.received = 0
         # The LISTEN connection's server process (tests terminate it).
         self.backend_pid: int | None = None
         self._position_dirty = False
@@ -230,7 +226,6 @@ class InvalidationListener:
                 "undecodable invalidation; dropping the whole cache", payload=str(payload)[:200]
             )
             invalidation = cp.Invalidation()  # UNSPECIFIED: clears everything
-        self.received += 1
         self._router.hold()
         self._cache.apply(invalidation)
         self._hub.broadcast(invalidation)

@@ -78,7 +78,6 @@ class ControlPlaneClient:
         self._watch_task: asyncio.Task[None] | None = None
         # Set while a subscription is live (after its reset); tests and health can wait on it.
         self.subscribed = asyncio.Event()
-        self.invalidations_received = 0
 
     async def __aenter__(self) -> ControlPlaneClient:
         await self.start()
@@ -122,7 +121,6 @@ class ControlPlaneClient:
                         self.subscribed.set()
                         backoff = 0.1
                     else:
-                        self.invalidations_received += 1
                         self.cache.apply(message.invalidation)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
