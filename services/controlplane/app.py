@@ -8,7 +8,7 @@ import contextlib
 import asyncpg
 import structlog
 
-from runops.clients.controlplane_cache import ControlPlaneCache
+from runops.controlplane.cache import ControlPlaneCache
 from runops.controlplane.v1 import controlplane_pb2, controlplane_pb2_grpc
 from runops.kit.auth import Access
 from runops.kit.replica import ReplicaRouter

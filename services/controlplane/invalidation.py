@@ -23,7 +23,7 @@ import asyncpg
 import structlog
 from google.protobuf import timestamp_pb2
 
-from runops.clients.controlplane_cache import ControlPlaneCache
+from runops.controlplane.cache import ControlPlaneCache
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.replica import DbConnection, ReplicaRouter
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import grpc
 
-from runops.clients.controlplane_cache import (
+from runops.common.v1 import common_pb2
+from runops.controlplane.cache import (
     ControlPlaneCache,
     WorkerResolution,
     environment_not_found,
@@ -18,7 +19,6 @@ from runops.clients.controlplane_cache import (
     organization_not_found,
     select_tasks,
 )
-from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.cache import Loaded

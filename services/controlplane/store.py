@@ -13,10 +13,10 @@ import asyncpg
 import structlog
 from google.protobuf import timestamp_pb2
 
-from runops.clients.controlplane_cache import WorkerResolution, hash_api_key, not_found
 from runops.common.v1 import common_pb2
+from runops.controlplane.cache import WorkerResolution, hash_api_key
 from runops.controlplane.v1 import controlplane_pb2 as cp
-from runops.kit.errors import AlreadyExists, FailedPrecondition, FieldViolation
+from runops.kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, not_found
 from runops.kit.ids import ENVIRONMENT, ORGANIZATION, PROJECT, WORKER, Residency, mint
 from runops.kit.replica import DbConnection, ReplicaRouter
 from services.controlplane.invalidation import Publisher

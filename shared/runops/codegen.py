@@ -1,7 +1,8 @@
 """Regenerate the committed Python code and mypy stubs from protos/.
 
-`python -m runops.codegen` rewrites shared/runops/<service>/v1/; `--check` only reports
-whether the committed code is stale (exit 1), which the test suite uses.
+`python -m runops.codegen` rewrites shared/runops/<package>/v1/ and nothing else (beside `v1/`
+each package holds its hand-written client side); `--check` only reports whether the committed
+code is stale (exit 1), which the test suite uses.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "protos"
 OUT_ROOT = REPO_ROOT / "shared"
-PROTO_PACKAGES = ("common", "controlplane", "runstore", "mollifier", "ingest")
+PROTO_PACKAGES = ("common", "controlplane", "runstore", "mollifier", "ingest", "testing")
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 INIT_TEXT = '"""Generated from protos/ by `python -m runops.codegen`; do not edit."""\n'
 
@@ -46,13 +47,10 @@ def generate(out_root: Path) -> list[Path]:
         raise SystemExit("protoc failed: see the messages above")
     written: list[Path] = []
     for package in PROTO_PACKAGES:
-        for init in (
-            out_root / "runops" / package / "__init__.py",
-            out_root / "runops" / package / "v1" / "__init__.py",
-        ):
-            init.parent.mkdir(parents=True, exist_ok=True)
-            init.write_text(INIT_TEXT)
-            written.append(init)
+        init = out_root / "runops" / package / "v1" / "__init__.py"
+        init.parent.mkdir(parents=True, exist_ok=True)
+        init.write_text(INIT_TEXT)
+        written.append(init)
     written.extend(p for p in out_root.glob("runops/*/v1/*") if p.name.endswith(GENERATED_SUFFIXES))
     return written
 
@@ -60,7 +58,7 @@ def generate(out_root: Path) -> list[Path]:
 def _generated_files(root: Path) -> set[Path]:
     files: set[Path] = set()
     for package in PROTO_PACKAGES:
-        base = root / "runops" / package
+        base = root / "runops" / package / "v1"
         if base.exists():
             files |= {
                 p.relative_to(root)
@@ -89,7 +87,7 @@ def stale_files() -> list[str]:
 
 def regenerate() -> None:
     for package in PROTO_PACKAGES:
-        shutil.rmtree(OUT_ROOT / "runops" / package, ignore_errors=True)
+        shutil.rmtree(OUT_ROOT / "runops" / package / "v1", ignore_errors=True)
     written = generate(OUT_ROOT)
     print(f"generated {len(written)} files under {OUT_ROOT / 'runops'}")
 

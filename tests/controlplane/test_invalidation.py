@@ -12,8 +12,8 @@ import asyncpg
 import grpc
 import pytest
 
-from runops.clients.controlplane import ControlPlaneClient
 from runops.common.v1 import common_pb2
+from runops.controlplane.client import ControlPlaneClient
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.errors import FailedPrecondition, NotFound, Unauthenticated
 from runops.localstack import LocalStack

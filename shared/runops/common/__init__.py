@@ -1,1 +1,1 @@
-"""Generated from protos/ by `python -m runops.codegen`; do not edit."""
+"""Types every runops contract shares (`v1/`: generated from protos/runops/common/v1)."""

@@ -1,1 +1,3 @@
-"""Generated from protos/ by `python -m runops.codegen`; do not edit."""
+"""The control plane's contract (`v1/`, generated) and its client side: `client` (the stub
+behind a cache kept fresh by WatchInvalidations) and `cache` (the cache layout the server and
+every client share)."""

@@ -173,6 +173,16 @@ class Violations:
             raise InvalidArgument(f"{message}: {fields}", violations=self._items)
 
 
+def not_found(what: str, value: str, field: str, where: str = "") -> NotFound:
+    """NOT_FOUND `<WHAT>_NOT_FOUND` naming `field`, e.g. ("environment", id, "environment_id")."""
+    return NotFound(
+        f"{what} {value} does not exist{where}",
+        reason=f"{what.upper()}_NOT_FOUND",
+        metadata={field: value},
+        violations=[FieldViolation(field, f"no {what} has this id")],
+    )
+
+
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]

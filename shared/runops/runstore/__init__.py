@@ -1,1 +1,1 @@
-"""Generated from protos/ by `python -m runops.codegen`; do not edit."""
+"""The run store's contract (`v1/`, generated) and, beside it, its client side."""

@@ -23,37 +23,46 @@ _sym_db = _symbol_database.Default()
 
 
 from runops.common.v1 import common_pb2 as runops_dot_common_dot_v1_dot_common__pb2
+from runops.common.v1 import options_pb2 as runops_dot_common_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drunops/ingest/v1/ingest.proto\x12\x10runops.ingest.v1\x1a\x1drunops/common/v1/common.proto\"\x96\x01\n\x12\x43reateBatchRequest\x12\x11\n\trun_count\x18\x01 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x18\n\x10task_identifiers\x18\x03 \x03(\t\x12\x15\n\rparent_run_id\x18\x04 \x01(\t\x12#\n\x1bresume_parent_on_completion\x18\x05 \x01(\x08\"P\n\x13\x43reateBatchResponse\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.runops.common.v1.Batch\x12\x11\n\tis_cached\x18\x02 \x01(\x08\"\x82\x01\n\tBatchItem\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x04 \x01(\t\x12\x31\n\x07options\x18\x05 \x01(\x0b\x32 .runops.common.v1.TriggerOptions\" \n\x0cStreamHeader\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"7\n\tItemChunk\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.runops.ingest.v1.BatchItem\"\x84\x01\n\x17StreamBatchItemsRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.runops.ingest.v1.StreamHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.runops.ingest.v1.ItemChunkH\x00\x42\t\n\x07message\"\xfc\x01\n\x18StreamBatchItemsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06sealed\x18\x02 \x01(\x08\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\r\x12\x11\n\trun_count\x18\x04 \x01(\r\x12\x34\n\x0emissing_ranges\x18\x05 \x03(\x0b\x32\x1c.runops.common.v1.IndexRange\x12\x18\n\x10pre_failed_count\x18\x06 \x01(\r\x12\x14\n\x0clinked_count\x18\x07 \x01(\r\x12-\n\x06status\x18\x08 \x01(\x0e\x32\x1d.runops.common.v1.BatchStatus\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\":\n\x10GetBatchResponse\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.runops.common.v1.Batch\"%\n\x11WatchBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"<\n\x12WatchBatchResponse\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.runops.common.v1.Batch2\x8b\x03\n\x12\x42\x61tchIngestService\x12Z\n\x0b\x43reateBatch\x12$.runops.ingest.v1.CreateBatchRequest\x1a%.runops.ingest.v1.CreateBatchResponse\x12k\n\x10StreamBatchItems\x12).runops.ingest.v1.StreamBatchItemsRequest\x1a*.runops.ingest.v1.StreamBatchItemsResponse(\x01\x12Q\n\x08GetBatch\x12!.runops.ingest.v1.GetBatchRequest\x1a\".runops.ingest.v1.GetBatchResponse\x12Y\n\nWatchBatch\x12#.runops.ingest.v1.WatchBatchRequest\x1a$.runops.ingest.v1.WatchBatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drunops/ingest/v1/ingest.proto\x12\x10runops.ingest.v1\x1a\x1drunops/common/v1/common.proto\x1a\x1erunops/common/v1/options.proto\"\x96\x01\n\x12\x43reateBatchRequest\x12\x11\n\trun_count\x18\x01 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x18\n\x10task_identifiers\x18\x03 \x03(\t\x12\x15\n\rparent_run_id\x18\x04 \x01(\t\x12#\n\x1bresume_parent_on_completion\x18\x05 \x01(\x08\"P\n\x13\x43reateBatchResponse\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.runops.common.v1.Batch\x12\x11\n\tis_cached\x18\x02 \x01(\x08\"\x82\x01\n\tBatchItem\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x04 \x01(\t\x12\x31\n\x07options\x18\x05 \x01(\x0b\x32 .runops.common.v1.TriggerOptions\" \n\x0cStreamHeader\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"7\n\tItemChunk\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.runops.ingest.v1.BatchItem\"\x84\x01\n\x17StreamBatchItemsRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.runops.ingest.v1.StreamHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.runops.ingest.v1.ItemChunkH\x00\x42\t\n\x07message\"\xfc\x01\n\x18StreamBatchItemsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06sealed\x18\x02 \x01(\x08\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\r\x12\x11\n\trun_count\x18\x04 \x01(\r\x12\x34\n\x0emissing_ranges\x18\x05 \x03(\x0b\x32\x1c.runops.common.v1.IndexRange\x12\x18\n\x10pre_failed_count\x18\x06 \x01(\r\x12\x14\n\x0clinked_count\x18\x07 \x01(\r\x12-\n\x06status\x18\x08 \x01(\x0e\x32\x1d.runops.common.v1.BatchStatus\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\":\n\x10GetBatchResponse\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.runops.common.v1.Batch\"%\n\x11WatchBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"<\n\x12WatchBatchResponse\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.runops.common.v1.Batch2\xa3\x03\n\x12\x42\x61tchIngestService\x12`\n\x0b\x43reateBatch\x12$.runops.ingest.v1.CreateBatchRequest\x1a%.runops.ingest.v1.CreateBatchResponse\"\x04\xc8\xf3\x18\x04\x12q\n\x10StreamBatchItems\x12).runops.ingest.v1.StreamBatchItemsRequest\x1a*.runops.ingest.v1.StreamBatchItemsResponse\"\x04\xc8\xf3\x18\x04(\x01\x12W\n\x08GetBatch\x12!.runops.ingest.v1.GetBatchRequest\x1a\".runops.ingest.v1.GetBatchResponse\"\x04\xc8\xf3\x18\x04\x12_\n\nWatchBatch\x12#.runops.ingest.v1.WatchBatchRequest\x1a$.runops.ingest.v1.WatchBatchResponse\"\x04\xc8\xf3\x18\x04\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runops.ingest.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEBATCHREQUEST']._serialized_start=83
-  _globals['_CREATEBATCHREQUEST']._serialized_end=233
-  _globals['_CREATEBATCHRESPONSE']._serialized_start=235
-  _globals['_CREATEBATCHRESPONSE']._serialized_end=315
-  _globals['_BATCHITEM']._serialized_start=318
-  _globals['_BATCHITEM']._serialized_end=448
-  _globals['_STREAMHEADER']._serialized_start=450
-  _globals['_STREAMHEADER']._serialized_end=482
-  _globals['_ITEMCHUNK']._serialized_start=484
-  _globals['_ITEMCHUNK']._serialized_end=539
-  _globals['_STREAMBATCHITEMSREQUEST']._serialized_start=542
-  _globals['_STREAMBATCHITEMSREQUEST']._serialized_end=674
-  _globals['_STREAMBATCHITEMSRESPONSE']._serialized_start=677
-  _globals['_STREAMBATCHITEMSRESPONSE']._serialized_end=929
-  _globals['_GETBATCHREQUEST']._serialized_start=931
-  _globals['_GETBATCHREQUEST']._serialized_end=966
-  _globals['_GETBATCHRESPONSE']._serialized_start=968
-  _globals['_GETBATCHRESPONSE']._serialized_end=1026
-  _globals['_WATCHBATCHREQUEST']._serialized_start=1028
-  _globals['_WATCHBATCHREQUEST']._serialized_end=1065
-  _globals['_WATCHBATCHRESPONSE']._serialized_start=1067
-  _globals['_WATCHBATCHRESPONSE']._serialized_end=1127
-  _globals['_BATCHINGESTSERVICE']._serialized_start=1130
-  _globals['_BATCHINGESTSERVICE']._serialized_end=1525
+  _globals['_BATCHINGESTSERVICE'].methods_by_name['CreateBatch']._loaded_options = None
+  _globals['_BATCHINGESTSERVICE'].methods_by_name['CreateBatch']._serialized_options = b'\310\363\030\004'
+  _globals['_BATCHINGESTSERVICE'].methods_by_name['StreamBatchItems']._loaded_options = None
+  _globals['_BATCHINGESTSERVICE'].methods_by_name['StreamBatchItems']._serialized_options = b'\310\363\030\004'
+  _globals['_BATCHINGESTSERVICE'].methods_by_name['GetBatch']._loaded_options = None
+  _globals['_BATCHINGESTSERVICE'].methods_by_name['GetBatch']._serialized_options = b'\310\363\030\004'
+  _globals['_BATCHINGESTSERVICE'].methods_by_name['WatchBatch']._loaded_options = None
+  _globals['_BATCHINGESTSERVICE'].methods_by_name['WatchBatch']._serialized_options = b'\310\363\030\004'
+  _globals['_CREATEBATCHREQUEST']._serialized_start=115
+  _globals['_CREATEBATCHREQUEST']._serialized_end=265
+  _globals['_CREATEBATCHRESPONSE']._serialized_start=267
+  _globals['_CREATEBATCHRESPONSE']._serialized_end=347
+  _globals['_BATCHITEM']._serialized_start=350
+  _globals['_BATCHITEM']._serialized_end=480
+  _globals['_STREAMHEADER']._serialized_start=482
+  _globals['_STREAMHEADER']._serialized_end=514
+  _globals['_ITEMCHUNK']._serialized_start=516
+  _globals['_ITEMCHUNK']._serialized_end=571
+  _globals['_STREAMBATCHITEMSREQUEST']._serialized_start=574
+  _globals['_STREAMBATCHITEMSREQUEST']._serialized_end=706
+  _globals['_STREAMBATCHITEMSRESPONSE']._serialized_start=709
+  _globals['_STREAMBATCHITEMSRESPONSE']._serialized_end=961
+  _globals['_GETBATCHREQUEST']._serialized_start=963
+  _globals['_GETBATCHREQUEST']._serialized_end=998
+  _globals['_GETBATCHRESPONSE']._serialized_start=1000
+  _globals['_GETBATCHRESPONSE']._serialized_end=1058
+  _globals['_WATCHBATCHREQUEST']._serialized_start=1060
+  _globals['_WATCHBATCHREQUEST']._serialized_end=1097
+  _globals['_WATCHBATCHRESPONSE']._serialized_start=1099
+  _globals['_WATCHBATCHRESPONSE']._serialized_end=1159
+  _globals['_BATCHINGESTSERVICE']._serialized_start=1162
+  _globals['_BATCHINGESTSERVICE']._serialized_end=1581
 # @@protoc_insertion_point(module_scope)

@@ -22,7 +22,7 @@ from typing import NoReturn
 import grpc
 import structlog
 
-from runops.clients.controlplane_cache import (
+from runops.controlplane.cache import (
     ENVIRONMENT_NOT_FOUND,
     INVALID_API_KEY,
     ORGANIZATION_NOT_FOUND,
@@ -43,7 +43,7 @@ from runops.kit.cache import Loaded
 from runops.kit.channels import create_channel
 from runops.kit.errors import details_of, error_from_rpc
 
-log = structlog.get_logger("runops.clients.controlplane")
+log = structlog.get_logger("runops.controlplane.client")
 
 # A watch is reopened this often (calls carry a deadline); each reopening starts with a reset.
 WATCH_STREAM_SECONDS = 3600.0

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.cache import Loaded, TtlCache
-from runops.kit.errors import FieldViolation, NotFound, Unauthenticated
+from runops.kit.errors import FieldViolation, NotFound, Unauthenticated, not_found
 
 WorkerResolution = tuple[cp.BackgroundWorker, tuple[cp.TaskDefinition, ...]]
 
@@ -28,16 +28,6 @@ def invalid_api_key() -> Unauthenticated:
     """One answer for every key that is not live (wrong, rotated, malformed, empty), so a
     caller learns nothing about why."""
     return Unauthenticated("the API key is not valid", reason=INVALID_API_KEY)
-
-
-def not_found(what: str, value: str, field: str, where: str = "") -> NotFound:
-    """NOT_FOUND `<WHAT>_NOT_FOUND` naming `field`, e.g. ("environment", id, "environment_id")."""
-    return NotFound(
-        f"{what} {value} does not exist{where}",
-        reason=f"{what.upper()}_NOT_FOUND",
-        metadata={field: value},
-        violations=[FieldViolation(field, f"no {what} has this id")],
-    )
 
 
 def environment_not_found(environment_id: str) -> NotFound:

@@ -1,1 +1,0 @@
-"""Client helpers other services use to call runops services."""

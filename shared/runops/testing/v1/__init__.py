@@ -1,0 +1,1 @@
+"""Generated from protos/ by `python -m runops.codegen`; do not edit."""
