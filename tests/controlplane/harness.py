@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -16,7 +13,6 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
@@ -25,7 +21,7 @@ from runops.kit.channels import create_channel
 from runops.kit.settings import load_settings
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
-from runops.localstack.process import log_tail, spawn, terminate
+from runops.localstack.services import ServiceProcess
 from services.controlplane.app import ControlPlane, build_control_plane
 from services.controlplane.settings import ControlPlaneSettings
 
@@ -130,42 +126,15 @@ async def control_plane_process(
 ) -> AsyncIterator[str]:
     """A second control plane as a real OS process (`python -m services.controlplane`); yields
     its target once it answers health SERVING."""
-    port = free_port()
     environ = {
-        **os.environ,
         **stack.service_env(),
-        "RUNOPS_GRPC_HOST": "127.0.0.1",
-        "RUNOPS_GRPC_PORT": str(port),
-        "RUNOPS_METRICS_PORT": "-1",
         "RUNOPS_ADMIN_TOKEN": ADMIN,
         "RUNOPS_INTERNAL_TOKEN": INTERNAL,
         "RUNOPS_LOG_FORMAT": "console",
         **env,
     }
-    proc = spawn([sys.executable, "-m", "services.controlplane"], log_file, env=environ)
-    target = f"127.0.0.1:{port}"
-    try:
-        await wait_serving(target, proc, log_file)
-        yield target
-    finally:
-        await asyncio.to_thread(terminate, proc, 20)
-
-
-async def wait_serving(
-    target: str, proc: subprocess.Popen[bytes], log_file: Path, limit: float = 30
-) -> None:
-    deadline = time.monotonic() + limit
-    async with grpc.aio.insecure_channel(target) as channel:
-        health: Any = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"control plane exited:\n{log_tail(log_file)}")
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"control plane not SERVING in {limit}s:\n{log_tail(log_file)}")
+    async with ServiceProcess("controlplane", free_port(), -1, log_file, env=environ) as process:
+        yield process.target
 
 
 async def until(

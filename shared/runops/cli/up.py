@@ -4,42 +4,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
-import os
 import secrets
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
+from runops.kit import registry
 from runops.localstack import LocalStack, StackError, printing_progress
 from runops.localstack.ports import HOST, free_port
-from runops.localstack.process import log_tail, spawn, terminate
+from runops.localstack.process import log_tail
+from runops.localstack.services import (
+    ServiceProcess,
+    start_services,
+    stop_services,
+    targets_env,
+)
 from runops.localstack.stack import LABEL_WIDTH
 
-SERVICE_NAMES = ("controlplane", "runstore", "mollifier", "ingest")
-HEALTH_TIMEOUT = 60.0
-# Services drain in-flight RPCs for up to their grace period (20 s by default) after SIGTERM.
-STOP_TIMEOUT = 30.0
 DEMO_SLUG = "demo"
-
-
-@dataclass
-class ServiceProcess:
-    name: str
-    grpc_port: int
-    metrics_port: int
-    log_file: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"{HOST}:{self.grpc_port}"
 
 
 @dataclass
@@ -100,100 +86,6 @@ def write_env_file(ctx: UpContext) -> Path:
     return path
 
 
-def _services_roots() -> list[Path]:
-    spec = importlib.util.find_spec("services")
-    if spec is None or spec.submodule_search_locations is None:
-        return []
-    return [Path(p) for p in spec.submodule_search_locations if Path(p).is_dir()]
-
-
-def discover_services() -> list[str]:
-    """The services that exist: services/<name>/__main__.py, in start order."""
-    roots = _services_roots()
-    return [n for n in SERVICE_NAMES if any((r / n / "__main__.py").exists() for r in roots)]
-
-
-def _python_path() -> str:
-    """So `python -m services.<name>` imports without an install: services' and runops' parents."""
-    import runops
-
-    parts = [str(Path(runops.__file__).resolve().parents[1])]
-    parts += [str(root.parent) for root in _services_roots()]
-    if os.environ.get("PYTHONPATH"):
-        parts.append(os.environ["PYTHONPATH"])
-    return os.pathsep.join(dict.fromkeys(parts))
-
-
-def _service_env(ctx: UpContext, service: ServiceProcess) -> dict[str, str]:
-    return {
-        **os.environ,
-        **ctx.env,
-        "PYTHONPATH": _python_path(),
-        "RUNOPS_GRPC_HOST": HOST,
-        "RUNOPS_GRPC_PORT": str(service.grpc_port),
-        "RUNOPS_METRICS_HOST": HOST,
-        "RUNOPS_METRICS_PORT": str(service.metrics_port),
-    }
-
-
-async def _wait_serving(service: ServiceProcess, limit_seconds: float) -> None:
-    # We fork pg_ctl and friends after using gRPC; its fork handlers only add log noise.
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + limit_seconds
-    async with grpc.aio.insecure_channel(service.target) as channel:
-        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type only sync channels
-        while True:
-            if service.proc is not None and service.proc.poll() is not None:
-                raise StackError(
-                    f"service {service.name} exited with {service.proc.returncode} before "
-                    f"serving; last log lines ({service.log_file}):\n{log_tail(service.log_file)}"
-                )
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise StackError(
-                    f"service {service.name} not SERVING on {service.target} within "
-                    f"{limit_seconds:.0f}s; last log lines ({service.log_file}):\n"
-                    f"{log_tail(service.log_file)}"
-                )
-            await asyncio.sleep(0.1)
-
-
-def start_services(ctx: UpContext) -> None:
-    """Spawn every service and wait until all of them answer health SERVING."""
-    for service in ctx.services:
-        service.proc = spawn(
-            [sys.executable, "-m", f"services.{service.name}"],
-            service.log_file,
-            env=_service_env(ctx, service),
-        )
-
-    async def all_serving() -> None:
-        await asyncio.gather(*(_wait_serving(s, HEALTH_TIMEOUT) for s in ctx.services))
-
-    asyncio.run(all_serving())
-
-
-def stop_services(services: list[ServiceProcess]) -> None:
-    """SIGTERM all at once (they drain concurrently), wait, then SIGKILL stragglers."""
-    running = [s.proc for s in services if s.proc is not None and s.proc.poll() is None]
-    for proc in running:
-        proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    for proc in running:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            terminate(proc, timeout=0)
-
-
 def _endpoint_lines(ctx: UpContext, demo: list[str] | None) -> list[str]:
     lines = ["", "runops local stack is up", *ctx.stack.describe()]
     for s in ctx.services:
@@ -223,9 +115,9 @@ def _wait_until_stopped(ctx: UpContext) -> int:
     """Block until a signal arrives (0) or a service dies (1)."""
     while True:
         for s in ctx.services:
-            if s.proc is not None and s.proc.poll() is not None:
+            if (code := s.poll()) is not None:
                 print(
-                    f"service {s.name} exited with {s.proc.returncode}; stopping everything. "
+                    f"service {s.name} exited with {code}; stopping everything. "
                     f"Last log lines ({s.log_file}):\n{log_tail(s.log_file)}",
                     file=sys.stderr,
                 )
@@ -244,20 +136,23 @@ def up(state_dir: Path | None, with_cluster: bool, check: bool) -> int:
         stack.start()
         ctx.admin_token = secrets.token_urlsafe(24)
         ctx.internal_token = secrets.token_urlsafe(24)
-        names = discover_services()
         logs = stack.state_dir / "logs"
+        # Ephemeral ports: four services share loopback (the registry's ports are containers').
         ctx.services = [
-            ServiceProcess(n, free_port(), free_port(), logs / f"{n}.log") for n in names
+            ServiceProcess(s.name, free_port(), free_port(), logs / f"{s.name}.log")
+            for s in registry.available()
         ]
         ctx.env = {
             **stack.service_env(),
             "RUNOPS_ADMIN_TOKEN": ctx.admin_token,
             "RUNOPS_INTERNAL_TOKEN": ctx.internal_token,
-            **{f"RUNOPS_{s.name.upper()}_TARGET": s.target for s in ctx.services},
+            **targets_env(ctx.services),
         }
-        if names:
-            progress(f"starting services: {', '.join(names)}")
-            start_services(ctx)
+        if ctx.services:
+            for service in ctx.services:
+                service.env = dict(ctx.env)
+            progress(f"starting services: {', '.join(s.name for s in ctx.services)}")
+            start_services(ctx.services)
             progress("all services SERVING")
         seeded = seed_demo(ctx) or []  # before the env file: it adds RUNOPS_DEMO_* to ctx.env
         env_file = write_env_file(ctx)

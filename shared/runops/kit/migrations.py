@@ -1,10 +1,10 @@
 """Plain-SQL schema migrations shipped by the service packages.
 
 Files live at `services/<service>/migrations/<database>/NNNN_<name>.sql`, <database> being
-`controlplane` or `runops`. `migrate()` applies the ones not applied yet, service by service in
-a fixed order, each file in its own transaction, under an advisory lock so concurrent starters
-(several replicas of a service) do not race. Applied files are recorded in
-runops_schema_migrations. Operators run it with
+`controlplane` or `runops`, one its `runops.kit.registry` entry declares. `migrate()` applies
+the ones not applied yet, service by service in the registry's order, each file in its own
+transaction, under an advisory lock so concurrent starters (several replicas of a service) do
+not race. Applied files are recorded in runops_schema_migrations. Operators run it with
 `python -m runops.kit.migrations --dsn postgresql://... --database runops`.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import re
 import sys
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import asyncpg
 
-SERVICE_ORDER = ("controlplane", "runstore", "mollifier", "ingest")
-DATABASES = ("controlplane", "runops")
+from runops.kit import registry
+
+DATABASES = registry.DATABASES
 # Arbitrary but fixed: every migrator of every service takes this same advisory lock.
 LOCK_KEY = 0x72756E6F7073  # "runops"
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -51,27 +51,25 @@ class Migration:
         return f"{self.service}/{self.version}"
 
 
-def _services_dirs() -> list[Path]:
-    try:
-        spec = importlib.util.find_spec("services")
-    except (ImportError, ValueError):
-        return []
-    if spec is None or spec.submodule_search_locations is None:
-        return []
-    return [Path(p) for p in spec.submodule_search_locations if Path(p).is_dir()]
-
-
 def discover(database: str) -> list[Migration]:
     """Every migration file for the database, in the order they must apply."""
     if database not in DATABASES:
         raise ValueError(f"database must be one of {', '.join(DATABASES)}, got {database!r}")
     found: list[Migration] = []
-    roots = _services_dirs()
-    for service in SERVICE_ORDER:
+    roots = registry.services_roots()
+    for entry in registry.SERVICES:
+        service = entry.name
         numbers: dict[str, Path] = {}
         for root in roots:
             directory = root / service / "migrations" / database
-            for path in sorted(directory.glob("*.sql")) if directory.is_dir() else []:
+            files = sorted(directory.glob("*.sql")) if directory.is_dir() else []
+            if files and database not in entry.databases:
+                # The registry is what says which databases a service needs: keep it true.
+                raise MigrationError(
+                    f"{directory} has migrations, but the registry entry of {service} "
+                    f"(runops.kit.registry) does not list database {database!r}"
+                )
+            for path in files:
                 match = _FILE_NAME.match(path.name)
                 if match is None:
                     raise MigrationError(
