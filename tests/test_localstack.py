@@ -4,6 +4,7 @@ Redis (standalone and cluster), S3 through aiobotocore, and clean start failures
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from runops.kit import migrations
+from runops.kit import migrations, registry
 from runops.kit.migrations import MigrationError, migrate
 from runops.localstack import ExternalServers, LocalStack, PostgresDatabase, StackError
 from runops.localstack.ports import CLUSTER_MAX_PORT, free_cluster_port, is_listening
@@ -139,10 +140,13 @@ def _write(root: Path, service: str, database: str, name: str, sql: str) -> None
 
 @pytest.fixture
 def services_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A stand-in `services` package directory holding only what a test writes into it."""
+    """A stand-in `services` package directory holding only what a test writes into it, and a
+    registry whose services may migrate either database."""
     root = tmp_path / "services"
     root.mkdir()
-    monkeypatch.setattr(migrations, "_services_dirs", lambda: [root])
+    monkeypatch.setattr(registry, "services_roots", lambda: [root])
+    anywhere = [dataclasses.replace(s, databases=registry.DATABASES) for s in registry.SERVICES]
+    monkeypatch.setattr(registry, "SERVICES", tuple(anywhere))
     return root
 
 
@@ -228,6 +232,18 @@ def test_misnamed_migration_files_are_refused(services_root: Path) -> None:
         migrations.discover("runops")
     with pytest.raises(ValueError, match="controlplane, runops"):
         migrations.discover("elsewhere")
+
+
+def test_migrations_for_a_database_the_registry_does_not_list_are_refused(
+    services_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingest = dataclasses.replace(registry.service("ingest"), databases=("controlplane",))
+    monkeypatch.setattr(registry, "SERVICES", (ingest,))
+    _write(services_root, "ingest", "controlplane", "0001_fine.sql", "SELECT 1;")
+    _write(services_root, "ingest", "runops", "0001_undeclared.sql", "SELECT 1;")
+    assert [m.label for m in migrations.discover("controlplane")] == ["ingest/0001_fine"]
+    with pytest.raises(MigrationError, match=r"ingest.*does not list database 'runops'"):
+        migrations.discover("runops")
 
 
 async def test_stack_migrations_are_idempotent(stack: LocalStack) -> None:

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from runops.cli.admin import TARGET_ENV, TOKEN_ENV, run_admin
-from runops.cli.up import ServiceProcess, UpContext, seed_demo_async
+from runops.cli.up import UpContext, seed_demo_async
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1.controlplane_pb2_grpc import ControlPlaneServiceStub
 from runops.kit.channels import create_channel
 from runops.localstack import LocalStack
+from runops.localstack.services import ServiceProcess
 from services.controlplane.app import ControlPlane
 from tests.controlplane.harness import ADMIN, INTERNAL
 
