@@ -1,10 +1,11 @@
-"""Control plane (spec §7): cached `AuthenticateApiKey` through gRPC against a raw indexed
+"""Control plane (spec §7): cached `AuthenticateApiKey` through gRPC, and through
+`ControlPlaneClient`'s local cache (the path the other services take), against a raw indexed
 Postgres lookup, measured in the same run on the same servers.
 
     python -m tests.benchmarks.controlplane [--seconds N] [--concurrency C] [--keys K]
                                             [--loadgen subprocess|inprocess]
 
-Four phases, in this order, each with C closed-loop callers going round-robin over K seeded API
+Five phases, in this order, each with C closed-loop callers going round-robin over K seeded API
 keys, a warm-up first, then N measured seconds:
 
   postgres floor   the service's own query (SELECT_BY_KEY_HASH, digest given) with asyncpg, a pool
@@ -13,6 +14,10 @@ keys, a warm-up first, then N measured seconds:
                    its in-process cache (every key cached during the warm-up)
   grpc health      grpc.health.v1 Check on the same server: the RPC and the kit's interceptor with
                    no servicer work, i.e. what the cached path could at best reach here
+  client cached    ControlPlaneClient.authenticate_api_key (runops.controlplane.client) against
+                   the same server: the client's own cache, kept fresh by its WatchInvalidations
+                   subscription; a miss would be a cached AuthenticateApiKey (target: >= 10x the
+                   floor)
   grpc uncached    AuthenticateApiKey against a control plane whose cache keeps nothing (1 us TTL,
                    1 entry): every call is an indexed lookup on the replica via the service's pool
 
@@ -43,9 +48,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from runops.controlplane.cache import hash_api_key
+from runops.controlplane.client import ControlPlaneClient
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.channels import create_channel
+from runops.kit.errors import RunopsError
 
 # The load-generator subprocess imports only what a client needs (it starts in every phase);
 # the servers' side is imported where it is used.
@@ -57,12 +64,15 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 LoadgenMode = Literal["subprocess", "inprocess"]
 Call = Callable[[int], Awaitable[str | None]]
-Kind = Literal["authenticate", "health", "postgres"]
+Kind = Literal["authenticate", "client", "health", "postgres"]
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "tests.benchmarks.controlplane"
-# The control plane's API-key cache (its prometheus label) and the RPC's handled counter.
+# The control plane's API-key cache, ControlPlaneClient's (prometheus labels), and the RPC's
+# handled counter.
 CACHE_NAME = "controlplane.api_keys"
+CLIENT_CACHE_NAME = "controlplane_client.api_keys"
+CACHE_RESULTS = ("hit", "miss", "shared")
 HANDLED_OK = {
     "grpc_type": "unary",
     "grpc_service": cp.DESCRIPTOR.services_by_name["ControlPlaneService"].full_name,
@@ -119,6 +129,19 @@ class LoadResult:
     p99_ms: float
     cpu_seconds: float  # CPU of the load generator's process over the measured window
     pid: int
+    # The client phase: ControlPlaneClient's API-key cache over the window, by result.
+    client_cache: dict[str, int] | None = None
+
+
+def _metric(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _cache_lookups(cache: str) -> dict[str, float]:
+    return {
+        result: _metric("runops_cache_lookups_total", {"cache": cache, "result": result})
+        for result in CACHE_RESULTS
+    }
 
 
 def _cpu_seconds() -> float:
@@ -164,6 +187,30 @@ async def _health_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[N
     return call, close
 
 
+async def _client_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    """What a consumer service does: ControlPlaneClient.authenticate_api_key, answered by the
+    client's cache once its WatchInvalidations subscription is live."""
+    client = ControlPlaneClient(spec.target, token=spec.token)
+    await client.start()
+    if not client.subscribed.is_set():
+        await client.close()
+        raise RuntimeError("ControlPlaneClient did not subscribe to invalidations within 5 s")
+
+    async def call(i: int) -> str | None:
+        try:
+            environment = await client.authenticate_api_key(spec.api_keys[i])
+        except RunopsError as exc:
+            return exc.reason
+        # A cache hit completes without suspending: yield once per call so the other callers
+        # and the window's timer run (a consumer's RPC handler pays this too).
+        await asyncio.sleep(0)
+        if not client.subscribed.is_set():
+            return "UNSUBSCRIBED"  # the cache was off: not the path being measured
+        return None if environment.id == spec.env_ids[i] else "WRONG_ENVIRONMENT"
+
+    return call, client.close
+
+
 async def _postgres_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[None]]]:
     digests = [hash_api_key(key) for key in spec.api_keys]
     pool = await asyncpg.create_pool(spec.dsn, min_size=spec.concurrency, max_size=spec.concurrency)
@@ -188,6 +235,7 @@ async def generate(
     window (the callers keep going meanwhile, so the servers are sampled under load)."""
     make = {
         "authenticate": _grpc_caller,
+        "client": _client_caller,
         "health": _health_caller,
         "postgres": _postgres_caller,
     }[spec.kind]
@@ -219,6 +267,7 @@ async def generate(
     try:
         await asyncio.sleep(spec.warmup)
         await mark("start")
+        cache_before = _cache_lookups(CLIENT_CACHE_NAME)
         cpu_before = _cpu_seconds()
         start = time.perf_counter_ns()
         window[:] = [start, start + int(spec.seconds * 1e9)]
@@ -231,6 +280,7 @@ async def generate(
                     f" ({len(latencies) / elapsed:,.0f}/s), {sum(errors.values())} errors"
                 )
         cpu_seconds = _cpu_seconds() - cpu_before
+        cache_after = _cache_lookups(CLIENT_CACHE_NAME)
         await mark("end")
         stopped = True
         await asyncio.gather(*tasks)
@@ -249,6 +299,11 @@ async def generate(
         p99_ms=_percentile(latencies, 0.99),
         cpu_seconds=cpu_seconds,
         pid=os.getpid(),
+        client_cache=(
+            {r: round(cache_after[r] - cache_before[r]) for r in CACHE_RESULTS}
+            if spec.kind == "client"
+            else None
+        ),
     )
 
 
@@ -353,19 +408,12 @@ def _postgres_parent(backend: int) -> int | None:
     return postmaster if name.startswith("postgres") and backend_name == "postgres" else None
 
 
-def _metric(name: str, labels: dict[str, str]) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def _sample(replica: int | None) -> _Sample:
     return _Sample(
         own_cpu=_cpu_seconds(),
         machine=_machine_jiffies(),
         replica_cpu=None if replica is None else _process_tree_cpu(replica),
-        cache={
-            result: _metric("runops_cache_lookups_total", {"cache": CACHE_NAME, "result": result})
-            for result in ("hit", "miss", "shared")
-        },
+        cache=_cache_lookups(CACHE_NAME),
         handled_ok=_metric("grpc_server_handled_total", HANDLED_OK),
     )
 
@@ -426,8 +474,9 @@ class Phase:
     loadgen_cores: float | None
     replica_cores: float | None
     machine_cores: float | None
-    # The control plane's API-key cache and its AuthenticateApiKey OK count over the window
-    # (None for the floor, which does not touch it).
+    # Over the window: the API-key cache that answers the phase (the control plane's; the
+    # client's own for the client phase) and the control plane's AuthenticateApiKey OK count,
+    # i.e. the calls that reached it (None for the floor, which touches neither).
     cache_hits: int | None = None
     cache_misses: int | None = None  # each one an indexed lookup on the replica
     cache_shared: int | None = None  # joined a lookup of the same key already in flight
@@ -472,6 +521,8 @@ async def _phase(
         machine = busy / total * (os.cpu_count() or 1) if total > 0 else None
 
     def delta(key: str) -> int | None:
+        if result.client_cache is not None:
+            return result.client_cache[key]
         return round(end.cache[key] - start.cache[key]) if server else None
 
     phase = Phase(
@@ -511,6 +562,7 @@ class BenchResult:
     floor: Phase
     cached: Phase
     health: Phase  # the kit's RPC path alone: grpc.health.v1 Check on the cached control plane
+    client: Phase  # ControlPlaneClient.authenticate_api_key against the cached control plane
     uncached: Phase
     cached_entries: int  # API keys in the cached control plane's cache after its phase
 
@@ -526,6 +578,16 @@ class BenchResult:
     @property
     def cache_speedup(self) -> float:
         return self.cached.per_second / self.uncached.per_second
+
+    @property
+    def client_ratio(self) -> float:
+        """Client-cached calls/s over raw Postgres lookups/s (spec §7: at least 10x)."""
+        return self.client.per_second / self.floor.per_second
+
+    @property
+    def client_speedup(self) -> float:
+        """The client's local cache against the control plane's cache behind an RPC."""
+        return self.client.per_second / self.cached.per_second
 
     @property
     def rpc_share(self) -> float:
@@ -545,7 +607,7 @@ class BenchResult:
             f"{'phase':<34}{'calls/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'calls':>9}{'errors':>7}"
             f"   cores: {'bench':>5}{'loadgen':>8}{'replica':>8}{'rest':>6}{'machine':>8}",
         ]
-        for phase in (self.cached, self.uncached, self.health, self.floor):
+        for phase in (self.client, self.cached, self.uncached, self.health, self.floor):
             lines.append(
                 f"{phase.name:<34}{phase.per_second:>9,.0f}{phase.p50_ms:>8.2f}"
                 f"{phase.p99_ms:>8.2f}{phase.calls:>9,}{sum(phase.errors.values()):>7}"
@@ -553,29 +615,36 @@ class BenchResult:
                 f"{cores(phase.replica_cores):>8}{cores(phase.rest_cores):>6}"
                 f"{cores(phase.machine_cores):>8}"
             )
-        cached, uncached = self.cached, self.uncached
+        cached, uncached, local = self.cached, self.uncached, self.client
+        target = "meets" if self.client_ratio >= 10 else "BELOW"
         lines += [
             "",
+            f"client cached / floor: {self.client_ratio:.1f}x ({target} the spec's 10x)"
+            f"    client cached / grpc cached: {self.client_speedup:.1f}x",
             f"cached / floor: {self.ratio:.2f}x    uncached / floor: {self.uncached_ratio:.2f}x"
             f"    cached / uncached: {self.cache_speedup:.2f}x"
             f"    cached / health check: {self.rpc_share:.2f}x",
             f"cache over the window: cached {cached.cache_hits:,} hits, {cached.cache_misses:,}"
             f" misses ({self.cached_entries} keys held); uncached {uncached.cache_hits:,} hits,"
             f" {uncached.cache_misses:,} misses (= replica lookups), {uncached.cache_shared:,}"
-            " joined a lookup in flight",
+            f" joined a lookup in flight; client's own cache {local.cache_hits:,} hits,"
+            f" {local.cache_misses:,} misses",
             f"server-side OK AuthenticateApiKey over the window: cached {cached.server_ok:,},"
-            f" uncached {uncached.server_ok:,} (client-side: {cached.calls:,} / {uncached.calls:,})",
+            f" uncached {uncached.server_ok:,}, client {local.server_ok:,} (client-side:"
+            f" {cached.calls:,} / {uncached.calls:,} / {local.calls:,})",
             "",
             "who did what:",
             f"  pid {self.bench_pid} (bench): the local stack's driver; the control plane (grpc.aio"
             f" server, its cache, its asyncpg pools of <= {self.concurrency} to the replica),"
-            " one at a time: cached (+ health check), then uncached; idle during the floor",
+            " one at a time: cached (+ health check, client), then uncached; idle during the"
+            " floor",
         ]
         pids = ", ".join(str(p) for p in self.loadgen_pids)
         client = (
             f"grpc.aio client (one channel, runops create_channel, internal token) with"
             f" {self.concurrency} coroutines; for the floor an asyncpg pool of {self.concurrency}"
-            " on the replica"
+            " on the replica; for the client phase a ControlPlaneClient (its cache and its"
+            " WatchInvalidations subscription) on such a channel"
         )
         if self.loadgen == "subprocess":
             lines.append(f"  pids {pids} (load generator, one subprocess per phase): {client}")
@@ -622,7 +691,7 @@ async def run(
     progress: Progress | None = None,
 ) -> BenchResult:
     """Seed `keys` environments, then measure the floor, the cached path, the bare RPC (health
-    check) on the same server, and the uncached path."""
+    check) and ControlPlaneClient's cached path on the same server, and the uncached path."""
     from services.controlplane.store import SELECT_BY_KEY_HASH
     from tests.controlplane.harness import INTERNAL, start_control_plane
 
@@ -664,6 +733,9 @@ async def run(
         cached = await measure("authenticate", "grpc cached", server=True, **grpc_at)
         cached_entries = len(plane.cache.api_keys)
         health = await measure("health", "grpc health check (same server)", server=False, **grpc_at)
+        client = await measure(
+            "client", "client cached (ControlPlaneClient)", server=True, **grpc_at
+        )
     finally:
         await _stopped(plane)
     plane = await start_control_plane(stack, **settings, **UNCACHED_SETTINGS)
@@ -685,6 +757,7 @@ async def run(
         floor=floor,
         cached=cached,
         health=health,
+        client=client,
         uncached=uncached,
         cached_entries=cached_entries,
     )

@@ -10,7 +10,7 @@ async def test_benchmark_smoke(stack: LocalStack) -> None:
     keys, concurrency = 3, 4
     result = await run(stack, seconds=0.5, concurrency=concurrency, keys=keys)
 
-    for phase in (result.cached, result.uncached, result.health, result.floor):
+    for phase in (result.cached, result.uncached, result.health, result.client, result.floor):
         assert phase.errors == {}, f"{phase.name}: failed calls {phase.errors}"
         assert phase.calls > 0, phase.name
         assert phase.per_second > 0, phase.name
@@ -18,6 +18,7 @@ async def test_benchmark_smoke(stack: LocalStack) -> None:
         assert phase.seconds >= 0.5, phase.name
     assert result.ratio > 0
     assert result.uncached_ratio > 0
+    assert result.client_ratio > 0
 
     cached, uncached = result.cached, result.uncached
     assert cached.cache_hits is not None
@@ -38,6 +39,17 @@ async def test_benchmark_smoke(stack: LocalStack) -> None:
     lookups = uncached.cache_misses + uncached.cache_shared
     assert abs(lookups - uncached.calls) <= 2 * concurrency
 
+    # ControlPlaneClient answered every measured call from its own cache (filled during the
+    # warm-up, its invalidation subscription live throughout): none reached the control plane.
+    client = result.client
+    assert client.cache_hits is not None
+    assert client.cache_misses == 0
+    # Sampled at the window's edges, which the timer overshoots by microseconds: at a cache
+    # hit's rate that is a few calls more than the window counted.
+    assert abs(client.cache_hits - client.calls) <= 2 * concurrency + client.calls // 100
+    assert client.server_ok == 0
+
     report = result.report()
     assert "cached / floor" in report
+    assert "client cached / floor" in report
     assert "who did what" in report
