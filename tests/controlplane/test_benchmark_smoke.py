@@ -39,15 +39,16 @@ async def test_benchmark_smoke(stack: LocalStack) -> None:
     lookups = uncached.cache_misses + uncached.cache_shared
     assert abs(lookups - uncached.calls) <= 2 * concurrency
 
-    # ControlPlaneClient answered every measured call from its own cache (filled during the
+    # ControlPlaneClient answered every measured call from its own cache (filled before the
     # warm-up, its invalidation subscription live throughout): none reached the control plane.
     client = result.client
     assert client.cache_hits is not None
-    assert client.cache_misses == 0
-    # Sampled at the window's edges, which the timer overshoots by microseconds: at a cache
-    # hit's rate that is a few calls more than the window counted.
-    assert abs(client.cache_hits - client.calls) <= 2 * concurrency + client.calls // 100
-    assert client.server_ok == 0
+    assert client.cache_misses == 0, client
+    # The counters are sampled when the window's timer fires, late by however long a busy
+    # machine delays it: at a cache hit's rate that can be thousands more hits than the window
+    # counted, never fewer than its calls less those already in flight at its start.
+    assert client.cache_hits >= client.calls - concurrency, client
+    assert client.server_ok == 0, client
 
     report = result.report()
     assert "cached / floor" in report
