@@ -608,13 +608,13 @@ class BenchResult:
             f" {self.keys} keys round-robin, {self.seconds:g}s measured per phase after"
             f" {self.warmup:g}s warm-up, {self.cpus} CPUs, load generator: {self.loadgen}",
             "",
-            f"{'phase':<34}{'calls/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'calls':>9}{'errors':>7}"
+            f"{'phase':<34}{'calls/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'calls':>11}{'errors':>7}"
             f"   cores: {'bench':>5}{'loadgen':>8}{'replica':>8}{'rest':>6}{'machine':>8}",
         ]
         for phase in (self.client, self.cached, self.uncached, self.health, self.floor):
             lines.append(
                 f"{phase.name:<34}{phase.per_second:>9,.0f}{phase.p50_ms:>8.2f}"
-                f"{phase.p99_ms:>8.2f}{phase.calls:>9,}{sum(phase.errors.values()):>7}"
+                f"{phase.p99_ms:>8.2f}{phase.calls:>11,}{sum(phase.errors.values()):>7}"
                 f"          {cores(phase.bench_cores):>5}{cores(phase.loadgen_cores):>8}"
                 f"{cores(phase.replica_cores):>8}{cores(phase.rest_cores):>6}"
                 f"{cores(phase.machine_cores):>8}"
