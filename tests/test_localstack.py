@@ -390,11 +390,14 @@ def test_cli_help_is_fast_and_lists_commands() -> None:
 
 @pytest.mark.slow
 def test_runops_up_check_starts_and_stops_cleanly(tmp_path: Path) -> None:
+    # This checkout's runops, not an editable install's: `runops up` passes it on to services.
+    pythonpath = os.pathsep.join((str(REPO / "shared"), str(REPO)))
     done = subprocess.run(
         [sys.executable, "-m", "runops.cli.main", "up", "--check", "--state-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=REPO,
+        env={**os.environ, "PYTHONPATH": pythonpath},
         timeout=240,
         check=False,
     )
@@ -402,6 +405,7 @@ def test_runops_up_check_starts_and_stops_cleanly(tmp_path: Path) -> None:
     assert done.returncode == 0, output
     assert "controlplane db writer:  postgresql://" in done.stdout
     assert "s3:" in done.stdout
+    assert "controlplane:            grpc 127.0.0.1:" in done.stdout  # the registry's services
     ports = [
         int(line.rsplit(":", 1)[1].split("/")[0])
         for line in done.stdout.splitlines()
