@@ -133,7 +133,8 @@ async def test_services_connect_as_a_least_privilege_role(stack: LocalStack) -> 
                 )
             finally:
                 await conn.close()
-            assert role is not None and role["rolname"] != "postgres"
+            assert role is not None
+            assert role["rolname"] != "postgres"
             assert not any(role[k] for k in list(role.keys())[1:]), dict(role)
         service = await asyncpg.connect(db.writer_dsn)
         try:
