@@ -22,7 +22,8 @@ log = structlog.get_logger("runops.controlplane")
 
 SERVICE_NAME = controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlaneService"].full_name
 ADMIN_METHODS = (
-    "CreateOrganization", "CreateProject", "CreateEnvironment", "RotateApiKey",
+    "CreateOrganization", "CreateProject", "CreateEnvironment", "BootstrapOrganization",
+    "RotateApiKey",
     "PauseEnvironment", "ResumeEnvironment", "SetOrganizationFlags", "RegisterWorker",
     "PromoteWorker",
 )  # fmt: skip
