@@ -162,7 +162,7 @@ async def test_a_taken_slug_or_bad_environments_create_nothing(
                 environments=[
                     cp.NewEnvironment(slug="dev", type=DEV),
                     cp.NewEnvironment(slug="dev", type=PROD),
-                    cp.NewEnvironment(slug="Nope!", type=0),
+                    cp.NewEnvironment(slug="Nope!", type=common_pb2.ENVIRONMENT_TYPE_UNSPECIFIED),
                 ],
             )
         ),
