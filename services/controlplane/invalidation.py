@@ -202,7 +202,7 @@ class InvalidationListener:
 
     def _went_deaf(self) -> None:
         if self.connected.is_set():
-            log.warning("invalidation feed down; caching off until it is back")
+            log.info("invalidation feed lost; caching off until it is back")
             self.connected.clear()
             self._cache.enabled = False
             self._cache.clear()

@@ -317,7 +317,10 @@ async def serve(app: ServiceApp, *, parent_pid: int | None = None) -> None:
 
 
 async def _until_orphaned(parent_pid: int, stop_requested: asyncio.Event) -> None:
+    # Checks the flag itself: Python 3.11's wait_for can swallow a cancellation.
     while os.getppid() == parent_pid:
+        if stop_requested.is_set():
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop_requested.wait(), 1)
     log.error("the supervising process is gone; stopping", parent_pid=parent_pid)
