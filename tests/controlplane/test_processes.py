@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -113,7 +114,7 @@ async def test_both_processes_answer_and_an_invalidation_reaches_both(
         assert len(children) == 2, log_tail(plane.log_file)
         seeded = await _seed(admin)
         watch_stub = open_channel(channels, plane.target)
-        watch = watch_stub.WatchInvalidations(
+        watch: Any = watch_stub.WatchInvalidations(
             cp.WatchInvalidationsRequest(organization_id=seeded.org_id)
         )
         assert (await watch.read()).reset
