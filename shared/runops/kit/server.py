@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from runops.kit.auth import Access, ApiKeyResolver, Authenticator
 from runops.kit.background import BackgroundTask
+from runops.kit.background import Hook as StoppingHook
 from runops.kit.dependencies import dependency_error
 from runops.kit.interceptors import ErrorMapper, ServerInterceptor
 from runops.kit.logging import configure_logging
@@ -83,7 +84,7 @@ class ServiceApp:
         self._checks: dict[str, DependencyCheck] = {}
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
-        self._stopping_hooks: list[Callable[[], Awaitable[object] | None]] = []
+        self._stopping_hooks: list[StoppingHook] = []
         self._background: list[tuple[BackgroundTask, float]] = []
         self._tasks: list[asyncio.Task[object]] = []
         self.health = health.aio.HealthServicer()
@@ -125,7 +126,7 @@ class ServiceApp:
         """Runs after in-flight RPCs drained, in reverse registration order (close pools here)."""
         self._shutdown.append(hook)
 
-    def on_stopping(self, hook: Callable[[], Awaitable[object] | None]) -> None:
+    def on_stopping(self, hook: StoppingHook) -> None:
         """Runs when shutdown begins, right after NOT_SERVING and before in-flight RPCs drain
         (end long-lived streams here, so they do not hold the server for the grace period)."""
         self._stopping_hooks.append(hook)
