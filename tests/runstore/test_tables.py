@@ -106,7 +106,9 @@ async def test_create_runs_one_statement_in_order(pool: asyncpg.Pool) -> None:
     assert [r.run.id for r in results if r.run] == [row.id for row in rows]
     assert not any(r.is_cached for r in results)
     first, failed, cancelled, delayed = (r.run for r in results)
-    assert first is not None and failed is not None and cancelled is not None
+    assert first is not None
+    assert failed is not None
+    assert cancelled is not None
     assert delayed is not None
     assert first.created_at.ToDatetime(UTC) == shown
     assert first.friendly_id == f"run_{rows[0].id}"
@@ -138,7 +140,8 @@ async def test_idempotency_key_cached_then_expired(pool: asyncpg.Pool) -> None:
     future = datetime.now(UTC) + timedelta(days=1)
     first = run_row(env, idempotency_key="k1", idempotency_key_expires_at=future)
     [created] = await tables.create_runs(pool, [first])
-    assert created.run is not None and not created.is_cached
+    assert created.run is not None
+    assert not created.is_cached
 
     # Same key twice in one request and once more later: the first run, cached.
     results = await tables.create_runs(
@@ -149,7 +152,8 @@ async def test_idempotency_key_cached_then_expired(pool: asyncpg.Pool) -> None:
         (first.id, True),
     ]
     found = await tables.find_run_by_idempotency_key(pool, env, "email/send", "k1")
-    assert found is not None and found.id == first.id
+    assert found is not None
+    assert found.id == first.id
     # Another task or environment does not share the key.
     other = await tables.create_runs(
         pool, [run_row(env, task_identifier="t2", idempotency_key="k1")]
@@ -166,9 +170,12 @@ async def test_idempotency_key_cached_then_expired(pool: asyncpg.Pool) -> None:
     assert await tables.find_run_by_idempotency_key(pool, env, "email/send", "k1") is None
     replacement = run_row(env, idempotency_key="k1", idempotency_key_expires_at=future)
     [fresh] = await tables.create_runs(pool, [replacement])
-    assert fresh.run is not None and fresh.run.id == replacement.id and not fresh.is_cached
+    assert fresh.run is not None
+    assert fresh.run.id == replacement.id
+    assert not fresh.is_cached
     old = await tables.get_run(pool, first.id)
-    assert old is not None and old.idempotency_key == ""
+    assert old is not None
+    assert old.idempotency_key == ""
 
     assert await tables.reset_idempotency_key(pool, env, "email/send", "k1") == 1
     assert await tables.find_run_by_idempotency_key(pool, env, "email/send", "k1") is None
@@ -208,19 +215,24 @@ async def test_run_updates_and_environment_isolation(pool: asyncpg.Pool) -> None
     assert await tables.get_run(pool, row.id, "env_other") is None
     assert await tables.add_run_tags(pool, row.id, "env_other", ["x"]) is None
     tagged = await tables.add_run_tags(pool, row.id, env, ["b", "a", "c", "b"])
-    assert tagged is not None and list(tagged.tags) == ["a", "b", "c"]
+    assert tagged is not None
+    assert list(tagged.tags) == ["a", "b", "c"]
     meta = await tables.update_run_metadata(pool, row.id, env, '{"p":1}', "application/json")
-    assert meta is not None and meta.metadata == '{"p":1}'
+    assert meta is not None
+    assert meta.metadata == '{"p":1}'
     later = datetime(2030, 1, 1, tzinfo=UTC)
     moved = await tables.reschedule_run(pool, row.id, env, later)
-    assert moved is not None and moved.delay_until.ToDatetime(UTC) == later
+    assert moved is not None
+    assert moved.delay_until.ToDatetime(UTC) == later
     async with pool.acquire() as conn:
         assert await tables.cancel_run(conn, row.id, "env_other", "no") is None
         cancelled = await tables.cancel_run(conn, row.id, env, "stop")
-        assert cancelled is not None and cancelled.changed
+        assert cancelled is not None
+        assert cancelled.changed
         assert cancelled.run.status == common_pb2.RUN_STATUS_CANCELED
         again = await tables.cancel_run(conn, row.id, env, "stop")
-        assert again is not None and not again.changed
+        assert again is not None
+        assert not again.changed
     # Not DELAYED any more: cannot be rescheduled.
     assert await tables.reschedule_run(pool, row.id, env, later) is None
 
@@ -243,17 +255,21 @@ async def test_create_batch_is_idempotent_per_environment(pool: asyncpg.Pool) ->
         parent_run_id="run_p",
     )
     created = await tables.create_batch(pool, row)
-    assert created.batch is not None and not created.is_cached
+    assert created.batch is not None
+    assert not created.is_cached
     assert created.batch.waitpoint_id.startswith("wp_")
     replay = await tables.create_batch(pool, dataclasses.replace(row, id=new_id()))
-    assert replay.is_cached and replay.batch is not None and replay.batch.id == row.id
+    assert replay.is_cached
+    assert replay.batch is not None
+    assert replay.batch.id == row.id
     elsewhere = await tables.create_batch(
         pool, dataclasses.replace(row, id=new_id(), environment_id=new_env(), waitpoint_id=None)
     )
     assert not elsewhere.is_cached
     assert await tables.get_batch(pool, row.id, "env_other") is None
     waitpoint = await tables.get_waitpoint(pool, row.waitpoint_id or "")
-    assert waitpoint is not None and waitpoint.status == common_pb2.WAITPOINT_STATUS_PENDING
+    assert waitpoint is not None
+    assert waitpoint.status == common_pb2.WAITPOINT_STATUS_PENDING
 
 
 async def test_concurrent_overlapping_chunks_write_each_index_once(pool: asyncpg.Pool) -> None:
@@ -288,15 +304,18 @@ async def test_concurrent_overlapping_chunks_write_each_index_once(pool: asyncpg
         )
         # Duplicates report the run written the first time.
         again = await tables.accept_batch_items(conn, batch_id, env, items(env, [5, 999, 5]))
-        first_runs = dict(
-            await conn.fetch(
+        first_runs: dict[int, str] = {
+            r["index"]: r["run_id"]
+            for r in await conn.fetch(
                 "SELECT index, run_id FROM batch_items WHERE batch_id = $1 AND index IN (5, 999)",
                 batch_id,
             )
-        )
+        }
+    assert counts is not None
     assert dict(counts) == {"items": 1000, "indexes": 1000, "runs": 1000, "run_indexes": 1000}
     batch = await tables.get_batch(pool, batch_id)
-    assert batch is not None and batch.accepted_count == 1000
+    assert batch is not None
+    assert batch.accepted_count == 1000
     assert [(a.index, a.run_id, a.duplicate) for a in again.items] == [
         (5, f"run_{first_runs[5]}", True),
         (999, f"run_{first_runs[999]}", True),
@@ -329,7 +348,8 @@ async def test_accept_refusals(pool: asyncpg.Pool) -> None:
         await tables.seal_batch(conn, batch_id)
         with pytest.raises(BatchNotAccepting) as sealed:
             await tables.accept_batch_items(conn, batch_id, env, items(env, [1]))
-        assert sealed.value.batch is not None and sealed.value.batch.sealed
+        assert sealed.value.batch is not None
+        assert sealed.value.batch.sealed
 
 
 async def test_eight_concurrent_seals_one_seals(pool: asyncpg.Pool) -> None:
@@ -344,16 +364,20 @@ async def test_eight_concurrent_seals_one_seals(pool: asyncpg.Pool) -> None:
         await tables.accept_batch_items(conn, batch_id, env, items(env, range(9)))
         mismatch = await tables.seal_batch(conn, batch_id)
         assert mismatch.outcome is SealOutcome.COUNT_MISMATCH
-        assert mismatch.batch is not None and mismatch.batch.accepted_count == 9
+        assert mismatch.batch is not None
+        assert mismatch.batch.accepted_count == 9
         await tables.accept_batch_items(conn, batch_id, env, items(env, [9]))
     outcomes = await asyncio.gather(*(try_seal() for _ in range(8)))
     assert outcomes.count(SealOutcome.SEALED) == 1
     assert outcomes.count(SealOutcome.ALREADY_SEALED) == 7
     batch = await tables.get_batch(pool, batch_id)
-    assert batch is not None and batch.sealed
+    assert batch is not None
+    assert batch.sealed
     assert batch.status == common_pb2.BATCH_STATUS_PROCESSING
-    assert batch.HasField("processing_started_at") and batch.HasField("sealed_at")
-    assert batch.successful_run_count == 10 and batch.failed_run_count == 0
+    assert batch.HasField("processing_started_at")
+    assert batch.HasField("sealed_at")
+    assert batch.successful_run_count == 10
+    assert batch.failed_run_count == 0
     async with pool.acquire() as conn:
         assert (await tables.seal_batch(conn, "nope")).outcome is SealOutcome.NOT_FOUND
 
@@ -380,11 +404,14 @@ async def test_missing_ranges_of_a_100k_batch(pool: asyncpg.Pool) -> None:
     assert not missing.truncated
     assert missing.accepted_count == len(present)
     capped = await tables.missing_ranges(pool, batch_id, env, limit=2)
-    assert capped is not None and capped.ranges == holes[:2] and capped.truncated
+    assert capped is not None
+    assert capped.ranges == holes[:2]
+    assert capped.truncated
     assert await tables.missing_ranges(pool, batch_id, "env_other") is None
     empty_batch = await make_batch(pool, env, 5)
     untouched = await tables.missing_ranges(pool, empty_batch)
-    assert untouched is not None and untouched.ranges == [(0, 5)]
+    assert untouched is not None
+    assert untouched.ranges == [(0, 5)]
 
 
 async def test_batch_completes_and_its_waitpoint_too(pool: asyncpg.Pool) -> None:
@@ -399,7 +426,8 @@ async def test_batch_completes_and_its_waitpoint_too(pool: asyncpg.Pool) -> None
     await complete(pool, chunk[1].run.id if chunk[1].run else "", fail=True)
     async with pool.acquire() as conn:
         last = await tables.complete_run(conn, chunk[2].run.id if chunk[2].run else "")
-    assert last is not None and last.batch is not None
+    assert last is not None
+    assert last.batch is not None
     assert last.batch.status == common_pb2.BATCH_STATUS_COMPLETED
     assert last.batch.completed_run_count == 3
     waitpoint = await tables.get_waitpoint(pool, last.batch.waitpoint_id.removeprefix("wp_"))
@@ -421,7 +449,8 @@ async def test_some_items_failed_is_partial_then_completed(pool: asyncpg.Pool) -
     await complete(pool, chunk[0].run.id if chunk[0].run else "")
     await complete(pool, chunk[2].run.id if chunk[2].run else "")
     batch = await tables.get_batch(pool, batch_id)
-    assert batch is not None and batch.status == common_pb2.BATCH_STATUS_COMPLETED
+    assert batch is not None
+    assert batch.status == common_pb2.BATCH_STATUS_COMPLETED
     assert batch.failed_run_count == 1
 
 
@@ -434,7 +463,8 @@ async def test_every_item_failed_aborts_and_completes_the_waitpoint(pool: asyncp
     assert sealed.status == common_pb2.BATCH_STATUS_ABORTED
     assert await tables.aborted_reason(pool, batch_id) == ("EVERY_ITEM_FAILED", "every item failed")
     waitpoint = await tables.get_waitpoint(pool, sealed.waitpoint_id.removeprefix("wp_"))
-    assert waitpoint is not None and waitpoint.status == common_pb2.WAITPOINT_STATUS_COMPLETED
+    assert waitpoint is not None
+    assert waitpoint.status == common_pb2.WAITPOINT_STATUS_COMPLETED
     assert waitpoint.output_is_error
     async with pool.acquire() as conn:
         again = await tables.seal_batch(conn, batch_id)
@@ -468,7 +498,8 @@ async def test_linked_items_count_toward_completion(pool: asyncpg.Pool) -> None:
     await complete(pool, running.id)
     await complete(pool, by_index[3].removeprefix("run_"))
     batch = await tables.get_batch(pool, batch_id)
-    assert batch is not None and batch.completed_run_count == 5
+    assert batch is not None
+    assert batch.completed_run_count == 5
     assert batch.status == common_pb2.BATCH_STATUS_COMPLETED
 
 
@@ -482,7 +513,8 @@ async def test_all_linked_batch_completes_at_seal(pool: asyncpg.Pool) -> None:
     sealed = await seal(pool, batch_id)
     assert sealed.status == common_pb2.BATCH_STATUS_COMPLETED
     waitpoint = await tables.get_waitpoint(pool, sealed.waitpoint_id.removeprefix("wp_"))
-    assert waitpoint is not None and waitpoint.status == common_pb2.WAITPOINT_STATUS_COMPLETED
+    assert waitpoint is not None
+    assert waitpoint.status == common_pb2.WAITPOINT_STATUS_COMPLETED
 
 
 async def test_reaper_aborts_a_stale_batch_once(pool: asyncpg.Pool) -> None:
@@ -508,7 +540,8 @@ async def test_reaper_aborts_a_stale_batch_once(pool: asyncpg.Pool) -> None:
     results = [r for r in (first, second) if r is not None]
     # Exactly one of them held the lease, and it aborted the stale batch (only).
     assert len(results) == 1
-    assert stale in results[0] and fresh not in results[0]
+    assert stale in results[0]
+    assert fresh not in results[0]
     holder = "a" if first is not None else "b"
     other = "b" if holder == "a" else "a"
     # Its lease holds against the other, and a second step finds nothing more to abort.
@@ -518,12 +551,15 @@ async def test_reaper_aborts_a_stale_batch_once(pool: asyncpg.Pool) -> None:
     assert await step(other) == []
 
     batch = await tables.get_batch(pool, stale)
-    assert batch is not None and batch.status == common_pb2.BATCH_STATUS_ABORTED
+    assert batch is not None
+    assert batch.status == common_pb2.BATCH_STATUS_ABORTED
     reason = await tables.aborted_reason(pool, stale)
-    assert reason is not None and reason[0] == "SEAL_TIMEOUT"
+    assert reason is not None
+    assert reason[0] == "SEAL_TIMEOUT"
     assert "expected 7 items, 3 accepted" in reason[1]
     waitpoint = await tables.get_waitpoint(pool, batch.waitpoint_id.removeprefix("wp_"))
-    assert waitpoint is not None and waitpoint.output_is_error
+    assert waitpoint is not None
+    assert waitpoint.output_is_error
     assert b"expected 7 items" in waitpoint.output
     async with pool.acquire() as conn:
         assert (await tables.seal_batch(conn, stale)).outcome is SealOutcome.ABORTED
