@@ -20,8 +20,8 @@ MIGRATIONS = Path(__file__).parents[2] / "services" / "runstore" / "migrations" 
 
 
 def admin_dsn(db: PostgresDatabase) -> str:
-    """A DSN allowed to create databases."""
-    return db.writer_dsn
+    """A DSN allowed to create databases (the services' role is not)."""
+    return db.admin_writer_dsn
 
 
 def with_database(dsn: str, database: str) -> str:
