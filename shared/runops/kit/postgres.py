@@ -30,8 +30,9 @@ AsyncpgDsn = Annotated[
     MultiHostUrl,
     UrlConstraints(host_required=True, allowed_schemes=["postgres", "postgresql"]),
 ]
-# A comma in a multi-host DSN separates hosts; one before a scheme separates DSNs.
-_DSN_SEPARATOR = re.compile(r",\s*(?=postgres(?:ql)?://)")
+# A comma in a multi-host DSN separates hosts; one before a scheme (any: a wrong one must be
+# seen to be refused) separates DSNs.
+_DSN_SEPARATOR = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 class DatabaseSettings(BaseModel):
