@@ -413,8 +413,7 @@ async def test_a_database_that_is_down_is_retryable_and_not_serving(stack: Local
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/runops_controlplane"
     plane = await start_control_plane(
         stack,
-        controlplane_db_writer_url=dead,
-        controlplane_db_replica_url=None,
+        controlplane_db={"writer_url": dead, "replica_url": ()},
         feed_start_timeout_seconds=0,
     )
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -18,7 +19,14 @@ class SettingsError(Exception):
 class ServerSettings(BaseSettings):
     """What every service reads: where to listen, how to shut down, logs, tokens."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # A nested block (runops.kit.postgres.DatabaseSettings) reads RUNOPS_<FIELD>_<SUBFIELD>.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+    )
 
     grpc_host: str = "0.0.0.0"
     # 0 binds an ephemeral port (tests).
@@ -66,6 +74,12 @@ def usable_cores() -> int:
 
 
 S = TypeVar("S", bound=BaseSettings)
+# The password of a URL (scheme://user:password@host) is not repeated in an error message.
+_PASSWORD = re.compile(r"(//[^/@:,]*:)[^@/]*@")
+
+
+def _redact(value: object) -> str:
+    return _PASSWORD.sub(r"\1***@", repr(value))
 
 
 def load_settings(cls: type[S], **overrides: Any) -> S:
@@ -77,10 +91,11 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
         prefix = str(cls.model_config.get("env_prefix", ""))
         lines = []
         for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"]) or "?"
+            # ("controlplane_db", "replica_url", 0) -> CONTROLPLANE_DB_REPLICA_URL
+            name = "_".join(str(p) for p in err["loc"] if isinstance(p, str)) or "?"
             env_name = (prefix + name).upper()
             given = err.get("input")
-            shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+            shown = "" if isinstance(given, dict) or given is None else f" (got {_redact(given)})"
             lines.append(f"  {env_name}: {err['msg']}{shown}")
         raise SettingsError(
             f"invalid settings for {cls.__name__}:\n"

@@ -8,10 +8,12 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 
@@ -68,6 +70,7 @@ ALTER DEFAULT PRIVILEGES FOR ROLE {MIGRATOR_ROLE} IN SCHEMA public
 """
 
 Progress = Callable[[str], None]
+Role = Literal["writer", "replica"]
 
 
 def find_bin_dir() -> Path:
@@ -252,11 +255,12 @@ class PostgresCluster(PostgresDatabase):
         sock.mkdir(exist_ok=True)
         chown_to_postgres(sock)
         user = as_postgres_user()
-        env = {**os.environ, "LC_ALL": "C", "PGUSER": SUPERUSER, "PGHOST": HOST}
+        env = self._env()
 
         def pg(*args: str, what: str, timeout: float = 60) -> str:
             return run(args, what, timeout=timeout, cwd=self._base, env=env, extra={**user})
 
+        # Command line: each option beside its value (fmt: skip).
         pg(
             str(bin_dir / "initdb"),
             "-D", str(self._writer_dir), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8",
@@ -269,6 +273,7 @@ class PostgresCluster(PostgresDatabase):
         with (self._writer_dir / "pg_hba.conf").open("a") as hba:
             hba.write(f"host replication all {HOST}/32 trust\n")
         self._pg_ctl_start(bin_dir, self._writer_dir, "writer", env)
+        # Command line: each option beside its value (fmt: skip).
         pg(
             str(bin_dir / "createdb"), "-h", HOST, "-p", str(self.writer_port), self.database,
             what=f"createdb {self.database}",
@@ -287,6 +292,7 @@ class PostgresCluster(PostgresDatabase):
         self._progress(f"postgres {self.name}: writer ready on {HOST}:{self.writer_port}")
         if self.replica_port is None:
             return
+        # Command line: each option beside its value (fmt: skip).
         pg(
             str(bin_dir / "pg_basebackup"),
             "-D", str(self._replica_dir), "-h", HOST, "-p", str(self.writer_port),
@@ -299,10 +305,54 @@ class PostgresCluster(PostgresDatabase):
         self._pg_ctl_start(bin_dir, self._replica_dir, "replica", env)
         self._progress(f"postgres {self.name}: replica ready on {HOST}:{self.replica_port}")
 
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "LC_ALL": "C", "PGUSER": SUPERUSER, "PGHOST": HOST}
+
+    def _data_dir(self, role: Role) -> Path:
+        if role == "replica" and self.replica_port is None:
+            raise RuntimeError("this cluster runs without a replica")
+        return self._writer_dir if role == "writer" else self._replica_dir
+
+    # -- for tests that take a server away and bring it back -------------------------------
+    def stop_server(self, role: Role) -> None:
+        """`pg_ctl stop -m fast` on the writer or the replica; `start_server` brings it back."""
+        self._stop_instance(self._data_dir(role))
+
+    def start_server(self, role: Role) -> None:
+        self._pg_ctl_start(find_bin_dir(), self._data_dir(role), role, self._env())
+
+    def server_pids(self, role: Role) -> list[int]:
+        """The postmaster's pid (from postmaster.pid) and its children's."""
+        pid = _postmaster_pid(self._data_dir(role) / "postmaster.pid")
+        if pid is None:
+            return []
+        # pgrep exits 1 when there are no children: not an error here.
+        children = subprocess.run(
+            ["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10, check=False
+        )
+        return [pid, *(int(line) for line in children.stdout.split())]
+
+    @contextlib.contextmanager
+    def suspended(self, role: Role) -> Iterator[None]:
+        """The server hangs inside (SIGSTOP to the postmaster and its children): it accepts TCP
+        connections but answers nothing. SIGCONT on the way out, whatever happened."""
+        pids = self.server_pids(role)
+        if not pids:
+            raise RuntimeError(f"the {self.name} {role} is not running")
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     def _pg_ctl_start(self, bin_dir: Path, data: Path, role: str, env: dict[str, str]) -> None:
         assert self._base is not None
         log = self._base / f"{role}.log"
         try:
+            # Command line: each option beside its value (fmt: skip).
             run(
                 [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
                  "start"],
@@ -331,6 +381,7 @@ class PostgresCluster(PostgresDatabase):
         if not pid_file.exists():
             return
         try:
+            # Command line: each option beside its value (fmt: skip).
             run(
                 [str(find_bin_dir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30",
                  "stop"],
@@ -343,11 +394,17 @@ class PostgresCluster(PostgresDatabase):
             _kill_postmaster(pid_file)
 
 
+def _postmaster_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _kill_postmaster(pid_file: Path) -> None:
     """Last resort when pg_ctl could not stop it: SIGQUIT (immediate shutdown), then SIGKILL."""
-    try:
-        pid = int(pid_file.read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
+    pid = _postmaster_pid(pid_file)
+    if pid is None:
         return
     for sig in (signal.SIGQUIT, signal.SIGKILL):
         try:
