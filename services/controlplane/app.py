@@ -10,7 +10,6 @@ import structlog
 
 from runops.controlplane.cache import ControlPlaneCache
 from runops.controlplane.v1 import controlplane_pb2, controlplane_pb2_grpc
-from runops.kit.auth import Access
 from runops.kit.replica import ReplicaRouter
 from runops.kit.server import ServiceApp
 from services.controlplane.invalidation import InvalidationHub, InvalidationListener, Publisher
@@ -20,12 +19,8 @@ from services.controlplane.store import ControlPlaneStore
 
 log = structlog.get_logger("runops.controlplane")
 
-SERVICE_NAME = controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlaneService"].full_name
-ADMIN_METHODS = (
-    "CreateOrganization", "CreateProject", "CreateEnvironment", "RotateApiKey",
-    "PauseEnvironment", "ResumeEnvironment", "SetOrganizationFlags", "RegisterWorker",
-    "PromoteWorker",
-)  # fmt: skip
+# Each RPC's access level (internal resolves, admin writes) is declared in the contract.
+SERVICE = controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlaneService"]
 
 
 async def _pool(dsn: str, settings: ControlPlaneSettings) -> asyncpg.Pool:
@@ -67,11 +62,7 @@ class ControlPlane:
 
         app = self.app
         app.add_service(
-            SERVICE_NAME,
-            controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server,
-            self.servicer,
-            access=Access.INTERNAL,
-            method_access=dict.fromkeys(ADMIN_METHODS, Access.ADMIN),
+            SERVICE, controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server, self.servicer
         )
         app.add_dependency("controlplane-db", lambda: writer.fetchval("SELECT 1"))
         app.on_startup(self._start_feed)
