@@ -49,6 +49,8 @@ async def resolve_api_key(key: str) -> Environment:
 
 
 class TestingServicer(t_grpc.TestingServiceServicer):
+    __test__ = False  # not a pytest class, despite its name
+
     def __init__(self, internal_token: str | None, shutting_down: asyncio.Event) -> None:
         self._token = internal_token
         self._shutting_down = shutting_down
