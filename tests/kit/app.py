@@ -109,7 +109,9 @@ class TestingServicer(t_grpc.TestingServiceServicer):
     ) -> t.UndeclaredResponse:
         raise AssertionError("the kit must refuse a method without an access level")
 
-    async def Watch(self, request: t.WatchRequest, context: Context) -> Any:
+    async def Watch(
+        self, request: t.WatchRequest, context: Context
+    ) -> AsyncIterator[t.WatchResponse]:
         """Ticks until the server shuts down, like a real watch."""
         interval = request.interval.ToTimedelta().total_seconds() or 0.1
         sequence = 0

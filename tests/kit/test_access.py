@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,7 +33,7 @@ async def test_a_method_without_an_access_level_is_refused(channel: grpc.aio.Cha
 
 
 async def test_an_unknown_method_is_unimplemented(channel: grpc.aio.Channel) -> None:
-    call = channel.unary_unary(f"{METHOD}Nope")
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"{METHOD}Nope")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(b"", metadata=auth(ADMIN))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -57,8 +58,11 @@ async def test_a_handler_registered_past_add_service_is_refused() -> None:
     await app.start()
     try:
         async with grpc.aio.insecure_channel(app.target) as ch:
+            other: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(
+                "/other.v1.Other/Do"
+            )
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await ch.unary_unary("/other.v1.Other/Do")(b"", metadata=auth(ADMIN))
+                await other(b"", metadata=auth(ADMIN))
             assert details_of(info.value).reason == "ACCESS_NOT_DECLARED"
             # The declared methods are served as their contract says.
             reply = await stub(ch).Behave(t.BehaveRequest(), metadata=auth(INTERNAL))
@@ -84,7 +88,7 @@ def test_a_misspelt_override_stops_start_up() -> None:
 
 def test_an_unknown_service_name_stops_start_up() -> None:
     app = ServiceApp("kit-app", settings())
-    with pytest.raises(AccessDeclarationError, match="runops.testing.v1.TestingSrevice"):
+    with pytest.raises(AccessDeclarationError, match=re.escape("runops.testing.v1.TestingSrevice")):
         app.add_service(
             "runops.testing.v1.TestingSrevice",
             t_grpc.add_TestingServiceServicer_to_server,
@@ -152,5 +156,3 @@ async def test_an_api_key_rpc_refuses_a_server_without_a_resolver() -> None:
             assert details_of(info.value).reason == "API_KEYS_DISABLED"
     finally:
         await app.stop(grace=1)
-
-

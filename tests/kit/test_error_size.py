@@ -28,9 +28,7 @@ async def test_a_thousand_bad_values_still_answer_invalid_argument(
 ) -> None:
     # Long, NUL-holding values; as map keys their paths are as long as paths get.
     values = [f"{i:04d}\x00" + "é" * 64 + "x" * 4100 for i in range(1000)]
-    request = (
-        behave(names=values) if where == "names" else behave(labels={v: v for v in values})
-    )
+    request = behave(names=values) if where == "names" else behave(labels={v: v for v in values})
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub(channel).Behave(request, metadata=auth(INTERNAL), timeout=30)
     details = details_of(info.value)

@@ -117,9 +117,7 @@ async def test_an_invalid_timestamp_is_refused(
 
 
 async def test_a_server_stream_request_is_checked(channel: grpc.aio.Channel) -> None:
-    call = stub(channel).Watch(
-        t.WatchRequest(interval=_duration(1, -5)), metadata=auth(INTERNAL)
-    )
+    call = stub(channel).Watch(t.WatchRequest(interval=_duration(1, -5)), metadata=auth(INTERNAL))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in call:
             pass
@@ -156,7 +154,9 @@ MALFORMED = {
 
 @pytest.mark.parametrize("name", MALFORMED)
 async def test_malformed_bytes_are_invalid_argument(channel: grpc.aio.Channel, name: str) -> None:
-    call = channel.unary_unary(f"{METHOD}Behave")  # no serializers: raw bytes both ways
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        f"{METHOD}Behave"
+    )  # no serializers: raw bytes both ways
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(MALFORMED[name], metadata=auth(INTERNAL))
     details = details_of(info.value)
@@ -168,7 +168,7 @@ async def test_malformed_bytes_are_invalid_argument(channel: grpc.aio.Channel, n
 async def test_malformed_bytes_in_a_client_stream_are_invalid_argument(
     channel: grpc.aio.Channel,
 ) -> None:
-    call = channel.stream_unary(f"{METHOD}Upload")
+    call: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(f"{METHOD}Upload")
 
     async def chunks() -> AsyncIterator[bytes]:
         yield t.UploadRequest(probe=t.Probe(text="fine")).SerializeToString()
@@ -183,7 +183,7 @@ async def test_malformed_bytes_in_a_client_stream_are_invalid_argument(
 
 
 async def test_malformed_bytes_still_need_credentials(channel: grpc.aio.Channel) -> None:
-    call = channel.unary_unary(f"{METHOD}Behave")
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"{METHOD}Behave")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(MALFORMED["not a message"])
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
