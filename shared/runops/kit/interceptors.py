@@ -36,7 +36,7 @@ from runops.kit.context import (
     current_server_context,
 )
 from runops.kit.errors import Internal, InvalidArgument, PermissionDenied, RunopsError, rich_status
-from runops.kit.logging import bind_request, request_log_context
+from runops.kit.logging import bind_request, calls_logged, request_log_context
 from runops.kit.request_checks import check_request
 
 log = structlog.get_logger("runops.rpc")
@@ -263,7 +263,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 seconds = time.perf_counter() - started
                 labels.handled(code).inc()
                 labels.seconds.observe(seconds)
-                log.debug("rpc handled", code=code.name, seconds=round(seconds, 6))
+                if calls_logged():
+                    log.debug("rpc handled", code=code.name, seconds=round(seconds, 6))
                 if principal_token is not None:
                     current_principal.reset(principal_token)
                 current_request_id.reset(tokens[0])

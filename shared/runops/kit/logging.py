@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 import structlog
 
+# Whether configure_logging asked for debug lines: the interceptor then logs every call
+# ("rpc handled"). Off when logging was never configured (in-process tests, libraries).
+_calls_logged = False
+
 # The tokens bound during the current call, reset in reverse when it ends.
 _bound: ContextVar[list[Mapping[str, Token[Any]]] | None] = ContextVar(
     "runops_log_bound", default=None
@@ -49,6 +53,11 @@ def bind_request(
         bound.append(tokens)
 
 
+def calls_logged() -> bool:
+    """True when the process logs at debug level: one "rpc handled" line per call."""
+    return _calls_logged
+
+
 def _present(values: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in values.items() if v is not None and v != ""}
 
@@ -56,7 +65,9 @@ def _present(values: Mapping[str, object]) -> dict[str, object]:
 def configure_logging(
     level: str = "info", fmt: Literal["json", "console"] = "json", service: str | None = None
 ) -> None:
+    global _calls_logged
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    _calls_logged = numeric <= logging.DEBUG
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
