@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import asyncpg
 import structlog
@@ -57,34 +56,19 @@ class ControlPlane:
         self.listener = InvalidationListener(settings.writer_dsn, self.cache, self.router, self.hub)
         self.store = ControlPlaneStore(self.router, self.publisher)
         self.servicer = ControlPlaneServicer(self.store, self.cache, self.hub)
-        self._listen_task: asyncio.Task[None] | None = None
-        self._feed_start_timeout = settings.feed_start_timeout_seconds
 
         app = self.app
         app.add_service(
             SERVICE, controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server, self.servicer
         )
         app.add_dependency("controlplane-db", lambda: writer.fetchval("SELECT 1"))
-        app.on_startup(self._start_feed)
-        app.add_background(self._end_streams_on_shutdown)
+        # Start-up waits for the feed (serving uncached after the timeout, until it is up).
+        app.add_background(self.listener.feed, ready_timeout=settings.feed_start_timeout_seconds)
+        # Watch streams end as soon as shutdown begins; clients resubscribe elsewhere.
+        app.on_stopping(self.hub.close)
         app.on_shutdown(self._close)
 
-    async def _start_feed(self) -> None:
-        self._listen_task = asyncio.create_task(self.listener.run(), name="invalidation-feed")
-        try:
-            await asyncio.wait_for(self.listener.connected.wait(), self._feed_start_timeout)
-        except TimeoutError:
-            log.warning("invalidation feed not up yet; serving uncached until it is")
-
-    async def _end_streams_on_shutdown(self) -> None:
-        await self.app.shutting_down.wait()
-        self.hub.close()
-
     async def _close(self) -> None:
-        if self._listen_task is not None:
-            self._listen_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listen_task
         await self.listener.stop()
         pools = {self.router.writer, self.router.replica} - {None}
         await asyncio.gather(*(pool.close() for pool in pools if pool is not None))

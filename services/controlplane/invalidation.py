@@ -25,6 +25,8 @@ from google.protobuf import timestamp_pb2
 
 from runops.controlplane.cache import ControlPlaneCache
 from runops.controlplane.v1 import controlplane_pb2 as cp
+from runops.kit.background import Worker
+from runops.kit.backoff import ExponentialBackoff
 from runops.kit.replica import DbConnection, ReplicaRouter
 
 log = structlog.get_logger("runops.controlplane.invalidation")
@@ -157,30 +159,18 @@ class InvalidationListener:
         self._cache = cache
         self._router = router
         self._hub = hub
-        self.connected = asyncio.Event()
+        # Reconnects on its own; the app starts and stops it (ServiceApp.add_background).
+        self.feed = Worker(
+            "invalidation-feed",
+            self._listen,
+            backoff=ExponentialBackoff(base=0.1, cap=MAX_BACKOFF_SECONDS, jitter=0.5),
+        )
+        # Set while LISTENing (and caching).
+        self.connected = self.feed.ready
         # The LISTEN connection's server process (tests terminate it).
         self.backend_pid: int | None = None
         self._position_dirty = False
         self._position_task: asyncio.Task[None] | None = None
-
-    async def run(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._listen()
-                backoff = 0.1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "invalidation feed down; caching off until it is back",
-                    error=repr(exc),
-                    retry_in=backoff,
-                )
-            finally:
-                self._went_deaf()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def _listen(self) -> None:
         conn = await asyncpg.connect(
@@ -204,6 +194,7 @@ class InvalidationListener:
                     await conn.fetchval("SELECT 1", timeout=PING_INTERVAL_SECONDS)
             raise ConnectionError("the LISTEN connection was closed")
         finally:
+            self._went_deaf()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 1)
             if not conn.is_closed():
@@ -211,6 +202,7 @@ class InvalidationListener:
 
     def _went_deaf(self) -> None:
         if self.connected.is_set():
+            log.info("invalidation feed lost; caching off until it is back")
             self.connected.clear()
             self._cache.enabled = False
             self._cache.clear()

@@ -147,6 +147,18 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         bind_request(environment_id=env.id)
         return cp.CreateEnvironmentResponse(environment=env, api_key=api_key)
 
+    async def BootstrapOrganization(
+        self, request: cp.BootstrapOrganizationRequest, context: Context
+    ) -> cp.BootstrapOrganizationResponse:
+        org, project, envs = await self._store.bootstrap_organization(
+            validation.bootstrap_organization(request)
+        )
+        return cp.BootstrapOrganizationResponse(
+            organization=org,
+            project=project,
+            environments=[cp.CreatedEnvironment(environment=e, api_key=k) for e, k in envs],
+        )
+
     async def RotateApiKey(
         self, request: cp.RotateApiKeyRequest, context: Context
     ) -> cp.RotateApiKeyResponse:

@@ -20,7 +20,7 @@ from runops.kit.errors import AlreadyExists, FailedPrecondition, FieldViolation,
 from runops.kit.ids import ENVIRONMENT, ORGANIZATION, PROJECT, WORKER, Residency, mint
 from runops.kit.replica import DbConnection, ReplicaRouter
 from services.controlplane.invalidation import Publisher
-from services.controlplane.validation import FlagChanges, TaskRow
+from services.controlplane.validation import Bootstrap, FlagChanges, TaskRow
 
 log = structlog.get_logger("runops.controlplane.store")
 
@@ -73,6 +73,21 @@ SELECT_TASKS = """
 SELECT_FLAGS = """
     SELECT id, mollifier_enabled, mollifier_shadow_mode, extra_flags
     FROM organizations WHERE id = $1
+"""
+
+# One transaction of BootstrapOrganization: plain inserts, the parents being created with them.
+BOOTSTRAP_ORGANIZATION = """
+    INSERT INTO organizations (id, slug, title) VALUES ($1, $2, $3)
+    RETURNING id, slug, title, created_at
+"""
+BOOTSTRAP_PROJECT = """
+    INSERT INTO projects (id, organization_id, slug, name, external_ref)
+    VALUES ($1, $2, $3, $4, $5)
+    RETURNING id, organization_id, slug, name, external_ref, created_at
+"""
+BOOTSTRAP_ENVIRONMENT = """
+    INSERT INTO runtime_environments (id, project_id, organization_id, slug, type)
+    VALUES ($1, $2, $3, $4, $5)
 """
 
 
@@ -258,6 +273,60 @@ class ControlPlaneStore:
                 _invalidation(cp.INVALIDATION_KIND_API_KEY, hash_api_key(api_key).hex(), org)
             )
         return env, api_key
+
+    async def bootstrap_organization(
+        self, plan: Bootstrap
+    ) -> tuple[cp.Organization, cp.Project, list[tuple[cp.Environment, str]]]:
+        """Organization, project, environments and their keys in one transaction."""
+        async with self._write() as (conn, invalidations):
+            org_id = mint(ORGANIZATION, Residency.LEGACY)
+            org = await conn.fetchrow(BOOTSTRAP_ORGANIZATION, org_id, plan.slug, plan.title)
+            project_id = mint(PROJECT, Residency.LEGACY)
+            project = await conn.fetchrow(
+                BOOTSTRAP_PROJECT,
+                project_id,
+                org_id,
+                plan.project_slug,
+                plan.project_name,
+                f"proj_{secrets.token_hex(10)}",
+            )
+            assert org is not None
+            assert project is not None
+            invalidations.append(_invalidation(cp.INVALIDATION_KIND_ORGANIZATION, org_id, org_id))
+            keys: dict[str, str] = {}
+            for slug, env_type in plan.environments:
+                env_id = mint(ENVIRONMENT, Residency.LEGACY)
+                await conn.execute(
+                    BOOTSTRAP_ENVIRONMENT, env_id, project_id, org_id, slug, env_type
+                )
+                keys[env_id] = await self._insert_key(conn, env_id, env_type)
+                invalidations.append(
+                    _invalidation(cp.INVALIDATION_KIND_ENVIRONMENT, env_id, org_id)
+                )
+                invalidations.append(
+                    _invalidation(
+                        cp.INVALIDATION_KIND_API_KEY, hash_api_key(keys[env_id]).hex(), org_id
+                    )
+                )
+            rows = await conn.fetch(SELECT_ENVIRONMENTS, list(keys))
+        envs = {row["id"]: environment_from_row(row) for row in rows}
+        return (
+            cp.Organization(
+                id=org["id"],
+                slug=org["slug"],
+                title=org["title"],
+                created_at=timestamp(org["created_at"]),
+            ),
+            cp.Project(
+                id=project["id"],
+                organization_id=project["organization_id"],
+                slug=project["slug"],
+                name=project["name"],
+                external_ref=project["external_ref"],
+                created_at=timestamp(project["created_at"]),
+            ),
+            [(envs[env_id], key) for env_id, key in keys.items()],
+        )
 
     async def _insert_key(self, conn: DbConnection, env_id: str, env_type: str) -> str:
         api_key, shown = new_api_key(env_type)

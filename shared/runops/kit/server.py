@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,18 +28,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from runops.kit.auth import Access, ApiKeyResolver, Authenticator, resolve_service, service_access
+from runops.kit.background import BackgroundTask
+from runops.kit.background import Hook as StoppingHook
 from runops.kit.dependencies import dependency_error
 from runops.kit.health import HealthServicer
 from runops.kit.interceptors import ErrorMapper, ServerInterceptor
 from runops.kit.logging import configure_logging
 from runops.kit.metrics import MetricsServer
+from runops.kit.processes import Supervisor
 from runops.kit.settings import ServerSettings, SettingsError, load_settings
 
 log = structlog.get_logger("runops.server")
 
 DependencyCheck = Callable[[], Awaitable[object]]
 Hook = Callable[[], Awaitable[object]]
-Job = Callable[[], Coroutine[Any, Any, object]]
 SettingsT = TypeVar("SettingsT", bound=ServerSettings)
 # Health name for liveness probes: SERVING while the process serves at all, whatever its
 # dependencies; NOT_SERVING only once shutdown begins (restarting cannot fix a database).
@@ -69,7 +73,8 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         # Accept client keepalive pings every 10 s or more, even without active calls.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.so_reuseport", 0),
+        # Off unless RUNOPS_PROCESSES > 1: a second server on a taken port must fail, not share.
+        ("grpc.so_reuseport", 1 if settings.processes > 1 else 0),
     ]
 
 
@@ -93,7 +98,8 @@ class ServiceApp:
         self._checks: dict[str, DependencyCheck] = {}
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
-        self._background: list[Job] = []
+        self._stopping_hooks: list[StoppingHook] = []
+        self._background: list[tuple[BackgroundTask, float]] = []
         self._tasks: list[asyncio.Task[object]] = []
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -139,9 +145,16 @@ class ServiceApp:
         """Runs after in-flight RPCs drained, in reverse registration order (close pools here)."""
         self._shutdown.append(hook)
 
-    def add_background(self, job: Job) -> None:
-        """A long-running coroutine started after the server and cancelled at shutdown."""
-        self._background.append(job)
+    def on_stopping(self, hook: StoppingHook) -> None:
+        """Runs when shutdown begins, right after NOT_SERVING and before in-flight RPCs drain
+        (end long-lived streams here, so they do not hold the server for the grace period)."""
+        self._stopping_hooks.append(hook)
+
+    def add_background(self, task: BackgroundTask, *, ready_timeout: float = 0.0) -> None:
+        """Started before the server accepts RPCs (start-up waits up to `ready_timeout` for
+        `task.ready`, then serves anyway); told `stopping()` when shutdown begins; stopped
+        (bounded by its `stop_timeout`) after the drain, before the shutdown hooks."""
+        self._background.append((task, ready_timeout))
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -162,6 +175,7 @@ class ServiceApp:
     async def start(self) -> int:
         for hook in self._startup:
             await hook()
+        await self._start_background()
         interceptor = ServerInterceptor(
             Authenticator(
                 admin_token=self.settings.admin_token,
@@ -190,8 +204,6 @@ class ServiceApp:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._check_dependencies()
         self._tasks.append(asyncio.create_task(self._watch_dependencies(), name="health-watch"))
-        for job in self._background:
-            self._tasks.append(asyncio.create_task(job(), name=getattr(job, "__name__", "job")))
         log.info(
             "serving",
             service=self.name,
@@ -200,6 +212,27 @@ class ServiceApp:
             services=names,
         )
         return port
+
+    async def _start_background(self) -> None:
+        for task, _ in self._background:
+            task.start()
+
+        async def wait(task: BackgroundTask, seconds: float) -> None:
+            if seconds > 0 and not await task.wait_ready(seconds):
+                log.warning("background task not ready yet; serving without it", task=task.name)
+
+        await asyncio.gather(*(wait(task, timeout) for task, timeout in self._background))
+
+    async def _run_stopping_hooks(self) -> None:
+        """Shutdown began: every stopping hook runs, whatever the others do."""
+        hooks = [*self._stopping_hooks, *(task.stopping for task, _ in self._background)]
+        for hook in hooks:
+            try:
+                result = hook()
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("stopping hook failed")
 
     async def _set_serving(self, serving: bool) -> None:
         if serving == self._serving or self._stopping:
@@ -244,6 +277,7 @@ class ServiceApp:
         self._stopping = True
         self.shutting_down.set()
         await self.health.enter_graceful_shutdown()
+        await self._run_stopping_hooks()
         grace = self.settings.grace_period_seconds if grace is None else grace
         log.info("shutting down", grace_seconds=grace)
         if self.settings.shutdown_delay_seconds:
@@ -264,6 +298,8 @@ class ServiceApp:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+        # Background work outlives the drain (in-flight RPCs may need it), not the pools.
+        await asyncio.gather(*(task.stop() for task, _ in self._background))
         for hook in reversed(self._shutdown):
             try:
                 await hook()
@@ -284,32 +320,76 @@ def _describe(task: asyncio.Task[Any]) -> str:
     return f"{task.get_name()} {task.get_coro()!r}{where}"
 
 
-async def serve(app: ServiceApp) -> None:
-    """Start, then stop gracefully on SIGTERM or SIGINT."""
+async def serve(app: ServiceApp, *, parent_pid: int | None = None) -> None:
+    """Start, then stop gracefully on SIGTERM or SIGINT (or when `parent_pid`, the supervising
+    process, is gone)."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     await app.start()
+    orphaned = None
+    if parent_pid is not None:
+        orphaned = asyncio.create_task(_until_orphaned(parent_pid, stop_requested))
     await stop_requested.wait()
+    if orphaned is not None:
+        orphaned.cancel()
     await app.stop()
+
+
+async def _until_orphaned(parent_pid: int, stop_requested: asyncio.Event) -> None:
+    # Checks the flag itself: Python 3.11's wait_for can swallow a cancellation.
+    while os.getppid() == parent_pid:
+        if stop_requested.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop_requested.wait(), 1)
+    log.error("the supervising process is gone; stopping", parent_pid=parent_pid)
+    stop_requested.set()
 
 
 def run_service(
     settings_cls: type[SettingsT], build: Callable[[SettingsT], Awaitable[ServiceApp]]
 ) -> None:
     """Entry point of a service process: settings validated first (a bad one exits 2 with its
-    reason), logs configured, then serve until SIGTERM."""
+    reason), logs configured, then serve until SIGTERM: here, or with RUNOPS_PROCESSES > 1 in
+    that many spawned processes on one port (`runops.kit.processes`). `build` must then be a
+    module-level function: the children receive it pickled by name."""
     try:
         settings = load_settings(settings_cls)
         configure_logging(settings.log_level, settings.log_format)
-        asyncio.run(_build_and_serve(build, settings))
+        if settings.processes > 1:
+            child = functools.partial(_serve_process, build)
+            status = Supervisor(build.__module__, settings, child).run()
+            if status:
+                raise SystemExit(status)
+        else:
+            asyncio.run(_build_and_serve(build, settings))
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve_process(
+    build: Callable[[SettingsT], Awaitable[ServiceApp]],
+    settings: SettingsT,
+    index: int,
+    parent_pid: int,
+) -> None:
+    """One of RUNOPS_PROCESSES children (a fresh interpreter): its own loop, server and pools."""
+    try:
+        configure_logging(settings.log_level, settings.log_format)
+        log.info("process starting", index=index, pid=os.getpid(), parent_pid=parent_pid)
+        asyncio.run(_build_and_serve(build, settings, parent_pid=parent_pid))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 async def _build_and_serve(
-    build: Callable[[SettingsT], Awaitable[ServiceApp]], settings: SettingsT
+    build: Callable[[SettingsT], Awaitable[ServiceApp]],
+    settings: SettingsT,
+    *,
+    parent_pid: int | None = None,
 ) -> None:
-    await serve(await build(settings))
+    await serve(await build(settings), parent_pid=parent_pid)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RUNOPS_"
@@ -40,6 +41,28 @@ class ServerSettings(BaseSettings):
     admin_token: SecretStr | None = None
     # Service-to-service calls present this token; without it internal RPCs are open (local dev).
     internal_token: SecretStr | None = None
+    # Server processes sharing the port (SO_REUSEPORT), each with its own event loop, pools,
+    # caches and feeds; "auto" is one per usable core. 1 serves in this very process.
+    processes: int = Field(default=1, ge=1, le=512)
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _auto_processes(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.strip().lower() == "auto":
+                return usable_cores()
+            if not value.strip().isdigit():
+                raise ValueError("must be a number of processes (1 or more) or 'auto'")
+        return value
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; a container's CPU quota is not seen,
+    so set RUNOPS_PROCESSES to the CPU limit there)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 S = TypeVar("S", bound=BaseSettings)
