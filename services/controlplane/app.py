@@ -6,7 +6,6 @@ import structlog
 
 from runops.controlplane.cache import ControlPlaneCache
 from runops.controlplane.v1 import controlplane_pb2, controlplane_pb2_grpc
-from runops.kit.auth import Access
 from runops.kit.postgres import open_database
 from runops.kit.replica import ReplicaRouter
 from runops.kit.server import ServiceApp
@@ -17,19 +16,8 @@ from services.controlplane.store import ControlPlaneStore
 
 log = structlog.get_logger("runops.controlplane")
 
-SERVICE_NAME = controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlaneService"].full_name
-ADMIN_METHODS = (
-    "CreateOrganization",
-    "CreateProject",
-    "CreateEnvironment",
-    "BootstrapOrganization",
-    "RotateApiKey",
-    "PauseEnvironment",
-    "ResumeEnvironment",
-    "SetOrganizationFlags",
-    "RegisterWorker",
-    "PromoteWorker",
-)
+# Each RPC's access level (internal resolves, admin writes) is declared in the contract.
+SERVICE = controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlaneService"]
 
 
 class ControlPlane:
@@ -57,11 +45,7 @@ class ControlPlane:
 
         app = self.app
         app.add_service(
-            SERVICE_NAME,
-            controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server,
-            self.servicer,
-            access=Access.INTERNAL,
-            method_access=dict.fromkeys(ADMIN_METHODS, Access.ADMIN),
+            SERVICE, controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server, self.servicer
         )
         # Start-up waits for the feed (serving uncached after the timeout, until it is up).
         app.add_background(self.listener.feed, ready_timeout=settings.feed_start_timeout_seconds)

@@ -1,9 +1,12 @@
 """Server bootstrap shared by every service (after grpc's examples/python asyncio patterns).
 
 A ServiceApp wires a grpc.aio server with health (driven by dependency checks), reflection,
-the kit interceptor (auth, logs, metrics, error mapping), message-size and keepalive options,
-Prometheus on its own port, and graceful shutdown: NOT_SERVING, stop accepting, drain
-in-flight RPCs within the grace period, then close the service's pools.
+the kit interceptor (auth, input checks, logs, metrics, error mapping), message-size and keepalive
+options, Prometheus on its own port, and graceful shutdown: NOT_SERVING (health watches end),
+stop accepting, drain in-flight RPCs within the grace period, then close the service's pools.
+
+Each method's access level comes from its contract (the `(runops.common.v1.access)` option);
+health and reflection are declared PUBLIC here. A method without one is refused.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from runops.kit.auth import Access, ApiKeyResolver, Authenticator
+from runops.kit.auth import Access, ApiKeyResolver, Authenticator, resolve_service, service_access
 from runops.kit.background import BackgroundTask
 from runops.kit.background import Hook as StoppingHook
 from runops.kit.dependencies import dependency_error
+from runops.kit.health import HealthServicer
 from runops.kit.interceptors import ErrorMapper, ServerInterceptor
 from runops.kit.logging import configure_logging
 from runops.kit.metrics import MetricsServer
@@ -43,6 +48,13 @@ SettingsT = TypeVar("SettingsT", bound=ServerSettings)
 LIVENESS = "liveness"
 # How long past the grace period stop() waits for grpc's own shutdown.
 STOP_MARGIN_SECONDS = 5.0
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+# Declared here, not in their contracts (grpc's own): anyone may ask whether we serve.
+PUBLIC_SERVICES = {
+    HEALTH_SERVICE: dict.fromkeys(("Check", "List", "Watch"), Access.PUBLIC),
+    REFLECTION_SERVICE: {"ServerReflectionInfo": Access.PUBLIC},
+}
 
 
 @dataclass(frozen=True)
@@ -80,14 +92,16 @@ class ServiceApp:
         self._api_key_resolver = api_key_resolver
         self._error_mappers = (*error_mappers, dependency_error)
         self._services: list[_Registration] = []
-        self._access: dict[str, Access] = {}
+        self._access: dict[str, Access | None] = {}
+        for service, public in PUBLIC_SERVICES.items():
+            self._access.update(service_access(service, public))
         self._checks: dict[str, DependencyCheck] = {}
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
         self._stopping_hooks: list[StoppingHook] = []
         self._background: list[tuple[BackgroundTask, float]] = []
         self._tasks: list[asyncio.Task[object]] = []
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics: MetricsServer | None = None
         self._port: int | None = None
@@ -101,19 +115,24 @@ class ServiceApp:
     # -- wiring -----------------------------------------------------------------------------
     def add_service(
         self,
-        full_name: str,
+        service: ServiceDescriptor | str,
         register: Callable[[Any, grpc.aio.Server], None],
         servicer: Any,
         *,
-        access: Access = Access.INTERNAL,
         method_access: Mapping[str, Access] | None = None,
     ) -> None:
-        """Register a servicer; `access` is its default level, `method_access` overrides by
-        method name (e.g. {"CreateOrganization": Access.ADMIN})."""
-        self._services.append(_Registration(full_name, register, servicer))
-        self._access[full_name] = access
-        for method, level in (method_access or {}).items():
-            self._access[f"/{full_name}/{method}"] = level
+        """Register a servicer for `service` (its descriptor, or its full name in the default
+        descriptor pool). Access levels come from the contract's `(runops.common.v1.access)`
+        method options; `method_access` overrides by method name, only for a contract that
+        cannot carry them, and a name the service lacks raises AccessDeclarationError. A method
+        left without a level is refused at call time."""
+        descriptor = resolve_service(service)
+        self._services.append(_Registration(descriptor.full_name, register, servicer))
+        access = service_access(descriptor, method_access)
+        self._access.update(access)
+        undeclared = [method for method, level in access.items() if level is None]
+        if undeclared:
+            log.warning("methods without an access level will be refused", methods=undeclared)
 
     def add_dependency(self, name: str, check: DependencyCheck) -> None:
         """A check that raises (or times out) while `name` is down; health follows it."""
@@ -171,8 +190,9 @@ class ServiceApp:
             reg.register(reg.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [reg.name for reg in self._services]
-        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection(
+            [*names, HEALTH_SERVICE.full_name, REFLECTION_SERVICE.full_name], server
+        )
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         port = server.add_insecure_port(address)
         if port == 0:
