@@ -126,7 +126,7 @@ async def _pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
 async def controlplane_writer(
     controlplane_db: PostgresDatabase,
 ) -> AsyncIterator[asyncpg.Connection]:
-    async for conn in _connection(controlplane_db.writer_dsn):
+    async for conn in _connection(controlplane_db.admin_writer_dsn):
         yield conn
 
 
@@ -134,31 +134,31 @@ async def controlplane_writer(
 async def controlplane_replica(
     controlplane_db: PostgresDatabase,
 ) -> AsyncIterator[asyncpg.Connection]:
-    async for conn in _connection(controlplane_db.replica_dsn):
+    async for conn in _connection(controlplane_db.admin_replica_dsn):
         yield conn
 
 
 @pytest.fixture
 async def runops_writer(runops_db: PostgresDatabase) -> AsyncIterator[asyncpg.Connection]:
-    async for conn in _connection(runops_db.writer_dsn):
+    async for conn in _connection(runops_db.admin_writer_dsn):
         yield conn
 
 
 @pytest.fixture
 async def runops_replica(runops_db: PostgresDatabase) -> AsyncIterator[asyncpg.Connection]:
-    async for conn in _connection(runops_db.replica_dsn):
+    async for conn in _connection(runops_db.admin_replica_dsn):
         yield conn
 
 
 @pytest.fixture
 async def controlplane_pool(controlplane_db: PostgresDatabase) -> AsyncIterator[asyncpg.Pool]:
-    async for pool in _pool(controlplane_db.writer_dsn):
+    async for pool in _pool(controlplane_db.admin_writer_dsn):
         yield pool
 
 
 @pytest.fixture
 async def runops_pool(runops_db: PostgresDatabase) -> AsyncIterator[asyncpg.Pool]:
-    async for pool in _pool(runops_db.writer_dsn):
+    async for pool in _pool(runops_db.admin_writer_dsn):
         yield pool
 
 

@@ -36,7 +36,7 @@ async def probe_table(stack: LocalStack, request: pytest.FixtureRequest) -> Asyn
     """A fresh table on the parametrized database's writer, dropped afterwards."""
     db = _db(stack, request.param)
     table = f"probe_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(db.writer_dsn)
+    conn = await asyncpg.connect(db.admin_writer_dsn)
     try:
         await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
         yield table
@@ -46,7 +46,7 @@ async def probe_table(stack: LocalStack, request: pytest.FixtureRequest) -> Asyn
 
 
 async def _replica_has(db: PostgresDatabase, table: str, row_id: int) -> bool:
-    conn = await asyncpg.connect(db.replica_dsn)
+    conn = await asyncpg.connect(db.admin_replica_dsn)
     try:
         return bool(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE id = $1", row_id))
     finally:
@@ -62,7 +62,7 @@ async def test_replica_replicates_and_replay_pause_holds_rows_back(
     if not db.has_replica:
         pytest.skip(f"the {name} database was given without a replica")
     assert db.replica_dsn != db.writer_dsn
-    writer = await asyncpg.connect(db.writer_dsn)
+    writer = await asyncpg.connect(db.admin_writer_dsn)
     try:
         await writer.execute(f"INSERT INTO {probe_table} VALUES (1, 'before pause')")
         await db.wait_for_replica(timeout=10)
@@ -116,6 +116,52 @@ async def test_connection_fixtures_point_at_writer_and_replica(
     assert await controlplane_pool.fetchval("SELECT current_database()") == "runops_controlplane"
 
 
+async def test_services_connect_as_a_least_privilege_role(stack: LocalStack) -> None:
+    """The DSNs handed to services are not the superuser's: their role may read and write the
+    migrated tables, follow WAL positions and LISTEN, but not change the schema."""
+    env = stack.service_env()
+    for name in DATABASES:
+        db = _db(stack, name)
+        if db.writer_dsn == db.admin_writer_dsn:
+            pytest.skip(f"the {name} database was given by URL: its roles are the operator's")
+        assert env[f"RUNOPS_{name.upper()}_DB_WRITER_URL"] == db.writer_dsn
+        for dsn in (db.writer_dsn, db.replica_dsn, db.migrator_dsn):
+            conn = await asyncpg.connect(dsn)
+            try:
+                role = await conn.fetchrow(
+                    "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolreplication,"
+                    " rolbypassrls FROM pg_roles WHERE rolname = current_user"
+                )
+            finally:
+                await conn.close()
+            assert role is not None
+            assert role["rolname"] != "postgres"
+            assert not any(role[k] for k in list(role.keys())[1:]), dict(role)
+        service = await asyncpg.connect(db.writer_dsn)
+        try:
+            # (Tests may add superuser-owned scratch tables: look at migrated ones only.)
+            owners = await service.fetch(
+                "SELECT tablename, tableowner FROM pg_tables"
+                " WHERE tablename IN ('runops_schema_migrations', 'organizations', 'api_keys')"
+            )
+            assert owners
+            assert {r["tableowner"] for r in owners} == {"runops_migrator"}
+            await service.fetchval("SELECT pg_current_wal_insert_lsn()")
+            await service.execute("LISTEN runops_probe")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await service.execute("CREATE TABLE not_mine (id int)")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await service.execute("DROP TABLE runops_schema_migrations")
+        finally:
+            await service.close()
+        if db.has_replica:
+            replica = await asyncpg.connect(db.replica_dsn)
+            try:
+                await replica.fetchval("SELECT pg_last_wal_replay_lsn()")
+            finally:
+                await replica.close()
+
+
 # -- migrations -------------------------------------------------------------------------------
 
 
@@ -123,10 +169,10 @@ async def test_connection_fixtures_point_at_writer_and_replica(
 async def scratch_dsn(stack: LocalStack) -> AsyncIterator[str]:
     """An empty database on the run-ops writer, so migration tests start from nothing."""
     name = f"scratch_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(stack.runops_db.writer_dsn)
+    admin = await asyncpg.connect(stack.runops_db.admin_writer_dsn)
     try:
         await admin.execute(f"CREATE DATABASE {name}")
-        yield stack.runops_db.writer_dsn.rsplit("/", 1)[0] + f"/{name}"
+        yield stack.runops_db.admin_writer_dsn.rsplit("/", 1)[0] + f"/{name}"
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
     finally:
         await admin.close()
@@ -249,7 +295,7 @@ def test_migrations_for_a_database_the_registry_does_not_list_are_refused(
 async def test_stack_migrations_are_idempotent(stack: LocalStack) -> None:
     assert set(stack.migrations_applied) == {"controlplane", "runops"}
     for name in DATABASES:
-        assert await migrate(_db(stack, name).writer_dsn, name) == []
+        assert await migrate(_db(stack, name).migrator_dsn, name) == []
         conn = await asyncpg.connect(_db(stack, name).writer_dsn)
         try:
             count = await conn.fetchval("SELECT count(*) FROM runops_schema_migrations")
@@ -329,7 +375,15 @@ def test_service_env_names(stack: LocalStack) -> None:
 
 
 def test_stack_from_running_servers_starts_nothing(stack: LocalStack) -> None:
-    env = stack.service_env()
+    # Servers given by URL are used as given, for services and migrations alike: here the
+    # superuser's DSNs, as an operator running the tests against their own servers would.
+    env = {
+        **stack.service_env(),
+        "RUNOPS_CONTROLPLANE_DB_WRITER_URL": stack.controlplane_db.admin_writer_dsn,
+        "RUNOPS_CONTROLPLANE_DB_REPLICA_URL": stack.controlplane_db.admin_replica_dsn,
+        "RUNOPS_RUNOPS_DB_WRITER_URL": stack.runops_db.admin_writer_dsn,
+        "RUNOPS_RUNOPS_DB_REPLICA_URL": stack.runops_db.admin_replica_dsn,
+    }
     reused = LocalStack(
         external=ExternalServers(
             controlplane_db_writer=env["RUNOPS_CONTROLPLANE_DB_WRITER_URL"],

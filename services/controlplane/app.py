@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
-import asyncpg
 import structlog
 
 from runops.controlplane.cache import ControlPlaneCache
 from runops.controlplane.v1 import controlplane_pb2, controlplane_pb2_grpc
-from runops.kit.auth import Access
+from runops.kit.postgres import open_database
 from runops.kit.replica import ReplicaRouter
 from runops.kit.server import ServiceApp
 from services.controlplane.invalidation import InvalidationHub, InvalidationListener, Publisher
@@ -20,35 +16,17 @@ from services.controlplane.store import ControlPlaneStore
 
 log = structlog.get_logger("runops.controlplane")
 
-SERVICE_NAME = controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlaneService"].full_name
-ADMIN_METHODS = (
-    "CreateOrganization", "CreateProject", "CreateEnvironment", "RotateApiKey",
-    "PauseEnvironment", "ResumeEnvironment", "SetOrganizationFlags", "RegisterWorker",
-    "PromoteWorker",
-)  # fmt: skip
-
-
-async def _pool(dsn: str, settings: ControlPlaneSettings) -> asyncpg.Pool:
-    # min_size 0 by default: the service starts (NOT_SERVING) even while the database is down.
-    return await asyncpg.create_pool(
-        dsn,
-        min_size=settings.db_pool_min_size,
-        max_size=settings.db_pool_max_size,
-        command_timeout=settings.db_statement_timeout_seconds + 1,
-        server_settings={
-            "statement_timeout": str(int(settings.db_statement_timeout_seconds * 1000)),
-            "application_name": "runops-controlplane",
-        },
-    )
+# Each RPC's access level (internal resolves, admin writes) is declared in the contract.
+SERVICE = controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlaneService"]
 
 
 class ControlPlane:
     """The parts of one control-plane process, reachable from tests and benchmarks."""
 
     def __init__(
-        self, settings: ControlPlaneSettings, writer: asyncpg.Pool, replica: asyncpg.Pool | None
+        self, app: ServiceApp, settings: ControlPlaneSettings, router: ReplicaRouter
     ) -> None:
-        self.app = ServiceApp("controlplane", settings)
+        self.app = app
         self.cache = ControlPlaneCache(
             "controlplane",
             ttl_seconds=settings.cache_ttl_seconds,
@@ -56,55 +34,30 @@ class ControlPlane:
         )
         # Nothing is cached until the invalidation feed listens.
         self.cache.enabled = False
-        self.router = ReplicaRouter(writer, replica)
+        self.router = router
         self.publisher = Publisher(self.cache)
         self.hub = InvalidationHub(settings.watch_queue_size)
-        self.listener = InvalidationListener(settings.writer_dsn, self.cache, self.router, self.hub)
+        self.listener = InvalidationListener(
+            settings.controlplane_db.writer_dsn, self.cache, self.router, self.hub
+        )
         self.store = ControlPlaneStore(self.router, self.publisher)
         self.servicer = ControlPlaneServicer(self.store, self.cache, self.hub)
-        self._listen_task: asyncio.Task[None] | None = None
-        self._feed_start_timeout = settings.feed_start_timeout_seconds
 
         app = self.app
         app.add_service(
-            SERVICE_NAME,
-            controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server,
-            self.servicer,
-            access=Access.INTERNAL,
-            method_access=dict.fromkeys(ADMIN_METHODS, Access.ADMIN),
+            SERVICE, controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server, self.servicer
         )
-        app.add_dependency("controlplane-db", lambda: writer.fetchval("SELECT 1"))
-        app.on_startup(self._start_feed)
-        app.add_background(self._end_streams_on_shutdown)
-        app.on_shutdown(self._close)
-
-    async def _start_feed(self) -> None:
-        self._listen_task = asyncio.create_task(self.listener.run(), name="invalidation-feed")
-        try:
-            await asyncio.wait_for(self.listener.connected.wait(), self._feed_start_timeout)
-        except TimeoutError:
-            log.warning("invalidation feed not up yet; serving uncached until it is")
-
-    async def _end_streams_on_shutdown(self) -> None:
-        await self.app.shutting_down.wait()
-        self.hub.close()
-
-    async def _close(self) -> None:
-        if self._listen_task is not None:
-            self._listen_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listen_task
-        await self.listener.stop()
-        pools = {self.router.writer, self.router.replica} - {None}
-        await asyncio.gather(*(pool.close() for pool in pools if pool is not None))
+        # Start-up waits for the feed (serving uncached after the timeout, until it is up).
+        app.add_background(self.listener.feed, ready_timeout=settings.feed_start_timeout_seconds)
+        # Watch streams end as soon as shutdown begins; clients resubscribe elsewhere.
+        app.on_stopping(self.hub.close)
 
 
 async def build_control_plane(settings: ControlPlaneSettings) -> ControlPlane:
-    writer = await _pool(settings.writer_dsn, settings)
-    replica = None
-    if settings.controlplane_db_replica_url is not None:
-        replica = await _pool(settings.replica_dsn, settings)
-    return ControlPlane(settings, writer, replica)
+    app = ServiceApp("controlplane", settings)
+    # Registered first, so its pools close last (after the feed stopped).
+    router = await open_database(app, "controlplane-db", settings.controlplane_db)
+    return ControlPlane(app, settings, router)
 
 
 async def build_app(settings: ControlPlaneSettings) -> ServiceApp:

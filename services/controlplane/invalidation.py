@@ -2,9 +2,9 @@
 
 A write publishes its invalidations with pg_notify inside its own transaction, so they go out
 exactly when (and only if) it commits. Every process LISTENs on the writer: it drops the stale
-entries from its cache, holds reads on the writer until it knows a WAL position at or past the
-commit (a lagging replica must not refill the cache with the old row), and forwards the
-invalidation to its WatchInvalidations streams. While the LISTEN connection is down the process
+entries from its cache, tells the ReplicaRouter a write was announced (reads stay on the writer
+until a WAL position past the commit is known: a lagging replica must not refill the cache with
+the old row), and forwards the invalidation to its WatchInvalidations streams. While the LISTEN connection is down the process
 cannot know what changed, so it stops caching, and every stream is told to reset.
 """
 
@@ -25,11 +25,15 @@ from google.protobuf import timestamp_pb2
 
 from runops.controlplane.cache import ControlPlaneCache
 from runops.controlplane.v1 import controlplane_pb2 as cp
+from runops.kit.background import Worker
+from runops.kit.backoff import ExponentialBackoff
 from runops.kit.replica import DbConnection, ReplicaRouter
 
 log = structlog.get_logger("runops.controlplane.invalidation")
 
 CHANNEL = "runops_controlplane_invalidations"
+NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
+PING = "SELECT 1"
 # The LISTEN connection is pinged this often: a silent network failure ends it within this.
 PING_INTERVAL_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 5.0
@@ -62,10 +66,7 @@ class Publisher:
             invalidation.sequence = self._sequence
             invalidation.source = self.source
             invalidation.published_at.CopyFrom(now)
-        await conn.execute(
-            "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
-            CHANNEL, [encode(i) for i in invalidations],
-        )  # fmt: skip
+        await conn.execute(NOTIFY, CHANNEL, [encode(i) for i in invalidations])
 
     def applied_locally(self, invalidations: Sequence[cp.Invalidation]) -> None:
         """Right after the commit, before the writer's RPC answers (its NOTIFY comes back later)."""
@@ -157,30 +158,16 @@ class InvalidationListener:
         self._cache = cache
         self._router = router
         self._hub = hub
-        self.connected = asyncio.Event()
+        # Reconnects on its own; the app starts and stops it (ServiceApp.add_background).
+        self.feed = Worker(
+            "invalidation-feed",
+            self._listen,
+            backoff=ExponentialBackoff(base=0.1, cap=MAX_BACKOFF_SECONDS, jitter=0.5),
+        )
+        # Set while LISTENing (and caching).
+        self.connected = self.feed.ready
         # The LISTEN connection's server process (tests terminate it).
         self.backend_pid: int | None = None
-        self._position_dirty = False
-        self._position_task: asyncio.Task[None] | None = None
-
-    async def run(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._listen()
-                backoff = 0.1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "invalidation feed down; caching off until it is back",
-                    error=repr(exc),
-                    retry_in=backoff,
-                )
-            finally:
-                self._went_deaf()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def _listen(self) -> None:
         conn = await asyncpg.connect(
@@ -201,9 +188,10 @@ class InvalidationListener:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(lost.wait(), PING_INTERVAL_SECONDS)
                 if not lost.is_set():
-                    await conn.fetchval("SELECT 1", timeout=PING_INTERVAL_SECONDS)
+                    await conn.fetchval(PING, timeout=PING_INTERVAL_SECONDS)
             raise ConnectionError("the LISTEN connection was closed")
         finally:
+            self._went_deaf()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 1)
             if not conn.is_closed():
@@ -211,6 +199,7 @@ class InvalidationListener:
 
     def _went_deaf(self) -> None:
         if self.connected.is_set():
+            log.info("invalidation feed lost; caching off until it is back")
             self.connected.clear()
             self._cache.enabled = False
             self._cache.clear()
@@ -226,32 +215,7 @@ class InvalidationListener:
                 "undecodable invalidation; dropping the whole cache", payload=str(payload)[:200]
             )
             invalidation = cp.Invalidation()  # UNSPECIFIED: clears everything
-        self._router.hold()
+        # Committed on the writer; a replica may not have replayed it yet.
+        self._router.write_announced()
         self._cache.apply(invalidation)
         self._hub.broadcast(invalidation)
-        self._position_dirty = True
-        if self._position_task is None or self._position_task.done():
-            self._position_task = asyncio.create_task(self._learn_position())
-
-    async def _learn_position(self) -> None:
-        """Read the writer's WAL position after the latest notification (so past its commit)."""
-        delay = 0.05
-        while True:
-            self._position_dirty = False
-            try:
-                lsn = await self._router.writer_lsn()
-            except Exception as exc:
-                log.warning("cannot read the writer's WAL position", error=repr(exc))
-                self._position_dirty = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
-                continue
-            if not self._position_dirty:
-                self._router.release(lsn)
-                return
-
-    async def stop(self) -> None:
-        if self._position_task is not None:
-            self._position_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._position_task

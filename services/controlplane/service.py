@@ -23,6 +23,7 @@ from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.cache import Loaded
 from runops.kit.errors import FailedPrecondition, FieldViolation, NotFound
+from runops.kit.logging import bind_request
 from services.controlplane import validation
 from services.controlplane.invalidation import InvalidationHub
 from services.controlplane.store import ControlPlaneStore
@@ -64,12 +65,15 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
     async def AuthenticateApiKey(
         self, request: cp.AuthenticateApiKeyRequest, context: Context
     ) -> cp.AuthenticateApiKeyResponse:
-        return cp.AuthenticateApiKeyResponse(environment=await self.authenticate(request.api_key))
+        env = await self.authenticate(request.api_key)
+        bind_request(environment_id=env.id)
+        return cp.AuthenticateApiKeyResponse(environment=env)
 
     async def GetEnvironment(
         self, request: cp.GetEnvironmentRequest, context: Context
     ) -> cp.GetEnvironmentResponse:
         env_id = validation.environment_id(request.environment_id)
+        bind_request(environment_id=env_id)
         env = await self.environment(env_id)
         if env is None:
             raise environment_not_found(env_id)
@@ -89,6 +93,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.ResolveWorkerVersionRequest, context: Context
     ) -> cp.ResolveWorkerVersionResponse:
         query = validation.resolve_worker(request)
+        bind_request(environment_id=query.environment_id)
         env = await self.environment(query.environment_id)
         if env is None:
             raise environment_not_found(query.environment_id)
@@ -139,26 +144,37 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         env, api_key = await self._store.create_environment(
             request.project_id, request.slug, env_type
         )
+        bind_request(environment_id=env.id)
         return cp.CreateEnvironmentResponse(environment=env, api_key=api_key)
+
+    async def BootstrapOrganization(
+        self, request: cp.BootstrapOrganizationRequest, context: Context
+    ) -> cp.BootstrapOrganizationResponse:
+        org, project, envs = await self._store.bootstrap_organization(
+            validation.bootstrap_organization(request)
+        )
+        return cp.BootstrapOrganizationResponse(
+            organization=org,
+            project=project,
+            environments=[cp.CreatedEnvironment(environment=e, api_key=k) for e, k in envs],
+        )
 
     async def RotateApiKey(
         self, request: cp.RotateApiKeyRequest, context: Context
     ) -> cp.RotateApiKeyResponse:
-        env, api_key = await self._store.rotate_api_key(
-            validation.environment_id(request.environment_id)
-        )
+        env, api_key = await self._store.rotate_api_key(_env_id(request.environment_id))
         return cp.RotateApiKeyResponse(environment=env, api_key=api_key)
 
     async def PauseEnvironment(
         self, request: cp.PauseEnvironmentRequest, context: Context
     ) -> cp.PauseEnvironmentResponse:
-        env = await self._store.set_paused(validation.environment_id(request.environment_id), True)
+        env = await self._store.set_paused(_env_id(request.environment_id), True)
         return cp.PauseEnvironmentResponse(environment=env)
 
     async def ResumeEnvironment(
         self, request: cp.ResumeEnvironmentRequest, context: Context
     ) -> cp.ResumeEnvironmentResponse:
-        env = await self._store.set_paused(validation.environment_id(request.environment_id), False)
+        env = await self._store.set_paused(_env_id(request.environment_id), False)
         return cp.ResumeEnvironmentResponse(environment=env)
 
     async def SetOrganizationFlags(
@@ -171,6 +187,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.RegisterWorkerRequest, context: Context
     ) -> cp.RegisterWorkerResponse:
         tasks = validation.register_worker(request)
+        bind_request(environment_id=request.environment_id)
         worker, stored = await self._store.register_worker(
             request.environment_id, request.version, request.sdk_version, tasks
         )
@@ -180,6 +197,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.PromoteWorkerRequest, context: Context
     ) -> cp.PromoteWorkerResponse:
         validation.promote_worker(request)
+        bind_request(environment_id=request.environment_id)
         worker = await self._store.promote_worker(request.environment_id, request.worker_id)
         return cp.PromoteWorkerResponse(worker=worker)
 
@@ -195,6 +213,13 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
                 yield message
         finally:
             self._hub.unsubscribe(subscription)
+
+
+def _env_id(value: str) -> str:
+    """A valid environment id, bound to the call's log lines."""
+    env_id = validation.environment_id(value)
+    bind_request(environment_id=env_id)
+    return env_id
 
 
 def _no_worker(env: cp.Environment, worker: str) -> NotFound | FailedPrecondition:

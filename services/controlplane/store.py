@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 
 import asyncpg
-import structlog
 from google.protobuf import timestamp_pb2
 
 from runops.common.v1 import common_pb2
@@ -20,9 +19,7 @@ from runops.kit.errors import AlreadyExists, FailedPrecondition, FieldViolation,
 from runops.kit.ids import ENVIRONMENT, ORGANIZATION, PROJECT, WORKER, Residency, mint
 from runops.kit.replica import DbConnection, ReplicaRouter
 from services.controlplane.invalidation import Publisher
-from services.controlplane.validation import FlagChanges, TaskRow
-
-log = structlog.get_logger("runops.controlplane.store")
+from services.controlplane.validation import Bootstrap, FlagChanges, TaskRow
 
 _API_KEY_PREFIXES = {
     "DEVELOPMENT": "rk_dev_",
@@ -73,6 +70,74 @@ SELECT_TASKS = """
 SELECT_FLAGS = """
     SELECT id, mollifier_enabled, mollifier_shadow_mode, extra_flags
     FROM organizations WHERE id = $1
+"""
+SELECT_WORKER_ID = "SELECT id FROM background_workers WHERE environment_id = $1 AND version = $2"
+LOCK_ENVIRONMENT = """
+    SELECT id, organization_id, type FROM runtime_environments WHERE id = $1 FOR UPDATE
+"""
+INSERT_ORGANIZATION = """
+    INSERT INTO organizations (id, slug, title) VALUES ($1, $2, $3)
+    RETURNING id, slug, title, created_at
+"""
+INSERT_PROJECT = """
+    INSERT INTO projects (id, organization_id, slug, name, external_ref)
+    SELECT $1, id, $3, $4, $5 FROM organizations WHERE id = $2
+    RETURNING id, organization_id, slug, name, external_ref, created_at
+"""
+INSERT_ENVIRONMENT = """
+    INSERT INTO runtime_environments (id, project_id, organization_id, slug, type)
+    SELECT $1, id, organization_id, $3, $4 FROM projects WHERE id = $2
+    RETURNING id
+"""
+INSERT_API_KEY = """
+    INSERT INTO api_keys (id, environment_id, key_hash, key_prefix) VALUES ($1, $2, $3, $4)
+"""
+REVOKE_API_KEYS = """
+    UPDATE api_keys SET revoked_at = now()
+    WHERE environment_id = $1 AND revoked_at IS NULL
+    RETURNING key_hash
+"""
+SET_PAUSED = """
+    UPDATE runtime_environments SET paused = $2 WHERE id = $1 RETURNING organization_id
+"""
+SET_FLAGS = """
+    UPDATE organizations SET
+        mollifier_enabled = coalesce($2, mollifier_enabled),
+        mollifier_shadow_mode = coalesce($3, mollifier_shadow_mode),
+        extra_flags = (extra_flags || $4::jsonb) - $5::text[]
+    WHERE id = $1
+    RETURNING id, mollifier_enabled, mollifier_shadow_mode, extra_flags
+"""
+INSERT_WORKER = """
+    INSERT INTO background_workers (id, environment_id, version, sdk_version)
+    VALUES ($1, $2, $3, $4) ON CONFLICT (environment_id, version) DO NOTHING
+    RETURNING id
+"""
+INSERT_WORKER_TASK = """
+    INSERT INTO background_worker_tasks
+        (worker_id, task_identifier, queue, default_ttl_ms, max_attempts, machine_preset)
+    VALUES ($1, $2, $3, $4, $5, $6)
+"""
+PROMOTE_WORKER = """
+    UPDATE runtime_environments e SET current_worker_id = w.id
+    FROM background_workers w
+    WHERE e.id = $1 AND w.id = $2 AND w.environment_id = e.id
+    RETURNING w.id
+"""
+
+# One transaction of BootstrapOrganization: plain inserts, the parents being created with them.
+BOOTSTRAP_ORGANIZATION = """
+    INSERT INTO organizations (id, slug, title) VALUES ($1, $2, $3)
+    RETURNING id, slug, title, created_at
+"""
+BOOTSTRAP_PROJECT = """
+    INSERT INTO projects (id, organization_id, slug, name, external_ref)
+    VALUES ($1, $2, $3, $4, $5)
+    RETURNING id, organization_id, slug, name, external_ref, created_at
+"""
+BOOTSTRAP_ENVIRONMENT = """
+    INSERT INTO runtime_environments (id, project_id, organization_id, slug, type)
+    VALUES ($1, $2, $3, $4, $5)
 """
 
 
@@ -162,27 +227,26 @@ class ControlPlaneStore:
 
     # -- reads ------------------------------------------------------------------------------
     async def environment_by_key_hash(self, key_hash: bytes) -> cp.Environment | None:
-        row = await self.router.read(lambda pool: pool.fetchrow(SELECT_BY_KEY_HASH, key_hash))
+        row = await self.router.read(lambda conn: conn.fetchrow(SELECT_BY_KEY_HASH, key_hash))
         return None if row is None else environment_from_row(row)
 
     async def environments(self, ids: Sequence[str]) -> dict[str, cp.Environment]:
         """Many environments in one query; absent ids are simply not in the result."""
-        rows = await self.router.read(lambda pool: pool.fetch(SELECT_ENVIRONMENTS, list(ids)))
+        rows = await self.router.read(lambda conn: conn.fetch(SELECT_ENVIRONMENTS, list(ids)))
         return {row["id"]: environment_from_row(row) for row in rows}
 
     async def worker(self, environment_id: str, worker: str) -> WorkerResolution | None:
-        async def query(pool: asyncpg.Pool) -> WorkerResolution | None:
-            async with pool.acquire() as conn:
-                row = await conn.fetchrow(SELECT_WORKER, environment_id, worker)
-                if row is None:
-                    return None
-                tasks = await conn.fetch(SELECT_TASKS, row["id"])
+        async def query(conn: DbConnection) -> WorkerResolution | None:
+            row = await conn.fetchrow(SELECT_WORKER, environment_id, worker)
+            if row is None:
+                return None
+            tasks = await conn.fetch(SELECT_TASKS, row["id"])
             return worker_from_row(row), tuple(task_from_record(t) for t in tasks)
 
         return await self.router.read(query)
 
     async def flags(self, organization_id: str) -> cp.OrganizationFlags | None:
-        row = await self.router.read(lambda pool: pool.fetchrow(SELECT_FLAGS, organization_id))
+        row = await self.router.read(lambda conn: conn.fetchrow(SELECT_FLAGS, organization_id))
         return None if row is None else flags_from_row(row)
 
     # -- writes -----------------------------------------------------------------------------
@@ -191,27 +255,17 @@ class ControlPlaneStore:
         """A write transaction; invalidations appended to the list are published with it (in
         the same transaction) and applied locally right after the commit."""
         invalidations: list[cp.Invalidation] = []
-        async with self.router.writer.acquire() as conn:
-            async with conn.transaction():
-                yield conn, invalidations
-                await self._publisher.publish(conn, invalidations)
-            # Our own reads must not refill the cache from a replica that lags this commit.
-            try:
-                self.router.require(await self.router.writer_lsn(conn))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # Committed (its answer, maybe a key shown once, must reach the caller) but
-                # the position is unknown: read the writer until the NOTIFY teaches one.
-                log.warning("cannot read the WAL position after a write", error=repr(exc))
-                self.router.hold()
+        # The router records the commit's WAL position: our own reads will not refill the
+        # cache from a replica that lags it.
+        async with self.router.transaction() as conn:
+            yield conn, invalidations
+            await self._publisher.publish(conn, invalidations)
         self._publisher.applied_locally(invalidations)
 
     async def create_organization(self, slug: str, title: str) -> cp.Organization:
         async with self._write() as (conn, invalidations):
-            row = await conn.fetchrow(
-                "INSERT INTO organizations (id, slug, title) VALUES ($1, $2, $3)"
-                " RETURNING id, slug, title, created_at",
-                mint(ORGANIZATION, Residency.LEGACY), slug, title,
-            )  # fmt: skip
+            org_id = mint(ORGANIZATION, Residency.LEGACY)
+            row = await conn.fetchrow(INSERT_ORGANIZATION, org_id, slug, title)
             assert row is not None
             invalidations.append(
                 _invalidation(cp.INVALIDATION_KIND_ORGANIZATION, row["id"], row["id"])
@@ -225,29 +279,30 @@ class ControlPlaneStore:
 
     async def create_project(self, organization_id: str, slug: str, name: str) -> cp.Project:
         async with self._write() as (conn, _):
+            project_id = mint(PROJECT, Residency.LEGACY)
+            external_ref = f"proj_{secrets.token_hex(10)}"
             row = await conn.fetchrow(
-                "INSERT INTO projects (id, organization_id, slug, name, external_ref)"
-                " SELECT $1, id, $3, $4, $5 FROM organizations WHERE id = $2"
-                " RETURNING id, organization_id, slug, name, external_ref, created_at",
-                mint(PROJECT, Residency.LEGACY), organization_id, slug, name,
-                f"proj_{secrets.token_hex(10)}",
-            )  # fmt: skip
+                INSERT_PROJECT, project_id, organization_id, slug, name, external_ref
+            )
             if row is None:
                 raise not_found("organization", organization_id, "organization_id")
         return cp.Project(
-            id=row["id"], organization_id=row["organization_id"], slug=row["slug"],
-            name=row["name"], external_ref=row["external_ref"], created_at=timestamp(row["created_at"]),
-        )  # fmt: skip
+            id=row["id"],
+            organization_id=row["organization_id"],
+            slug=row["slug"],
+            name=row["name"],
+            external_ref=row["external_ref"],
+            created_at=timestamp(row["created_at"]),
+        )
 
     async def create_environment(
         self, project_id: str, slug: str, environment_type: str
     ) -> tuple[cp.Environment, str]:
         async with self._write() as (conn, invalidations):
+            new_id = mint(ENVIRONMENT, Residency.LEGACY)
             env_id = await conn.fetchval(
-                "INSERT INTO runtime_environments (id, project_id, organization_id, slug, type)"
-                " SELECT $1, id, organization_id, $3, $4 FROM projects WHERE id = $2 RETURNING id",
-                mint(ENVIRONMENT, Residency.LEGACY), project_id, slug, environment_type,
-            )  # fmt: skip
+                INSERT_ENVIRONMENT, new_id, project_id, slug, environment_type
+            )
             if env_id is None:
                 raise not_found("project", project_id, "project_id")
             api_key = await self._insert_key(conn, env_id, environment_type)
@@ -259,12 +314,64 @@ class ControlPlaneStore:
             )
         return env, api_key
 
+    async def bootstrap_organization(
+        self, plan: Bootstrap
+    ) -> tuple[cp.Organization, cp.Project, list[tuple[cp.Environment, str]]]:
+        """Organization, project, environments and their keys in one transaction."""
+        async with self._write() as (conn, invalidations):
+            org_id = mint(ORGANIZATION, Residency.LEGACY)
+            org = await conn.fetchrow(BOOTSTRAP_ORGANIZATION, org_id, plan.slug, plan.title)
+            project_id = mint(PROJECT, Residency.LEGACY)
+            project = await conn.fetchrow(
+                BOOTSTRAP_PROJECT,
+                project_id,
+                org_id,
+                plan.project_slug,
+                plan.project_name,
+                f"proj_{secrets.token_hex(10)}",
+            )
+            assert org is not None
+            assert project is not None
+            invalidations.append(_invalidation(cp.INVALIDATION_KIND_ORGANIZATION, org_id, org_id))
+            keys: dict[str, str] = {}
+            for slug, env_type in plan.environments:
+                env_id = mint(ENVIRONMENT, Residency.LEGACY)
+                await conn.execute(
+                    BOOTSTRAP_ENVIRONMENT, env_id, project_id, org_id, slug, env_type
+                )
+                keys[env_id] = await self._insert_key(conn, env_id, env_type)
+                invalidations.append(
+                    _invalidation(cp.INVALIDATION_KIND_ENVIRONMENT, env_id, org_id)
+                )
+                invalidations.append(
+                    _invalidation(
+                        cp.INVALIDATION_KIND_API_KEY, hash_api_key(keys[env_id]).hex(), org_id
+                    )
+                )
+            rows = await conn.fetch(SELECT_ENVIRONMENTS, list(keys))
+        envs = {row["id"]: environment_from_row(row) for row in rows}
+        return (
+            cp.Organization(
+                id=org["id"],
+                slug=org["slug"],
+                title=org["title"],
+                created_at=timestamp(org["created_at"]),
+            ),
+            cp.Project(
+                id=project["id"],
+                organization_id=project["organization_id"],
+                slug=project["slug"],
+                name=project["name"],
+                external_ref=project["external_ref"],
+                created_at=timestamp(project["created_at"]),
+            ),
+            [(envs[env_id], key) for env_id, key in keys.items()],
+        )
+
     async def _insert_key(self, conn: DbConnection, env_id: str, env_type: str) -> str:
         api_key, shown = new_api_key(env_type)
-        await conn.execute(
-            "INSERT INTO api_keys (id, environment_id, key_hash, key_prefix) VALUES ($1, $2, $3, $4)",
-            mint("apikey", Residency.LEGACY), env_id, hash_api_key(api_key), shown,
-        )  # fmt: skip
+        key_id = mint("apikey", Residency.LEGACY)
+        await conn.execute(INSERT_API_KEY, key_id, env_id, hash_api_key(api_key), shown)
         return api_key
 
     async def _environment_on(self, conn: DbConnection, env_id: str) -> cp.Environment:
@@ -274,10 +381,7 @@ class ControlPlaneStore:
         return environment_from_row(row)
 
     async def _lock_environment(self, conn: DbConnection, env_id: str) -> asyncpg.Record:
-        row = await conn.fetchrow(
-            "SELECT id, organization_id, type FROM runtime_environments WHERE id = $1 FOR UPDATE",
-            env_id,
-        )
+        row = await conn.fetchrow(LOCK_ENVIRONMENT, env_id)
         if row is None:
             raise not_found("environment", env_id, "environment_id")
         return row
@@ -286,11 +390,7 @@ class ControlPlaneStore:
         async with self._write() as (conn, invalidations):
             locked = await self._lock_environment(conn, env_id)
             org = locked["organization_id"]
-            old = await conn.fetch(
-                "UPDATE api_keys SET revoked_at = now()"
-                " WHERE environment_id = $1 AND revoked_at IS NULL RETURNING key_hash",
-                env_id,
-            )
+            old = await conn.fetch(REVOKE_API_KEYS, env_id)
             api_key = await self._insert_key(conn, env_id, locked["type"])
             for row in old:
                 invalidations.append(
@@ -305,10 +405,7 @@ class ControlPlaneStore:
 
     async def set_paused(self, env_id: str, paused: bool) -> cp.Environment:
         async with self._write() as (conn, invalidations):
-            org = await conn.fetchval(
-                "UPDATE runtime_environments SET paused = $2 WHERE id = $1 RETURNING organization_id",
-                env_id, paused,
-            )  # fmt: skip
+            org = await conn.fetchval(SET_PAUSED, env_id, paused)
             if org is None:
                 raise not_found("environment", env_id, "environment_id")
             invalidations.append(_invalidation(cp.INVALIDATION_KIND_ENVIRONMENT, env_id, org))
@@ -318,14 +415,13 @@ class ControlPlaneStore:
     async def set_flags(self, changes: FlagChanges) -> cp.OrganizationFlags:
         async with self._write() as (conn, invalidations):
             row = await conn.fetchrow(
-                "UPDATE organizations SET"
-                " mollifier_enabled = coalesce($2, mollifier_enabled),"
-                " mollifier_shadow_mode = coalesce($3, mollifier_shadow_mode),"
-                " extra_flags = (extra_flags || $4::jsonb) - $5::text[]"
-                " WHERE id = $1 RETURNING id, mollifier_enabled, mollifier_shadow_mode, extra_flags",
-                changes.organization_id, changes.mollifier_enabled, changes.mollifier_shadow_mode,
-                json.dumps(changes.set_extra), list(changes.remove_extra),
-            )  # fmt: skip
+                SET_FLAGS,
+                changes.organization_id,
+                changes.mollifier_enabled,
+                changes.mollifier_shadow_mode,
+                json.dumps(changes.set_extra),
+                list(changes.remove_extra),
+            )
             if row is None:
                 raise not_found("organization", changes.organization_id, "organization_id")
             invalidations.append(
@@ -340,25 +436,27 @@ class ControlPlaneStore:
         existing worker; the same version with different tasks is ALREADY_EXISTS."""
         async with self._write() as (conn, invalidations):
             locked = await self._lock_environment(conn, env_id)
-            worker_id = await conn.fetchval(
-                "INSERT INTO background_workers (id, environment_id, version, sdk_version)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (environment_id, version) DO NOTHING"
-                " RETURNING id",
-                mint(WORKER, Residency.LEGACY), env_id, version, sdk_version,
-            )  # fmt: skip
+            new_id = mint(WORKER, Residency.LEGACY)
+            worker_id = await conn.fetchval(INSERT_WORKER, new_id, env_id, version, sdk_version)
             if worker_id is None:
-                worker_id = await conn.fetchval(
-                    "SELECT id FROM background_workers WHERE environment_id = $1 AND version = $2",
-                    env_id, version,
-                )  # fmt: skip
+                worker_id = await conn.fetchval(SELECT_WORKER_ID, env_id, version)
                 created = False
             else:
                 created = True
                 await conn.executemany(
-                    "INSERT INTO background_worker_tasks (worker_id, task_identifier, queue,"
-                    " default_ttl_ms, max_attempts, machine_preset) VALUES ($1, $2, $3, $4, $5, $6)",
-                    [(worker_id, t.task_identifier, t.queue, t.default_ttl_ms, t.max_attempts, t.machine_preset) for t in tasks],
-                )  # fmt: skip
+                    INSERT_WORKER_TASK,
+                    [
+                        (
+                            worker_id,
+                            t.task_identifier,
+                            t.queue,
+                            t.default_ttl_ms,
+                            t.max_attempts,
+                            t.machine_preset,
+                        )
+                        for t in tasks
+                    ],
+                )
                 invalidations.append(
                     _invalidation(cp.INVALIDATION_KIND_WORKER, env_id, locked["organization_id"])
                 )
@@ -386,12 +484,7 @@ class ControlPlaneStore:
                     reason="PROMOTION_NOT_APPLICABLE",
                     violations=[FieldViolation("environment_id", "is a DEVELOPMENT environment")],
                 )
-            updated = await conn.fetchval(
-                "UPDATE runtime_environments e SET current_worker_id = w.id"
-                " FROM background_workers w"
-                " WHERE e.id = $1 AND w.id = $2 AND w.environment_id = e.id RETURNING w.id",
-                env_id, worker_id,
-            )  # fmt: skip
+            updated = await conn.fetchval(PROMOTE_WORKER, env_id, worker_id)
             if updated is None:
                 raise not_found("worker", worker_id, "worker_id", f" in environment {env_id}")
             invalidations.append(

@@ -25,6 +25,7 @@ MAX_ATTEMPTS = 100
 MAX_TTL_SECONDS = 30 * 24 * 3600
 MAX_TASKS = 1000
 MAX_BATCH_IDS = 1000
+MAX_BOOTSTRAP_ENVIRONMENTS = 10
 MAX_EXTRA_FLAGS = 100
 MAX_FLAG_VALUE = 1024
 TITLE_LIMIT = 256
@@ -113,6 +114,46 @@ def create_environment(request: cp.CreateEnvironmentRequest) -> str:
     v.enum(request.type, "type", ENVIRONMENT_TYPES)
     v.raise_if_any()
     return ENVIRONMENT_TYPES[request.type]
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    slug: str
+    title: str
+    project_slug: str
+    project_name: str
+    # (slug, the type's database name) per environment, in the order requested
+    environments: tuple[tuple[str, str], ...]
+
+
+def bootstrap_organization(request: cp.BootstrapOrganizationRequest) -> Bootstrap:
+    """Everything the store could refuse is checked here, so that a refusal costs no
+    transaction; the transaction still makes any later failure leave nothing behind."""
+    v = Violations()
+    _slug(v, request.slug, "slug")
+    v.required_text(request.title, "title", TITLE_LIMIT)
+    if request.project_slug:
+        _slug(v, request.project_slug, "project_slug")
+    v.max_length(request.project_name, "project_name", TITLE_LIMIT)
+    envs = request.environments
+    if v.require(list(envs), "environments") and len(envs) > MAX_BOOTSTRAP_ENVIRONMENTS:
+        v.add("environments", f"must hold at most {MAX_BOOTSTRAP_ENVIRONMENTS} (got {len(envs)})")
+    seen: set[str] = set()
+    for i, env in enumerate(envs[:MAX_BOOTSTRAP_ENVIRONMENTS]):
+        at = f"environments[{i}]"
+        _slug(v, env.slug, f"{at}.slug")
+        if env.slug in seen:
+            v.add(f"{at}.slug", f"{env.slug!r} appears twice")
+        seen.add(env.slug)
+        v.enum(env.type, f"{at}.type", ENVIRONMENT_TYPES)
+    v.raise_if_any()
+    return Bootstrap(
+        request.slug,
+        request.title,
+        request.project_slug or request.slug,
+        request.project_name or request.title,
+        tuple((env.slug, ENVIRONMENT_TYPES[env.type]) for env in envs),
+    )
 
 
 @dataclass(frozen=True)

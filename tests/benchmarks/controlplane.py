@@ -703,7 +703,7 @@ async def run(
     warmup = warmup_for(seconds)
     # The service's pools get as many connections as the floor's, so uncached vs floor is fair.
     settings: dict[str, Any] = {
-        "db_pool_max_size": min(concurrency, 200),
+        "controlplane_db": {"pool_max_size": min(concurrency, 200)},
         "health_check_interval_seconds": 1.0,
     }
     pids: list[int] = []

@@ -46,10 +46,14 @@ def settings_for(stack: LocalStack, **overrides: Any) -> ControlPlaneSettings:
         "health_check_interval_seconds": 0.2,
         "admin_token": ADMIN,
         "internal_token": INTERNAL,
-        "controlplane_db_writer_url": stack.controlplane_db.writer_dsn,
-        "controlplane_db_replica_url": stack.controlplane_db.replica_dsn,
     }
-    values.update(overrides)
+    database: dict[str, Any] = {
+        "writer_url": stack.controlplane_db.writer_dsn,
+        "replica_url": stack.controlplane_db.replica_dsn,
+    }
+    # controlplane_db={...} overrides single database settings, keeping the others.
+    database.update(overrides.pop("controlplane_db", {}))
+    values.update(overrides, controlplane_db=database)
     return load_settings(ControlPlaneSettings, **values)
 
 

@@ -64,18 +64,24 @@ async def bootstrap(
     suffix_if_taken: bool = False,
 ) -> Bootstrapped:
     """An organization and a project, both named `slug`, with one environment per type (slug =
-    the type's name). With `suffix_if_taken`, a taken organization slug becomes
+    the type's name), created atomically by BootstrapOrganization: a failed attempt leaves
+    nothing behind. With `suffix_if_taken`, a taken organization slug becomes
     `<slug>-<random>` (there is no RPC to look an organization up by slug, nor to read an
     existing key back, so a fresh organization is the only way to hand out a key)."""
     import grpc
 
     from runops.controlplane.v1 import controlplane_pb2 as cp
 
+    environments = [
+        cp.NewEnvironment(slug=name, type=_env_type(name)) for name in dict.fromkeys(types)
+    ]
     org_slug = slug
     for _attempt in range(3):
         try:
-            created = await stub.CreateOrganization(
-                cp.CreateOrganizationRequest(slug=org_slug, title=title or org_slug),
+            created = await stub.BootstrapOrganization(
+                cp.BootstrapOrganizationRequest(
+                    slug=org_slug, title=title or org_slug, environments=environments
+                ),
                 timeout=CALL_TIMEOUT_SECONDS,
             )
             break
@@ -85,21 +91,12 @@ async def bootstrap(
             org_slug = f"{slug[: SLUG_LIMIT - 7].rstrip('-')}-{secrets.token_hex(3)}"
     else:
         raise RuntimeError(f"could not find a free organization slug for {slug!r}")
-    org = created.organization
-    project = (
-        await stub.CreateProject(
-            cp.CreateProjectRequest(organization_id=org.id, slug=org.slug, name=org.title),
-            timeout=CALL_TIMEOUT_SECONDS,
-        )
-    ).project
-    environments: list[tuple[cp.Environment, str]] = []
-    for name in dict.fromkeys(types):
-        env = await stub.CreateEnvironment(
-            cp.CreateEnvironmentRequest(project_id=project.id, slug=name, type=_env_type(name)),
-            timeout=CALL_TIMEOUT_SECONDS,
-        )
-        environments.append((env.environment, env.api_key))
-    return Bootstrapped(org, project, environments, slug)
+    return Bootstrapped(
+        created.organization,
+        created.project,
+        [(env.environment, env.api_key) for env in created.environments],
+        slug,
+    )
 
 
 async def bootstrap_at(

@@ -11,10 +11,6 @@ asks the control plane every time; the first message of every (re)subscription i
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import contextvars
-import random
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import NoReturn
@@ -39,6 +35,8 @@ from runops.controlplane.cache import (
 )
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
+from runops.kit.background import Worker
+from runops.kit.backoff import ExponentialBackoff
 from runops.kit.cache import Loaded
 from runops.kit.channels import create_channel
 from runops.kit.errors import details_of, error_from_rpc
@@ -75,9 +73,13 @@ class ControlPlaneClient:
         )
         self.cache.enabled = False
         self._organization_id = organization_id
-        self._watch_task: asyncio.Task[None] | None = None
+        self._watch = Worker(
+            "controlplane-watch",
+            self._watch_once,
+            backoff=ExponentialBackoff(base=0.1, cap=MAX_BACKOFF_SECONDS, jitter=0.5),
+        )
         # Set while a subscription is live (after its reset); tests and health can wait on it.
-        self.subscribed = asyncio.Event()
+        self.subscribed = self._watch.ready
 
     async def __aenter__(self) -> ControlPlaneClient:
         await self.start()
@@ -91,47 +93,40 @@ class ControlPlaneClient:
     async def start(self, wait_seconds: float = 5.0) -> None:
         """Subscribe in the background; wait up to `wait_seconds` for the first reset (the
         client works uncached until then)."""
-        if self._watch_task is None:
-            # A fresh context: the watch must not inherit the deadline of an RPC being handled.
-            self._watch_task = asyncio.create_task(
-                self._watch(), name="controlplane-watch", context=contextvars.Context()
-            )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.subscribed.wait(), wait_seconds)
+        # The worker runs in a fresh context: it must not inherit the deadline of an RPC.
+        self._watch.start()
+        await self._watch.wait_ready(wait_seconds)
+
+    @property
+    def watch(self) -> Worker:
+        """The resubscription worker, for a service that runs it on its ServiceApp instead
+        (`app.add_background(client.watch)` starts and stops it with the server)."""
+        return self._watch
 
     async def close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._watch_task
-            self._watch_task = None
+        await self._watch.stop()
         if self._owns_channel:
             await self._channel.close()
 
-    async def _watch(self) -> None:
-        backoff = 0.1
+    async def _watch_once(self) -> None:
+        """One subscription, until its stream ends; the worker opens the next one."""
         request = cp.WatchInvalidationsRequest(organization_id=self._organization_id)
-        while True:
-            try:
-                call = self.stub.WatchInvalidations(request, timeout=WATCH_STREAM_SECONDS)
-                async for message in call:
-                    if message.reset:
-                        self.cache.clear()
-                        self.cache.enabled = True
-                        self.subscribed.set()
-                        backoff = 0.1
-                    else:
-                        self.cache.apply(message.invalidation)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    log.warning("invalidation watch failed; caching off until it is back",
-                                code=exc.code().name, error=exc.details(), retry_in=backoff)  # fmt: skip
-            finally:
-                self.subscribed.clear()
-                self.cache.enabled = False
-                self.cache.clear()
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+        try:
+            call = self.stub.WatchInvalidations(request, timeout=WATCH_STREAM_SECONDS)
+            async for message in call:
+                if message.reset:
+                    self.cache.clear()
+                    self.cache.enabled = True
+                    self.subscribed.set()
+                else:
+                    self.cache.apply(message.invalidation)
+        except grpc.aio.AioRpcError as exc:
+            # The periodic reopening is no failure; anything else is (the worker backs off).
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        finally:
+            self.cache.enabled = False
+            self.cache.clear()
 
     # -- lookups ----------------------------------------------------------------------------
     async def authenticate_api_key(self, api_key: str) -> cp.Environment:

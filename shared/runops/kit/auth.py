@@ -1,4 +1,9 @@
-"""Who may call what: a per-method access level checked from `authorization: Bearer <token>`."""
+"""Who may call what: a per-method access level checked from `authorization: Bearer <token>`.
+
+The level is declared once, in the contract: the `(runops.common.v1.access)` method option.
+`service_access` reads it from the service descriptor; a method that declares none maps to
+None and the server refuses it (fail closed).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 from typing import Any
 
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from pydantic import SecretStr
 
+from runops.common.v1 import options_pb2
 from runops.kit.context import ANONYMOUS, Caller, Principal
 from runops.kit.errors import PermissionDenied, Unauthenticated
 
@@ -25,6 +33,54 @@ class Access(Enum):
 
 
 ApiKeyResolver = Callable[[str], Awaitable[Any]]
+
+_DECLARED: dict[int, Access] = {
+    options_pb2.ACCESS_LEVEL_PUBLIC: Access.PUBLIC,
+    options_pb2.ACCESS_LEVEL_INTERNAL: Access.INTERNAL,
+    options_pb2.ACCESS_LEVEL_ADMIN: Access.ADMIN,
+    options_pb2.ACCESS_LEVEL_API_KEY: Access.API_KEY,
+}
+
+
+class AccessDeclarationError(ValueError):
+    """A service's access declarations do not match its contract (raised at start-up)."""
+
+
+def resolve_service(service: ServiceDescriptor | str) -> ServiceDescriptor:
+    """A service descriptor, or a full service name looked up in the default descriptor pool
+    (its generated `_pb2` module must have been imported)."""
+    if isinstance(service, ServiceDescriptor):
+        return service
+    try:
+        return descriptor_pool.Default().FindServiceByName(service)
+    except KeyError:
+        raise AccessDeclarationError(
+            f"no service {service!r} in the descriptor pool: import its _pb2 module first"
+        ) from None
+
+
+def declared_access(method: MethodDescriptor) -> Access | None:
+    """The method's `(runops.common.v1.access)` option, or None when it declares none."""
+    return _DECLARED.get(method.GetOptions().Extensions[options_pb2.access])
+
+
+def service_access(
+    service: ServiceDescriptor | Any, overrides: Mapping[str, Access] | None = None
+) -> dict[str, Access | None]:
+    """Full method path ("/pkg.Service/Method") -> level, from the contract's method options;
+    `overrides` (by method name) are for contracts that cannot carry the option. A name the
+    service does not have is an error, so a typo cannot leave a method at the wrong level."""
+    methods = service.methods_by_name
+    unknown = sorted(set(overrides or {}) - set(methods))
+    if unknown:
+        raise AccessDeclarationError(
+            f"access overrides for {service.full_name} name methods it does not have: "
+            f"{', '.join(unknown)} (its methods: {', '.join(sorted(methods))})"
+        )
+    return {
+        f"/{service.full_name}/{name}": (overrides or {}).get(name) or declared_access(method)
+        for name, method in methods.items()
+    }
 
 
 def bearer_token(metadata: Mapping[str, str | bytes]) -> str | None:

@@ -1,8 +1,17 @@
 """Outgoing channels between services: keepalive, message sizes, the internal token, the
-caller's request id, and the caller's deadline propagated to every downstream call."""
+caller's request id, and the caller's deadline propagated to every downstream call.
+
+Calls are spread with `round_robin` over every address the target resolves to. A plain
+`host:port` target is `dns:///host:port` to grpc: its DNS resolver returns every A/AAAA record,
+so a Kubernetes headless service (one record per pod) gets one connection per pod and calls
+rotate over them (grpc's default, pick_first, would send everything to the first address).
+`ipv4:10.0.0.1:50051,10.0.0.2:50051` lists addresses explicitly. Pods that appear later are
+found when grpc resolves again (a connection failed or went idle), not on a timer.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,8 +85,13 @@ def propagating_interceptors(token: str | None) -> list[grpc.aio.ClientIntercept
     return [cls(token) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
+# The channel's default service config (a resolver-supplied one would win; DNS gives none).
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
 def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, Any]]:
     return [
+        ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),

@@ -21,16 +21,42 @@ from runops.kit.errors import (
 # Suggested client back-off for a dependency that is down or saturated.
 RETRY_AFTER_SECONDS = 1.0
 
-_POSTGRES_UNAVAILABLE = (
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.ConnectionFailureError,
+# The client side of a connection that died, or of a server that is gone, restarting or not
+# answering. asyncpg raises several kinds for one stop: AdminShutdownError in flight,
+# ConnectionDoesNotExistError, InterfaceError, or InternalClientError ("cannot switch to state
+# …; another operation is in progress") when a pool releases a connection its server just
+# closed; OSError (refused, reset) and TimeoutError (a hung server, a saturated pool) on acquire.
+POSTGRES_CONNECTION_FAILURES: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+# InterfaceErrors that are our own mistakes (an argument of the wrong type, a bad DSN), not a
+# dying connection: retrying cannot help, so they stay INTERNAL.
+_POSTGRES_CLIENT_BUGS = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+)
+_POSTGRES_UNAVAILABLE: tuple[type[Exception], ...] = (
+    *POSTGRES_CONNECTION_FAILURES,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
-    asyncpg.exceptions.InterfaceError,
 )
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """A dying connection or an unreachable, restarting or hung Postgres server: a replica read
+    goes to the writer instead; on the writer it answers UNAVAILABLE with RetryInfo."""
+    return isinstance(exc, POSTGRES_CONNECTION_FAILURES) and not isinstance(
+        exc, _POSTGRES_CLIENT_BUGS
+    )
+
+
 _REDIS_UNAVAILABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -74,7 +100,10 @@ def postgres_error(exc: BaseException) -> RunopsError | None:
             reason="SERIALIZATION_FAILURE",
             retry_after=0.05,
         )
-    if isinstance(exc, _POSTGRES_UNAVAILABLE):
+    if isinstance(exc, _POSTGRES_CLIENT_BUGS):
+        return None
+    # OSError (refused, reset, timed out) is everyone's: dependency_error maps it.
+    if isinstance(exc, _POSTGRES_UNAVAILABLE) and not isinstance(exc, OSError):
         return Unavailable(
             "the database is unavailable; retry shortly",
             reason="DATABASE_UNAVAILABLE",

@@ -3,6 +3,12 @@
 Handlers raise a RunopsError subclass; the server interceptor turns it into a status whose
 details name the offending field, give a stable reason and, for retryable refusals, a delay.
 Clients read those details back with `details_of`.
+
+A status travels in trailers, which a default grpcio client accepts only up to 8 KiB: a request
+with a thousand bad values must still get its INVALID_ARGUMENT. So `rich_status` keeps the
+message short, lists at most MAX_LISTED_VIOLATIONS field violations within a byte budget (each
+field path and description cut short) and says in ErrorInfo metadata `omitted_violations` how
+many it left out.
 """
 
 from __future__ import annotations
@@ -20,6 +26,16 @@ from grpc_status import rpc_status
 from runops.kit.ids import split_friendly_id
 
 ERROR_DOMAIN = "runops.dev"
+# Bounds that keep every status far below the 8 KiB trailer limit of default clients.
+MAX_MESSAGE_CHARS = 256
+MAX_LISTED_VIOLATIONS = 20
+MAX_FIELD_CHARS = 128
+MAX_DESCRIPTION_CHARS = 200
+MAX_METADATA_VALUE_CHARS = 200
+# Serialized google.rpc details (grpc-status-details-bin, base64 on the wire: x4/3).
+DETAILS_BUDGET_BYTES = 3000
+# Fields a message names before "and N more".
+NAMED_FIELDS = 3
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,7 @@ class RunopsError(Exception):
         metadata: Mapping[str, str] | None = None,
         violations: Sequence[FieldViolation] = (),
         retry_after: float | None = None,
+        omitted_violations: int = 0,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -49,6 +66,8 @@ class RunopsError(Exception):
         self.metadata = dict(metadata or {})
         self.violations = tuple(violations)
         self.retry_after = retry_after
+        # Violations found but not kept in `violations` (a request with very many).
+        self.omitted_violations = omitted_violations
 
 
 class InvalidArgument(RunopsError):
@@ -169,8 +188,19 @@ class Violations:
 
     def raise_if_any(self, message: str = "the request has invalid fields") -> None:
         if self._items:
-            fields = ", ".join(v.field for v in self._items)
+            fields = summarize_fields([v.field for v in self._items], len(self._items))
             raise InvalidArgument(f"{message}: {fields}", violations=self._items)
+
+
+def summarize_fields(fields: Sequence[str], count: int) -> str:
+    """The first NAMED_FIELDS distinct field paths (each cut short) and "and N more"."""
+    named = list(dict.fromkeys(_cut(f, 64) for f in fields))[:NAMED_FIELDS]
+    rest = count - len(named)
+    return ", ".join(named) + (f" and {rest} more" if rest > 0 else "")
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def not_found(what: str, value: str, field: str, where: str = "") -> NotFound:
@@ -190,32 +220,37 @@ def _pack(message: object) -> any_pb2.Any:
 
 
 def rich_status(err: RunopsError) -> grpc.Status:
-    """The grpc.Status (code, message, google.rpc details) that carries `err` to the client."""
+    """The grpc.Status (code, message, google.rpc details) that carries `err` to the client,
+    bounded to fit a default client's trailer limit however many violations `err` has."""
+    bad_request = error_details_pb2.BadRequest()
+    budget = DETAILS_BUDGET_BYTES
+    for v in err.violations[:MAX_LISTED_VIOLATIONS]:
+        entry = error_details_pb2.BadRequest.FieldViolation(
+            field=_cut(v.field, MAX_FIELD_CHARS),
+            description=_cut(v.description, MAX_DESCRIPTION_CHARS),
+        )
+        budget -= entry.ByteSize() + 4
+        if budget < 0:
+            break
+        bad_request.field_violations.append(entry)
+    omitted = len(err.violations) - len(bad_request.field_violations) + err.omitted_violations
+    metadata = {k: _cut(v, MAX_METADATA_VALUE_CHARS) for k, v in err.metadata.items()}
+    if omitted:
+        metadata["omitted_violations"] = str(omitted)
     details = [
         _pack(
-            error_details_pb2.ErrorInfo(
-                reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
-            )
+            error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=metadata)
         )
     ]
-    if err.violations:
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
-                        )
-                        for v in err.violations
-                    ]
-                )
-            )
-        )
+    if bad_request.field_violations:
+        details.append(_pack(bad_request))
     if err.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(err.retry_after * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
+    status = status_pb2.Status(
+        code=err.code.value[0], message=_cut(err.message, MAX_MESSAGE_CHARS), details=details
+    )
     result: grpc.Status = rpc_status.to_status(status)
     return result
 

@@ -1,8 +1,17 @@
-"""The one server interceptor every service runs: request context, auth, metrics, error mapping.
+"""The one server interceptor every service runs: request context, auth, input checks, metrics,
+error mapping.
 
 grpc.aio interceptors see a method handler, not the call; so this wraps each handler's
 behaviour (all four RPC kinds) in `_call_scope`, which binds structlog context, authenticates,
-counts the call and turns exceptions into rich statuses.
+counts the call and turns exceptions into rich statuses. Then, before the handler, every request
+message passes `request_checks.check_request` (strings, Durations, Timestamps).
+
+Access fails closed: a method whose access level is not declared (or not known at all) is
+refused with PERMISSION_DENIED `ACCESS_NOT_DECLARED`, never served as PUBLIC.
+
+Each handler's request deserializer is wrapped: bytes that are not a valid message (a DecodeError,
+invalid UTF-8 in a string) become INVALID_ARGUMENT `MALFORMED_REQUEST` rather than grpc's
+UNKNOWN naming a Python class.
 """
 
 from __future__ import annotations
@@ -20,8 +29,15 @@ import structlog
 
 from runops.kit import metrics
 from runops.kit.auth import Access, Authenticator
-from runops.kit.context import current_principal, current_request_id, current_server_context
-from runops.kit.errors import Internal, RunopsError, rich_status
+from runops.kit.context import (
+    Caller,
+    current_principal,
+    current_request_id,
+    current_server_context,
+)
+from runops.kit.errors import Internal, InvalidArgument, PermissionDenied, RunopsError, rich_status
+from runops.kit.logging import bind_request, calls_logged, request_log_context
+from runops.kit.request_checks import check_request
 
 log = structlog.get_logger("runops.rpc")
 
@@ -34,6 +50,43 @@ Context = grpc.aio.ServicerContext[Any, Any]
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").rpartition("/")
     return service, name
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse; the call then fails INVALID_ARGUMENT
+    inside the call scope (after authentication, counted, logged like any other refusal)."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    type_name = str(getattr(descriptor, "full_name", "") or "the request message")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError (invalid UTF-8 included), whatever a codec raises
+            return _Malformed(type_name)
+
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    """The request, once it parsed and passed the kit's input check."""
+    if isinstance(request, _Malformed):
+        raise InvalidArgument(
+            f"the request is not a valid {request.type_name} message", reason="MALFORMED_REQUEST"
+        )
+    if hasattr(request, "DESCRIPTOR"):
+        check_request(request)
+    return request
 
 
 def _kind(handler: Any) -> str:
@@ -68,19 +121,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         authenticator: Authenticator,
-        access: Mapping[str, Access],
+        access: Mapping[str, Access | None],
         error_mappers: Sequence[ErrorMapper] = (),
     ) -> None:
-        # access: full method name ("/pkg.Service/Method") or service name -> level.
+        # access: full method name ("/pkg.Service/Method") -> level; None or absent: refused.
         self._auth = authenticator
         self._access = dict(access)
         self._mappers = tuple(error_mappers)
         # grpc hands us the same handler object for a method every call: wrap it once.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
-
-    def _access_for(self, method: str) -> Access:
-        service, _ = _split(method)
-        return self._access.get(method) or self._access.get(service) or Access.PUBLIC
 
     async def intercept_service(
         self,
@@ -95,25 +144,28 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler, method, self._access_for(method))
+        wrapped = self._wrap(handler, method, self._access.get(method))
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: Any, method: str, access: Access) -> Any:
+    def _wrap(self, handler: Any, method: str, access: Access | None) -> Any:
         kind = _kind(handler)
         scope = self._call_scope
         service, name = _split(method)
         labels = _MethodMetrics((kind, service, name))
+        deserialize = _tolerant(handler.request_deserializer)
+        if access is None:
+            log.warning("method declares no access level: refusing it", rpc=method)
 
         if kind == "unary":
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: Context) -> Any:
                 async with scope(method, labels, access, context):
-                    return await inner_uu(request, context)
+                    return await inner_uu(_checked(request), context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, deserialize, handler.response_serializer
             )
         if kind == "client_stream":
             inner_su = handler.stream_unary
@@ -123,19 +175,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     return await inner_su(_counted(requests, labels), context)
 
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
+                stream_unary, deserialize, handler.response_serializer
             )
         if kind == "server_stream":
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 async with scope(method, labels, access, context):
-                    async for response in _responses(inner_us(request, context)):
+                    async for response in _responses(inner_us(_checked(request), context)):
                         labels.sent.inc()
                         yield response
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, deserialize, handler.response_serializer
             )
         inner_ss = handler.stream_stream
 
@@ -148,7 +200,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     yield response
 
         return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
+            stream_stream, deserialize, handler.response_serializer
         )
 
     def _map(self, exc: BaseException) -> RunopsError | None:
@@ -162,7 +214,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     @asynccontextmanager
     async def _call_scope(
-        self, method: str, labels: _MethodMetrics, access: Access, context: Context
+        self, method: str, labels: _MethodMetrics, access: Access | None, context: Context
     ) -> AsyncIterator[None]:
         metadata = {k: v for k, v in (context.invocation_metadata() or ())}
         request_id = str(metadata.get("x-request-id") or os.urandom(16).hex())
@@ -174,36 +226,49 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         code = grpc.StatusCode.OK
         started = time.perf_counter()
         labels.started.inc()
-        log_context = structlog.contextvars.bind_contextvars(rpc=method, request_id=request_id)
-        try:
-            principal = await self._auth.authenticate(access, metadata)
-            principal_token = current_principal.set(principal)
-            yield
-        except (asyncio.CancelledError, GeneratorExit):
-            # The client went away, or the server cancelled the RPC at the end of the grace
-            # period; a stream's consumer closing the generator lands here too.
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except BaseException as exc:
-            if _is_abort(exc):
-                code = _context_code(context)
+        with request_log_context(rpc=method, request_id=request_id):
+            try:
+                if access is None:
+                    raise PermissionDenied(
+                        f"{method} declares no access level; the server refuses it",
+                        reason="ACCESS_NOT_DECLARED",
+                    )
+                principal = await self._auth.authenticate(access, metadata)
+                principal_token = current_principal.set(principal)
+                if principal.caller is Caller.API_KEY:
+                    # API-key subjects are environments (the control plane's Environment).
+                    env_id = getattr(principal.subject, "id", None)
+                    bind_request(environment_id=env_id if isinstance(env_id, str) else None)
+                yield
+            except (asyncio.CancelledError, GeneratorExit):
+                # The client went away, or the server cancelled the RPC at the end of the grace
+                # period; a stream's consumer closing the generator lands here too.
+                code = grpc.StatusCode.CANCELLED
                 raise
-            err = self._map(exc)
-            if err is None:
-                log.exception("unhandled error", error_type=type(exc).__name__)
-                err = Internal(f"internal error; quote request id {request_id} when reporting it")
-            elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                log.warning("rpc failed", code=err.code.name, reason=err.reason, error=str(exc))
-            code = err.code
-            await context.abort_with_status(rich_status(err))
-        finally:
-            labels.handled(code).inc()
-            labels.seconds.observe(time.perf_counter() - started)
-            if principal_token is not None:
-                current_principal.reset(principal_token)
-            current_request_id.reset(tokens[0])
-            current_server_context.reset(tokens[1])
-            structlog.contextvars.reset_contextvars(**log_context)
+            except BaseException as exc:
+                if _is_abort(exc):
+                    code = _context_code(context)
+                    raise
+                err = self._map(exc)
+                if err is None:
+                    log.exception("unhandled error", error_type=type(exc).__name__)
+                    err = Internal(
+                        f"internal error; quote request id {request_id} when reporting it"
+                    )
+                elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                    log.warning("rpc failed", code=err.code.name, reason=err.reason, error=str(exc))
+                code = err.code
+                await context.abort_with_status(rich_status(err))
+            finally:
+                seconds = time.perf_counter() - started
+                labels.handled(code).inc()
+                labels.seconds.observe(seconds)
+                if calls_logged():
+                    log.debug("rpc handled", code=code.name, seconds=round(seconds, 6))
+                if principal_token is not None:
+                    current_principal.reset(principal_token)
+                current_request_id.reset(tokens[0])
+                current_server_context.reset(tokens[1])
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -236,4 +301,4 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
 async def _counted(requests: AsyncIterator[Any], labels: _MethodMetrics) -> AsyncIterator[Any]:
     async for request in requests:
         labels.received.inc()
-        yield request
+        yield _checked(request)

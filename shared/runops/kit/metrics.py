@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 
 LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
@@ -26,10 +26,10 @@ MSG_SENT = Counter("grpc_server_msg_sent", "Stream messages sent.", LABELS)
 class MetricsServer:
     """The /metrics HTTP endpoint, stoppable (prometheus_client's server runs in a thread)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
         self._server: WSGIServer
         self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=host, registry=REGISTRY)
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
 
     @property
     def port(self) -> int:

@@ -14,6 +14,11 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    # Imported where used: codegen imports this module and needs no pydantic.
+    from runops.kit.settings import ServerSettings
 
 # Databases migrations target: services/<service>/migrations/<database>/. "controlplane" is the
 # control-plane database (it also holds LEGACY run rows), "runops" the run-ops one (NEW rows).
@@ -55,12 +60,14 @@ class Service:
         """Its package is there (`services/<name>/__main__.py`), so it can be started."""
         return any((root / self.name / "__main__.py").is_file() for root in services_roots())
 
-    def settings_class(self) -> type:
+    def settings_class(self) -> type[ServerSettings]:
         """Imports the service's settings module (only for a service that exists)."""
+        from runops.kit.settings import ServerSettings
+
         module, _, attribute = self.settings.partition(":")
         cls = getattr(importlib.import_module(module), attribute)
-        if not isinstance(cls, type):
-            raise TypeError(f"{self.settings} is not a class")
+        if not (isinstance(cls, type) and issubclass(cls, ServerSettings)):
+            raise TypeError(f"{self.settings} is not a ServerSettings subclass")
         return cls
 
 

@@ -1,44 +1,60 @@
 """Server bootstrap shared by every service (after grpc's examples/python asyncio patterns).
 
 A ServiceApp wires a grpc.aio server with health (driven by dependency checks), reflection,
-the kit interceptor (auth, logs, metrics, error mapping), message-size and keepalive options,
-Prometheus on its own port, and graceful shutdown: NOT_SERVING, stop accepting, drain
-in-flight RPCs within the grace period, then close the service's pools.
+the kit interceptor (auth, input checks, logs, metrics, error mapping), message-size and keepalive
+options, Prometheus on its own port, and graceful shutdown: NOT_SERVING (health watches end),
+stop accepting, drain in-flight RPCs within the grace period, then close the service's pools.
+
+Each method's access level comes from its contract (the `(runops.common.v1.access)` option);
+health and reflection are declared PUBLIC here. A method without one is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from runops.kit.auth import Access, ApiKeyResolver, Authenticator
+from runops.kit.auth import Access, ApiKeyResolver, Authenticator, resolve_service, service_access
+from runops.kit.background import BackgroundTask
+from runops.kit.background import Hook as StoppingHook
 from runops.kit.dependencies import dependency_error
+from runops.kit.health import HealthServicer
 from runops.kit.interceptors import ErrorMapper, ServerInterceptor
 from runops.kit.logging import configure_logging
 from runops.kit.metrics import MetricsServer
+from runops.kit.processes import Supervisor
 from runops.kit.settings import ServerSettings, SettingsError, load_settings
 
 log = structlog.get_logger("runops.server")
 
 DependencyCheck = Callable[[], Awaitable[object]]
 Hook = Callable[[], Awaitable[object]]
-Job = Callable[[], Coroutine[Any, Any, object]]
 SettingsT = TypeVar("SettingsT", bound=ServerSettings)
 # Health name for liveness probes: SERVING while the process serves at all, whatever its
 # dependencies; NOT_SERVING only once shutdown begins (restarting cannot fix a database).
 LIVENESS = "liveness"
 # How long past the grace period stop() waits for grpc's own shutdown.
 STOP_MARGIN_SECONDS = 5.0
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+# Declared here, not in their contracts (grpc's own): anyone may ask whether we serve.
+PUBLIC_SERVICES = {
+    HEALTH_SERVICE: dict.fromkeys(("Check", "List", "Watch"), Access.PUBLIC),
+    REFLECTION_SERVICE: {"ServerReflectionInfo": Access.PUBLIC},
+}
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,8 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         # Accept client keepalive pings every 10 s or more, even without active calls.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.so_reuseport", 0),
+        # Off unless RUNOPS_PROCESSES > 1: a second server on a taken port must fail, not share.
+        ("grpc.so_reuseport", 1 if settings.processes > 1 else 0),
     ]
 
 
@@ -75,13 +92,16 @@ class ServiceApp:
         self._api_key_resolver = api_key_resolver
         self._error_mappers = (*error_mappers, dependency_error)
         self._services: list[_Registration] = []
-        self._access: dict[str, Access] = {}
+        self._access: dict[str, Access | None] = {}
+        for service, public in PUBLIC_SERVICES.items():
+            self._access.update(service_access(service, public))
         self._checks: dict[str, DependencyCheck] = {}
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
-        self._background: list[Job] = []
+        self._stopping_hooks: list[StoppingHook] = []
+        self._background: list[tuple[BackgroundTask, float]] = []
         self._tasks: list[asyncio.Task[object]] = []
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics: MetricsServer | None = None
         self._port: int | None = None
@@ -95,19 +115,24 @@ class ServiceApp:
     # -- wiring -----------------------------------------------------------------------------
     def add_service(
         self,
-        full_name: str,
+        service: ServiceDescriptor | str,
         register: Callable[[Any, grpc.aio.Server], None],
         servicer: Any,
         *,
-        access: Access = Access.INTERNAL,
         method_access: Mapping[str, Access] | None = None,
     ) -> None:
-        """Register a servicer; `access` is its default level, `method_access` overrides by
-        method name (e.g. {"CreateOrganization": Access.ADMIN})."""
-        self._services.append(_Registration(full_name, register, servicer))
-        self._access[full_name] = access
-        for method, level in (method_access or {}).items():
-            self._access[f"/{full_name}/{method}"] = level
+        """Register a servicer for `service` (its descriptor, or its full name in the default
+        descriptor pool). Access levels come from the contract's `(runops.common.v1.access)`
+        method options; `method_access` overrides by method name, only for a contract that
+        cannot carry them, and a name the service lacks raises AccessDeclarationError. A method
+        left without a level is refused at call time."""
+        descriptor = resolve_service(service)
+        self._services.append(_Registration(descriptor.full_name, register, servicer))
+        access = service_access(descriptor, method_access)
+        self._access.update(access)
+        undeclared = [method for method, level in access.items() if level is None]
+        if undeclared:
+            log.warning("methods without an access level will be refused", methods=undeclared)
 
     def add_dependency(self, name: str, check: DependencyCheck) -> None:
         """A check that raises (or times out) while `name` is down; health follows it."""
@@ -120,9 +145,16 @@ class ServiceApp:
         """Runs after in-flight RPCs drained, in reverse registration order (close pools here)."""
         self._shutdown.append(hook)
 
-    def add_background(self, job: Job) -> None:
-        """A long-running coroutine started after the server and cancelled at shutdown."""
-        self._background.append(job)
+    def on_stopping(self, hook: StoppingHook) -> None:
+        """Runs when shutdown begins, right after NOT_SERVING and before in-flight RPCs drain
+        (end long-lived streams here, so they do not hold the server for the grace period)."""
+        self._stopping_hooks.append(hook)
+
+    def add_background(self, task: BackgroundTask, *, ready_timeout: float = 0.0) -> None:
+        """Started before the server accepts RPCs (start-up waits up to `ready_timeout` for
+        `task.ready`, then serves anyway); told `stopping()` when shutdown begins; stopped
+        (bounded by its `stop_timeout`) after the drain, before the shutdown hooks."""
+        self._background.append((task, ready_timeout))
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -143,6 +175,7 @@ class ServiceApp:
     async def start(self) -> int:
         for hook in self._startup:
             await hook()
+        await self._start_background()
         interceptor = ServerInterceptor(
             Authenticator(
                 admin_token=self.settings.admin_token,
@@ -157,8 +190,9 @@ class ServiceApp:
             reg.register(reg.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [reg.name for reg in self._services]
-        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection(
+            [*names, HEALTH_SERVICE.full_name, REFLECTION_SERVICE.full_name], server
+        )
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         port = server.add_insecure_port(address)
         if port == 0:
@@ -170,8 +204,6 @@ class ServiceApp:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._check_dependencies()
         self._tasks.append(asyncio.create_task(self._watch_dependencies(), name="health-watch"))
-        for job in self._background:
-            self._tasks.append(asyncio.create_task(job(), name=getattr(job, "__name__", "job")))
         log.info(
             "serving",
             service=self.name,
@@ -180,6 +212,27 @@ class ServiceApp:
             services=names,
         )
         return port
+
+    async def _start_background(self) -> None:
+        for task, _ in self._background:
+            task.start()
+
+        async def wait(task: BackgroundTask, seconds: float) -> None:
+            if seconds > 0 and not await task.wait_ready(seconds):
+                log.warning("background task not ready yet; serving without it", task=task.name)
+
+        await asyncio.gather(*(wait(task, timeout) for task, timeout in self._background))
+
+    async def _run_stopping_hooks(self) -> None:
+        """Shutdown began: every stopping hook runs, whatever the others do."""
+        hooks = [*self._stopping_hooks, *(task.stopping for task, _ in self._background)]
+        for hook in hooks:
+            try:
+                result = hook()
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("stopping hook failed")
 
     async def _set_serving(self, serving: bool) -> None:
         if serving == self._serving or self._stopping:
@@ -224,6 +277,7 @@ class ServiceApp:
         self._stopping = True
         self.shutting_down.set()
         await self.health.enter_graceful_shutdown()
+        await self._run_stopping_hooks()
         grace = self.settings.grace_period_seconds if grace is None else grace
         log.info("shutting down", grace_seconds=grace)
         if self.settings.shutdown_delay_seconds:
@@ -244,6 +298,8 @@ class ServiceApp:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+        # Background work outlives the drain (in-flight RPCs may need it), not the pools.
+        await asyncio.gather(*(task.stop() for task, _ in self._background))
         for hook in reversed(self._shutdown):
             try:
                 await hook()
@@ -264,32 +320,76 @@ def _describe(task: asyncio.Task[Any]) -> str:
     return f"{task.get_name()} {task.get_coro()!r}{where}"
 
 
-async def serve(app: ServiceApp) -> None:
-    """Start, then stop gracefully on SIGTERM or SIGINT."""
+async def serve(app: ServiceApp, *, parent_pid: int | None = None) -> None:
+    """Start, then stop gracefully on SIGTERM or SIGINT (or when `parent_pid`, the supervising
+    process, is gone)."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     await app.start()
+    orphaned = None
+    if parent_pid is not None:
+        orphaned = asyncio.create_task(_until_orphaned(parent_pid, stop_requested))
     await stop_requested.wait()
+    if orphaned is not None:
+        orphaned.cancel()
     await app.stop()
+
+
+async def _until_orphaned(parent_pid: int, stop_requested: asyncio.Event) -> None:
+    # Checks the flag itself: Python 3.11's wait_for can swallow a cancellation.
+    while os.getppid() == parent_pid:
+        if stop_requested.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop_requested.wait(), 1)
+    log.error("the supervising process is gone; stopping", parent_pid=parent_pid)
+    stop_requested.set()
 
 
 def run_service(
     settings_cls: type[SettingsT], build: Callable[[SettingsT], Awaitable[ServiceApp]]
 ) -> None:
     """Entry point of a service process: settings validated first (a bad one exits 2 with its
-    reason), logs configured, then serve until SIGTERM."""
+    reason), logs configured, then serve until SIGTERM: here, or with RUNOPS_PROCESSES > 1 in
+    that many spawned processes on one port (`runops.kit.processes`). `build` must then be a
+    module-level function: the children receive it pickled by name."""
     try:
         settings = load_settings(settings_cls)
         configure_logging(settings.log_level, settings.log_format)
-        asyncio.run(_build_and_serve(build, settings))
+        if settings.processes > 1:
+            child = functools.partial(_serve_process, build)
+            status = Supervisor(build.__module__, settings, child).run()
+            if status:
+                raise SystemExit(status)
+        else:
+            asyncio.run(_build_and_serve(build, settings))
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve_process(
+    build: Callable[[SettingsT], Awaitable[ServiceApp]],
+    settings: SettingsT,
+    index: int,
+    parent_pid: int,
+) -> None:
+    """One of RUNOPS_PROCESSES children (a fresh interpreter): its own loop, server and pools."""
+    try:
+        configure_logging(settings.log_level, settings.log_format)
+        log.info("process starting", index=index, pid=os.getpid(), parent_pid=parent_pid)
+        asyncio.run(_build_and_serve(build, settings, parent_pid=parent_pid))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 async def _build_and_serve(
-    build: Callable[[SettingsT], Awaitable[ServiceApp]], settings: SettingsT
+    build: Callable[[SettingsT], Awaitable[ServiceApp]],
+    settings: SettingsT,
+    *,
+    parent_pid: int | None = None,
 ) -> None:
-    await serve(await build(settings))
+    await serve(await build(settings), parent_pid=parent_pid)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RUNOPS_"
@@ -17,7 +19,14 @@ class SettingsError(Exception):
 class ServerSettings(BaseSettings):
     """What every service reads: where to listen, how to shut down, logs, tokens."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # A nested block (runops.kit.postgres.DatabaseSettings) reads RUNOPS_<FIELD>_<SUBFIELD>.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+    )
 
     grpc_host: str = "0.0.0.0"
     # 0 binds an ephemeral port (tests).
@@ -40,9 +49,37 @@ class ServerSettings(BaseSettings):
     admin_token: SecretStr | None = None
     # Service-to-service calls present this token; without it internal RPCs are open (local dev).
     internal_token: SecretStr | None = None
+    # Server processes sharing the port (SO_REUSEPORT), each with its own event loop, pools,
+    # caches and feeds; "auto" is one per usable core. 1 serves in this very process.
+    processes: int = Field(default=1, ge=1, le=512)
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _auto_processes(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.strip().lower() == "auto":
+                return usable_cores()
+            if not value.strip().isdigit():
+                raise ValueError("must be a number of processes (1 or more) or 'auto'")
+        return value
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; a container's CPU quota is not seen,
+    so set RUNOPS_PROCESSES to the CPU limit there)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 S = TypeVar("S", bound=BaseSettings)
+# The password of a URL (scheme://user:password@host) is not repeated in an error message.
+_PASSWORD = re.compile(r"(//[^/@:,]*:)[^@/]*@")
+
+
+def _redact(value: object) -> str:
+    return _PASSWORD.sub(r"\1***@", repr(value))
 
 
 def load_settings(cls: type[S], **overrides: Any) -> S:
@@ -54,10 +91,11 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
         prefix = str(cls.model_config.get("env_prefix", ""))
         lines = []
         for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"]) or "?"
+            # ("controlplane_db", "replica_url", 0) -> CONTROLPLANE_DB_REPLICA_URL
+            name = "_".join(str(p) for p in err["loc"] if isinstance(p, str)) or "?"
             env_name = (prefix + name).upper()
             given = err.get("input")
-            shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+            shown = "" if isinstance(given, dict) or given is None else f" (got {_redact(given)})"
             lines.append(f"  {env_name}: {err['msg']}{shown}")
         raise SettingsError(
             f"invalid settings for {cls.__name__}:\n"

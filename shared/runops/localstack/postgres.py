@@ -8,10 +8,12 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 
@@ -27,6 +29,9 @@ from runops.localstack.process import (
 DEFAULT_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 BIN_DIR_ENV = "RUNOPS_PG_BIN_DIR"
 SUPERUSER = "postgres"
+# The least-privilege roles every database of the stack gets (see ROLES_SQL).
+SERVICE_ROLE = "runops_service"
+MIGRATOR_ROLE = "runops_migrator"
 # Unix socket paths are limited to 107 bytes; ".s.PGSQL.NNNNN" takes 15 of them.
 _MAX_SOCKET_DIR = 90
 
@@ -47,7 +52,25 @@ hot_standby_feedback = on
 log_min_messages = warning
 """
 
+# Run as the superuser in each application database. The migrator owns the schema objects it
+# creates (and nothing else: no superuser, no CREATEDB/CREATEROLE/REPLICATION, not the database
+# owner); the services' role may only read and write the rows of the migrator's tables and
+# sequences, so a service can neither change the schema nor reach beyond its database. Default
+# privileges make every table a later migration creates usable by the services with no GRANT
+# in the migration itself. Roles are cluster-wide: each database here is its own cluster.
+ROLES_SQL = f"""
+CREATE ROLE {MIGRATOR_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION;
+CREATE ROLE {SERVICE_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION;
+GRANT USAGE, CREATE ON SCHEMA public TO {MIGRATOR_ROLE};
+GRANT USAGE ON SCHEMA public TO {SERVICE_ROLE};
+ALTER DEFAULT PRIVILEGES FOR ROLE {MIGRATOR_ROLE} IN SCHEMA public
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {SERVICE_ROLE};
+ALTER DEFAULT PRIVILEGES FOR ROLE {MIGRATOR_ROLE} IN SCHEMA public
+    GRANT USAGE, SELECT ON SEQUENCES TO {SERVICE_ROLE};
+"""
+
 Progress = Callable[[str], None]
+Role = Literal["writer", "replica"]
 
 
 def find_bin_dir() -> Path:
@@ -78,14 +101,29 @@ def _reachable_by_postgres(path: Path) -> bool:
 class PostgresDatabase:
     """One application database on a writer and, optionally, its streaming replica, by DSN.
 
-    Works alike for a cluster this process started and for servers given by URL. Without a
-    replica, replica_dsn is the writer's and replay control raises.
+    writer_dsn / replica_dsn are what the services use (the least-privilege service role on a
+    cluster this process started); migrator_dsn runs migrations; admin_writer_dsn /
+    admin_replica_dsn are the superuser's, for tests that need its powers (replay control,
+    ending other roles' backends, creating databases). Servers given by URL use the one DSN
+    given for all of them. Without a replica, replica_dsn is the writer's and replay control
+    raises.
     """
 
-    def __init__(self, writer_dsn: str, replica_dsn: str | None = None) -> None:
+    def __init__(
+        self,
+        writer_dsn: str,
+        replica_dsn: str | None = None,
+        *,
+        migrator_dsn: str | None = None,
+        admin_writer_dsn: str | None = None,
+        admin_replica_dsn: str | None = None,
+    ) -> None:
         self.writer_dsn = writer_dsn
         self.has_replica = replica_dsn is not None
         self.replica_dsn = replica_dsn if replica_dsn is not None else writer_dsn
+        self.migrator_dsn = migrator_dsn or writer_dsn
+        self.admin_writer_dsn = admin_writer_dsn or writer_dsn
+        self.admin_replica_dsn = admin_replica_dsn or self.replica_dsn
 
     def _need_replica(self) -> None:
         if not self.has_replica:
@@ -93,7 +131,7 @@ class PostgresDatabase:
 
     async def _replica_value(self, sql: str) -> object:
         self._need_replica()
-        conn = await asyncpg.connect(self.replica_dsn)
+        conn = await asyncpg.connect(self.admin_replica_dsn)
         try:
             return await conn.fetchval(sql)
         finally:
@@ -134,12 +172,12 @@ class PostgresDatabase:
         called; TimeoutError otherwise (e.g. while replay is paused)."""
         if not self.has_replica:
             return
-        writer = await asyncpg.connect(self.writer_dsn)
+        writer = await asyncpg.connect(self.admin_writer_dsn)
         try:
             target = await writer.fetchval("SELECT pg_current_wal_lsn()::text")
         finally:
             await writer.close()
-        replica = await asyncpg.connect(self.replica_dsn)
+        replica = await asyncpg.connect(self.admin_replica_dsn)
         try:
             deadline = time.monotonic() + timeout
             query = "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)"
@@ -173,16 +211,19 @@ class PostgresCluster(PostgresDatabase):
         self.writer_port = free_port()
         self.replica_port = free_port() if replica else None
         super().__init__(
-            self._dsn(self.writer_port),
-            self._dsn(self.replica_port) if self.replica_port is not None else None,
+            self._dsn(SERVICE_ROLE, self.writer_port),
+            self._dsn(SERVICE_ROLE, self.replica_port) if self.replica_port else None,
+            migrator_dsn=self._dsn(MIGRATOR_ROLE, self.writer_port),
+            admin_writer_dsn=self._dsn(SUPERUSER, self.writer_port),
+            admin_replica_dsn=self._dsn(SUPERUSER, self.replica_port or self.writer_port),
         )
         self._state_dir = state_dir
         self._progress = progress or (lambda _line: None)
         self._base: Path | None = None
         self._own_tmp_base = False
 
-    def _dsn(self, port: int) -> str:
-        return f"postgresql://{SUPERUSER}@{HOST}:{port}/{self.database}"
+    def _dsn(self, role: str, port: int) -> str:
+        return f"postgresql://{role}@{HOST}:{port}/{self.database}"
 
     @property
     def _writer_dir(self) -> Path:
@@ -214,11 +255,12 @@ class PostgresCluster(PostgresDatabase):
         sock.mkdir(exist_ok=True)
         chown_to_postgres(sock)
         user = as_postgres_user()
-        env = {**os.environ, "LC_ALL": "C", "PGUSER": SUPERUSER, "PGHOST": HOST}
+        env = self._env()
 
         def pg(*args: str, what: str, timeout: float = 60) -> str:
             return run(args, what, timeout=timeout, cwd=self._base, env=env, extra={**user})
 
+        # Command line: each option beside its value (fmt: skip).
         pg(
             str(bin_dir / "initdb"),
             "-D", str(self._writer_dir), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8",
@@ -231,13 +273,26 @@ class PostgresCluster(PostgresDatabase):
         with (self._writer_dir / "pg_hba.conf").open("a") as hba:
             hba.write(f"host replication all {HOST}/32 trust\n")
         self._pg_ctl_start(bin_dir, self._writer_dir, "writer", env)
+        # Command line: each option beside its value (fmt: skip).
         pg(
             str(bin_dir / "createdb"), "-h", HOST, "-p", str(self.writer_port), self.database,
             what=f"createdb {self.database}",
         )  # fmt: skip
+        psql = [str(bin_dir / "psql"), "-h", HOST, "-p", str(self.writer_port), "-X", "-q"]
+        pg(
+            *psql,
+            "-d",
+            self.database,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            ROLES_SQL,
+            what=f"creating the {SERVICE_ROLE} and {MIGRATOR_ROLE} roles",
+        )
         self._progress(f"postgres {self.name}: writer ready on {HOST}:{self.writer_port}")
         if self.replica_port is None:
             return
+        # Command line: each option beside its value (fmt: skip).
         pg(
             str(bin_dir / "pg_basebackup"),
             "-D", str(self._replica_dir), "-h", HOST, "-p", str(self.writer_port),
@@ -250,10 +305,54 @@ class PostgresCluster(PostgresDatabase):
         self._pg_ctl_start(bin_dir, self._replica_dir, "replica", env)
         self._progress(f"postgres {self.name}: replica ready on {HOST}:{self.replica_port}")
 
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "LC_ALL": "C", "PGUSER": SUPERUSER, "PGHOST": HOST}
+
+    def _data_dir(self, role: Role) -> Path:
+        if role == "replica" and self.replica_port is None:
+            raise RuntimeError("this cluster runs without a replica")
+        return self._writer_dir if role == "writer" else self._replica_dir
+
+    # -- for tests that take a server away and bring it back -------------------------------
+    def stop_server(self, role: Role) -> None:
+        """`pg_ctl stop -m fast` on the writer or the replica; `start_server` brings it back."""
+        self._stop_instance(self._data_dir(role))
+
+    def start_server(self, role: Role) -> None:
+        self._pg_ctl_start(find_bin_dir(), self._data_dir(role), role, self._env())
+
+    def server_pids(self, role: Role) -> list[int]:
+        """The postmaster's pid (from postmaster.pid) and its children's."""
+        pid = _postmaster_pid(self._data_dir(role) / "postmaster.pid")
+        if pid is None:
+            return []
+        # pgrep exits 1 when there are no children: not an error here.
+        children = subprocess.run(
+            ["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10, check=False
+        )
+        return [pid, *(int(line) for line in children.stdout.split())]
+
+    @contextlib.contextmanager
+    def suspended(self, role: Role) -> Iterator[None]:
+        """The server hangs inside (SIGSTOP to the postmaster and its children): it accepts TCP
+        connections but answers nothing. SIGCONT on the way out, whatever happened."""
+        pids = self.server_pids(role)
+        if not pids:
+            raise RuntimeError(f"the {self.name} {role} is not running")
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     def _pg_ctl_start(self, bin_dir: Path, data: Path, role: str, env: dict[str, str]) -> None:
         assert self._base is not None
         log = self._base / f"{role}.log"
         try:
+            # Command line: each option beside its value (fmt: skip).
             run(
                 [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
                  "start"],
@@ -282,6 +381,7 @@ class PostgresCluster(PostgresDatabase):
         if not pid_file.exists():
             return
         try:
+            # Command line: each option beside its value (fmt: skip).
             run(
                 [str(find_bin_dir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30",
                  "stop"],
@@ -294,11 +394,17 @@ class PostgresCluster(PostgresDatabase):
             _kill_postmaster(pid_file)
 
 
+def _postmaster_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _kill_postmaster(pid_file: Path) -> None:
     """Last resort when pg_ctl could not stop it: SIGQUIT (immediate shutdown), then SIGKILL."""
-    try:
-        pid = int(pid_file.read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
+    pid = _postmaster_pid(pid_file)
+    if pid is None:
         return
     for sig in (signal.SIGQUIT, signal.SIGKILL):
         try:

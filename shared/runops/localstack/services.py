@@ -66,8 +66,12 @@ class ServiceProcess:
         return f"{HOST}:{self.grpc_port}"
 
     def environment(self) -> dict[str, str]:
+        inherited = dict(os.environ)
+        # A caller's multiprocess-metrics directory is not the service's (RUNOPS_PROCESSES
+        # makes its own): inherited, a single process would write its metrics there.
+        inherited.pop("PROMETHEUS_MULTIPROC_DIR", None)
         return {
-            **os.environ,
+            **inherited,
             **self.env,
             "PYTHONPATH": python_path(),
             "RUNOPS_GRPC_HOST": HOST,

@@ -151,7 +151,8 @@ class LocalStack:
         return self._started(self._state_dir, "state_dir")
 
     def service_env(self) -> dict[str, str]:
-        """The environment every service reads to find the stack."""
+        """The environment every service reads to find the stack (its databases as the
+        least-privilege service role)."""
         env = {
             "RUNOPS_CONTROLPLANE_DB_WRITER_URL": self.controlplane_db.writer_dsn,
             "RUNOPS_CONTROLPLANE_DB_REPLICA_URL": self.controlplane_db.replica_dsn,
@@ -288,8 +289,8 @@ class LocalStack:
 
             return list(
                 await asyncio.gather(
-                    migrate(self.controlplane_db.writer_dsn, "controlplane"),
-                    migrate(self.runops_db.writer_dsn, "runops"),
+                    migrate(self.controlplane_db.migrator_dsn, "controlplane"),
+                    migrate(self.runops_db.migrator_dsn, "runops"),
                 )
             )
 

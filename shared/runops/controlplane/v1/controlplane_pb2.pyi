@@ -630,6 +630,121 @@ class CreateEnvironmentResponse(_message.Message):
 Global___CreateEnvironmentResponse: _TypeAlias = CreateEnvironmentResponse  # noqa: Y015
 
 @_typing.final
+class BootstrapOrganizationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLUG_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    PROJECT_SLUG_FIELD_NUMBER: _builtins.int
+    PROJECT_NAME_FIELD_NUMBER: _builtins.int
+    ENVIRONMENTS_FIELD_NUMBER: _builtins.int
+    slug: _builtins.str
+    """The organization's slug and title."""
+    title: _builtins.str
+    project_slug: _builtins.str
+    """The project's; empty: the organization's slug and title."""
+    project_name: _builtins.str
+    @_builtins.property
+    def environments(self) -> _containers.RepeatedCompositeFieldContainer[Global___NewEnvironment]:
+        """At least one; slugs distinct."""
+
+    def __init__(
+        self,
+        *,
+        slug: _builtins.str = ...,
+        title: _builtins.str = ...,
+        project_slug: _builtins.str = ...,
+        project_name: _builtins.str = ...,
+        environments: _abc.Iterable[Global___NewEnvironment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environments", b"environments", "project_name", b"project_name", "project_slug", b"project_slug", "slug", b"slug", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BootstrapOrganizationRequest: _TypeAlias = BootstrapOrganizationRequest  # noqa: Y015
+
+@_typing.final
+class NewEnvironment(_message.Message):
+    """An environment to create: its slug within the project, and its type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLUG_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    slug: _builtins.str
+    type: _common_pb2.EnvironmentType.ValueType
+    def __init__(
+        self,
+        *,
+        slug: _builtins.str = ...,
+        type: _common_pb2.EnvironmentType.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slug", b"slug", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NewEnvironment: _TypeAlias = NewEnvironment  # noqa: Y015
+
+@_typing.final
+class BootstrapOrganizationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    PROJECT_FIELD_NUMBER: _builtins.int
+    ENVIRONMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def organization(self) -> Global___Organization: ...
+    @_builtins.property
+    def project(self) -> Global___Project: ...
+    @_builtins.property
+    def environments(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreatedEnvironment]:
+        """In the order requested."""
+
+    def __init__(
+        self,
+        *,
+        organization: Global___Organization | None = ...,
+        project: Global___Project | None = ...,
+        environments: _abc.Iterable[Global___CreatedEnvironment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["organization", b"organization", "project", b"project"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environments", b"environments", "organization", b"organization", "project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BootstrapOrganizationResponse: _TypeAlias = BootstrapOrganizationResponse  # noqa: Y015
+
+@_typing.final
+class CreatedEnvironment(_message.Message):
+    """An environment just created, with its API key (shown once; only its hash is stored)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    api_key: _builtins.str
+    @_builtins.property
+    def environment(self) -> Global___Environment: ...
+    def __init__(
+        self,
+        *,
+        environment: Global___Environment | None = ...,
+        api_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "environment", b"environment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatedEnvironment: _TypeAlias = CreatedEnvironment  # noqa: Y015
+
+@_typing.final
 class RotateApiKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -76,6 +76,11 @@ class ControlPlaneServiceStub:
                 request_serializer=runops_dot_controlplane_dot_v1_dot_controlplane__pb2.CreateEnvironmentRequest.SerializeToString,
                 response_deserializer=runops_dot_controlplane_dot_v1_dot_controlplane__pb2.CreateEnvironmentResponse.FromString,
                 _registered_method=True)
+        self.BootstrapOrganization = channel.unary_unary(
+                '/runops.controlplane.v1.ControlPlaneService/BootstrapOrganization',
+                request_serializer=runops_dot_controlplane_dot_v1_dot_controlplane__pb2.BootstrapOrganizationRequest.SerializeToString,
+                response_deserializer=runops_dot_controlplane_dot_v1_dot_controlplane__pb2.BootstrapOrganizationResponse.FromString,
+                _registered_method=True)
         self.RotateApiKey = channel.unary_unary(
                 '/runops.controlplane.v1.ControlPlaneService/RotateApiKey',
                 request_serializer=runops_dot_controlplane_dot_v1_dot_controlplane__pb2.RotateApiKeyRequest.SerializeToString,
@@ -171,6 +176,14 @@ class ControlPlaneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BootstrapOrganization(self, request, context):
+        """An organization, one project and its environments (each with its API key, shown only
+        here), in one transaction: when any part fails, none of it is created.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateApiKey(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -256,6 +269,11 @@ def add_ControlPlaneServiceServicer_to_server(servicer, server):
                     servicer.CreateEnvironment,
                     request_deserializer=runops_dot_controlplane_dot_v1_dot_controlplane__pb2.CreateEnvironmentRequest.FromString,
                     response_serializer=runops_dot_controlplane_dot_v1_dot_controlplane__pb2.CreateEnvironmentResponse.SerializeToString,
+            ),
+            'BootstrapOrganization': grpc.unary_unary_rpc_method_handler(
+                    servicer.BootstrapOrganization,
+                    request_deserializer=runops_dot_controlplane_dot_v1_dot_controlplane__pb2.BootstrapOrganizationRequest.FromString,
+                    response_serializer=runops_dot_controlplane_dot_v1_dot_controlplane__pb2.BootstrapOrganizationResponse.SerializeToString,
             ),
             'RotateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateApiKey,
@@ -511,6 +529,33 @@ class ControlPlaneService:
             '/runops.controlplane.v1.ControlPlaneService/CreateEnvironment',
             runops_dot_controlplane_dot_v1_dot_controlplane__pb2.CreateEnvironmentRequest.SerializeToString,
             runops_dot_controlplane_dot_v1_dot_controlplane__pb2.CreateEnvironmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BootstrapOrganization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runops.controlplane.v1.ControlPlaneService/BootstrapOrganization',
+            runops_dot_controlplane_dot_v1_dot_controlplane__pb2.BootstrapOrganizationRequest.SerializeToString,
+            runops_dot_controlplane_dot_v1_dot_controlplane__pb2.BootstrapOrganizationResponse.FromString,
             options,
             channel_credentials,
             insecure,

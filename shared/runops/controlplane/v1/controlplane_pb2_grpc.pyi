@@ -48,6 +48,10 @@ class ControlPlaneServiceStub:
     CreateProject: _grpc.UnaryUnaryMultiCallable[_controlplane_pb2.CreateProjectRequest, _controlplane_pb2.CreateProjectResponse]
     CreateEnvironment: _grpc.UnaryUnaryMultiCallable[_controlplane_pb2.CreateEnvironmentRequest, _controlplane_pb2.CreateEnvironmentResponse]
     """Returns the environment's API key; it is shown only here and by RotateApiKey."""
+    BootstrapOrganization: _grpc.UnaryUnaryMultiCallable[_controlplane_pb2.BootstrapOrganizationRequest, _controlplane_pb2.BootstrapOrganizationResponse]
+    """An organization, one project and its environments (each with its API key, shown only
+    here), in one transaction: when any part fails, none of it is created.
+    """
     RotateApiKey: _grpc.UnaryUnaryMultiCallable[_controlplane_pb2.RotateApiKeyRequest, _controlplane_pb2.RotateApiKeyResponse]
     PauseEnvironment: _grpc.UnaryUnaryMultiCallable[_controlplane_pb2.PauseEnvironmentRequest, _controlplane_pb2.PauseEnvironmentResponse]
     ResumeEnvironment: _grpc.UnaryUnaryMultiCallable[_controlplane_pb2.ResumeEnvironmentRequest, _controlplane_pb2.ResumeEnvironmentResponse]
@@ -77,6 +81,10 @@ class ControlPlaneServiceAsyncStub(ControlPlaneServiceStub):
     CreateProject: _aio.UnaryUnaryMultiCallable[_controlplane_pb2.CreateProjectRequest, _controlplane_pb2.CreateProjectResponse]  # type: ignore[assignment]
     CreateEnvironment: _aio.UnaryUnaryMultiCallable[_controlplane_pb2.CreateEnvironmentRequest, _controlplane_pb2.CreateEnvironmentResponse]  # type: ignore[assignment]
     """Returns the environment's API key; it is shown only here and by RotateApiKey."""
+    BootstrapOrganization: _aio.UnaryUnaryMultiCallable[_controlplane_pb2.BootstrapOrganizationRequest, _controlplane_pb2.BootstrapOrganizationResponse]  # type: ignore[assignment]
+    """An organization, one project and its environments (each with its API key, shown only
+    here), in one transaction: when any part fails, none of it is created.
+    """
     RotateApiKey: _aio.UnaryUnaryMultiCallable[_controlplane_pb2.RotateApiKeyRequest, _controlplane_pb2.RotateApiKeyResponse]  # type: ignore[assignment]
     PauseEnvironment: _aio.UnaryUnaryMultiCallable[_controlplane_pb2.PauseEnvironmentRequest, _controlplane_pb2.PauseEnvironmentResponse]  # type: ignore[assignment]
     ResumeEnvironment: _aio.UnaryUnaryMultiCallable[_controlplane_pb2.ResumeEnvironmentRequest, _controlplane_pb2.ResumeEnvironmentResponse]  # type: ignore[assignment]
@@ -151,6 +159,16 @@ class ControlPlaneServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_controlplane_pb2.CreateEnvironmentResponse, _abc.Awaitable[_controlplane_pb2.CreateEnvironmentResponse]]:
         """Returns the environment's API key; it is shown only here and by RotateApiKey."""
+
+    @_abc_1.abstractmethod
+    def BootstrapOrganization(
+        self,
+        request: _controlplane_pb2.BootstrapOrganizationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controlplane_pb2.BootstrapOrganizationResponse, _abc.Awaitable[_controlplane_pb2.BootstrapOrganizationResponse]]:
+        """An organization, one project and its environments (each with its API key, shown only
+        here), in one transaction: when any part fails, none of it is created.
+        """
 
     @_abc_1.abstractmethod
     def RotateApiKey(

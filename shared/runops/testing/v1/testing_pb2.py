@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from runops.common.v1 import options_pb2 as runops_dot_common_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frunops/testing/v1/testing.proto\x12\x11runops.testing.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1erunops/common/v1/options.proto\"\x99\x02\n\x05Probe\x12\x11\n\tbehaviour\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\nshort_text\x18\x03 \x01(\tB\x04\xd0\xf3\x18\x10\x12\r\n\x05names\x18\x04 \x03(\t\x12(\n\x05\x64\x65lay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06nested\x18\x06 \x01(\x0b\x32\x19.runops.testing.v1.Nested\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.runops.testing.v1.Probe.LabelsEntry\x12\x0c\n\x04\x62lob\x18\x08 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x06Nested\x12\x0c\n\x04note\x18\x01 \x01(\t\x12+\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x19.runops.testing.v1.Nested\"O\n\x04\x45\x63ho\x12\x11\n\tbehaviour\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x16\n\x0etime_remaining\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\"8\n\rBehaveRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"7\n\x0e\x42\x65haveResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\";\n\x10\x41\x64minOnlyRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\":\n\x11\x41\x64minOnlyResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"6\n\x0bOpenRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"5\n\x0cOpenResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"<\n\x11WithApiKeyRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\";\n\x12WithApiKeyResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"<\n\x11UndeclaredRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\";\n\x12UndeclaredResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\";\n\x0cWatchRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\rWatchResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"8\n\rUploadRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"1\n\x0eUploadResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xf9\x04\n\x0eTestingService\x12S\n\x06\x42\x65have\x12 .runops.testing.v1.BehaveRequest\x1a!.runops.testing.v1.BehaveResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\tAdminOnly\x12#.runops.testing.v1.AdminOnlyRequest\x1a$.runops.testing.v1.AdminOnlyResponse\"\x04\xc8\xf3\x18\x03\x12M\n\x04Open\x12\x1e.runops.testing.v1.OpenRequest\x1a\x1f.runops.testing.v1.OpenResponse\"\x04\xc8\xf3\x18\x01\x12_\n\nWithApiKey\x12$.runops.testing.v1.WithApiKeyRequest\x1a%.runops.testing.v1.WithApiKeyResponse\"\x04\xc8\xf3\x18\x04\x12Y\n\nUndeclared\x12$.runops.testing.v1.UndeclaredRequest\x1a%.runops.testing.v1.UndeclaredResponse\x12R\n\x05Watch\x12\x1f.runops.testing.v1.WatchRequest\x1a .runops.testing.v1.WatchResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12U\n\x06Upload\x12 .runops.testing.v1.UploadRequest\x1a!.runops.testing.v1.UploadResponse\"\x04\xc8\xf3\x18\x02(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frunops/testing/v1/testing.proto\x12\x11runops.testing.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1erunops/common/v1/options.proto\"\x96\x03\n\x05Probe\x12\x11\n\tbehaviour\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\nshort_text\x18\x03 \x01(\tB\x04\xd0\xf3\x18\x10\x12\r\n\x05names\x18\x04 \x03(\t\x12(\n\x05\x64\x65lay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06nested\x18\x06 \x01(\x0b\x32\x19.runops.testing.v1.Nested\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.runops.testing.v1.Probe.LabelsEntry\x12\x0c\n\x04\x62lob\x18\x08 \x01(\x0c\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x0bpicked_text\x18\n \x01(\tH\x00\x12\x32\n\rpicked_nested\x18\x0b \x01(\x0b\x32\x19.runops.testing.v1.NestedH\x00\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x63hoice\"C\n\x06Nested\x12\x0c\n\x04note\x18\x01 \x01(\t\x12+\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x19.runops.testing.v1.Nested\"O\n\x04\x45\x63ho\x12\x11\n\tbehaviour\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x16\n\x0etime_remaining\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\"8\n\rBehaveRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"7\n\x0e\x42\x65haveResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\";\n\x10\x41\x64minOnlyRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\":\n\x11\x41\x64minOnlyResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"6\n\x0bOpenRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"5\n\x0cOpenResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"<\n\x11WithApiKeyRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\";\n\x12WithApiKeyResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"<\n\x11UndeclaredRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\";\n\x12UndeclaredResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\";\n\x0cWatchRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\rWatchResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"8\n\rUploadRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"1\n\x0eUploadResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xf9\x04\n\x0eTestingService\x12S\n\x06\x42\x65have\x12 .runops.testing.v1.BehaveRequest\x1a!.runops.testing.v1.BehaveResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\tAdminOnly\x12#.runops.testing.v1.AdminOnlyRequest\x1a$.runops.testing.v1.AdminOnlyResponse\"\x04\xc8\xf3\x18\x03\x12M\n\x04Open\x12\x1e.runops.testing.v1.OpenRequest\x1a\x1f.runops.testing.v1.OpenResponse\"\x04\xc8\xf3\x18\x01\x12_\n\nWithApiKey\x12$.runops.testing.v1.WithApiKeyRequest\x1a%.runops.testing.v1.WithApiKeyResponse\"\x04\xc8\xf3\x18\x04\x12Y\n\nUndeclared\x12$.runops.testing.v1.UndeclaredRequest\x1a%.runops.testing.v1.UndeclaredResponse\x12R\n\x05Watch\x12\x1f.runops.testing.v1.WatchRequest\x1a .runops.testing.v1.WatchResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12U\n\x06Upload\x12 .runops.testing.v1.UploadRequest\x1a!.runops.testing.v1.UploadResponse\"\x04\xc8\xf3\x18\x02(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,42 +50,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TESTINGSERVICE'].methods_by_name['Watch']._serialized_options = b'\310\363\030\002'
   _globals['_TESTINGSERVICE'].methods_by_name['Upload']._loaded_options = None
   _globals['_TESTINGSERVICE'].methods_by_name['Upload']._serialized_options = b'\310\363\030\002'
-  _globals['_PROBE']._serialized_start=119
-  _globals['_PROBE']._serialized_end=400
-  _globals['_PROBE_LABELSENTRY']._serialized_start=355
-  _globals['_PROBE_LABELSENTRY']._serialized_end=400
-  _globals['_NESTED']._serialized_start=402
-  _globals['_NESTED']._serialized_end=469
-  _globals['_ECHO']._serialized_start=471
-  _globals['_ECHO']._serialized_end=550
-  _globals['_BEHAVEREQUEST']._serialized_start=552
-  _globals['_BEHAVEREQUEST']._serialized_end=608
-  _globals['_BEHAVERESPONSE']._serialized_start=610
-  _globals['_BEHAVERESPONSE']._serialized_end=665
-  _globals['_ADMINONLYREQUEST']._serialized_start=667
-  _globals['_ADMINONLYREQUEST']._serialized_end=726
-  _globals['_ADMINONLYRESPONSE']._serialized_start=728
-  _globals['_ADMINONLYRESPONSE']._serialized_end=786
-  _globals['_OPENREQUEST']._serialized_start=788
-  _globals['_OPENREQUEST']._serialized_end=842
-  _globals['_OPENRESPONSE']._serialized_start=844
-  _globals['_OPENRESPONSE']._serialized_end=897
-  _globals['_WITHAPIKEYREQUEST']._serialized_start=899
-  _globals['_WITHAPIKEYREQUEST']._serialized_end=959
-  _globals['_WITHAPIKEYRESPONSE']._serialized_start=961
-  _globals['_WITHAPIKEYRESPONSE']._serialized_end=1020
-  _globals['_UNDECLAREDREQUEST']._serialized_start=1022
-  _globals['_UNDECLAREDREQUEST']._serialized_end=1082
-  _globals['_UNDECLAREDRESPONSE']._serialized_start=1084
-  _globals['_UNDECLAREDRESPONSE']._serialized_end=1143
-  _globals['_WATCHREQUEST']._serialized_start=1145
-  _globals['_WATCHREQUEST']._serialized_end=1204
-  _globals['_WATCHRESPONSE']._serialized_start=1206
-  _globals['_WATCHRESPONSE']._serialized_end=1239
-  _globals['_UPLOADREQUEST']._serialized_start=1241
-  _globals['_UPLOADREQUEST']._serialized_end=1297
-  _globals['_UPLOADRESPONSE']._serialized_start=1299
-  _globals['_UPLOADRESPONSE']._serialized_end=1348
-  _globals['_TESTINGSERVICE']._serialized_start=1351
-  _globals['_TESTINGSERVICE']._serialized_end=1984
+  _globals['_PROBE']._serialized_start=152
+  _globals['_PROBE']._serialized_end=558
+  _globals['_PROBE_LABELSENTRY']._serialized_start=503
+  _globals['_PROBE_LABELSENTRY']._serialized_end=548
+  _globals['_NESTED']._serialized_start=560
+  _globals['_NESTED']._serialized_end=627
+  _globals['_ECHO']._serialized_start=629
+  _globals['_ECHO']._serialized_end=708
+  _globals['_BEHAVEREQUEST']._serialized_start=710
+  _globals['_BEHAVEREQUEST']._serialized_end=766
+  _globals['_BEHAVERESPONSE']._serialized_start=768
+  _globals['_BEHAVERESPONSE']._serialized_end=823
+  _globals['_ADMINONLYREQUEST']._serialized_start=825
+  _globals['_ADMINONLYREQUEST']._serialized_end=884
+  _globals['_ADMINONLYRESPONSE']._serialized_start=886
+  _globals['_ADMINONLYRESPONSE']._serialized_end=944
+  _globals['_OPENREQUEST']._serialized_start=946
+  _globals['_OPENREQUEST']._serialized_end=1000
+  _globals['_OPENRESPONSE']._serialized_start=1002
+  _globals['_OPENRESPONSE']._serialized_end=1055
+  _globals['_WITHAPIKEYREQUEST']._serialized_start=1057
+  _globals['_WITHAPIKEYREQUEST']._serialized_end=1117
+  _globals['_WITHAPIKEYRESPONSE']._serialized_start=1119
+  _globals['_WITHAPIKEYRESPONSE']._serialized_end=1178
+  _globals['_UNDECLAREDREQUEST']._serialized_start=1180
+  _globals['_UNDECLAREDREQUEST']._serialized_end=1240
+  _globals['_UNDECLAREDRESPONSE']._serialized_start=1242
+  _globals['_UNDECLAREDRESPONSE']._serialized_end=1301
+  _globals['_WATCHREQUEST']._serialized_start=1303
+  _globals['_WATCHREQUEST']._serialized_end=1362
+  _globals['_WATCHRESPONSE']._serialized_start=1364
+  _globals['_WATCHRESPONSE']._serialized_end=1397
+  _globals['_UPLOADREQUEST']._serialized_start=1399
+  _globals['_UPLOADREQUEST']._serialized_end=1455
+  _globals['_UPLOADRESPONSE']._serialized_start=1457
+  _globals['_UPLOADRESPONSE']._serialized_end=1506
+  _globals['_TESTINGSERVICE']._serialized_start=1509
+  _globals['_TESTINGSERVICE']._serialized_end=2142
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -53,11 +54,15 @@ class Probe(_message.Message):
     NESTED_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     BLOB_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    PICKED_TEXT_FIELD_NUMBER: _builtins.int
+    PICKED_NESTED_FIELD_NUMBER: _builtins.int
     behaviour: _builtins.str
     text: _builtins.str
     """The kit's default cap applies."""
     short_text: _builtins.str
     blob: _builtins.bytes
+    picked_text: _builtins.str
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -66,6 +71,10 @@ class Probe(_message.Message):
     def nested(self) -> Global___Nested: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def picked_nested(self) -> Global___Nested: ...
     def __init__(
         self,
         *,
@@ -77,12 +86,17 @@ class Probe(_message.Message):
         nested: Global___Nested | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         blob: _builtins.bytes = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        picked_text: _builtins.str = ...,
+        picked_nested: Global___Nested | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "nested", b"nested"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "choice", b"choice", "delay", b"delay", "nested", b"nested", "picked_nested", b"picked_nested", "picked_text", b"picked_text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["behaviour", b"behaviour", "blob", b"blob", "delay", b"delay", "labels", b"labels", "names", b"names", "nested", b"nested", "short_text", b"short_text", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "behaviour", b"behaviour", "blob", b"blob", "choice", b"choice", "delay", b"delay", "labels", b"labels", "names", b"names", "nested", b"nested", "picked_nested", b"picked_nested", "picked_text", b"picked_text", "short_text", b"short_text", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_choice: _TypeAlias = _typing.Literal["picked_text", "picked_nested"]  # noqa: Y015
+    _WhichOneofArgType_choice: _TypeAlias = _typing.Literal["choice", b"choice"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_choice) -> _WhichOneofReturnType_choice | None: ...
 
 Global___Probe: _TypeAlias = Probe  # noqa: Y015
 

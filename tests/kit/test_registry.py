@@ -12,9 +12,10 @@ from google.protobuf import descriptor_pool
 
 from runops.kit import registry
 from runops.kit.migrations import discover
+from runops.kit.postgres import DatabaseSettings
 from runops.kit.settings import ENV_PREFIX, ServerSettings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_proto_package_is_registered_and_every_registered_one_exists() -> None:
@@ -59,6 +60,13 @@ def test_settings_class_and_default_ports(service: registry.Service) -> None:
     fields = cls.model_fields
     assert fields["grpc_port"].default == service.grpc_port
     assert fields["metrics_port"].default == service.metrics_port
+
+
+@pytest.mark.parametrize("service", registry.available(), ids=lambda s: s.name)
+def test_each_database_it_migrates_has_its_settings_block(service: registry.Service) -> None:
+    fields = service.settings_class().model_fields
+    for database in service.databases:
+        assert fields[f"{database}_db"].annotation is DatabaseSettings, database
 
 
 @pytest.mark.parametrize("service", registry.available(), ids=lambda s: s.name)

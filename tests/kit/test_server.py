@@ -4,11 +4,7 @@ deadline propagation, graceful shutdown and settings validation."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,65 +12,32 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from pydantic import SecretStr
 
-from runops.controlplane.v1 import controlplane_pb2 as cp
-from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit import server as kit_server
 from runops.kit.errors import details_of
 from runops.kit.server import LIVENESS, ServiceApp
 from runops.kit.settings import ServerSettings, SettingsError, load_settings
-from tests.kit_app import SERVICE, build_app
-
-REPO = Path(__file__).resolve().parents[1]
-ADMIN = "admin-secret"
-INTERNAL = "internal-secret"
-
-
-def _settings(**overrides: object) -> ServerSettings:
-    base: dict[str, object] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "metrics_host": "127.0.0.1",
-        "metrics_port": 0,
-        "grace_period_seconds": 5,
-        "health_check_interval_seconds": 0.1,
-        "admin_token": SecretStr(ADMIN),
-        "internal_token": SecretStr(INTERNAL),
-    }
-    base.update(overrides)
-    return ServerSettings.model_validate(base)
-
-
-@pytest.fixture
-async def app(tmp_path: Path) -> AsyncIterator[ServiceApp]:
-    service = build_app(_settings(), down_file=tmp_path / "down")
-    await service.start()
-    yield service
-    await service.stop(grace=1)
-
-
-@pytest.fixture
-async def channel(app: ServiceApp) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(app.target) as ch:
-        yield ch
-
-
-def _auth(token: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)
-
-
-async def _health(channel: grpc.aio.Channel, service: str = "") -> int:
-    stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type the sync channel only
-    response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-    return int(response.status)
+from runops.testing.v1 import testing_pb2 as t
+from tests.kit.app import SERVICE, build_app
+from tests.kit.harness import (
+    ADMIN,
+    INTERNAL,
+    PROCESS_ENV,
+    behave,
+    serving_address,
+    settings,
+    spawn,
+    stub,
+)
+from tests.kit.harness import auth as _auth
+from tests.kit.harness import health as _health
 
 
 async def test_health_reports_serving_per_service(channel: grpc.aio.Channel) -> None:
     assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
-    assert await _health(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    assert await _health(channel, SERVICE.full_name) == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_health_follows_a_dependency(
@@ -108,36 +71,28 @@ async def test_reflection_lists_services(channel: grpc.aio.Channel) -> None:
     names: set[str] = set()
     async for response in stub.ServerReflectionInfo(requests()):
         names |= {s.name for s in response.list_services_response.service}
-    assert {SERVICE, "grpc.health.v1.Health"} <= names
+    assert {SERVICE.full_name, "grpc.health.v1.Health"} <= names
 
 
 async def test_domain_error_reaches_client_with_details(channel: grpc.aio.Channel) -> None:
-    stub = cp_grpc.ControlPlaneServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.GetEnvironment(
-            cp.GetEnvironmentRequest(environment_id="invalid"), metadata=_auth(INTERNAL)
-        )
+        await stub(channel).Behave(behave("invalid"), metadata=_auth(INTERNAL))
     details = details_of(info.value)
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.reason == "INVALID_ARGUMENT"
-    assert details.fields == ["environment_id"]
+    assert details.fields == ["probe.text"]
 
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.GetEnvironment(
-            cp.GetEnvironmentRequest(environment_id="missing"), metadata=_auth(INTERNAL)
-        )
+        await stub(channel).Behave(behave("missing"), metadata=_auth(INTERNAL))
     assert details_of(info.value).code == grpc.StatusCode.NOT_FOUND
-    assert details_of(info.value).reason == "ENVIRONMENT_NOT_FOUND"
+    assert details_of(info.value).reason == "THING_NOT_FOUND"
 
 
 async def test_dependency_failure_is_retryable_and_bugs_are_internal(
     channel: grpc.aio.Channel,
 ) -> None:
-    stub = cp_grpc.ControlPlaneServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.GetEnvironment(
-            cp.GetEnvironmentRequest(environment_id="pg-down"), metadata=_auth(INTERNAL)
-        )
+        await stub(channel).Behave(behave("pg-down"), metadata=_auth(INTERNAL))
     details = details_of(info.value)
     assert details.code == grpc.StatusCode.UNAVAILABLE
     assert details.reason == "DATABASE_UNAVAILABLE"
@@ -145,9 +100,8 @@ async def test_dependency_failure_is_retryable_and_bugs_are_internal(
     assert details.retry_after > 0
 
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.GetEnvironment(
-            cp.GetEnvironmentRequest(environment_id="boom"),
-            metadata=(*_auth(INTERNAL), ("x-request-id", "req-123")),
+        await stub(channel).Behave(
+            behave("boom"), metadata=(*_auth(INTERNAL), ("x-request-id", "req-123"))
         )
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "req-123" in (info.value.details() or "")
@@ -166,79 +120,69 @@ async def test_dependency_failure_is_retryable_and_bugs_are_internal(
 async def test_admin_rpc_needs_the_admin_token(
     channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...], code: grpc.StatusCode
 ) -> None:
-    stub = cp_grpc.ControlPlaneServiceStub(channel)
+    request = t.AdminOnlyRequest(probe=t.Probe(text="x"))
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.CreateOrganization(cp.CreateOrganizationRequest(slug="x"), metadata=metadata)
+        await stub(channel).AdminOnly(request, metadata=metadata)
     assert info.value.code() == code
-    ok = await stub.CreateOrganization(
-        cp.CreateOrganizationRequest(slug="x"), metadata=_auth(ADMIN)
-    )
-    assert ok.organization.slug == "x"
+    ok = await stub(channel).AdminOnly(request, metadata=_auth(ADMIN))
+    assert ok.echo.text == "x"
+    assert ok.echo.caller == "admin"
 
 
 async def test_internal_rpc_needs_the_internal_token(channel: grpc.aio.Channel) -> None:
-    stub = cp_grpc.ControlPlaneServiceStub(channel)
-    request = cp.GetEnvironmentRequest(environment_id="env_1")
+    request = behave(text="env_1")
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.GetEnvironment(request)
+        await stub(channel).Behave(request)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.GetEnvironment(request, metadata=_auth("nope"))
+        await stub(channel).Behave(request, metadata=_auth("nope"))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert (await stub.GetEnvironment(request, metadata=_auth(INTERNAL))).environment.id == "env_1"
+    assert (await stub(channel).Behave(request, metadata=_auth(INTERNAL))).echo.text == "env_1"
 
 
 async def test_deadline_propagates_downstream(app: ServiceApp, channel: grpc.aio.Channel) -> None:
-    stub = cp_grpc.ControlPlaneServiceStub(channel)
     # The relay calls back into the same server without a timeout of its own.
-    response = await stub.GetEnvironment(
-        cp.GetEnvironmentRequest(environment_id=f"relay:{app.target}"),
-        metadata=_auth(INTERNAL),
-        timeout=3,
+    response = await stub(channel).Behave(
+        behave(f"relay:{app.target}"), metadata=_auth(INTERNAL), timeout=3
     )
     # Without propagation the downstream call would get the channel default (30 s).
-    remaining = float(response.environment.slug)
+    remaining = response.echo.time_remaining
     assert 0 < remaining <= 3
 
 
 async def test_metrics_count_handled_rpcs_by_code(
     app: ServiceApp, channel: grpc.aio.Channel
 ) -> None:
-    stub = cp_grpc.ControlPlaneServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError):
-        await stub.GetEnvironment(
-            cp.GetEnvironmentRequest(environment_id="missing"), metadata=_auth(INTERNAL)
-        )
+        await stub(channel).Behave(behave("missing"), metadata=_auth(INTERNAL))
     url = f"http://127.0.0.1:{app.metrics_port}/metrics"
     body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     assert (
-        'grpc_server_handled_total{grpc_code="NOT_FOUND",grpc_method="GetEnvironment",'
-        f'grpc_service="{SERVICE}",grpc_type="unary"}}'
+        'grpc_server_handled_total{grpc_code="NOT_FOUND",grpc_method="Behave",'
+        f'grpc_service="{SERVICE.full_name}",grpc_type="unary"}}'
     ) in body
 
 
 async def test_shutdown_ends_long_lived_streams_without_waiting_out_the_grace(
     tmp_path: Path,
 ) -> None:
-    service = build_app(_settings(grace_period_seconds=30), down_file=None)
+    service = build_app(settings(grace_period_seconds=30), down_file=None)
     await service.start()
     async with grpc.aio.insecure_channel(service.target) as ch:
-        stream = cp_grpc.ControlPlaneServiceStub(ch).WatchInvalidations(
-            cp.WatchInvalidationsRequest(), metadata=_auth(INTERNAL)
-        )
+        stream = stub(ch).Watch(t.WatchRequest(), metadata=_auth(INTERNAL))
         first = await stream.read()
-        assert isinstance(first, cp.WatchInvalidationsResponse)
-        assert first.reset
+        assert isinstance(first, t.WatchResponse)
+        assert first.sequence == 1
         loop = asyncio.get_running_loop()
         began = loop.time()
         await service.stop()
-        received: list[cp.WatchInvalidationsResponse] = []
-        while isinstance(message := await stream.read(), cp.WatchInvalidationsResponse):
+        received: list[t.WatchResponse] = []
+        while isinstance(message := await stream.read(), t.WatchResponse):
             received.append(message)
         assert await stream.code() == grpc.StatusCode.OK
         # The watch ended on shutdown, not by cancellation at the end of the 30 s grace.
         assert loop.time() - began < 10
-        assert all(not m.reset for m in received)
+        assert all(m.sequence > 1 for m in received)
 
 
 def test_bad_settings_refuse_to_load() -> None:
@@ -249,18 +193,8 @@ def test_bad_settings_refuse_to_load() -> None:
     assert "RUNOPS_GRACE_PERIOD_SECONDS" in message
 
 
-def _spawn(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.kit_app"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": f"{REPO / 'shared'}:{REPO}", **env},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_bad_settings_refuse_to_start_a_process() -> None:
-    proc = _spawn({"RUNOPS_GRPC_PORT": "not-a-port", "RUNOPS_LOG_LEVEL": "loud"})
+    proc = spawn({"RUNOPS_GRPC_PORT": "not-a-port", "RUNOPS_LOG_LEVEL": "loud"})
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "RUNOPS_GRPC_PORT" in err
@@ -269,31 +203,25 @@ def test_bad_settings_refuse_to_start_a_process() -> None:
 
 
 async def test_sigterm_drains_in_flight_rpc_then_not_serving_and_exit() -> None:
-    proc = _spawn(
+    proc = spawn(
         {
-            "RUNOPS_GRPC_HOST": "127.0.0.1",
-            "RUNOPS_GRPC_PORT": "0",
-            "RUNOPS_METRICS_PORT": "-1",
+            **PROCESS_ENV,
             "RUNOPS_SHUTDOWN_DELAY_SECONDS": "1.0",
             "RUNOPS_GRACE_PERIOD_SECONDS": "10",
         }
     )
     try:
         assert proc.stderr is not None
-        target = await asyncio.wait_for(asyncio.to_thread(_serving_address, proc), timeout=60)
+        target = await asyncio.wait_for(asyncio.to_thread(serving_address, proc), timeout=60)
         async with grpc.aio.insecure_channel(target) as ch:
-            stub = cp_grpc.ControlPlaneServiceStub(ch)
-            in_flight = asyncio.ensure_future(
-                stub.GetEnvironment(
-                    cp.GetEnvironmentRequest(environment_id="sleep:2.5"), timeout=30
-                )
-            )
+            # No internal token configured in the process: internal RPCs are open.
+            in_flight = asyncio.ensure_future(stub(ch).Behave(behave("sleep:2.5"), timeout=30))
             await asyncio.sleep(0.3)
             proc.send_signal(signal.SIGTERM)
             await _wait_for_health(ch, health_pb2.HealthCheckResponse.NOT_SERVING, within=1)
             assert await _health(ch, LIVENESS) == health_pb2.HealthCheckResponse.NOT_SERVING
             response = await in_flight
-            assert response.environment.id == "sleep:2.5"
+            assert response.echo.behaviour == "sleep:2.5"
         code = await asyncio.to_thread(proc.wait, 30)
         assert code == 0
     finally:
@@ -302,21 +230,11 @@ async def test_sigterm_drains_in_flight_rpc_then_not_serving_and_exit() -> None:
             proc.wait()
 
 
-def _serving_address(proc: subprocess.Popen[str]) -> str:
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") == "serving":
-                return str(event["address"])
-    raise AssertionError(f"the process exited ({proc.wait()}) before serving")
-
-
 async def test_shutdown_goes_on_when_grpc_stop_hangs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """grpc.aio's own stop has been seen to hang past its grace: pools must still close."""
-    service = build_app(_settings(), down_file=tmp_path / "down")
+    service = build_app(settings(), down_file=tmp_path / "down")
     closed = asyncio.Event()
 
     async def close_pools() -> None:

@@ -1,0 +1,514 @@
+"""Every statement of the run store, for one database (the schema: migrations/runs/).
+
+All of them run under READ COMMITTED (Postgres' default), which their concurrency arguments rely
+on: each statement sees rows committed before it started, ON CONFLICT waits for a conflicting
+insert in flight and then skips, and an UPDATE that waited for a row lock re-checks its WHERE
+clause against the row's newest version. See docs/runstore.md.
+
+Statements that take many rows take one array per column (`unnest`), so a list of any length is
+one statement. A data-modifying CTE that must run after another reads it (`WHERE (SELECT
+count(*) FROM earlier) >= 0`): Postgres runs a CTE when it is first read.
+"""
+
+from __future__ import annotations
+
+# Run statuses, as stored (the proto enum names without RUN_STATUS_).
+FINAL_RUN_STATUSES = (
+    "COMPLETED_SUCCESSFULLY",
+    "COMPLETED_WITH_ERRORS",
+    "SYSTEM_FAILURE",
+    "CANCELED",
+    "EXPIRED",
+)
+# A run in one of these holds its idempotency key; one created final (pre-failed, cancelled)
+# never claims it, so a retry with the key can run.
+CLAIMING_RUN_STATUSES = ("PENDING", "QUEUED", "DELAYED")
+
+
+def _in(values: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+_FINAL = _in(FINAL_RUN_STATUSES)
+_CLAIMING = _in(CLAIMING_RUN_STATUSES)
+
+# RunRow's fields in order, with the SQL type of their array parameter (tags travel as one JSON
+# array per run: a text[][] must be rectangular).
+RUN_INPUT_FIELDS = (
+    ("id", "text"),
+    ("environment_id", "text"),
+    ("organization_id", "text"),
+    ("project_id", "text"),
+    ("task_identifier", "text"),
+    ("status", "text"),
+    ("payload", "bytea"),
+    ("payload_type", "text"),
+    ("metadata", "text"),
+    ("metadata_type", "text"),
+    ("tags", "text"),
+    ("queue", "text"),
+    ("concurrency_key", "text"),
+    ("idempotency_key", "text"),
+    ("idempotency_key_expires_at", "timestamptz"),
+    ("ttl_ms", "bigint"),
+    ("delay_until", "timestamptz"),
+    ("max_attempts", "integer"),
+    ("machine_preset", "text"),
+    ("lock_to_version", "text"),
+    ("worker_version", "text"),
+    ("priority_ms", "bigint"),
+    ("is_test", "boolean"),
+    ("options", "jsonb"),
+    ("parent_run_id", "text"),
+    ("root_run_id", "text"),
+    ("resume_parent_on_completion", "boolean"),
+    ("error_code", "text"),
+    ("error_message", "text"),
+    ("created_at", "timestamptz"),
+)
+
+RUN_COLUMNS = (
+    "id, environment_id, organization_id, project_id, task_identifier, status, payload,"
+    " payload_type, metadata, metadata_type, tags, queue, concurrency_key, idempotency_key,"
+    " idempotency_key_expires_at, ttl_ms, delay_until, max_attempts, machine_preset,"
+    " lock_to_version, worker_version, priority_ms, is_test, options, batch_id, batch_index,"
+    " parent_run_id, root_run_id, resume_parent_on_completion, error_code, error_message, output,"
+    " output_type, created_at, updated_at, completed_at"
+)
+_R_RUN_COLUMNS = ", ".join("r." + c.strip() for c in RUN_COLUMNS.split(","))
+
+BATCH_COLUMNS = (
+    "id, environment_id, organization_id, project_id, status, run_count, accepted_count,"
+    " failed_item_count, sealed, sealed_at, processing_started_at, processing_completed_at,"
+    " successful_run_count, failed_run_count, completed_run_count, idempotency_key,"
+    " parent_run_id, resume_parent_on_completion, waitpoint_id, task_identifiers, aborted_reason,"
+    " error_message, created_at, updated_at"
+)
+
+WAITPOINT_COLUMNS = (
+    "id, environment_id, status, batch_id, run_id, output_is_error, output, output_type,"
+    " completed_at, created_at"
+)
+
+
+def _unnest(first_param: int, leading: tuple[tuple[str, str], ...] = ()) -> str:
+    """`unnest($n::t[], ...) WITH ORDINALITY AS input(<fields>, ord)` over leading + run fields."""
+    fields = leading + RUN_INPUT_FIELDS
+    arrays = ", ".join(f"${first_param + n}::{t}[]" for n, (_, t) in enumerate(fields))
+    names = ", ".join(name for name, _ in fields)
+    return f"unnest({arrays}) WITH ORDINALITY AS input({names}, ord)"
+
+
+_INSERT_RUN_COLUMNS = (
+    "id, environment_id, organization_id, project_id, task_identifier, status, payload,"
+    " payload_type, metadata, metadata_type, tags, queue, concurrency_key, idempotency_key,"
+    " idempotency_key_expires_at, ttl_ms, delay_until, max_attempts, machine_preset,"
+    " lock_to_version, worker_version, priority_ms, is_test, options, parent_run_id, root_run_id,"
+    " resume_parent_on_completion, error_code, error_message, created_at, updated_at,"
+    " completed_at"
+)
+
+
+def _insert_run_values(owner: str) -> str:
+    """The values of _INSERT_RUN_COLUMNS from a row `i` of _unnest; environment, organization
+    and project from `owner` (`i`, or the batch a run is created for)."""
+    return f"""
+    i.id, {owner}.environment_id, {owner}.organization_id, {owner}.project_id, i.task_identifier,
+    i.status, i.payload, i.payload_type, i.metadata, i.metadata_type,
+    ARRAY(SELECT jsonb_array_elements_text(i.tags::jsonb)), i.queue, i.concurrency_key,
+    CASE WHEN i.status IN {_CLAIMING} THEN i.idempotency_key END,
+    CASE WHEN i.status IN {_CLAIMING} THEN i.idempotency_key_expires_at END,
+    i.ttl_ms, i.delay_until, i.max_attempts, i.machine_preset, i.lock_to_version,
+    i.worker_version, i.priority_ms, i.is_test, i.options, i.parent_run_id, i.root_run_id,
+    i.resume_parent_on_completion, i.error_code, i.error_message, coalesce(i.created_at, now()),
+    now(), CASE WHEN i.status IN {_FINAL} THEN now() END
+"""
+
+
+def _clear_expired_keys(source: str, environment: str) -> str:
+    """Releases the expired keys the input rows (`i` in `source`) want: in the same statement
+    as the insert, so no concurrent create sees neither the old holder nor the new run."""
+    return f"""
+    UPDATE runs r SET idempotency_key = NULL, idempotency_key_expires_at = NULL, updated_at = now()
+    FROM {source}
+    WHERE i.status IN {_CLAIMING}
+        AND r.environment_id = {environment} AND r.task_identifier = i.task_identifier
+        AND r.idempotency_key = i.idempotency_key AND r.idempotency_key_expires_at < now()
+    RETURNING r.id
+"""
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+# Any conflict (the id already written: a replay; the key held by a live run) skips the row;
+# SELECT_RUNS_FOR_INPUTS then finds what holds it, in a new snapshot.
+INSERT_RUNS = f"""
+WITH input AS (SELECT * FROM {_unnest(1)}),
+cleared AS ({_clear_expired_keys("input i", "i.environment_id")}),
+inserted AS (
+    INSERT INTO runs ({_INSERT_RUN_COLUMNS})
+    SELECT {_insert_run_values("i")} FROM input i
+    WHERE (SELECT count(*) FROM cleared) >= 0
+    ORDER BY i.ord
+    ON CONFLICT DO NOTHING
+    RETURNING {RUN_COLUMNS}
+)
+SELECT * FROM inserted
+"""
+
+# For each (id, environment, task, key): the run with that id, else the live run holding the key.
+SELECT_RUNS_FOR_INPUTS = f"""
+SELECT i.ord, r.*
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+    WITH ORDINALITY AS i(id, environment_id, task_identifier, idempotency_key, status, ord)
+JOIN LATERAL (
+    (SELECT {RUN_COLUMNS}, true AS same_id FROM runs WHERE id = i.id)
+    UNION ALL
+    (SELECT {RUN_COLUMNS}, false FROM runs
+     WHERE i.status IN {_CLAIMING} AND environment_id = i.environment_id
+        AND task_identifier = i.task_identifier AND idempotency_key = i.idempotency_key)
+    LIMIT 1
+) r ON true
+"""
+
+SELECT_RUN = f"""
+SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+"""
+
+SELECT_RUN_BY_IDEMPOTENCY_KEY = f"""
+SELECT {RUN_COLUMNS} FROM runs
+WHERE environment_id = $1 AND task_identifier = $2 AND idempotency_key = $3
+    AND (idempotency_key_expires_at IS NULL OR idempotency_key_expires_at >= now())
+"""
+
+# Keyset page of a batch's item runs (own or linked), by item index after $2.
+SELECT_BATCH_RUNS = f"""
+SELECT i.index AS item_index, {_R_RUN_COLUMNS}
+FROM batch_items i
+JOIN batches b ON b.id = i.batch_id AND ($4::text IS NULL OR b.environment_id = $4)
+JOIN runs r ON r.id = i.run_id
+WHERE i.batch_id = $1 AND i.index > $2
+ORDER BY i.index
+LIMIT $3
+"""
+
+# A run becomes final (completed, failed, cancelled): every batch item of it (its own, and items
+# of any batch linked to it) counts once, each batch whose last run this was becomes COMPLETED,
+# and that batch's waitpoint is completed. One statement, so all of it or none.
+FINALIZE_RUN = f"""
+WITH done AS (
+    UPDATE runs SET status = $3, error_code = $4, error_message = $5, output = $6,
+        output_type = $7, completed_at = now(), updated_at = now()
+    WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2) AND status NOT IN {_FINAL}
+    RETURNING {RUN_COLUMNS}
+),
+items AS (
+    UPDATE batch_items SET run_final = true
+    WHERE run_id IN (SELECT id FROM done) AND NOT run_final
+    RETURNING batch_id
+),
+counted AS (
+    UPDATE batches b SET
+        completed_run_count = b.completed_run_count + n.items,
+        status = CASE
+            WHEN b.sealed AND b.status IN ('PROCESSING', 'PARTIAL_FAILED')
+                AND b.completed_run_count + n.items = b.run_count
+            THEN 'COMPLETED' ELSE b.status END,
+        updated_at = now()
+    FROM (SELECT batch_id, count(*)::int AS items FROM items GROUP BY batch_id) n
+    WHERE b.id = n.batch_id
+    RETURNING b.id, b.status, b.waitpoint_id
+),
+waitpoints_done AS (
+    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now()
+    FROM counted c
+    WHERE w.id = c.waitpoint_id AND c.status = 'COMPLETED' AND w.status = 'PENDING'
+    RETURNING w.id
+)
+SELECT d.*, (SELECT count(*) FROM waitpoints_done) AS waitpoints_completed FROM done d
+"""
+
+RESET_IDEMPOTENCY_KEY = """
+UPDATE runs SET idempotency_key = NULL, idempotency_key_expires_at = NULL, updated_at = now()
+WHERE environment_id = $1 AND task_identifier = $2 AND idempotency_key = $3
+"""
+
+# New tags are appended in the order given, each once.
+ADD_RUN_TAGS = f"""
+UPDATE runs r SET
+    tags = r.tags || ARRAY(
+        SELECT t FROM unnest($3::text[]) WITH ORDINALITY AS n(t, o)
+        WHERE t <> ALL(r.tags) GROUP BY t ORDER BY min(o)
+    ),
+    updated_at = now()
+WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+RETURNING {RUN_COLUMNS}
+"""
+
+UPDATE_RUN_METADATA = f"""
+UPDATE runs SET metadata = $3, metadata_type = $4, updated_at = now()
+WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+RETURNING {RUN_COLUMNS}
+"""
+
+# Only a run that is still waiting for its delay can be rescheduled.
+RESCHEDULE_RUN = f"""
+UPDATE runs SET delay_until = $3, updated_at = now()
+WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2) AND status = 'DELAYED'
+RETURNING {RUN_COLUMNS}
+"""
+
+# -- batches ------------------------------------------------------------------------------------
+
+# The waitpoint a parent waits on is created with its batch (when $10 names one).
+INSERT_BATCH = f"""
+WITH inserted AS (
+    INSERT INTO batches (
+        id, environment_id, organization_id, project_id, run_count, idempotency_key,
+        task_identifiers, parent_run_id, resume_parent_on_completion, waitpoint_id, created_at
+    )
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, coalesce($11, now()))
+    ON CONFLICT DO NOTHING
+    RETURNING {BATCH_COLUMNS}
+),
+waitpoint AS (
+    INSERT INTO waitpoints (id, environment_id, batch_id, created_at)
+    SELECT waitpoint_id, environment_id, id, created_at FROM inserted
+    WHERE waitpoint_id IS NOT NULL
+    RETURNING id
+)
+SELECT * FROM inserted
+"""
+
+# What made INSERT_BATCH skip: the batch with that id, else the one holding the key.
+SELECT_BATCH_FOR_INPUT = f"""
+(SELECT {BATCH_COLUMNS}, true AS same_id FROM batches WHERE id = $1)
+UNION ALL
+(SELECT {BATCH_COLUMNS}, false FROM batches WHERE environment_id = $2 AND idempotency_key = $3)
+LIMIT 1
+"""
+
+SELECT_BATCH = f"""
+SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+"""
+
+SELECT_WAITPOINT = f"""
+SELECT {WAITPOINT_COLUMNS} FROM waitpoints
+WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+"""
+
+_ITEM_FIELDS = (("index", "integer"), ("existing_run_id", "text"))
+
+# A chunk of items: item rows first (ON CONFLICT DO NOTHING: an index present, or being written
+# by a concurrent chunk, is skipped, so no index is ever written twice), then runs for exactly the
+# items this statement inserted, then the batch's counters, bumped by what was inserted. The
+# counter update reads new_runs so it runs last: the batch row is locked only at the very end.
+# Returns no row when the batch is missing, of another environment, sealed or not PENDING (also
+# when that changed while the statement ran): the caller then rolls back.
+# A linked run is read FOR SHARE: completing it either waits for us, or we wait and see it final.
+# key_held: items whose run was skipped because a live run holds its idempotency key
+# (LINK_KEY_HOLDERS links them to it).
+ACCEPT_BATCH_ITEMS = f"""
+WITH batch AS (
+    SELECT id, environment_id, organization_id, project_id, run_count FROM batches
+    WHERE id = $1 AND environment_id = $2 AND status = 'PENDING' AND NOT sealed
+),
+input AS (
+    SELECT DISTINCT ON (index) * FROM {_unnest(3, _ITEM_FIELDS)} ORDER BY index, ord
+),
+linked AS (
+    SELECT id, status IN {_FINAL} AS final FROM runs
+    WHERE id IN (SELECT existing_run_id FROM input WHERE existing_run_id IS NOT NULL)
+    FOR SHARE
+),
+items AS (
+    INSERT INTO batch_items (batch_id, index, run_id, linked, pre_failed, run_final)
+    SELECT b.id, i.index, coalesce(i.existing_run_id, i.id), i.existing_run_id IS NOT NULL,
+        i.existing_run_id IS NULL AND i.status IN {_FINAL},
+        CASE WHEN i.existing_run_id IS NULL THEN i.status IN {_FINAL}
+            ELSE coalesce(l.final, false) END
+    FROM input i JOIN batch b ON i.index < b.run_count
+    LEFT JOIN linked l ON l.id = i.existing_run_id
+    ORDER BY i.index
+    ON CONFLICT (batch_id, index) DO NOTHING
+    RETURNING index, run_id, linked, pre_failed, run_final
+),
+cleared AS ({_clear_expired_keys("input i JOIN items it USING (index)", "$2")}),
+new_runs AS (
+    INSERT INTO runs ({_INSERT_RUN_COLUMNS}, batch_id, batch_index)
+    SELECT {_insert_run_values("b")}, b.id, i.index
+    FROM input i JOIN items it ON it.index = i.index AND NOT it.linked CROSS JOIN batch b
+    WHERE (SELECT count(*) FROM cleared) >= 0
+    ORDER BY i.index
+    ON CONFLICT (environment_id, task_identifier, idempotency_key)
+        WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING batch_index
+),
+counted AS (
+    UPDATE batches SET
+        accepted_count = accepted_count + (SELECT count(*) FROM items),
+        failed_item_count = failed_item_count + (SELECT count(*) FROM items WHERE pre_failed),
+        completed_run_count = completed_run_count + (SELECT count(*) FROM items WHERE run_final),
+        updated_at = now()
+    WHERE id = $1 AND environment_id = $2 AND status = 'PENDING' AND NOT sealed
+        AND (SELECT count(*) FROM new_runs) >= 0
+    RETURNING accepted_count, run_count
+)
+SELECT c.accepted_count, c.run_count,
+    ARRAY(SELECT index FROM items ORDER BY index) AS inserted_indexes,
+    ARRAY(SELECT run_id FROM items ORDER BY index) AS inserted_run_ids,
+    ARRAY(
+        SELECT index FROM items WHERE NOT linked
+        EXCEPT SELECT batch_index FROM new_runs
+    ) AS key_held
+FROM counted c
+"""
+
+# Items whose own run lost its idempotency key to a live run (e.g. two items of one chunk with
+# one key) link to that run instead; counted at once if it is already final.
+LINK_KEY_HOLDERS = f"""
+WITH wanted AS (
+    SELECT * FROM unnest($3::int[], $4::text[], $5::text[]) AS w(index, task_identifier, key)
+),
+holder AS (
+    SELECT w.index, r.id, r.status IN {_FINAL} AS final
+    FROM wanted w JOIN runs r ON r.environment_id = $2
+        AND r.task_identifier = w.task_identifier AND r.idempotency_key = w.key
+    FOR SHARE OF r
+),
+relinked AS (
+    UPDATE batch_items i SET run_id = h.id, linked = true, run_final = h.final
+    FROM holder h
+    WHERE i.batch_id = $1 AND i.index = h.index
+    RETURNING i.index, i.run_id, i.run_final
+),
+counted AS (
+    UPDATE batches SET
+        completed_run_count = completed_run_count + (SELECT count(*) FROM relinked WHERE run_final),
+        updated_at = now()
+    WHERE id = $1
+    RETURNING id
+)
+SELECT r.index, r.run_id FROM relinked r, counted
+"""
+
+SELECT_BATCH_ITEMS = """
+SELECT index, run_id FROM batch_items WHERE batch_id = $1 AND index = ANY($2::int[])
+"""
+
+# Gaps and islands over the (batch_id, index) primary key, in index order: each present index
+# followed by a gap opens a missing range [index + 1, next present index (or run_count)); plus
+# the range before the first present index. At most $3 ranges (ask for one more than you show).
+MISSING_RANGES = """
+WITH batch AS (
+    SELECT run_count, accepted_count FROM batches
+    WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
+),
+gaps AS (
+    SELECT 0 AS range_start,
+        coalesce((SELECT min(index) FROM batch_items WHERE batch_id = $1), b.run_count)
+            AS range_end
+    FROM batch b
+    UNION ALL
+    SELECT i.index + 1, lead(i.index, 1, b.run_count) OVER (ORDER BY i.index)
+    FROM batch_items i CROSS JOIN batch b
+    WHERE i.batch_id = $1
+),
+found AS (
+    SELECT range_start, range_end FROM gaps WHERE range_end > range_start
+    ORDER BY range_start LIMIT $3
+)
+SELECT b.run_count, b.accepted_count,
+    ARRAY(SELECT range_start FROM found ORDER BY range_start) AS starts,
+    ARRAY(SELECT range_end FROM found ORDER BY range_start) AS ends
+FROM batch b
+"""
+
+_EVERY_ITEM_FAILED = "b.run_count > 0 AND b.failed_item_count = b.run_count"
+
+# Sealing: every item has its run by now (accepted_count = run_count), so processing completes in
+# the same update. A batch whose runs are all final already (all linked or pre-failed) completes
+# at once; one whose every item failed is ABORTED. Either way its waitpoint is completed.
+SEAL_BATCH = f"""
+WITH sealed AS (
+    UPDATE batches b SET
+        sealed = true, sealed_at = now(),
+        processing_started_at = now(), processing_completed_at = now(),
+        successful_run_count = b.run_count - b.failed_item_count,
+        failed_run_count = b.failed_item_count,
+        status = CASE
+            WHEN {_EVERY_ITEM_FAILED} THEN 'ABORTED'
+            WHEN b.completed_run_count = b.run_count THEN 'COMPLETED'
+            WHEN b.failed_item_count > 0 THEN 'PARTIAL_FAILED'
+            ELSE 'PROCESSING' END,
+        aborted_reason = CASE WHEN {_EVERY_ITEM_FAILED} THEN 'EVERY_ITEM_FAILED' END,
+        error_message = CASE WHEN {_EVERY_ITEM_FAILED} THEN 'every item failed' END,
+        updated_at = now()
+    WHERE b.id = $1 AND ($2::text IS NULL OR b.environment_id = $2)
+        AND NOT b.sealed AND b.status = 'PENDING' AND b.accepted_count = b.run_count
+    RETURNING {BATCH_COLUMNS}
+),
+waitpoint AS (
+    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now(),
+        output_is_error = s.status = 'ABORTED',
+        output = CASE WHEN s.status = 'ABORTED' THEN convert_to(
+            json_build_object('code', 'BATCH_ABORTED', 'message', s.error_message)::text, 'UTF8'
+        ) END,
+        output_type = CASE WHEN s.status = 'ABORTED' THEN 'application/json' ELSE '' END
+    FROM sealed s
+    WHERE w.id = s.waitpoint_id AND s.status IN ('COMPLETED', 'ABORTED') AND w.status = 'PENDING'
+    RETURNING w.id
+)
+SELECT s.*, (SELECT count(*) FROM waitpoint) AS waitpoints_completed FROM sealed s
+"""
+
+# -- the seal-timeout reaper --------------------------------------------------------------------
+
+# Takes the lease, or renews it for its holder; a row comes back only to the holder.
+TAKE_LEASE = """
+INSERT INTO runstore_leases AS l (name, holder, expires_at)
+VALUES ($1, $2, now() + $3::interval)
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+    WHERE l.holder = excluded.holder OR l.expires_at < now()
+RETURNING holder
+"""
+
+RELEASE_LEASE = """
+DELETE FROM runstore_leases WHERE name = $1 AND holder = $2
+"""
+
+# Aborts up to $2 batches still unsealed $1 after creation and completes their waitpoints with
+# the error. Conditional and SKIP LOCKED, so correct even without the lease: a batch being
+# written is left for the next step, one aborted already no longer matches.
+REAP_UNSEALED_BATCHES = """
+WITH stale AS (
+    SELECT id FROM batches
+    WHERE status = 'PENDING' AND NOT sealed AND created_at < now() - $1::interval
+    ORDER BY created_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+),
+aborted AS (
+    UPDATE batches b SET status = 'ABORTED', aborted_reason = 'SEAL_TIMEOUT',
+        error_message = format(
+            'batch was not sealed within %s of its creation: expected %s items, %s accepted',
+            $1::interval, b.run_count, b.accepted_count
+        ),
+        updated_at = now()
+    FROM stale s
+    WHERE b.id = s.id AND b.status = 'PENDING' AND NOT b.sealed
+    RETURNING b.id, b.waitpoint_id, b.error_message
+),
+waitpoint AS (
+    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now(), output_is_error = true,
+        output = convert_to(
+            json_build_object('code', 'BATCH_SEAL_TIMEOUT', 'message', a.error_message)::text,
+            'UTF8'
+        ),
+        output_type = 'application/json'
+    FROM aborted a
+    WHERE w.id = a.waitpoint_id AND w.status = 'PENDING'
+    RETURNING w.id
+)
+SELECT a.id, (SELECT count(*) FROM waitpoint) AS waitpoints_completed FROM aborted a
+"""

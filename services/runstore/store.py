@@ -1,0 +1,676 @@
+"""The run store's data layer for ONE database (LEGACY or NEW; the service routes between two).
+
+`RunTables` methods take an asyncpg connection (or, for single statements, a pool); the ones
+that need a transaction open it on the connection they are given. Ids are friendly-id bodies
+(`run_<body>` → `<body>`); results are `runops.common.v1` messages with friendly ids filled in.
+Refusals the service must answer come back as values (None, an outcome) or as the exceptions
+below, never as a half-written change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+
+from runops.common.v1 import common_pb2
+from runops.kit.ids import BATCH, RUN, WAITPOINT, residency_of
+from services.runstore import sql
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+Queryable = Connection | asyncpg.Pool
+
+REAPER_LEASE = "batch-seal-reaper"
+# How many missing ranges one answer carries at most (more: `truncated`).
+MAX_MISSING_RANGES = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """Everything written for a new run. `id` is the body; status PENDING or DELAYED for a run to
+    execute, SYSTEM_FAILURE (with error_code) for a pre-failed one, CANCELED for a cancelled one
+    (final runs never claim their idempotency key). `created_at` None means now."""
+
+    id: str
+    environment_id: str
+    organization_id: str
+    project_id: str
+    task_identifier: str
+    status: str = "PENDING"
+    payload: bytes = b""
+    payload_type: str = ""
+    metadata: str = ""
+    metadata_type: str = ""
+    tags: tuple[str, ...] = ()
+    queue: str = ""
+    concurrency_key: str = ""
+    idempotency_key: str | None = None
+    idempotency_key_expires_at: datetime | None = None
+    ttl_ms: int | None = None
+    delay_until: datetime | None = None
+    max_attempts: int = 0
+    machine_preset: str = ""
+    lock_to_version: str = ""
+    worker_version: str = ""
+    priority_ms: int = 0
+    is_test: bool = False
+    # JSON object: the trigger options no column holds (debounce, one-time-use token).
+    options: str = "{}"
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    resume_parent_on_completion: bool = False
+    error_code: str | None = None
+    error_message: str = ""
+    created_at: datetime | None = None
+
+    def failed(self, code: str, message: str) -> RunRow:
+        """This run, written already failed (SYSTEM_FAILURE)."""
+        return dataclasses.replace(
+            self, status="SYSTEM_FAILURE", error_code=code, error_message=message
+        )
+
+    def cancelled(self, reason: str) -> RunRow:
+        return dataclasses.replace(
+            self, status="CANCELED", error_code="TASK_RUN_CANCELLED", error_message=reason
+        )
+
+
+assert tuple(f.name for f in dataclasses.fields(RunRow)) == tuple(
+    name for name, _ in sql.RUN_INPUT_FIELDS
+), "RunRow's fields must be sql.RUN_INPUT_FIELDS, in order"
+
+
+def _run_arrays(rows: Sequence[RunRow]) -> list[list[object]]:
+    """One array per RUN_INPUT_FIELDS column."""
+    arrays: list[list[object]] = []
+    for name, _ in sql.RUN_INPUT_FIELDS:
+        if name == "tags":
+            arrays.append([json.dumps(list(row.tags)) for row in rows])
+        else:
+            arrays.append([getattr(row, name) for row in rows])
+    return arrays
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    id: str
+    environment_id: str
+    organization_id: str
+    project_id: str
+    run_count: int
+    idempotency_key: str | None = None
+    task_identifiers: tuple[str, ...] = ()
+    parent_run_id: str | None = None
+    resume_parent_on_completion: bool = False
+    # The waitpoint (body) created with the batch for its parent to wait on, if any.
+    waitpoint_id: str | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One item of a chunk: its run (pre-failed: `run.failed(...)`), or a link to an existing
+    run (`existing_run_id`, a body; `run` is then ignored)."""
+
+    index: int
+    run: RunRow | None = None
+    existing_run_id: str | None = None
+
+
+# Fills the run columns of linked items (no run is written for them).
+_NO_RUN = RunRow(id="", environment_id="", organization_id="", project_id="", task_identifier="")
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedRun:
+    """One CreateRuns result. `run` is None only with `conflict` (the constraint that refused
+    it: the id is taken by a run of another environment)."""
+
+    run: common_pb2.Run | None
+    is_cached: bool = False
+    conflict: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedBatch:
+    batch: common_pb2.Batch | None
+    is_cached: bool = False
+    conflict: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FinalizedRun:
+    run: common_pb2.Run
+    # The run's own batch after the completion was counted.
+    batch: common_pb2.Batch | None
+    # False: the run was final already and nothing changed.
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedItem:
+    index: int
+    run_id: str
+    # The index was present already; run_id is the run written (or linked) the first time.
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedItems:
+    # In request order (out-of-range indexes excluded).
+    items: list[AcceptedItem]
+    accepted_count: int
+    run_count: int
+    # Indexes >= run_count: not written.
+    out_of_range: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class MissingRanges:
+    # Half-open [start, end), ascending, at most the limit asked for.
+    ranges: list[tuple[int, int]]
+    # More ranges exist than were returned.
+    truncated: bool
+    run_count: int
+    accepted_count: int
+
+
+class SealOutcome(enum.Enum):
+    SEALED = "sealed"  # this call sealed it
+    ALREADY_SEALED = "already_sealed"  # sealed (and maybe done) before
+    COUNT_MISMATCH = "count_mismatch"  # accepted_count < run_count: batch.accepted_count says
+    ABORTED = "aborted"  # aborted unsealed (seal timeout)
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class SealResult:
+    outcome: SealOutcome
+    batch: common_pb2.Batch | None
+
+
+class BatchNotAccepting(Exception):
+    """The batch takes no more items: missing (batch None), sealed, or not PENDING."""
+
+    def __init__(self, batch: common_pb2.Batch | None) -> None:
+        self.batch = batch
+        state = "not found" if batch is None else common_pb2.BatchStatus.Name(batch.status)
+        super().__init__(f"batch does not accept items: {state}")
+
+
+class TransientConflict(Exception):
+    """A concurrent change made this write impossible to finish as asked; retrying it is safe
+    (nothing was written)."""
+
+
+class _Rollback(Exception):
+    pass
+
+
+# -- rows → messages ----------------------------------------------------------------------------
+
+
+def _ts(value: datetime | None, into: timestamp_pb2.Timestamp) -> None:
+    if value is not None:
+        into.FromDatetime(value)
+
+
+def run_from_record(row: asyncpg.Record) -> common_pb2.Run:
+    body: str = row["id"]
+    run = common_pb2.Run(
+        id=body,
+        friendly_id=f"{RUN}_{body}",
+        residency=residency_of(body).to_proto(),
+        environment_id=row["environment_id"],
+        organization_id=row["organization_id"],
+        project_id=row["project_id"],
+        task_identifier=row["task_identifier"],
+        status=common_pb2.RunStatus.Value("RUN_STATUS_" + row["status"]),
+        payload=row["payload"],
+        payload_type=row["payload_type"],
+        metadata=row["metadata"],
+        metadata_type=row["metadata_type"],
+        tags=row["tags"],
+        queue=row["queue"],
+        concurrency_key=row["concurrency_key"],
+        idempotency_key=row["idempotency_key"] or "",
+        max_attempts=row["max_attempts"],
+        machine_preset=row["machine_preset"],
+        lock_to_version=row["lock_to_version"],
+        batch_id=f"{BATCH}_{row['batch_id']}" if row["batch_id"] else "",
+        parent_run_id=row["parent_run_id"] or "",
+        root_run_id=row["root_run_id"] or "",
+        resume_parent_on_completion=row["resume_parent_on_completion"],
+        output=row["output"] or b"",
+        output_type=row["output_type"],
+        is_test=row["is_test"],
+    )
+    if row["batch_index"] is not None:
+        run.batch_index = row["batch_index"]
+    if row["error_code"] is not None:
+        run.error.code = row["error_code"]
+        run.error.message = row["error_message"]
+    if row["ttl_ms"] is not None:
+        run.ttl.FromMilliseconds(row["ttl_ms"])
+    if row["priority_ms"]:
+        run.priority.FromMilliseconds(row["priority_ms"])
+    _ts(row["idempotency_key_expires_at"], run.idempotency_key_expires_at)
+    _ts(row["delay_until"], run.delay_until)
+    _ts(row["created_at"], run.created_at)
+    _ts(row["updated_at"], run.updated_at)
+    _ts(row["completed_at"], run.completed_at)
+    return run
+
+
+def batch_from_record(row: asyncpg.Record) -> common_pb2.Batch:
+    body: str = row["id"]
+    batch = common_pb2.Batch(
+        id=body,
+        friendly_id=f"{BATCH}_{body}",
+        residency=residency_of(body).to_proto(),
+        environment_id=row["environment_id"],
+        organization_id=row["organization_id"],
+        project_id=row["project_id"],
+        status=common_pb2.BatchStatus.Value("BATCH_STATUS_" + row["status"]),
+        run_count=row["run_count"],
+        accepted_count=row["accepted_count"],
+        sealed=row["sealed"],
+        successful_run_count=row["successful_run_count"],
+        failed_run_count=row["failed_run_count"],
+        completed_run_count=row["completed_run_count"],
+        idempotency_key=row["idempotency_key"] or "",
+        parent_run_id=row["parent_run_id"] or "",
+        resume_parent_on_completion=row["resume_parent_on_completion"],
+        waitpoint_id=f"{WAITPOINT}_{row['waitpoint_id']}" if row["waitpoint_id"] else "",
+        task_identifiers=row["task_identifiers"],
+    )
+    _ts(row["sealed_at"], batch.sealed_at)
+    _ts(row["processing_started_at"], batch.processing_started_at)
+    _ts(row["processing_completed_at"], batch.processing_completed_at)
+    _ts(row["created_at"], batch.created_at)
+    _ts(row["updated_at"], batch.updated_at)
+    return batch
+
+
+def waitpoint_from_record(row: asyncpg.Record) -> common_pb2.Waitpoint:
+    body: str = row["id"]
+    waitpoint = common_pb2.Waitpoint(
+        id=body,
+        friendly_id=f"{WAITPOINT}_{body}",
+        residency=residency_of(body).to_proto(),
+        environment_id=row["environment_id"],
+        status=common_pb2.WaitpointStatus.Value("WAITPOINT_STATUS_" + row["status"]),
+        batch_id=f"{BATCH}_{row['batch_id']}" if row["batch_id"] else "",
+        run_id=f"{RUN}_{row['run_id']}" if row["run_id"] else "",
+        output_is_error=row["output_is_error"],
+        output=row["output"] or b"",
+        output_type=row["output_type"],
+    )
+    _ts(row["completed_at"], waitpoint.completed_at)
+    _ts(row["created_at"], waitpoint.created_at)
+    return waitpoint
+
+
+# -- the tables ---------------------------------------------------------------------------------
+
+
+class RunTables:
+    """Runs, batches, batch items and waitpoints in one database."""
+
+    # -- runs -----------------------------------------------------------------------------------
+    async def create_runs(self, db: Queryable, rows: Sequence[RunRow]) -> list[CreatedRun]:
+        """Writes every run in one statement; results in request order. A run whose
+        (environment, task, idempotency key) a live run holds is that run with is_cached (an
+        expired holder loses the key and a fresh run is made, atomically); a run whose id exists
+        already (a replay) is the existing run with is_cached."""
+        results: list[CreatedRun | None] = [None] * len(rows)
+        pending = list(range(len(rows)))
+        # A conflicting insert that rolled back leaves nothing to return: write those again.
+        for _ in range(3):
+            batch = [rows[k] for k in pending]
+            inserted = await db.fetch(sql.INSERT_RUNS, *_run_arrays(batch))
+            fresh = {record["id"]: record for record in inserted}
+            missing: list[int] = []
+            for k in pending:
+                record = fresh.pop(rows[k].id, None)
+                if record is None:
+                    missing.append(k)
+                else:
+                    results[k] = CreatedRun(run_from_record(record))
+            if not missing:
+                break
+            found = await db.fetch(
+                sql.SELECT_RUNS_FOR_INPUTS,
+                [rows[k].id for k in missing],
+                [rows[k].environment_id for k in missing],
+                [rows[k].task_identifier for k in missing],
+                [rows[k].idempotency_key for k in missing],
+                [rows[k].status for k in missing],
+            )
+            by_position = {record["ord"] - 1: record for record in found}
+            pending = []
+            for position, k in enumerate(missing):
+                record = by_position.get(position)
+                if record is None:
+                    pending.append(k)
+                elif record["same_id"] and record["environment_id"] != rows[k].environment_id:
+                    results[k] = CreatedRun(None, conflict="runs_pkey")
+                else:
+                    results[k] = CreatedRun(run_from_record(record), is_cached=True)
+            if not pending:
+                break
+        else:
+            raise TransientConflict("idempotency key holders kept changing; retry")
+        return [result for result in results if result is not None]
+
+    async def get_run(
+        self, db: Queryable, run_id: str, environment_id: str | None = None
+    ) -> common_pb2.Run | None:
+        record = await db.fetchrow(sql.SELECT_RUN, run_id, environment_id)
+        return None if record is None else run_from_record(record)
+
+    async def find_run_by_idempotency_key(
+        self, db: Queryable, environment_id: str, task_identifier: str, key: str
+    ) -> common_pb2.Run | None:
+        """The live (unexpired) run holding the key."""
+        record = await db.fetchrow(
+            sql.SELECT_RUN_BY_IDEMPOTENCY_KEY, environment_id, task_identifier, key
+        )
+        return None if record is None else run_from_record(record)
+
+    async def list_batch_runs(
+        self,
+        db: Queryable,
+        batch_id: str,
+        environment_id: str | None = None,
+        *,
+        after_index: int = -1,
+        limit: int = 100,
+    ) -> tuple[list[common_pb2.Run], int | None]:
+        """A page of the batch's item runs by index after `after_index`, and the index to pass
+        for the next page (None at the end). A linked run in the other database is skipped."""
+        records = await db.fetch(
+            sql.SELECT_BATCH_RUNS, batch_id, after_index, limit, environment_id
+        )
+        runs = [run_from_record(record) for record in records]
+        more = len(records) == limit
+        return runs, records[-1]["item_index"] if more else None
+
+    async def complete_run(
+        self,
+        conn: Connection,
+        run_id: str,
+        environment_id: str | None = None,
+        *,
+        output: bytes = b"",
+        output_type: str = "",
+        error: common_pb2.RunError | None = None,
+    ) -> FinalizedRun | None:
+        """Success (output) or failure (error); counts it in every batch that waits on it, in
+        the same statement. None: no such run."""
+        outcome: tuple[str, str | None, str, bytes | None, str]
+        if error is None:
+            outcome = ("COMPLETED_SUCCESSFULLY", None, "", output, output_type)
+        else:
+            outcome = ("COMPLETED_WITH_ERRORS", error.code, error.message, None, "")
+        return await self._finalize(conn, run_id, environment_id, *outcome)
+
+    async def cancel_run(
+        self, conn: Connection, run_id: str, environment_id: str | None, reason: str
+    ) -> FinalizedRun | None:
+        return await self._finalize(
+            conn, run_id, environment_id, "CANCELED", "TASK_RUN_CANCELLED", reason, None, ""
+        )
+
+    async def _finalize(
+        self,
+        conn: Connection,
+        run_id: str,
+        environment_id: str | None,
+        status: str,
+        error_code: str | None,
+        error_message: str,
+        output: bytes | None,
+        output_type: str,
+    ) -> FinalizedRun | None:
+        async with conn.transaction():
+            record = await conn.fetchrow(
+                sql.FINALIZE_RUN,
+                run_id,
+                environment_id,
+                status,
+                error_code,
+                error_message,
+                output,
+                output_type,
+            )
+            changed = record is not None
+            if record is None:
+                record = await conn.fetchrow(sql.SELECT_RUN, run_id, environment_id)
+                if record is None:
+                    return None
+            batch = None
+            if record["batch_id"] is not None:
+                batch_record = await conn.fetchrow(sql.SELECT_BATCH, record["batch_id"], None)
+                batch = None if batch_record is None else batch_from_record(batch_record)
+        return FinalizedRun(run_from_record(record), batch, changed)
+
+    async def reset_idempotency_key(
+        self, db: Queryable, environment_id: str, task_identifier: str, key: str
+    ) -> int:
+        """Releases the key (expired or not); how many runs held it."""
+        status = await db.execute(sql.RESET_IDEMPOTENCY_KEY, environment_id, task_identifier, key)
+        return int(status.rsplit(" ", 1)[1])
+
+    async def add_run_tags(
+        self, db: Queryable, run_id: str, environment_id: str | None, tags: Sequence[str]
+    ) -> common_pb2.Run | None:
+        record = await db.fetchrow(sql.ADD_RUN_TAGS, run_id, environment_id, list(tags))
+        return None if record is None else run_from_record(record)
+
+    async def update_run_metadata(
+        self,
+        db: Queryable,
+        run_id: str,
+        environment_id: str | None,
+        metadata: str,
+        metadata_type: str,
+    ) -> common_pb2.Run | None:
+        record = await db.fetchrow(
+            sql.UPDATE_RUN_METADATA, run_id, environment_id, metadata, metadata_type
+        )
+        return None if record is None else run_from_record(record)
+
+    async def reschedule_run(
+        self, db: Queryable, run_id: str, environment_id: str | None, delay_until: datetime
+    ) -> common_pb2.Run | None:
+        """None: no such run, or it is not DELAYED (get_run tells which)."""
+        record = await db.fetchrow(sql.RESCHEDULE_RUN, run_id, environment_id, delay_until)
+        return None if record is None else run_from_record(record)
+
+    # -- batches --------------------------------------------------------------------------------
+    async def create_batch(self, db: Queryable, row: BatchRow) -> CreatedBatch:
+        """The batch (and its waitpoint), or the one its environment's idempotency key (or its
+        id: a replay) made already, with is_cached."""
+        record = await db.fetchrow(
+            sql.INSERT_BATCH,
+            row.id,
+            row.environment_id,
+            row.organization_id,
+            row.project_id,
+            row.run_count,
+            row.idempotency_key,
+            list(row.task_identifiers),
+            row.parent_run_id,
+            row.resume_parent_on_completion,
+            row.waitpoint_id,
+            row.created_at,
+        )
+        if record is not None:
+            return CreatedBatch(batch_from_record(record))
+        existing = await db.fetchrow(
+            sql.SELECT_BATCH_FOR_INPUT, row.id, row.environment_id, row.idempotency_key
+        )
+        if existing is None:
+            raise TransientConflict("the batch holding this key was just removed; retry")
+        if existing["same_id"] and existing["environment_id"] != row.environment_id:
+            return CreatedBatch(None, conflict="batches_pkey")
+        return CreatedBatch(batch_from_record(existing), is_cached=True)
+
+    async def get_batch(
+        self, db: Queryable, batch_id: str, environment_id: str | None = None
+    ) -> common_pb2.Batch | None:
+        record = await db.fetchrow(sql.SELECT_BATCH, batch_id, environment_id)
+        return None if record is None else batch_from_record(record)
+
+    async def get_waitpoint(
+        self, db: Queryable, waitpoint_id: str, environment_id: str | None = None
+    ) -> common_pb2.Waitpoint | None:
+        record = await db.fetchrow(sql.SELECT_WAITPOINT, waitpoint_id, environment_id)
+        return None if record is None else waitpoint_from_record(record)
+
+    async def accept_batch_items(
+        self, conn: Connection, batch_id: str, environment_id: str, items: Sequence[BatchItem]
+    ) -> AcceptedItems:
+        """A chunk → batch-item rows plus their runs, in one transaction (one statement, plus
+        one read when some indexes were present already, plus one when items lost their
+        idempotency key to a live run and link to it). Safe with concurrent overlapping chunks:
+        no index is written twice. Raises BatchNotAccepting (nothing written)."""
+        runs = [_NO_RUN if item.existing_run_id else (item.run or _NO_RUN) for item in items]
+        indexes = [item.index for item in items]
+        try:
+            async with conn.transaction():
+                record = await conn.fetchrow(
+                    sql.ACCEPT_BATCH_ITEMS,
+                    batch_id,
+                    environment_id,
+                    indexes,
+                    [item.existing_run_id for item in items],
+                    *_run_arrays(runs),
+                )
+                if record is None:
+                    raise _Rollback
+                written = dict(
+                    zip(record["inserted_indexes"], record["inserted_run_ids"], strict=True)
+                )
+                if record["key_held"]:
+                    written.update(
+                        await self._link_key_holders(
+                            conn, batch_id, environment_id, items, record["key_held"]
+                        )
+                    )
+                run_count: int = record["run_count"]
+                present = {index for index in indexes if index not in written and index < run_count}
+                existing: dict[int, str] = {}
+                if present:
+                    found = await conn.fetch(sql.SELECT_BATCH_ITEMS, batch_id, sorted(present))
+                    existing = {r["index"]: r["run_id"] for r in found}
+        except _Rollback:
+            raise BatchNotAccepting(await self.get_batch(conn, batch_id, environment_id)) from None
+        accepted: list[AcceptedItem] = []
+        out_of_range: list[int] = []
+        for index in indexes:
+            if index >= run_count:
+                out_of_range.append(index)
+            elif index in written:
+                # A repeated index of this chunk is a duplicate of its first occurrence.
+                accepted.append(AcceptedItem(index, f"{RUN}_{written.pop(index)}", False))
+                existing[index] = accepted[-1].run_id.removeprefix(f"{RUN}_")
+            else:
+                accepted.append(AcceptedItem(index, f"{RUN}_{existing[index]}", True))
+        return AcceptedItems(accepted, record["accepted_count"], run_count, out_of_range)
+
+    async def _link_key_holders(
+        self,
+        conn: Connection,
+        batch_id: str,
+        environment_id: str,
+        items: Sequence[BatchItem],
+        held: Sequence[int],
+    ) -> dict[int, str]:
+        first: dict[int, BatchItem] = {}
+        for item in items:
+            first.setdefault(item.index, item)
+        wanted = [first[index] for index in held]
+        records = await conn.fetch(
+            sql.LINK_KEY_HOLDERS,
+            batch_id,
+            environment_id,
+            [item.index for item in wanted],
+            [item.run.task_identifier if item.run else "" for item in wanted],
+            [item.run.idempotency_key if item.run else None for item in wanted],
+        )
+        if len(records) != len(wanted):
+            # The holder lost the key in between (reset): nothing of this chunk stays written.
+            raise TransientConflict("an idempotency key holder changed during the accept; retry")
+        return {record["index"]: record["run_id"] for record in records}
+
+    async def missing_ranges(
+        self,
+        db: Queryable,
+        batch_id: str,
+        environment_id: str | None = None,
+        *,
+        limit: int = MAX_MISSING_RANGES,
+    ) -> MissingRanges | None:
+        """The index ranges no item row covers yet, computed in SQL. None: no such batch."""
+        record = await db.fetchrow(sql.MISSING_RANGES, batch_id, environment_id, limit + 1)
+        if record is None:
+            return None
+        ranges = list(zip(record["starts"], record["ends"], strict=True))
+        return MissingRanges(
+            ranges[:limit], len(ranges) > limit, record["run_count"], record["accepted_count"]
+        )
+
+    async def seal_batch(
+        self, conn: Connection, batch_id: str, environment_id: str | None = None
+    ) -> SealResult:
+        """Seals when unsealed, PENDING and every item is accepted; exactly one of any number of
+        concurrent calls seals. Completion bookkeeping happens in the same statement."""
+        record = await conn.fetchrow(sql.SEAL_BATCH, batch_id, environment_id)
+        if record is not None:
+            return SealResult(SealOutcome.SEALED, batch_from_record(record))
+        current = await conn.fetchrow(sql.SELECT_BATCH, batch_id, environment_id)
+        if current is None:
+            return SealResult(SealOutcome.NOT_FOUND, None)
+        batch = batch_from_record(current)
+        if current["sealed"]:
+            return SealResult(SealOutcome.ALREADY_SEALED, batch)
+        if current["status"] == "ABORTED":
+            return SealResult(SealOutcome.ABORTED, batch)
+        return SealResult(SealOutcome.COUNT_MISMATCH, batch)
+
+    async def aborted_reason(self, db: Queryable, batch_id: str) -> tuple[str, str] | None:
+        """Why the batch was aborted (SEAL_TIMEOUT or EVERY_ITEM_FAILED) and the message."""
+        record = await db.fetchrow(sql.SELECT_BATCH, batch_id, None)
+        if record is None or record["aborted_reason"] is None:
+            return None
+        return record["aborted_reason"], record["error_message"]
+
+    # -- the seal-timeout reaper ----------------------------------------------------------------
+    async def reap_unsealed_batches(
+        self,
+        db: Queryable,
+        *,
+        holder: str,
+        seal_timeout: timedelta,
+        lease_ttl: timedelta,
+        limit: int = 100,
+    ) -> list[str] | None:
+        """One reaper step: aborts batches unsealed `seal_timeout` after creation and completes
+        their waitpoints with the error. None when another process holds the reaper lease.
+        Call it more often than lease_ttl to keep the lease."""
+        if await db.fetchval(sql.TAKE_LEASE, REAPER_LEASE, holder, lease_ttl) is None:
+            return None
+        records = await db.fetch(sql.REAP_UNSEALED_BATCHES, seal_timeout, limit)
+        return [record["id"] for record in records]
+
+    async def release_reaper_lease(self, db: Queryable, holder: str) -> None:
+        """On shutdown: another process may take over at once."""
+        await db.execute(sql.RELEASE_LEASE, REAPER_LEASE, holder)
