@@ -61,7 +61,7 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pos
     )
     try:
         await asyncio.to_thread(pg.start)
-        await migrate(pg.writer_dsn, "controlplane")
+        await migrate(pg.migrator_dsn, "controlplane")
         await pg.wait_for_replica()
         yield pg
     finally:

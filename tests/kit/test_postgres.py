@@ -166,9 +166,10 @@ async def test_health_follows_every_writer(stack: LocalStack) -> None:
 
 @pytest.fixture
 async def probe(stack: LocalStack) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
-    """A fresh table on the run-ops writer (replayed on the replica), dropped afterwards."""
+    """A fresh table on the run-ops writer (replayed on the replica), dropped afterwards. Made by
+    the migrations role, like every table the services' role reads and writes."""
     table = f"probe_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(stack.runops_db.writer_dsn)
+    conn = await asyncpg.connect(stack.runops_db.migrator_dsn)
     try:
         await conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
         await stack.runops_db.wait_for_replica()
