@@ -1,4 +1,4 @@
-"""Every statement of the run store, for one database (the schema: migrations/runs/).
+"""Every statement of the run store, for one database (the schema: migrations/all/).
 
 All of them run under READ COMMITTED (Postgres' default), which their concurrency arguments rely
 on: each statement sees rows committed before it started, ON CONFLICT waits for a conflicting

@@ -16,7 +16,7 @@ import pytest
 
 from runops.localstack import PostgresDatabase
 
-MIGRATIONS = Path(__file__).parents[2] / "services" / "runstore" / "migrations" / "runs"
+MIGRATIONS = Path(__file__).parents[2] / "services" / "runstore" / "migrations" / "all"
 
 
 def admin_dsn(db: PostgresDatabase) -> str:

@@ -1,7 +1,9 @@
 """Plain-SQL schema migrations shipped by the service packages.
 
 Files live at `services/<service>/migrations/<database>/NNNN_<name>.sql`, <database> being
-`controlplane` or `runops`, one its `runops.kit.registry` entry declares. `migrate()` applies
+`controlplane` or `runops`, one its `runops.kit.registry` entry declares; files in
+`migrations/all/` apply to every database the entry declares (one schema in several databases,
+like the run store's tables in the LEGACY and NEW stores). `migrate()` applies
 the ones not applied yet, service by service in the registry's order, each file in its own
 transaction, under an advisory lock so concurrent starters (several replicas of a service) do
 not race. Applied files are recorded in runops_schema_migrations. Operators run it with
@@ -22,6 +24,8 @@ import asyncpg
 from runops.kit import registry
 
 DATABASES = registry.DATABASES
+# services/<service>/migrations/all/: applied to each database the service's entry lists.
+EVERY_DATABASE = "all"
 # Arbitrary but fixed: every migrator of every service takes this same advisory lock.
 LOCK_KEY = 0x72756E6F7073  # "runops"
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -63,6 +67,9 @@ def discover(database: str) -> list[Migration]:
         for root in roots:
             directory = root / service / "migrations" / database
             files = sorted(directory.glob("*.sql")) if directory.is_dir() else []
+            every = root / service / "migrations" / EVERY_DATABASE
+            if database in entry.databases and every.is_dir():
+                files += sorted(every.glob("*.sql"))
             if files and database not in entry.databases:
                 # The registry is what says which databases a service needs: keep it true.
                 raise MigrationError(

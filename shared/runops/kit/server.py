@@ -264,7 +264,8 @@ class ServiceApp:
         await self._set_serving(not down)
 
     async def _watch_dependencies(self) -> None:
-        while True:
+        # Ends by itself once stopping: on 3.11 a check's wait_for can swallow the cancel.
+        while not self._stopping:
             await asyncio.sleep(self.settings.health_check_interval_seconds)
             await self._check_dependencies()
 
