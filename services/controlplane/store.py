@@ -87,7 +87,7 @@ INSERT_PROJECT = """
 INSERT_ENVIRONMENT = """
     INSERT INTO runtime_environments (id, project_id, organization_id, slug, type)
     SELECT $1, id, organization_id, $3, $4 FROM projects WHERE id = $2
-    RETURNING id
+    RETURNING id, organization_id
 """
 INSERT_API_KEY = """
     INSERT INTO api_keys (id, environment_id, key_hash, key_prefix) VALUES ($1, $2, $3, $4)
@@ -125,21 +125,6 @@ PROMOTE_WORKER = """
     RETURNING w.id
 """
 
-# One transaction of BootstrapOrganization: plain inserts, the parents being created with them.
-BOOTSTRAP_ORGANIZATION = """
-    INSERT INTO organizations (id, slug, title) VALUES ($1, $2, $3)
-    RETURNING id, slug, title, created_at
-"""
-BOOTSTRAP_PROJECT = """
-    INSERT INTO projects (id, organization_id, slug, name, external_ref)
-    VALUES ($1, $2, $3, $4, $5)
-    RETURNING id, organization_id, slug, name, external_ref, created_at
-"""
-BOOTSTRAP_ENVIRONMENT = """
-    INSERT INTO runtime_environments (id, project_id, organization_id, slug, type)
-    VALUES ($1, $2, $3, $4, $5)
-"""
-
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
@@ -168,6 +153,25 @@ def environment_from_row(row: asyncpg.Record) -> cp.Environment:
             created_at=timestamp(row["project_created_at"]),
         ),
         api_key_prefix=row["key_prefix"] or "",
+        created_at=timestamp(row["created_at"]),
+    )
+
+
+def organization_from_row(row: asyncpg.Record) -> cp.Organization:
+    """An INSERT_ORGANIZATION row."""
+    return cp.Organization(
+        id=row["id"], slug=row["slug"], title=row["title"], created_at=timestamp(row["created_at"])
+    )
+
+
+def project_from_row(row: asyncpg.Record) -> cp.Project:
+    """An INSERT_PROJECT row."""
+    return cp.Project(
+        id=row["id"],
+        organization_id=row["organization_id"],
+        slug=row["slug"],
+        name=row["name"],
+        external_ref=row["external_ref"],
         created_at=timestamp(row["created_at"]),
     )
 
@@ -220,6 +224,28 @@ def _invalidation(kind: cp.InvalidationKind.ValueType, key: str, org: str) -> cp
     return cp.Invalidation(kind=kind, key=key, organization_id=org)
 
 
+async def _insert_organization(
+    conn: DbConnection, invalidations: list[cp.Invalidation], slug: str, title: str
+) -> cp.Organization:
+    row = await conn.fetchrow(
+        INSERT_ORGANIZATION, mint(ORGANIZATION, Residency.LEGACY), slug, title
+    )
+    assert row is not None
+    invalidations.append(_invalidation(cp.INVALIDATION_KIND_ORGANIZATION, row["id"], row["id"]))
+    return organization_from_row(row)
+
+
+async def _insert_project(
+    conn: DbConnection, organization_id: str, slug: str, name: str
+) -> cp.Project:
+    project_id = mint(PROJECT, Residency.LEGACY)
+    external_ref = f"proj_{secrets.token_hex(10)}"
+    row = await conn.fetchrow(INSERT_PROJECT, project_id, organization_id, slug, name, external_ref)
+    if row is None:
+        raise not_found("organization", organization_id, "organization_id")
+    return project_from_row(row)
+
+
 class ControlPlaneStore:
     def __init__(self, router: ReplicaRouter, publisher: Publisher) -> None:
         self.router = router
@@ -264,109 +290,62 @@ class ControlPlaneStore:
 
     async def create_organization(self, slug: str, title: str) -> cp.Organization:
         async with self._write() as (conn, invalidations):
-            org_id = mint(ORGANIZATION, Residency.LEGACY)
-            row = await conn.fetchrow(INSERT_ORGANIZATION, org_id, slug, title)
-            assert row is not None
-            invalidations.append(
-                _invalidation(cp.INVALIDATION_KIND_ORGANIZATION, row["id"], row["id"])
-            )
-        return cp.Organization(
-            id=row["id"],
-            slug=row["slug"],
-            title=row["title"],
-            created_at=timestamp(row["created_at"]),
-        )
+            org = await _insert_organization(conn, invalidations, slug, title)
+        return org
 
     async def create_project(self, organization_id: str, slug: str, name: str) -> cp.Project:
         async with self._write() as (conn, _):
-            project_id = mint(PROJECT, Residency.LEGACY)
-            external_ref = f"proj_{secrets.token_hex(10)}"
-            row = await conn.fetchrow(
-                INSERT_PROJECT, project_id, organization_id, slug, name, external_ref
-            )
-            if row is None:
-                raise not_found("organization", organization_id, "organization_id")
-        return cp.Project(
-            id=row["id"],
-            organization_id=row["organization_id"],
-            slug=row["slug"],
-            name=row["name"],
-            external_ref=row["external_ref"],
-            created_at=timestamp(row["created_at"]),
-        )
+            project = await _insert_project(conn, organization_id, slug, name)
+        return project
 
     async def create_environment(
         self, project_id: str, slug: str, environment_type: str
     ) -> tuple[cp.Environment, str]:
         async with self._write() as (conn, invalidations):
-            new_id = mint(ENVIRONMENT, Residency.LEGACY)
-            env_id = await conn.fetchval(
-                INSERT_ENVIRONMENT, new_id, project_id, slug, environment_type
+            env_id, api_key = await self._insert_environment(
+                conn, invalidations, project_id, slug, environment_type
             )
-            if env_id is None:
-                raise not_found("project", project_id, "project_id")
-            api_key = await self._insert_key(conn, env_id, environment_type)
             env = await self._environment_on(conn, env_id)
-            org = env.organization.id
-            invalidations.append(_invalidation(cp.INVALIDATION_KIND_ENVIRONMENT, env_id, org))
-            invalidations.append(
-                _invalidation(cp.INVALIDATION_KIND_API_KEY, hash_api_key(api_key).hex(), org)
-            )
         return env, api_key
 
     async def bootstrap_organization(
         self, plan: Bootstrap
     ) -> tuple[cp.Organization, cp.Project, list[tuple[cp.Environment, str]]]:
-        """Organization, project, environments and their keys in one transaction."""
+        """Organization, project, environments and their keys in one transaction: the same
+        inserts as the single creates, so a failure anywhere leaves nothing behind."""
         async with self._write() as (conn, invalidations):
-            org_id = mint(ORGANIZATION, Residency.LEGACY)
-            org = await conn.fetchrow(BOOTSTRAP_ORGANIZATION, org_id, plan.slug, plan.title)
-            project_id = mint(PROJECT, Residency.LEGACY)
-            project = await conn.fetchrow(
-                BOOTSTRAP_PROJECT,
-                project_id,
-                org_id,
-                plan.project_slug,
-                plan.project_name,
-                f"proj_{secrets.token_hex(10)}",
-            )
-            assert org is not None
-            assert project is not None
-            invalidations.append(_invalidation(cp.INVALIDATION_KIND_ORGANIZATION, org_id, org_id))
+            org = await _insert_organization(conn, invalidations, plan.slug, plan.title)
+            project = await _insert_project(conn, org.id, plan.project_slug, plan.project_name)
             keys: dict[str, str] = {}
             for slug, env_type in plan.environments:
-                env_id = mint(ENVIRONMENT, Residency.LEGACY)
-                await conn.execute(
-                    BOOTSTRAP_ENVIRONMENT, env_id, project_id, org_id, slug, env_type
+                env_id, api_key = await self._insert_environment(
+                    conn, invalidations, project.id, slug, env_type
                 )
-                keys[env_id] = await self._insert_key(conn, env_id, env_type)
-                invalidations.append(
-                    _invalidation(cp.INVALIDATION_KIND_ENVIRONMENT, env_id, org_id)
-                )
-                invalidations.append(
-                    _invalidation(
-                        cp.INVALIDATION_KIND_API_KEY, hash_api_key(keys[env_id]).hex(), org_id
-                    )
-                )
+                keys[env_id] = api_key
             rows = await conn.fetch(SELECT_ENVIRONMENTS, list(keys))
         envs = {row["id"]: environment_from_row(row) for row in rows}
-        return (
-            cp.Organization(
-                id=org["id"],
-                slug=org["slug"],
-                title=org["title"],
-                created_at=timestamp(org["created_at"]),
-            ),
-            cp.Project(
-                id=project["id"],
-                organization_id=project["organization_id"],
-                slug=project["slug"],
-                name=project["name"],
-                external_ref=project["external_ref"],
-                created_at=timestamp(project["created_at"]),
-            ),
-            [(envs[env_id], key) for env_id, key in keys.items()],
+        return org, project, [(envs[env_id], key) for env_id, key in keys.items()]
+
+    async def _insert_environment(
+        self,
+        conn: DbConnection,
+        invalidations: list[cp.Invalidation],
+        project_id: str,
+        slug: str,
+        environment_type: str,
+    ) -> tuple[str, str]:
+        """A new environment of `project_id` with its live API key: (id, key)."""
+        new_id = mint(ENVIRONMENT, Residency.LEGACY)
+        row = await conn.fetchrow(INSERT_ENVIRONMENT, new_id, project_id, slug, environment_type)
+        if row is None:
+            raise not_found("project", project_id, "project_id")
+        env_id, org = row["id"], row["organization_id"]
+        api_key = await self._insert_key(conn, env_id, environment_type)
+        invalidations.append(_invalidation(cp.INVALIDATION_KIND_ENVIRONMENT, env_id, org))
+        invalidations.append(
+            _invalidation(cp.INVALIDATION_KIND_API_KEY, hash_api_key(api_key).hex(), org)
         )
+        return env_id, api_key
 
     async def _insert_key(self, conn: DbConnection, env_id: str, env_type: str) -> str:
         api_key, shown = new_api_key(env_type)
