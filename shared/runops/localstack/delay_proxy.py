@@ -144,7 +144,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(description="A loopback TCP proxy that adds latency.")
     parser.add_argument("--upstream", required=True, help="host:port to forward to")
     parser.add_argument("--delay-ms", type=float, default=50.0, help="one-way latency")
     parser.add_argument("--port", type=int, default=0, help="listen port (0: ephemeral)")
