@@ -1,0 +1,167 @@
+"""Per-organization token bucket in Redis, charged `run_count` tokens by CreateBatch (spec §5).
+
+One Lua call per charge reads, refills, spends and writes the bucket atomically, so every ingest
+process shares it and concurrent charges never over-spend. The bucket is one hash key
+(`runops:ingest:bucket:{<organization>}`: the braces make the whole key its own hash tag), so
+the script runs on Redis Cluster too. Time is Redis's own clock (`TIME`): processes whose clocks
+disagree still agree on the refill. A key that would be full again expires: an idle
+organization costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from runops.kit.dependencies import dependency_error
+from runops.kit.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from services.ingest.settings import IngestSettings
+
+KEY_PREFIX = "runops:ingest:bucket:"
+
+# KEYS[1] bucket; ARGV capacity, refill per second, cost, [now in microseconds: tests only].
+# Returns {allowed 0|1, tokens left, seconds until `cost` tokens are there} (numbers as strings:
+# Lua numbers returned to Redis are truncated to integers).
+_SCRIPT = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local now
+if ARGV[4] then
+  now = tonumber(ARGV[4])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil or ts == nil then
+  tokens = capacity
+  ts = now
+end
+if now > ts then
+  tokens = math.min(capacity, tokens + (now - ts) * rate / 1000000)
+  ts = now
+end
+local allowed = 0
+local wait = 0
+if cost <= tokens then
+  tokens = tokens - cost
+  allowed = 1
+else
+  wait = (cost - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'ts', string.format('%d', ts))
+local full_in_ms = math.ceil((capacity - tokens) / rate * 1000) + 1000
+redis.call('PEXPIRE', KEYS[1], full_in_ms)
+return {allowed, string.format('%.6f', tokens), string.format('%.6f', wait)}
+"""
+
+RedisClient = aioredis.Redis | RedisCluster
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    # Tokens left after this charge (or before it, when refused).
+    remaining: float
+    # Seconds until the bucket holds the tokens asked for (0 when allowed).
+    retry_after: float
+
+
+class TokenBucket:
+    """`charge(organization_id, run_count)`: spend or refuse with RetryInfo."""
+
+    def __init__(self, client: RedisClient, *, capacity: int, refill_per_second: float) -> None:
+        if capacity < 1 or refill_per_second <= 0:
+            raise ValueError("need capacity >= 1 and refill_per_second > 0")
+        self.capacity = capacity
+        self.refill_per_second = refill_per_second
+        self._script: Any = client.register_script(_SCRIPT)
+
+    @staticmethod
+    def key(organization_id: str) -> str:
+        return f"{KEY_PREFIX}{{{organization_id}}}"
+
+    async def try_charge(
+        self, organization_id: str, tokens: int, *, now_us: int | None = None
+    ) -> Decision:
+        """Spend `tokens` if the bucket holds them. `now_us` replaces Redis's clock (tests of
+        the refill arithmetic only)."""
+        if tokens < 1:
+            raise ValueError(f"tokens must be >= 1, got {tokens}")
+        args: list[Any] = [self.capacity, repr(float(self.refill_per_second)), tokens]
+        if now_us is not None:
+            args.append(now_us)
+        try:
+            allowed, remaining, wait = await self._script(
+                keys=[self.key(organization_id)], args=args
+            )
+        except redis.exceptions.RedisError as exc:
+            mapped = dependency_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        return Decision(bool(int(allowed)), float(remaining), float(wait))
+
+    async def charge(self, organization_id: str, run_count: int) -> Decision:
+        """CreateBatch's check: INVALID_ARGUMENT when run_count exceeds what the bucket can ever
+        hold; RESOURCE_EXHAUSTED with RetryInfo (when enough tokens will be there) when it
+        holds too few now."""
+        if run_count > self.capacity:
+            raise InvalidArgument(
+                f"run_count {run_count} exceeds the organization's batch rate-limit capacity "
+                f"({self.capacity} runs); split the batch",
+                reason="RUN_COUNT_ABOVE_RATE_LIMIT_CAPACITY",
+                metadata={"capacity": str(self.capacity)},
+                violations=[FieldViolation("run_count", f"must be at most {self.capacity}")],
+            )
+        decision = await self.try_charge(organization_id, run_count)
+        if not decision.allowed:
+            # Whole milliseconds, rounded up: retrying at the hint must succeed (if nobody else
+            # spends meanwhile).
+            retry_after = math.ceil(decision.retry_after * 1000) / 1000
+            raise ResourceExhausted(
+                f"the organization's batch rate limit is exhausted: {run_count} runs asked, "
+                f"{int(decision.remaining)} available; retry in {retry_after:.3f}s",
+                reason="BATCH_RATE_LIMITED",
+                metadata={
+                    "organization_id": organization_id,
+                    "requested": str(run_count),
+                    "available": str(int(decision.remaining)),
+                },
+                retry_after=retry_after,
+            )
+        return decision
+
+
+def redis_client(settings: IngestSettings) -> RedisClient:
+    """The Redis the bucket lives in: the cluster when RUNOPS_REDIS_CLUSTER_NODES is set, else
+    RUNOPS_REDIS_URL. Connects lazily; close it with `aclose()` at shutdown."""
+    timeout = settings.redis_timeout_seconds
+    if settings.redis_cluster_nodes:
+        nodes = [
+            ClusterNode(host, int(port))
+            for host, port in (n.rsplit(":", 1) for n in settings.redis_cluster_nodes)
+        ]
+        return RedisCluster(
+            startup_nodes=nodes, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+    assert settings.redis_url is not None  # the settings require one of the two
+    return aioredis.Redis.from_url(
+        str(settings.redis_url), socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+
+
+def bucket_from_settings(settings: IngestSettings, client: RedisClient) -> TokenBucket:
+    return TokenBucket(
+        client,
+        capacity=settings.rate_limit_capacity,
+        refill_per_second=settings.rate_limit_refill_per_second,
+    )
