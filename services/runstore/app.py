@@ -41,8 +41,10 @@ class RunStoreApp:
             app.add_background(reaper.worker)
 
 
-async def build_run_store(settings: RunStoreSettings) -> RunStoreApp:
-    app = ServiceApp("runstore", settings, error_mappers=(transient_conflict,))
+async def build_run_store(settings: RunStoreSettings, *, name: str = "runstore") -> RunStoreApp:
+    """`name` names the process in logs and its database connections (application_name
+    `runops-<name>`)."""
+    app = ServiceApp(name, settings, error_mappers=(transient_conflict,))
     legacy = await open_database(app, "controlplane-db", settings.controlplane_db)
     new = None
     if settings.runstore_split:

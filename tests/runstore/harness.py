@@ -60,16 +60,22 @@ def settings_for(
 
 
 async def start_run_store(
-    legacy: PostgresDatabase, new: PostgresDatabase | None, **overrides: Any
+    legacy: PostgresDatabase,
+    new: PostgresDatabase | None,
+    *,
+    name: str = "runstore",
+    **overrides: Any,
 ) -> RunStoreApp:
-    started = await build_run_store(settings_for(legacy, new, **overrides))
+    started = await build_run_store(settings_for(legacy, new, **overrides), name=name)
     await started.app.start()
     return started
 
 
-async def start_on_stack(stack: LocalStack, *, split: bool, **overrides: Any) -> RunStoreApp:
+async def start_on_stack(
+    stack: LocalStack, *, split: bool, name: str = "runstore", **overrides: Any
+) -> RunStoreApp:
     return await start_run_store(
-        stack.controlplane_db, stack.runops_db if split else None, **overrides
+        stack.controlplane_db, stack.runops_db if split else None, name=name, **overrides
     )
 
 
