@@ -63,7 +63,8 @@ async def test_concurrent_overlapping_chunks_write_each_index_once(
                 )
             except grpc.aio.AioRpcError as exc:
                 # A deadlock between chunks is reported retryable (ABORTED); retry it.
-                assert exc.code() == grpc.StatusCode.ABORTED, exc
+                if exc.code() != grpc.StatusCode.ABORTED:
+                    raise
         del seed
 
     await asyncio.gather(*(chunk(n) for n in range(8)))
@@ -131,7 +132,8 @@ async def test_duplicates_report_the_first_run_and_ranges_are_computed_in_sql(
     )
     assert [(i.index, i.duplicate) for i in again.items] == [(2, True), (3, False)]
     assert again.items[0].run_id == first.items[1].run_id
-    assert again.accepted_count == 4 and again.run_count == 10
+    assert again.accepted_count == 4
+    assert again.run_count == 10
     ranges = await client.GetBatchMissingRanges(
         rs.GetBatchMissingRangesRequest(batch_id=batch.id, environment_id=env, consistency=RYW)
     )
@@ -142,11 +144,14 @@ async def test_duplicates_report_the_first_run_and_ranges_are_computed_in_sql(
             batch_id=batch.id, environment_id=env, max_ranges=2, consistency=RYW
         )
     )
-    assert [(r.start, r.end) for r in capped.ranges] == [(0, 1), (4, 5)] and capped.truncated
+    assert [(r.start, r.end) for r in capped.ranges] == [(0, 1), (4, 5)]
+    assert capped.truncated
     # Not every item is in: the seal changes nothing.
     seal = await client.SealBatch(rs.SealBatchRequest(batch_id=batch.id, environment_id=env))
-    assert seal.outcome == rs.SEAL_BATCH_OUTCOME_COUNT_MISMATCH and not seal.sealed_now
-    assert seal.batch.accepted_count == 4 and not seal.batch.sealed
+    assert seal.outcome == rs.SEAL_BATCH_OUTCOME_COUNT_MISMATCH
+    assert not seal.sealed_now
+    assert seal.batch.accepted_count == 4
+    assert not seal.batch.sealed
     # An index outside [0, run_count) fails the chunk, naming the item; nothing is written.
     exc = await expect_error(
         client.AcceptBatchItems(
@@ -213,7 +218,7 @@ async def test_the_reaper_aborts_a_batch_never_sealed(client: Stub, stack: Local
                     parent_run_id="run_parent1",
                     resume_parent_on_completion=True,
                 )
-            )  # fmt: skip
+            )
         ).batch
         await client.AcceptBatchItems(
             rs.AcceptBatchItemsRequest(batch_id=batch.id, environment_id=env, items=items(range(3)))
@@ -225,10 +230,9 @@ async def test_the_reaper_aborts_a_batch_never_sealed(client: Stub, stack: Local
             batch.id,
         )
 
-        async def aborted() -> bool:
-            return (
-                await get_batch(client, batch.id, env)
-            ).status == common_pb2.BATCH_STATUS_ABORTED  # noqa: B023
+        async def aborted(batch_id: str = batch.id) -> bool:
+            found = await get_batch(client, batch_id, env)
+            return found.status == common_pb2.BATCH_STATUS_ABORTED
 
         await until(aborted)
         found = await get_batch(client, batch.id, env)
@@ -241,13 +245,14 @@ async def test_the_reaper_aborts_a_batch_never_sealed(client: Stub, stack: Local
                 )
             )
         ).waitpoint
-        assert (
-            waitpoint.status == common_pb2.WAITPOINT_STATUS_COMPLETED and waitpoint.output_is_error
-        )
+        assert waitpoint.status == common_pb2.WAITPOINT_STATUS_COMPLETED
+        assert waitpoint.output_is_error
         error = json.loads(waitpoint.output)
-        assert error["code"] == "BATCH_SEAL_TIMEOUT" and "expected 5 items" in error["message"]
+        assert error["code"] == "BATCH_SEAL_TIMEOUT"
+        assert "expected 5 items" in error["message"]
         seal = await client.SealBatch(rs.SealBatchRequest(batch_id=batch.id, environment_id=env))
-        assert seal.outcome == rs.SEAL_BATCH_OUTCOME_ABORTED and not seal.sealed_now
+        assert seal.outcome == rs.SEAL_BATCH_OUTCOME_ABORTED
+        assert not seal.sealed_now
         exc = await expect_error(
             client.AcceptBatchItems(
                 rs.AcceptBatchItemsRequest(batch_id=batch.id, environment_id=env, items=items([4]))

@@ -27,7 +27,6 @@ from tests.runstore.harness import (
     stub,
 )
 
-
 # The quiet store's name: its connections are told apart by application_name.
 QUIET = "runstore-quiet"
 

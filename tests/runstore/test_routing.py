@@ -37,13 +37,15 @@ RO = {"runops"}
 async def test_runs_go_to_the_database_their_id_names(client: Stub, stack: LocalStack) -> None:
     env = new_env()
     fresh = (await client.CreateRun(rs.CreateRunRequest(run=run_input(env)))).run
-    assert is_new_body(fresh.id) and fresh.residency == common_pb2.RESIDENCY_NEW
+    assert is_new_body(fresh.id)
+    assert fresh.residency == common_pb2.RESIDENCY_NEW
     assert await where(stack, "runs", fresh.id) == RO
     legacy_id = body(Residency.LEGACY)
     old = (
         await client.CreateRun(rs.CreateRunRequest(run=run_input(env, run_id=f"run_{legacy_id}")))
     ).run
-    assert old.id == legacy_id and old.residency == common_pb2.RESIDENCY_LEGACY
+    assert old.id == legacy_id
+    assert old.residency == common_pb2.RESIDENCY_LEGACY
     assert await where(stack, "runs", legacy_id) == CP
     for run in (fresh, old):
         got = await client.GetRun(
@@ -102,14 +104,17 @@ async def test_run_mutations_are_written_where_the_run_lives(
             ),
             grpc.StatusCode.FAILED_PRECONDITION,
         )
-        assert exc.details() and "CANCELED" in exc.details()
+        assert exc.details()
+        assert "CANCELED" in exc.details()
         [row] = await rows(
             home.admin_writer_dsn,
             "SELECT tags, metadata, status, delay_until FROM runs WHERE id = $1",
             run_id.removeprefix("run_"),
         )
-        assert list(row["tags"]) == ["a", "b", "c"] and row["metadata"] == '{"x":1}'
-        assert row["status"] == "CANCELED" and row["delay_until"] == later.ToDatetime(tzinfo=UTC)
+        assert list(row["tags"]) == ["a", "b", "c"]
+        assert row["metadata"] == '{"x":1}'
+        assert row["status"] == "CANCELED"
+        assert row["delay_until"] == later.ToDatetime(tzinfo=UTC)
         # A run that is not DELAYED cannot be rescheduled.
         await expect_error(
             client.RescheduleRun(
@@ -138,7 +143,8 @@ async def test_create_runs_writes_each_database_once_in_request_order(
     ]
     reply = await client.CreateRuns(rs.CreateRunsRequest(runs=inputs))
     results = list(reply.results)
-    assert len(results) == 5 and not any(r.HasField("error") for r in results)
+    assert len(results) == 5
+    assert not any(r.HasField("error") for r in results)
     ids = [r.run.id for r in results]
     assert ids[0] == inputs[0].run_id.removeprefix("run_")
     assert ids[2] == inputs[2].run_id.removeprefix("run_")
@@ -172,7 +178,8 @@ async def test_idempotency_keys_are_unique_across_both_databases(
         )
     ).run
     replay = await client.CreateRun(rs.CreateRunRequest(run=run_input(env, options=options)))
-    assert replay.is_cached and replay.run.id == legacy.id
+    assert replay.is_cached
+    assert replay.run.id == legacy.id
     found = await client.FindRunByIdempotencyKey(
         rs.FindRunByIdempotencyKeyRequest(
             environment_id=env, task_identifier="email/send", idempotency_key=key
@@ -187,7 +194,8 @@ async def test_idempotency_keys_are_unique_across_both_databases(
     )
     assert reset.cleared_count == 1
     fresh = await client.CreateRun(rs.CreateRunRequest(run=run_input(env, options=options)))
-    assert not fresh.is_cached and is_new_body(fresh.run.id)
+    assert not fresh.is_cached
+    assert is_new_body(fresh.run.id)
     # An expired key is cleared and a fresh run made.
     expiring = common_pb2.TriggerOptions(
         idempotency_key=new_key(), idempotency_key_ttl=duration_pb2.Duration(nanos=1_000_000)
@@ -195,7 +203,8 @@ async def test_idempotency_keys_are_unique_across_both_databases(
     first = await client.CreateRun(rs.CreateRunRequest(run=run_input(env, options=expiring)))
     await asyncio.sleep(0.05)
     second = await client.CreateRun(rs.CreateRunRequest(run=run_input(env, options=expiring)))
-    assert not second.is_cached and second.run.id != first.run.id
+    assert not second.is_cached
+    assert second.run.id != first.run.id
     [old] = await rows(
         stack.runops_db.admin_writer_dsn,
         "SELECT idempotency_key FROM runs WHERE id = $1",
@@ -239,7 +248,8 @@ async def test_batches_and_their_runs_never_straddle_databases(
         )
         assert count[0] == 4
         sealed = await client.SealBatch(rs.SealBatchRequest(batch_id=batch.id, environment_id=env))
-        assert sealed.sealed_now and sealed.outcome == rs.SEAL_BATCH_OUTCOME_SEALED
+        assert sealed.sealed_now
+        assert sealed.outcome == rs.SEAL_BATCH_OUTCOME_SEALED
         page = await client.ListBatchRuns(
             rs.ListBatchRunsRequest(batch_id=batch.id, environment_id=env, consistency=RYW)
         )
@@ -282,15 +292,18 @@ async def test_an_old_legacy_batch_is_still_readable_and_writable(
     sealed = await client.SealBatch(
         rs.SealBatchRequest(batch_id=f"batch_{old}", environment_id=env)
     )
-    assert sealed.sealed_now and sealed.batch.status == common_pb2.BATCH_STATUS_PROCESSING
+    assert sealed.sealed_now
+    assert sealed.batch.status == common_pb2.BATCH_STATUS_PROCESSING
     [row] = await rows(
         stack.controlplane_db.admin_writer_dsn,
         "SELECT accepted_count, sealed FROM batches WHERE id = $1",
         old,
     )
-    assert row["accepted_count"] == 2 and row["sealed"]
+    assert row["accepted_count"] == 2
+    assert row["sealed"]
     fresh = await client.CreateBatch(batch_request(env, 1))
-    assert is_new_body(fresh.batch.id) and await where(stack, "batches", fresh.batch.id) == RO
+    assert is_new_body(fresh.batch.id)
+    assert await where(stack, "batches", fresh.batch.id) == RO
 
 
 async def test_split_off_keeps_everything_in_the_control_plane_database(
@@ -298,13 +311,15 @@ async def test_split_off_keeps_everything_in_the_control_plane_database(
 ) -> None:
     env = new_env()
     run = (await single.CreateRun(rs.CreateRunRequest(run=run_input(env)))).run
-    assert is_legacy_body(run.id) and await where(stack, "runs", run.id) == CP
+    assert is_legacy_body(run.id)
+    assert await where(stack, "runs", run.id) == CP
     # Even a NEW-shaped id (made while the split was on) lives there now.
     new_shaped = body(Residency.NEW)
     await single.CreateRun(rs.CreateRunRequest(run=run_input(env, run_id=f"run_{new_shaped}")))
     assert await where(stack, "runs", new_shaped) == CP
     batch = (await single.CreateBatch(batch_request(env, 3, idempotency_key=new_key()))).batch
-    assert is_legacy_body(batch.id) and await where(stack, "batches", batch.id) == CP
+    assert is_legacy_body(batch.id)
+    assert await where(stack, "batches", batch.id) == CP
     accepted = await single.AcceptBatchItems(
         rs.AcceptBatchItemsRequest(batch_id=batch.id, environment_id=env, items=items(range(3)))
     )
@@ -314,7 +329,8 @@ async def test_split_off_keeps_everything_in_the_control_plane_database(
     ranges = await single.GetBatchMissingRanges(
         rs.GetBatchMissingRangesRequest(batch_id=batch.id, environment_id=env, consistency=RYW)
     )
-    assert list(ranges.ranges) == [] and ranges.accepted_count == 3
+    assert list(ranges.ranges) == []
+    assert ranges.accepted_count == 3
     sealed = await single.SealBatch(rs.SealBatchRequest(batch_id=batch.id, environment_id=env))
     assert sealed.sealed_now
     for call in (
