@@ -184,8 +184,8 @@ async def test_completion_bookkeeping_and_a_batch_of_only_failed_items(client: S
 
     failed = (await client.CreateBatch(batch_request(env, 2))).batch
     chunk = items(range(2))
-    for item in chunk:
-        item.pre_failed.CopyFrom(common_pb2.RunError(code="PAYLOAD_TOO_LARGE"))
+    for entry in chunk:
+        entry.pre_failed.CopyFrom(common_pb2.RunError(code="PAYLOAD_TOO_LARGE"))
     await client.AcceptBatchItems(
         rs.AcceptBatchItemsRequest(batch_id=failed.id, environment_id=env, items=chunk)
     )
@@ -273,8 +273,7 @@ async def test_links_to_runs_of_the_other_database_count(client: Stub, stack: Lo
         reply = await client.CreateRun(rs.CreateRunRequest(run=run_input(env, run_id=run_id)))
         return reply.run
 
-    final, later, lost = legacy_run(), legacy_run(), legacy_run()
-    final, later, lost = await final, await later, await lost
+    final, later, lost = await legacy_run(), await legacy_run(), await legacy_run()
     await client.CompleteRun(
         rs.CompleteRunRequest(run_id=final.id, environment_id=env, success=rs.RunSuccess())
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -149,7 +150,7 @@ async def test_bad_input_names_every_field(client: Stub) -> None:
         "runs[1].failed.code",
     }
     exc = await expect_error(
-        client.GetRun(rs.GetRunRequest(run_id="", consistency=7)),
+        client.GetRun(rs.GetRunRequest(run_id="", consistency=7)),  # type: ignore[arg-type]
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert details_of(exc).fields == ["run_id", "environment_id", "consistency"]
@@ -228,11 +229,11 @@ async def test_a_stopped_writer_is_unavailable_then_served_again_without_a_resta
     faulty: RunStoreApp, cluster: PostgresCluster
 ) -> None:
     client = stub(faulty.app.target)
-    health = health_pb2_grpc.HealthStub(create_channel(faulty.app.target))
+    health: Any = health_pb2_grpc.HealthStub(create_channel(faulty.app.target))
     env = new_env()
     batch = (await client.CreateBatch(batch_request(env, 4), timeout=5)).batch
 
-    def accept(indexes: list[int]) -> object:
+    def accept(indexes: list[int]) -> Any:
         return client.AcceptBatchItems(
             rs.AcceptBatchItemsRequest(batch_id=batch.id, environment_id=env, items=items(indexes)),
             timeout=5,

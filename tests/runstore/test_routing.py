@@ -104,8 +104,7 @@ async def test_run_mutations_are_written_where_the_run_lives(
             ),
             grpc.StatusCode.FAILED_PRECONDITION,
         )
-        assert exc.details()
-        assert "CANCELED" in exc.details()
+        assert "CANCELED" in (exc.details() or "")
         [row] = await rows(
             home.admin_writer_dsn,
             "SELECT tags, metadata, status, delay_until FROM runs WHERE id = $1",
