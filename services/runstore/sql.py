@@ -192,19 +192,33 @@ ORDER BY i.index
 LIMIT $3
 """
 
+# The same page with every item: a run of the other database (a link) comes back with NULL run
+# columns and its id in item_run_id. No rows when the batch is missing or of another environment.
+SELECT_BATCH_ITEM_RUNS = f"""
+SELECT i.index AS item_index, i.run_id AS item_run_id, {_R_RUN_COLUMNS}
+FROM batch_items i
+LEFT JOIN runs r ON r.id = i.run_id
+WHERE i.batch_id = $1 AND i.index > $2
+    AND EXISTS (SELECT 1 FROM batches b WHERE b.id = $1 AND b.environment_id = $4)
+ORDER BY i.index
+LIMIT $3
+"""
+
+SELECT_RUNS_BY_IDS = f"""
+SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY($1::text[]) AND environment_id = $2
+"""
+
+
 # A run becomes final (completed, failed, cancelled): every batch item of it (its own, and items
 # of any batch linked to it) counts once, each batch whose last run this was becomes COMPLETED,
 # and that batch's waitpoint is completed. One statement, so all of it or none.
-FINALIZE_RUN = f"""
-WITH done AS (
-    UPDATE runs SET status = $3, error_code = $4, error_message = $5, output = $6,
-        output_type = $7, completed_at = now(), updated_at = now()
-    WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2) AND status NOT IN {_FINAL}
-    RETURNING {RUN_COLUMNS}
-),
+def _count_final_items(run_ids: str) -> str:
+    """CTEs `items`, `counted`, `waitpoints_done`: every not-yet-final batch item of the runs
+    `run_ids` (a subquery) counts once; batches whose last run this was complete."""
+    return f"""
 items AS (
     UPDATE batch_items SET run_final = true
-    WHERE run_id IN (SELECT id FROM done) AND NOT run_final
+    WHERE run_id IN ({run_ids}) AND NOT run_final
     RETURNING batch_id
 ),
 counted AS (
@@ -224,8 +238,55 @@ waitpoints_done AS (
     FROM counted c
     WHERE w.id = c.waitpoint_id AND c.status = 'COMPLETED' AND w.status = 'PENDING'
     RETURNING w.id
-)
+)"""
+
+
+FINALIZE_RUN = f"""
+WITH done AS (
+    UPDATE runs SET status = $3, error_code = $4, error_message = $5, output = $6,
+        output_type = $7, completed_at = now(), updated_at = now()
+    WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2) AND status NOT IN {_FINAL}
+    RETURNING {RUN_COLUMNS}
+),
+{_count_final_items("SELECT id FROM done")}
 SELECT d.*, (SELECT count(*) FROM waitpoints_done) AS waitpoints_completed FROM done d
+"""
+
+# Runs of the OTHER database that are final: the items of this database linked to them count
+# now (idempotent: an item already counted is skipped). Used right after such a run completes,
+# after an accept that linked to runs not final yet, and by the reaper's link repair.
+MARK_LINKED_RUNS_FINAL = f"""
+WITH {_count_final_items("SELECT unnest($1::text[])")}
+SELECT (SELECT count(*) FROM items) AS items_counted,
+    (SELECT count(*) FROM waitpoints_done) AS waitpoints_completed
+"""
+
+# Items linked to a run of the other database that is not final yet (as far as we know), by
+# run id after $1: the reaper asks the other database which of them became final.
+SELECT_PENDING_LINKS = """
+SELECT DISTINCT run_id FROM batch_items
+WHERE linked AND NOT run_final AND run_id > $1
+ORDER BY run_id
+LIMIT $2
+"""
+
+# Which of these runs are final (the other database's side of the link checks).
+SELECT_FINAL_RUN_IDS = f"""
+SELECT id FROM runs WHERE id = ANY($1::text[]) AND status IN {_FINAL}
+"""
+
+# Live (unexpired) holders of (environment, task, key) triples, by input position (1-based):
+# a create routed to one database first asks the other one, so a key is unique across both.
+SELECT_LIVE_KEY_HOLDERS = f"""
+SELECT i.ord, r.*
+FROM unnest($1::text[], $2::text[], $3::text[])
+    WITH ORDINALITY AS i(environment_id, task_identifier, idempotency_key, ord)
+JOIN LATERAL (
+    SELECT {RUN_COLUMNS} FROM runs
+    WHERE environment_id = i.environment_id AND task_identifier = i.task_identifier
+        AND idempotency_key = i.idempotency_key
+        AND (idempotency_key_expires_at IS NULL OR idempotency_key_expires_at >= now())
+) r ON true
 """
 
 RESET_IDEMPOTENCY_KEY = """
@@ -288,6 +349,10 @@ UNION ALL
 LIMIT 1
 """
 
+SELECT_BATCH_BY_IDEMPOTENCY_KEY = f"""
+SELECT {BATCH_COLUMNS} FROM batches WHERE environment_id = $1 AND idempotency_key = $2
+"""
+
 SELECT_BATCH = f"""
 SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
 """
@@ -297,7 +362,9 @@ SELECT {WAITPOINT_COLUMNS} FROM waitpoints
 WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
 """
 
-_ITEM_FIELDS = (("index", "integer"), ("existing_run_id", "text"))
+# existing_final: the linked run lives in the OTHER database and was final when the caller read
+# it there (this database cannot see it).
+_ITEM_FIELDS = (("index", "integer"), ("existing_run_id", "text"), ("existing_final", "boolean"))
 
 # A chunk of items: item rows first (ON CONFLICT DO NOTHING: an index present, or being written
 # by a concurrent chunk, is skipped, so no index is ever written twice), then runs for exactly the
@@ -326,7 +393,7 @@ items AS (
     SELECT b.id, i.index, coalesce(i.existing_run_id, i.id), i.existing_run_id IS NOT NULL,
         i.existing_run_id IS NULL AND i.status IN {_FINAL},
         CASE WHEN i.existing_run_id IS NULL THEN i.status IN {_FINAL}
-            ELSE coalesce(l.final, false) END
+            ELSE coalesce(l.final, i.existing_final, false) END
     FROM input i JOIN batch b ON i.index < b.run_count
     LEFT JOIN linked l ON l.id = i.existing_run_id
     ORDER BY i.index

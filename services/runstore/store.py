@@ -116,11 +116,13 @@ class BatchRow:
 @dataclass(frozen=True, slots=True)
 class BatchItem:
     """One item of a chunk: its run (pre-failed: `run.failed(...)`), or a link to an existing
-    run (`existing_run_id`, a body; `run` is then ignored)."""
+    run (`existing_run_id`, a body; `run` is then ignored). A linked run of the OTHER database
+    is invisible here: `existing_run_final` says whether the caller found it final there."""
 
     index: int
     run: RunRow | None = None
     existing_run_id: str | None = None
+    existing_run_final: bool = False
 
 
 # Fills the run columns of linked items (no run is written for them).
@@ -290,6 +292,11 @@ def batch_from_record(row: asyncpg.Record) -> common_pb2.Batch:
         waitpoint_id=f"{WAITPOINT}_{row['waitpoint_id']}" if row["waitpoint_id"] else "",
         task_identifiers=row["task_identifiers"],
     )
+    if row["aborted_reason"] is not None:
+        batch.aborted_reason = common_pb2.BatchAbortedReason.Value(
+            "BATCH_ABORTED_REASON_" + row["aborted_reason"]
+        )
+        batch.error_message = row["error_message"] or ""
     _ts(row["sealed_at"], batch.sealed_at)
     _ts(row["processing_started_at"], batch.processing_started_at)
     _ts(row["processing_completed_at"], batch.processing_completed_at)
@@ -401,6 +408,40 @@ class RunTables:
         runs = [run_from_record(record) for record in records]
         more = len(records) == limit
         return runs, records[-1]["item_index"] if more else None
+
+    async def list_batch_items(
+        self,
+        db: Queryable,
+        batch_id: str,
+        environment_id: str,
+        *,
+        after_index: int = -1,
+        limit: int = 100,
+    ) -> tuple[list[common_pb2.Run | None], dict[int, str], int | None] | None:
+        """A page of the batch's items by index after `after_index`: their runs (None where the
+        run lives in the other database), those positions' run ids, and the index to pass for
+        the next page (None at the end). None: no such batch in this environment."""
+        records = await db.fetch(
+            sql.SELECT_BATCH_ITEM_RUNS, batch_id, after_index, limit, environment_id
+        )
+        if not records and await self.get_batch(db, batch_id, environment_id) is None:
+            return None
+        runs: list[common_pb2.Run | None] = []
+        missing: dict[int, str] = {}
+        for position, record in enumerate(records):
+            if record["id"] is None:
+                missing[position] = record["item_run_id"]
+                runs.append(None)
+            else:
+                runs.append(run_from_record(record))
+        more = len(records) == limit
+        return runs, missing, records[-1]["item_index"] if more else None
+
+    async def get_runs(
+        self, db: Queryable, run_ids: Sequence[str], environment_id: str
+    ) -> dict[str, common_pb2.Run]:
+        records = await db.fetch(sql.SELECT_RUNS_BY_IDS, list(run_ids), environment_id)
+        return {record["id"]: run_from_record(record) for record in records}
 
     async def complete_run(
         self,
@@ -523,6 +564,12 @@ class RunTables:
             return CreatedBatch(None, conflict="batches_pkey")
         return CreatedBatch(batch_from_record(existing), is_cached=True)
 
+    async def batch_by_idempotency_key(
+        self, db: Queryable, environment_id: str, key: str
+    ) -> common_pb2.Batch | None:
+        record = await db.fetchrow(sql.SELECT_BATCH_BY_IDEMPOTENCY_KEY, environment_id, key)
+        return None if record is None else batch_from_record(record)
+
     async def get_batch(
         self, db: Queryable, batch_id: str, environment_id: str | None = None
     ) -> common_pb2.Batch | None:
@@ -552,6 +599,7 @@ class RunTables:
                     environment_id,
                     indexes,
                     [item.existing_run_id for item in items],
+                    [item.existing_run_final for item in items],
                     *_run_arrays(runs),
                 )
                 if record is None:
@@ -652,6 +700,43 @@ class RunTables:
         if record is None or record["aborted_reason"] is None:
             return None
         return record["aborted_reason"], record["error_message"]
+
+    # -- links to runs of the other database ---------------------------------------------------
+    async def live_key_holders(
+        self, db: Queryable, keys: Sequence[tuple[str, str, str]]
+    ) -> dict[int, common_pb2.Run]:
+        """The live run holding each (environment, task, key), by position in `keys`."""
+        if not keys:
+            return {}
+        records = await db.fetch(
+            sql.SELECT_LIVE_KEY_HOLDERS,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+        )
+        return {record["ord"] - 1: run_from_record(record) for record in records}
+
+    async def final_run_ids(self, db: Queryable, run_ids: Sequence[str]) -> set[str]:
+        """Those of `run_ids` (bodies) that are runs here in a final status."""
+        if not run_ids:
+            return set()
+        records = await db.fetch(sql.SELECT_FINAL_RUN_IDS, list(run_ids))
+        return {record["id"] for record in records}
+
+    async def mark_linked_runs_final(self, db: Queryable, run_ids: Sequence[str]) -> int:
+        """Runs of the other database became final: the items here linked to them count (once:
+        idempotent), completing batches and their waitpoints. How many items were counted."""
+        if not run_ids:
+            return 0
+        record = await db.fetchrow(sql.MARK_LINKED_RUNS_FINAL, list(run_ids))
+        assert record is not None
+        return int(record["items_counted"])
+
+    async def pending_links(self, db: Queryable, after: str, limit: int) -> list[str]:
+        """Run ids (ascending, after `after`) that items here link to and have not counted as
+        final yet."""
+        records = await db.fetch(sql.SELECT_PENDING_LINKS, after, limit)
+        return [record["run_id"] for record in records]
 
     # -- the seal-timeout reaper ----------------------------------------------------------------
     async def reap_unsealed_batches(

@@ -1,4 +1,5 @@
-"""A scratch database per test module on the run-ops writer, with the run tables migrated.
+"""A scratch database per test module on the run-ops writer, with the run tables migrated (the
+data layer's tests); run-store servers on the session stack, split on and off (the service's).
 
 The admin DSN is the one fixture DSN that may CREATE DATABASE today (the stack's superuser);
 when least-privilege roles land, point ADMIN_DSN at whichever role keeps CREATEDB.
@@ -14,7 +15,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from runops.localstack import PostgresDatabase
+from runops.localstack import LocalStack, PostgresDatabase
+from services.runstore.app import RunStoreApp
+from tests.runstore.harness import Stub, start_on_stack, stub
 
 MIGRATIONS = Path(__file__).parents[2] / "services" / "runstore" / "migrations" / "all"
 
@@ -55,3 +58,30 @@ async def pool(scratch_dsn: str) -> AsyncIterator[asyncpg.Pool]:
         yield pool
     finally:
         await pool.close()
+
+
+# -- the service ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+async def run_store(stack: LocalStack) -> AsyncIterator[RunStoreApp]:
+    """The split on: LEGACY rows in the control-plane database, NEW in the run-ops database."""
+    started = await start_on_stack(stack, split=True)
+    yield started
+    await started.app.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+async def single_store(stack: LocalStack) -> AsyncIterator[RunStoreApp]:
+    """The split off: everything in the control-plane database, ids minted LEGACY."""
+    started = await start_on_stack(stack, split=False)
+    yield started
+    await started.app.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+def client(run_store: RunStoreApp) -> Stub:
+    return stub(run_store.app.target)
+
+
+@pytest.fixture(scope="session")
+def single(single_store: RunStoreApp) -> Stub:
+    return stub(single_store.app.target)

@@ -140,6 +140,28 @@ BATCH_STATUS_PARTIAL_FAILED: BatchStatus.ValueType  # 4
 BATCH_STATUS_ABORTED: BatchStatus.ValueType  # 5
 Global___BatchStatus: _TypeAlias = BatchStatus  # noqa: Y015
 
+class _BatchAbortedReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BatchAbortedReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchAbortedReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BATCH_ABORTED_REASON_UNSPECIFIED: _BatchAbortedReason.ValueType  # 0
+    BATCH_ABORTED_REASON_SEAL_TIMEOUT: _BatchAbortedReason.ValueType  # 1
+    """Not sealed within the run store's seal timeout (a stream that never finished)."""
+    BATCH_ABORTED_REASON_EVERY_ITEM_FAILED: _BatchAbortedReason.ValueType  # 2
+    """Sealed with every item pre-failed: nothing could run."""
+
+class BatchAbortedReason(_BatchAbortedReason, metaclass=_BatchAbortedReasonEnumTypeWrapper):
+    """Why a batch ended ABORTED."""
+
+BATCH_ABORTED_REASON_UNSPECIFIED: BatchAbortedReason.ValueType  # 0
+BATCH_ABORTED_REASON_SEAL_TIMEOUT: BatchAbortedReason.ValueType  # 1
+"""Not sealed within the run store's seal timeout (a stream that never finished)."""
+BATCH_ABORTED_REASON_EVERY_ITEM_FAILED: BatchAbortedReason.ValueType  # 2
+"""Sealed with every item pre-failed: nothing could run."""
+Global___BatchAbortedReason: _TypeAlias = BatchAbortedReason  # noqa: Y015
+
 class _WaitpointStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -503,6 +525,8 @@ class Batch(_message.Message):
     TASK_IDENTIFIERS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    ABORTED_REASON_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Internal id (the friendly id's body)."""
     friendly_id: _builtins.str
@@ -524,6 +548,10 @@ class Batch(_message.Message):
     parent_run_id: _builtins.str
     resume_parent_on_completion: _builtins.bool
     waitpoint_id: _builtins.str
+    aborted_reason: Global___BatchAbortedReason.ValueType
+    """Set when status is ABORTED."""
+    error_message: _builtins.str
+    """Why, in words (for SEAL_TIMEOUT: the expected and accepted item counts)."""
     @_builtins.property
     def sealed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -562,10 +590,12 @@ class Batch(_message.Message):
         task_identifiers: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        aborted_reason: Global___BatchAbortedReason.ValueType = ...,
+        error_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "processing_completed_at", b"processing_completed_at", "processing_started_at", b"processing_started_at", "sealed_at", b"sealed_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "completed_run_count", b"completed_run_count", "created_at", b"created_at", "environment_id", b"environment_id", "failed_run_count", b"failed_run_count", "friendly_id", b"friendly_id", "id", b"id", "idempotency_key", b"idempotency_key", "organization_id", b"organization_id", "parent_run_id", b"parent_run_id", "processing_completed_at", b"processing_completed_at", "processing_started_at", b"processing_started_at", "project_id", b"project_id", "residency", b"residency", "resume_parent_on_completion", b"resume_parent_on_completion", "run_count", b"run_count", "sealed", b"sealed", "sealed_at", b"sealed_at", "status", b"status", "successful_run_count", b"successful_run_count", "task_identifiers", b"task_identifiers", "updated_at", b"updated_at", "waitpoint_id", b"waitpoint_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted_reason", b"aborted_reason", "accepted_count", b"accepted_count", "completed_run_count", b"completed_run_count", "created_at", b"created_at", "environment_id", b"environment_id", "error_message", b"error_message", "failed_run_count", b"failed_run_count", "friendly_id", b"friendly_id", "id", b"id", "idempotency_key", b"idempotency_key", "organization_id", b"organization_id", "parent_run_id", b"parent_run_id", "processing_completed_at", b"processing_completed_at", "processing_started_at", b"processing_started_at", "project_id", b"project_id", "residency", b"residency", "resume_parent_on_completion", b"resume_parent_on_completion", "run_count", b"run_count", "sealed", b"sealed", "sealed_at", b"sealed_at", "status", b"status", "successful_run_count", b"successful_run_count", "task_identifiers", b"task_identifiers", "updated_at", b"updated_at", "waitpoint_id", b"waitpoint_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

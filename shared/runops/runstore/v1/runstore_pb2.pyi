@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from runops.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,58 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SealBatchOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SealBatchOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SealBatchOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEAL_BATCH_OUTCOME_UNSPECIFIED: _SealBatchOutcome.ValueType  # 0
+    SEAL_BATCH_OUTCOME_SEALED: _SealBatchOutcome.ValueType  # 1
+    """This call sealed the batch (sealed_now). Of any number of concurrent calls exactly one
+    gets this. Completion bookkeeping happened in the same statement: the batch may already be
+    COMPLETED (every run final), PARTIAL_FAILED (some items pre-failed) or ABORTED
+    (EVERY_ITEM_FAILED), and its waitpoint completed.
+    """
+    SEAL_BATCH_OUTCOME_ALREADY_SEALED: _SealBatchOutcome.ValueType  # 2
+    """Sealed before (by another call): nothing changed. Idempotent success for a retrying
+    caller; batch.status says how far processing got.
+    """
+    SEAL_BATCH_OUTCOME_COUNT_MISMATCH: _SealBatchOutcome.ValueType  # 3
+    """Not every item is accepted yet (batch.accepted_count < batch.run_count): nothing changed.
+    The caller learns what to resend from GetBatchMissingRanges.
+    """
+    SEAL_BATCH_OUTCOME_ABORTED: _SealBatchOutcome.ValueType  # 4
+    """Aborted before it was sealed (batch.aborted_reason SEAL_TIMEOUT): it can never be sealed;
+    the caller must create a new batch.
+    """
+
+class SealBatchOutcome(_SealBatchOutcome, metaclass=_SealBatchOutcomeEnumTypeWrapper):
+    """What a SealBatch call found. Every outcome answers OK with the batch as it is now; only a
+    batch that does not exist (or belongs to another environment) is NOT_FOUND.
+    """
+
+SEAL_BATCH_OUTCOME_UNSPECIFIED: SealBatchOutcome.ValueType  # 0
+SEAL_BATCH_OUTCOME_SEALED: SealBatchOutcome.ValueType  # 1
+"""This call sealed the batch (sealed_now). Of any number of concurrent calls exactly one
+gets this. Completion bookkeeping happened in the same statement: the batch may already be
+COMPLETED (every run final), PARTIAL_FAILED (some items pre-failed) or ABORTED
+(EVERY_ITEM_FAILED), and its waitpoint completed.
+"""
+SEAL_BATCH_OUTCOME_ALREADY_SEALED: SealBatchOutcome.ValueType  # 2
+"""Sealed before (by another call): nothing changed. Idempotent success for a retrying
+caller; batch.status says how far processing got.
+"""
+SEAL_BATCH_OUTCOME_COUNT_MISMATCH: SealBatchOutcome.ValueType  # 3
+"""Not every item is accepted yet (batch.accepted_count < batch.run_count): nothing changed.
+The caller learns what to resend from GetBatchMissingRanges.
+"""
+SEAL_BATCH_OUTCOME_ABORTED: SealBatchOutcome.ValueType  # 4
+"""Aborted before it was sealed (batch.aborted_reason SEAL_TIMEOUT): it can never be sealed;
+the caller must create a new batch.
+"""
+Global___SealBatchOutcome: _TypeAlias = SealBatchOutcome  # noqa: Y015
 
 @_typing.final
 class RunInput(_message.Message):
@@ -43,6 +96,9 @@ class RunInput(_message.Message):
     DEFAULT_MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     DEFAULT_QUEUE_FIELD_NUMBER: _builtins.int
     DEFAULT_MACHINE_PRESET_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Pre-minted friendly id ("run_<body>"); empty mints one by residency policy."""
     environment_id: _builtins.str
@@ -65,6 +121,16 @@ class RunInput(_message.Message):
     def default_ttl(self) -> _duration_pb2.Duration:
         """Defaults resolved from the task definition."""
 
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the run was created, as its caller was shown it (a run drained from the mollifier
+        keeps the time of its trigger); unset means now.
+        """
+
+    @_builtins.property
+    def failed(self) -> _common_pb2.RunError: ...
+    @_builtins.property
+    def cancelled(self) -> Global___RunCancellation: ...
     def __init__(
         self,
         *,
@@ -84,14 +150,38 @@ class RunInput(_message.Message):
         default_max_attempts: _builtins.int = ...,
         default_queue: _builtins.str = ...,
         default_machine_preset: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        failed: _common_pb2.RunError | None = ...,
+        cancelled: Global___RunCancellation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["default_ttl", b"default_ttl", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "created_at", b"created_at", "default_ttl", b"default_ttl", "failed", b"failed", "final_state", b"final_state", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_machine_preset", b"default_machine_preset", "default_max_attempts", b"default_max_attempts", "default_queue", b"default_queue", "default_ttl", b"default_ttl", "environment_id", b"environment_id", "options", b"options", "organization_id", b"organization_id", "parent_run_id", b"parent_run_id", "payload", b"payload", "payload_type", b"payload_type", "project_id", b"project_id", "resume_parent_on_completion", b"resume_parent_on_completion", "root_run_id", b"root_run_id", "run_id", b"run_id", "task_identifier", b"task_identifier", "worker_version", b"worker_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "created_at", b"created_at", "default_machine_preset", b"default_machine_preset", "default_max_attempts", b"default_max_attempts", "default_queue", b"default_queue", "default_ttl", b"default_ttl", "environment_id", b"environment_id", "failed", b"failed", "final_state", b"final_state", "options", b"options", "organization_id", b"organization_id", "parent_run_id", b"parent_run_id", "payload", b"payload", "payload_type", b"payload_type", "project_id", b"project_id", "resume_parent_on_completion", b"resume_parent_on_completion", "root_run_id", b"root_run_id", "run_id", b"run_id", "task_identifier", b"task_identifier", "worker_version", b"worker_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_final_state: _TypeAlias = _typing.Literal["failed", "cancelled"]  # noqa: Y015
+    _WhichOneofArgType_final_state: _TypeAlias = _typing.Literal["final_state", b"final_state"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_final_state) -> _WhichOneofReturnType_final_state | None: ...
+
+Global___RunInput: _TypeAlias = RunInput  # noqa: Y015
+
+@_typing.final
+class RunCancellation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RunInput: _TypeAlias = RunInput  # noqa: Y015
+Global___RunCancellation: _TypeAlias = RunCancellation  # noqa: Y015
 
 @_typing.final
 class CreateRunRequest(_message.Message):
@@ -214,18 +304,22 @@ class GetRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Friendly id or internal id."""
     consistency: _common_pb2.ConsistencyLevel.ValueType
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         consistency: _common_pb2.ConsistencyLevel.ValueType = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "environment_id", b"environment_id", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -309,11 +403,14 @@ class ListBatchRunsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     page_size: _builtins.int
     """At most 1000; zero means 100."""
     page_token: _builtins.str
     consistency: _common_pb2.ConsistencyLevel.ValueType
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     def __init__(
         self,
         *,
@@ -321,10 +418,11 @@ class ListBatchRunsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         consistency: _common_pb2.ConsistencyLevel.ValueType = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "consistency", b"consistency", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "consistency", b"consistency", "environment_id", b"environment_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -362,7 +460,10 @@ class CompleteRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     SUCCESS_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     @_builtins.property
     def success(self) -> Global___RunSuccess: ...
     @_builtins.property
@@ -373,10 +474,11 @@ class CompleteRunRequest(_message.Message):
         run_id: _builtins.str = ...,
         success: Global___RunSuccess | None = ...,
         failure: _common_pb2.RunError | None = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "outcome", b"outcome", "success", b"success"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "outcome", b"outcome", "run_id", b"run_id", "success", b"success"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "failure", b"failure", "outcome", b"outcome", "run_id", b"run_id", "success", b"success"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["success", "failure"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
@@ -569,7 +671,10 @@ class AddRunTagsRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -577,10 +682,11 @@ class AddRunTagsRequest(_message.Message):
         *,
         run_id: _builtins.str = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "run_id", b"run_id", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -613,19 +719,23 @@ class UpdateRunMetadataRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     METADATA_TYPE_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     metadata: _builtins.str
     metadata_type: _builtins.str
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         metadata: _builtins.str = ...,
         metadata_type: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "metadata_type", b"metadata_type", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "metadata", b"metadata", "metadata_type", b"metadata_type", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -657,7 +767,10 @@ class RescheduleRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     DELAY_UNTIL_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     @_builtins.property
     def delay_until(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -665,10 +778,11 @@ class RescheduleRunRequest(_message.Message):
         *,
         run_id: _builtins.str = ...,
         delay_until: _timestamp_pb2.Timestamp | None = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delay_until", b"delay_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_until", b"delay_until", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_until", b"delay_until", "environment_id", b"environment_id", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -700,17 +814,21 @@ class CancelRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     reason: _builtins.str
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "reason", b"reason", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -811,17 +929,21 @@ class GetBatchRequest(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     consistency: _common_pb2.ConsistencyLevel.ValueType
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     def __init__(
         self,
         *,
         batch_id: _builtins.str = ...,
         consistency: _common_pb2.ConsistencyLevel.ValueType = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "consistency", b"consistency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "consistency", b"consistency", "environment_id", b"environment_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -886,7 +1008,10 @@ class AcceptBatchItemsRequest(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchItemInput]: ...
     def __init__(
@@ -894,10 +1019,11 @@ class AcceptBatchItemsRequest(_message.Message):
         *,
         batch_id: _builtins.str = ...,
         items: _abc.Iterable[Global___BatchItemInput] | None = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "environment_id", b"environment_id", "items", b"items"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -957,19 +1083,85 @@ class AcceptBatchItemsResponse(_message.Message):
 Global___AcceptBatchItemsResponse: _TypeAlias = AcceptBatchItemsResponse  # noqa: Y015
 
 @_typing.final
-class SealBatchRequest(_message.Message):
+class GetBatchMissingRangesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    MAX_RANGES_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's batch is NOT_FOUND."""
+    max_ranges: _builtins.int
+    """At most this many ranges (lowest first); zero means 1000, the most allowed."""
+    consistency: _common_pb2.ConsistencyLevel.ValueType
     def __init__(
         self,
         *,
         batch_id: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
+        max_ranges: _builtins.int = ...,
+        consistency: _common_pb2.ConsistencyLevel.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "consistency", b"consistency", "environment_id", b"environment_id", "max_ranges", b"max_ranges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBatchMissingRangesRequest: _TypeAlias = GetBatchMissingRangesRequest  # noqa: Y015
+
+@_typing.final
+class GetBatchMissingRangesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANGES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    RUN_COUNT_FIELD_NUMBER: _builtins.int
+    ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """More ranges exist than were returned (ask again after resending these)."""
+    run_count: _builtins.int
+    accepted_count: _builtins.int
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.IndexRange]:
+        """Half-open [start, end), ascending; empty when every index in [0, run_count) is accepted."""
+
+    def __init__(
+        self,
+        *,
+        ranges: _abc.Iterable[_common_pb2.IndexRange] | None = ...,
+        truncated: _builtins.bool = ...,
+        run_count: _builtins.int = ...,
+        accepted_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "ranges", b"ranges", "run_count", b"run_count", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBatchMissingRangesResponse: _TypeAlias = GetBatchMissingRangesResponse  # noqa: Y015
+
+@_typing.final
+class SealBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "environment_id", b"environment_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -981,8 +1173,10 @@ class SealBatchResponse(_message.Message):
 
     BATCH_FIELD_NUMBER: _builtins.int
     SEALED_NOW_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     sealed_now: _builtins.bool
     """True when this call sealed the batch; false when it was already sealed or done."""
+    outcome: Global___SealBatchOutcome.ValueType
     @_builtins.property
     def batch(self) -> _common_pb2.Batch: ...
     def __init__(
@@ -990,10 +1184,11 @@ class SealBatchResponse(_message.Message):
         *,
         batch: _common_pb2.Batch | None = ...,
         sealed_now: _builtins.bool = ...,
+        outcome: Global___SealBatchOutcome.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "sealed_now", b"sealed_now"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "outcome", b"outcome", "sealed_now", b"sealed_now"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1005,17 +1200,21 @@ class GetWaitpointRequest(_message.Message):
 
     WAITPOINT_ID_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     waitpoint_id: _builtins.str
     consistency: _common_pb2.ConsistencyLevel.ValueType
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's rows are NOT_FOUND."""
     def __init__(
         self,
         *,
         waitpoint_id: _builtins.str = ...,
         consistency: _common_pb2.ConsistencyLevel.ValueType = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "waitpoint_id", b"waitpoint_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "environment_id", b"environment_id", "waitpoint_id", b"waitpoint_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -116,6 +116,11 @@ class RunStoreServiceStub:
                 request_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.AcceptBatchItemsRequest.SerializeToString,
                 response_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.AcceptBatchItemsResponse.FromString,
                 _registered_method=True)
+        self.GetBatchMissingRanges = channel.unary_unary(
+                '/runops.runstore.v1.RunStoreService/GetBatchMissingRanges',
+                request_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetBatchMissingRangesRequest.SerializeToString,
+                response_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetBatchMissingRangesResponse.FromString,
+                _registered_method=True)
         self.SealBatch = channel.unary_unary(
                 '/runops.runstore.v1.RunStoreService/SealBatch',
                 request_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.SealBatchRequest.SerializeToString,
@@ -234,6 +239,14 @@ class RunStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBatchMissingRanges(self, request, context):
+        """The index ranges of a batch no item covers yet, computed in the database (a 100,000-item
+        batch is never loaded into memory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SealBatch(self, request, context):
         """Conditional: only when unsealed, PENDING, and every item is accepted.
         """
@@ -329,6 +342,11 @@ def add_RunStoreServiceServicer_to_server(servicer, server):
                     servicer.AcceptBatchItems,
                     request_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.AcceptBatchItemsRequest.FromString,
                     response_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.AcceptBatchItemsResponse.SerializeToString,
+            ),
+            'GetBatchMissingRanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatchMissingRanges,
+                    request_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetBatchMissingRangesRequest.FromString,
+                    response_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetBatchMissingRangesResponse.SerializeToString,
             ),
             'SealBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.SealBatch,
@@ -775,6 +793,33 @@ class RunStoreService:
             '/runops.runstore.v1.RunStoreService/AcceptBatchItems',
             runops_dot_runstore_dot_v1_dot_runstore__pb2.AcceptBatchItemsRequest.SerializeToString,
             runops_dot_runstore_dot_v1_dot_runstore__pb2.AcceptBatchItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatchMissingRanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runops.runstore.v1.RunStoreService/GetBatchMissingRanges',
+            runops_dot_runstore_dot_v1_dot_runstore__pb2.GetBatchMissingRangesRequest.SerializeToString,
+            runops_dot_runstore_dot_v1_dot_runstore__pb2.GetBatchMissingRangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,10 @@ class RunStoreServiceStub:
     """By id or friendly id."""
     AcceptBatchItems: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.AcceptBatchItemsRequest, _runstore_pb2.AcceptBatchItemsResponse]
     """One transaction per call: batch-item rows keyed (batch, index) plus their runs."""
+    GetBatchMissingRanges: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.GetBatchMissingRangesRequest, _runstore_pb2.GetBatchMissingRangesResponse]
+    """The index ranges of a batch no item covers yet, computed in the database (a 100,000-item
+    batch is never loaded into memory).
+    """
     SealBatch: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.SealBatchRequest, _runstore_pb2.SealBatchResponse]
     """Conditional: only when unsealed, PENDING, and every item is accepted."""
     GetWaitpoint: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.GetWaitpointRequest, _runstore_pb2.GetWaitpointResponse]
@@ -88,6 +92,10 @@ class RunStoreServiceAsyncStub(RunStoreServiceStub):
     """By id or friendly id."""
     AcceptBatchItems: _aio.UnaryUnaryMultiCallable[_runstore_pb2.AcceptBatchItemsRequest, _runstore_pb2.AcceptBatchItemsResponse]  # type: ignore[assignment]
     """One transaction per call: batch-item rows keyed (batch, index) plus their runs."""
+    GetBatchMissingRanges: _aio.UnaryUnaryMultiCallable[_runstore_pb2.GetBatchMissingRangesRequest, _runstore_pb2.GetBatchMissingRangesResponse]  # type: ignore[assignment]
+    """The index ranges of a batch no item covers yet, computed in the database (a 100,000-item
+    batch is never loaded into memory).
+    """
     SealBatch: _aio.UnaryUnaryMultiCallable[_runstore_pb2.SealBatchRequest, _runstore_pb2.SealBatchResponse]  # type: ignore[assignment]
     """Conditional: only when unsealed, PENDING, and every item is accepted."""
     GetWaitpoint: _aio.UnaryUnaryMultiCallable[_runstore_pb2.GetWaitpointRequest, _runstore_pb2.GetWaitpointResponse]  # type: ignore[assignment]
@@ -213,6 +221,16 @@ class RunStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runstore_pb2.AcceptBatchItemsResponse, _abc.Awaitable[_runstore_pb2.AcceptBatchItemsResponse]]:
         """One transaction per call: batch-item rows keyed (batch, index) plus their runs."""
+
+    @_abc_1.abstractmethod
+    def GetBatchMissingRanges(
+        self,
+        request: _runstore_pb2.GetBatchMissingRangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runstore_pb2.GetBatchMissingRangesResponse, _abc.Awaitable[_runstore_pb2.GetBatchMissingRangesResponse]]:
+        """The index ranges of a batch no item covers yet, computed in the database (a 100,000-item
+        batch is never loaded into memory).
+        """
 
     @_abc_1.abstractmethod
     def SealBatch(

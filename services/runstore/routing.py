@@ -1,0 +1,651 @@
+"""The run store over two databases: LEGACY rows in the control-plane database, NEW rows in the
+run-ops database (spec §1, §3). `RunStore` routes every operation by residency, reads with the
+caller's consistency on the owning database only, and keeps links between the two databases
+counted. With the split off there is one database (the control plane's) and ids are minted
+LEGACY-shaped.
+
+Every id here is a body (`run_<body>` → `<body>`); environment ids are checked on every row.
+Refusals are `runops.kit.errors` exceptions, so the servicer only translates messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+import structlog
+
+from runops.common.v1 import common_pb2
+from runops.kit.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    not_found,
+)
+from runops.kit.ids import (
+    BATCH,
+    RUN,
+    WAITPOINT,
+    IdMinter,
+    Residency,
+    is_legacy_body,
+    is_new_body,
+    mint_body,
+    residency_of,
+)
+from runops.kit.replica import Consistency, DbConnection, ReplicaRouter
+from services.runstore.store import (
+    AcceptedItems,
+    BatchItem,
+    BatchNotAccepting,
+    BatchRow,
+    CreatedBatch,
+    CreatedRun,
+    FinalizedRun,
+    MissingRanges,
+    RunRow,
+    RunTables,
+    SealResult,
+)
+
+log = structlog.get_logger("runops.runstore")
+
+T = TypeVar("T")
+
+# Final run statuses as the proto enum (what CompleteRun / CancelRun compare a retry against).
+_COMPLETED = common_pb2.RUN_STATUS_COMPLETED_SUCCESSFULLY
+_FAILED = common_pb2.RUN_STATUS_COMPLETED_WITH_ERRORS
+_CANCELED = common_pb2.RUN_STATUS_CANCELED
+
+
+def unique_violation(constraint: str, table: str) -> AlreadyExists:
+    """What a unique violation answers, whether Postgres raised it (runops.kit.dependencies)
+    or a statement skipped the row and we found the holder: same status, reason, metadata."""
+    return AlreadyExists(
+        f"a row with the same key already exists ({constraint})",
+        reason="UNIQUE_VIOLATION",
+        metadata={"constraint": constraint, "table": table},
+    )
+
+
+def run_not_found(run_id: str) -> NotFound:
+    return not_found("run", f"{RUN}_{run_id}", "run_id")
+
+
+def batch_not_found(batch_id: str) -> NotFound:
+    return not_found("batch", f"{BATCH}_{batch_id}", "batch_id")
+
+
+@dataclass(frozen=True)
+class Database:
+    """One of the two databases: its residency and its router (writer + replicas)."""
+
+    residency: Residency
+    router: ReplicaRouter
+    name: str
+
+    async def read(
+        self, query: Callable[[DbConnection], Awaitable[T]], consistency: Consistency
+    ) -> T:
+        return await self.router.read(query, consistency=consistency)
+
+    async def write(self, statement: Callable[[DbConnection], Awaitable[T]]) -> T:
+        async with self.router.transaction() as conn:
+            return await statement(conn)
+
+
+class RunStore:
+    """Runs, batches, batch items and waitpoints behind one API over LEGACY and NEW databases
+    (`new` None: single-database mode)."""
+
+    def __init__(self, legacy: ReplicaRouter, new: ReplicaRouter | None) -> None:
+        self.tables = RunTables()
+        self.legacy = Database(Residency.LEGACY, legacy, "controlplane")
+        self.new = None if new is None else Database(Residency.NEW, new, "runops")
+        self.minter = IdMinter(database_split=new is not None)
+
+    @property
+    def split(self) -> bool:
+        return self.new is not None
+
+    @property
+    def databases(self) -> tuple[Database, ...]:
+        return (self.legacy,) if self.new is None else (self.new, self.legacy)
+
+    def owner(self, body: str) -> Database:
+        """The database a row with this id lives in (writes; reads of a classifiable id)."""
+        if self.new is not None and residency_of(body) is Residency.NEW:
+            return self.new
+        return self.legacy
+
+    def other(self, db: Database) -> Database | None:
+        if self.new is None:
+            return None
+        return self.legacy if db is self.new else self.new
+
+    def probe(self, body: str) -> tuple[Database, ...]:
+        """Where a read looks: the owner for a NEW- or LEGACY-shaped id; NEW then LEGACY for an
+        id of neither shape (a caller-chosen one, which was written LEGACY)."""
+        if is_new_body(body) or is_legacy_body(body):
+            return (self.owner(body),)
+        return self.databases
+
+    async def _first(
+        self,
+        dbs: Sequence[Database],
+        query: Callable[[Database], Awaitable[T | None]],
+    ) -> T | None:
+        for db in dbs:
+            found = await query(db)
+            if found is not None:
+                return found
+        return None
+
+    # -- runs -----------------------------------------------------------------------------------
+    def _with_id(self, row: RunRow) -> RunRow:
+        return row if row.id else dataclasses.replace(row, id=self.minter.mint_body())
+
+    async def create_runs(self, rows: Sequence[RunRow]) -> list[CreatedRun]:
+        """Every run in one statement per database (both written concurrently), results in
+        request order. Ids are minted by the residency policy where none was given. A key a
+        live run of the other database holds returns that run (keys are unique across both)."""
+        rows = [self._with_id(row) for row in rows]
+        groups: dict[str, list[int]] = {}
+        for position, row in enumerate(rows):
+            groups.setdefault(self.owner(row.id).name, []).append(position)
+        results: list[CreatedRun | None] = [None] * len(rows)
+
+        async def write(db: Database, positions: list[int]) -> None:
+            held = await self._held_elsewhere(db, [rows[k] for k in positions])
+            for k, run in held.items():
+                results[positions[k]] = CreatedRun(run, is_cached=True)
+            todo = [positions[k] for k in range(len(positions)) if k not in held]
+            if not todo:
+                return
+            created = await db.write(
+                lambda conn: self.tables.create_runs(conn, [rows[k] for k in todo])
+            )
+            for k, result in zip(todo, created, strict=True):
+                results[k] = result
+
+        by_name = {db.name: db for db in self.databases}
+        await asyncio.gather(*(write(by_name[name], ks) for name, ks in groups.items()))
+        return [result for result in results if result is not None]
+
+    async def _held_elsewhere(
+        self, db: Database, rows: Sequence[RunRow]
+    ) -> dict[int, common_pb2.Run]:
+        """Positions of `rows` whose idempotency key a live run in the OTHER database holds."""
+        other = self.other(db)
+        if other is None:
+            return {}
+        wanted = [
+            (k, (row.environment_id, row.task_identifier, row.idempotency_key))
+            for k, row in enumerate(rows)
+            if row.idempotency_key is not None and row.status in ("PENDING", "QUEUED", "DELAYED")
+        ]
+        if not wanted:
+            return {}
+        keys = [key for _, key in wanted]
+        found = await other.read(
+            lambda conn: self.tables.live_key_holders(conn, keys), Consistency.WRITER
+        )
+        return {wanted[n][0]: run for n, run in found.items()}
+
+    async def create_run(self, row: RunRow) -> CreatedRun:
+        [created] = await self.create_runs([row])
+        if created.run is None:
+            raise unique_violation(created.conflict or "runs_pkey", "runs")
+        return created
+
+    async def get_run(
+        self, run_id: str, environment_id: str, consistency: Consistency
+    ) -> common_pb2.Run:
+        run = await self._first(
+            self.probe(run_id),
+            lambda db: db.read(
+                lambda conn: self.tables.get_run(conn, run_id, environment_id), consistency
+            ),
+        )
+        if run is None:
+            raise run_not_found(run_id)
+        return run
+
+    async def find_run_by_idempotency_key(
+        self, environment_id: str, task: str, key: str, consistency: Consistency
+    ) -> common_pb2.Run | None:
+        """The key says nothing about residency: NEW, then LEGACY."""
+        return await self._first(
+            self.databases,
+            lambda db: db.read(
+                lambda conn: self.tables.find_run_by_idempotency_key(
+                    conn, environment_id, task, key
+                ),
+                consistency,
+            ),
+        )
+
+    async def reset_idempotency_key(self, environment_id: str, task: str, key: str) -> int:
+        """Releases the key in both databases; how many runs held it."""
+        counts = await asyncio.gather(
+            *(
+                db.write(
+                    lambda conn: self.tables.reset_idempotency_key(conn, environment_id, task, key)
+                )
+                for db in self.databases
+            )
+        )
+        return sum(counts)
+
+    async def _update_run(
+        self,
+        run_id: str,
+        statement: Callable[[DbConnection], Awaitable[common_pb2.Run | None]],
+    ) -> common_pb2.Run | None:
+        return await self._first(self.probe(run_id), lambda db: db.write(statement))
+
+    async def add_run_tags(
+        self, run_id: str, environment_id: str, tags: Sequence[str]
+    ) -> common_pb2.Run:
+        run = await self._update_run(
+            run_id, lambda conn: self.tables.add_run_tags(conn, run_id, environment_id, tags)
+        )
+        if run is None:
+            raise run_not_found(run_id)
+        return run
+
+    async def update_run_metadata(
+        self, run_id: str, environment_id: str, metadata: str, metadata_type: str
+    ) -> common_pb2.Run:
+        run = await self._update_run(
+            run_id,
+            lambda conn: self.tables.update_run_metadata(
+                conn, run_id, environment_id, metadata, metadata_type
+            ),
+        )
+        if run is None:
+            raise run_not_found(run_id)
+        return run
+
+    async def reschedule_run(
+        self, run_id: str, environment_id: str, delay_until: datetime
+    ) -> common_pb2.Run:
+        run = await self._update_run(
+            run_id,
+            lambda conn: self.tables.reschedule_run(conn, run_id, environment_id, delay_until),
+        )
+        if run is not None:
+            return run
+        current = await self.get_run(run_id, environment_id, Consistency.WRITER)
+        raise FailedPrecondition(
+            f"only a DELAYED run can be rescheduled; {current.friendly_id} is "
+            f"{common_pb2.RunStatus.Name(current.status).removeprefix('RUN_STATUS_')}",
+            reason="RUN_NOT_DELAYED",
+            metadata={"run_id": current.friendly_id},
+        )
+
+    async def complete_run(
+        self,
+        run_id: str,
+        environment_id: str,
+        *,
+        output: bytes = b"",
+        output_type: str = "",
+        error: common_pb2.RunError | None = None,
+    ) -> FinalizedRun:
+        wanted = _COMPLETED if error is None else _FAILED
+        return await self._finalize(
+            run_id,
+            wanted,
+            lambda conn: self.tables.complete_run(
+                conn, run_id, environment_id, output=output, output_type=output_type, error=error
+            ),
+        )
+
+    async def cancel_run(self, run_id: str, environment_id: str, reason: str) -> FinalizedRun:
+        return await self._finalize(
+            run_id,
+            _CANCELED,
+            lambda conn: self.tables.cancel_run(conn, run_id, environment_id, reason),
+        )
+
+    async def _finalize(
+        self,
+        run_id: str,
+        wanted: int,
+        statement: Callable[[DbConnection], Awaitable[FinalizedRun | None]],
+    ) -> FinalizedRun:
+        """Finalizes in the run's database (counting its items there, in one statement), then
+        counts the items of the other database linked to it. A retry of a finalization that
+        happened answers the same; a run that ended otherwise is FAILED_PRECONDITION."""
+        finalized: FinalizedRun | None = None
+        for db in self.probe(run_id):
+            finalized = await db.write(statement)
+            if finalized is not None:
+                break
+        if finalized is None:
+            raise run_not_found(run_id)
+        if not finalized.changed and finalized.run.status != wanted:
+            status = common_pb2.RunStatus.Name(finalized.run.status).removeprefix("RUN_STATUS_")
+            raise FailedPrecondition(
+                f"run {finalized.run.friendly_id} is final already ({status})",
+                reason="RUN_ALREADY_FINAL",
+                metadata={"run_id": finalized.run.friendly_id, "status": status},
+            )
+        # Also when not changed: a retry after a lost second write repairs it at once.
+        await self._count_links_elsewhere(self.owner(run_id), [run_id])
+        return finalized
+
+    async def _count_links_elsewhere(self, home: Database, run_ids: list[str]) -> None:
+        """The runs `run_ids` of `home` are final: count the items of the other database that
+        link to them. Failure is logged, not raised (the run's own write committed): the other
+        database's reaper finds the item still pending and counts it."""
+        other = self.other(home)
+        if other is None:
+            return
+        try:
+            await other.write(lambda conn: self.tables.mark_linked_runs_final(conn, run_ids))
+        except Exception as exc:
+            log.warning(
+                "counting cross-database links failed; the reaper will",
+                database=other.name,
+                runs=len(run_ids),
+                error=repr(exc),
+            )
+
+    # -- batches --------------------------------------------------------------------------------
+    async def create_batch(self, row: BatchRow) -> CreatedBatch:
+        """The batch in its database (with the waitpoint its parent waits on), or the batch
+        its environment's idempotency key made already (in either database), with is_cached."""
+        if not row.id:
+            row = dataclasses.replace(row, id=self.minter.mint_body())
+        if row.resume_parent_on_completion and row.waitpoint_id is None:
+            row = dataclasses.replace(row, waitpoint_id=mint_body(residency_of(row.id)))
+        db = self.owner(row.id)
+        other = self.other(db)
+        if other is not None and row.idempotency_key is not None:
+            key = row.idempotency_key
+            existing = await other.read(
+                lambda conn: self.tables.batch_by_idempotency_key(conn, row.environment_id, key),
+                Consistency.WRITER,
+            )
+            if existing is not None:
+                return CreatedBatch(existing, is_cached=True)
+        created = await db.write(lambda conn: self.tables.create_batch(conn, row))
+        if created.batch is None:
+            raise unique_violation(created.conflict or "batches_pkey", "batches")
+        return created
+
+    async def get_batch(
+        self, batch_id: str, environment_id: str, consistency: Consistency
+    ) -> common_pb2.Batch:
+        batch = await self._first(
+            self.probe(batch_id),
+            lambda db: db.read(
+                lambda conn: self.tables.get_batch(conn, batch_id, environment_id), consistency
+            ),
+        )
+        if batch is None:
+            raise batch_not_found(batch_id)
+        return batch
+
+    async def _batch_home(self, batch_id: str, environment_id: str) -> Database:
+        """The database of an existing batch (the owner, unless the id's shape is neither)."""
+        dbs = self.probe(batch_id)
+        if len(dbs) == 1:
+            return dbs[0]
+        for db in dbs:
+            found = await db.read(
+                lambda conn: self.tables.get_batch(conn, batch_id, environment_id),
+                Consistency.WRITER,
+            )
+            if found is not None:
+                return db
+        raise batch_not_found(batch_id)
+
+    async def accept_batch_items(
+        self, batch_id: str, environment_id: str, items: Sequence[BatchItem]
+    ) -> AcceptedItems:
+        """A chunk in one transaction of the batch's database. Runs inherit the batch's
+        residency; an item with a key a live run of the other database holds links to that run;
+        a link to a run of the other database counts at once if that run is final, and later
+        when it completes (see docs/runstore.md, "Links across the databases")."""
+        db = await self._batch_home(batch_id, environment_id)
+        other = self.other(db)
+        residency = residency_of(batch_id)
+        items = [
+            item
+            if item.existing_run_id or item.run is None or item.run.id
+            else dataclasses.replace(
+                item, run=dataclasses.replace(item.run, id=mint_body(residency))
+            )
+            for item in items
+        ]
+        if other is not None:
+            items = await self._link_across(db, other, environment_id, items)
+        foreign = sorted(
+            {
+                item.existing_run_id
+                for item in items
+                if item.existing_run_id
+                and not item.existing_run_final
+                and other is not None
+                and self.owner(item.existing_run_id) is other
+            }
+        )
+
+        async def accept(conn: DbConnection) -> AcceptedItems:
+            result = await self.tables.accept_batch_items(conn, batch_id, environment_id, items)
+            if result.out_of_range:
+                # Raised inside the transaction: nothing of the chunk stays written.
+                raise _out_of_range(items, result)
+            return result
+
+        try:
+            result = await db.write(accept)
+        except BatchNotAccepting as exc:
+            raise _not_accepting(batch_id, exc.batch) from None
+        if foreign and other is not None:
+            # Written after our commit: a run that became final before now was either seen by
+            # its completion's link count (after our commit) or is seen final here.
+            final = await other.read(
+                lambda conn: self.tables.final_run_ids(conn, foreign), Consistency.WRITER
+            )
+            if final:
+                await db.write(lambda conn: self.tables.mark_linked_runs_final(conn, sorted(final)))
+        return result
+
+    async def _link_across(
+        self, db: Database, other: Database, environment_id: str, items: list[BatchItem]
+    ) -> list[BatchItem]:
+        """Items linked to runs of the other database learn whether those are final; items
+        whose idempotency key a live run there holds link to it."""
+        keyed = [
+            (k, item.run)
+            for k, item in enumerate(items)
+            if not item.existing_run_id
+            and item.run is not None
+            and item.run.idempotency_key is not None
+            and item.run.status in ("PENDING", "QUEUED", "DELAYED")
+        ]
+        if keyed:
+            keys = [
+                (environment_id, run.task_identifier, run.idempotency_key or "") for _, run in keyed
+            ]
+            holders = await other.read(
+                lambda conn: self.tables.live_key_holders(conn, keys), Consistency.WRITER
+            )
+            for n, holder in holders.items():
+                k = keyed[n][0]
+                items[k] = BatchItem(items[k].index, None, holder.id)
+        foreign = sorted(
+            {
+                i.existing_run_id
+                for i in items
+                if i.existing_run_id and self.owner(i.existing_run_id) is other
+            }
+        )
+        if not foreign:
+            return items
+        final = await other.read(
+            lambda conn: self.tables.final_run_ids(conn, foreign), Consistency.WRITER
+        )
+        return [
+            dataclasses.replace(item, existing_run_final=True)
+            if item.existing_run_id in final
+            else item
+            for item in items
+        ]
+
+    async def missing_ranges(
+        self, batch_id: str, environment_id: str, limit: int, consistency: Consistency
+    ) -> MissingRanges:
+        found = await self._first(
+            self.probe(batch_id),
+            lambda db: db.read(
+                lambda conn: self.tables.missing_ranges(
+                    conn, batch_id, environment_id, limit=limit
+                ),
+                consistency,
+            ),
+        )
+        if found is None:
+            raise batch_not_found(batch_id)
+        return found
+
+    async def seal_batch(self, batch_id: str, environment_id: str) -> SealResult:
+        db = await self._batch_home(batch_id, environment_id)
+        return await db.write(lambda conn: self.tables.seal_batch(conn, batch_id, environment_id))
+
+    async def list_batch_runs(
+        self,
+        batch_id: str,
+        environment_id: str,
+        after_index: int,
+        limit: int,
+        consistency: Consistency,
+    ) -> tuple[list[common_pb2.Run], int | None]:
+        """A page of the batch's runs by index, linked runs of the other database included."""
+        db = await self._batch_home(batch_id, environment_id)
+        page = await db.read(
+            lambda conn: self.tables.list_batch_items(
+                conn, batch_id, environment_id, after_index=after_index, limit=limit
+            ),
+            consistency,
+        )
+        if page is None:
+            raise batch_not_found(batch_id)
+        runs, missing, next_index = page
+        other = self.other(db)
+        if missing and other is not None:
+            ids = list(missing.values())
+            found = await other.read(
+                lambda conn: self.tables.get_runs(conn, ids, environment_id), consistency
+            )
+            for position, run_id in missing.items():
+                if run_id in found:
+                    runs[position] = found[run_id]
+        return [run for run in runs if run is not None], next_index
+
+    async def get_waitpoint(
+        self, waitpoint_id: str, environment_id: str, consistency: Consistency
+    ) -> common_pb2.Waitpoint:
+        found = await self._first(
+            self.probe(waitpoint_id),
+            lambda db: db.read(
+                lambda conn: self.tables.get_waitpoint(conn, waitpoint_id, environment_id),
+                consistency,
+            ),
+        )
+        if found is None:
+            raise not_found("waitpoint", f"{WAITPOINT}_{waitpoint_id}", "waitpoint_id")
+        return found
+
+    # -- background: seal timeouts and link repair ---------------------------------------------
+    async def reap(
+        self,
+        db: Database,
+        *,
+        holder: str,
+        seal_timeout: timedelta,
+        lease_ttl: timedelta,
+        limit: int,
+        cursor: str,
+    ) -> tuple[list[str] | None, str]:
+        """One reaper step on `db`: under its lease, abort batches unsealed past the timeout,
+        then re-check up to `limit` runs of the other database that items here link to and
+        count those that are final (the repair for a lost second write). Returns the aborted
+        batch ids (None: another process holds the lease) and the next link cursor."""
+        aborted = await self.tables.reap_unsealed_batches(
+            db.router.writer,
+            holder=holder,
+            seal_timeout=seal_timeout,
+            lease_ttl=lease_ttl,
+            limit=limit,
+        )
+        if aborted is None:
+            return None, cursor
+        other = self.other(db)
+        if other is None:
+            return aborted, cursor
+        pending = await db.read(
+            lambda conn: self.tables.pending_links(conn, cursor, limit), Consistency.WRITER
+        )
+        foreign = [run_id for run_id in pending if self.owner(run_id) is other]
+        if foreign:
+            final = await other.read(
+                lambda conn: self.tables.final_run_ids(conn, foreign), Consistency.WRITER
+            )
+            if final:
+                counted = await db.write(
+                    lambda conn: self.tables.mark_linked_runs_final(conn, sorted(final))
+                )
+                log.info("counted cross-database links", database=db.name, items=counted)
+        # Wrap around once the end is reached.
+        next_cursor = pending[-1] if len(pending) == limit else ""
+        return aborted, next_cursor
+
+    async def release_leases(self, holder: str) -> None:
+        for db in self.databases:
+            await self.tables.release_reaper_lease(db.router.writer, holder)
+
+
+def _out_of_range(items: Sequence[BatchItem], result: AcceptedItems) -> InvalidArgument:
+    bad = set(result.out_of_range)
+    violations = [
+        FieldViolation(
+            f"items[{k}].index",
+            f"must be below the batch's run_count {result.run_count} (got {item.index})",
+        )
+        for k, item in enumerate(items)
+        if item.index in bad
+    ]
+    return InvalidArgument(
+        f"{len(violations)} item(s) outside [0, {result.run_count}); nothing was written",
+        reason="INDEX_OUT_OF_RANGE",
+        metadata={"run_count": str(result.run_count)},
+        violations=violations,
+    )
+
+
+def _not_accepting(batch_id: str, batch: common_pb2.Batch | None) -> Exception:
+    if batch is None:
+        return batch_not_found(batch_id)
+    status = common_pb2.BatchStatus.Name(batch.status).removeprefix("BATCH_STATUS_")
+    if batch.status == common_pb2.BATCH_STATUS_ABORTED:
+        return FailedPrecondition(
+            f"batch {batch.friendly_id} was aborted ({batch.error_message}); create a new batch",
+            reason="BATCH_ABORTED",
+            metadata={"batch_id": batch.friendly_id, "status": status},
+        )
+    return FailedPrecondition(
+        f"batch {batch.friendly_id} is sealed ({status}) and takes no more items",
+        reason="BATCH_SEALED",
+        metadata={"batch_id": batch.friendly_id, "status": status},
+    )

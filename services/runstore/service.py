@@ -1,0 +1,237 @@
+"""runops.runstore.v1.RunStoreService: validates, routes through RunStore, shapes the answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from runops.common.v1 import common_pb2
+from runops.kit.logging import bind_request
+from runops.runstore.v1 import runstore_pb2 as rs
+from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
+from services.runstore import validation
+from services.runstore.routing import RunStore, batch_not_found
+from services.runstore.store import BatchItem, CreatedRun, SealOutcome
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_SEAL_OUTCOMES = {
+    SealOutcome.SEALED: rs.SEAL_BATCH_OUTCOME_SEALED,
+    SealOutcome.ALREADY_SEALED: rs.SEAL_BATCH_OUTCOME_ALREADY_SEALED,
+    SealOutcome.COUNT_MISMATCH: rs.SEAL_BATCH_OUTCOME_COUNT_MISMATCH,
+    SealOutcome.ABORTED: rs.SEAL_BATCH_OUTCOME_ABORTED,
+}
+
+
+def _result(created: CreatedRun) -> rs.CreateRunResult:
+    if created.run is None:
+        constraint = created.conflict or "runs_pkey"
+        return rs.CreateRunResult(
+            error=common_pb2.ItemError(
+                code=grpc.StatusCode.ALREADY_EXISTS.value[0],
+                reason="UNIQUE_VIOLATION",
+                message=f"a row with the same key already exists ({constraint})",
+            )
+        )
+    return rs.CreateRunResult(run=created.run, is_cached=created.is_cached)
+
+
+class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
+    def __init__(self, store: RunStore) -> None:
+        self._store = store
+
+    # -- runs -----------------------------------------------------------------------------------
+    async def CreateRun(
+        self, request: rs.CreateRunRequest, context: Context
+    ) -> rs.CreateRunResponse:
+        row = validation.create_run(request.run)
+        bind_request(environment_id=row.environment_id)
+        created = await self._store.create_run(row)
+        return rs.CreateRunResponse(run=created.run, is_cached=created.is_cached)
+
+    async def CreateRuns(
+        self, request: rs.CreateRunsRequest, context: Context
+    ) -> rs.CreateRunsResponse:
+        rows = validation.create_runs(request)
+        results = await self._store.create_runs(rows)
+        return rs.CreateRunsResponse(results=[_result(created) for created in results])
+
+    async def CreateFailedRun(
+        self, request: rs.CreateFailedRunRequest, context: Context
+    ) -> rs.CreateFailedRunResponse:
+        row = validation.create_failed_run(request)
+        bind_request(environment_id=row.environment_id)
+        return rs.CreateFailedRunResponse(run=(await self._store.create_run(row)).run)
+
+    async def CreateCancelledRun(
+        self, request: rs.CreateCancelledRunRequest, context: Context
+    ) -> rs.CreateCancelledRunResponse:
+        row = validation.create_cancelled_run(request)
+        bind_request(environment_id=row.environment_id)
+        return rs.CreateCancelledRunResponse(run=(await self._store.create_run(row)).run)
+
+    async def GetRun(self, request: rs.GetRunRequest, context: Context) -> rs.GetRunResponse:
+        ref = validation.run_ref(request.run_id, request.environment_id, request.consistency)
+        bind_request(environment_id=ref.environment_id)
+        run = await self._store.get_run(ref.run_id, ref.environment_id, ref.consistency)
+        return rs.GetRunResponse(run=run)
+
+    async def FindRunByIdempotencyKey(
+        self, request: rs.FindRunByIdempotencyKeyRequest, context: Context
+    ) -> rs.FindRunByIdempotencyKeyResponse:
+        ref = validation.key_ref(
+            request.environment_id,
+            request.task_identifier,
+            request.idempotency_key,
+            request.consistency,
+        )
+        bind_request(environment_id=ref.environment_id)
+        run = await self._store.find_run_by_idempotency_key(
+            ref.environment_id, ref.task_identifier, ref.idempotency_key, ref.consistency
+        )
+        return rs.FindRunByIdempotencyKeyResponse(run=run)
+
+    async def ListBatchRuns(
+        self, request: rs.ListBatchRunsRequest, context: Context
+    ) -> rs.ListBatchRunsResponse:
+        ref, after, limit = validation.list_batch_runs(request)
+        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
+        runs, next_index = await self._store.list_batch_runs(
+            ref.batch_id, ref.environment_id, after, limit, ref.consistency
+        )
+        token = "" if next_index is None else str(next_index)
+        return rs.ListBatchRunsResponse(runs=runs, next_page_token=token)
+
+    async def CompleteRun(
+        self, request: rs.CompleteRunRequest, context: Context
+    ) -> rs.CompleteRunResponse:
+        ref = validation.complete_run(request)
+        bind_request(environment_id=ref.environment_id)
+        if request.WhichOneof("outcome") == "failure":
+            done = await self._store.complete_run(
+                ref.run_id, ref.environment_id, error=request.failure
+            )
+        else:
+            done = await self._store.complete_run(
+                ref.run_id,
+                ref.environment_id,
+                output=request.success.output,
+                output_type=request.success.output_type,
+            )
+        return rs.CompleteRunResponse(run=done.run, batch=done.batch)
+
+    async def ResetIdempotencyKey(
+        self, request: rs.ResetIdempotencyKeyRequest, context: Context
+    ) -> rs.ResetIdempotencyKeyResponse:
+        ref = validation.key_ref(
+            request.environment_id, request.task_identifier, request.idempotency_key
+        )
+        bind_request(environment_id=ref.environment_id)
+        cleared = await self._store.reset_idempotency_key(
+            ref.environment_id, ref.task_identifier, ref.idempotency_key
+        )
+        return rs.ResetIdempotencyKeyResponse(cleared_count=cleared)
+
+    async def AddRunTags(
+        self, request: rs.AddRunTagsRequest, context: Context
+    ) -> rs.AddRunTagsResponse:
+        ref = validation.add_run_tags(request)
+        bind_request(environment_id=ref.environment_id)
+        run = await self._store.add_run_tags(ref.run_id, ref.environment_id, list(request.tags))
+        return rs.AddRunTagsResponse(run=run)
+
+    async def UpdateRunMetadata(
+        self, request: rs.UpdateRunMetadataRequest, context: Context
+    ) -> rs.UpdateRunMetadataResponse:
+        ref = validation.update_run_metadata(request)
+        bind_request(environment_id=ref.environment_id)
+        run = await self._store.update_run_metadata(
+            ref.run_id, ref.environment_id, request.metadata, request.metadata_type
+        )
+        return rs.UpdateRunMetadataResponse(run=run)
+
+    async def RescheduleRun(
+        self, request: rs.RescheduleRunRequest, context: Context
+    ) -> rs.RescheduleRunResponse:
+        ref, delay_until = validation.reschedule_run(request)
+        bind_request(environment_id=ref.environment_id)
+        run = await self._store.reschedule_run(ref.run_id, ref.environment_id, delay_until)
+        return rs.RescheduleRunResponse(run=run)
+
+    async def CancelRun(
+        self, request: rs.CancelRunRequest, context: Context
+    ) -> rs.CancelRunResponse:
+        ref = validation.cancel_run(request)
+        bind_request(environment_id=ref.environment_id)
+        done = await self._store.cancel_run(ref.run_id, ref.environment_id, request.reason)
+        return rs.CancelRunResponse(run=done.run)
+
+    # -- batches --------------------------------------------------------------------------------
+    async def CreateBatch(
+        self, request: rs.CreateBatchRequest, context: Context
+    ) -> rs.CreateBatchResponse:
+        row = validation.create_batch(request)
+        bind_request(environment_id=row.environment_id)
+        created = await self._store.create_batch(row)
+        bind_request(batch_id=created.batch.friendly_id if created.batch else "")
+        return rs.CreateBatchResponse(batch=created.batch, is_cached=created.is_cached)
+
+    async def GetBatch(self, request: rs.GetBatchRequest, context: Context) -> rs.GetBatchResponse:
+        ref = validation.batch_ref(request.batch_id, request.environment_id, request.consistency)
+        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
+        batch = await self._store.get_batch(ref.batch_id, ref.environment_id, ref.consistency)
+        return rs.GetBatchResponse(batch=batch)
+
+    async def AcceptBatchItems(
+        self, request: rs.AcceptBatchItemsRequest, context: Context
+    ) -> rs.AcceptBatchItemsResponse:
+        ref, inputs = validation.accept_batch_items(request)
+        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
+        items = [BatchItem(i.index, i.run, i.existing_run_id) for i in inputs]
+        result = await self._store.accept_batch_items(ref.batch_id, ref.environment_id, items)
+        return rs.AcceptBatchItemsResponse(
+            items=[
+                rs.AcceptedItem(index=item.index, run_id=item.run_id, duplicate=item.duplicate)
+                for item in result.items
+            ],
+            accepted_count=result.accepted_count,
+            run_count=result.run_count,
+        )
+
+    async def GetBatchMissingRanges(
+        self, request: rs.GetBatchMissingRangesRequest, context: Context
+    ) -> rs.GetBatchMissingRangesResponse:
+        ref, limit = validation.missing_ranges(request)
+        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
+        found = await self._store.missing_ranges(
+            ref.batch_id, ref.environment_id, limit, ref.consistency
+        )
+        return rs.GetBatchMissingRangesResponse(
+            ranges=[common_pb2.IndexRange(start=s, end=e) for s, e in found.ranges],
+            truncated=found.truncated,
+            run_count=found.run_count,
+            accepted_count=found.accepted_count,
+        )
+
+    async def SealBatch(
+        self, request: rs.SealBatchRequest, context: Context
+    ) -> rs.SealBatchResponse:
+        ref = validation.batch_ref(request.batch_id, request.environment_id)
+        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
+        result = await self._store.seal_batch(ref.batch_id, ref.environment_id)
+        if result.outcome is SealOutcome.NOT_FOUND:
+            raise batch_not_found(ref.batch_id)
+        return rs.SealBatchResponse(
+            batch=result.batch,
+            sealed_now=result.outcome is SealOutcome.SEALED,
+            outcome=_SEAL_OUTCOMES[result.outcome],
+        )
+
+    async def GetWaitpoint(
+        self, request: rs.GetWaitpointRequest, context: Context
+    ) -> rs.GetWaitpointResponse:
+        waitpoint_id, env, consistency = validation.waitpoint_ref(request)
+        bind_request(environment_id=env)
+        found = await self._store.get_waitpoint(waitpoint_id, env, consistency)
+        return rs.GetWaitpointResponse(waitpoint=found)

@@ -1,0 +1,444 @@
+"""Request validation: every field checked, every violation named in one INVALID_ARGUMENT; valid
+requests come back as the data layer's rows (ids as bodies)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from datetime import UTC, datetime, timedelta
+
+from runops.common.v1 import common_pb2
+from runops.kit.errors import Violations
+from runops.kit.ids import BATCH, ENVIRONMENT, ORGANIZATION, PROJECT, RUN, WAITPOINT
+from runops.kit.replica import Consistency
+from runops.runstore.v1 import runstore_pb2 as rs
+from services.runstore.store import BatchRow, RunRow
+
+# An id body (the part after "<prefix>_"): LEGACY and NEW bodies both fit.
+BODY = re.compile(r"[0-9a-z]{1,64}")
+BODY_TEXT = "an id like <prefix>_<body>, the body 1-64 lowercase letters and digits"
+TASK_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
+TASK_IDENTIFIER_TEXT = "1-128 of letters, digits and _ . : / - starting with a letter or digit"
+ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+ERROR_CODE_TEXT = "an error code: 1-64 of A-Z, 0-9 and _, starting with a letter"
+MAX_RUNS_PER_CALL = 10_000
+MAX_ITEMS_PER_CALL = 10_000
+MAX_TAGS = 10
+TAG_LIMIT = 128
+IDEMPOTENCY_KEY_LIMIT = 512
+TEXT_LIMIT = 256
+MAX_ATTEMPTS = 100
+MAX_RUN_COUNT = 1_000_000
+# Batch indexes are Postgres integers.
+MAX_INDEX = 2**31 - 1
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_MISSING_RANGES = 1000
+DEFAULT_IDEMPOTENCY_KEY_TTL = timedelta(days=30)
+
+_CONSISTENCY: dict[int, Consistency] = {
+    common_pb2.CONSISTENCY_LEVEL_UNSPECIFIED: Consistency.REPLICA,
+    common_pb2.CONSISTENCY_LEVEL_REPLICA: Consistency.REPLICA,
+    common_pb2.CONSISTENCY_LEVEL_READ_YOUR_WRITES: Consistency.WRITER,
+}
+
+
+def _id(v: Violations, value: str, field: str, prefix: str, *, bare: bool = False) -> str:
+    """The body of a required `<prefix>_<body>` id (or, with `bare`, of a bare body too)."""
+    if not v.require(value, field):
+        return ""
+    body = value.removeprefix(prefix + "_")
+    if (body == value and not bare) or len(value) > 64 or BODY.fullmatch(body) is None:
+        v.add(field, f"must be {BODY_TEXT.replace('<prefix>', prefix)} (got {value[:64]!r})")
+        return ""
+    return body
+
+
+def _optional_id(v: Violations, value: str, field: str, prefix: str) -> str | None:
+    return _id(v, value, field, prefix) or None if value else None
+
+
+def consistency(v: Violations, value: int, field: str = "consistency") -> Consistency:
+    if value not in _CONSISTENCY:
+        v.add(field, f"must be a ConsistencyLevel (got {value})")
+        return Consistency.REPLICA
+    return _CONSISTENCY[value]
+
+
+def environment(v: Violations, value: str, field: str = "environment_id") -> str:
+    v.friendly_id(value, field, ENVIRONMENT)
+    return value
+
+
+def run_id(v: Violations, value: str, field: str = "run_id") -> str:
+    """A run's friendly id or internal id (its body)."""
+    return _id(v, value, field, RUN, bare=True)
+
+
+def batch_id(v: Violations, value: str, field: str = "batch_id") -> str:
+    return _id(v, value, field, BATCH, bare=True)
+
+
+def waitpoint_id(v: Violations, value: str, field: str = "waitpoint_id") -> str:
+    return _id(v, value, field, WAITPOINT, bare=True)
+
+
+def task_identifier(v: Violations, value: str, field: str) -> None:
+    if v.require(value, field):
+        v.matches(value, field, TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT)
+
+
+def run_error(v: Violations, error: common_pb2.RunError, field: str) -> None:
+    if v.require(error.code, f"{field}.code"):
+        v.matches(error.code, f"{field}.code", ERROR_CODE, ERROR_CODE_TEXT)
+
+
+def tags(v: Violations, values: list[str], field: str) -> None:
+    if len(values) > MAX_TAGS:
+        v.add(field, f"must hold at most {MAX_TAGS} tags (got {len(values)})")
+    for i, tag in enumerate(values[:MAX_TAGS]):
+        v.required_text(tag, f"{field}[{i}]", TAG_LIMIT)
+
+
+def _duration_ms(value: object) -> int:
+    return int(value.ToMilliseconds())  # type: ignore[attr-defined]
+
+
+def _when(ts: object) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined,no-any-return]
+
+
+def run_input(
+    v: Violations, run: rs.RunInput, field: str, *, in_batch: bool = False
+) -> RunRow | None:
+    """The row for a RunInput. `in_batch`: environment, organization and project come from the
+    batch (they may be left empty)."""
+    body = _optional_id(v, run.run_id, f"{field}.run_id", RUN)
+    if not in_batch or run.environment_id:
+        environment(v, run.environment_id, f"{field}.environment_id")
+    if not in_batch or run.organization_id:
+        v.friendly_id(run.organization_id, f"{field}.organization_id", ORGANIZATION)
+    if not in_batch or run.project_id:
+        v.friendly_id(run.project_id, f"{field}.project_id", PROJECT)
+    task_identifier(v, run.task_identifier, f"{field}.task_identifier")
+    options = run.options
+    o = f"{field}.options"
+    _optional_id(v, run.parent_run_id, f"{field}.parent_run_id", RUN)
+    _optional_id(v, run.root_run_id, f"{field}.root_run_id", RUN)
+    v.max_length(options.idempotency_key, f"{o}.idempotency_key", IDEMPOTENCY_KEY_LIMIT)
+    for name in ("queue", "concurrency_key", "machine_preset", "lock_to_version"):
+        v.max_length(getattr(options, name), f"{o}.{name}", TEXT_LIMIT)
+    for name in ("payload_type", "worker_version", "default_queue", "default_machine_preset"):
+        v.max_length(getattr(run, name), f"{field}.{name}", TEXT_LIMIT)
+    tags(v, list(options.tags), f"{o}.tags")
+    for name, duration in (
+        ("idempotency_key_ttl", options.idempotency_key_ttl),
+        ("ttl", options.ttl),
+        ("priority", options.priority),
+    ):
+        if _duration_ms(duration) < 0:
+            v.add(f"{o}.{name}", "must not be negative")
+    if run.HasField("default_ttl") and _duration_ms(run.default_ttl) < 0:
+        v.add(f"{field}.default_ttl", "must not be negative")
+    if options.max_attempts > MAX_ATTEMPTS:
+        v.add(f"{o}.max_attempts", f"must be at most {MAX_ATTEMPTS} (got {options.max_attempts})")
+    if run.default_max_attempts > MAX_ATTEMPTS:
+        v.add(f"{field}.default_max_attempts", f"must be at most {MAX_ATTEMPTS}")
+    state = run.WhichOneof("final_state")
+    if state == "failed":
+        run_error(v, run.failed, f"{field}.failed")
+    if v:
+        return None
+
+    created_at = _when(run.created_at) if run.HasField("created_at") else None
+    key = options.idempotency_key or None
+    expires_at = None
+    if key is not None:
+        ttl = (
+            timedelta(milliseconds=_duration_ms(options.idempotency_key_ttl))
+            if options.HasField("idempotency_key_ttl")
+            else DEFAULT_IDEMPOTENCY_KEY_TTL
+        )
+        expires_at = (created_at or datetime.now(UTC)) + ttl
+    delay_until = _when(options.delay_until) if options.HasField("delay_until") else None
+    ttl_ms = (
+        _duration_ms(options.ttl)
+        if options.HasField("ttl") and _duration_ms(options.ttl) > 0
+        else _duration_ms(run.default_ttl)
+        if run.HasField("default_ttl")
+        else None
+    )
+    extra: dict[str, object] = {}
+    if options.HasField("debounce"):
+        extra["debounce"] = {
+            "key": options.debounce.key,
+            "delay_ms": _duration_ms(options.debounce.delay),
+        }
+    if options.one_time_use_token:
+        extra["one_time_use_token"] = options.one_time_use_token
+    row = RunRow(
+        id=body or "",
+        environment_id=run.environment_id,
+        organization_id=run.organization_id,
+        project_id=run.project_id,
+        task_identifier=run.task_identifier,
+        status="DELAYED" if delay_until and delay_until > datetime.now(UTC) else "PENDING",
+        payload=run.payload,
+        payload_type=run.payload_type,
+        metadata=options.metadata,
+        metadata_type=options.metadata_type,
+        tags=tuple(dict.fromkeys(options.tags)),
+        queue=options.queue or run.default_queue,
+        concurrency_key=options.concurrency_key,
+        idempotency_key=key,
+        idempotency_key_expires_at=expires_at,
+        ttl_ms=ttl_ms,
+        delay_until=delay_until,
+        max_attempts=options.max_attempts or run.default_max_attempts,
+        machine_preset=options.machine_preset or run.default_machine_preset,
+        lock_to_version=options.lock_to_version or run.worker_version,
+        worker_version=run.worker_version,
+        priority_ms=_duration_ms(options.priority) if options.HasField("priority") else 0,
+        is_test=options.test,
+        options=json.dumps(extra),
+        parent_run_id=run.parent_run_id or None,
+        root_run_id=run.root_run_id or None,
+        resume_parent_on_completion=run.resume_parent_on_completion,
+        created_at=created_at,
+    )
+    if state == "failed":
+        return row.failed(run.failed.code, run.failed.message)
+    if state == "cancelled":
+        return row.cancelled(run.cancelled.reason)
+    return row
+
+
+def create_run(run: rs.RunInput) -> RunRow:
+    v = Violations()
+    row = run_input(v, run, "run")
+    v.raise_if_any()
+    assert row is not None
+    return row
+
+
+def create_runs(request: rs.CreateRunsRequest) -> list[RunRow]:
+    v = Violations()
+    if v.require(list(request.runs), "runs") and len(request.runs) > MAX_RUNS_PER_CALL:
+        v.add("runs", f"must hold at most {MAX_RUNS_PER_CALL} runs (got {len(request.runs)})")
+    rows = [run_input(v, run, f"runs[{i}]") for i, run in enumerate(request.runs)]
+    v.raise_if_any()
+    return [row for row in rows if row is not None]
+
+
+def create_failed_run(request: rs.CreateFailedRunRequest) -> RunRow:
+    v = Violations()
+    row = run_input(v, request.run, "run")
+    run_error(v, request.error, "error")
+    v.raise_if_any()
+    assert row is not None
+    return row.failed(request.error.code, request.error.message)
+
+
+def create_cancelled_run(request: rs.CreateCancelledRunRequest) -> RunRow:
+    v = Violations()
+    row = run_input(v, request.run, "run")
+    v.max_length(request.reason, "reason", TEXT_LIMIT * 16)
+    v.raise_if_any()
+    assert row is not None
+    return row.cancelled(request.reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRef:
+    run_id: str  # body
+    environment_id: str
+    consistency: Consistency = Consistency.REPLICA
+
+
+def run_ref(run: str, env: str, level: int = 0) -> RunRef:
+    v = Violations()
+    ref = RunRef(run_id(v, run), environment(v, env), consistency(v, level))
+    v.raise_if_any()
+    return ref
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRef:
+    environment_id: str
+    task_identifier: str
+    idempotency_key: str
+    consistency: Consistency = Consistency.REPLICA
+
+
+def key_ref(env: str, task: str, key: str, level: int = 0) -> KeyRef:
+    v = Violations()
+    environment(v, env)
+    task_identifier(v, task, "task_identifier")
+    v.required_text(key, "idempotency_key", IDEMPOTENCY_KEY_LIMIT)
+    ref = KeyRef(env, task, key, consistency(v, level))
+    v.raise_if_any()
+    return ref
+
+
+def complete_run(request: rs.CompleteRunRequest) -> RunRef:
+    v = Violations()
+    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    outcome = request.WhichOneof("outcome")
+    if outcome is None:
+        v.add("outcome", "one of success or failure is required")
+    elif outcome == "failure":
+        run_error(v, request.failure, "failure")
+    else:
+        v.max_length(request.success.output_type, "success.output_type", TEXT_LIMIT)
+    v.raise_if_any()
+    return ref
+
+
+def add_run_tags(request: rs.AddRunTagsRequest) -> RunRef:
+    v = Violations()
+    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    if v.require(list(request.tags), "tags"):
+        tags(v, list(request.tags), "tags")
+    v.raise_if_any()
+    return ref
+
+
+def update_run_metadata(request: rs.UpdateRunMetadataRequest) -> RunRef:
+    v = Violations()
+    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    v.max_length(request.metadata_type, "metadata_type", TEXT_LIMIT)
+    v.raise_if_any()
+    return ref
+
+
+def reschedule_run(request: rs.RescheduleRunRequest) -> tuple[RunRef, datetime]:
+    v = Violations()
+    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    if not request.HasField("delay_until"):
+        v.add("delay_until", "is required")
+    v.raise_if_any()
+    return ref, _when(request.delay_until)
+
+
+def cancel_run(request: rs.CancelRunRequest) -> RunRef:
+    v = Violations()
+    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    v.max_length(request.reason, "reason", TEXT_LIMIT * 16)
+    v.raise_if_any()
+    return ref
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRef:
+    batch_id: str  # body
+    environment_id: str
+    consistency: Consistency = Consistency.REPLICA
+
+
+def batch_ref(batch: str, env: str, level: int = 0) -> BatchRef:
+    v = Violations()
+    ref = BatchRef(batch_id(v, batch), environment(v, env), consistency(v, level))
+    v.raise_if_any()
+    return ref
+
+
+def create_batch(request: rs.CreateBatchRequest) -> BatchRow:
+    v = Violations()
+    body = _optional_id(v, request.batch_id, "batch_id", BATCH)
+    environment(v, request.environment_id)
+    v.friendly_id(request.organization_id, "organization_id", ORGANIZATION)
+    v.friendly_id(request.project_id, "project_id", PROJECT)
+    if not 1 <= request.run_count <= MAX_RUN_COUNT:
+        v.add("run_count", f"must be between 1 and {MAX_RUN_COUNT} (got {request.run_count})")
+    v.max_length(request.idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_LIMIT)
+    for i, task in enumerate(request.task_identifiers):
+        task_identifier(v, task, f"task_identifiers[{i}]")
+    parent = _optional_id(v, request.parent_run_id, "parent_run_id", RUN)
+    if request.resume_parent_on_completion and parent is None:
+        v.add("parent_run_id", "is required with resume_parent_on_completion")
+    v.raise_if_any()
+    return BatchRow(
+        id=body or "",
+        environment_id=request.environment_id,
+        organization_id=request.organization_id,
+        project_id=request.project_id,
+        run_count=request.run_count,
+        idempotency_key=request.idempotency_key or None,
+        task_identifiers=tuple(request.task_identifiers),
+        parent_run_id=request.parent_run_id or None,
+        resume_parent_on_completion=request.resume_parent_on_completion,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemInput:
+    index: int
+    run: RunRow | None
+    existing_run_id: str | None  # body
+
+
+def accept_batch_items(request: rs.AcceptBatchItemsRequest) -> tuple[BatchRef, list[ItemInput]]:
+    v = Violations()
+    ref = BatchRef(batch_id(v, request.batch_id), environment(v, request.environment_id))
+    if v.require(list(request.items), "items") and len(request.items) > MAX_ITEMS_PER_CALL:
+        v.add("items", f"must hold at most {MAX_ITEMS_PER_CALL} items (got {len(request.items)})")
+    items: list[ItemInput] = []
+    for i, item in enumerate(request.items[:MAX_ITEMS_PER_CALL]):
+        field = f"items[{i}]"
+        if item.index > MAX_INDEX:
+            v.add(f"{field}.index", f"must be at most {MAX_INDEX} (got {item.index})")
+        if item.existing_run_id:
+            existing = _id(v, item.existing_run_id, f"{field}.existing_run_id", RUN)
+            items.append(ItemInput(item.index, None, existing or None))
+            continue
+        row = run_input(v, item.run, f"{field}.run", in_batch=True)
+        if item.HasField("pre_failed"):
+            run_error(v, item.pre_failed, f"{field}.pre_failed")
+            if row is not None:
+                row = row.failed(item.pre_failed.code, item.pre_failed.message)
+        items.append(ItemInput(item.index, row, None))
+    v.raise_if_any()
+    return ref, items
+
+
+def list_batch_runs(request: rs.ListBatchRunsRequest) -> tuple[BatchRef, int, int]:
+    """The batch, the index the page starts after (-1: the first page) and the page size."""
+    v = Violations()
+    ref = BatchRef(
+        batch_id(v, request.batch_id),
+        environment(v, request.environment_id),
+        consistency(v, request.consistency),
+    )
+    if request.page_size > MAX_PAGE_SIZE:
+        v.add("page_size", f"must be at most {MAX_PAGE_SIZE} (got {request.page_size})")
+    after = -1
+    if request.page_token:
+        if request.page_token.isdigit() and int(request.page_token) <= MAX_INDEX:
+            after = int(request.page_token)
+        else:
+            v.add("page_token", "must be a next_page_token of an earlier answer")
+    v.raise_if_any()
+    return ref, after, request.page_size or DEFAULT_PAGE_SIZE
+
+
+def missing_ranges(request: rs.GetBatchMissingRangesRequest) -> tuple[BatchRef, int]:
+    v = Violations()
+    ref = BatchRef(
+        batch_id(v, request.batch_id),
+        environment(v, request.environment_id),
+        consistency(v, request.consistency),
+    )
+    if request.max_ranges > MAX_MISSING_RANGES:
+        v.add("max_ranges", f"must be at most {MAX_MISSING_RANGES} (got {request.max_ranges})")
+    v.raise_if_any()
+    return ref, request.max_ranges or MAX_MISSING_RANGES
+
+
+def waitpoint_ref(request: rs.GetWaitpointRequest) -> tuple[str, str, Consistency]:
+    v = Violations()
+    body = waitpoint_id(v, request.waitpoint_id)
+    environment(v, request.environment_id)
+    level = consistency(v, request.consistency)
+    v.raise_if_any()
+    return body, request.environment_id, level

@@ -1,0 +1,157 @@
+"""Run-store servers (in-process, on the session stack or a cluster of a test's own), stubs,
+and helpers that read each database directly."""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+import grpc
+import pytest
+
+from runops.common.v1 import common_pb2
+from runops.kit.channels import create_channel
+from runops.kit.ids import Residency, mint_body
+from runops.kit.settings import load_settings
+from runops.localstack import LocalStack, PostgresDatabase
+from runops.runstore.v1 import runstore_pb2 as rs
+from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
+from services.runstore.app import RunStoreApp, build_run_store
+from services.runstore.settings import RunStoreSettings
+
+if TYPE_CHECKING:
+    from runops.runstore.v1.runstore_pb2_grpc import RunStoreServiceAsyncStub
+
+    Stub: TypeAlias = RunStoreServiceAsyncStub
+else:
+    Stub = rs_grpc.RunStoreServiceStub
+
+INTERNAL = "internal-token-for-tests"
+RYW = common_pb2.CONSISTENCY_LEVEL_READ_YOUR_WRITES
+ORG = "org_1"
+PROJECT = "proj_1"
+
+
+def database(db: PostgresDatabase, **overrides: Any) -> dict[str, Any]:
+    return {"writer_url": db.writer_dsn, "replica_url": db.replica_dsn, **overrides}
+
+
+def settings_for(
+    legacy: PostgresDatabase, new: PostgresDatabase | None, **overrides: Any
+) -> RunStoreSettings:
+    values: dict[str, Any] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_port": -1,
+        "grace_period_seconds": 2,
+        "health_check_interval_seconds": 0.2,
+        "internal_token": INTERNAL,
+        "controlplane_db": database(legacy),
+        "runstore_split": new is not None,
+        # The reaper runs often here, so a backdated batch is aborted within a test.
+        "runstore_reaper_interval_seconds": 0.3,
+        "runstore_reaper_lease_seconds": 5,
+    }
+    if new is not None:
+        values["runops_db"] = database(new)
+    values.update(overrides)
+    return load_settings(RunStoreSettings, **values)
+
+
+async def start_run_store(
+    legacy: PostgresDatabase,
+    new: PostgresDatabase | None,
+    *,
+    name: str = "runstore",
+    **overrides: Any,
+) -> RunStoreApp:
+    started = await build_run_store(settings_for(legacy, new, **overrides), name=name)
+    await started.app.start()
+    return started
+
+
+async def start_on_stack(
+    stack: LocalStack, *, split: bool, name: str = "runstore", **overrides: Any
+) -> RunStoreApp:
+    return await start_run_store(
+        stack.controlplane_db, stack.runops_db if split else None, name=name, **overrides
+    )
+
+
+_channels: list[grpc.aio.Channel] = []
+
+
+def stub(target: str, token: str | None = INTERNAL) -> Stub:
+    channel = create_channel(target, token=token)
+    _channels.append(channel)
+    return rs_grpc.RunStoreServiceStub(channel)
+
+
+def new_env() -> str:
+    return "env_" + mint_body(Residency.NEW)
+
+
+def body(residency: Residency) -> str:
+    return mint_body(residency)
+
+
+def run_input(env: str, **fields: Any) -> rs.RunInput:
+    values: dict[str, Any] = {
+        "environment_id": env,
+        "organization_id": ORG,
+        "project_id": PROJECT,
+        "task_identifier": "email/send",
+        "payload": b'{"to":"a@b"}',
+        "payload_type": "application/json",
+    }
+    values.update(fields)
+    return rs.RunInput(**values)
+
+
+def batch_request(env: str, run_count: int, **fields: Any) -> rs.CreateBatchRequest:
+    return rs.CreateBatchRequest(
+        environment_id=env,
+        organization_id=ORG,
+        project_id=PROJECT,
+        run_count=run_count,
+        **fields,
+    )
+
+
+def items(indexes: range | list[int], **run_fields: Any) -> list[rs.BatchItemInput]:
+    return [
+        rs.BatchItemInput(
+            index=i, run=rs.RunInput(task_identifier="email/send", payload=b"{}", **run_fields)
+        )
+        for i in indexes
+    ]
+
+
+def new_key() -> str:
+    return "key-" + secrets.token_hex(6)
+
+
+async def rows(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def where(stack: LocalStack, table: str, row_id: str) -> set[str]:
+    """Which databases hold the row (read on each writer directly, as the superuser)."""
+    found = set()
+    for name, db in (("controlplane", stack.controlplane_db), ("runops", stack.runops_db)):
+        if await rows(db.admin_writer_dsn, f"SELECT 1 FROM {table} WHERE id = $1", row_id):
+            found.add(name)
+    return found
+
+
+async def expect_error(call: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    exc = caught.value
+    assert exc.code() == code, f"expected {code.name}, got {exc.code().name}: {exc.details()}"
+    return exc
