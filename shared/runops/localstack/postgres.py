@@ -339,12 +339,19 @@ class PostgresCluster(PostgresDatabase):
         pids = self.server_pids(role)
         if not pids:
             raise RuntimeError(f"the {self.name} {role} is not running")
+        stopped: list[int] = []
         try:
-            for pid in pids:
-                os.kill(pid, signal.SIGSTOP)
+            # The postmaster first, so it starts no child we would miss; then the children it
+            # has now (one that exited meanwhile is simply gone).
+            os.kill(pids[0], signal.SIGSTOP)
+            stopped.append(pids[0])
+            for pid in self.server_pids(role)[1:]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
             yield
         finally:
-            for pid in pids:
+            for pid in stopped:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
 
