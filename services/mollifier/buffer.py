@@ -242,7 +242,9 @@ class MollifierBuffer:
     # -- reads ------------------------------------------------------------------------------
     async def get(self, environment_id: str, run_id: str) -> BufferedEntry | None:
         """The entry of `run_id` in this environment (never another's: the key says whose)."""
-        fields = await self.client.hgetall(self.keys(environment_id).entry(run_id))
+        fields: dict[bytes, bytes] = await self.client.hgetall(  # type: ignore[assignment]
+            self.keys(environment_id).entry(run_id)
+        )
         return BufferedEntry.from_fields(fields) if fields else None
 
     async def find_by_idempotency_key(

@@ -134,9 +134,9 @@ class IdempotencyClaims:
         replies = await self._run("claim", calls, [self._min_ttl_ms, self._max_ttl_ms])
         results = []
         for reply in replies:
-            outcome, value = reply  # type: ignore[misc]
-            outcome = ClaimOutcome(outcome.decode())
-            value = value.decode()
+            pair: list[bytes] = reply  # type: ignore[assignment]
+            outcome = ClaimOutcome(pair[0].decode())
+            value = pair[1].decode()
             if outcome is ClaimOutcome.CLAIMED:
                 results.append(ClaimResult(outcome, token=value))
             elif outcome is ClaimOutcome.EXISTING:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from runops.kit.redis import RedisSettings, redis_field
 from runops.kit.settings import ServerSettings
 
 
 class MollifierSettings(ServerSettings):
-    model_config = ServerSettings.model_config | ConfigDict(use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(**ServerSettings.model_config, use_attribute_docstrings=True)
 
     redis: RedisSettings = redis_field()
     """RUNOPS_REDIS_URL (standalone) or RUNOPS_REDIS_CLUSTER_NODES (a Cluster, wins when both
