@@ -8,6 +8,7 @@ key of its own; see docs/mollifier.md.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,15 @@ _SOURCES = {name: (LUA / f"{name}.lua").read_text() for name in NAMES}
 
 
 class Scripts:
-    """Every script, registered on one client."""
+    """Every script, registered on one client. At most `max_in_flight` calls at once: redis-py's
+    Cluster client fails a command with MaxConnectionsError when a node's pool is exhausted
+    (the standalone pool waits), and a burst aims at one environment, hence one node."""
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, max_in_flight: int = 100) -> None:
         self._scripts = {name: client.register_script(src) for name, src in _SOURCES.items()}
+        self._in_flight = asyncio.Semaphore(max_in_flight)
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script: AsyncScript = self._scripts[name]
-        return await script(keys=keys, args=args)
+        async with self._in_flight:
+            return await script(keys=keys, args=args)

@@ -7,23 +7,20 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from runops.kit.redis import RedisClient
+from runops.kit.redis import RedisClient, RedisSettings, connect_redis
 from services.mollifier.buffer import MollifierBuffer
 
 
 @pytest.fixture(params=["standalone", "cluster"])
 async def redis(request: pytest.FixtureRequest) -> AsyncIterator[RedisClient]:
-    """A client of the standalone Redis or of the Cluster (keys must be unique per test)."""
+    """The kit's client (runops.kit.redis) of the standalone Redis or of the Cluster (keys
+    must be unique per test)."""
     if request.param == "standalone":
-        client: RedisClient = aioredis.Redis.from_url(request.getfixturevalue("stack").redis_url)
+        settings = RedisSettings(url=request.getfixturevalue("stack").redis_url)
     else:
-        nodes = request.getfixturevalue("redis_cluster")
-        client = RedisCluster(
-            startup_nodes=[ClusterNode(h, int(p)) for h, p in (n.rsplit(":", 1) for n in nodes)]
-        )
+        settings = RedisSettings(cluster_nodes=tuple(request.getfixturevalue("redis_cluster")))
+    client = await connect_redis(settings)
     try:
         yield client
     finally:

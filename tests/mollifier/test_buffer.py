@@ -31,7 +31,8 @@ async def test_accept_keeps_the_run_id_and_creation_time_and_reads_back_as_a_buf
     assert entry.snapshot == snap
     run = entry.to_run(now())
     assert run.friendly_id == snap.run_id
-    assert run.buffered and run.status == common_pb2.RUN_STATUS_QUEUED
+    assert run.buffered
+    assert run.status == common_pb2.RUN_STATUS_QUEUED
     assert run.created_at.ToDatetime().replace(tzinfo=created.tzinfo) == created
     assert list(run.tags) == ["a"]
     assert await buffer.environments() == {ENV: "org_1"}
@@ -56,7 +57,8 @@ async def test_accept_dedups_by_idempotency_key_and_a_stale_lookup_heals(
     result = await buffer.accept(second, created_at=now())
     assert (result.outcome, result.run_id) == (AcceptOutcome.EXISTING, first.run_id)
     found = await buffer.find_by_idempotency_key(ENV, "send-email", "k1")
-    assert found is not None and found.run_id == first.run_id
+    assert found is not None
+    assert found.run_id == first.run_id
     # Same key, other task: another run.
     other_task = snapshot(ENV, idempotency_key="k1", task="other")
     assert (await buffer.accept(other_task, created_at=now())).outcome is AcceptOutcome.ACCEPTED
@@ -67,7 +69,8 @@ async def test_accept_dedups_by_idempotency_key_and_a_stale_lookup_heals(
     healed = await buffer.accept(third, created_at=now())
     assert (healed.outcome, healed.run_id) == (AcceptOutcome.ACCEPTED, third.run_id)
     found = await buffer.find_by_idempotency_key(ENV, "send-email", "k1")
-    assert found is not None and found.run_id == third.run_id
+    assert found is not None
+    assert found.run_id == third.run_id
 
 
 async def test_an_expired_idempotency_key_frees_the_key_and_leaves_the_snapshot(
@@ -103,7 +106,8 @@ async def test_pop_marks_draining_in_queue_order_and_ack_keeps_a_readable_grace(
 
     assert await buffer.ack(ENV, [popped[0].run_id]) == 1
     acked = await buffer.get(ENV, popped[0].run_id)
-    assert acked is not None and acked.status is EntryStatus.DONE
+    assert acked is not None
+    assert acked.status is EntryStatus.DONE
     ttl_ms = await redis.pttl(buffer.keys(ENV).entry(popped[0].run_id))
     assert 25_000 < ttl_ms <= 30_000
     # The lookup is gone: the run store answers for the key from now on.
@@ -121,7 +125,9 @@ async def test_fail_is_terminal_and_requeue_goes_to_the_front_with_an_attempt(
     a, b, c = await buffer.pop(ENV, 3, "owner-1")
     assert await buffer.fail(ENV, [a.run_id], "boom") == 1
     failed = await buffer.get(ENV, a.run_id)
-    assert failed is not None and failed.status is EntryStatus.FAILED and failed.error == "boom"
+    assert failed is not None
+    assert failed.status is EntryStatus.FAILED
+    assert failed.error == "boom"
 
     # Another owner cannot requeue what it does not hold.
     assert await buffer.requeue(ENV, [b.run_id, c.run_id], "owner-2") == 0
@@ -158,7 +164,9 @@ async def test_entries_stuck_in_draining_past_the_visibility_timeout_are_requeue
     assert (await buffer.stats(ENV)).draining == 2
 
 
-async def test_an_ack_of_a_requeued_entry_removes_it_from_the_queue(buffer: MollifierBuffer) -> None:
+async def test_an_ack_of_a_requeued_entry_removes_it_from_the_queue(
+    buffer: MollifierBuffer,
+) -> None:
     snap = snapshot(ENV)
     await buffer.accept(snap, created_at=now())
     await buffer.pop(ENV, 1, "slow")
@@ -175,18 +183,22 @@ async def test_mutations_apply_while_queued_and_answer_busy_once_draining(
     snap = snapshot(ENV, tags=("a",))
     await buffer.accept(snap, created_at=now())
     tagged = await buffer.add_tags(ENV, snap.run_id, ["b", "a", "c"])
-    assert tagged.outcome is MutationOutcome.OK and tagged.entry is not None
+    assert tagged.outcome is MutationOutcome.OK
+    assert tagged.entry is not None
     assert list(tagged.entry.to_run(now()).tags) == ["a", "b", "c"]
     meta = await buffer.set_metadata(ENV, snap.run_id, '{"x": 1}', "application/json")
-    assert meta.entry is not None and meta.entry.to_run(now()).metadata == '{"x": 1}'
+    assert meta.entry is not None
+    assert meta.entry.to_run(now()).metadata == '{"x": 1}'
     later = now() + timedelta(hours=1)
     delayed = await buffer.reschedule(ENV, snap.run_id, later)
     assert delayed.entry is not None
     assert delayed.entry.run_input(now()).options.delay_until.ToSeconds() == int(later.timestamp())
     cancelled = await buffer.cancel(ENV, snap.run_id, "no longer needed")
-    assert cancelled.entry is not None and cancelled.entry.cancelled
+    assert cancelled.entry is not None
+    assert cancelled.entry.cancelled
     run = cancelled.entry.to_run(now())
-    assert run.status == common_pb2.RUN_STATUS_CANCELED and run.error.message == "no longer needed"
+    assert run.status == common_pb2.RUN_STATUS_CANCELED
+    assert run.error.message == "no longer needed"
 
     assert (await buffer.add_tags(ENV, "run_missing", ["x"])).outcome is MutationOutcome.NOT_FOUND
     await buffer.pop(ENV, 1, "owner")
@@ -207,10 +219,12 @@ async def test_reset_idempotency_key_clears_the_lookup_and_the_snapshot_key(
     snap = snapshot(ENV, idempotency_key="k-reset")
     await buffer.accept(snap, created_at=now())
     reset = await buffer.reset_idempotency_key(ENV, "send-email", "k-reset")
-    assert reset.cleared and reset.status is EntryStatus.QUEUED
+    assert reset.cleared
+    assert reset.status is EntryStatus.QUEUED
     assert await buffer.find_by_idempotency_key(ENV, "send-email", "k-reset") is None
     entry = await buffer.get(ENV, snap.run_id)
-    assert entry is not None and entry.run_input(now()).options.idempotency_key == ""
+    assert entry is not None
+    assert entry.run_input(now()).options.idempotency_key == ""
     assert not (await buffer.reset_idempotency_key(ENV, "send-email", "k-reset")).cleared
 
 
@@ -223,10 +237,12 @@ async def test_a_malformed_stored_timestamp_reads_as_absent(
     for bad in (b"yesterday", b"1e400", b"-99999999999999999999", b""):
         await redis.hset(key, "created_at", bad)
         entry = await buffer.get(ENV, snap.run_id)
-        assert entry is not None and entry.created_at is None
+        assert entry is not None
+        assert entry.created_at is None
         assert not entry.to_run(now()).HasField("created_at")
     stats = await buffer.stats(ENV)
-    assert stats.depth == 1 and stats.oldest_created_at is None
+    assert stats.depth == 1
+    assert stats.oldest_created_at is None
 
 
 async def test_stats_and_the_index_forget_only_empty_environments(
@@ -239,7 +255,8 @@ async def test_stats_and_the_index_forget_only_empty_environments(
     await buffer.accept(snapshot("env_b", organization_id="org_2"), created_at=now())
     stats = await buffer.stats(ENV)
     assert (stats.depth, stats.draining) == (3, 0)
-    assert stats.oldest_age is not None and stats.oldest_age >= timedelta(seconds=42)
+    assert stats.oldest_age is not None
+    assert stats.oldest_age >= timedelta(seconds=42)
     assert await buffer.count_older(ENV, now() - timedelta(seconds=10)) == 3
 
     assert not await buffer.forget_if_empty(ENV, "org_1")

@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeAlias
 
 import redis.asyncio as aioredis
 import redis.exceptions
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -26,6 +27,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from runops.kit.server import ServiceApp
+
+log = structlog.get_logger("runops.redis")
 
 # What every caller types against: both clients have the same command and script API.
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
@@ -120,7 +123,12 @@ def create_redis(settings: RedisSettings) -> RedisClient:
         ]
         return RedisCluster(startup_nodes=nodes, **common)
     assert settings.url is not None  # the model validator guarantees one of them
-    return aioredis.Redis.from_url(settings.url, **common)
+    # Blocking: a burst beyond max_connections waits (up to the socket timeout) for a free
+    # connection instead of failing with MaxConnectionsError.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.url, timeout=settings.socket_timeout_seconds, **common
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 async def ping(client: RedisClient) -> None:
@@ -131,10 +139,32 @@ async def ping(client: RedisClient) -> None:
         await client.ping()
 
 
-async def open_redis(app: ServiceApp, name: str, settings: RedisSettings) -> RedisClient:
-    """The client, a health dependency `name` (PING; NOT_SERVING while it fails) and a close
-    hook that runs after the server drained."""
+async def warm_up(client: RedisClient) -> bool:
+    """Load a Cluster client's slot map now. redis-py's async RedisCluster (seen with 8.1)
+    breaks connections when many coroutines make its very first commands at once; after this
+    it does not. False (logged) while the Cluster is unreachable: it loads on first use then."""
+    if not isinstance(client, RedisCluster):
+        return True
+    try:
+        await client.initialize()
+    except redis.exceptions.RedisError as exc:
+        log.warning("redis cluster unreachable at start-up", error=repr(exc))
+        return False
+    return True
+
+
+async def connect_redis(settings: RedisSettings) -> RedisClient:
+    """A client, warmed up (`warm_up`): for processes and tests without a ServiceApp."""
     client = create_redis(settings)
+    await warm_up(client)
+    return client
+
+
+async def open_redis(app: ServiceApp, name: str, settings: RedisSettings) -> RedisClient:
+    """The client (warmed up before the server opens its port), a health dependency `name`
+    (PING; NOT_SERVING while it fails) and a close hook that runs after the server drained."""
+    client = create_redis(settings)
+    app.on_startup(lambda: warm_up(client))
     app.add_dependency(name, lambda: ping(client))
     app.on_shutdown(client.aclose)
     return client
