@@ -37,7 +37,10 @@ def _ping(port: int) -> bool:
 
 
 class _RedisProcess:
-    """One redis-server without persistence, in its own directory."""
+    """One redis-server in its own directory, persisted by its append-only file: every write is
+    logged and fsynced once a second (`appendfsync everysec`), so a restart (SHUTDOWN, SIGTERM)
+    keeps everything and a crash loses at most about the last second (docs/mollifier.md). No
+    RDB snapshots."""
 
     def __init__(self, directory: Path, port: int, extra_args: list[str]) -> None:
         self.port = port
@@ -54,7 +57,8 @@ class _RedisProcess:
         cmd = [
             _binary("redis-server"),
             "--port", str(self.port), "--bind", HOST, "--dir", str(self._dir),
-            "--save", "", "--appendonly", "no", "--daemonize", "no", *self._extra,
+            "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+            "--daemonize", "no", *self._extra,
         ]  # fmt: skip
         self._proc = spawn(cmd, self.log_file, cwd=self._dir)
         deadline = time.monotonic() + timeout
@@ -72,6 +76,13 @@ class _RedisProcess:
         if not keep_files:
             shutil.rmtree(self._dir, ignore_errors=True)
 
+    def kill(self) -> None:
+        """SIGKILL (a crash): no shutdown fsync; the files stay for a restart."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+            self._proc = None
+
 
 class RedisServer:
     """A standalone Redis on a free loopback port."""
@@ -88,7 +99,13 @@ class RedisServer:
         self._server.start()
 
     def stop(self, keep_files: bool = False) -> None:
+        """SIGTERM: Redis fsyncs its append-only file and exits. keep_files=True keeps the
+        data for start() again."""
         self._server.stop(keep_files)
+
+    def kill(self) -> None:
+        """SIGKILL, keeping the files: start() again recovers what reached the disk."""
+        self._server.kill()
 
 
 class RedisCluster:

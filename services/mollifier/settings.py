@@ -1,0 +1,85 @@
+"""Mollifier settings (RUNOPS_* environment variables); spec §4 gives the defaults."""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from runops.kit.redis import RedisSettings, redis_field
+from runops.kit.settings import ServerSettings
+
+
+class MollifierSettings(ServerSettings):
+    model_config = SettingsConfigDict(**ServerSettings.model_config, use_attribute_docstrings=True)
+
+    redis: RedisSettings = redis_field()
+    """RUNOPS_REDIS_URL (standalone) or RUNOPS_REDIS_CLUSTER_NODES (a Cluster, wins when both
+    are set), timeouts and retries: see runops.kit.redis.RedisSettings."""
+    key_prefix: str = Field(default="mollifier", min_length=1, max_length=64, pattern=r"^[\w.-]+$")
+    """First part of every key's hash tag: `{<prefix>:<environment id>}:…`."""
+
+    mollifier_enabled: bool = True
+    """The global switch: off, every trigger goes straight to the run store."""
+    shadow_mode: bool = False
+    """Decide as usual but only log and count what would have been buffered."""
+
+    gate_threshold: int = Field(default=100, gt=0, le=1_000_000)
+    """Triggers one environment may pass straight through in any window of `gate_window`."""
+    gate_window_seconds: float = Field(default=0.2, gt=0, le=3600)
+    """Length of the sliding window the threshold applies to."""
+    gate_hold_seconds: float = Field(default=0.5, gt=0, le=3600)
+    """Once tripped, the environment stays tripped (buffers) this long."""
+
+    claim_ttl_min_seconds: float = Field(default=5.0, gt=0, le=3600)
+    """An idempotency claim lives at least this long, whatever the key's own expiry."""
+    claim_ttl_max_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """…and at most this long."""
+    claim_wait_seconds: float = Field(default=5.0, gt=0, le=5)
+    """A same-key waiter polls the winner's claim this long at most (spec: up to 5 s)."""
+    claim_poll_interval_seconds: float = Field(default=0.05, gt=0, le=1)
+    """First poll interval of a waiter (doubles up to 8 times this)."""
+    claim_batch_size: int = Field(default=1000, ge=1, le=10_000)
+    """Keys per script call of the batched claim (a batch spanning slots: one call per slot)."""
+
+    drainer_enabled: bool = True
+    """Run a drainer inside the service process (off: run `python -m services.mollifier.drainer`)."""
+    drain_batch_size: int = Field(default=500, ge=1, le=10_000)
+    """Entries written per drainer tick (one CreateRuns call), across environments."""
+    drain_env_batch_size: int = Field(default=50, ge=1, le=10_000)
+    """Entries one environment contributes per turn of the round robin within a tick."""
+    drain_idle_seconds: float = Field(default=0.05, gt=0, le=10)
+    """Sleep of a drainer that found nothing to drain."""
+    drain_backoff_base_seconds: float = Field(default=0.1, gt=0, le=60)
+    """Delay after a failed write, doubling per failure in a row …"""
+    drain_backoff_cap_seconds: float = Field(default=5.0, gt=0, le=600)
+    """… up to this."""
+    drain_max_attempts: int = Field(default=3, ge=1, le=100)
+    """Write attempts of an entry before it is written as a SYSTEM_FAILURE run."""
+    drain_visibility_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """An entry DRAINING longer than this (its drainer died) is requeued to the front."""
+    drain_recovery_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    """How often a drainer looks for entries stuck in DRAINING."""
+    ack_grace_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """A drained entry stays readable this long (run store replicas catch up meanwhile)."""
+
+    stale_threshold_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    """The sweep reports entries buffered longer than this."""
+    sweep_interval_seconds: float = Field(default=10.0, gt=0, le=3600)
+    """How often the sweeper looks (one sweeper at a time, under a lease)."""
+    sweep_lease_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """The sweeper's lease; another process takes over once it lapses."""
+
+    # Field validators (not a model validator) so the error names the variable.
+    @field_validator("claim_ttl_max_seconds")
+    @classmethod
+    def _claim_range(cls, value: float, info: ValidationInfo) -> float:
+        if value < info.data.get("claim_ttl_min_seconds", 0):
+            raise ValueError("must not be less than RUNOPS_CLAIM_TTL_MIN_SECONDS")
+        return value
+
+    @field_validator("drain_backoff_cap_seconds")
+    @classmethod
+    def _backoff_range(cls, value: float, info: ValidationInfo) -> float:
+        if value < info.data.get("drain_backoff_base_seconds", 0):
+            raise ValueError("must not be less than RUNOPS_DRAIN_BACKOFF_BASE_SECONDS")
+        return value
