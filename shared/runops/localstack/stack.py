@@ -165,7 +165,10 @@ class LocalStack:
             "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
             "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
         }
-        if self._cluster_nodes:
+        # Services use the Cluster only when the stack was asked for one (runops up
+        # --with-cluster, or given nodes): one started on demand by a test must not switch
+        # every service started after it (the cluster's nodes win over RUNOPS_REDIS_URL).
+        if self._cluster_nodes and (self._with_cluster or self._external.redis_cluster_nodes):
             env["RUNOPS_REDIS_CLUSTER_NODES"] = ",".join(self._cluster_nodes)
         return env
 
