@@ -23,14 +23,15 @@ CONTROL_PLANE_FEED_TIMEOUT_SECONDS = 5.0
 class Ingest:
     """The parts of one ingest process, reachable from tests and benchmarks."""
 
-    def __init__(self, settings: IngestSettings) -> None:
+    def __init__(self, settings: IngestSettings, store_config: StoreConfig | None = None) -> None:
+        """`store_config` replaces the one from settings (tests: explicit credentials)."""
         token = settings.internal_token.get_secret_value() if settings.internal_token else None
         self.control_plane = ControlPlaneClient(settings.controlplane_target, token=token)
         self.app = app = ServiceApp(
             "ingest", settings, api_key_resolver=self.control_plane.authenticate_api_key
         )
         self.run_store = RunStoreClient(settings.runstore_target, token=token)
-        self.object_store = ObjectStore(StoreConfig.from_settings(settings))
+        self.object_store = ObjectStore(store_config or StoreConfig.from_settings(settings))
         self.redis = redis_client(settings)
         self.bucket: TokenBucket | None = (
             bucket_from_settings(settings, self.redis) if settings.rate_limit_enabled else None
@@ -69,8 +70,8 @@ class Ingest:
         app.on_shutdown(self.control_plane.close)
 
 
-async def build_ingest(settings: IngestSettings) -> Ingest:
-    return Ingest(settings)
+async def build_ingest(settings: IngestSettings, store_config: StoreConfig | None = None) -> Ingest:
+    return Ingest(settings, store_config)
 
 
 async def build_app(settings: IngestSettings) -> ServiceApp:
