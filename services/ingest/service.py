@@ -4,6 +4,7 @@ to the caller's environment through the control plane) and scoped to that enviro
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
@@ -73,8 +74,10 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         self._max_run_count = max_run_count
         self._watch_interval = watch_interval_seconds
         self._shutting_down = shutting_down
-        # The Phase-2 pipelines of the streams in flight (tests read their in-flight gauges).
+        # Phase 2 of the streams in flight and of the last few that ended (their pipelines'
+        # in-flight figures: tests, debugging).
         self.streams: set[Phase2] = set()
+        self.ended: collections.deque[Phase2] = collections.deque(maxlen=16)
 
     async def CreateBatch(
         self, request: ing.CreateBatchRequest, context: Context
@@ -133,6 +136,7 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
                 await phase2.run(messages)
         finally:
             self.streams.discard(phase2)
+            self.ended.append(phase2)
         return await phase2.settle()
 
     async def GetBatch(

@@ -191,7 +191,10 @@ class Phase2:
                 batch = await self._read()  # complete by now: the rule again
                 continue
             sealed = await self._run_store.seal_batch(batch.id, self.environment_id)
-            # SEALED / ALREADY_SEALED are DONE, ABORTED is ABORTED, COUNT_MISMATCH NEEDS_ITEMS.
+            if sealed.outcome == rs.SEAL_BATCH_OUTCOME_SEALED:
+                # This stream sealed it (even if every item failed and it is ABORTED now).
+                return self.answer(sealed.batch, sealed=True)
+            # Lost a race: ALREADY_SEALED is DONE (or ABORTED), COUNT_MISMATCH NEEDS_ITEMS.
             batch = sealed.batch
         raise Aborted(
             f"batch {batch.friendly_id} kept changing while the stream ended; retry",
