@@ -80,7 +80,9 @@ async def test_oversized_offloaded_and_keyed_items(
     # An earlier run holds key "k-existing": the item links to it.
     first = await create(api, 1)
     await api.StreamBatchItems(
-        requests(first.id, [item(0, options=common_pb2.TriggerOptions(idempotency_key="k-existing"))])
+        requests(
+            first.id, [item(0, options=common_pb2.TriggerOptions(idempotency_key="k-existing"))]
+        )
     )
     existing = (await all_runs(suite, first.id, seeded.env_id))[0]
 
@@ -98,7 +100,11 @@ async def test_oversized_offloaded_and_keyed_items(
     assert reply.sealed and reply.pre_failed_count == 1 and reply.linked_count == 1
     assert reply.status == common_pb2.BATCH_STATUS_PARTIAL_FAILED
 
-    runs = {r.batch_index: r for r in await all_runs(suite, batch.id, seeded.env_id) if r.batch_id == batch.friendly_id}
+    runs = {
+        r.batch_index: r
+        for r in await all_runs(suite, batch.id, seeded.env_id)
+        if r.batch_id == batch.friendly_id
+    }
     assert runs[1].status == common_pb2.RUN_STATUS_SYSTEM_FAILURE
     assert runs[1].error.code == "PAYLOAD_TOO_LARGE" and runs[1].payload == b""
     key = packet_key(batch.project_id, batch.environment_id, batch.id, 2)
@@ -108,8 +114,7 @@ async def test_oversized_offloaded_and_keyed_items(
         assert await body.read() == big
 
     outcomes = [
-        o
-        async for o in _pages(api, batch.friendly_id, ing.ITEM_FILTER_PRE_FAILED_OR_LINKED, 1)
+        o async for o in _pages(api, batch.friendly_id, ing.ITEM_FILTER_PRE_FAILED_OR_LINKED, 1)
     ]
     by_index = {o.index: o for o in outcomes}
     assert by_index[1].outcome == ing.ITEM_OUTCOME_PRE_FAILED
@@ -129,7 +134,9 @@ async def _pages(api: Stub, batch_id: str, filter: int, size: int):  # type: ign
     token = ""
     while True:
         reply = await api.ListBatchItems(
-            ing.ListBatchItemsRequest(batch_id=batch_id, filter=filter, page_size=size, page_token=token)  # type: ignore[arg-type]
+            ing.ListBatchItemsRequest(
+                batch_id=batch_id, filter=filter, page_size=size, page_token=token
+            )  # type: ignore[arg-type]
         )
         for outcome in reply.items:
             yield outcome
@@ -207,7 +214,9 @@ async def test_refusals_name_what_is_wrong_and_keep_what_was_accepted(
 
     # Bad API key / none.
     exc = await expect_error(
-        stub(ingest.app.target, "tr_dev_not-a-key").GetBatch(ing.GetBatchRequest(batch_id=batch.id)),
+        stub(ingest.app.target, "tr_dev_not-a-key").GetBatch(
+            ing.GetBatchRequest(batch_id=batch.id)
+        ),
         grpc.StatusCode.UNAUTHENTICATED,
     )
     exc = await expect_error(
