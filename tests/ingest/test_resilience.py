@@ -5,11 +5,14 @@ clients streaming one batch through two ingest processes at once."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from runops.ingest.client import BatchResult, CannotResend, IngestClient
+import pytest
+
+from runops.ingest.client import BatchResult, CannotResend, IngestClient, filter_items
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.backoff import ExponentialBackoff
 from runops.localstack.ports import free_port
@@ -50,6 +53,8 @@ async def test_client_cuts_at_random_points_then_resumes(
 
             async def until_cut(
                 items: list[ing.BatchItem] = source,
+                cut_after: int = cut_after,
+                reached: asyncio.Event = reached,
             ) -> AsyncIterator[ing.BatchItem]:
                 for position, one in enumerate(items):
                     if position == cut_after:
@@ -70,19 +75,17 @@ async def test_client_cuts_at_random_points_then_resumes(
             # Resume from the re-iterable source: only the missing indexes are sent.
             result = BatchResult(batch_id, None, ing.StreamBatchItemsResponse())
             reply = await client.stream_items(batch_id, source, result=result)
-            assert reply.sealed and reply.accepted_count == N, trial
+            assert reply.sealed, trial
+            assert reply.accepted_count == N
             await exactly_one_run_per_index(suite, batch_id, seeded.env_id, N)
 
 
 async def test_one_shot_iterator_cannot_resend(ingest: Ingest, seeded: Seeded) -> None:
     async with IngestClient(ingest.app.target, seeded.api_key, backoff=FAST) as client:
         created = await client.create_batch(10)
-        try:
+        with pytest.raises(CannotResend) as caught:
             await client.stream_items(created.batch.id, iter([item(i) for i in range(5)]))
-        except CannotResend as exc:
-            assert exc.ranges == [(5, 10)]
-        else:
-            raise AssertionError("a one-shot iterator cannot resend")
+        assert caught.value.ranges == [(5, 10)]
 
 
 class SlowItems:
@@ -123,18 +126,13 @@ async def test_ingest_sigkilled_mid_stream_and_restarted(
                 )
                 batch_id = created.batch.friendly_id
                 slow = SlowItems(source, 0.002)
-                calls = 0
-
-                def items_for(ranges: list[tuple[int, int]]) -> AsyncIterator[ing.BatchItem]:
-                    nonlocal calls
-                    calls += 1
-                    from runops.ingest.client import filter_items
-
-                    return filter_items(source, ranges)
-
                 # The first pass is paced; resends come from items_for.
                 streaming = asyncio.create_task(
-                    client.stream_items(batch_id, lambda: slow.paced(), items_for=items_for)
+                    client.stream_items(
+                        batch_id,
+                        slow.paced,
+                        items_for=functools.partial(filter_items, source),
+                    )
                 )
                 await asyncio.sleep(rng.uniform(0.05, 0.35))
                 assert process.proc is not None
@@ -143,7 +141,8 @@ async def test_ingest_sigkilled_mid_stream_and_restarted(
                 process = ingest_process(suite, tmp_path / f"ingest-{trial + 1}.log", port)
                 await process.__aenter__()
                 reply = await asyncio.wait_for(streaming, 60)
-                assert reply.sealed and reply.accepted_count == N
+                assert reply.sealed
+                assert reply.accepted_count == N
                 await exactly_one_run_per_index(suite, batch_id, seeded.env_id, N)
     finally:
         await process.__aexit__(None, None, None)
@@ -171,6 +170,7 @@ async def test_two_clients_two_processes_one_batch(
             assert all(r.sealed and r.accepted_count == n for r in replies)
             await exactly_one_run_per_index(suite, batch_id, seeded.env_id, n)
             batch = await a.get_batch(batch_id)
-            assert batch.sealed and batch.accepted_count == n
+            assert batch.sealed
+            assert batch.accepted_count == n
     finally:
         await asyncio.gather(one.__aexit__(None, None, None), two.__aexit__(None, None, None))

@@ -46,7 +46,8 @@ async def test_ten_thousand_items_shuffled_with_duplicates_seal_once(
     random.shuffle(indexes)
     chunks = [items(indexes[i : i + 700]) for i in range(0, len(indexes), 700)]
     reply = await api.StreamBatchItems(requests(batch.friendly_id, *chunks))
-    assert reply.sealed and reply.accepted_count == n == reply.run_count
+    assert reply.sealed
+    assert reply.accepted_count == n == reply.run_count
     assert reply.status == common_pb2.BATCH_STATUS_PROCESSING
     runs = await all_runs(suite, batch.friendly_id, seeded.env_id)
     assert [r.batch_index for r in runs] == list(range(n))
@@ -54,24 +55,30 @@ async def test_ten_thousand_items_shuffled_with_duplicates_seal_once(
     assert all(r.payload == item(r.batch_index).payload for r in runs[:50])
 
     again = await api.StreamBatchItems(requests(batch.friendly_id, items(range(10))))
-    assert again.sealed and again.accepted_count == n
+    assert again.sealed
+    assert again.accepted_count == n
     assert again.pre_failed_count == again.linked_count == 0
     assert len(await all_runs(suite, batch.friendly_id, seeded.env_id)) == n
     # Phase 1 replay: the same batch, cached.
     replay = await api.CreateBatch(ing.CreateBatchRequest(run_count=n, idempotency_key="big"))
-    assert replay.is_cached and replay.batch.id == batch.id and replay.batch.sealed
+    assert replay.is_cached
+    assert replay.batch.id == batch.id
+    assert replay.batch.sealed
 
 
 async def test_header_only_stream_answers_state_and_seals_when_complete(api: Stub) -> None:
     batch = await create(api, 5)
     first = await api.StreamBatchItems(requests(batch.id, items([0, 1, 3])))  # internal id
-    assert not first.sealed and first.accepted_count == 3
+    assert not first.sealed
+    assert first.accepted_count == 3
     assert [(r.start, r.end) for r in first.missing_ranges] == [(2, 3), (4, 5)]
     state = await api.StreamBatchItems(requests(batch.friendly_id))
-    assert not state.sealed and [(r.start, r.end) for r in state.missing_ranges] == [(2, 3), (4, 5)]
+    assert not state.sealed
+    assert [(r.start, r.end) for r in state.missing_ranges] == [(2, 3), (4, 5)]
     await api.StreamBatchItems(requests(batch.friendly_id, items([2, 4])))
     done = await api.StreamBatchItems(requests(batch.friendly_id))
-    assert done.sealed and done.accepted_count == 5
+    assert done.sealed
+    assert done.accepted_count == 5
 
 
 async def test_oversized_offloaded_and_keyed_items(
@@ -97,7 +104,9 @@ async def test_oversized_offloaded_and_keyed_items(
         item(5, options=common_pb2.TriggerOptions(idempotency_key="k-new")),
     ]
     reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
-    assert reply.sealed and reply.pre_failed_count == 1 and reply.linked_count == 1
+    assert reply.sealed
+    assert reply.pre_failed_count == 1
+    assert reply.linked_count == 1
     assert reply.status == common_pb2.BATCH_STATUS_PARTIAL_FAILED
 
     runs = {
@@ -106,9 +115,11 @@ async def test_oversized_offloaded_and_keyed_items(
         if r.batch_id == batch.friendly_id
     }
     assert runs[1].status == common_pb2.RUN_STATUS_SYSTEM_FAILURE
-    assert runs[1].error.code == "PAYLOAD_TOO_LARGE" and runs[1].payload == b""
+    assert runs[1].error.code == "PAYLOAD_TOO_LARGE"
+    assert runs[1].payload == b""
     key = packet_key(batch.project_id, batch.environment_id, batch.id, 2)
-    assert runs[2].payload == key.encode() and runs[2].payload_type == STORE_PAYLOAD_TYPE
+    assert runs[2].payload == key.encode()
+    assert runs[2].payload_type == STORE_PAYLOAD_TYPE
     stored = await s3_client.get_object(Bucket=suite.stack.s3_bucket, Key=key)  # type: ignore[attr-defined]
     async with stored["Body"] as body:
         assert await body.read() == big
@@ -122,12 +133,14 @@ async def test_oversized_offloaded_and_keyed_items(
     assert by_index[3].outcome == ing.ITEM_OUTCOME_LINKED
     assert by_index[3].run_id == existing.friendly_id
     # Two items with one new key: one run, the second links to it.
-    assert 5 in by_index and by_index[5].outcome == ing.ITEM_OUTCOME_LINKED
+    assert 5 in by_index
+    assert by_index[5].outcome == ing.ITEM_OUTCOME_LINKED
     assert by_index[5].run_id == runs[4].friendly_id
     assert set(by_index) == {1, 3, 5}
     every = [o async for o in _pages(api, batch.id, ing.ITEM_FILTER_UNSPECIFIED, 4)]
     assert [o.index for o in every] == list(range(6))
-    assert every[0].outcome == ing.ITEM_OUTCOME_CREATED and every[0].run_id == runs[0].friendly_id
+    assert every[0].outcome == ing.ITEM_OUTCOME_CREATED
+    assert every[0].run_id == runs[0].friendly_id
 
 
 async def _pages(api: Stub, batch_id: str, filter: int, size: int):  # type: ignore[no-untyped-def]
@@ -135,8 +148,11 @@ async def _pages(api: Stub, batch_id: str, filter: int, size: int):  # type: ign
     while True:
         reply = await api.ListBatchItems(
             ing.ListBatchItemsRequest(
-                batch_id=batch_id, filter=filter, page_size=size, page_token=token
-            )  # type: ignore[arg-type]
+                batch_id=batch_id,
+                filter=ing.ItemFilter.ValueType(filter),
+                page_size=size,
+                page_token=token,
+            )
         )
         for outcome in reply.items:
             yield outcome
@@ -155,10 +171,12 @@ async def test_refusals_name_what_is_wrong_and_keep_what_was_accepted(
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     d = details_of(exc)
-    assert d.reason == "INDEX_OUT_OF_RANGE" and d.fields == ["items[12].index"]
+    assert d.reason == "INDEX_OUT_OF_RANGE"
+    assert d.fields == ["items[12].index"]
     assert d.metadata["index"] == "12"
     got = await api.GetBatch(ing.GetBatchRequest(batch_id=batch.friendly_id))
-    assert got.batch.accepted_count >= 3 and not got.batch.sealed
+    assert got.batch.accepted_count >= 3
+    assert not got.batch.sealed
 
     # Malformed options, named by index.
     bad = item(5, options=common_pb2.TriggerOptions(max_attempts=1000, tags=["a"] * 11))
@@ -252,7 +270,9 @@ async def test_token_bucket_refuses_with_retry_info(suite: Suite, seeded: Seeded
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
         d = details_of(exc)
-        assert d.reason == "BATCH_RATE_LIMITED" and d.retry_after is not None and d.retry_after > 0
+        assert d.reason == "BATCH_RATE_LIMITED"
+        assert d.retry_after is not None
+        assert d.retry_after > 0
 
 
 async def test_aborted_batch_is_failed_precondition(api: Stub, seeded: Seeded) -> None:
@@ -260,7 +280,8 @@ async def test_aborted_batch_is_failed_precondition(api: Stub, seeded: Seeded) -
     # Every item pre-failed: sealed ABORTED (EVERY_ITEM_FAILED).
     big = b"z" * 20000
     reply = await api.StreamBatchItems(requests(batch.id, items([0, 1], payload=big)))
-    assert reply.sealed and reply.status == common_pb2.BATCH_STATUS_ABORTED
+    assert reply.sealed
+    assert reply.status == common_pb2.BATCH_STATUS_ABORTED
     exc = await expect_error(
         api.StreamBatchItems(requests(batch.id)), grpc.StatusCode.FAILED_PRECONDITION
     )
@@ -303,11 +324,14 @@ async def test_object_store_down_fails_retryable_and_a_retry_completes(
             down.StreamBatchItems(requests(batch.id, chunk)), grpc.StatusCode.UNAVAILABLE
         )
         d = details_of(exc)
-        assert d.reason == "OBJECT_STORE_UNAVAILABLE" and d.retry_after is not None
+        assert d.reason == "OBJECT_STORE_UNAVAILABLE"
+        assert d.retry_after is not None
     got = await api.GetBatch(ing.GetBatchRequest(batch_id=batch.id))
-    assert not got.batch.sealed and got.batch.accepted_count == 0
+    assert not got.batch.sealed
+    assert got.batch.accepted_count == 0
     reply = await api.StreamBatchItems(requests(batch.id, chunk))
-    assert reply.sealed and reply.accepted_count == 4
+    assert reply.sealed
+    assert reply.accepted_count == 4
 
 
 async def test_watch_batch_until_completed(api: Stub, seeded: Seeded, suite: Suite) -> None:
@@ -344,7 +368,8 @@ async def test_watch_ends_cleanly_at_shutdown(suite: Suite, seeded: Seeded) -> N
         batch = await create(api, 3)
         call = api.WatchBatch(ing.WatchBatchRequest(batch_id=batch.id))
         first = await call.read()
-        assert first.batch.id == batch.id  # type: ignore[union-attr]
+        assert isinstance(first, ing.WatchBatchResponse)
+        assert first.batch.id == batch.id
         stopping = asyncio.create_task(svc.app.stop(grace=5))
         rest = [m async for m in call]
         assert await call.code() == grpc.StatusCode.OK
