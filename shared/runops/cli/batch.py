@@ -37,7 +37,10 @@ class UsageError(Exception):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", help=f"ingest host:port (default: ${TARGET_ENV})")
+    # Not `target`: runops.cli.main keeps the handler there.
+    parser.add_argument(
+        "--target", dest="ingest_target", help=f"ingest host:port (default: ${TARGET_ENV})"
+    )
     parser.add_argument("--api-key", help=f"API key (default: ${KEY_ENVS[0]}, ${KEY_ENVS[1]})")
     parser.add_argument(
         "--state-dir",
@@ -73,7 +76,7 @@ def _connection(args: argparse.Namespace) -> tuple[str, str]:
         if not path.is_file():
             raise UsageError(f"{path} not found: pass the --state-dir that `runops up` used")
         saved = dict(read_env_file(path))
-    target = args.target or os.environ.get(TARGET_ENV) or saved.get(TARGET_ENV)
+    target = args.ingest_target or os.environ.get(TARGET_ENV) or saved.get(TARGET_ENV)
     key = args.api_key or next(
         (v for name in KEY_ENVS for v in (os.environ.get(name), saved.get(name)) if v), None
     )
@@ -167,6 +170,8 @@ async def _stream(args: argparse.Namespace) -> int:
     from runops.ingest.client import IngestClient
 
     target, key = _connection(args)
+    if not args.file.is_file():
+        raise UsageError(f"{args.file} is not a file")
     source = NdjsonItems(args.file, args.task)
     total = source.count()
     if total == 0:
