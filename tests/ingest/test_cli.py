@@ -49,13 +49,15 @@ async def test_stream_an_ndjson_file_then_watch(
     assert lines[-1].startswith(f"{batch_id} COMPLETED sealed=True accepted=250/250")
 
 
-def test_bad_file_and_missing_key_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_bad_file_and_missing_key_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a thread: asyncio.run would leave this thread without the session's event loop.
     for name in ("RUNOPS_API_KEY", "RUNOPS_DEMO_API_KEY", "RUNOPS_INGEST_TARGET"):
         monkeypatch.delenv(name, raising=False)
     path = tmp_path / "bad.ndjson"
     path.write_text('{"task": "a/b"}\nnot json\n')
-    assert main(["batch", "stream", str(path), "--target", "127.0.0.1:1"]) == 2
-    assert main(["batch", "stream", str(path), "--target", "127.0.0.1:1", "--api-key", "k"]) in (
-        1,
-        2,
-    )
+    # No API key anywhere: exit 2 before any call.
+    assert await asyncio.to_thread(main, ["batch", "stream", str(path), "--target", "h:1"]) == 2
+    missing = ["batch", "stream", str(tmp_path / "none"), "--target", "h:1", "--api-key", "k"]
+    assert await asyncio.to_thread(main, missing) == 2

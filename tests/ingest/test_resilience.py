@@ -117,7 +117,7 @@ async def test_ingest_sigkilled_mid_stream_and_restarted(
             seeded.api_key,
             max_items=10,
             backoff=ExponentialBackoff(base=0.5, cap=2.0, jitter=0.5),
-            attempts=8,
+            attempts=15,  # a restart under load can take several seconds
         ) as client:
             for trial in range(5):
                 source = shuffled_with_repeats(N, rng)
