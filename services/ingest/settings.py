@@ -107,8 +107,15 @@ class IngestSettings(ServerSettings):
     """RUNOPS_CONTROLPLANE_TARGET: the control plane (API keys, environments), host:port."""
     runstore_target: GrpcTarget
     """RUNOPS_RUNSTORE_TARGET: the run store (batches, items, runs), host:port."""
-    mollifier_target: GrpcTarget
-    """RUNOPS_MOLLIFIER_TARGET: the mollifier (idempotency-key claims), host:port."""
+    mollifier_target: GrpcTarget | None = None
+    """RUNOPS_MOLLIFIER_TARGET: the mollifier (idempotency-key claims), host:port. Not called
+    yet: until the mollifier's batched claim exists, keyed items resolve through the run store
+    (`services.ingest.keyed.RunStoreKeyedItems`), so it may be left unset."""
+
+    # -- WatchBatch ------------------------------------------------------------------------
+    watch_interval_seconds: float = Field(default=1.0, ge=0.05, le=60)
+    """RUNOPS_WATCH_INTERVAL_SECONDS: how often WatchBatch reads the batch while it is not
+    final (a message is sent only when it changed)."""
 
     # Cross-field rules are field validators (fields validate in declaration order, so the
     # earlier field is in info.data), so load_settings names the variable that is wrong.

@@ -40,6 +40,7 @@ from runops.kit.ids import (
     residency_of,
 )
 from runops.kit.replica import Consistency, DbConnection, ReplicaRouter
+from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.store import (
     AcceptedItems,
     BatchItem,
@@ -48,6 +49,7 @@ from services.runstore.store import (
     CreatedBatch,
     CreatedRun,
     FinalizedRun,
+    ItemKinds,
     MissingRanges,
     RunRow,
     RunTables,
@@ -552,6 +554,27 @@ class RunStore:
                 if run_id in found:
                     runs[position] = found[run_id]
         return [run for run in runs if run is not None], next_index
+
+    async def list_item_outcomes(
+        self,
+        batch_id: str,
+        environment_id: str,
+        kinds: ItemKinds,
+        after_index: int,
+        limit: int,
+        consistency: Consistency,
+    ) -> tuple[list[rs.BatchItemRecord], int | None]:
+        """A page of the batch's items (run id, linked, pre-failed) by index."""
+        db = await self._batch_home(batch_id, environment_id)
+        page = await db.read(
+            lambda conn: self.tables.list_item_outcomes(
+                conn, batch_id, environment_id, kinds, after_index=after_index, limit=limit
+            ),
+            consistency,
+        )
+        if page is None:
+            raise batch_not_found(batch_id)
+        return page
 
     async def get_waitpoint(
         self, waitpoint_id: str, environment_id: str, consistency: Consistency

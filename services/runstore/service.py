@@ -103,6 +103,17 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         token = "" if next_index is None else str(next_index)
         return rs.ListBatchRunsResponse(runs=runs, next_page_token=token)
 
+    async def ListBatchItems(
+        self, request: rs.ListBatchItemsRequest, context: Context
+    ) -> rs.ListBatchItemsResponse:
+        ref, kinds, after, limit = validation.list_batch_items(request)
+        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
+        items, next_index = await self._store.list_item_outcomes(
+            ref.batch_id, ref.environment_id, kinds, after, limit, ref.consistency
+        )
+        token = "" if next_index is None else str(next_index)
+        return rs.ListBatchItemsResponse(items=items, next_page_token=token)
+
     async def CompleteRun(
         self, request: rs.CompleteRunRequest, context: Context
     ) -> rs.CompleteRunResponse:

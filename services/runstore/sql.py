@@ -204,6 +204,19 @@ ORDER BY i.index
 LIMIT $3
 """
 
+# Item outcomes by index ($4 pre-failed, $5 linked, $6 the others: which kinds to return); a
+# pre-failed item's run lives with its batch, so its error code joins in this database.
+SELECT_BATCH_ITEM_OUTCOMES = """
+SELECT i.index AS item_index, i.run_id, i.linked, i.pre_failed, r.error_code
+FROM batch_items i
+LEFT JOIN runs r ON i.pre_failed AND r.id = i.run_id
+WHERE i.batch_id = $1 AND i.index > $2
+    AND (($4 AND i.pre_failed) OR ($5 AND i.linked) OR ($6 AND NOT i.pre_failed AND NOT i.linked))
+    AND EXISTS (SELECT 1 FROM batches b WHERE b.id = $1 AND b.environment_id = $7)
+ORDER BY i.index
+LIMIT $3
+"""
+
 SELECT_RUNS_BY_IDS = f"""
 SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY($1::text[]) AND environment_id = $2
 """

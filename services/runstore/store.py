@@ -21,6 +21,7 @@ from google.protobuf import timestamp_pb2
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import BATCH, RUN, WAITPOINT, residency_of
+from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore import sql
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -29,6 +30,15 @@ Queryable = Connection | asyncpg.Pool
 REAPER_LEASE = "batch-seal-reaper"
 # How many missing ranges one answer carries at most (more: `truncated`).
 MAX_MISSING_RANGES = 1000
+
+
+@dataclass(frozen=True)
+class ItemKinds:
+    """Which batch items a listing returns: pre-failed, linked, and/or the others."""
+
+    pre_failed: bool = True
+    linked: bool = True
+    created: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +446,43 @@ class RunTables:
                 runs.append(run_from_record(record))
         more = len(records) == limit
         return runs, missing, records[-1]["item_index"] if more else None
+
+    async def list_item_outcomes(
+        self,
+        db: Queryable,
+        batch_id: str,
+        environment_id: str,
+        kinds: ItemKinds,
+        *,
+        after_index: int = -1,
+        limit: int = 100,
+    ) -> tuple[list[rs.BatchItemRecord], int | None] | None:
+        """A page of the batch's items of `kinds` by index after `after_index`, and the index
+        to pass for the next page (None at the end). None: no such batch in this environment."""
+        records = await db.fetch(
+            sql.SELECT_BATCH_ITEM_OUTCOMES,
+            batch_id,
+            after_index,
+            limit,
+            kinds.pre_failed,
+            kinds.linked,
+            kinds.created,
+            environment_id,
+        )
+        if not records and await self.get_batch(db, batch_id, environment_id) is None:
+            return None
+        items = [
+            rs.BatchItemRecord(
+                index=record["item_index"],
+                run_id=f"{RUN}_{record['run_id']}",
+                linked=record["linked"],
+                pre_failed=record["pre_failed"],
+                error_code=record["error_code"] or "",
+            )
+            for record in records
+        ]
+        more = len(records) == limit
+        return items, records[-1]["item_index"] if more else None
 
     async def get_runs(
         self, db: Queryable, run_ids: Sequence[str], environment_id: str

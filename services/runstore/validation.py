@@ -13,7 +13,7 @@ from runops.kit.errors import Violations
 from runops.kit.ids import BATCH, ENVIRONMENT, ORGANIZATION, PROJECT, RUN, WAITPOINT
 from runops.kit.replica import Consistency
 from runops.runstore.v1 import runstore_pb2 as rs
-from services.runstore.store import BatchRow, RunRow
+from services.runstore.store import BatchRow, ItemKinds, RunRow
 
 # An id body (the part after "<prefix>_"): LEGACY and NEW bodies both fit.
 BODY = re.compile(r"[0-9a-z]{1,64}")
@@ -420,6 +420,37 @@ def list_batch_runs(request: rs.ListBatchRunsRequest) -> tuple[BatchRef, int, in
             v.add("page_token", "must be a next_page_token of an earlier answer")
     v.raise_if_any()
     return ref, after, request.page_size or DEFAULT_PAGE_SIZE
+
+
+_ITEM_FILTERS: dict[int, ItemKinds] = {
+    rs.BATCH_ITEM_FILTER_UNSPECIFIED: ItemKinds(),
+    rs.BATCH_ITEM_FILTER_PRE_FAILED_OR_LINKED: ItemKinds(created=False),
+    rs.BATCH_ITEM_FILTER_PRE_FAILED: ItemKinds(linked=False, created=False),
+    rs.BATCH_ITEM_FILTER_LINKED: ItemKinds(pre_failed=False, created=False),
+}
+
+
+def list_batch_items(request: rs.ListBatchItemsRequest) -> tuple[BatchRef, ItemKinds, int, int]:
+    """The batch, which items, the index the page starts after and the page size."""
+    v = Violations()
+    ref = BatchRef(
+        batch_id(v, request.batch_id),
+        environment(v, request.environment_id),
+        consistency(v, request.consistency),
+    )
+    kinds = _ITEM_FILTERS.get(request.filter, ItemKinds())
+    if request.filter not in _ITEM_FILTERS:
+        v.add("filter", f"must be a BatchItemFilter (got {request.filter})")
+    if request.page_size > MAX_PAGE_SIZE:
+        v.add("page_size", f"must be at most {MAX_PAGE_SIZE} (got {request.page_size})")
+    after = -1
+    if request.page_token:
+        if request.page_token.isdigit() and int(request.page_token) <= MAX_INDEX:
+            after = int(request.page_token)
+        else:
+            v.add("page_token", "must be a next_page_token of an earlier answer")
+    v.raise_if_any()
+    return ref, kinds, after, request.page_size or DEFAULT_PAGE_SIZE
 
 
 def missing_ranges(request: rs.GetBatchMissingRangesRequest) -> tuple[BatchRef, int]:

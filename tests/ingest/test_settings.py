@@ -111,7 +111,6 @@ def test_missing_required_variables_are_each_named(env: pytest.MonkeyPatch) -> N
         "RUNOPS_S3_BUCKET: Field required",
         "RUNOPS_CONTROLPLANE_TARGET: Field required",
         "RUNOPS_RUNSTORE_TARGET: Field required",
-        "RUNOPS_MOLLIFIER_TARGET: Field required",
         "RUNOPS_REDIS_CLUSTER_NODES: Value error, set RUNOPS_REDIS_URL or "
         "RUNOPS_REDIS_CLUSTER_NODES",
     ):

@@ -51,6 +51,16 @@ COMMANDS: dict[str, Command] = {
         lambda parser: importlib.import_module("runops.cli.admin").add_arguments(parser),
         "runops.cli.admin:command",
     ),
+    "batch": (
+        "batch ingest: stream an NDJSON file into a new batch, watch a batch",
+        lambda parser: importlib.import_module("runops.cli.batch").add_arguments(parser),
+        "runops.cli.batch:command",
+    ),
+    "demo": (
+        "demos against a running `runops up` (batch: a 10,000-item batch)",
+        lambda parser: importlib.import_module("runops.cli.batch").add_demo_arguments(parser),
+        "runops.cli.batch:demo_command",
+    ),
 }
 
 

@@ -225,3 +225,27 @@ class RunStoreClient:
         except grpc.aio.AioRpcError as exc:
             _raise_domain(exc)
         return list(reply.runs), reply.next_page_token
+
+    async def list_batch_items(
+        self,
+        batch_id: str,
+        environment_id: str,
+        *,
+        filter: rs.BatchItemFilter.ValueType = rs.BATCH_ITEM_FILTER_UNSPECIFIED,
+        page_size: int = 0,
+        page_token: str = "",
+        read_your_writes: bool = False,
+    ) -> rs.ListBatchItemsResponse:
+        """A page of the batch's items (run id, linked, pre-failed) by index."""
+        request = rs.ListBatchItemsRequest(
+            batch_id=batch_id,
+            environment_id=environment_id,
+            filter=filter,
+            page_size=page_size,
+            page_token=page_token,
+            consistency=_level(read_your_writes),
+        )
+        try:
+            return await self.stub.ListBatchItems(request)
+        except grpc.aio.AioRpcError as exc:
+            _raise_domain(exc)

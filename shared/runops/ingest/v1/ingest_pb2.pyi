@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from runops.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,54 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ItemOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ItemOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ITEM_OUTCOME_UNSPECIFIED: _ItemOutcome.ValueType  # 0
+    ITEM_OUTCOME_CREATED: _ItemOutcome.ValueType  # 1
+    """A new run was created for it."""
+    ITEM_OUTCOME_PRE_FAILED: _ItemOutcome.ValueType  # 2
+    """Its run was written already failed (error_code says why, e.g. PAYLOAD_TOO_LARGE)."""
+    ITEM_OUTCOME_LINKED: _ItemOutcome.ValueType  # 3
+    """It links to an existing run through its idempotency key."""
+
+class ItemOutcome(_ItemOutcome, metaclass=_ItemOutcomeEnumTypeWrapper):
+    """What became of one item."""
+
+ITEM_OUTCOME_UNSPECIFIED: ItemOutcome.ValueType  # 0
+ITEM_OUTCOME_CREATED: ItemOutcome.ValueType  # 1
+"""A new run was created for it."""
+ITEM_OUTCOME_PRE_FAILED: ItemOutcome.ValueType  # 2
+"""Its run was written already failed (error_code says why, e.g. PAYLOAD_TOO_LARGE)."""
+ITEM_OUTCOME_LINKED: ItemOutcome.ValueType  # 3
+"""It links to an existing run through its idempotency key."""
+Global___ItemOutcome: _TypeAlias = ItemOutcome  # noqa: Y015
+
+class _ItemFilter:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ItemFilterEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemFilter.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ITEM_FILTER_UNSPECIFIED: _ItemFilter.ValueType  # 0
+    """Every accepted item."""
+    ITEM_FILTER_PRE_FAILED_OR_LINKED: _ItemFilter.ValueType  # 1
+    ITEM_FILTER_PRE_FAILED: _ItemFilter.ValueType  # 2
+    ITEM_FILTER_LINKED: _ItemFilter.ValueType  # 3
+
+class ItemFilter(_ItemFilter, metaclass=_ItemFilterEnumTypeWrapper):
+    """Which items ListBatchItems returns."""
+
+ITEM_FILTER_UNSPECIFIED: ItemFilter.ValueType  # 0
+"""Every accepted item."""
+ITEM_FILTER_PRE_FAILED_OR_LINKED: ItemFilter.ValueType  # 1
+ITEM_FILTER_PRE_FAILED: ItemFilter.ValueType  # 2
+ITEM_FILTER_LINKED: ItemFilter.ValueType  # 3
+Global___ItemFilter: _TypeAlias = ItemFilter  # noqa: Y015
 
 @_typing.final
 class CreateBatchRequest(_message.Message):
@@ -295,3 +344,88 @@ class WatchBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchBatchResponse: _TypeAlias = WatchBatchResponse  # noqa: Y015
+
+@_typing.final
+class ListBatchItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    page_size: _builtins.int
+    """At most 1000; zero means 100."""
+    page_token: _builtins.str
+    filter: Global___ItemFilter.ValueType
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: Global___ItemFilter.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchItemsRequest: _TypeAlias = ListBatchItemsRequest  # noqa: Y015
+
+@_typing.final
+class BatchItemOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    run_id: _builtins.str
+    """Friendly id of the item's run (its own, or the existing run it links to)."""
+    outcome: Global___ItemOutcome.ValueType
+    error_code: _builtins.str
+    """For a pre-failed item: its run's error code."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        outcome: Global___ItemOutcome.ValueType = ...,
+        error_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "index", b"index", "outcome", b"outcome", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchItemOutcome: _TypeAlias = BatchItemOutcome  # noqa: Y015
+
+@_typing.final
+class ListBatchItemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty at the end. A filtered page may hold fewer items than asked while more follow."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchItemOutcome]:
+        """Ordered by index."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___BatchItemOutcome] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchItemsResponse: _TypeAlias = ListBatchItemsResponse  # noqa: Y015

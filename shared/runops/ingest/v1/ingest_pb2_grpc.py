@@ -55,6 +55,11 @@ class BatchIngestServiceStub:
                 request_serializer=runops_dot_ingest_dot_v1_dot_ingest__pb2.WatchBatchRequest.SerializeToString,
                 response_deserializer=runops_dot_ingest_dot_v1_dot_ingest__pb2.WatchBatchResponse.FromString,
                 _registered_method=True)
+        self.ListBatchItems = channel.unary_unary(
+                '/runops.ingest.v1.BatchIngestService/ListBatchItems',
+                request_serializer=runops_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchItemsRequest.SerializeToString,
+                response_deserializer=runops_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchItemsResponse.FromString,
+                _registered_method=True)
 
 
 class BatchIngestServiceServicer:
@@ -88,6 +93,14 @@ class BatchIngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBatchItems(self, request, context):
+        """Item-level outcomes, paged by index: which items were pre-failed or linked to an existing
+        run, with their run ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchIngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_BatchIngestServiceServicer_to_server(servicer, server):
                     servicer.WatchBatch,
                     request_deserializer=runops_dot_ingest_dot_v1_dot_ingest__pb2.WatchBatchRequest.FromString,
                     response_serializer=runops_dot_ingest_dot_v1_dot_ingest__pb2.WatchBatchResponse.SerializeToString,
+            ),
+            'ListBatchItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatchItems,
+                    request_deserializer=runops_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchItemsRequest.FromString,
+                    response_serializer=runops_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +239,33 @@ class BatchIngestService:
             '/runops.ingest.v1.BatchIngestService/WatchBatch',
             runops_dot_ingest_dot_v1_dot_ingest__pb2.WatchBatchRequest.SerializeToString,
             runops_dot_ingest_dot_v1_dot_ingest__pb2.WatchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatchItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runops.ingest.v1.BatchIngestService/ListBatchItems',
+            runops_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchItemsRequest.SerializeToString,
+            runops_dot_ingest_dot_v1_dot_ingest__pb2.ListBatchItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,10 @@ class BatchIngestServiceStub:
     GetBatch: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetBatchRequest, _ingest_pb2.GetBatchResponse]
     WatchBatch: _grpc.UnaryStreamMultiCallable[_ingest_pb2.WatchBatchRequest, _ingest_pb2.WatchBatchResponse]
     """Progress updates until the batch reaches a final status."""
+    ListBatchItems: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListBatchItemsRequest, _ingest_pb2.ListBatchItemsResponse]
+    """Item-level outcomes, paged by index: which items were pre-failed or linked to an existing
+    run, with their run ids.
+    """
 
 @_typing.type_check_only
 class BatchIngestServiceAsyncStub(BatchIngestServiceStub):
@@ -53,6 +57,10 @@ class BatchIngestServiceAsyncStub(BatchIngestServiceStub):
     GetBatch: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetBatchRequest, _ingest_pb2.GetBatchResponse]  # type: ignore[assignment]
     WatchBatch: _aio.UnaryStreamMultiCallable[_ingest_pb2.WatchBatchRequest, _ingest_pb2.WatchBatchResponse]  # type: ignore[assignment]
     """Progress updates until the batch reaches a final status."""
+    ListBatchItems: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListBatchItemsRequest, _ingest_pb2.ListBatchItemsResponse]  # type: ignore[assignment]
+    """Item-level outcomes, paged by index: which items were pre-failed or linked to an existing
+    run, with their run ids.
+    """
 
 class BatchIngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """The public entry for batches (spec §5), authenticated by `authorization: Bearer <api key>`."""
@@ -87,5 +95,15 @@ class BatchIngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ingest_pb2.WatchBatchResponse], _abc.AsyncIterator[_ingest_pb2.WatchBatchResponse]]:
         """Progress updates until the batch reaches a final status."""
+
+    @_abc_1.abstractmethod
+    def ListBatchItems(
+        self,
+        request: _ingest_pb2.ListBatchItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListBatchItemsResponse, _abc.Awaitable[_ingest_pb2.ListBatchItemsResponse]]:
+        """Item-level outcomes, paged by index: which items were pre-failed or linked to an existing
+        run, with their run ids.
+        """
 
 def add_BatchIngestServiceServicer_to_server(servicer: BatchIngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

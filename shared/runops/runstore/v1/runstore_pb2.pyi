@@ -74,6 +74,30 @@ the caller must create a new batch.
 """
 Global___SealBatchOutcome: _TypeAlias = SealBatchOutcome  # noqa: Y015
 
+class _BatchItemFilter:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BatchItemFilterEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchItemFilter.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BATCH_ITEM_FILTER_UNSPECIFIED: _BatchItemFilter.ValueType  # 0
+    """Every item."""
+    BATCH_ITEM_FILTER_PRE_FAILED_OR_LINKED: _BatchItemFilter.ValueType  # 1
+    """Items that were pre-failed or linked to an existing run."""
+    BATCH_ITEM_FILTER_PRE_FAILED: _BatchItemFilter.ValueType  # 2
+    BATCH_ITEM_FILTER_LINKED: _BatchItemFilter.ValueType  # 3
+
+class BatchItemFilter(_BatchItemFilter, metaclass=_BatchItemFilterEnumTypeWrapper):
+    """Which items ListBatchItems returns."""
+
+BATCH_ITEM_FILTER_UNSPECIFIED: BatchItemFilter.ValueType  # 0
+"""Every item."""
+BATCH_ITEM_FILTER_PRE_FAILED_OR_LINKED: BatchItemFilter.ValueType  # 1
+"""Items that were pre-failed or linked to an existing run."""
+BATCH_ITEM_FILTER_PRE_FAILED: BatchItemFilter.ValueType  # 2
+BATCH_ITEM_FILTER_LINKED: BatchItemFilter.ValueType  # 3
+Global___BatchItemFilter: _TypeAlias = BatchItemFilter  # noqa: Y015
+
 @_typing.final
 class RunInput(_message.Message):
     """Everything needed to write a run row."""
@@ -1239,3 +1263,100 @@ class GetWaitpointResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetWaitpointResponse: _TypeAlias = GetWaitpointResponse  # noqa: Y015
+
+@_typing.final
+class ListBatchItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's batch is NOT_FOUND."""
+    page_size: _builtins.int
+    """At most 1000; zero means 100."""
+    page_token: _builtins.str
+    consistency: _common_pb2.ConsistencyLevel.ValueType
+    filter: Global___BatchItemFilter.ValueType
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        consistency: _common_pb2.ConsistencyLevel.ValueType = ...,
+        filter: Global___BatchItemFilter.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "consistency", b"consistency", "environment_id", b"environment_id", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchItemsRequest: _TypeAlias = ListBatchItemsRequest  # noqa: Y015
+
+@_typing.final
+class BatchItemRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    LINKED_FIELD_NUMBER: _builtins.int
+    PRE_FAILED_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    run_id: _builtins.str
+    """Friendly id of the item's run: its own, or the existing run it links to."""
+    linked: _builtins.bool
+    """The item links to an existing run (through its idempotency key or existing_run_id)."""
+    pre_failed: _builtins.bool
+    """The item's run was written already failed (e.g. PAYLOAD_TOO_LARGE)."""
+    error_code: _builtins.str
+    """For a pre-failed item: its run's error code."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        linked: _builtins.bool = ...,
+        pre_failed: _builtins.bool = ...,
+        error_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "index", b"index", "linked", b"linked", "pre_failed", b"pre_failed", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchItemRecord: _TypeAlias = BatchItemRecord  # noqa: Y015
+
+@_typing.final
+class ListBatchItemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty at the end. A filtered page may hold fewer items than asked while more follow."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchItemRecord]:
+        """Ordered by index."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___BatchItemRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBatchItemsResponse: _TypeAlias = ListBatchItemsResponse  # noqa: Y015

@@ -126,6 +126,11 @@ class RunStoreServiceStub:
                 request_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.SealBatchRequest.SerializeToString,
                 response_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.SealBatchResponse.FromString,
                 _registered_method=True)
+        self.ListBatchItems = channel.unary_unary(
+                '/runops.runstore.v1.RunStoreService/ListBatchItems',
+                request_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.ListBatchItemsRequest.SerializeToString,
+                response_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.ListBatchItemsResponse.FromString,
+                _registered_method=True)
         self.GetWaitpoint = channel.unary_unary(
                 '/runops.runstore.v1.RunStoreService/GetWaitpoint',
                 request_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetWaitpointRequest.SerializeToString,
@@ -254,6 +259,14 @@ class RunStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBatchItems(self, request, context):
+        """A page of a batch's items by index: each item's run id and whether it was pre-failed or
+        linked to an existing run (batch ingest's item outcomes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWaitpoint(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -352,6 +365,11 @@ def add_RunStoreServiceServicer_to_server(servicer, server):
                     servicer.SealBatch,
                     request_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.SealBatchRequest.FromString,
                     response_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.SealBatchResponse.SerializeToString,
+            ),
+            'ListBatchItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatchItems,
+                    request_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.ListBatchItemsRequest.FromString,
+                    response_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.ListBatchItemsResponse.SerializeToString,
             ),
             'GetWaitpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWaitpoint,
@@ -847,6 +865,33 @@ class RunStoreService:
             '/runops.runstore.v1.RunStoreService/SealBatch',
             runops_dot_runstore_dot_v1_dot_runstore__pb2.SealBatchRequest.SerializeToString,
             runops_dot_runstore_dot_v1_dot_runstore__pb2.SealBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatchItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runops.runstore.v1.RunStoreService/ListBatchItems',
+            runops_dot_runstore_dot_v1_dot_runstore__pb2.ListBatchItemsRequest.SerializeToString,
+            runops_dot_runstore_dot_v1_dot_runstore__pb2.ListBatchItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

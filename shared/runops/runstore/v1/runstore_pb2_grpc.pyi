@@ -62,6 +62,10 @@ class RunStoreServiceStub:
     """
     SealBatch: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.SealBatchRequest, _runstore_pb2.SealBatchResponse]
     """Conditional: only when unsealed, PENDING, and every item is accepted."""
+    ListBatchItems: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.ListBatchItemsRequest, _runstore_pb2.ListBatchItemsResponse]
+    """A page of a batch's items by index: each item's run id and whether it was pre-failed or
+    linked to an existing run (batch ingest's item outcomes).
+    """
     GetWaitpoint: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.GetWaitpointRequest, _runstore_pb2.GetWaitpointResponse]
 
 @_typing.type_check_only
@@ -98,6 +102,10 @@ class RunStoreServiceAsyncStub(RunStoreServiceStub):
     """
     SealBatch: _aio.UnaryUnaryMultiCallable[_runstore_pb2.SealBatchRequest, _runstore_pb2.SealBatchResponse]  # type: ignore[assignment]
     """Conditional: only when unsealed, PENDING, and every item is accepted."""
+    ListBatchItems: _aio.UnaryUnaryMultiCallable[_runstore_pb2.ListBatchItemsRequest, _runstore_pb2.ListBatchItemsResponse]  # type: ignore[assignment]
+    """A page of a batch's items by index: each item's run id and whether it was pre-failed or
+    linked to an existing run (batch ingest's item outcomes).
+    """
     GetWaitpoint: _aio.UnaryUnaryMultiCallable[_runstore_pb2.GetWaitpointRequest, _runstore_pb2.GetWaitpointResponse]  # type: ignore[assignment]
 
 class RunStoreServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -239,6 +247,16 @@ class RunStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runstore_pb2.SealBatchResponse, _abc.Awaitable[_runstore_pb2.SealBatchResponse]]:
         """Conditional: only when unsealed, PENDING, and every item is accepted."""
+
+    @_abc_1.abstractmethod
+    def ListBatchItems(
+        self,
+        request: _runstore_pb2.ListBatchItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runstore_pb2.ListBatchItemsResponse, _abc.Awaitable[_runstore_pb2.ListBatchItemsResponse]]:
+        """A page of a batch's items by index: each item's run id and whether it was pre-failed or
+        linked to an existing run (batch ingest's item outcomes).
+        """
 
     @_abc_1.abstractmethod
     def GetWaitpoint(

@@ -1,0 +1,248 @@
+"""Phase 2 of one stream (spec §5): the items of an authenticated, existing batch.
+
+`Phase2.run(messages)` takes the messages after the header, cuts them into units of at most
+RUNOPS_MAX_CHUNK_ITEMS and runs each through `Pipeline` (at most RUNOPS_INGEST_CONCURRENCY in
+flight, pulled lazily). A unit: check every item (an out-of-range index fails the stream naming
+it; nothing of that unit is written, what earlier units accepted stays), pre-fail oversized
+payloads (PAYLOAD_TOO_LARGE), link keyed items that resolve to an existing run, offload large
+payloads, then one `AcceptBatchItems`. `settle()` ends it: seal, or the missing ranges, by the
+retry rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from runops.common.v1 import common_pb2
+from runops.ingest.v1 import ingest_pb2 as ing
+from runops.kit.errors import Aborted, FailedPrecondition, InvalidArgument
+from runops.runstore.client import RunStoreClient
+from runops.runstore.v1 import runstore_pb2 as rs
+from services.ingest import validation
+from services.ingest.keyed import KeyClaims, KeyedItem, KeyedItems
+from services.ingest.offload import Offloader
+from services.ingest.pipeline import Pipeline, split_units
+from services.ingest.retry_rule import Verdict, aborted_error, batch_verdict
+
+PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+# The run store takes at most this many items per AcceptBatchItems.
+RUN_STORE_MAX_ITEMS = 10_000
+# settle() re-reads a batch that changed under it (a seal race, a count that moved) this often.
+SETTLE_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    concurrency: int
+    max_chunk_items: int
+    max_item_payload_bytes: int
+
+
+class BatchClosed(Exception):
+    """The batch stopped taking items during the stream (another stream sealed it, or the
+    reaper aborted it): the retry rule answers."""
+
+
+class Phase2:
+    """One stream's Phase 2 for `batch` (as read before the stream) in `environment_id`."""
+
+    def __init__(
+        self,
+        batch: common_pb2.Batch,
+        environment_id: str,
+        *,
+        run_store: RunStoreClient,
+        offloader: Offloader,
+        keyed: KeyedItems,
+        limits: Limits,
+    ) -> None:
+        self.batch = batch
+        self.environment_id = environment_id
+        self._run_store = run_store
+        self._offloader = offloader
+        self._keyed = keyed
+        self._limits = limits
+        self.pipeline: Pipeline[list[ing.BatchItem]] = Pipeline(limits.concurrency)
+        self.pre_failed_count = 0
+        self.linked_count = 0
+
+    # -- the stream -----------------------------------------------------------------------------
+    async def run(self, messages: AsyncIterable[ing.StreamBatchItemsRequest]) -> None:
+        """Every item of the stream written (or the first failure raised once the units in
+        flight finished); BatchClosed if the batch stopped taking items meanwhile."""
+        unit_size = min(self._limits.max_chunk_items, RUN_STORE_MAX_ITEMS)
+        await self.pipeline.run(split_units(_chunks(messages), unit_size), self._unit)
+
+    async def _unit(self, items: list[ing.BatchItem]) -> None:
+        checked = validation.unit(items, self.batch.run_count)
+        inputs: dict[int, rs.BatchItemInput] = {}
+        keyed: list[KeyedItem] = []
+        to_offload: list[ing.BatchItem] = []
+        for item in checked.items:
+            if len(item.payload) > self._limits.max_item_payload_bytes:
+                inputs[item.index] = self._pre_failed(item)
+                continue
+            if item.options.idempotency_key:
+                keyed.append(
+                    KeyedItem(item.index, item.task, item.options.idempotency_key),
+                )
+            if self._offloader.should_offload(item.payload):
+                to_offload.append(item)
+            inputs[item.index] = rs.BatchItemInput(
+                index=item.index,
+                run=rs.RunInput(
+                    task_identifier=item.task,
+                    payload=item.payload,
+                    payload_type=item.payload_type,
+                    options=item.options,
+                ),
+            )
+        del items, checked
+        claims = await self._keyed.resolve(self.environment_id, keyed) if keyed else None
+        try:
+            existing = dict(claims.existing) if claims is not None else {}
+            linked = set(existing)
+            for index, run_id in existing.items():
+                inputs[index] = rs.BatchItemInput(index=index, existing_run_id=run_id)
+            await self._offload([item for item in to_offload if item.index not in linked], inputs)
+            del to_offload
+            accepted = await self._accept(list(inputs.values()))
+        except BaseException:
+            if claims is not None:
+                await claims.release()
+            raise
+        new = [item for item in accepted.items if not item.duplicate]
+        if claims is not None:
+            await _publish(claims, keyed, new)
+        fresh = {item.index for item in new}
+        self.linked_count += len(fresh & linked)
+        self.pre_failed_count += sum(1 for index in fresh if inputs[index].HasField("pre_failed"))
+
+    def _pre_failed(self, item: ing.BatchItem) -> rs.BatchItemInput:
+        """A run written already failed at the item's index; its payload is not kept."""
+        limit = self._limits.max_item_payload_bytes
+        return rs.BatchItemInput(
+            index=item.index,
+            run=rs.RunInput(
+                task_identifier=item.task, payload_type=item.payload_type, options=item.options
+            ),
+            pre_failed=common_pb2.RunError(
+                code=PAYLOAD_TOO_LARGE,
+                message=f"payload of {len(item.payload)} bytes exceeds the {limit}-byte maximum",
+            ),
+        )
+
+    async def _offload(
+        self, items: Sequence[ing.BatchItem], inputs: dict[int, rs.BatchItemInput]
+    ) -> None:
+        """Uploads the unit's large payloads concurrently (the store's connection pool bounds
+        them) and puts each one's reference in its place; the first failure fails the unit."""
+
+        async def one(item: ing.BatchItem) -> None:
+            offloaded = await self._offloader.offload(
+                project_id=self.batch.project_id,
+                environment_id=self.batch.environment_id,
+                batch_id=self.batch.id,
+                index=item.index,
+                payload=item.payload,
+                payload_type=item.payload_type,
+            )
+            run = inputs[item.index].run
+            run.payload = offloaded.payload
+            run.payload_type = offloaded.payload_type
+
+        outcomes = await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _accept(self, inputs: list[rs.BatchItemInput]) -> rs.AcceptBatchItemsResponse:
+        try:
+            return await self._run_store.accept_batch_items(
+                self.batch.id, self.environment_id, inputs
+            )
+        except FailedPrecondition as exc:
+            if exc.reason in ("BATCH_SEALED", "BATCH_ABORTED"):
+                raise BatchClosed(exc.reason) from exc
+            raise
+
+    # -- the end --------------------------------------------------------------------------------
+    async def settle(self) -> ing.StreamBatchItemsResponse:
+        """The answer by the retry rule on the batch as it is now: seal when every item is in,
+        else the missing ranges; DONE answers sealed; ABORTED fails FAILED_PRECONDITION."""
+        batch = await self._read()
+        for _ in range(SETTLE_ROUNDS):
+            verdict = batch_verdict(batch)
+            if verdict is Verdict.ABORTED:
+                raise aborted_error(batch.friendly_id)
+            if verdict is Verdict.DONE:
+                return self.answer(batch, sealed=True)
+            if verdict is Verdict.NEEDS_ITEMS:
+                missing = await self._run_store.missing_ranges(batch.id, self.environment_id)
+                if missing.ranges:
+                    reply = self.answer(batch, sealed=False)
+                    reply.accepted_count = missing.accepted_count
+                    reply.missing_ranges.extend(
+                        common_pb2.IndexRange(start=start, end=end) for start, end in missing.ranges
+                    )
+                    return reply
+                batch = await self._read()  # complete by now: the rule again
+                continue
+            sealed = await self._run_store.seal_batch(batch.id, self.environment_id)
+            if sealed.outcome == rs.SEAL_BATCH_OUTCOME_SEALED:
+                # This stream sealed it (even if every item failed and it is ABORTED now).
+                return self.answer(sealed.batch, sealed=True)
+            # Lost a race: ALREADY_SEALED is DONE (or ABORTED), COUNT_MISMATCH NEEDS_ITEMS.
+            batch = sealed.batch
+        raise Aborted(
+            f"batch {batch.friendly_id} kept changing while the stream ended; retry",
+            reason="BATCH_STATE_CHANGING",
+            retry_after=0.1,
+        )
+
+    async def _read(self) -> common_pb2.Batch:
+        return await self._run_store.get_batch(
+            self.batch.id, self.environment_id, read_your_writes=True
+        )
+
+    def answer(self, batch: common_pb2.Batch, *, sealed: bool) -> ing.StreamBatchItemsResponse:
+        return ing.StreamBatchItemsResponse(
+            batch_id=batch.friendly_id,
+            sealed=sealed,
+            accepted_count=batch.accepted_count,
+            run_count=batch.run_count,
+            pre_failed_count=self.pre_failed_count,
+            linked_count=self.linked_count,
+            status=batch.status,
+        )
+
+
+async def _chunks(
+    messages: AsyncIterable[ing.StreamBatchItemsRequest],
+) -> AsyncIterator[Sequence[ing.BatchItem]]:
+    """The items of each chunk message after the header; a second header (or a message with
+    neither) fails the stream."""
+    async for message in messages:
+        kind = message.WhichOneof("message")
+        if kind == "chunk":
+            yield message.chunk.items
+            continue
+        if kind == "header":
+            raise InvalidArgument(
+                "the header must be the first message and only the first",
+                reason="REPEATED_HEADER",
+                metadata={"batch_id": message.header.batch_id},
+            )
+        raise InvalidArgument(
+            "every message after the header must be a chunk of items", reason="EMPTY_MESSAGE"
+        )
+
+
+async def _publish(
+    claims: KeyClaims, keyed: Sequence[KeyedItem], accepted: Sequence[rs.AcceptedItem]
+) -> None:
+    claimed = {item.index for item in keyed} - set(claims.existing)
+    runs = {item.index: item.run_id for item in accepted if item.index in claimed}
+    await claims.publish(runs)

@@ -1,0 +1,153 @@
+"""Request checks of the ingest RPCs, each collecting every violation (INVALID_ARGUMENT naming
+the fields). An item's fields are named by its batch index, `items[<index>].…`, whatever chunk
+carried it: the index is what the client knows the item by."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from google.protobuf.duration_pb2 import Duration
+
+from runops.common.v1 import common_pb2
+from runops.ingest.v1 import ingest_pb2 as ing
+from runops.kit.errors import FieldViolation, InvalidArgument, Violations
+from runops.kit.ids import BATCH, RUN
+
+# The run store's limits on what it writes (ingest refuses first, naming the item).
+ID_BODY = re.compile(r"[0-9a-z]{1,64}")
+ID_TEXT = "an id like {prefix}_<body> or the bare body (1-64 lowercase letters and digits)"
+TASK_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
+TASK_IDENTIFIER_TEXT = "1-128 of letters, digits and _ . : / - starting with a letter or digit"
+IDEMPOTENCY_KEY_LIMIT = 512
+TEXT_LIMIT = 256
+MAX_TAGS = 10
+TAG_LIMIT = 128
+MAX_ATTEMPTS = 100
+MAX_TASK_IDENTIFIERS = 1000
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+# Batch indexes are Postgres integers.
+MAX_INDEX = 2**31 - 1
+
+
+def _id(v: Violations, value: str, field: str, prefix: str) -> str:
+    """A required id, friendly (`<prefix>_<body>`) or internal (the body); as given."""
+    if not v.require(value, field):
+        return ""
+    body = value.removeprefix(prefix + "_")
+    if len(value) > 64 or ID_BODY.fullmatch(body) is None:
+        v.add(field, f"must be {ID_TEXT.format(prefix=prefix)} (got {value[:64]!r})")
+        return ""
+    return value
+
+
+def batch_id(value: str, field: str = "batch_id") -> str:
+    v = Violations()
+    checked = _id(v, value, field, BATCH)
+    v.raise_if_any()
+    return checked
+
+
+def _task(v: Violations, value: str, field: str) -> None:
+    if v.require(value, field):
+        v.matches(value, field, TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT)
+
+
+def create_batch(request: ing.CreateBatchRequest, max_run_count: int) -> None:
+    v = Violations()
+    if not 1 <= request.run_count <= max_run_count:
+        v.add("run_count", f"must be between 1 and {max_run_count} (got {request.run_count})")
+    v.max_length(request.idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_LIMIT)
+    if len(request.task_identifiers) > MAX_TASK_IDENTIFIERS:
+        v.add("task_identifiers", f"must hold at most {MAX_TASK_IDENTIFIERS} entries")
+    for i, task in enumerate(request.task_identifiers[:MAX_TASK_IDENTIFIERS]):
+        _task(v, task, f"task_identifiers[{i}]")
+    if request.parent_run_id:
+        _id(v, request.parent_run_id, "parent_run_id", RUN)
+    elif request.resume_parent_on_completion:
+        v.add("parent_run_id", "is required with resume_parent_on_completion")
+    v.raise_if_any()
+
+
+def _negative(duration: Duration) -> bool:
+    return duration.seconds < 0 or duration.nanos < 0
+
+
+def _options(v: Violations, options: common_pb2.TriggerOptions, field: str) -> None:
+    v.max_length(options.idempotency_key, f"{field}.idempotency_key", IDEMPOTENCY_KEY_LIMIT)
+    for name in ("queue", "concurrency_key", "machine_preset", "lock_to_version"):
+        v.max_length(getattr(options, name), f"{field}.{name}", TEXT_LIMIT)
+    if len(options.tags) > MAX_TAGS:
+        v.add(f"{field}.tags", f"must hold at most {MAX_TAGS} tags (got {len(options.tags)})")
+    for i, tag in enumerate(options.tags[:MAX_TAGS]):
+        v.required_text(tag, f"{field}.tags[{i}]", TAG_LIMIT)
+    for name in ("idempotency_key_ttl", "ttl", "priority"):
+        if _negative(getattr(options, name)):
+            v.add(f"{field}.{name}", "must not be negative")
+    if options.max_attempts > MAX_ATTEMPTS:
+        v.add(
+            f"{field}.max_attempts",
+            f"must be at most {MAX_ATTEMPTS} (got {options.max_attempts})",
+        )
+
+
+@dataclass(frozen=True)
+class CheckedUnit:
+    """A unit's items, first occurrence of each index only (a repeat within the unit is
+    dropped here; across units the run store reports it as a duplicate)."""
+
+    items: list[ing.BatchItem]
+    repeated: int
+
+
+def unit(items: Sequence[ing.BatchItem], run_count: int) -> CheckedUnit:
+    """Checks every item of a unit; INVALID_ARGUMENT naming each bad item (reason
+    INDEX_OUT_OF_RANGE when an index is outside [0, run_count), with the first such index in
+    the metadata), before anything of the unit is written."""
+    v = Violations()
+    out_of_range: list[int] = []
+    seen: set[int] = set()
+    kept: list[ing.BatchItem] = []
+    for item in items:
+        field = f"items[{item.index}]"
+        if item.index >= run_count:
+            out_of_range.append(item.index)
+            continue
+        _task(v, item.task, f"{field}.task")
+        v.max_length(item.payload_type, f"{field}.payload_type", TEXT_LIMIT)
+        _options(v, item.options, f"{field}.options")
+        if item.index not in seen:
+            seen.add(item.index)
+            kept.append(item)
+    if out_of_range:
+        first = out_of_range[0]
+        raise InvalidArgument(
+            f"item index {first} is outside [0, {run_count}) of this batch"
+            + (f" (and {len(out_of_range) - 1} more)" if len(out_of_range) > 1 else ""),
+            reason="INDEX_OUT_OF_RANGE",
+            metadata={"index": str(first), "run_count": str(run_count)},
+            violations=[
+                FieldViolation(f"items[{i}].index", f"must be below run_count {run_count}")
+                for i in out_of_range
+            ],
+        )
+    v.raise_if_any("items have invalid fields")
+    return CheckedUnit(kept, len(items) - len(kept))
+
+
+def list_batch_items(request: ing.ListBatchItemsRequest) -> tuple[str, int]:
+    """The batch id and the page size."""
+    v = Violations()
+    checked = _id(v, request.batch_id, "batch_id", BATCH)
+    if request.page_size > MAX_PAGE_SIZE:
+        v.add("page_size", f"must be at most {MAX_PAGE_SIZE} (got {request.page_size})")
+    if request.page_token and not (
+        request.page_token.isdigit() and int(request.page_token) <= MAX_INDEX
+    ):
+        v.add("page_token", "must be a next_page_token of an earlier answer")
+    if request.filter not in ing.ItemFilter.values():
+        v.add("filter", f"must be an ItemFilter (got {request.filter})")
+    v.raise_if_any()
+    return checked, request.page_size or DEFAULT_PAGE_SIZE

@@ -1,0 +1,421 @@
+"""Batch ingest from Python: Phase 1 and Phase 2 in one call, with retries and resume.
+
+    async with IngestClient(target, api_key) as ingest:
+        result = await ingest.run_batch(run_count=len(rows), items=lambda: items_of(rows))
+        result.response.sealed          # True
+        async for batch in ingest.watch_batch(result.batch_id): ...
+
+Items (`runops.ingest.v1.BatchItem`) are pulled one at a time and sent in chunks bounded by
+count and bytes (`runops.ingest.chunking`), so a batch is never held in memory.
+
+Retries: UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (and ABORTED) are retried up to
+`attempts` times (default 5) with exponential backoff and jitter (1 s doubling to 30 s), waiting
+what the server's RetryInfo says when it says. Anything else raises `IngestError` at once; when
+the attempts are spent, `GaveUp`. After a failed stream the client asks the server what is
+missing (a header-only stream) and resends only those indexes; after `sealed: false` it resends
+the ranges the answer names.
+
+Resending needs the items again, by index. The source decides how:
+
+- `items_for(ranges)`: a callback returning (an iterable or async iterable of) the items whose
+  index lies in the half-open `ranges` (best when items can be looked up by index);
+- `items` a re-iterable (list, a file-backed iterable whose `__iter__` reopens it) or a
+  zero-argument factory returning a fresh iterable / async iterable: it is iterated again and
+  filtered to the missing indexes;
+- a one-shot iterator or async generator works while nothing needs resending; if something
+  does, `CannotResend` is raised (with the missing ranges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+
+from runops.common.v1 import common_pb2
+from runops.ingest.chunking import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, achunk_items
+from runops.ingest.v1 import ingest_pb2 as ing
+from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
+from runops.kit.backoff import ExponentialBackoff
+from runops.kit.channels import create_channel
+from runops.kit.errors import ErrorDetails, details_of
+
+if TYPE_CHECKING:
+    from runops.ingest.v1.ingest_pb2_grpc import BatchIngestServiceAsyncStub
+
+    Stub: TypeAlias = BatchIngestServiceAsyncStub
+else:
+    Stub = ing_grpc.BatchIngestServiceStub
+
+Item = ing.BatchItem
+Items: TypeAlias = Iterable[Item] | AsyncIterable[Item]
+ItemSource: TypeAlias = Items | Callable[[], Items]
+Ranges: TypeAlias = list[tuple[int, int]]
+ItemsFor: TypeAlias = Callable[[Ranges], Items]
+
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+DEFAULT_ATTEMPTS = 5
+DEFAULT_BACKOFF = ExponentialBackoff(base=1.0, cap=30.0, jitter=0.5)
+DONE_STATUSES = frozenset(
+    {
+        common_pb2.BATCH_STATUS_PROCESSING,
+        common_pb2.BATCH_STATUS_COMPLETED,
+        common_pb2.BATCH_STATUS_PARTIAL_FAILED,
+    }
+)
+FINAL_STATUSES = frozenset({common_pb2.BATCH_STATUS_COMPLETED, common_pb2.BATCH_STATUS_ABORTED})
+
+
+class IngestError(Exception):
+    """A call failed for good: `details` has the status code, reason and field violations."""
+
+    def __init__(self, message: str, details: ErrorDetails | None = None) -> None:
+        super().__init__(message)
+        self.details = details
+
+    @property
+    def code(self) -> grpc.StatusCode | None:
+        return None if self.details is None else self.details.code
+
+
+class GaveUp(IngestError):
+    """Every attempt failed with a retryable status; `details` is the last one's."""
+
+    def __init__(self, what: str, attempts: int, details: ErrorDetails) -> None:
+        super().__init__(
+            f"{what}: gave up after {attempts} attempts; last error "
+            f"{details.code.name}: {details.message}",
+            details,
+        )
+        self.attempts = attempts
+
+
+class CannotResend(IngestError):
+    """Items must be resent but the source cannot produce them again (a one-shot iterator
+    without `items_for`)."""
+
+    def __init__(self, batch_id: str, ranges: Ranges) -> None:
+        shown = ", ".join(f"[{a}, {b})" for a, b in ranges[:5])
+        super().__init__(
+            f"batch {batch_id} still misses {shown}{' …' if len(ranges) > 5 else ''}, and the "
+            "item source is a one-shot iterator: pass a re-iterable, a factory or items_for"
+        )
+        self.batch_id = batch_id
+        self.ranges = ranges
+
+
+@dataclass
+class BatchResult:
+    batch_id: str
+    created: ing.CreateBatchResponse | None
+    response: ing.StreamBatchItemsResponse
+    # Streams opened for Phase 2 (header-only ones included).
+    streams: int = 0
+    # Retryable failures met along the way.
+    retries: int = 0
+    failures: list[ErrorDetails] = field(default_factory=list)
+
+
+def in_ranges(index: int, starts: Sequence[int], ends: Sequence[int]) -> bool:
+    at = bisect.bisect_right(starts, index) - 1
+    return at >= 0 and index < ends[at]
+
+
+async def filter_items(items: Items, ranges: Ranges) -> AsyncIterator[Item]:
+    """The items of `items` whose index lies in `ranges` (half-open, ascending)."""
+    starts = [start for start, _ in ranges]
+    ends = [end for _, end in ranges]
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            if in_ranges(item.index, starts, ends):
+                yield item
+    else:
+        for item in items:
+            if in_ranges(item.index, starts, ends):
+                yield item
+
+
+def _reiterable(items: Items) -> bool:
+    if isinstance(items, AsyncIterable):
+        return aiter(items) is not items
+    return iter(items) is not items
+
+
+class IngestClient:
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        attempts: int = DEFAULT_ATTEMPTS,
+        backoff: ExponentialBackoff = DEFAULT_BACKOFF,
+        max_items: int = DEFAULT_MAX_ITEMS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float | None = None,
+    ) -> None:
+        """`timeout`: per call (a stream included); None: no deadline."""
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        self._owns_channel = channel is None
+        self._channel = channel or create_channel(target, token=api_key)
+        self.stub: Stub = ing_grpc.BatchIngestServiceStub(self._channel)
+        self.attempts = attempts
+        self.backoff = backoff
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+
+    async def __aenter__(self) -> IngestClient:
+        return self
+
+    async def __aexit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close()
+
+    # -- retries --------------------------------------------------------------------------------
+    def delay(self, details: ErrorDetails, failures: int) -> float:
+        """RetryInfo when the server gave one, else the backoff."""
+        if details.retry_after is not None and details.retry_after > 0:
+            return details.retry_after
+        return self.backoff.compute(failures)
+
+    async def _retried(self, what: str, call: Callable[[], Any]) -> Any:
+        failures = 0
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                details = details_of(exc)
+                if details.code not in RETRYABLE:
+                    message = f"{what}: {details.code.name}: {details.message}"
+                    raise IngestError(message, details) from exc
+                failures += 1
+                if failures >= self.attempts:
+                    raise GaveUp(what, failures, details) from exc
+                await asyncio.sleep(self.delay(details, failures))
+
+    # -- Phase 1 --------------------------------------------------------------------------------
+    async def create_batch(
+        self,
+        run_count: int,
+        *,
+        idempotency_key: str = "",
+        task_identifiers: Sequence[str] = (),
+        parent_run_id: str = "",
+        resume_parent_on_completion: bool = False,
+    ) -> ing.CreateBatchResponse:
+        """Retried; give an idempotency key so a retry after a lost answer cannot create a
+        second batch (`run_batch` makes one up when none is given)."""
+        request = ing.CreateBatchRequest(
+            run_count=run_count,
+            idempotency_key=idempotency_key,
+            task_identifiers=task_identifiers,
+            parent_run_id=parent_run_id,
+            resume_parent_on_completion=resume_parent_on_completion,
+        )
+        reply: ing.CreateBatchResponse = await self._retried(
+            "CreateBatch", lambda: self.stub.CreateBatch(request, timeout=self.timeout)
+        )
+        return reply
+
+    # -- Phase 2 --------------------------------------------------------------------------------
+    async def stream_items(
+        self,
+        batch_id: str,
+        items: ItemSource | None = None,
+        *,
+        items_for: ItemsFor | None = None,
+        progress: Callable[[int], None] | None = None,
+        result: BatchResult | None = None,
+    ) -> ing.StreamBatchItemsResponse:
+        """Streams `items` (see the module docstring for sources) until the batch is sealed;
+        resends only what is missing after a failure or `sealed: false`. `progress(n)` is
+        called with the number of items of each chunk handed to gRPC."""
+        if items is None and items_for is None:
+            raise ValueError("give items, items_for, or both")
+        result = result or BatchResult(batch_id, None, ing.StreamBatchItemsResponse())
+        failures = 0
+        # What the next stream sends: everything (None), these ranges, or nothing (ask).
+        todo: Ranges | None = None
+        ask = False
+        last_accepted = -1
+        while True:
+            source = None if ask else self._source(items, items_for, todo, batch_id)
+            requests = self._requests(batch_id, source, progress)
+            result.streams += 1
+            try:
+                reply: ing.StreamBatchItemsResponse = await self.stub.StreamBatchItems(
+                    requests, timeout=self.timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                details = details_of(exc)
+                if details.code not in RETRYABLE:
+                    raise IngestError(
+                        f"StreamBatchItems: {details.code.name}: {details.message}", details
+                    ) from exc
+                failures += 1
+                result.retries += 1
+                result.failures.append(details)
+                if failures >= self.attempts:
+                    raise GaveUp("StreamBatchItems", failures, details) from exc
+                await asyncio.sleep(self.delay(details, failures))
+                ask = True  # what arrived is unknown: a header-only stream tells
+                continue
+            result.response = reply
+            if reply.sealed:
+                return reply
+            ranges = [(r.start, r.end) for r in reply.missing_ranges]
+            if not ask and reply.accepted_count <= last_accepted:
+                raise IngestError(
+                    f"batch {batch_id}: resending {ranges[:3]}… accepted nothing new; the item "
+                    "source does not produce those indexes"
+                )
+            last_accepted = reply.accepted_count
+            ask = False
+            todo = ranges
+
+    def _source(
+        self,
+        items: ItemSource | None,
+        items_for: ItemsFor | None,
+        ranges: Ranges | None,
+        batch_id: str,
+    ) -> Items:
+        """Everything (`ranges` None: the first stream) or the items in `ranges`."""
+        if items is None or (ranges is not None and items_for is not None):
+            assert items_for is not None  # stream_items requires one of the two
+            # Without a full source, "everything" is items_for over the whole index space.
+            return items_for([(0, 2**32)] if ranges is None else ranges)
+        produced: Items = items() if callable(items) else items
+        if ranges is None:
+            return produced
+        if not (callable(items) or _reiterable(produced)):
+            raise CannotResend(batch_id, ranges)
+        return filter_items(produced, ranges)
+
+    async def _requests(
+        self, batch_id: str, items: Items | None, progress: Callable[[int], None] | None
+    ) -> AsyncIterator[ing.StreamBatchItemsRequest]:
+        yield ing.StreamBatchItemsRequest(header=ing.StreamHeader(batch_id=batch_id))
+        if items is None:
+            return
+        async for chunk in achunk_items(items, max_items=self.max_items, max_bytes=self.max_bytes):
+            yield ing.StreamBatchItemsRequest(chunk=ing.ItemChunk(items=chunk))
+            if progress is not None:
+                progress(len(chunk))
+
+    async def run_batch(
+        self,
+        run_count: int,
+        items: ItemSource | None = None,
+        *,
+        items_for: ItemsFor | None = None,
+        idempotency_key: str = "",
+        task_identifiers: Sequence[str] = (),
+        parent_run_id: str = "",
+        resume_parent_on_completion: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> BatchResult:
+        """Phase 1 then Phase 2. A replayed idempotency key whose batch is already sealed skips
+        Phase 2 (its answer is the batch's state)."""
+        created = await self.create_batch(
+            run_count,
+            idempotency_key=idempotency_key or f"runops-client-{uuid.uuid4().hex}",
+            task_identifiers=task_identifiers,
+            parent_run_id=parent_run_id,
+            resume_parent_on_completion=resume_parent_on_completion,
+        )
+        batch = created.batch
+        result = BatchResult(batch.friendly_id, created, ing.StreamBatchItemsResponse())
+        if created.is_cached and (batch.sealed or batch.status in DONE_STATUSES):
+            result.response = ing.StreamBatchItemsResponse(
+                batch_id=batch.friendly_id,
+                sealed=True,
+                accepted_count=batch.accepted_count,
+                run_count=batch.run_count,
+                status=batch.status,
+            )
+            return result
+        await self.stream_items(
+            batch.friendly_id, items, items_for=items_for, progress=progress, result=result
+        )
+        return result
+
+    # -- reads ----------------------------------------------------------------------------------
+    async def get_batch(self, batch_id: str) -> common_pb2.Batch:
+        reply: ing.GetBatchResponse = await self._retried(
+            "GetBatch",
+            lambda: self.stub.GetBatch(
+                ing.GetBatchRequest(batch_id=batch_id), timeout=self.timeout
+            ),
+        )
+        return reply.batch
+
+    async def watch_batch(self, batch_id: str) -> AsyncIterator[common_pb2.Batch]:
+        """The batch as it changes, until a final status (COMPLETED / ABORTED); a stream the
+        server ends early (its shutdown) or a retryable failure is reopened."""
+        failures = 0
+        while True:
+            last: common_pb2.Batch | None = None
+            try:
+                call = self.stub.WatchBatch(ing.WatchBatchRequest(batch_id=batch_id))
+                async for message in call:
+                    failures = 0
+                    last = message.batch
+                    yield message.batch
+            except grpc.aio.AioRpcError as exc:
+                details = details_of(exc)
+                if details.code not in RETRYABLE:
+                    raise IngestError(
+                        f"WatchBatch: {details.code.name}: {details.message}", details
+                    ) from exc
+                failures += 1
+                if failures >= self.attempts:
+                    raise GaveUp("WatchBatch", failures, details) from exc
+                await asyncio.sleep(self.delay(details, failures))
+                continue
+            if last is not None and last.status in FINAL_STATUSES:
+                return
+            await asyncio.sleep(self.backoff.compute(1))
+
+    async def list_batch_items(
+        self,
+        batch_id: str,
+        *,
+        filter: ing.ItemFilter.ValueType = ing.ITEM_FILTER_UNSPECIFIED,
+        page_size: int = 0,
+    ) -> AsyncIterator[ing.BatchItemOutcome]:
+        """Every item outcome of the filter, page after page."""
+        token = ""
+        while True:
+            request = ing.ListBatchItemsRequest(
+                batch_id=batch_id, filter=filter, page_size=page_size, page_token=token
+            )
+            reply: ing.ListBatchItemsResponse = await self._retried(
+                "ListBatchItems",
+                lambda: self.stub.ListBatchItems(request, timeout=self.timeout),  # noqa: B023
+            )
+            for item in reply.items:
+                yield item
+            token = reply.next_page_token
+            if not token:
+                return
