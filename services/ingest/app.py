@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from runops.controlplane.client import ControlPlaneClient
 from runops.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from runops.kit.redis import RedisClient, open_redis
 from runops.kit.server import ServiceApp
 from runops.runstore.client import RunStoreClient
 from services.ingest.keyed import KeyedItems, RunStoreKeyedItems
 from services.ingest.offload import ObjectStore, Offloader, StoreConfig
-from services.ingest.ratelimit import TokenBucket, bucket_from_settings, redis_client
+from services.ingest.ratelimit import TokenBucket, bucket_from_settings
 from services.ingest.service import IngestServicer
 from services.ingest.settings import IngestSettings
 from services.ingest.streaming import Limits
@@ -23,16 +24,21 @@ CONTROL_PLANE_FEED_TIMEOUT_SECONDS = 5.0
 class Ingest:
     """The parts of one ingest process, reachable from tests and benchmarks."""
 
-    def __init__(self, settings: IngestSettings, store_config: StoreConfig | None = None) -> None:
+    def __init__(
+        self,
+        app: ServiceApp,
+        control_plane: ControlPlaneClient,
+        redis: RedisClient,
+        settings: IngestSettings,
+        store_config: StoreConfig | None = None,
+    ) -> None:
         """`store_config` replaces the one from settings (tests: explicit credentials)."""
         token = settings.internal_token.get_secret_value() if settings.internal_token else None
-        self.control_plane = ControlPlaneClient(settings.controlplane_target, token=token)
-        self.app = app = ServiceApp(
-            "ingest", settings, api_key_resolver=self.control_plane.authenticate_api_key
-        )
+        self.app = app
+        self.control_plane = control_plane
         self.run_store = RunStoreClient(settings.runstore_target, token=token)
         self.object_store = ObjectStore(store_config or StoreConfig.from_settings(settings))
-        self.redis = redis_client(settings)
+        self.redis = redis
         self.bucket: TokenBucket | None = (
             bucket_from_settings(settings, self.redis) if settings.rate_limit_enabled else None
         )
@@ -58,20 +64,23 @@ class Ingest:
         )
         app.on_startup(self.object_store.open)
         app.add_dependency("object-store", self.object_store.check)
-        app.add_dependency("redis", self.redis.ping)
         # The control plane's cache stays fresh through its invalidation subscription.
         app.add_background(
             self.control_plane.watch, ready_timeout=CONTROL_PLANE_FEED_TIMEOUT_SECONDS
         )
-        # Reverse order at shutdown: the channels, Redis, then the store's pool.
+        # Reverse order at shutdown: the channels, then the store's pool (Redis closes last:
+        # open_redis registered its hook first).
         app.on_shutdown(self.object_store.close)
-        app.on_shutdown(self.redis.aclose)
         app.on_shutdown(self.run_store.close)
         app.on_shutdown(self.control_plane.close)
 
 
 async def build_ingest(settings: IngestSettings, store_config: StoreConfig | None = None) -> Ingest:
-    return Ingest(settings, store_config)
+    token = settings.internal_token.get_secret_value() if settings.internal_token else None
+    control_plane = ControlPlaneClient(settings.controlplane_target, token=token)
+    app = ServiceApp("ingest", settings, api_key_resolver=control_plane.authenticate_api_key)
+    redis = await open_redis(app, "redis", settings.redis)
+    return Ingest(app, control_plane, redis, settings, store_config)
 
 
 async def build_app(settings: IngestSettings) -> ServiceApp:

@@ -14,12 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from runops.kit.dependencies import dependency_error
 from runops.kit.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from runops.kit.redis import RedisClient
 from services.ingest.settings import IngestSettings
 
 KEY_PREFIX = "runops:ingest:bucket:"
@@ -62,8 +61,6 @@ local full_in_ms = math.ceil((capacity - tokens) / rate * 1000) + 1000
 redis.call('PEXPIRE', KEYS[1], full_in_ms)
 return {allowed, string.format('%.6f', tokens), string.format('%.6f', wait)}
 """
-
-RedisClient = aioredis.Redis | RedisCluster
 
 
 @dataclass(frozen=True)
@@ -139,24 +136,6 @@ class TokenBucket:
                 retry_after=retry_after,
             )
         return decision
-
-
-def redis_client(settings: IngestSettings) -> RedisClient:
-    """The Redis the bucket lives in: the cluster when RUNOPS_REDIS_CLUSTER_NODES is set, else
-    RUNOPS_REDIS_URL. Connects lazily; close it with `aclose()` at shutdown."""
-    timeout = settings.redis_timeout_seconds
-    if settings.redis_cluster_nodes:
-        nodes = [
-            ClusterNode(host, int(port))
-            for host, port in (n.rsplit(":", 1) for n in settings.redis_cluster_nodes)
-        ]
-        return RedisCluster(
-            startup_nodes=nodes, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
-    assert settings.redis_url is not None  # the settings require one of the two
-    return aioredis.Redis.from_url(
-        str(settings.redis_url), socket_timeout=timeout, socket_connect_timeout=timeout
-    )
 
 
 def bucket_from_settings(settings: IngestSettings, client: RedisClient) -> TokenBucket:

@@ -4,11 +4,12 @@ exits 2 naming the variable (`runops.kit.settings.load_settings`)."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, RedisDsn, ValidationInfo, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import SettingsConfigDict
 
+from runops.kit.redis import RedisSettings, redis_field
 from runops.kit.settings import ServerSettings
 
 MIB = 1024 * 1024
@@ -16,7 +17,6 @@ KIB = 1024
 # S3 bucket naming rules (3-63 lowercase letters, digits, dots, hyphens; starts and ends with a
 # letter or digit); moto and MinIO enforce the same.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_HOST_PORT = re.compile(r"[^\s:,]+:\d{1,5}")
 # A gRPC target: host:port, dns:///host:port, ipv4:a:p,b:p, unix:path ... (no blanks).
 _TARGET = re.compile(r"^\S+$")
 
@@ -91,16 +91,10 @@ class IngestSettings(ServerSettings):
     least RUNOPS_MAX_RUN_COUNT, else a legal batch could never be created."""
 
     # -- Redis (the token bucket; shared by every ingest process) -------------------------
-    redis_url: RedisDsn | None = None
-    """RUNOPS_REDIS_URL: a standalone Redis (redis:// or rediss://)."""
-    redis_cluster_nodes: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=(), validate_default=True
-    )
-    """RUNOPS_REDIS_CLUSTER_NODES: comma-separated host:port of Redis Cluster nodes; when set,
-    used instead of RUNOPS_REDIS_URL."""
-    redis_timeout_seconds: float = Field(default=1.0, gt=0, le=60)
-    """RUNOPS_REDIS_TIMEOUT_SECONDS: connect and command timeout; beyond it CreateBatch fails
-    UNAVAILABLE with RetryInfo."""
+    redis: RedisSettings = redis_field()
+    """RUNOPS_REDIS_URL or RUNOPS_REDIS_CLUSTER_NODES (the cluster wins when both are set),
+    timeouts and retries: see runops.kit.redis.RedisSettings. Beyond its timeout CreateBatch
+    fails UNAVAILABLE with RetryInfo."""
 
     # -- The other services --------------------------------------------------------------
     controlplane_target: GrpcTarget
@@ -152,21 +146,4 @@ class IngestSettings(ServerSettings):
                 f"must be at least RUNOPS_MAX_RUN_COUNT ({largest}), else a legal batch could "
                 "never be created"
             )
-        return value
-
-    @field_validator("redis_cluster_nodes", mode="before")
-    @classmethod
-    def _split_nodes(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(node.strip() for node in value.split(",") if node.strip())
-        return value
-
-    @field_validator("redis_cluster_nodes")
-    @classmethod
-    def _nodes_are_host_port(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        for node in value:
-            if _HOST_PORT.fullmatch(node) is None or not 0 < int(node.rsplit(":", 1)[1]) < 65536:
-                raise ValueError(f"each node must be host:port, got {node!r}")
-        if not value and info.data.get("redis_url") is None and "redis_url" in info.data:
-            raise ValueError("set RUNOPS_REDIS_URL or RUNOPS_REDIS_CLUSTER_NODES")
         return value

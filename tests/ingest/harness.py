@@ -51,7 +51,7 @@ def settings_for(suite: Suite, **overrides: Any) -> IngestSettings:
         "internal_token": INTERNAL,
         "controlplane_target": suite.controlplane_target,
         "runstore_target": suite.runstore_target,
-        "redis_url": suite.stack.redis_url,
+        "redis": {"url": suite.stack.redis_url},
         "s3_endpoint_url": suite.stack.s3_endpoint_url,
         "s3_bucket": suite.stack.s3_bucket,
         "s3_region": suite.stack.s3_region,

@@ -14,10 +14,11 @@ from google.rpc import error_details_pb2, status_pb2
 from redis.asyncio.cluster import RedisCluster
 
 from runops.kit.errors import InvalidArgument, ResourceExhausted, Unavailable, rich_status
+from runops.kit.redis import connect_redis
 from runops.kit.settings import load_settings
 from runops.localstack import LocalStack
 from runops.localstack.ports import HOST, free_port
-from services.ingest.ratelimit import TokenBucket, bucket_from_settings, redis_client
+from services.ingest.ratelimit import TokenBucket, bucket_from_settings
 from services.ingest.settings import IngestSettings
 
 SECOND = 1_000_000  # microseconds
@@ -154,12 +155,12 @@ async def test_client_and_bucket_from_settings(stack: LocalStack) -> None:
     settings = load_settings(
         IngestSettings,
         s3_bucket="runops-packets",
-        redis_url=stack.redis_url,
+        redis={"url": stack.redis_url},
         controlplane_target="a:1",
         runstore_target="b:1",
         mollifier_target="c:1",
     )
-    client = redis_client(settings)
+    client = await connect_redis(settings.redis)
     try:
         bucket = bucket_from_settings(settings, client)
         assert bucket.capacity == settings.rate_limit_capacity

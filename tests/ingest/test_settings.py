@@ -45,8 +45,8 @@ def test_defaults_are_the_specs(env: pytest.MonkeyPatch) -> None:
     assert settings.offload_threshold_bytes == 512 * 1024
     assert settings.s3_bucket == "runops-packets"
     assert settings.s3_endpoint_url is None
-    assert str(settings.redis_url) == "redis://127.0.0.1:6379/0"
-    assert settings.redis_cluster_nodes == ()
+    assert settings.redis.url == "redis://127.0.0.1:6379/0"
+    assert not settings.redis.is_cluster
     assert settings.mollifier_target == "127.0.0.1:50053"
     # Every ingest field documents itself (what docs/ingest.md lists).
     own = set(IngestSettings.model_fields) - set(ServerSettings.model_fields)
@@ -61,7 +61,7 @@ def test_variables_are_read(env: pytest.MonkeyPatch) -> None:
     settings = load_settings(IngestSettings)
     assert settings.ingest_concurrency == 1
     assert settings.s3_endpoint_url == "http://127.0.0.1:9000"
-    assert settings.redis_cluster_nodes == ("127.0.0.1:7000", "127.0.0.1:7001")
+    assert settings.redis.cluster_nodes == ("127.0.0.1:7000", "127.0.0.1:7001")
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_variables_are_read(env: pytest.MonkeyPatch) -> None:
         ({"RUNOPS_MAX_RUN_COUNT": "0"}, "RUNOPS_MAX_RUN_COUNT: Input should be greater"),
         ({"RUNOPS_S3_BUCKET": "ab"}, "RUNOPS_S3_BUCKET: String should match pattern"),
         ({"RUNOPS_S3_ENDPOINT_URL": "ftp://x"}, "RUNOPS_S3_ENDPOINT_URL: String should match"),
-        ({"RUNOPS_REDIS_URL": "http://x"}, "RUNOPS_REDIS_URL: URL scheme should be 'redis'"),
+        ({"RUNOPS_REDIS_URL": "http://x"}, "RUNOPS_REDIS_URL: Value error, must be a redis://"),
         ({"RUNOPS_REDIS_CLUSTER_NODES": "a:1,b"}, "RUNOPS_REDIS_CLUSTER_NODES: Value error, each"),
         ({"RUNOPS_MOLLIFIER_TARGET": "a b:1"}, "RUNOPS_MOLLIFIER_TARGET: String should match"),
         (
@@ -111,8 +111,7 @@ def test_missing_required_variables_are_each_named(env: pytest.MonkeyPatch) -> N
         "RUNOPS_S3_BUCKET: Field required",
         "RUNOPS_CONTROLPLANE_TARGET: Field required",
         "RUNOPS_RUNSTORE_TARGET: Field required",
-        "RUNOPS_REDIS_CLUSTER_NODES: Value error, set RUNOPS_REDIS_URL or "
-        "RUNOPS_REDIS_CLUSTER_NODES",
+        "set RUNOPS_REDIS_URL (standalone) or RUNOPS_REDIS_CLUSTER_NODES",
     ):
         assert name in message
     assert message.endswith("fix the environment variables above and start again")
