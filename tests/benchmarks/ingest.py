@@ -1,0 +1,430 @@
+"""Batch ingest (spec §7, issue 10): small items end to end beside the raw bulk-insert floors,
+large items through a slow object store at concurrency 1 and 10 with the ingest process's RSS,
+and a 100,000-item batch in one stream with its RSS at 10% and at the end.
+
+    python -m tests.benchmarks.ingest [--small N] [--large-c1 N] [--large-c10 N] [--big N]
+
+Every service runs as its own OS process (control plane, run store, ingest: `python -m
+services.<name>`); the client side of every phase (the ingest client library
+`runops.ingest.client.IngestClient`, or a floor's asyncpg pool) runs in a fresh load-generator
+subprocess, so it takes no CPU from a server's event loop. Phases, in order:
+
+  large, c=1        N items of 256 KiB (all offloaded: RUNOPS_OFFLOAD_THRESHOLD_BYTES = 256 KiB)
+                    one item a chunk, through an ingest process with RUNOPS_INGEST_CONCURRENCY=1
+                    whose object store is moto behind runops.localstack.delay_proxy (50 ms each
+                    way); RSS: idle (after a warm-up batch of 2 x concurrency items) and peak
+                    (VmHWM, reset to the idle RSS before the measured batch) of that process
+  large, c=10       the same on a fresh ingest process with concurrency 10
+                    -> speedup = items/s at 10 / items/s at 1 (target >= 8x); peak <= idle +
+                       2 x concurrency x RUNOPS_MAX_CHUNK_BYTES (512 KiB here)
+  floor unnest      N batch_items + runs rows of <= 1 KiB, asyncpg, unnest INSERT ... ON CONFLICT,
+                    1000 rows a statement, 2 in flight, on the run-ops writer
+  floor COPY        the same rows with copy_records_to_table (both tables, one transaction)
+  small items       IngestClient.run_batch of N items (~256 B payloads, chunks of 1000) through
+                    the c=10 ingest process -> run store -> Postgres, timed from CreateBatch to
+                    the sealed answer; the runs are counted in Postgres afterwards
+                    -> items/s / floor (target >= 50% of unnest; aim 50% of COPY)
+  big batch         one 100,000-item batch in one stream (the same process); ingest RSS when
+                    10,000 items were sent and when the stream sealed (target within 10%)
+
+See tests/benchmarks/README.md and docs/benchmarks.md for the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from tests.benchmarks import floors
+from tests.benchmarks.report import Row, durability, reset_peak, status_kib, table
+from tests.benchmarks.services import (
+    Suite,
+    in_subprocess,
+    pid_of,
+    running_suite,
+    worker_main,
+)
+
+if TYPE_CHECKING:
+    from runops.localstack import LocalStack
+    from runops.localstack.services import ServiceProcess
+
+Progress = Callable[[str], None]
+MODULE = "tests.benchmarks.ingest"
+KIB, MIB = 1024, 1024 * 1024
+SMALL_PAYLOAD = 256
+LARGE_PAYLOAD = 256 * KIB
+# The service's declared largest chunk message: one 256 KiB item (and its envelope) fits, two do
+# not, so the client library's chunker sends one item a message.
+MAX_CHUNK_BYTES = 512 * KIB
+DELAY_SECONDS = 0.05
+FLOOR_CHUNK, FLOOR_IN_FLIGHT = 1000, 2
+RSS_MARK_FRACTION = 10  # the big batch's first RSS sample: at a tenth of its items
+BENCHMARK = "ingest"
+
+
+# -- the load generator ------------------------------------------------------------------------
+
+
+async def _ingest_work(spec: dict[str, Any]) -> dict[str, Any]:
+    from runops.ingest.client import IngestClient
+    from runops.ingest.v1 import ingest_pb2 as ing
+
+    n, size = int(spec["items"]), int(spec["payload_bytes"])
+    pid, mark = int(spec["rss_pid"]), int(spec.get("rss_mark", 0))
+
+    def items() -> Any:
+        for i in range(n):
+            yield ing.BatchItem(
+                index=i, task=floors.TASK, payload=floors.payload(i, size),
+                payload_type=floors.PAYLOAD_TYPE,
+            )  # fmt: skip
+
+    sent = 0
+    rss_at_mark: int | None = None
+
+    def progress(count: int) -> None:
+        nonlocal sent, rss_at_mark
+        sent += count
+        if mark and rss_at_mark is None and sent >= mark:
+            rss_at_mark = status_kib(pid, "VmRSS")
+
+    async with IngestClient(
+        spec["target"], spec["api_key"], max_items=int(spec["max_items"]),
+        max_bytes=int(spec["max_bytes"]),
+    ) as client:  # fmt: skip
+        began = time.perf_counter()
+        result = await client.run_batch(n, items, progress=progress)
+        seconds = time.perf_counter() - began
+    return {
+        "seconds": seconds,
+        "batch_id": result.batch_id,
+        "sealed": result.response.sealed,
+        "accepted": result.response.accepted_count,
+        "rss_mark_kib": rss_at_mark,
+        "rss_end_kib": status_kib(pid, "VmRSS"),
+    }
+
+
+async def _floor_work(spec: dict[str, Any]) -> dict[str, Any]:
+    seconds = await floors.insert(
+        spec["dsn"], method=spec["method"], rows=int(spec["rows"]), chunk=int(spec["chunk"]),
+        in_flight=int(spec["in_flight"]), payload_bytes=int(spec["payload_bytes"]),
+        environment_id=spec["environment_id"], batch_id=spec.get("batch_id"),
+    )  # fmt: skip
+    return {"seconds": seconds}
+
+
+async def _work(spec: dict[str, Any]) -> dict[str, Any]:
+    return await (_floor_work(spec) if spec["kind"] == "floor" else _ingest_work(spec))
+
+
+# -- the bench side ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Large:
+    concurrency: int
+    items: int
+    seconds: float
+    idle_kib: int
+    peak_kib: int
+
+    @property
+    def per_second(self) -> float:
+        return self.items / self.seconds
+
+    @property
+    def allowance_kib(self) -> int:
+        """Spec §7: peak <= idle + 2 x concurrency x the largest chunk."""
+        return 2 * self.concurrency * MAX_CHUNK_BYTES // KIB
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    cpus: int
+    durability: dict[str, str]
+    small_items: int
+    small_seconds: float
+    floor_unnest_seconds: float
+    floor_copy_seconds: float
+    large_c1: Large
+    large_c10: Large
+    big_items: int
+    big_seconds: float
+    rss_at_mark_kib: int
+    rss_at_end_kib: int
+
+    @property
+    def small_rate(self) -> float:
+        return self.small_items / self.small_seconds
+
+    @property
+    def unnest_rate(self) -> float:
+        return self.small_items / self.floor_unnest_seconds
+
+    @property
+    def copy_rate(self) -> float:
+        return self.small_items / self.floor_copy_seconds
+
+    @property
+    def speedup(self) -> float:
+        return self.large_c10.per_second / self.large_c1.per_second
+
+    @property
+    def rss_growth(self) -> float:
+        return self.rss_at_end_kib / self.rss_at_mark_kib
+
+    def rows(self) -> list[Row]:
+        b = BENCHMARK
+        mark = self.big_items // RSS_MARK_FRACTION
+        rows = [
+            Row.against(
+                b, "small items end to end", self.small_rate, "items/s", self.unnest_rate,
+                "unnest INSERT", target=">= 0.5 of unnest", at_least=0.5,
+            ),
+            Row.against(
+                b, "small items end to end", self.small_rate, "items/s", self.copy_rate,
+                "COPY", target="aim 0.5 of COPY", at_least=0.5,
+            ),
+            Row(
+                b, "256 KiB offloaded, c=10 vs c=1", self.large_c10.per_second, "items/s",
+                self.large_c1.per_second, "c=1", self.speedup, ">= 8x", self.speedup >= 8,
+            ),
+        ]  # fmt: skip
+        for large in (self.large_c10, self.large_c1):
+            bound = (large.idle_kib + large.allowance_kib) / KIB
+            rows.append(
+                Row(
+                    b, f"peak RSS, c={large.concurrency}", large.peak_kib / KIB, "MiB",
+                    large.idle_kib / KIB, "idle RSS", large.peak_kib / large.idle_kib,
+                    f"<= idle + {large.allowance_kib // KIB} MiB = {bound:.0f} MiB",
+                    large.peak_kib <= large.idle_kib + large.allowance_kib,
+                )
+            )  # fmt: skip
+        rows.append(
+            Row(
+                b, f"RSS at {self.big_items:,} items", self.rss_at_end_kib / KIB, "MiB",
+                self.rss_at_mark_kib / KIB, f"at {mark:,}", self.rss_growth, "within 10%",
+                abs(self.rss_growth - 1) <= 0.10,
+            )
+        )  # fmt: skip
+        return rows
+
+    def report(self) -> str:
+        lines = [
+            f"batch ingest, {self.cpus} CPUs, Postgres: "
+            + ", ".join(f"{k}={v}" for k, v in self.durability.items()),
+            f"  small items: {self.small_items:,} in {self.small_seconds:.2f}s ="
+            f" {self.small_rate:,.0f}/s; floors (same rows, {FLOOR_CHUNK} a statement,"
+            f" {FLOOR_IN_FLIGHT} in flight): unnest {self.unnest_rate:,.0f}/s,"
+            f" COPY {self.copy_rate:,.0f}/s",
+        ]
+        for large in (self.large_c1, self.large_c10):
+            lines.append(
+                f"  256 KiB items, c={large.concurrency}: {large.items} in {large.seconds:.2f}s ="
+                f" {large.per_second:,.1f}/s; RSS idle {large.idle_kib / KIB:.1f} MiB, peak"
+                f" {large.peak_kib / KIB:.1f} MiB (allowance {large.allowance_kib // KIB} MiB)"
+            )
+        lines.append(
+            f"  {self.big_items:,}-item batch in one stream: {self.big_seconds:.1f}s"
+            f" ({self.big_items / self.big_seconds:,.0f}/s); RSS at {self.big_items // 10:,}"
+            f" items {self.rss_at_mark_kib / KIB:.1f} MiB, at the end"
+            f" {self.rss_at_end_kib / KIB:.1f} MiB ({self.rss_growth - 1:+.1%})"
+        )
+        return "\n".join(lines)
+
+
+async def _count_runs(dsn: str, batch_friendly_id: str, *, offloaded: bool = False) -> int:
+    batch_id = batch_friendly_id.removeprefix("batch_")
+    conn = await asyncpg.connect(dsn)
+    try:
+        sql = "SELECT count(*) FROM runs WHERE batch_id = $1"
+        if offloaded:
+            sql += " AND payload_type = 'application/store'"
+        return int(await conn.fetchval(sql, batch_id))
+    finally:
+        await conn.close()
+
+
+def _ingest_spec(target: str, suite: Suite, pid: int, items: int, size: int) -> dict[str, Any]:
+    large = size >= LARGE_PAYLOAD
+    return {
+        "kind": "ingest",
+        "target": target,
+        "api_key": suite.api_key,
+        "items": items,
+        "payload_bytes": size,
+        "max_items": 1 if large else 1000,
+        "max_bytes": MAX_CHUNK_BYTES if large else 4 * MIB,
+        "rss_pid": pid,
+    }
+
+
+async def _batch(
+    suite: Suite, target: str, pid: int, items: int, size: int, *, offloaded: bool = False,
+    rss_mark: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    spec = _ingest_spec(target, suite, pid, items, size) | {"rss_mark": rss_mark}
+    result = await in_subprocess(MODULE, spec)
+    if not result["sealed"] or result["accepted"] != items:
+        raise RuntimeError(f"batch of {items} not sealed whole: {result}")
+    runs = await _count_runs(suite.stack.runops_db.admin_writer_dsn, result["batch_id"],
+                             offloaded=offloaded)  # fmt: skip
+    if runs != items:
+        raise RuntimeError(f"{result['batch_id']}: {runs} runs in Postgres, expected {items}")
+    return result
+
+
+async def _large(
+    suite: Suite, process: ServiceProcess, concurrency: int, items: int, say: Progress
+) -> Large:
+    """On a fresh ingest process: a warm-up batch of 2 x concurrency items (connections to the
+    control plane, run store, Redis and as many to the store as the concurrency uses are open),
+    then its idle RSS; the peak (VmHWM) is reset to it, and read again after the measured
+    batch."""
+    pid, target = pid_of(process), process.target
+    await _batch(suite, target, pid, 2 * concurrency, LARGE_PAYLOAD, offloaded=True)
+    await asyncio.sleep(0.5)
+    idle = status_kib(pid, "VmRSS") or 0
+    if not reset_peak(pid):
+        raise RuntimeError(f"cannot reset the peak RSS of pid {pid} (/proc/{pid}/clear_refs)")
+    result = await _batch(suite, target, pid, items, LARGE_PAYLOAD, offloaded=True)
+    large = Large(concurrency, items, result["seconds"], idle, status_kib(pid, "VmHWM") or 0)
+    say(
+        f"256 KiB items, c={concurrency}: {large.per_second:,.1f}/s, RSS idle"
+        f" {idle / KIB:.1f} MiB, peak {large.peak_kib / KIB:.1f} MiB"
+    )
+    return large
+
+
+def _ingest_env(proxy_url: str, concurrency: int) -> dict[str, str]:
+    return {
+        "RUNOPS_INGEST_CONCURRENCY": str(concurrency),
+        "RUNOPS_OFFLOAD_THRESHOLD_BYTES": str(LARGE_PAYLOAD),
+        "RUNOPS_MAX_CHUNK_BYTES": str(MAX_CHUNK_BYTES),
+        "RUNOPS_S3_ENDPOINT_URL": proxy_url,
+        # Many batches back to back: the token bucket is not what is measured.
+        "RUNOPS_RATE_LIMIT_ENABLED": "false",
+    }
+
+
+async def _floor(suite: Suite, method: floors.Method, rows: int) -> float:
+    db = suite.stack.runops_db
+    batch_id = await floors.create_batch(db.writer_dsn, suite.environment_id, rows)
+    spec = {
+        "kind": "floor", "dsn": db.writer_dsn, "method": method, "rows": rows,
+        "chunk": FLOOR_CHUNK, "in_flight": FLOOR_IN_FLIGHT, "payload_bytes": SMALL_PAYLOAD,
+        "environment_id": suite.environment_id, "batch_id": batch_id,
+    }  # fmt: skip
+    seconds = float((await in_subprocess(MODULE, spec))["seconds"])
+    return seconds
+
+
+async def measure(
+    suite: Suite, *, small: int, large_c1: int, large_c10: int, big: int, progress: Progress
+) -> IngestResult:
+    from urllib.parse import urlsplit
+
+    from runops.localstack.delay_proxy import DelayProxy
+
+    say = progress
+    upstream = urlsplit(suite.stack.s3_endpoint_url)
+    assert upstream.hostname is not None
+    assert upstream.port is not None
+    async with DelayProxy(upstream.hostname, upstream.port, delay=DELAY_SECONDS) as proxy:
+        proxy_url = f"http://127.0.0.1:{proxy.port}"
+        say(f"object store: moto behind a {DELAY_SECONDS * 1000:.0f} ms delay proxy ({proxy_url})")
+        async with suite.service("ingest", "ingest-c1", **_ingest_env(proxy_url, 1)) as process:
+            c1 = await _large(suite, process, 1, large_c1, say)
+        async with suite.service("ingest", "ingest-c10", **_ingest_env(proxy_url, 10)) as process:
+            c10 = await _large(suite, process, 10, large_c10, say)
+            unnest = await _floor(suite, "unnest", small)
+            say(f"floor unnest INSERT: {small / unnest:,.0f} rows/s")
+            copy = await _floor(suite, "copy", small)
+            say(f"floor COPY: {small / copy:,.0f} rows/s")
+            pid, target = pid_of(process), process.target
+            small_run = await _batch(suite, target, pid, small, SMALL_PAYLOAD)
+            say(f"small items end to end: {small / small_run['seconds']:,.0f} items/s")
+            say(f"{big:,}-item batch in one stream")
+            mark = big // RSS_MARK_FRACTION
+            big_run = await _batch(suite, target, pid, big, SMALL_PAYLOAD, rss_mark=mark)
+            say(f"{big:,} items in {big_run['seconds']:.1f}s")
+    return IngestResult(
+        cpus=os.cpu_count() or 1,
+        durability=await durability(suite.stack.runops_db.admin_writer_dsn),
+        small_items=small,
+        small_seconds=small_run["seconds"],
+        floor_unnest_seconds=unnest,
+        floor_copy_seconds=copy,
+        large_c1=c1,
+        large_c10=c10,
+        big_items=big,
+        big_seconds=big_run["seconds"],
+        rss_at_mark_kib=big_run["rss_mark_kib"] or 0,
+        rss_at_end_kib=big_run["rss_end_kib"] or 0,
+    )
+
+
+# Sizes: the defaults take about 2-3 minutes on 2 cores (stack start-up included).
+DEFAULTS = {"small": 20_000, "large_c1": 30, "large_c10": 200, "big": 100_000}
+
+
+async def run(
+    stack: LocalStack,
+    *,
+    small: int = DEFAULTS["small"],
+    large_c1: int = DEFAULTS["large_c1"],
+    large_c10: int = DEFAULTS["large_c10"],
+    big: int = DEFAULTS["big"],
+    progress: Progress | None = None,
+) -> IngestResult:
+    """Start a control plane and a run store as processes on `stack`, seed an environment, then
+    the ingest processes each phase needs, and measure."""
+    say: Progress = progress or (lambda _line: None)
+    async with running_suite(stack, say) as suite:
+        return await measure(
+            suite, small=small, large_c1=large_c1, large_c10=large_c10, big=big, progress=say
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    add = parser.add_argument
+    add("--small", type=int, default=DEFAULTS["small"], help="small items (and floor rows)")
+    add("--large-c1", type=int, default=DEFAULTS["large_c1"], help="256 KiB items at c=1")
+    add("--large-c10", type=int, default=DEFAULTS["large_c10"], help="256 KiB items at c=10")
+    add("--big", type=int, default=DEFAULTS["big"], help="the one-stream batch (<= 100000)")
+    add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.loadgen_worker:
+        worker_main(_work)
+        return
+    if min(args.small, args.large_c1, args.large_c10) < 1 or not 10 <= args.big <= 100_000:
+        parser.error("sizes must be >= 1, --big 10 to 100000")
+    from runops.kit.logging import configure_logging
+    from runops.localstack import LocalStack, printing_progress
+
+    configure_logging("warning", "console")
+    say = printing_progress("bench")
+    with LocalStack(None, progress=say) as stack:
+        result = asyncio.run(
+            run(
+                stack, small=args.small, large_c1=args.large_c1, large_c10=args.large_c10,
+                big=args.big, progress=say,
+            )
+        )  # fmt: skip
+    print(result.report(), "", table(result.rows()), sep="\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The suite's services as OS processes for a benchmark (`python -m services.<name>`, as `runops
+up` runs them), a seeded environment with its API key, and load-generator subprocesses (spec on
+stdin as JSON, the result as one JSON line on stdout)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runops.localstack.ports import free_port
+from runops.localstack.services import ServiceProcess, targets_env
+
+if TYPE_CHECKING:
+    from runops.localstack import LocalStack
+
+Progress = Callable[[str], None]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Suite:
+    """A control plane and a run store running as processes on `stack`, and one seeded
+    DEVELOPMENT environment."""
+
+    stack: LocalStack
+    logs: Path
+    admin_token: str
+    internal_token: str
+    base: list[ServiceProcess]
+    environment_id: str = ""
+    organization_id: str = ""
+    api_key: str = ""
+    extra: list[ServiceProcess] = field(default_factory=list)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """What a service of the suite is started with: the stack, tokens, the others' targets."""
+        return {
+            **self.stack.service_env(),
+            "RUNOPS_ADMIN_TOKEN": self.admin_token,
+            "RUNOPS_INTERNAL_TOKEN": self.internal_token,
+            "RUNOPS_LOG_LEVEL": "warning",
+            "RUNOPS_LOG_FORMAT": "console",
+            **targets_env([*self.base, *self.extra]),
+            **overrides,
+        }
+
+    @contextlib.asynccontextmanager
+    async def service(self, name: str, label: str, **env: str) -> AsyncIterator[ServiceProcess]:
+        """One more service process (a fresh one per configuration: its RSS is its own)."""
+        process = ServiceProcess(
+            name, free_port(), -1, self.logs / f"{label}.log", env=self.env(**env)
+        )
+        async with process:
+            self.extra.append(process)
+            try:
+                yield process
+            finally:
+                self.extra.remove(process)
+
+
+def pid_of(process: ServiceProcess) -> int:
+    assert process.proc is not None
+    return process.proc.pid
+
+
+@contextlib.asynccontextmanager
+async def running_suite(stack: LocalStack, progress: Progress) -> AsyncIterator[Suite]:
+    from runops.cli.admin import bootstrap_at
+
+    logs = Path(tempfile.mkdtemp(prefix="runops-bench-"))
+    suite = Suite(
+        stack, logs, secrets.token_urlsafe(16), secrets.token_urlsafe(16),
+        [ServiceProcess(n, free_port(), -1, logs / f"{n}.log") for n in ("controlplane", "runstore")],
+    )  # fmt: skip
+    for process in suite.base:
+        process.env = suite.env()
+    async with contextlib.AsyncExitStack() as exits:
+        for process in suite.base:
+            await exits.enter_async_context(process)
+        progress(f"control plane and run store serving (logs in {logs})")
+        seeded = await bootstrap_at(
+            suite.base[0].target, suite.admin_token, "bench", suffix_if_taken=True
+        )
+        environment, suite.api_key = seeded.environments[0]
+        suite.environment_id, suite.organization_id = environment.id, seeded.organization.id
+        yield suite
+
+
+async def in_subprocess(module: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Run `python -m <module> --loadgen-worker` with `spec` on its stdin; its last stdout line
+    is the JSON result."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), str(REPO / "shared"), env.get("PYTHONPATH")) if p
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, "--loadgen-worker",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO, env=env,
+    )  # fmt: skip
+    out, _ = await proc.communicate(json.dumps(spec).encode())
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator {module} exited with {proc.returncode}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+def worker_main(work: Callable[[dict[str, Any]], Any]) -> None:
+    """The load generator's side: spec from stdin, `await work(spec)`, the result on stdout."""
+    spec = json.loads(sys.stdin.read())
+    result = asyncio.run(work(spec))
+    print(json.dumps(result), flush=True)
