@@ -56,6 +56,11 @@ COMMANDS: dict[str, Command] = {
         lambda parser: importlib.import_module("runops.cli.batch").add_arguments(parser),
         "runops.cli.batch:command",
     ),
+    "bench": (
+        "run every benchmark of spec §7 and print one table (from a checkout; --durable)",
+        lambda parser: importlib.import_module("runops.cli.bench").add_arguments(parser),
+        "runops.cli.bench:command",
+    ),
     "demo": (
         "demos against a running `runops up` (batch: a 10,000-item batch)",
         lambda parser: importlib.import_module("runops.cli.batch").add_demo_arguments(parser),

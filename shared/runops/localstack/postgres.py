@@ -51,6 +51,14 @@ hot_standby = on
 hot_standby_feedback = on
 log_min_messages = warning
 """
+# `durable=True` (benchmarks' --durable): production durability. Appended after the settings
+# above, so these win: every commit waits for its WAL to be flushed to disk (the replica stays
+# asynchronous: no synchronous_standby_names), and pages survive a torn write.
+_DURABLE_SETTINGS = """
+fsync = on
+synchronous_commit = on
+full_page_writes = on
+"""
 
 # Run as the superuser in each application database. The migrator owns the schema objects it
 # creates (and nothing else: no superuser, no CREATEDB/CREATEROLE/REPLICATION, not the database
@@ -195,6 +203,8 @@ class PostgresCluster(PostgresDatabase):
     """initdb + writer + pg_basebackup replica under state_dir, on free loopback ports.
 
     The database named `database` is created before the base backup, so it exists on both.
+    durable: production durability (fsync, synchronous_commit, full_page_writes on) instead of
+    the fast throw-away defaults; the replica inherits it with the base backup.
     """
 
     def __init__(
@@ -204,9 +214,11 @@ class PostgresCluster(PostgresDatabase):
         database: str,
         *,
         replica: bool = True,
+        durable: bool = False,
         progress: Progress | None = None,
     ) -> None:
         self.name = name
+        self.durable = durable
         self.database = database
         self.writer_port = free_port()
         self.replica_port = free_port() if replica else None
@@ -269,6 +281,8 @@ class PostgresCluster(PostgresDatabase):
         )  # fmt: skip
         with (self._writer_dir / "postgresql.conf").open("a") as conf:
             conf.write(_WRITER_SETTINGS)
+            if self.durable:
+                conf.write(_DURABLE_SETTINGS)
             conf.write(f"port = {self.writer_port}\nunix_socket_directories = '{sock}'\n")
         with (self._writer_dir / "pg_hba.conf").open("a") as hba:
             hba.write(f"host replication all {HOST}/32 trust\n")

@@ -81,6 +81,8 @@ class LocalStack:
     state_dir: where data and logs go; a temporary directory (removed on stop) when None.
     with_cluster: also start the 3-master Redis Cluster (else on demand: start_redis_cluster()).
     replicas: give each database a streaming replica.
+    durable: Postgres with production durability (fsync, synchronous_commit and full_page_writes
+    on; see postgres._DURABLE_SETTINGS) instead of the fast defaults, for `runops bench --durable`.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class LocalStack:
         *,
         with_cluster: bool = False,
         replicas: bool = True,
+        durable: bool = False,
         external: ExternalServers | None = None,
         s3_bucket: str = DEFAULT_BUCKET,
         run_migrations: bool = True,
@@ -97,6 +100,7 @@ class LocalStack:
         self._given_state_dir = state_dir
         self._with_cluster = with_cluster
         self._replicas = replicas
+        self._durable = durable
         self._external = external or ExternalServers()
         self.s3_bucket = s3_bucket
         self.s3_region = REGION
@@ -228,7 +232,12 @@ class LocalStack:
         if writer is not None:
             return PostgresDatabase(writer, replica), None
         cluster = PostgresCluster(
-            name, self.state_dir, database, replica=self._replicas, progress=self._progress
+            name,
+            self.state_dir,
+            database,
+            replica=self._replicas,
+            durable=self._durable,
+            progress=self._progress,
         )
         return cluster, cluster
 

@@ -1,0 +1,136 @@
+"""`runops bench`: every benchmark of spec §7 on one local stack, one table.
+
+A developer command, run from a checkout: the benchmarks live in the repository's
+`tests/benchmarks/` (not in the installed package), so the checkout's root is put on sys.path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+DESCRIPTION = """\
+Runs every benchmark of spec §7 (control plane, run store, ingest, mollifier) one after the
+other on one local stack it starts (Postgres writers with replicas, Redis, moto S3; the services
+as OS processes), then prints one table: benchmark, figure, raw floor measured in the same run,
+ratio, target, met or not; and the durability settings it ran with. About 5-8 minutes on 2
+cores. Run it from a checkout of the repository (it imports tests/benchmarks/ from there; an
+installed wheel does not carry them). Each benchmark also runs alone with its full report:
+python -m tests.benchmarks.<name>.
+
+Durability: by default the local stack's Postgres runs with fsync=off, synchronous_commit=off
+and full_page_writes=off (fast, throw-away), which inflates every Postgres figure. --durable
+starts it with fsync=on, synchronous_commit=on and full_page_writes=on (the replica stays
+asynchronous). Redis runs with its append-only file fsynced every second (appendfsync everysec)
+either way."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="Postgres with production durability (fsync, synchronous_commit, full_page_writes on)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=("controlplane", "runstore", "ingest", "mollifier"),
+        help="run only this benchmark (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: checks every row comes out, in ~1 min"
+    )
+    parser.add_argument(
+        "--checkout",
+        type=Path,
+        default=None,
+        help="the repository checkout holding tests/benchmarks (default: found from here)",
+    )
+
+
+def find_checkout(given: Path | None) -> Path | None:
+    """The repository root holding tests/benchmarks: given, this module's checkout (an editable
+    install or PYTHONPATH=shared), or the working directory."""
+    candidates = [given] if given else [Path(__file__).resolve().parents[3], Path.cwd()]
+    for root in candidates:
+        if root is not None and (root / "tests" / "benchmarks" / "suite.py").is_file():
+            return root.resolve()
+    return None
+
+
+def durability_lines(durability: dict[str, str], durable: bool) -> list[str]:
+    postgres = ", ".join(f"{k}={v}" for k, v in durability.items())
+    mode = "--durable (production settings)" if durable else "local-stack defaults (fast)"
+    return [
+        f"durability: {mode}",
+        f"  Postgres (run-ops writer, as measured by SHOW): {postgres}",
+        "  Redis: appendonly yes, appendfsync everysec",
+    ]
+
+
+async def _run_all(names: list[str], durable: bool, smoke: bool) -> int:
+    from runops.kit.logging import configure_logging
+    from runops.localstack import LocalStack, printing_progress
+    from tests.benchmarks.report import Row, table
+    from tests.benchmarks.suite import Outcome, run_one
+
+    configure_logging("warning", "console")
+    say = printing_progress("bench")
+    began = time.monotonic()
+    outcomes: list[Outcome] = []
+    stack = LocalStack(None, durable=durable, progress=say)
+    await asyncio.to_thread(stack.start)
+    try:
+        for name in names:
+            say(f"== {name}")
+            outcome = await run_one(name, stack, "smoke" if smoke else "full", say)
+            say(f"== {name}: {outcome.missing or f'done in {outcome.seconds:.0f}s'}")
+            outcomes.append(outcome)
+    finally:
+        await asyncio.to_thread(stack.stop)
+    rows: list[Row] = [row for outcome in outcomes for row in outcome.rows]
+    durability = next((o.durability for o in outcomes if o.durability), {})
+    lines = [
+        "",
+        f"runops bench: {len(names)} benchmarks in {time.monotonic() - began:.0f}s,"
+        f" {_cpus()} CPUs{' (smoke sizes)' if smoke else ''}",
+        *durability_lines(durability, durable),
+        "",
+        table(rows),
+    ]
+    lines += [f"{o.name}: {o.missing}" for o in outcomes if o.missing]
+    missed = [row for row in rows if row.met is False]
+    lines.append(
+        f"\n{len(missed)} of {sum(r.met is not None for r in rows)} targets missed"
+        if missed
+        else "\nevery target met"
+    )
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def command(args: argparse.Namespace) -> int:
+    root = find_checkout(args.checkout)
+    if root is None:
+        print(
+            "error: tests/benchmarks not found: run `runops bench` from a checkout of the"
+            " repository (or pass --checkout PATH)",
+            file=sys.stderr,
+        )
+        return 2
+    for path in (str(root), str(root / "shared")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    names = args.only or ["controlplane", "runstore", "ingest", "mollifier"]
+    return asyncio.run(_run_all(names, args.durable, args.smoke))
