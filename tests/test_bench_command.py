@@ -1,0 +1,63 @@
+"""`runops bench`'s table and its composition (no servers: the benchmarks themselves have smoke
+tests beside their services)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runops.cli.bench import durability_lines, find_checkout
+from runops.cli.main import build_parser
+from tests.benchmarks.report import Row, table
+from tests.benchmarks.suite import BENCHMARKS, SIZES, controlplane_rows
+
+
+def test_rows_and_table() -> None:
+    rows = [
+        Row.against("ingest", "small", 600, "items/s", 1000, "unnest", target=">= 0.5",
+                    at_least=0.5),
+        Row.against("ingest", "small", 300, "items/s", 1000, "COPY", target=">= 0.5",
+                    at_least=0.5),
+        Row.against("run store", "GetRun", 500, "calls/s", 1000, "raw"),
+    ]  # fmt: skip
+    assert [row.met for row in rows] == [True, False, None]
+    assert rows[0].ratio == 0.6
+    lines = table(rows).splitlines()
+    assert len(lines) == 5
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == ["benchmark", "figure", "value", "raw floor", "ratio", "target", "met"]
+    assert "yes" in lines[2]
+    assert "**NO**" in lines[3]
+    assert lines[4].split("|")[-2].strip() == ""  # no target: neither met nor missed
+
+
+def test_every_benchmark_has_both_sizes() -> None:
+    assert set(SIZES) == set(BENCHMARKS)
+    for name, sizes in SIZES.items():
+        assert set(sizes) == {"full", "smoke"}, name
+
+
+def test_controlplane_rows_from_a_result() -> None:
+    class Phase:
+        def __init__(self, rate: float) -> None:
+            self.per_second = rate
+
+    class Result:
+        floor, client, cached = Phase(4000), Phase(80_000), Phase(1600)
+
+    rows = controlplane_rows(Result())
+    assert rows[0].ratio == 20
+    assert rows[0].met is True
+    assert rows[1].met is None
+
+
+def test_command_is_registered_and_finds_the_checkout(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["bench", "--durable", "--only", "ingest"])
+    assert args.durable
+    assert args.only == ["ingest"]
+    root = find_checkout(None)
+    assert root is not None
+    assert (root / "tests" / "benchmarks" / "suite.py").is_file()
+    assert find_checkout(tmp_path) is None
+    lines = durability_lines({"fsync": "on", "synchronous_commit": "on"}, durable=True)
+    assert "fsync=on" in lines[1]
+    assert "appendfsync everysec" in lines[2]
