@@ -111,9 +111,7 @@ async def count_runs(stack: LocalStack, env: str) -> int:
     for db in (stack.controlplane_db, stack.runops_db):
         conn = await asyncpg.connect(db.admin_writer_dsn)
         try:
-            total += await conn.fetchval(
-                "SELECT count(*) FROM runs WHERE environment_id = $1", env
-            )
+            total += await conn.fetchval("SELECT count(*) FROM runs WHERE environment_id = $1", env)
         finally:
             await conn.close()
     return total

@@ -130,7 +130,8 @@ async def test_bypasses_go_straight_to_the_run_store(
         trigger_request(env.env_id, parent_run_id=parent, resume_parent_on_completion=True),
     ):
         reply = await client.Trigger(request)
-        assert not reply.buffered and not reply.run.buffered
+        assert not reply.buffered
+        assert not reply.run.buffered
         assert reply.run.status != common_pb2.RUN_STATUS_QUEUED or not reply.run.buffered
 
     flag_off = await seeded_env(svc_control_plane.app.target, enabled=False)
@@ -149,9 +150,10 @@ async def test_shadow_mode_counts_what_it_would_have_buffered(
     shadow = await seeded_env(svc_control_plane.app.target, enabled=False, shadow=True)
     service = await services(**TRIPPED)
     client = stub(service.app.target)
-    before = REGISTRY.get_sample_value(
-        "mollifier_triggers_total", {"path": "shadow_would_buffer"}
-    ) or 0.0
+    before = (
+        REGISTRY.get_sample_value("mollifier_triggers_total", {"path": "shadow_would_buffer"})
+        or 0.0
+    )
     replies = [await client.Trigger(trigger_request(shadow.env_id)) for _ in range(4)]
     assert not any(r.buffered for r in replies)
     after = REGISTRY.get_sample_value("mollifier_triggers_total", {"path": "shadow_would_buffer"})
@@ -165,8 +167,10 @@ async def test_redis_down_fails_open_to_the_run_store(services: Factory, env: Se
     options = common_pb2.TriggerOptions(idempotency_key="k-open")
     first = await client.Trigger(trigger_request(env.env_id, options=options))
     second = await client.Trigger(trigger_request(env.env_id, options=options))
-    assert not first.buffered and first.run.status != common_pb2.RUN_STATUS_UNSPECIFIED
-    assert second.run.friendly_id == first.run.friendly_id and second.is_cached
+    assert not first.buffered
+    assert first.run.status != common_pb2.RUN_STATUS_UNSPECIFIED
+    assert second.run.friendly_id == first.run.friendly_id
+    assert second.is_cached
     got = await client.GetRun(m.GetRunRequest(environment_id=env.env_id, run_id=first.run.id))
     assert got.run.friendly_id == first.run.friendly_id
 
@@ -184,7 +188,8 @@ async def test_read_fallback_serves_only_the_owning_environment(
     run_id = reply.run.friendly_id
 
     got = await client.GetRun(m.GetRunRequest(environment_id=env.env_id, run_id=run_id))
-    assert got.run.buffered and got.run.friendly_id == run_id
+    assert got.run.buffered
+    assert got.run.friendly_id == run_id
     assert got.run.created_at == reply.run.created_at
     found = await client.FindRunByIdempotencyKey(
         m.FindRunByIdempotencyKeyRequest(
@@ -216,7 +221,8 @@ async def test_mutations_apply_to_the_snapshot_and_busy_once_draining(
     tagged = await client.AddRunTags(
         m.AddRunTagsRequest(environment_id=env.env_id, run_id=kept, tags=["vip"])
     )
-    assert tagged.run.buffered and list(tagged.run.tags) == ["vip"]
+    assert tagged.run.buffered
+    assert list(tagged.run.tags) == ["vip"]
     meta = await client.UpdateRunMetadata(
         m.UpdateRunMetadataRequest(
             environment_id=env.env_id, run_id=kept, metadata='{"a":1}', metadata_type="json"
@@ -258,12 +264,14 @@ async def test_mutations_apply_to_the_snapshot_and_busy_once_draining(
             consistency=common_pb2.CONSISTENCY_LEVEL_READ_YOUR_WRITES,
         )
     )
-    assert list(written.run.tags) == ["vip"] and written.run.metadata == '{"a":1}'
+    assert list(written.run.tags) == ["vip"]
+    assert written.run.metadata == '{"a":1}'
     # Drained: a mutation goes to the run store now.
     more = await client.AddRunTags(
         m.AddRunTagsRequest(environment_id=env.env_id, run_id=kept, tags=["after"])
     )
-    assert not more.run.buffered and "after" in more.run.tags
+    assert not more.run.buffered
+    assert "after" in more.run.tags
 
 
 async def test_reset_idempotency_key_clears_the_buffer_then_a_new_run_is_made(
@@ -280,9 +288,11 @@ async def test_reset_idempotency_key_clears_the_buffer_then_a_new_run_is_made(
             environment_id=env.env_id, task_identifier=TASK, idempotency_key="k-reset"
         )
     )
-    assert reset.buffer_cleared and reset.cleared_count >= 1
+    assert reset.buffer_cleared
+    assert reset.cleared_count >= 1
     again = await client.Trigger(trigger_request(env.env_id, options=options))
-    assert again.run.friendly_id != first.run.friendly_id and not again.is_cached
+    assert again.run.friendly_id != first.run.friendly_id
+    assert not again.is_cached
 
 
 async def test_batched_claims_answer_an_explicit_outcome_per_key(
@@ -342,7 +352,8 @@ async def test_buffer_stats(services: Factory, env: Seeded) -> None:
     for _ in range(6):
         await client.Trigger(trigger_request(env.env_id))
     stats = await client.GetBufferStats(m.GetBufferStatsRequest(environment_id=env.env_id))
-    assert stats.total_depth == 5 and stats.environments[0].depth == 5
+    assert stats.total_depth == 5
+    assert stats.environments[0].depth == 5
     assert stats.environments[0].oldest_entry_age.ToTimedelta() >= timedelta(0)
     everything = await client.GetBufferStats(m.GetBufferStatsRequest())
     assert env.env_id in {e.environment_id for e in everything.environments}
