@@ -11,6 +11,7 @@ from pathlib import Path
 from runops.localstack import LocalStack
 from runops.localstack.delay_proxy import DelayProxy
 from runops.localstack.ports import free_port
+from runops.localstack.process import log_tail
 from runops.localstack.services import ServiceProcess
 from services.mollifier.app import Mollifier
 from services.runstore.app import RunStoreApp
@@ -42,6 +43,8 @@ async def test_a_killed_drainer_process_loses_nothing(
     assert sum(r.buffered for r in replies) == 599
 
     host, port = svc_run_store.app.target.rsplit(":", 1)
+    # The stack's environment names the Cluster once a test started it: say which one here.
+    base = {k: v for k, v in stack.service_env().items() if not k.startswith("RUNOPS_REDIS_")}
     redis_env = (
         {"RUNOPS_REDIS_URL": str(redis_settings["url"])}
         if "url" in redis_settings
@@ -54,7 +57,7 @@ async def test_a_killed_drainer_process_loses_nothing(
             -1,
             tmp_path / "drainer.log",
             env={
-                **stack.service_env(),
+                **base,
                 **redis_env,
                 "RUNOPS_INTERNAL_TOKEN": INTERNAL,
                 "RUNOPS_KEY_PREFIX": prefix,
@@ -70,7 +73,10 @@ async def test_a_killed_drainer_process_loses_nothing(
             async def holding() -> bool:
                 return (await service.buffer.stats(env.env_id)).draining > 0
 
-            await until(holding, limit=60)
+            try:
+                await until(holding, limit=60)
+            except AssertionError as exc:
+                raise AssertionError(log_tail(tmp_path / "drainer.log")) from exc
         finally:
             assert process.proc is not None
             process.proc.kill()
