@@ -1075,7 +1075,7 @@ async def measure(
 async def run(
     stack: LocalStack,
     *,
-    seconds: float = 6.0,
+    seconds: float = 10.0,
     concurrency: int = 16,
     write_concurrency: int = 2,
     chunk: int = 1000,
@@ -1125,7 +1125,7 @@ def main(argv: list[str] | None = None) -> None:
         prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     add = parser.add_argument
-    add("--seconds", type=float, default=6.0, help="measured seconds per phase (default 6)")
+    add("--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)")
     add("--concurrency", type=int, default=16, help="concurrent readers (default 16)")
     add("--write-concurrency", type=int, default=2, help="write calls in flight (default 2)")
     add("--chunk", type=int, default=1000, help="rows a write call (default 1000)")
