@@ -228,3 +228,32 @@ class BufferedEntry:
             run.error.code = "TASK_RUN_CANCELLED"
             run.error.message = self.cancel_reason
         return run
+
+
+def queued_entry(
+    snapshot: runstore_pb2.RunInput,
+    created_at: datetime,
+    idempotency_key_expires_at: datetime | None,
+) -> BufferedEntry:
+    """The entry `MollifierBuffer.accept` just wrote, built locally: the synthesized QUEUED run
+    of a buffered trigger without reading it back."""
+    key_expires = idempotency_key_expires_at if snapshot.options.idempotency_key else None
+    return BufferedEntry(
+        run_id=snapshot.run_id,
+        environment_id=snapshot.environment_id,
+        organization_id=snapshot.organization_id,
+        snapshot=snapshot,
+        status=EntryStatus.QUEUED,
+        created_at=created_at,
+        attempts=0,
+        draining_since=None,
+        owner="",
+        idempotency_key_expires_at=key_expires,
+        added_tags=(),
+        metadata=None,
+        delay_until=None,
+        cancelled_at=None,
+        cancel_reason="",
+        idempotency_key_reset=False,
+        error="",
+    )

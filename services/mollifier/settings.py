@@ -18,6 +18,17 @@ class MollifierSettings(ServerSettings):
     key_prefix: str = Field(default="mollifier", min_length=1, max_length=64, pattern=r"^[\w.-]+$")
     """First part of every key's hash tag: `{<prefix>:<environment id>}:…`."""
 
+    runstore_target: str = Field(min_length=1, max_length=1024, pattern=r"^\S+$")
+    """RUNOPS_RUNSTORE_TARGET: the run store (host:port, dns:///…); every run is written there."""
+    controlplane_target: str = Field(min_length=1, max_length=1024, pattern=r"^\S+$")
+    """RUNOPS_CONTROLPLANE_TARGET: environments and organization flags (cached locally, kept
+    fresh by its invalidation feed: no round trip per trigger)."""
+    controlplane_cache_ttl_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """How long the local control-plane cache keeps an entry (invalidations evict sooner)."""
+    runstore_split: bool = True
+    """RUNOPS_RUNSTORE_SPLIT, the run store's own: run ids minted here (a buffered run's id is
+    known before it is written) are NEW-shaped with the split on, LEGACY-shaped off."""
+
     mollifier_enabled: bool = True
     """The global switch: off, every trigger goes straight to the run store."""
     shadow_mode: bool = False

@@ -4,6 +4,7 @@ packages and their settings, migrations folders, the Docker and Kubernetes manif
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from pathlib import Path
 
@@ -89,3 +90,26 @@ def test_docker_and_kubernetes_run_every_service_on_its_ports(service: registry.
     assert f"containerPort: {service.metrics_port}" in manifest
     kustomization = (REPO / "docker" / "k8s" / "kustomization.yaml").read_text()
     assert f"  - {service.name}.yaml\n" in kustomization
+
+
+@pytest.mark.parametrize(
+    "companion",
+    [c for s in registry.SERVICES for c in s.companions],
+    ids=lambda c: c.name,
+)
+def test_companions_exist_and_run_in_docker_and_kubernetes(companion: registry.Companion) -> None:
+    service = next(s for s in registry.SERVICES if companion in s.companions)
+    assert companion.name.startswith(f"{service.name}-")
+    assert importlib.util.find_spec(f"{companion.module}.__main__") is not None, companion.module
+    compose = (REPO / "docker" / "compose.yaml").read_text()
+    assert f"  {companion.name}:\n" in compose
+    assert f'command: ["{companion.module}"]' in compose
+    manifest = (REPO / "docker" / "k8s" / f"{companion.name}.yaml").read_text()
+    assert f'args: ["{companion.module}"]' in manifest
+    kustomization = (REPO / "docker" / "k8s" / "kustomization.yaml").read_text()
+    assert f"  - {companion.name}.yaml\n" in kustomization
+    # What the server is told while the companion runs apart is what the deployments say.
+    server_manifest = (REPO / "docker" / "k8s" / f"{service.name}.yaml").read_text()
+    for variable, value in companion.server_env:
+        assert f'{variable}: "{value}"' in compose
+        assert f'- name: {variable}\n              value: "{value}"' in server_manifest

@@ -8,6 +8,19 @@ from runops.kit.settings import SettingsError, load_settings
 from services.mollifier.settings import MollifierSettings
 
 
+@pytest.fixture(autouse=True)
+def _targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNOPS_RUNSTORE_TARGET", "127.0.0.1:50052")
+    monkeypatch.setenv("RUNOPS_CONTROLPLANE_TARGET", "127.0.0.1:50053")
+
+
+def test_the_targets_are_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNOPS_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.delenv("RUNOPS_RUNSTORE_TARGET")
+    with pytest.raises(SettingsError, match="RUNOPS_RUNSTORE_TARGET"):
+        load_settings(MollifierSettings)
+
+
 def test_defaults_follow_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNOPS_REDIS_URL", "redis://127.0.0.1:6379/0")
     settings = load_settings(MollifierSettings)

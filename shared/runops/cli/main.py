@@ -66,6 +66,11 @@ COMMANDS: dict[str, Command] = {
         lambda parser: importlib.import_module("runops.cli.batch").add_demo_arguments(parser),
         "runops.cli.batch:demo_command",
     ),
+    "mollifier": (
+        "try the mollifier of a running stack: one trigger, a burst, the buffer's stats",
+        lambda parser: importlib.import_module("runops.cli.mollifier").add_arguments(parser),
+        "runops.cli.mollifier:command",
+    ),
 }
 
 

@@ -19,6 +19,7 @@ from runops.localstack.ports import HOST, free_port
 from runops.localstack.process import log_tail
 from runops.localstack.services import (
     ServiceProcess,
+    processes_of,
     start_services,
     stop_services,
     targets_env,
@@ -90,7 +91,7 @@ def _endpoint_lines(ctx: UpContext, demo: list[str] | None) -> list[str]:
     lines = ["", "runops local stack is up", *ctx.stack.describe()]
     for s in ctx.services:
         lines.append(
-            f"{s.name + ':':{LABEL_WIDTH}}grpc {s.target}  metrics http://{HOST}:{s.metrics_port}/metrics"
+            f"{s.label + ':':{LABEL_WIDTH}}grpc {s.target}  metrics http://{HOST}:{s.metrics_port}/metrics"
             f"  log {s.log_file}"
         )
     if not ctx.services:
@@ -117,7 +118,7 @@ def _wait_until_stopped(ctx: UpContext) -> int:
         for s in ctx.services:
             if (code := s.poll()) is not None:
                 print(
-                    f"service {s.name} exited with {code}; stopping everything. "
+                    f"service {s.label} exited with {code}; stopping everything. "
                     f"Last log lines ({s.log_file}):\n{log_tail(s.log_file)}",
                     file=sys.stderr,
                 )
@@ -138,9 +139,9 @@ def up(state_dir: Path | None, with_cluster: bool, check: bool) -> int:
         ctx.internal_token = secrets.token_urlsafe(24)
         logs = stack.state_dir / "logs"
         # Ephemeral ports: four services share loopback (the registry's ports are containers').
+        # Each service's companions (the mollifier drainer) run as processes of their own.
         ctx.services = [
-            ServiceProcess(s.name, free_port(), free_port(), logs / f"{s.name}.log")
-            for s in registry.available()
+            process for s in registry.available() for process in processes_of(s, free_port, logs)
         ]
         ctx.env = {
             **stack.service_env(),
@@ -150,8 +151,8 @@ def up(state_dir: Path | None, with_cluster: bool, check: bool) -> int:
         }
         if ctx.services:
             for service in ctx.services:
-                service.env = dict(ctx.env)
-            progress(f"starting services: {', '.join(s.name for s in ctx.services)}")
+                service.env = {**ctx.env, **service.env}
+            progress(f"starting services: {', '.join(s.label for s in ctx.services)}")
             start_services(ctx.services)
             progress("all services SERVING")
         seeded = seed_demo(ctx) or []  # before the env file: it adds RUNOPS_DEMO_* to ctx.env

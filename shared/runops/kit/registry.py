@@ -31,6 +31,17 @@ DEFAULT_METRICS_PORT = 9464
 
 
 @dataclass(frozen=True)
+class Companion:
+    """A process of a service other than its gRPC server (same image, settings and environment),
+    e.g. the mollifier's drainer. It serves only the kit's health, reflection and metrics."""
+
+    name: str  # "<service>-<role>": its compose service, k8s manifest and log file
+    module: str  # what `python -m` runs
+    # What the service's own server is told while this companion runs beside it.
+    server_env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Service:
     name: str  # services.<name>, shared/runops/<name>/, RUNOPS_<NAME>_TARGET
     contract: str  # full name of its gRPC service: <proto package>.<Service>
@@ -40,6 +51,7 @@ class Service:
     settings: str
     grpc_port: int = DEFAULT_GRPC_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
+    companions: tuple[Companion, ...] = ()
 
     @property
     def module(self) -> str:
@@ -90,6 +102,15 @@ SERVICES: tuple[Service, ...] = (
         contract="runops.mollifier.v1.MollifierService",
         databases=(),  # Redis; its runs reach Postgres through the run store
         settings="services.mollifier.settings:MollifierSettings",
+        # The drainer as its own process (scaled apart from the front door); the server's own
+        # drainer is switched off meanwhile (several drainers would be safe, not needed).
+        companions=(
+            Companion(
+                name="mollifier-drainer",
+                module="services.mollifier.drainer",
+                server_env=(("RUNOPS_DRAINER_ENABLED", "false"),),
+            ),
+        ),
     ),
     Service(
         name="ingest",

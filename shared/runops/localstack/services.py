@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +48,8 @@ class ServiceProcess:
 
     env: what it gets on top of this process's environment (the stack's endpoints, tokens, the
     other services' targets, overrides); the listen addresses below always win.
+    companion: the name of one of the service's companions (registry.Companion, e.g.
+    "mollifier-drainer"): its module runs instead of the server.
     """
 
     name: str
@@ -55,11 +57,24 @@ class ServiceProcess:
     metrics_port: int  # -1: no metrics endpoint
     log_file: Path
     env: Mapping[str, str] = field(default_factory=dict)
+    companion: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     service: registry.Service = field(init=False, repr=False)
+    module: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.service = registry.service(self.name)  # an unknown name fails here
+        self.module = self.service.module
+        if self.companion:
+            found = [c for c in self.service.companions if c.name == self.companion]
+            if not found:
+                raise ValueError(f"service {self.name} has no companion {self.companion!r}")
+            self.module = found[0].module
+
+    @property
+    def label(self) -> str:
+        """The service's name, or its companion's."""
+        return self.companion or self.name
 
     @property
     def target(self) -> str:
@@ -82,9 +97,9 @@ class ServiceProcess:
 
     def start(self) -> None:
         if self.proc is not None:
-            raise RuntimeError(f"service {self.name} was already started")
+            raise RuntimeError(f"service {self.label} was already started")
         self.proc = spawn(
-            [sys.executable, "-m", self.service.module], self.log_file, env=self.environment()
+            [sys.executable, "-m", self.module], self.log_file, env=self.environment()
         )
 
     def poll(self) -> int | None:
@@ -93,7 +108,7 @@ class ServiceProcess:
 
     def _failure(self, what: str) -> StackError:
         return StackError(
-            f"service {self.name} {what}; last log lines ({self.log_file}):\n"
+            f"service {self.label} {what}; last log lines ({self.log_file}):\n"
             f"{log_tail(self.log_file)}"
         )
 
@@ -169,5 +184,20 @@ def stop_services(services: Sequence[ServiceProcess], timeout: float = STOP_TIME
 
 
 def targets_env(services: Sequence[ServiceProcess]) -> Mapping[str, str]:
-    """RUNOPS_<NAME>_TARGET of each, so services (and clients) find one another."""
-    return {s.service.target_variable: s.target for s in services}
+    """RUNOPS_<NAME>_TARGET of each server (not of companions), so services (and clients) find
+    one another."""
+    return {s.service.target_variable: s.target for s in services if not s.companion}
+
+
+def processes_of(
+    service: registry.Service, ports: Callable[[], int], logs: Path
+) -> list[ServiceProcess]:
+    """The service's server and each companion (ports: a free port per call); the server's
+    environment gets what its companions ask for (`Companion.server_env`)."""
+    server = ServiceProcess(service.name, ports(), ports(), logs / f"{service.name}.log")
+    server.env = {k: v for c in service.companions for k, v in c.server_env}
+    companions = [
+        ServiceProcess(service.name, ports(), ports(), logs / f"{c.name}.log", companion=c.name)
+        for c in service.companions
+    ]
+    return [server, *companions]

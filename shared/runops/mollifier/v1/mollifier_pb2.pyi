@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from runops.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ClaimOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ClaimOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ClaimOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CLAIM_OUTCOME_UNSPECIFIED: _ClaimOutcome.ValueType  # 0
+    CLAIM_OUTCOME_CLAIMED: _ClaimOutcome.ValueType  # 1
+    """This caller owns the claim (claim_token): write the run, then publish or release."""
+    CLAIM_OUTCOME_EXISTING_RUN: _ClaimOutcome.ValueType  # 2
+    """The key resolves to a run (stored or buffered): use it, write nothing."""
+    CLAIM_OUTCOME_SKIPPED: _ClaimOutcome.ValueType  # 3
+    """The organization has no mollifier flag: nothing was claimed."""
+    CLAIM_OUTCOME_PENDING: _ClaimOutcome.ValueType  # 4
+    """Batched form only: another caller still holds the claim after the wait."""
+
+class ClaimOutcome(_ClaimOutcome, metaclass=_ClaimOutcomeEnumTypeWrapper): ...
+
+CLAIM_OUTCOME_UNSPECIFIED: ClaimOutcome.ValueType  # 0
+CLAIM_OUTCOME_CLAIMED: ClaimOutcome.ValueType  # 1
+"""This caller owns the claim (claim_token): write the run, then publish or release."""
+CLAIM_OUTCOME_EXISTING_RUN: ClaimOutcome.ValueType  # 2
+"""The key resolves to a run (stored or buffered): use it, write nothing."""
+CLAIM_OUTCOME_SKIPPED: ClaimOutcome.ValueType  # 3
+"""The organization has no mollifier flag: nothing was claimed."""
+CLAIM_OUTCOME_PENDING: ClaimOutcome.ValueType  # 4
+"""Batched form only: another caller still holds the claim after the wait."""
+Global___ClaimOutcome: _TypeAlias = ClaimOutcome  # noqa: Y015
 
 @_typing.final
 class TriggerRequest(_message.Message):
@@ -148,19 +178,23 @@ class FindRunByIdempotencyKeyRequest(_message.Message):
     ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     TASK_IDENTIFIER_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     environment_id: _builtins.str
     task_identifier: _builtins.str
     idempotency_key: _builtins.str
+    consistency: _common_pb2.ConsistencyLevel.ValueType
+    """Of the run-store read (the buffer has one copy)."""
     def __init__(
         self,
         *,
         environment_id: _builtins.str = ...,
         task_identifier: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        consistency: _common_pb2.ConsistencyLevel.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "idempotency_key", b"idempotency_key", "task_identifier", b"task_identifier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "environment_id", b"environment_id", "idempotency_key", b"idempotency_key", "task_identifier", b"task_identifier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -272,8 +306,13 @@ class ClaimIdempotencyKeyResponse(_message.Message):
 
     EXISTING_RUN_FIELD_NUMBER: _builtins.int
     CLAIM_TOKEN_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    EXISTING_RUN_ID_FIELD_NUMBER: _builtins.int
     claim_token: _builtins.str
     """Set when this caller now owns the claim and must publish or release it."""
+    outcome: Global___ClaimOutcome.ValueType
+    existing_run_id: _builtins.str
+    """EXISTING_RUN: the run's friendly id (also when existing_run could not be read)."""
     @_builtins.property
     def existing_run(self) -> _common_pb2.Run:
         """Set when the key already resolves to a run (stored or buffered): use it, write nothing."""
@@ -283,14 +322,269 @@ class ClaimIdempotencyKeyResponse(_message.Message):
         *,
         existing_run: _common_pb2.Run | None = ...,
         claim_token: _builtins.str = ...,
+        outcome: Global___ClaimOutcome.ValueType = ...,
+        existing_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["existing_run", b"existing_run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token", "existing_run", b"existing_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token", "existing_run", b"existing_run", "existing_run_id", b"existing_run_id", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClaimIdempotencyKeyResponse: _TypeAlias = ClaimIdempotencyKeyResponse  # noqa: Y015
+
+@_typing.final
+class ClaimKeyInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_IDENTIFIER_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    task_identifier: _builtins.str
+    idempotency_key: _builtins.str
+    @_builtins.property
+    def idempotency_key_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """The key's own expiry; the claim TTL is clamped to [5 s, 30 s] by it."""
+
+    def __init__(
+        self,
+        *,
+        task_identifier: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        idempotency_key_expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key_expires_at", b"idempotency_key_expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "task_identifier", b"task_identifier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimKeyInput: _TypeAlias = ClaimKeyInput  # noqa: Y015
+
+@_typing.final
+class ClaimIdempotencyKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    environment_id: _builtins.str
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClaimKeyInput]:
+        """At most 10,000."""
+
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
+        """How long to wait for keys another caller holds (0: the service's default, at most 5 s)."""
+
+    def __init__(
+        self,
+        *,
+        environment_id: _builtins.str = ...,
+        keys: _abc.Iterable[Global___ClaimKeyInput] | None = ...,
+        wait: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "keys", b"keys", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimIdempotencyKeysRequest: _TypeAlias = ClaimIdempotencyKeysRequest  # noqa: Y015
+
+@_typing.final
+class ClaimKeyResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    CLAIM_TOKEN_FIELD_NUMBER: _builtins.int
+    EXISTING_RUN_ID_FIELD_NUMBER: _builtins.int
+    outcome: Global___ClaimOutcome.ValueType
+    claim_token: _builtins.str
+    existing_run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        outcome: Global___ClaimOutcome.ValueType = ...,
+        claim_token: _builtins.str = ...,
+        existing_run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token", "existing_run_id", b"existing_run_id", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimKeyResult: _TypeAlias = ClaimKeyResult  # noqa: Y015
+
+@_typing.final
+class ClaimIdempotencyKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClaimKeyResult]:
+        """In request order, one per key."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ClaimKeyResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimIdempotencyKeysResponse: _TypeAlias = ClaimIdempotencyKeysResponse  # noqa: Y015
+
+@_typing.final
+class PublishKeyInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_IDENTIFIER_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    CLAIM_TOKEN_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    task_identifier: _builtins.str
+    idempotency_key: _builtins.str
+    claim_token: _builtins.str
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_identifier: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        claim_token: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token", "idempotency_key", b"idempotency_key", "run_id", b"run_id", "task_identifier", b"task_identifier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishKeyInput: _TypeAlias = PublishKeyInput  # noqa: Y015
+
+@_typing.final
+class PublishIdempotencyKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    environment_id: _builtins.str
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublishKeyInput]:
+        """At most 10,000."""
+
+    def __init__(
+        self,
+        *,
+        environment_id: _builtins.str = ...,
+        keys: _abc.Iterable[Global___PublishKeyInput] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishIdempotencyKeysRequest: _TypeAlias = PublishIdempotencyKeysRequest  # noqa: Y015
+
+@_typing.final
+class PublishIdempotencyKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLISHED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def published(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """In request order: false where the token no longer owned the claim."""
+
+    def __init__(
+        self,
+        *,
+        published: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["published", b"published"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishIdempotencyKeysResponse: _TypeAlias = PublishIdempotencyKeysResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseKeyInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_IDENTIFIER_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    CLAIM_TOKEN_FIELD_NUMBER: _builtins.int
+    task_identifier: _builtins.str
+    idempotency_key: _builtins.str
+    claim_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_identifier: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        claim_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token", "idempotency_key", b"idempotency_key", "task_identifier", b"task_identifier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseKeyInput: _TypeAlias = ReleaseKeyInput  # noqa: Y015
+
+@_typing.final
+class ReleaseIdempotencyKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    environment_id: _builtins.str
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleaseKeyInput]:
+        """At most 10,000."""
+
+    def __init__(
+        self,
+        *,
+        environment_id: _builtins.str = ...,
+        keys: _abc.Iterable[Global___ReleaseKeyInput] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseIdempotencyKeysRequest: _TypeAlias = ReleaseIdempotencyKeysRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseIdempotencyKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def released(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """In request order: false where the token no longer owned the claim."""
+
+    def __init__(
+        self,
+        *,
+        released: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseIdempotencyKeysResponse: _TypeAlias = ReleaseIdempotencyKeysResponse  # noqa: Y015
 
 @_typing.final
 class PublishIdempotencyKeyRequest(_message.Message):
@@ -327,12 +621,17 @@ Global___PublishIdempotencyKeyRequest: _TypeAlias = PublishIdempotencyKeyRequest
 class PublishIdempotencyKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PUBLISHED_FIELD_NUMBER: _builtins.int
+    published: _builtins.bool
+    """False when the token no longer owned the claim (it expired, or was reset)."""
     def __init__(
         self,
+        *,
+        published: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["published", b"published"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,6 +28,11 @@ if _version_not_supported:
 class MollifierServiceStub:
     """The trigger front door and burst buffer (spec §4). Callers see the same runs whether a
     trigger went straight to the run store or waited in the buffer.
+
+    Errors every RPC may answer besides INVALID_ARGUMENT (field violations named):
+    NOT_FOUND `ENVIRONMENT_NOT_FOUND` (Trigger, claims) for an environment the control plane does
+    not know; UNAVAILABLE with RetryInfo when the run store (or, where Redis is the only source,
+    Redis) is unreachable. Redis errors never fail a Trigger: it fails open to the run store.
     """
 
     def __init__(self, channel):
@@ -71,6 +76,21 @@ class MollifierServiceStub:
                 request_serializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeyRequest.SerializeToString,
                 response_deserializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeyResponse.FromString,
                 _registered_method=True)
+        self.ClaimIdempotencyKeys = channel.unary_unary(
+                '/runops.mollifier.v1.MollifierService/ClaimIdempotencyKeys',
+                request_serializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ClaimIdempotencyKeysRequest.SerializeToString,
+                response_deserializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ClaimIdempotencyKeysResponse.FromString,
+                _registered_method=True)
+        self.PublishIdempotencyKeys = channel.unary_unary(
+                '/runops.mollifier.v1.MollifierService/PublishIdempotencyKeys',
+                request_serializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.PublishIdempotencyKeysRequest.SerializeToString,
+                response_deserializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.PublishIdempotencyKeysResponse.FromString,
+                _registered_method=True)
+        self.ReleaseIdempotencyKeys = channel.unary_unary(
+                '/runops.mollifier.v1.MollifierService/ReleaseIdempotencyKeys',
+                request_serializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeysRequest.SerializeToString,
+                response_deserializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeysResponse.FromString,
+                _registered_method=True)
         self.AddRunTags = channel.unary_unary(
                 '/runops.mollifier.v1.MollifierService/AddRunTags',
                 request_serializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.AddRunTagsRequest.SerializeToString,
@@ -101,10 +121,22 @@ class MollifierServiceStub:
 class MollifierServiceServicer:
     """The trigger front door and burst buffer (spec §4). Callers see the same runs whether a
     trigger went straight to the run store or waited in the buffer.
+
+    Errors every RPC may answer besides INVALID_ARGUMENT (field violations named):
+    NOT_FOUND `ENVIRONMENT_NOT_FOUND` (Trigger, claims) for an environment the control plane does
+    not know; UNAVAILABLE with RetryInfo when the run store (or, where Redis is the only source,
+    Redis) is unreachable. Redis errors never fail a Trigger: it fails open to the run store.
     """
 
     def Trigger(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Bypasses the buffer (straight to the run store) for: a debounce, a one-time-use token, a
+        child that resumes its parent (resume_parent_on_completion), the global switch off, an
+        organization without the mollifier flag. Otherwise an idempotency-keyed trigger first
+        claims its key, then the per-environment gate decides: pass through to the run store, or
+        buffer (run.status QUEUED, run.buffered and buffered true, a notice); the run id and
+        created_at are the ones the run will have in the run store. Shadow mode (setting or
+        organization flag) decides as usual but only logs and counts what it would have buffered.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -130,7 +162,12 @@ class MollifierServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClaimIdempotencyKey(self, request, context):
-        """Same-key serialization for callers that write runs themselves (batch ingest).
+        """Same-key serialization for callers that write runs themselves (batch ingest). The response
+        says what happened in `outcome`: CLAIMED (create the run, then PublishIdempotencyKey with
+        claim_token, or ReleaseIdempotencyKey on failure), EXISTING_RUN (use existing_run, write
+        nothing) or SKIPPED (the organization has no mollifier flag: no claim, create the run and
+        rely on the run store's key). Waits up to 5 s for another caller's claim; still claimed
+        after that: ABORTED `CLAIM_TIMEOUT` with RetryInfo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,8 +185,42 @@ class MollifierServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimIdempotencyKeys(self, request, context):
+        """The batched claim: up to 10,000 keys of ONE environment in one call (a batch's items carry
+        a key each). One script call per 1,000 keys (an environment is one Redis Cluster slot),
+        plus one read of the buffer's lookups; results in request order, one per key, each with an
+        explicit outcome: CLAIMED (+ claim_token), EXISTING_RUN (+ existing_run_id; runs are not
+        loaded: link the item to that id), SKIPPED (organization without the flag: every key is
+        SKIPPED), PENDING (another caller still held the key after `wait`, at most 5 s; retry
+        those keys later). Keys repeated within the request: the first occurrence is claimed, the
+        later ones answer PENDING (they would wait on this very caller). Redis unreachable:
+        UNAVAILABLE `REDIS_UNAVAILABLE` with RetryInfo (the caller may write without claims: the
+        run store's unique key still holds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishIdempotencyKeys(self, request, context):
+        """Publishes many claims (the runs were written); per key whether the token still owned it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseIdempotencyKeys(self, request, context):
+        """Releases many claims (their runs were not written); compare-and-delete per key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddRunTags(self, request, context):
-        """Mutations: applied to the buffered snapshot while buffered, else to the run store.
+        """Mutations: applied to the buffered snapshot while buffered (the answer is the buffered
+        run), else to the run store. Once a drainer has taken the run (DRAINING) the snapshot can
+        no longer change: FAILED_PRECONDITION, ErrorInfo reason `RUN_DRAINING`, with RetryInfo
+        (retry shortly: the run is then in the run store). A cancelled buffered run drains as a
+        cancelled run. Another environment's run is NOT_FOUND `RUN_NOT_FOUND`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,7 +245,8 @@ class MollifierServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetBufferStats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Depth (queued + draining), draining count and oldest entry age per environment.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -217,6 +289,21 @@ def add_MollifierServiceServicer_to_server(servicer, server):
                     request_deserializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeyRequest.FromString,
                     response_serializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeyResponse.SerializeToString,
             ),
+            'ClaimIdempotencyKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimIdempotencyKeys,
+                    request_deserializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ClaimIdempotencyKeysRequest.FromString,
+                    response_serializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ClaimIdempotencyKeysResponse.SerializeToString,
+            ),
+            'PublishIdempotencyKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishIdempotencyKeys,
+                    request_deserializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.PublishIdempotencyKeysRequest.FromString,
+                    response_serializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.PublishIdempotencyKeysResponse.SerializeToString,
+            ),
+            'ReleaseIdempotencyKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseIdempotencyKeys,
+                    request_deserializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeysRequest.FromString,
+                    response_serializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeysResponse.SerializeToString,
+            ),
             'AddRunTags': grpc.unary_unary_rpc_method_handler(
                     servicer.AddRunTags,
                     request_deserializer=runops_dot_mollifier_dot_v1_dot_mollifier__pb2.AddRunTagsRequest.FromString,
@@ -253,6 +340,11 @@ def add_MollifierServiceServicer_to_server(servicer, server):
 class MollifierService:
     """The trigger front door and burst buffer (spec §4). Callers see the same runs whether a
     trigger went straight to the run store or waited in the buffer.
+
+    Errors every RPC may answer besides INVALID_ARGUMENT (field violations named):
+    NOT_FOUND `ENVIRONMENT_NOT_FOUND` (Trigger, claims) for an environment the control plane does
+    not know; UNAVAILABLE with RetryInfo when the run store (or, where Redis is the only source,
+    Redis) is unreachable. Redis errors never fail a Trigger: it fails open to the run store.
     """
 
     @staticmethod
@@ -434,6 +526,87 @@ class MollifierService:
             '/runops.mollifier.v1.MollifierService/ReleaseIdempotencyKey',
             runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeyRequest.SerializeToString,
             runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimIdempotencyKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runops.mollifier.v1.MollifierService/ClaimIdempotencyKeys',
+            runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ClaimIdempotencyKeysRequest.SerializeToString,
+            runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ClaimIdempotencyKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishIdempotencyKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runops.mollifier.v1.MollifierService/PublishIdempotencyKeys',
+            runops_dot_mollifier_dot_v1_dot_mollifier__pb2.PublishIdempotencyKeysRequest.SerializeToString,
+            runops_dot_mollifier_dot_v1_dot_mollifier__pb2.PublishIdempotencyKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseIdempotencyKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runops.mollifier.v1.MollifierService/ReleaseIdempotencyKeys',
+            runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeysRequest.SerializeToString,
+            runops_dot_mollifier_dot_v1_dot_mollifier__pb2.ReleaseIdempotencyKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

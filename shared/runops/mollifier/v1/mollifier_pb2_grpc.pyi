@@ -29,6 +29,11 @@ GRPC_VERSION: str
 class MollifierServiceStub:
     """The trigger front door and burst buffer (spec §4). Callers see the same runs whether a
     trigger went straight to the run store or waited in the buffer.
+
+    Errors every RPC may answer besides INVALID_ARGUMENT (field violations named):
+    NOT_FOUND `ENVIRONMENT_NOT_FOUND` (Trigger, claims) for an environment the control plane does
+    not know; UNAVAILABLE with RetryInfo when the run store (or, where Redis is the only source,
+    Redis) is unreachable. Redis errors never fail a Trigger: it fails open to the run store.
     """
 
     @_typing.overload
@@ -36,49 +41,131 @@ class MollifierServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MollifierServiceAsyncStub: ...
     Trigger: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.TriggerRequest, _mollifier_pb2.TriggerResponse]
+    """Bypasses the buffer (straight to the run store) for: a debounce, a one-time-use token, a
+    child that resumes its parent (resume_parent_on_completion), the global switch off, an
+    organization without the mollifier flag. Otherwise an idempotency-keyed trigger first
+    claims its key, then the per-environment gate decides: pass through to the run store, or
+    buffer (run.status QUEUED, run.buffered and buffered true, a notice); the run id and
+    created_at are the ones the run will have in the run store. Shadow mode (setting or
+    organization flag) decides as usual but only logs and counts what it would have buffered.
+    """
     GetRun: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.GetRunRequest, _mollifier_pb2.GetRunResponse]
     """Run store first, then the buffer; a buffered run comes back with buffered = true."""
     FindRunByIdempotencyKey: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.FindRunByIdempotencyKeyRequest, _mollifier_pb2.FindRunByIdempotencyKeyResponse]
     ResetIdempotencyKey: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.ResetIdempotencyKeyRequest, _mollifier_pb2.ResetIdempotencyKeyResponse]
     """Clears the key in the run store and in the buffer."""
     ClaimIdempotencyKey: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.ClaimIdempotencyKeyRequest, _mollifier_pb2.ClaimIdempotencyKeyResponse]
-    """Same-key serialization for callers that write runs themselves (batch ingest)."""
+    """Same-key serialization for callers that write runs themselves (batch ingest). The response
+    says what happened in `outcome`: CLAIMED (create the run, then PublishIdempotencyKey with
+    claim_token, or ReleaseIdempotencyKey on failure), EXISTING_RUN (use existing_run, write
+    nothing) or SKIPPED (the organization has no mollifier flag: no claim, create the run and
+    rely on the run store's key). Waits up to 5 s for another caller's claim; still claimed
+    after that: ABORTED `CLAIM_TIMEOUT` with RetryInfo.
+    """
     PublishIdempotencyKey: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.PublishIdempotencyKeyRequest, _mollifier_pb2.PublishIdempotencyKeyResponse]
     ReleaseIdempotencyKey: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.ReleaseIdempotencyKeyRequest, _mollifier_pb2.ReleaseIdempotencyKeyResponse]
+    ClaimIdempotencyKeys: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.ClaimIdempotencyKeysRequest, _mollifier_pb2.ClaimIdempotencyKeysResponse]
+    """The batched claim: up to 10,000 keys of ONE environment in one call (a batch's items carry
+    a key each). One script call per 1,000 keys (an environment is one Redis Cluster slot),
+    plus one read of the buffer's lookups; results in request order, one per key, each with an
+    explicit outcome: CLAIMED (+ claim_token), EXISTING_RUN (+ existing_run_id; runs are not
+    loaded: link the item to that id), SKIPPED (organization without the flag: every key is
+    SKIPPED), PENDING (another caller still held the key after `wait`, at most 5 s; retry
+    those keys later). Keys repeated within the request: the first occurrence is claimed, the
+    later ones answer PENDING (they would wait on this very caller). Redis unreachable:
+    UNAVAILABLE `REDIS_UNAVAILABLE` with RetryInfo (the caller may write without claims: the
+    run store's unique key still holds).
+    """
+    PublishIdempotencyKeys: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.PublishIdempotencyKeysRequest, _mollifier_pb2.PublishIdempotencyKeysResponse]
+    """Publishes many claims (the runs were written); per key whether the token still owned it."""
+    ReleaseIdempotencyKeys: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.ReleaseIdempotencyKeysRequest, _mollifier_pb2.ReleaseIdempotencyKeysResponse]
+    """Releases many claims (their runs were not written); compare-and-delete per key."""
     AddRunTags: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.AddRunTagsRequest, _mollifier_pb2.AddRunTagsResponse]
-    """Mutations: applied to the buffered snapshot while buffered, else to the run store."""
+    """Mutations: applied to the buffered snapshot while buffered (the answer is the buffered
+    run), else to the run store. Once a drainer has taken the run (DRAINING) the snapshot can
+    no longer change: FAILED_PRECONDITION, ErrorInfo reason `RUN_DRAINING`, with RetryInfo
+    (retry shortly: the run is then in the run store). A cancelled buffered run drains as a
+    cancelled run. Another environment's run is NOT_FOUND `RUN_NOT_FOUND`.
+    """
     UpdateRunMetadata: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.UpdateRunMetadataRequest, _mollifier_pb2.UpdateRunMetadataResponse]
     RescheduleRun: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.RescheduleRunRequest, _mollifier_pb2.RescheduleRunResponse]
     CancelRun: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.CancelRunRequest, _mollifier_pb2.CancelRunResponse]
     GetBufferStats: _grpc.UnaryUnaryMultiCallable[_mollifier_pb2.GetBufferStatsRequest, _mollifier_pb2.GetBufferStatsResponse]
+    """Depth (queued + draining), draining count and oldest entry age per environment."""
 
 @_typing.type_check_only
 class MollifierServiceAsyncStub(MollifierServiceStub):
     """The trigger front door and burst buffer (spec §4). Callers see the same runs whether a
     trigger went straight to the run store or waited in the buffer.
+
+    Errors every RPC may answer besides INVALID_ARGUMENT (field violations named):
+    NOT_FOUND `ENVIRONMENT_NOT_FOUND` (Trigger, claims) for an environment the control plane does
+    not know; UNAVAILABLE with RetryInfo when the run store (or, where Redis is the only source,
+    Redis) is unreachable. Redis errors never fail a Trigger: it fails open to the run store.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Trigger: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.TriggerRequest, _mollifier_pb2.TriggerResponse]  # type: ignore[assignment]
+    """Bypasses the buffer (straight to the run store) for: a debounce, a one-time-use token, a
+    child that resumes its parent (resume_parent_on_completion), the global switch off, an
+    organization without the mollifier flag. Otherwise an idempotency-keyed trigger first
+    claims its key, then the per-environment gate decides: pass through to the run store, or
+    buffer (run.status QUEUED, run.buffered and buffered true, a notice); the run id and
+    created_at are the ones the run will have in the run store. Shadow mode (setting or
+    organization flag) decides as usual but only logs and counts what it would have buffered.
+    """
     GetRun: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.GetRunRequest, _mollifier_pb2.GetRunResponse]  # type: ignore[assignment]
     """Run store first, then the buffer; a buffered run comes back with buffered = true."""
     FindRunByIdempotencyKey: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.FindRunByIdempotencyKeyRequest, _mollifier_pb2.FindRunByIdempotencyKeyResponse]  # type: ignore[assignment]
     ResetIdempotencyKey: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.ResetIdempotencyKeyRequest, _mollifier_pb2.ResetIdempotencyKeyResponse]  # type: ignore[assignment]
     """Clears the key in the run store and in the buffer."""
     ClaimIdempotencyKey: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.ClaimIdempotencyKeyRequest, _mollifier_pb2.ClaimIdempotencyKeyResponse]  # type: ignore[assignment]
-    """Same-key serialization for callers that write runs themselves (batch ingest)."""
+    """Same-key serialization for callers that write runs themselves (batch ingest). The response
+    says what happened in `outcome`: CLAIMED (create the run, then PublishIdempotencyKey with
+    claim_token, or ReleaseIdempotencyKey on failure), EXISTING_RUN (use existing_run, write
+    nothing) or SKIPPED (the organization has no mollifier flag: no claim, create the run and
+    rely on the run store's key). Waits up to 5 s for another caller's claim; still claimed
+    after that: ABORTED `CLAIM_TIMEOUT` with RetryInfo.
+    """
     PublishIdempotencyKey: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.PublishIdempotencyKeyRequest, _mollifier_pb2.PublishIdempotencyKeyResponse]  # type: ignore[assignment]
     ReleaseIdempotencyKey: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.ReleaseIdempotencyKeyRequest, _mollifier_pb2.ReleaseIdempotencyKeyResponse]  # type: ignore[assignment]
+    ClaimIdempotencyKeys: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.ClaimIdempotencyKeysRequest, _mollifier_pb2.ClaimIdempotencyKeysResponse]  # type: ignore[assignment]
+    """The batched claim: up to 10,000 keys of ONE environment in one call (a batch's items carry
+    a key each). One script call per 1,000 keys (an environment is one Redis Cluster slot),
+    plus one read of the buffer's lookups; results in request order, one per key, each with an
+    explicit outcome: CLAIMED (+ claim_token), EXISTING_RUN (+ existing_run_id; runs are not
+    loaded: link the item to that id), SKIPPED (organization without the flag: every key is
+    SKIPPED), PENDING (another caller still held the key after `wait`, at most 5 s; retry
+    those keys later). Keys repeated within the request: the first occurrence is claimed, the
+    later ones answer PENDING (they would wait on this very caller). Redis unreachable:
+    UNAVAILABLE `REDIS_UNAVAILABLE` with RetryInfo (the caller may write without claims: the
+    run store's unique key still holds).
+    """
+    PublishIdempotencyKeys: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.PublishIdempotencyKeysRequest, _mollifier_pb2.PublishIdempotencyKeysResponse]  # type: ignore[assignment]
+    """Publishes many claims (the runs were written); per key whether the token still owned it."""
+    ReleaseIdempotencyKeys: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.ReleaseIdempotencyKeysRequest, _mollifier_pb2.ReleaseIdempotencyKeysResponse]  # type: ignore[assignment]
+    """Releases many claims (their runs were not written); compare-and-delete per key."""
     AddRunTags: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.AddRunTagsRequest, _mollifier_pb2.AddRunTagsResponse]  # type: ignore[assignment]
-    """Mutations: applied to the buffered snapshot while buffered, else to the run store."""
+    """Mutations: applied to the buffered snapshot while buffered (the answer is the buffered
+    run), else to the run store. Once a drainer has taken the run (DRAINING) the snapshot can
+    no longer change: FAILED_PRECONDITION, ErrorInfo reason `RUN_DRAINING`, with RetryInfo
+    (retry shortly: the run is then in the run store). A cancelled buffered run drains as a
+    cancelled run. Another environment's run is NOT_FOUND `RUN_NOT_FOUND`.
+    """
     UpdateRunMetadata: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.UpdateRunMetadataRequest, _mollifier_pb2.UpdateRunMetadataResponse]  # type: ignore[assignment]
     RescheduleRun: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.RescheduleRunRequest, _mollifier_pb2.RescheduleRunResponse]  # type: ignore[assignment]
     CancelRun: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.CancelRunRequest, _mollifier_pb2.CancelRunResponse]  # type: ignore[assignment]
     GetBufferStats: _aio.UnaryUnaryMultiCallable[_mollifier_pb2.GetBufferStatsRequest, _mollifier_pb2.GetBufferStatsResponse]  # type: ignore[assignment]
+    """Depth (queued + draining), draining count and oldest entry age per environment."""
 
 class MollifierServiceServicer(metaclass=_abc_1.ABCMeta):
     """The trigger front door and burst buffer (spec §4). Callers see the same runs whether a
     trigger went straight to the run store or waited in the buffer.
+
+    Errors every RPC may answer besides INVALID_ARGUMENT (field violations named):
+    NOT_FOUND `ENVIRONMENT_NOT_FOUND` (Trigger, claims) for an environment the control plane does
+    not know; UNAVAILABLE with RetryInfo when the run store (or, where Redis is the only source,
+    Redis) is unreachable. Redis errors never fail a Trigger: it fails open to the run store.
     """
 
     @_abc_1.abstractmethod
@@ -86,7 +173,15 @@ class MollifierServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _mollifier_pb2.TriggerRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mollifier_pb2.TriggerResponse, _abc.Awaitable[_mollifier_pb2.TriggerResponse]]: ...
+    ) -> _typing.Union[_mollifier_pb2.TriggerResponse, _abc.Awaitable[_mollifier_pb2.TriggerResponse]]:
+        """Bypasses the buffer (straight to the run store) for: a debounce, a one-time-use token, a
+        child that resumes its parent (resume_parent_on_completion), the global switch off, an
+        organization without the mollifier flag. Otherwise an idempotency-keyed trigger first
+        claims its key, then the per-environment gate decides: pass through to the run store, or
+        buffer (run.status QUEUED, run.buffered and buffered true, a notice); the run id and
+        created_at are the ones the run will have in the run store. Shadow mode (setting or
+        organization flag) decides as usual but only logs and counts what it would have buffered.
+        """
 
     @_abc_1.abstractmethod
     def GetRun(
@@ -117,7 +212,13 @@ class MollifierServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mollifier_pb2.ClaimIdempotencyKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mollifier_pb2.ClaimIdempotencyKeyResponse, _abc.Awaitable[_mollifier_pb2.ClaimIdempotencyKeyResponse]]:
-        """Same-key serialization for callers that write runs themselves (batch ingest)."""
+        """Same-key serialization for callers that write runs themselves (batch ingest). The response
+        says what happened in `outcome`: CLAIMED (create the run, then PublishIdempotencyKey with
+        claim_token, or ReleaseIdempotencyKey on failure), EXISTING_RUN (use existing_run, write
+        nothing) or SKIPPED (the organization has no mollifier flag: no claim, create the run and
+        rely on the run store's key). Waits up to 5 s for another caller's claim; still claimed
+        after that: ABORTED `CLAIM_TIMEOUT` with RetryInfo.
+        """
 
     @_abc_1.abstractmethod
     def PublishIdempotencyKey(
@@ -134,12 +235,51 @@ class MollifierServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_mollifier_pb2.ReleaseIdempotencyKeyResponse, _abc.Awaitable[_mollifier_pb2.ReleaseIdempotencyKeyResponse]]: ...
 
     @_abc_1.abstractmethod
+    def ClaimIdempotencyKeys(
+        self,
+        request: _mollifier_pb2.ClaimIdempotencyKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mollifier_pb2.ClaimIdempotencyKeysResponse, _abc.Awaitable[_mollifier_pb2.ClaimIdempotencyKeysResponse]]:
+        """The batched claim: up to 10,000 keys of ONE environment in one call (a batch's items carry
+        a key each). One script call per 1,000 keys (an environment is one Redis Cluster slot),
+        plus one read of the buffer's lookups; results in request order, one per key, each with an
+        explicit outcome: CLAIMED (+ claim_token), EXISTING_RUN (+ existing_run_id; runs are not
+        loaded: link the item to that id), SKIPPED (organization without the flag: every key is
+        SKIPPED), PENDING (another caller still held the key after `wait`, at most 5 s; retry
+        those keys later). Keys repeated within the request: the first occurrence is claimed, the
+        later ones answer PENDING (they would wait on this very caller). Redis unreachable:
+        UNAVAILABLE `REDIS_UNAVAILABLE` with RetryInfo (the caller may write without claims: the
+        run store's unique key still holds).
+        """
+
+    @_abc_1.abstractmethod
+    def PublishIdempotencyKeys(
+        self,
+        request: _mollifier_pb2.PublishIdempotencyKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mollifier_pb2.PublishIdempotencyKeysResponse, _abc.Awaitable[_mollifier_pb2.PublishIdempotencyKeysResponse]]:
+        """Publishes many claims (the runs were written); per key whether the token still owned it."""
+
+    @_abc_1.abstractmethod
+    def ReleaseIdempotencyKeys(
+        self,
+        request: _mollifier_pb2.ReleaseIdempotencyKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mollifier_pb2.ReleaseIdempotencyKeysResponse, _abc.Awaitable[_mollifier_pb2.ReleaseIdempotencyKeysResponse]]:
+        """Releases many claims (their runs were not written); compare-and-delete per key."""
+
+    @_abc_1.abstractmethod
     def AddRunTags(
         self,
         request: _mollifier_pb2.AddRunTagsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mollifier_pb2.AddRunTagsResponse, _abc.Awaitable[_mollifier_pb2.AddRunTagsResponse]]:
-        """Mutations: applied to the buffered snapshot while buffered, else to the run store."""
+        """Mutations: applied to the buffered snapshot while buffered (the answer is the buffered
+        run), else to the run store. Once a drainer has taken the run (DRAINING) the snapshot can
+        no longer change: FAILED_PRECONDITION, ErrorInfo reason `RUN_DRAINING`, with RetryInfo
+        (retry shortly: the run is then in the run store). A cancelled buffered run drains as a
+        cancelled run. Another environment's run is NOT_FOUND `RUN_NOT_FOUND`.
+        """
 
     @_abc_1.abstractmethod
     def UpdateRunMetadata(
@@ -167,6 +307,7 @@ class MollifierServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _mollifier_pb2.GetBufferStatsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mollifier_pb2.GetBufferStatsResponse, _abc.Awaitable[_mollifier_pb2.GetBufferStatsResponse]]: ...
+    ) -> _typing.Union[_mollifier_pb2.GetBufferStatsResponse, _abc.Awaitable[_mollifier_pb2.GetBufferStatsResponse]]:
+        """Depth (queued + draining), draining count and oldest entry age per environment."""
 
 def add_MollifierServiceServicer_to_server(servicer: MollifierServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,289 @@
+"""Request checks: every violation named in one INVALID_ARGUMENT (the kit already refused NUL,
+invalid UTF-8, over-long strings and invalid times). The limits are the run store's, so a
+trigger the mollifier buffers is one the run store will accept when it drains."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from runops.common.v1 import common_pb2
+from runops.kit.errors import Violations
+from runops.kit.ids import ENVIRONMENT, RUN
+from runops.mollifier.v1 import mollifier_pb2 as m
+from runops.runstore.v1 import runstore_pb2 as rs
+from services.mollifier.key_claims import KeyClaim
+
+BODY = re.compile(r"[0-9a-z]{1,64}")
+TASK_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
+TASK_IDENTIFIER_TEXT = "1-128 of letters, digits and _ . : / - starting with a letter or digit"
+IDEMPOTENCY_KEY_LIMIT = 512
+TEXT_LIMIT = 256
+MAX_TAGS = 10
+TAG_LIMIT = 128
+MAX_ATTEMPTS = 100
+MAX_KEYS_PER_CALL = 10_000
+MAX_CLAIM_WAIT = timedelta(seconds=5)
+_LEVELS = (
+    common_pb2.CONSISTENCY_LEVEL_UNSPECIFIED,
+    common_pb2.CONSISTENCY_LEVEL_REPLICA,
+    common_pb2.CONSISTENCY_LEVEL_READ_YOUR_WRITES,
+)
+
+
+def environment(v: Violations, value: str, field: str = "environment_id") -> None:
+    v.friendly_id(value, field, ENVIRONMENT)
+
+
+def run_id(v: Violations, value: str, field: str = "run_id", *, required: bool = True) -> None:
+    """A run's friendly id (`run_<body>`) or its body."""
+    if not value:
+        if required:
+            v.add(field, "is required")
+        return
+    body = value.removeprefix(f"{RUN}_")
+    if len(value) > 64 or BODY.fullmatch(body) is None:
+        v.add(field, f"must be an id like run_<body> (got {value[:64]!r})")
+
+
+def task(v: Violations, value: str, field: str = "task_identifier") -> None:
+    if v.require(value, field):
+        v.matches(value, field, TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT)
+
+
+def idempotency_key(v: Violations, value: str, field: str = "idempotency_key") -> None:
+    v.required_text(value, field, IDEMPOTENCY_KEY_LIMIT)
+
+
+def tags(v: Violations, values: Sequence[str], field: str) -> None:
+    if len(values) > MAX_TAGS:
+        v.add(field, f"must hold at most {MAX_TAGS} tags (got {len(values)})")
+    for i, tag in enumerate(values[:MAX_TAGS]):
+        v.required_text(tag, f"{field}[{i}]", TAG_LIMIT)
+
+
+def _negative(duration: duration_pb2.Duration) -> bool:
+    return duration.seconds < 0 or duration.nanos < 0
+
+
+def consistency(v: Violations, value: int) -> bool:
+    """True for read-your-writes."""
+    if value not in _LEVELS:
+        v.add("consistency", f"must be a ConsistencyLevel (got {value})")
+    return value == common_pb2.CONSISTENCY_LEVEL_READ_YOUR_WRITES
+
+
+def _time(value: timestamp_pb2.Timestamp) -> datetime:
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def trigger(request: m.TriggerRequest) -> rs.RunInput:
+    """The trigger as a RunInput (organization and project come from the environment)."""
+    v = Violations()
+    environment(v, request.environment_id)
+    task(v, request.task_identifier)
+    run_id(v, request.run_id, required=False)
+    run_id(v, request.parent_run_id, "parent_run_id", required=False)
+    if request.resume_parent_on_completion and not request.parent_run_id:
+        v.add("parent_run_id", "is required when resume_parent_on_completion is set")
+    v.max_length(request.payload_type, "payload_type", TEXT_LIMIT)
+    options = request.options
+    v.max_length(options.idempotency_key, "options.idempotency_key", IDEMPOTENCY_KEY_LIMIT)
+    for name in ("queue", "concurrency_key", "machine_preset", "lock_to_version"):
+        v.max_length(getattr(options, name), f"options.{name}", TEXT_LIMIT)
+    v.max_length(options.one_time_use_token, "options.one_time_use_token", TEXT_LIMIT)
+    v.max_length(options.debounce.key, "options.debounce.key", TEXT_LIMIT)
+    tags(v, list(options.tags), "options.tags")
+    for name in ("idempotency_key_ttl", "ttl", "priority"):
+        if _negative(getattr(options, name)):
+            v.add(f"options.{name}", "must not be negative")
+    if options.max_attempts > MAX_ATTEMPTS:
+        v.add("options.max_attempts", f"must be at most {MAX_ATTEMPTS}")
+    v.raise_if_any()
+    return rs.RunInput(
+        run_id=friendly_run_id(request.run_id),
+        environment_id=request.environment_id,
+        task_identifier=request.task_identifier,
+        payload=request.payload,
+        payload_type=request.payload_type,
+        options=options,
+        parent_run_id=friendly_run_id(request.parent_run_id),
+        resume_parent_on_completion=request.resume_parent_on_completion,
+    )
+
+
+def friendly_run_id(value: str) -> str:
+    return value if not value or value.startswith(f"{RUN}_") else f"{RUN}_{value}"
+
+
+def run_ref(environment_id: str, run: str) -> None:
+    v = Violations()
+    environment(v, environment_id)
+    run_id(v, run)
+    v.raise_if_any()
+
+
+def key_ref(environment_id: str, task_identifier: str, key: str, level: int = 0) -> bool:
+    """True for read-your-writes."""
+    v = Violations()
+    environment(v, environment_id)
+    task(v, task_identifier)
+    idempotency_key(v, key)
+    ryw = consistency(v, level)
+    v.raise_if_any()
+    return ryw
+
+
+def get_run(request: m.GetRunRequest) -> bool:
+    v = Violations()
+    environment(v, request.environment_id)
+    run_id(v, request.run_id)
+    ryw = consistency(v, request.consistency)
+    v.raise_if_any()
+    return ryw
+
+
+def claim(request: m.ClaimIdempotencyKeyRequest) -> KeyClaim:
+    key_ref(request.environment_id, request.task_identifier, request.idempotency_key)
+    expires = request.idempotency_key_expires_at
+    return KeyClaim(
+        request.task_identifier,
+        request.idempotency_key,
+        _time(expires) if request.HasField("idempotency_key_expires_at") else None,
+    )
+
+
+def token(v: Violations, value: str, field: str) -> None:
+    v.required_text(value, field, 64)
+
+
+def publish(request: m.PublishIdempotencyKeyRequest) -> KeyClaim:
+    v = Violations()
+    environment(v, request.environment_id)
+    task(v, request.task_identifier)
+    idempotency_key(v, request.idempotency_key)
+    token(v, request.claim_token, "claim_token")
+    run_id(v, request.run_id)
+    v.raise_if_any()
+    return KeyClaim(request.task_identifier, request.idempotency_key)
+
+
+def release(request: m.ReleaseIdempotencyKeyRequest) -> KeyClaim:
+    v = Violations()
+    environment(v, request.environment_id)
+    task(v, request.task_identifier)
+    idempotency_key(v, request.idempotency_key)
+    token(v, request.claim_token, "claim_token")
+    v.raise_if_any()
+    return KeyClaim(request.task_identifier, request.idempotency_key)
+
+
+def _key_count(v: Violations, count: int) -> None:
+    if count == 0:
+        v.add("keys", "is required")
+    elif count > MAX_KEYS_PER_CALL:
+        v.add("keys", f"must hold at most {MAX_KEYS_PER_CALL} keys (got {count})")
+
+
+def claim_many(
+    request: m.ClaimIdempotencyKeysRequest, default_wait: float
+) -> tuple[list[KeyClaim], float]:
+    v = Violations()
+    environment(v, request.environment_id)
+    _key_count(v, len(request.keys))
+    for i, key in enumerate(request.keys[:MAX_KEYS_PER_CALL]):
+        task(v, key.task_identifier, f"keys[{i}].task_identifier")
+        idempotency_key(v, key.idempotency_key, f"keys[{i}].idempotency_key")
+    wait = default_wait
+    if request.HasField("wait"):
+        asked = request.wait.ToTimedelta()
+        if asked < timedelta(0) or asked > MAX_CLAIM_WAIT:
+            v.add("wait", "must lie between 0 and 5 s")
+        elif asked > timedelta(0):
+            wait = asked.total_seconds()
+    v.raise_if_any()
+    claims = [
+        KeyClaim(
+            key.task_identifier,
+            key.idempotency_key,
+            _time(key.idempotency_key_expires_at)
+            if key.HasField("idempotency_key_expires_at")
+            else None,
+        )
+        for key in request.keys
+    ]
+    return claims, wait
+
+
+def publish_many(request: m.PublishIdempotencyKeysRequest) -> list[tuple[KeyClaim, str, str]]:
+    v = Violations()
+    environment(v, request.environment_id)
+    _key_count(v, len(request.keys))
+    for i, key in enumerate(request.keys[:MAX_KEYS_PER_CALL]):
+        task(v, key.task_identifier, f"keys[{i}].task_identifier")
+        idempotency_key(v, key.idempotency_key, f"keys[{i}].idempotency_key")
+        token(v, key.claim_token, f"keys[{i}].claim_token")
+        run_id(v, key.run_id, f"keys[{i}].run_id")
+    v.raise_if_any()
+    return [
+        (KeyClaim(k.task_identifier, k.idempotency_key), k.claim_token, friendly_run_id(k.run_id))
+        for k in request.keys
+    ]
+
+
+def release_many(request: m.ReleaseIdempotencyKeysRequest) -> list[tuple[KeyClaim, str]]:
+    v = Violations()
+    environment(v, request.environment_id)
+    _key_count(v, len(request.keys))
+    for i, key in enumerate(request.keys[:MAX_KEYS_PER_CALL]):
+        task(v, key.task_identifier, f"keys[{i}].task_identifier")
+        idempotency_key(v, key.idempotency_key, f"keys[{i}].idempotency_key")
+        token(v, key.claim_token, f"keys[{i}].claim_token")
+    v.raise_if_any()
+    return [(KeyClaim(k.task_identifier, k.idempotency_key), k.claim_token) for k in request.keys]
+
+
+def add_tags(request: m.AddRunTagsRequest) -> None:
+    v = Violations()
+    environment(v, request.environment_id)
+    run_id(v, request.run_id)
+    if not request.tags:
+        v.add("tags", "is required")
+    tags(v, list(request.tags), "tags")
+    v.raise_if_any()
+
+
+def update_metadata(request: m.UpdateRunMetadataRequest) -> None:
+    v = Violations()
+    environment(v, request.environment_id)
+    run_id(v, request.run_id)
+    v.max_length(request.metadata_type, "metadata_type", TEXT_LIMIT)
+    v.raise_if_any()
+
+
+def reschedule(request: m.RescheduleRunRequest) -> datetime:
+    v = Violations()
+    environment(v, request.environment_id)
+    run_id(v, request.run_id)
+    if not request.HasField("delay_until"):
+        v.add("delay_until", "is required")
+    v.raise_if_any()
+    return _time(request.delay_until)
+
+
+def cancel(request: m.CancelRunRequest) -> None:
+    v = Violations()
+    environment(v, request.environment_id)
+    run_id(v, request.run_id)
+    v.max_length(request.reason, "reason", 1024)
+    v.raise_if_any()
+
+
+def stats(request: m.GetBufferStatsRequest) -> None:
+    if request.environment_id:
+        v = Violations()
+        environment(v, request.environment_id)
+        v.raise_if_any()

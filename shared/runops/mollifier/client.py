@@ -1,0 +1,229 @@
+"""The mollifier as other services use it (batch ingest, the CLI): the stub on a kit channel
+(internal token, request id, deadline propagation, round_robin) and typed helpers. A caller's
+mistake comes back as the domain error it was raised as; transient failures stay AioRpcError.
+
+    async with MollifierClient(target, token=internal_token) as mollifier:
+        reply = await mollifier.trigger(m.TriggerRequest(environment_id=env, task_identifier=t))
+        claims = await mollifier.claim_keys(env, [KeyToClaim("task", "key-1")])
+        for claim in claims:
+            if claim.outcome is ClaimOutcome.CLAIMED: ...   # write, then publish_keys
+            elif claim.outcome is ClaimOutcome.EXISTING_RUN: ...  # link to claim.existing_run_id
+            elif claim.outcome is ClaimOutcome.SKIPPED: ...  # no claim: write, the key is unique
+            else: ...  # PENDING: still held by another caller after the wait; retry it
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import NoReturn
+
+import grpc
+
+from runops.common.v1 import common_pb2
+from runops.kit.channels import create_channel
+from runops.kit.errors import error_from_rpc
+from runops.mollifier.v1 import mollifier_pb2 as m
+from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
+
+# At most this many keys per batched call (the service refuses more).
+MAX_KEYS_PER_CALL = 10_000
+
+_DOMAIN_CODES = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+)
+
+
+def _raise_domain(exc: grpc.aio.AioRpcError) -> NoReturn:
+    if exc.code() in _DOMAIN_CODES:
+        raise error_from_rpc(exc) from exc
+    raise exc
+
+
+def _level(read_your_writes: bool) -> common_pb2.ConsistencyLevel.ValueType:
+    if read_your_writes:
+        return common_pb2.CONSISTENCY_LEVEL_READ_YOUR_WRITES
+    return common_pb2.CONSISTENCY_LEVEL_REPLICA
+
+
+class ClaimOutcome(enum.Enum):
+    CLAIMED = m.CLAIM_OUTCOME_CLAIMED
+    EXISTING_RUN = m.CLAIM_OUTCOME_EXISTING_RUN
+    SKIPPED = m.CLAIM_OUTCOME_SKIPPED
+    PENDING = m.CLAIM_OUTCOME_PENDING
+
+
+@dataclass(frozen=True)
+class KeyToClaim:
+    task_identifier: str
+    idempotency_key: str
+    # The key's own expiry (clamps the claim's TTL to [5 s, 30 s]); None: no expiry.
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class KeyClaim:
+    """One key's answer, in the order asked."""
+
+    key: KeyToClaim
+    outcome: ClaimOutcome
+    claim_token: str = ""
+    existing_run_id: str = ""
+
+
+class MollifierClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self._owns_channel = channel is None
+        self._channel = channel or create_channel(target, token=token)
+        self.stub = m_grpc.MollifierServiceStub(self._channel)
+
+    async def __aenter__(self) -> MollifierClient:
+        return self
+
+    async def __aexit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close()
+
+    # -- triggers and reads -------------------------------------------------------------------
+    async def trigger(self, request: m.TriggerRequest) -> m.TriggerResponse:
+        """`buffered` (and run.buffered) when the run waits in the buffer; the id is final."""
+        try:
+            return await self.stub.Trigger(request)
+        except grpc.aio.AioRpcError as exc:
+            _raise_domain(exc)
+
+    async def get_run(
+        self, environment_id: str, run_id: str, *, read_your_writes: bool = False
+    ) -> common_pb2.Run | None:
+        """The run from the run store, else from the buffer (`buffered`); None when absent."""
+        request = m.GetRunRequest(
+            environment_id=environment_id, run_id=run_id, consistency=_level(read_your_writes)
+        )
+        try:
+            return (await self.stub.GetRun(request)).run
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            _raise_domain(exc)
+
+    async def find_run_by_idempotency_key(
+        self, environment_id: str, task_identifier: str, key: str, *, read_your_writes: bool = False
+    ) -> common_pb2.Run | None:
+        request = m.FindRunByIdempotencyKeyRequest(
+            environment_id=environment_id,
+            task_identifier=task_identifier,
+            idempotency_key=key,
+            consistency=_level(read_your_writes),
+        )
+        try:
+            reply = await self.stub.FindRunByIdempotencyKey(request)
+        except grpc.aio.AioRpcError as exc:
+            _raise_domain(exc)
+        return reply.run if reply.HasField("run") else None
+
+    async def reset_idempotency_key(
+        self, environment_id: str, task_identifier: str, key: str
+    ) -> m.ResetIdempotencyKeyResponse:
+        request = m.ResetIdempotencyKeyRequest(
+            environment_id=environment_id, task_identifier=task_identifier, idempotency_key=key
+        )
+        try:
+            return await self.stub.ResetIdempotencyKey(request)
+        except grpc.aio.AioRpcError as exc:
+            _raise_domain(exc)
+
+    async def buffer_stats(self, environment_id: str = "") -> m.GetBufferStatsResponse:
+        try:
+            return await self.stub.GetBufferStats(
+                m.GetBufferStatsRequest(environment_id=environment_id)
+            )
+        except grpc.aio.AioRpcError as exc:
+            _raise_domain(exc)
+
+    # -- claims (batch ingest) ----------------------------------------------------------------
+    async def claim_keys(
+        self,
+        environment_id: str,
+        keys: Sequence[KeyToClaim],
+        *,
+        wait: timedelta | None = None,
+    ) -> list[KeyClaim]:
+        """One answer per key, in order; more than MAX_KEYS_PER_CALL keys are sent in several
+        calls. `wait`: how long the service waits for keys another caller holds (≤ 5 s; None:
+        its default); keys still held then answer PENDING."""
+        answers: list[KeyClaim] = []
+        for start in range(0, len(keys), MAX_KEYS_PER_CALL):
+            chunk = keys[start : start + MAX_KEYS_PER_CALL]
+            request = m.ClaimIdempotencyKeysRequest(environment_id=environment_id)
+            if wait is not None:
+                request.wait.FromTimedelta(wait)
+            for key in chunk:
+                item = request.keys.add(
+                    task_identifier=key.task_identifier, idempotency_key=key.idempotency_key
+                )
+                if key.expires_at is not None:
+                    item.idempotency_key_expires_at.FromDatetime(key.expires_at)
+            try:
+                reply = await self.stub.ClaimIdempotencyKeys(request)
+            except grpc.aio.AioRpcError as exc:
+                _raise_domain(exc)
+            answers.extend(
+                KeyClaim(key, ClaimOutcome(r.outcome), r.claim_token, r.existing_run_id)
+                for key, r in zip(chunk, reply.results, strict=True)
+            )
+        return answers
+
+    async def publish_keys(
+        self, environment_id: str, published: Sequence[tuple[KeyClaim, str]]
+    ) -> list[bool]:
+        """(claim, run id written for it) each: True where the token still owned the claim."""
+        results: list[bool] = []
+        for start in range(0, len(published), MAX_KEYS_PER_CALL):
+            request = m.PublishIdempotencyKeysRequest(environment_id=environment_id)
+            for claim, run_id in published[start : start + MAX_KEYS_PER_CALL]:
+                request.keys.add(
+                    task_identifier=claim.key.task_identifier,
+                    idempotency_key=claim.key.idempotency_key,
+                    claim_token=claim.claim_token,
+                    run_id=run_id,
+                )
+            try:
+                results.extend((await self.stub.PublishIdempotencyKeys(request)).published)
+            except grpc.aio.AioRpcError as exc:
+                _raise_domain(exc)
+        return results
+
+    async def release_keys(self, environment_id: str, claims: Sequence[KeyClaim]) -> list[bool]:
+        """Claims whose runs were not written; True where the token still owned the claim."""
+        results: list[bool] = []
+        for start in range(0, len(claims), MAX_KEYS_PER_CALL):
+            request = m.ReleaseIdempotencyKeysRequest(environment_id=environment_id)
+            for claim in claims[start : start + MAX_KEYS_PER_CALL]:
+                request.keys.add(
+                    task_identifier=claim.key.task_identifier,
+                    idempotency_key=claim.key.idempotency_key,
+                    claim_token=claim.claim_token,
+                )
+            try:
+                results.extend((await self.stub.ReleaseIdempotencyKeys(request)).released)
+            except grpc.aio.AioRpcError as exc:
+                _raise_domain(exc)
+        return results

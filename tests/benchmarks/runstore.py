@@ -1,0 +1,1184 @@
+"""Run store (spec §7, issue 8): routed `GetRun`, `CreateRuns` and `AcceptBatchItems` through
+gRPC, each beside its raw asyncpg floor measured in the same run on the same servers, and a
+100,000-item batch with the service's RSS sampled along the way.
+
+    python -m tests.benchmarks.runstore [--seconds N] [--concurrency C] [--write-concurrency W]
+                                        [--chunk K] [--runs R] [--batch-items N] [--batch-chunk K]
+
+The run store runs as its own OS process (`python -m services.runstore`, split on, on a local
+stack this benchmark starts, or the one given by --target). Every client side runs in a fresh
+load-generator subprocess (`--loadgen-worker`), so neither the gRPC client nor a floor's asyncpg
+client shares a process (or an event loop) with the server. Phases, in order, each with a
+warm-up first, then N measured seconds of closed-loop callers:
+
+  raw PK read        the service's own SELECT_RUN by primary key, asyncpg pool of C on the run-ops
+                     replica, round-robin over R seeded runs
+  GetRun             RunStoreClient.get_run (default consistency: the owning store's replica), C
+                     callers, the same R runs by friendly id
+  raw unnest runs    INSERT INTO runs ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING, K rows a
+                     statement, W in flight, on the run-ops writer
+  raw COPY runs      copy_records_to_table('runs'), the same rows
+  CreateRuns         RunStoreClient.create_runs, K pre-minted runs with created_at (as the
+                     mollifier drainer sends them), W in flight
+  raw unnest items   one statement: batch_items rows ON CONFLICT DO NOTHING, then their runs
+  raw COPY items     copy_records_to_table('batch_items') + ('runs') in one transaction
+  AcceptBatchItems   RunStoreClient.accept_batch_items, K small items a chunk, W in flight
+  100,000-item batch accept in chunks (with holes and duplicates), missing ranges midway and at
+                     the end, resend the holes, seal, list every run by pages of 1,000; the
+                     service's VmRSS at 10% and 100% of the items
+
+See tests/benchmarks/README.md for the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import asyncpg
+import grpc
+from google.protobuf import timestamp_pb2
+
+from runops.kit.errors import RunopsError
+from runops.kit.ids import Residency, mint_body
+from runops.runstore.client import RunStoreClient
+from runops.runstore.v1 import runstore_pb2 as rs
+from tests.benchmarks.controlplane import (
+    _cpu_seconds,
+    _local_postmaster,
+    _machine_jiffies,
+    _percentile,
+    _process_tree_cpu,
+    warmup_for,
+)
+
+if TYPE_CHECKING:
+    from runops.localstack import LocalStack
+
+Progress = Callable[[str], None]
+Mark = Callable[[str], Awaitable[None]]
+Kind = Literal[
+    "get_run",
+    "pg_get_run",
+    "create_runs",
+    "pg_insert_runs",
+    "pg_copy_runs",
+    "accept",
+    "pg_insert_items",
+    "pg_copy_items",
+    "large_batch",
+]
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = "tests.benchmarks.runstore"
+PROGRESS_EVERY_SECONDS = 2.0
+ORG, PROJECT = "org_bench", "proj_bench"
+# Small items (spec §7: <= 1 KiB, no offload): what the routed and the raw paths both write.
+TASK = "bench/send-email"
+QUEUE = "task/bench/send-email"
+PAYLOAD_TYPE = "application/json"
+MAX_ATTEMPTS = 3
+# Batches the timed accept phases write into (indexes never collide across chunks).
+BIG_RUN_COUNT = 1_000_000
+# The 100,000-item batch: a hole every HOLE_EVERY indexes, each chunk resends DUPLICATES indexes
+# of the chunk before it, pages of PAGE_SIZE runs.
+HOLE_EVERY = 997
+DUPLICATES = 10
+PAGE_SIZE = 1000
+# The floors write the columns a benchmark run has a value for; the rest take their defaults,
+# which are the values the service writes for them (no tags, options {}, ...).
+RUN_FLOOR_COLUMNS = (
+    "id", "environment_id", "organization_id", "project_id", "task_identifier", "status",
+    "payload", "payload_type", "queue", "max_attempts", "created_at", "updated_at",
+)  # fmt: skip
+ITEM_RUN_FLOOR_COLUMNS = (*RUN_FLOOR_COLUMNS, "batch_id", "batch_index")
+ITEM_FLOOR_COLUMNS = ("batch_id", "index", "run_id")
+INSERT_RUNS_FLOOR = """
+INSERT INTO runs (id, environment_id, organization_id, project_id, task_identifier, status,
+    payload, payload_type, queue, max_attempts, created_at, updated_at)
+SELECT r.id, $2, $3, $4, $5, 'PENDING', r.payload, $6, $7, $8, r.created_at, now()
+FROM unnest($1::text[], $9::bytea[], $10::timestamptz[]) AS r(id, payload, created_at)
+ON CONFLICT DO NOTHING
+"""
+INSERT_ITEMS_FLOOR = """
+WITH items AS (
+    INSERT INTO batch_items (batch_id, index, run_id)
+    SELECT $1, i.index, i.id FROM unnest($2::int[], $3::text[]) AS i(index, id)
+    ON CONFLICT (batch_id, index) DO NOTHING
+    RETURNING index, run_id
+)
+INSERT INTO runs (id, environment_id, organization_id, project_id, task_identifier, status,
+    payload, payload_type, queue, max_attempts, created_at, updated_at, batch_id, batch_index)
+SELECT i.run_id, $4, $5, $6, $7, 'PENDING', r.payload, $8, $9, $10, now(), now(), $1, i.index
+FROM items i JOIN unnest($2::int[], $11::bytea[]) AS r(index, payload) USING (index)
+ON CONFLICT DO NOTHING
+"""
+DURABILITY_SETTINGS = ("synchronous_commit", "fsync", "full_page_writes", "wal_level")
+
+
+def payload(i: int) -> bytes:
+    return b'{"to":"user-%d@example.com","template":"welcome","locale":"en"}' % i
+
+
+class Mismatch(Exception):
+    """An answer that is not what the call should have produced (counted as an error)."""
+
+
+# -- the load generator (a subprocess) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One load-generator run; travels as JSON on the subprocess's stdin."""
+
+    kind: Kind
+    label: str
+    seconds: float
+    warmup: float
+    concurrency: int
+    environment_id: str
+    chunk: int = 1  # rows a call (writes)
+    target: str = ""  # grpc
+    token: str = ""  # grpc
+    dsn: str = ""  # the floors
+    run_ids: tuple[str, ...] = ()  # bodies (reads)
+    batch_id: str = ""  # body (accept phases)
+    items: int = 0  # the large batch's run_count
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> LoadSpec:
+        raw = json.loads(text)
+        raw["run_ids"] = tuple(raw["run_ids"])
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    rows: int  # rows written (reads: 1 a call) by calls that ended inside the measured window
+    calls: int
+    seconds: float
+    errors: dict[str, int]  # failed calls by kind, warm-up included
+    p50_ms: float
+    p99_ms: float
+    cpu_seconds: float  # the load generator's CPU over the measured window
+    pid: int
+    figures: dict[str, float] = field(default_factory=dict)  # the large batch's
+
+
+Call = Callable[[int], Awaitable[int]]
+Close = Callable[[], Awaitable[None]]
+
+
+def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+async def _get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
+    client = RunStoreClient(spec.target, token=spec.token)
+    friendly = [f"run_{body}" for body in spec.run_ids]
+
+    async def call(n: int) -> int:
+        k = n % len(friendly)
+        run = await client.get_run(friendly[k], spec.environment_id)
+        if run is None or run.id != spec.run_ids[k]:
+            raise Mismatch("wrong or missing run")
+        return 1
+
+    return call, client.close
+
+
+async def _pool(spec: LoadSpec) -> asyncpg.Pool:
+    return await asyncpg.create_pool(spec.dsn, min_size=spec.concurrency, max_size=spec.concurrency)
+
+
+async def _pg_get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
+    from services.runstore.sql import SELECT_RUN
+
+    pool = await _pool(spec)
+
+    async def call(n: int) -> int:
+        body = spec.run_ids[n % len(spec.run_ids)]
+        row = await pool.fetchrow(SELECT_RUN, body, spec.environment_id)
+        if row is None or row["id"] != body:
+            raise Mismatch("wrong or missing run")
+        return 1
+
+    return call, pool.close
+
+
+def _run_record(id_: str, env: str, body: bytes, now: datetime) -> tuple[object, ...]:
+    """A run's RUN_FLOOR_COLUMNS values (COPY)."""
+    return (
+        id_,
+        env,
+        ORG,
+        PROJECT,
+        TASK,
+        "PENDING",
+        body,
+        PAYLOAD_TYPE,
+        QUEUE,
+        MAX_ATTEMPTS,
+        now,
+        now,
+    )
+
+
+def _count(status: str, expected: int) -> int:
+    """Rows in an "INSERT 0 N" / "COPY N" status, which must be `expected`."""
+    written = int(status.rsplit(" ", 1)[-1])
+    if written != expected:
+        raise Mismatch(f"wrote {written} rows, not {expected}")
+    return written
+
+
+async def _create_runs_caller(spec: LoadSpec) -> tuple[Call, Close]:
+    client = RunStoreClient(spec.target, token=spec.token)
+
+    async def call(n: int) -> int:
+        created_at = _timestamp(datetime.now(UTC))
+        runs = [
+            rs.RunInput(
+                run_id="run_" + mint_body(Residency.NEW),
+                environment_id=spec.environment_id,
+                organization_id=ORG,
+                project_id=PROJECT,
+                task_identifier=TASK,
+                payload=payload(n * spec.chunk + i),
+                payload_type=PAYLOAD_TYPE,
+                default_queue=QUEUE,
+                default_max_attempts=MAX_ATTEMPTS,
+                created_at=created_at,
+            )
+            for i in range(spec.chunk)
+        ]
+        results = await client.create_runs(runs)
+        fresh = sum(1 for r in results if r.HasField("run") and not r.is_cached)
+        if fresh != spec.chunk:
+            raise Mismatch(f"created {fresh} runs of {spec.chunk}")
+        return fresh
+
+    return call, client.close
+
+
+async def _pg_runs_caller(spec: LoadSpec, *, copy: bool) -> tuple[Call, Close]:
+    pool = await _pool(spec)
+
+    async def call(n: int) -> int:
+        now = datetime.now(UTC)
+        ids = [mint_body(Residency.NEW) for _ in range(spec.chunk)]
+        payloads = [payload(n * spec.chunk + i) for i in range(spec.chunk)]
+        env = spec.environment_id
+        if copy:
+            records = [_run_record(id_, env, p, now) for id_, p in zip(ids, payloads, strict=True)]
+            status = await pool.copy_records_to_table(
+                "runs", records=records, columns=RUN_FLOOR_COLUMNS
+            )
+        else:
+            status = await pool.execute(
+                INSERT_RUNS_FLOOR, ids, env, ORG, PROJECT, TASK, PAYLOAD_TYPE, QUEUE,
+                MAX_ATTEMPTS, payloads, [now] * spec.chunk,
+            )  # fmt: skip
+        return _count(status, spec.chunk)
+
+    return call, pool.close
+
+
+async def _accept_caller(spec: LoadSpec) -> tuple[Call, Close]:
+    client = RunStoreClient(spec.target, token=spec.token)
+    batch = f"batch_{spec.batch_id}"
+
+    async def call(n: int) -> int:
+        first = n * spec.chunk
+        reply = await client.accept_batch_items(
+            batch, spec.environment_id, _items(range(first, first + spec.chunk))
+        )
+        fresh = sum(1 for item in reply.items if not item.duplicate)
+        if fresh != spec.chunk:
+            raise Mismatch(f"accepted {fresh} new items of {spec.chunk}")
+        return fresh
+
+    return call, client.close
+
+
+def _items(indexes: range | list[int]) -> list[rs.BatchItemInput]:
+    return [
+        rs.BatchItemInput(
+            index=i,
+            run=rs.RunInput(
+                task_identifier=TASK,
+                payload=payload(i),
+                payload_type=PAYLOAD_TYPE,
+                default_queue=QUEUE,
+                default_max_attempts=MAX_ATTEMPTS,
+            ),
+        )
+        for i in indexes
+    ]
+
+
+async def _pg_items_caller(spec: LoadSpec, *, copy: bool) -> tuple[Call, Close]:
+    pool = await _pool(spec)
+
+    async def call(n: int) -> int:
+        indexes = list(range(n * spec.chunk, (n + 1) * spec.chunk))
+        ids = [mint_body(Residency.NEW) for _ in indexes]
+        payloads = [payload(i) for i in indexes]
+        env, batch = spec.environment_id, spec.batch_id
+        if not copy:
+            status = await pool.execute(
+                INSERT_ITEMS_FLOOR, batch, indexes, ids, env, ORG, PROJECT, TASK, PAYLOAD_TYPE,
+                QUEUE, MAX_ATTEMPTS, payloads,
+            )  # fmt: skip
+            return _count(status, spec.chunk)
+        now = datetime.now(UTC)
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.copy_records_to_table(
+                "batch_items",
+                records=[(batch, i, id_) for i, id_ in zip(indexes, ids, strict=True)],
+                columns=ITEM_FLOOR_COLUMNS,
+            )
+            status = await conn.copy_records_to_table(
+                "runs",
+                records=[
+                    (*_run_record(id_, env, p, now), batch, i)
+                    for i, id_, p in zip(indexes, ids, payloads, strict=True)
+                ],
+                columns=ITEM_RUN_FLOOR_COLUMNS,
+            )
+        return _count(status, spec.chunk)
+
+    return call, pool.close
+
+
+async def _make_caller(spec: LoadSpec) -> tuple[Call, Close]:
+    match spec.kind:
+        case "get_run":
+            return await _get_run_caller(spec)
+        case "pg_get_run":
+            return await _pg_get_run_caller(spec)
+        case "create_runs":
+            return await _create_runs_caller(spec)
+        case "pg_insert_runs" | "pg_copy_runs":
+            return await _pg_runs_caller(spec, copy=spec.kind == "pg_copy_runs")
+        case "accept":
+            return await _accept_caller(spec)
+        case "pg_insert_items" | "pg_copy_items":
+            return await _pg_items_caller(spec, copy=spec.kind == "pg_copy_items")
+    raise ValueError(f"no caller for {spec.kind}")
+
+
+async def generate(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadResult:
+    """C closed-loop callers, each call taking the next number (a run round-robin, or a fresh
+    chunk of indexes): `spec.warmup` seconds unmeasured, then `spec.seconds` measured, bracketed
+    by `await mark("start")` / `await mark("end")` (the callers keep going meanwhile)."""
+    call, close = await _make_caller(spec)
+    turn = itertools.count()
+    latencies: list[int] = []
+    rows = 0
+    errors: Counter[str] = Counter()
+    window = [sys.maxsize, sys.maxsize]  # perf_counter_ns bounds of the measured window
+    stopped = False
+
+    async def caller() -> None:
+        nonlocal rows
+        while not stopped:
+            began = time.perf_counter_ns()
+            try:
+                written = await call(next(turn))
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+                continue
+            except (RunopsError, Mismatch, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                errors[type(exc).__name__] += 1
+                continue
+            ended = time.perf_counter_ns()
+            if window[0] <= ended <= window[1]:
+                latencies.append(ended - began)
+                rows += written
+
+    tasks = [asyncio.create_task(caller()) for _ in range(spec.concurrency)]
+    try:
+        await asyncio.sleep(spec.warmup)
+        await mark("start")
+        cpu_before = _cpu_seconds()
+        start = time.perf_counter_ns()
+        window[:] = [start, start + int(spec.seconds * 1e9)]
+        while (left := (window[1] - time.perf_counter_ns()) / 1e9) > 0:
+            await asyncio.sleep(min(PROGRESS_EVERY_SECONDS, left))
+            elapsed = (time.perf_counter_ns() - start) / 1e9
+            if elapsed < spec.seconds - 0.01:
+                progress(
+                    f"{spec.label}: {rows:,} rows in {elapsed:.0f}s ({rows / elapsed:,.0f}/s),"
+                    f" {sum(errors.values())} errors"
+                )
+        cpu_seconds = _cpu_seconds() - cpu_before
+        await mark("end")
+        stopped = True
+        await asyncio.gather(*tasks)
+    finally:
+        stopped = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close()
+    latencies.sort()
+    return LoadResult(
+        rows=rows,
+        calls=len(latencies),
+        seconds=(window[1] - window[0]) / 1e9,
+        errors=dict(errors),
+        p50_ms=_percentile(latencies, 0.50),
+        p99_ms=_percentile(latencies, 0.99),
+        cpu_seconds=cpu_seconds,
+        pid=os.getpid(),
+    )
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted half-open ranges with touching ones joined."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and merged[-1][1] >= start:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadResult:
+    """One batch of `spec.items` through gRPC (see the module's docstring); every answer is
+    checked, and any mismatch fails the run. `mark("tenth")` / `mark("all")` / `mark("listed")`
+    let the bench sample the service's RSS."""
+    n, chunk, env = spec.items, spec.chunk, spec.environment_id
+    figures: dict[str, float] = {}
+    client = RunStoreClient(spec.target, token=spec.token)
+    try:
+        created = await client.create_batch(
+            rs.CreateBatchRequest(
+                environment_id=env, organization_id=ORG, project_id=PROJECT, run_count=n
+            )
+        )
+        batch = created.batch.friendly_id
+        holes = list(range(HOLE_EVERY // 2, n, HOLE_EVERY))
+        absent = set(holes)
+        limit = asyncio.Semaphore(spec.concurrency)
+        sent = Counter[str]()
+
+        async def send(indexes: list[int]) -> None:
+            async with limit:
+                reply = await client.accept_batch_items(batch, env, _items(indexes))
+            if len(reply.items) != len(indexes):
+                raise Mismatch(f"{len(reply.items)} answers for {len(indexes)} items")
+            sent["new"] += sum(1 for item in reply.items if not item.duplicate)
+            sent["duplicate"] += sum(1 for item in reply.items if item.duplicate)
+
+        async def stream(low: int, high: int) -> float:
+            """Chunks of [low, high) without the holes, each also resending the last
+            DUPLICATES indexes of the chunk before; `spec.concurrency` in flight."""
+            began = time.perf_counter()
+            chunks = []
+            for first in range(low, high, chunk):
+                again = range(max(low, first - DUPLICATES), first) if first > low else range(0)
+                fresh = range(first, min(first + chunk, high))
+                chunks.append([i for i in (*again, *fresh) if i not in absent])
+            await asyncio.gather(*(send(c) for c in chunks))
+            return time.perf_counter() - began
+
+        async def check_missing(expected: list[tuple[int, int]], accepted: int) -> float:
+            began = time.perf_counter()
+            missing = await client.missing_ranges(batch, env)
+            took = time.perf_counter() - began
+            if missing.ranges != expected or missing.truncated:
+                raise Mismatch(
+                    f"missing ranges {missing.ranges[:5]}... ({len(missing.ranges)}, truncated"
+                    f" {missing.truncated}), expected {expected[:5]}... ({len(expected)})"
+                )
+            if missing.accepted_count != accepted or missing.run_count != n:
+                raise Mismatch(f"accepted {missing.accepted_count}, expected {accepted}")
+            return took
+
+        tenth, half = n // 10, n // 2
+        accepting = await stream(0, tenth)
+        progress(f"{spec.label}: {sent['new']:,} items accepted")
+        await mark("tenth")
+        accepting += await stream(tenth, half)
+        progress(f"{spec.label}: {sent['new']:,} items accepted")
+        holes_before_half = [(h, h + 1) for h in holes if h < half]
+        figures["missing_mid_ms"] = 1e3 * await check_missing(
+            _merge([*holes_before_half, (half, n)]), half - len(holes_before_half)
+        )
+        figures["missing_mid_ranges"] = len(_merge([*holes_before_half, (half, n)]))
+        accepting += await stream(half, n)
+        progress(f"{spec.label}: {sent['new']:,} items accepted")
+        all_holes = _merge([(h, h + 1) for h in holes])
+        figures["missing_end_ms"] = 1e3 * await check_missing(all_holes, n - len(holes))
+        figures["missing_end_ranges"] = len(all_holes)
+        figures["accept_seconds"] = accepting
+        figures["accepted_in_stream"] = sent["new"]
+        # The holes, resent with one index either side (present already: duplicates).
+        absent.clear()
+        refill = sorted({i for h in holes for i in (h - 1, h, h + 1) if 0 <= i < n})
+        for first in range(0, len(refill), chunk):
+            await send(refill[first : first + chunk])
+        figures["missing_after_refill_ms"] = 1e3 * await check_missing([], n)
+        figures["duplicates"] = sent["duplicate"]
+        if sent["new"] != n:
+            raise Mismatch(f"{sent['new']} items accepted as new, expected {n}")
+        await mark("all")
+
+        began = time.perf_counter()
+        sealed = await client.seal_batch(batch, env)
+        figures["seal_ms"] = 1e3 * (time.perf_counter() - began)
+        if sealed.outcome != rs.SEAL_BATCH_OUTCOME_SEALED:
+            raise Mismatch(f"seal answered {rs.SealBatchOutcome.Name(sealed.outcome)}")
+
+        began = time.perf_counter()
+        seen = bytearray(n)
+        pages, token = 0, ""
+        while True:
+            runs, token = await client.list_batch_runs(
+                batch, env, page_size=PAGE_SIZE, page_token=token
+            )
+            pages += 1
+            for run in runs:
+                if run.batch_id != batch or seen[run.batch_index]:
+                    raise Mismatch(f"index {run.batch_index} listed twice or of another batch")
+                seen[run.batch_index] = 1
+            if pages % 20 == 0:
+                progress(f"{spec.label}: listed {pages} pages")
+            if not token:
+                break
+        figures["list_seconds"] = time.perf_counter() - began
+        figures["pages"] = pages
+        figures["listed"] = sum(seen)
+        if figures["listed"] != n:
+            raise Mismatch(f"listed {figures['listed']:,} runs, expected {n:,}")
+        await mark("listed")
+    finally:
+        await client.close()
+    return LoadResult(
+        rows=n,
+        calls=0,
+        seconds=figures.get("accept_seconds", 0.0),
+        errors={},
+        p50_ms=0.0,
+        p99_ms=0.0,
+        cpu_seconds=0.0,
+        pid=os.getpid(),
+        figures=figures,
+    )
+
+
+def _loadgen_main() -> None:
+    """The subprocess: the spec as a line on stdin; JSON lines on stdout: each mark, which
+    waits for a line on stdin (the bench has sampled the servers), then the result."""
+    spec = LoadSpec.from_json(sys.stdin.readline())
+
+    async def mark(event: str) -> None:
+        print(json.dumps({"event": event}), flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        elapsed = time.monotonic() - started
+        print(f"[loadgen pid {os.getpid()} +{elapsed:4.1f}s] {line}", file=sys.stderr, flush=True)
+
+    run = large_batch if spec.kind == "large_batch" else generate
+    result = asyncio.run(run(spec, mark, progress))
+    print(json.dumps({"event": "result", "result": asdict(result)}), flush=True)
+
+
+# -- the bench process: servers, samples at each mark ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Processes:
+    """What the bench samples: the service's pid (None: not on this machine) and the run-ops
+    database's postmasters (None: not local)."""
+
+    service: int | None
+    writer: int | None
+    replica: int | None
+
+
+@dataclass(frozen=True)
+class _Sample:
+    at: float
+    own_cpu: float
+    machine: tuple[int, int] | None
+    service_cpu: float | None
+    writer_cpu: float | None
+    replica_cpu: float | None
+    rss_kib: int | None
+    hwm_kib: int | None
+
+
+def _status_kib(pid: int | None, key: str) -> int | None:
+    """A `kB` line of /proc/<pid>/status (VmRSS, VmHWM), or None."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _sample(procs: Processes) -> _Sample:
+    def cpu(pid: int | None) -> float | None:
+        return None if pid is None else _process_tree_cpu(pid)
+
+    return _Sample(
+        at=time.monotonic(),
+        own_cpu=_cpu_seconds(),
+        machine=_machine_jiffies(),
+        service_cpu=cpu(procs.service),
+        writer_cpu=cpu(procs.writer),
+        replica_cpu=cpu(procs.replica),
+        rss_kib=_status_kib(procs.service, "VmRSS"),
+        hwm_kib=_status_kib(procs.service, "VmHWM"),
+    )
+
+
+async def _in_subprocess(spec: LoadSpec, procs: Processes) -> tuple[LoadResult, dict[str, _Sample]]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), str(REPO / "shared"), env.get("PYTHONPATH")) if p
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", MODULE, "--loadgen-worker",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    marks: dict[str, _Sample] = {}
+    result: LoadResult | None = None
+    try:
+        proc.stdin.write(spec.to_json().encode() + b"\n")
+        await proc.stdin.drain()
+        async for line in proc.stdout:
+            if not line.startswith(b"{"):
+                sys.stderr.write(line.decode(errors="replace"))
+                continue
+            message = json.loads(line)
+            if message["event"] == "result":
+                result = LoadResult(**message["result"])
+            else:
+                marks[message["event"]] = _sample(procs)
+                proc.stdin.write(b"go\n")
+                await proc.stdin.drain()
+        proc.stdin.close()
+        code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if code != 0 or result is None:
+        raise RuntimeError(f"the load generator for {spec.label!r} exited with status {code}")
+    return result, marks
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    unit: str  # what `rows` counts: calls, runs, items (an item: a batch_items row + its run)
+    rows: int
+    calls: int
+    seconds: float
+    errors: dict[str, int]  # failed calls by kind (warm-up included); empty: all succeeded
+    p50_ms: float
+    p99_ms: float
+    # CPU over the window, in cores (None: not measurable here).
+    service_cores: float | None
+    loadgen_cores: float
+    writer_cores: float | None  # the run-ops writer's postgres processes
+    replica_cores: float | None  # the run-ops replica's (it also replays the writes)
+    machine_cores: float | None
+    bench_cores: float
+
+    @property
+    def per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rest_cores(self) -> float | None:
+        """Everything else the machine ran meanwhile (the control-plane database, Redis, moto,
+        other work)."""
+        if self.machine_cores is None:
+            return None
+        own = [
+            self.service_cores, self.loadgen_cores, self.writer_cores, self.replica_cores,
+            self.bench_cores,
+        ]  # fmt: skip
+        return max(0.0, self.machine_cores - sum(c or 0.0 for c in own))
+
+
+def _cores(start: float | None, end: float | None, seconds: float) -> float | None:
+    return None if start is None or end is None else (end - start) / seconds
+
+
+async def _phase(spec: LoadSpec, unit: str, procs: Processes, progress: Progress) -> Phase:
+    progress(f"{spec.label}: {spec.warmup:.1f}s warm-up, then {spec.seconds:.1f}s measured")
+    result, marks = await _in_subprocess(spec, procs)
+    start, end = marks["start"], marks["end"]
+    seconds = result.seconds
+    machine = None
+    if start.machine is not None and end.machine is not None:
+        busy, total = (e - s for s, e in zip(start.machine, end.machine, strict=True))
+        machine = busy / total * (os.cpu_count() or 1) if total > 0 else None
+    phase = Phase(
+        name=spec.label,
+        unit=unit,
+        rows=result.rows,
+        calls=result.calls,
+        seconds=seconds,
+        errors=result.errors,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        service_cores=_cores(start.service_cpu, end.service_cpu, seconds),
+        loadgen_cores=result.cpu_seconds / seconds,
+        writer_cores=_cores(start.writer_cpu, end.writer_cpu, seconds),
+        replica_cores=_cores(start.replica_cpu, end.replica_cpu, seconds),
+        machine_cores=machine,
+        bench_cores=(end.own_cpu - start.own_cpu) / seconds,
+    )
+    progress(f"{spec.label}: {phase.per_second:,.0f} {unit}/s, p50 {phase.p50_ms:.2f} ms")
+    return phase
+
+
+@dataclass(frozen=True)
+class LargeBatch:
+    items: int
+    chunk: int
+    concurrency: int
+    figures: dict[str, float]
+    rss_tenth_kib: int | None  # the service's VmRSS with 10% of the items accepted
+    rss_all_kib: int | None  # ... with all of them accepted (before the seal)
+    rss_listed_kib: int | None  # ... after every run was listed
+    hwm_kib: int | None  # its peak RSS (VmHWM) at the end
+
+    @property
+    def rss_ratio(self) -> float | None:
+        if self.rss_tenth_kib is None or self.rss_all_kib is None:
+            return None
+        return self.rss_all_kib / self.rss_tenth_kib
+
+    @property
+    def items_per_second(self) -> float:
+        seconds = self.figures["accept_seconds"]
+        return self.figures["accepted_in_stream"] / seconds if seconds > 0 else 0.0
+
+    @property
+    def listed_per_second(self) -> float:
+        seconds = self.figures["list_seconds"]
+        return self.figures["listed"] / seconds if seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    seconds: float
+    warmup: float
+    concurrency: int
+    write_concurrency: int
+    chunk: int
+    runs: int
+    cpus: int
+    durability: dict[str, str]
+    service_pid: int | None
+    floor_read: Phase
+    get_run: Phase
+    floor_insert_runs: Phase
+    floor_copy_runs: Phase
+    create_runs: Phase
+    floor_insert_items: Phase
+    floor_copy_items: Phase
+    accept: Phase
+    batch: LargeBatch
+
+    def phases(self) -> tuple[Phase, ...]:
+        return (
+            self.get_run, self.floor_read,
+            self.create_runs, self.floor_insert_runs, self.floor_copy_runs,
+            self.accept, self.floor_insert_items, self.floor_copy_items,
+        )  # fmt: skip
+
+    @property
+    def get_run_overhead(self) -> float:
+        """Raw reads/s over routed GetRun/s (spec §7: at most 1.5x)."""
+        return self.floor_read.per_second / self.get_run.per_second
+
+    @property
+    def create_runs_share(self) -> float:
+        """CreateRuns rows/s over the raw unnest insert's (target: at least 50%)."""
+        return self.create_runs.per_second / self.floor_insert_runs.per_second
+
+    @property
+    def accept_share(self) -> float:
+        return self.accept.per_second / self.floor_insert_items.per_second
+
+    def report(self) -> str:
+        def cores(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}"
+
+        def verdict(ok: bool) -> str:
+            return "meets" if ok else "MISSES"
+
+        lines = [
+            f"run store vs raw asyncpg: {self.seconds:g}s measured per phase after"
+            f" {self.warmup:g}s warm-up, {self.cpus} CPUs; reads: {self.concurrency} callers over"
+            f" {self.runs:,} runs; writes: {self.write_concurrency} in flight, {self.chunk:,} rows"
+            " a call; every client in its own load-generator process",
+            "durability (run-ops writer): "
+            + ", ".join(f"{k}={v}" for k, v in self.durability.items())
+            + " -- commits do not wait for a WAL flush; the writes' figures (and the floors')"
+            " are higher than on a durable server",
+            "",
+            f"{'phase':<40}{'rate':>10} {'unit':<7}{'p50 ms':>8}{'p99 ms':>8}{'calls':>9}"
+            f"{'errors':>7}   cores: {'service':>7}{'loadgen':>8}{'writer':>7}{'replica':>8}"
+            f"{'rest':>6}",
+        ]
+        for phase in self.phases():
+            lines.append(
+                f"{phase.name:<40}{phase.per_second:>10,.0f} {phase.unit + '/s':<7}"
+                f"{phase.p50_ms:>8.2f}{phase.p99_ms:>8.2f}{phase.calls:>9,}"
+                f"{sum(phase.errors.values()):>7}          {cores(phase.service_cores):>7}"
+                f"{cores(phase.loadgen_cores):>8}{cores(phase.writer_cores):>7}"
+                f"{cores(phase.replica_cores):>8}{cores(phase.rest_cores):>6}"
+            )
+        copy_runs = self.create_runs.per_second / self.floor_copy_runs.per_second
+        copy_items = self.accept.per_second / self.floor_copy_items.per_second
+        lines += [
+            "",
+            f"GetRun overhead (raw / routed): {self.get_run_overhead:.2f}x"
+            f" ({verdict(self.get_run_overhead <= 1.5)} the target <= 1.5x)",
+            f"CreateRuns: {self.create_runs_share:.0%} of the unnest floor"
+            f" ({verdict(self.create_runs_share >= 0.5)} the target >= 50%), {copy_runs:.0%} of"
+            " COPY",
+            f"AcceptBatchItems: {self.accept_share:.0%} of the unnest floor"
+            f" ({verdict(self.accept_share >= 0.5)} the target >= 50%), {copy_items:.0%} of COPY",
+        ]
+        b, f = self.batch, self.batch.figures
+
+        def mib(kib: int | None) -> str:
+            return "-" if kib is None else f"{kib / 1024:.1f} MiB"
+
+        ratio = b.rss_ratio
+        flat = (
+            "-" if ratio is None else f"{ratio:.3f}x, {verdict(abs(ratio - 1) <= 0.10)} within 10%"
+        )
+        lines += [
+            "",
+            f"{b.items:,}-item batch (gRPC, chunks of {b.chunk:,}, {b.concurrency} in flight, a"
+            f" hole every {HOLE_EVERY}, {DUPLICATES} indexes of each chunk resent):",
+            f"  accepted {f['accepted_in_stream']:,.0f} items in {f['accept_seconds']:.1f}s"
+            f" ({b.items_per_second:,.0f} items/s); {f['duplicates']:,.0f} duplicates reported",
+            f"  missing ranges: midway {f['missing_mid_ranges']:.0f} in"
+            f" {f['missing_mid_ms']:.0f} ms, at the end {f['missing_end_ranges']:.0f} (the"
+            f" holes) in {f['missing_end_ms']:.0f} ms, after resending them none"
+            f" ({f['missing_after_refill_ms']:.0f} ms); sealed in {f['seal_ms']:.0f} ms",
+            f"  listed {f['listed']:,.0f} runs (each index once) in {f['pages']:.0f} pages of"
+            f" {PAGE_SIZE:,} in {f['list_seconds']:.1f}s ({b.listed_per_second:,.0f} runs/s)",
+            f"  service RSS: at {b.items // 10:,} items {mib(b.rss_tenth_kib)}, at {b.items:,}"
+            f" {mib(b.rss_all_kib)} ({flat}), after listing {mib(b.rss_listed_kib)}, peak"
+            f" {mib(b.hwm_kib)}",
+            "",
+            f"service: pid {self.service_pid} (python -m services.runstore, split on, pools of"
+            f" <= {max(self.concurrency, self.write_concurrency)} per database); cores = CPU over"
+            " the window / its length: the service, the load generator, the run-ops writer's and"
+            " replica's postgres processes, the rest of the machine",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Service:
+    target: str
+    token: str
+    pid: int | None
+
+
+async def _durability(dsn: str) -> dict[str, str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {name: str(await conn.fetchval(f"SHOW {name}")) for name in DURABILITY_SETTINGS}
+    finally:
+        await conn.close()
+
+
+async def _seed(client: RunStoreClient, env: str, runs: int) -> list[str]:
+    bodies: list[str] = []
+    for first in range(0, runs, 1000):
+        inputs = [
+            rs.RunInput(
+                environment_id=env,
+                organization_id=ORG,
+                project_id=PROJECT,
+                task_identifier=TASK,
+                payload=payload(i),
+                payload_type=PAYLOAD_TYPE,
+                default_queue=QUEUE,
+                default_max_attempts=MAX_ATTEMPTS,
+            )
+            for i in range(first, min(first + 1000, runs))
+        ]
+        bodies += [result.run.id for result in await client.create_runs(inputs)]
+    return bodies
+
+
+async def measure(
+    stack: LocalStack,
+    service: Service,
+    *,
+    seconds: float,
+    concurrency: int,
+    write_concurrency: int,
+    chunk: int,
+    runs: int,
+    batch_items: int,
+    batch_chunk: int,
+    progress: Progress,
+) -> BenchResult:
+    db = stack.runops_db
+    warmup = warmup_for(seconds)
+    env = "env_" + mint_body(Residency.NEW)
+    procs = Processes(
+        service.pid, await _local_postmaster(db.writer_dsn), await _local_postmaster(db.replica_dsn)
+    )
+    async with RunStoreClient(service.target, token=service.token) as client:
+        progress(f"seeding {runs:,} runs and 3 batches through the service")
+        bodies = await _seed(client, env, runs)
+        batches = []
+        for _ in range(3):
+            created = await client.create_batch(
+                rs.CreateBatchRequest(
+                    environment_id=env,
+                    organization_id=ORG,
+                    project_id=PROJECT,
+                    run_count=BIG_RUN_COUNT,
+                )
+            )
+            batches.append(created.batch.id)
+    await db.wait_for_replica()
+    durability = await _durability(db.writer_dsn)
+
+    def spec(kind: Kind, label: str, **fields: Any) -> LoadSpec:
+        return LoadSpec(
+            kind=kind, label=label, seconds=seconds, warmup=warmup, environment_id=env, **fields
+        )
+
+    grpc_at = {"target": service.target, "token": service.token}
+    read = {"concurrency": concurrency, "run_ids": tuple(bodies)}
+    write = {"concurrency": write_concurrency, "chunk": chunk}
+    floor_read = await _phase(
+        spec("pg_get_run", "raw PK read (asyncpg, replica)", dsn=db.replica_dsn, **read),
+        "calls", procs, progress,
+    )  # fmt: skip
+    get_run = await _phase(
+        spec("get_run", "GetRun (gRPC, routed, replica)", **grpc_at, **read),
+        "calls", procs, progress,
+    )  # fmt: skip
+    floor_insert_runs = await _phase(
+        spec("pg_insert_runs", "raw unnest INSERT runs", dsn=db.writer_dsn, **write),
+        "runs", procs, progress,
+    )  # fmt: skip
+    floor_copy_runs = await _phase(
+        spec("pg_copy_runs", "raw COPY runs", dsn=db.writer_dsn, **write),
+        "runs", procs, progress,
+    )  # fmt: skip
+    create_runs = await _phase(
+        spec("create_runs", "CreateRuns (gRPC)", **grpc_at, **write), "runs", procs, progress
+    )
+    floor_insert_items = await _phase(
+        spec(
+            "pg_insert_items", "raw unnest INSERT items + runs", dsn=db.writer_dsn,
+            batch_id=batches[0], **write,
+        ),
+        "items", procs, progress,
+    )  # fmt: skip
+    floor_copy_items = await _phase(
+        spec(
+            "pg_copy_items", "raw COPY items + runs", dsn=db.writer_dsn, batch_id=batches[1],
+            **write,
+        ),
+        "items", procs, progress,
+    )  # fmt: skip
+    accept = await _phase(
+        spec("accept", "AcceptBatchItems (gRPC)", batch_id=batches[2], **grpc_at, **write),
+        "items", procs, progress,
+    )  # fmt: skip
+
+    progress(
+        f"{batch_items:,}-item batch: chunks of {batch_chunk:,}, {write_concurrency} in flight"
+    )
+    result, marks = await _in_subprocess(
+        spec(
+            "large_batch", f"{batch_items:,}-item batch", concurrency=write_concurrency,
+            chunk=batch_chunk, items=batch_items, **grpc_at,
+        ),
+        procs,
+    )  # fmt: skip
+    batch = LargeBatch(
+        items=batch_items,
+        chunk=batch_chunk,
+        concurrency=write_concurrency,
+        figures=result.figures,
+        rss_tenth_kib=marks["tenth"].rss_kib,
+        rss_all_kib=marks["all"].rss_kib,
+        rss_listed_kib=marks["listed"].rss_kib,
+        hwm_kib=marks["listed"].hwm_kib,
+    )
+    return BenchResult(
+        seconds=seconds,
+        warmup=warmup,
+        concurrency=concurrency,
+        write_concurrency=write_concurrency,
+        chunk=chunk,
+        runs=runs,
+        cpus=os.cpu_count() or 1,
+        durability=durability,
+        service_pid=service.pid,
+        floor_read=floor_read,
+        get_run=get_run,
+        floor_insert_runs=floor_insert_runs,
+        floor_copy_runs=floor_copy_runs,
+        create_runs=create_runs,
+        floor_insert_items=floor_insert_items,
+        floor_copy_items=floor_copy_items,
+        accept=accept,
+        batch=batch,
+    )
+
+
+async def run(
+    stack: LocalStack,
+    *,
+    seconds: float = 10.0,
+    concurrency: int = 16,
+    write_concurrency: int = 2,
+    chunk: int = 1000,
+    runs: int = 1000,
+    batch_items: int = 100_000,
+    batch_chunk: int = 5000,
+    service: Service | None = None,
+    progress: Progress | None = None,
+) -> BenchResult:
+    """Start the run store as a process on `stack` (unless `service` is given), then measure."""
+    from runops.localstack.ports import free_port
+    from runops.localstack.services import ServiceProcess
+
+    say: Progress = progress or (lambda _line: None)
+    options: dict[str, Any] = {
+        "seconds": seconds,
+        "concurrency": concurrency,
+        "write_concurrency": write_concurrency,
+        "chunk": chunk,
+        "runs": runs,
+        "batch_items": batch_items,
+        "batch_chunk": batch_chunk,
+        "progress": say,
+    }
+    if service is not None:
+        return await measure(stack, service, **options)
+    token = secrets.token_urlsafe(16)
+    # The service's pools get as many connections as the floors' (the larger of C and W).
+    pool = str(min(200, max(concurrency, write_concurrency)))
+    env = {
+        **stack.service_env(),
+        "RUNOPS_INTERNAL_TOKEN": token,
+        "RUNOPS_LOG_FORMAT": "console",
+        "RUNOPS_CONTROLPLANE_DB_POOL_MAX_SIZE": pool,
+        "RUNOPS_RUNOPS_DB_POOL_MAX_SIZE": pool,
+    }
+    logs = Path(tempfile.mkdtemp(prefix="runstore-bench-"))
+    process = ServiceProcess("runstore", free_port(), -1, logs / "runstore.log", env=env)
+    async with process:
+        assert process.proc is not None
+        say(f"run store serving on {process.target} (pid {process.proc.pid}, log {logs})")
+        return await measure(stack, Service(process.target, token, process.proc.pid), **options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    add = parser.add_argument
+    add("--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)")
+    add("--concurrency", type=int, default=16, help="concurrent readers (default 16)")
+    add("--write-concurrency", type=int, default=2, help="write calls in flight (default 2)")
+    add("--chunk", type=int, default=1000, help="rows a write call (default 1000)")
+    add("--runs", type=int, default=1000, help="seeded runs the reads go over (default 1000)")
+    add("--batch-items", type=int, default=100_000, help="the large batch (default 100000)")
+    add("--batch-chunk", type=int, default=5000, help="its chunk size (default 5000)")
+    add("--target", help="an already running run store (default: start one as a process)")
+    add("--token", default="", help="its internal token (with --target)")
+    add("--service-pid", type=int, help="its pid on this machine, for CPU and RSS (--target)")
+    for name in ("controlplane-db", "runops-db"):
+        for role in ("writer", "replica"):
+            add(f"--{name}-{role}", help=f"use this {name.replace('-', ' ')} {role} (a DSN)")
+    add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.loadgen_worker:
+        _loadgen_main()
+        return
+    if min(args.seconds, args.concurrency, args.write_concurrency, args.chunk, args.runs) <= 0:
+        parser.error("--seconds, --concurrency, --write-concurrency, --chunk, --runs must be > 0")
+    if not 0 < args.chunk <= 10_000 or not 0 < args.batch_chunk <= 10_000:
+        parser.error("--chunk and --batch-chunk must be 1 to 10000 (the service's limit)")
+    if not 100 <= args.batch_items <= BIG_RUN_COUNT:
+        parser.error(f"--batch-items must be 100 to {BIG_RUN_COUNT}")
+    from runops.kit.logging import configure_logging
+    from runops.localstack import ExternalServers, LocalStack, printing_progress
+
+    external = ExternalServers(
+        controlplane_db_writer=args.controlplane_db_writer,
+        controlplane_db_replica=args.controlplane_db_replica,
+        runops_db_writer=args.runops_db_writer,
+        runops_db_replica=args.runops_db_replica,
+    )
+    service = None if args.target is None else Service(args.target, args.token, args.service_pid)
+    configure_logging("warning", "console")
+    say = printing_progress("bench")
+    with LocalStack(None, external=external, progress=say) as stack:
+        result = asyncio.run(
+            run(
+                stack,
+                seconds=args.seconds,
+                concurrency=args.concurrency,
+                write_concurrency=args.write_concurrency,
+                chunk=args.chunk,
+                runs=args.runs,
+                batch_items=args.batch_items,
+                batch_chunk=args.batch_chunk,
+                service=service,
+                progress=say,
+            )
+        )
+    # After the stack stopped: the figures are the last thing printed.
+    print(result.report(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
