@@ -9,9 +9,6 @@ import asyncio
 import os
 import time
 
-from runops.mollifier.client import MollifierClient
-from runops.mollifier.v1 import mollifier_pb2 as m
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("trigger", "burst", "stats"))
@@ -22,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    # Imported here: `runops --help` builds every subcommand's parser and must stay fast.
+    from runops.mollifier.client import MollifierClient
+    from runops.mollifier.v1 import mollifier_pb2 as m
+
     target = os.environ.get("RUNOPS_MOLLIFIER_TARGET", "127.0.0.1:50051")
     async with MollifierClient(target, token=os.environ.get("RUNOPS_INTERNAL_TOKEN")) as client:
         if args.action == "stats":
