@@ -54,7 +54,9 @@ async def drained(service: Mollifier, stack: LocalStack, env: str, expected: int
 async def test_a_burst_of_5000_loses_nothing_and_keeps_ids_and_times(
     services: Factory, env: Seeded, stack: LocalStack
 ) -> None:
-    service = await services(drainer_enabled=True)
+    # 20 per 200 ms (100/s): a loaded 2-core CI machine still bursts past it; the default
+    # 500/s is sometimes more than the burst itself reaches there.
+    service = await services(drainer_enabled=True, gate_threshold=20)
     client = stub(service.app.target)
     replies: list[m.TriggerResponse] = []
 
