@@ -248,6 +248,11 @@ async def test_the_client_resubscribes_on_its_own(stack: LocalStack, admin: Stub
     plane: ControlPlane = await start_control_plane(stack, grpc_port=port)
     seeded = await seed(admin)
     async with ControlPlaneClient(plane.app.target, token=INTERNAL) as client:
+        # Entering waits 5 s for the subscription; a loaded machine may need longer.
+        async def subscribed() -> bool:
+            return client.subscribed.is_set()
+
+        await until(subscribed, limit=30)
         await client.get_environment(seeded.env_id)
         assert client.cache.environments.peek(seeded.env_id)[0]
         await plane.app.stop(grace=1)
