@@ -1,5 +1,5 @@
-"""Wiring: the control plane (API keys), the run store, the object store, the token bucket and
-the servicer on the kit's ServiceApp."""
+"""Wiring: the control plane (API keys), the run store, the mollifier (idempotency-key claims),
+the object store, the token bucket and the servicer on the kit's ServiceApp."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from runops.controlplane.client import ControlPlaneClient
 from runops.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from runops.kit.redis import RedisClient, open_redis
 from runops.kit.server import ServiceApp
+from runops.mollifier.client import MollifierClient
 from runops.runstore.client import RunStoreClient
-from services.ingest.keyed import KeyedItems, RunStoreKeyedItems
+from services.ingest.keyed import KeyedItems, MollifierKeyedItems
 from services.ingest.offload import ObjectStore, Offloader, StoreConfig
 from services.ingest.ratelimit import TokenBucket, bucket_from_settings
 from services.ingest.service import IngestServicer
@@ -42,9 +43,8 @@ class Ingest:
         self.bucket: TokenBucket | None = (
             bucket_from_settings(settings, self.redis) if settings.rate_limit_enabled else None
         )
-        # INTERIM: the run store's lookup until the mollifier's batched claim exists
-        # (services/ingest/keyed.py says what it cannot see).
-        self.keyed: KeyedItems = RunStoreKeyedItems(self.run_store)
+        self.mollifier = MollifierClient(settings.mollifier_target, token=token)
+        self.keyed: KeyedItems = MollifierKeyedItems(self.mollifier)
         self.servicer = IngestServicer(
             run_store=self.run_store,
             offloader=Offloader(self.object_store, settings.offload_threshold_bytes),
@@ -72,6 +72,7 @@ class Ingest:
         # open_redis registered its hook first).
         app.on_shutdown(self.object_store.close)
         app.on_shutdown(self.run_store.close)
+        app.on_shutdown(self.mollifier.close)
         app.on_shutdown(self.control_plane.close)
 
 

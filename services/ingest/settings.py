@@ -101,10 +101,9 @@ class IngestSettings(ServerSettings):
     """RUNOPS_CONTROLPLANE_TARGET: the control plane (API keys, environments), host:port."""
     runstore_target: GrpcTarget
     """RUNOPS_RUNSTORE_TARGET: the run store (batches, items, runs), host:port."""
-    mollifier_target: GrpcTarget | None = None
-    """RUNOPS_MOLLIFIER_TARGET: the mollifier (idempotency-key claims), host:port. Not called
-    yet: until the mollifier's batched claim exists, keyed items resolve through the run store
-    (`services.ingest.keyed.RunStoreKeyedItems`), so it may be left unset."""
+    mollifier_target: GrpcTarget
+    """RUNOPS_MOLLIFIER_TARGET: the mollifier, host:port: items with an idempotency key are
+    resolved through its batched claims (`services.ingest.keyed.MollifierKeyedItems`)."""
 
     # -- WatchBatch ------------------------------------------------------------------------
     watch_interval_seconds: float = Field(default=1.0, ge=0.05, le=60)

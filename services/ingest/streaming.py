@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
@@ -85,9 +86,7 @@ class Phase2:
                 inputs[item.index] = self._pre_failed(item)
                 continue
             if item.options.idempotency_key:
-                keyed.append(
-                    KeyedItem(item.index, item.task, item.options.idempotency_key),
-                )
+                keyed.append(_keyed(item))
             if self._offloader.should_offload(item.payload):
                 to_offload.append(item)
             inputs[item.index] = rs.BatchItemInput(
@@ -113,9 +112,9 @@ class Phase2:
             if claims is not None:
                 await claims.release()
             raise
-        new = [item for item in accepted.items if not item.duplicate]
         if claims is not None:
-            await _publish(claims, keyed, new)
+            await _publish(claims, keyed, accepted.items)
+        new = [item for item in accepted.items if not item.duplicate]
         fresh = {item.index for item in new}
         self.linked_count += len(fresh & linked)
         self.pre_failed_count += sum(1 for index in fresh if inputs[index].HasField("pre_failed"))
@@ -240,9 +239,19 @@ async def _chunks(
         )
 
 
+def _keyed(item: ing.BatchItem) -> KeyedItem:
+    expires_at = None
+    if item.options.HasField("idempotency_key_ttl"):
+        ttl = max(item.options.idempotency_key_ttl.ToTimedelta(), timedelta(0))
+        expires_at = datetime.now(UTC) + ttl
+    return KeyedItem(item.index, item.task, item.options.idempotency_key, expires_at)
+
+
 async def _publish(
     claims: KeyClaims, keyed: Sequence[KeyedItem], accepted: Sequence[rs.AcceptedItem]
 ) -> None:
+    """The run each claimed item got, duplicates included (a resent index keeps the run written
+    the first time: that is the key's run)."""
     claimed = {item.index for item in keyed} - set(claims.existing)
     runs = {item.index: item.run_id for item in accepted if item.index in claimed}
     await claims.publish(runs)

@@ -1,5 +1,6 @@
-"""The ingest service on the real suite: a control plane and a run store (in-process, on the
-session stack), ingest in-process or as OS processes, seeded environments, item builders."""
+"""The ingest service on the real suite: a control plane, a run store and a mollifier
+(in-process, on the session stack), ingest in-process or as OS processes, seeded environments,
+item builders."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Suite:
     stack: LocalStack
     controlplane_target: str
     runstore_target: str
+    mollifier_target: str
 
 
 def settings_for(suite: Suite, **overrides: Any) -> IngestSettings:
@@ -51,6 +53,7 @@ def settings_for(suite: Suite, **overrides: Any) -> IngestSettings:
         "internal_token": INTERNAL,
         "controlplane_target": suite.controlplane_target,
         "runstore_target": suite.runstore_target,
+        "mollifier_target": suite.mollifier_target,
         "redis": {"url": suite.stack.redis_url},
         "s3_endpoint_url": suite.stack.s3_endpoint_url,
         "s3_bucket": suite.stack.s3_bucket,
@@ -95,6 +98,7 @@ def process_env(suite: Suite, **env: str) -> dict[str, str]:
         "RUNOPS_INTERNAL_TOKEN": INTERNAL,
         "RUNOPS_CONTROLPLANE_TARGET": suite.controlplane_target,
         "RUNOPS_RUNSTORE_TARGET": suite.runstore_target,
+        "RUNOPS_MOLLIFIER_TARGET": suite.mollifier_target,
         "RUNOPS_LOG_FORMAT": "console",
         "RUNOPS_GRACE_PERIOD_SECONDS": "2",
         "RUNOPS_OFFLOAD_THRESHOLD_BYTES": "4096",

@@ -106,7 +106,10 @@ async def test_oversized_offloaded_and_keyed_items(
     reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
     assert reply.sealed
     assert reply.pre_failed_count == 1
-    assert reply.linked_count == 1
+    # This organization has no mollifier flag: its keys are SKIPPED by the claim and the run
+    # store links items 3 and 5 as it writes them; linked_count counts only links known before
+    # the write (ListBatchItems below reports both). tests/ingest/test_keyed.py: the flag on.
+    assert reply.linked_count == 0
     assert reply.status == common_pb2.BATCH_STATUS_PARTIAL_FAILED
 
     runs = {

@@ -111,6 +111,7 @@ def test_missing_required_variables_are_each_named(env: pytest.MonkeyPatch) -> N
         "RUNOPS_S3_BUCKET: Field required",
         "RUNOPS_CONTROLPLANE_TARGET: Field required",
         "RUNOPS_RUNSTORE_TARGET: Field required",
+        "RUNOPS_MOLLIFIER_TARGET: Field required",
         "set RUNOPS_REDIS_URL (standalone) or RUNOPS_REDIS_CLUSTER_NODES",
     ):
         assert name in message

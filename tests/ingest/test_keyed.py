@@ -1,0 +1,202 @@
+"""Keyed batch items resolved through the mollifier's batched claims (spec §5, §4): a key held
+by a run still buffered in the mollifier, by a persisted run, by an organization without the
+mollifier flag (SKIPPED: the run store's unique key dedups), and claims released when a unit
+fails before its runs were written."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+
+from runops.common.v1 import common_pb2
+from runops.ingest.v1 import ingest_pb2 as ing
+from runops.localstack.ports import free_port
+from runops.mollifier.client import ClaimOutcome, KeyToClaim, MollifierClient
+from runops.mollifier.v1 import mollifier_pb2 as m
+from services.ingest.app import Ingest
+from services.mollifier.app import Mollifier, drainer_of
+from tests.controlplane.harness import INTERNAL, Seeded, expect_error
+from tests.ingest.harness import Stub, Suite, ingest_in_process, item, requests, stub
+from tests.mollifier.service_harness import (
+    TASK,
+    body,
+    runs_in_postgres,
+    seeded_env,
+    trigger_request,
+)
+from tests.mollifier.service_harness import stub as mollifier_stub
+
+
+def keyed(index: int, key: str, **fields: Any) -> ing.BatchItem:
+    return item(index, task=TASK, options=common_pb2.TriggerOptions(idempotency_key=key), **fields)
+
+
+async def outcomes(api: Stub, batch_id: str) -> dict[int, ing.BatchItemOutcome]:
+    reply = await api.ListBatchItems(ing.ListBatchItemsRequest(batch_id=batch_id, page_size=1000))
+    return {o.index: o for o in reply.items}
+
+
+async def runs_with_key(suite: Suite, env: str, key: str) -> list[str]:
+    """Ids (bodies) of the runs of `env` holding `key`, read on both writers directly."""
+    found: list[str] = []
+    for db in (suite.stack.controlplane_db, suite.stack.runops_db):
+        conn = await asyncpg.connect(db.admin_writer_dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT id FROM runs WHERE environment_id = $1 AND idempotency_key = $2", env, key
+            )
+        finally:
+            await conn.close()
+        found += [row["id"] for row in rows]
+    return found
+
+
+async def flagged(suite: Suite) -> Seeded:
+    return await seeded_env(suite.controlplane_target, enabled=True)
+
+
+async def test_an_item_links_to_a_run_still_buffered_in_the_mollifier(
+    suite: Suite, ingest: Ingest, mollifier: Mollifier
+) -> None:
+    env = await flagged(suite)
+    triggers = mollifier_stub(suite.mollifier_target)
+    # A burst past the gate (the suite's: 20 per second): some runs wait in the buffer.
+    replies = await asyncio.gather(
+        *(
+            triggers.Trigger(
+                trigger_request(
+                    env.env_id, options=common_pb2.TriggerOptions(idempotency_key=f"burst-{i}")
+                )
+            )
+            for i in range(300)
+        )
+    )
+    buffered = [r for r in replies if r.buffered]
+    assert buffered, "the gate tripped"
+    target = buffered[-1].run
+    assert (await mollifier.buffer.stats(env.env_id)).depth == len(buffered)
+
+    api = stub(ingest.app.target, env.api_key)
+    batch = (await api.CreateBatch(ing.CreateBatchRequest(run_count=2))).batch
+    chunk = [keyed(0, target.idempotency_key), keyed(1, "fresh-key")]
+    reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
+    assert reply.sealed
+    assert reply.linked_count == 1
+    found = await outcomes(api, batch.friendly_id)
+    assert found[0].outcome == ing.ITEM_OUTCOME_LINKED
+    assert found[0].run_id == target.friendly_id
+    assert found[1].outcome == ing.ITEM_OUTCOME_CREATED
+    # Nothing of the key in Postgres yet: the run is still buffered, and no new run was made.
+    assert await runs_with_key(suite, env.env_id, target.idempotency_key) == []
+
+    drainer = drainer_of(mollifier.buffer, mollifier.run_store, mollifier.settings)
+    while (await mollifier.buffer.stats(env.env_id)).depth:
+        await drainer.tick()
+    assert await runs_with_key(suite, env.env_id, target.idempotency_key) == [
+        body(target.friendly_id)
+    ]
+    assert len(await runs_in_postgres(suite.stack, env.env_id)) == 300 + 1
+
+
+async def test_an_item_links_to_a_persisted_run_and_a_repeated_key_to_one_run(
+    suite: Suite, ingest: Ingest
+) -> None:
+    env = await flagged(suite)
+    triggers = mollifier_stub(suite.mollifier_target)
+    options = common_pb2.TriggerOptions(idempotency_key="k-persisted")
+    persisted = await triggers.Trigger(trigger_request(env.env_id, options=options))
+    assert not persisted.buffered, "a fresh environment's first trigger passes the gate"
+
+    api = stub(ingest.app.target, env.api_key)
+    batch = (await api.CreateBatch(ing.CreateBatchRequest(run_count=5))).batch
+    # Units of 2 items, one at a time: "k-twice" is claimed in one unit (and repeated there),
+    # then found published by the next.
+    async with ingest_in_process(suite, max_chunk_items=2, ingest_concurrency=1) as small:
+        small_api = stub(small.app.target, env.api_key)
+        chunk = [
+            keyed(0, "k-persisted"),
+            item(1, task=TASK),
+            keyed(2, "k-twice"),
+            keyed(3, "k-twice"),
+            keyed(4, "k-twice"),
+        ]
+        reply = await small_api.StreamBatchItems(requests(batch.friendly_id, chunk))
+    assert reply.sealed
+    found = await outcomes(api, batch.friendly_id)
+    assert found[0].outcome == ing.ITEM_OUTCOME_LINKED
+    assert found[0].run_id == persisted.run.friendly_id
+    assert found[2].outcome == ing.ITEM_OUTCOME_CREATED
+    twice = found[2].run_id
+    assert found[3].outcome == found[4].outcome == ing.ITEM_OUTCOME_LINKED
+    assert found[3].run_id == found[4].run_id == twice
+    assert await runs_with_key(suite, env.env_id, "k-twice") == [body(twice)]
+    assert len(await runs_with_key(suite, env.env_id, "k-persisted")) == 1
+    # The claim was published with the run: a single trigger with the key gets it.
+    again = await triggers.Trigger(
+        trigger_request(env.env_id, options=common_pb2.TriggerOptions(idempotency_key="k-twice"))
+    )
+    assert again.is_cached
+    assert again.run.friendly_id == twice
+
+
+async def test_an_organization_without_the_flag_still_dedups_through_the_run_store(
+    suite: Suite, ingest: Ingest
+) -> None:
+    env = await seeded_env(suite.controlplane_target, enabled=False)
+    async with MollifierClient(suite.mollifier_target, token=INTERNAL) as client:
+        claims = await client.claim_keys(env.env_id, [KeyToClaim(TASK, "k-off")])
+    assert [c.outcome for c in claims] == [ClaimOutcome.SKIPPED]
+
+    triggers = mollifier_stub(suite.mollifier_target)
+    options = common_pb2.TriggerOptions(idempotency_key="k-off")
+    earlier = await triggers.Trigger(trigger_request(env.env_id, options=options))
+    api = stub(ingest.app.target, env.api_key)
+    batch = (await api.CreateBatch(ing.CreateBatchRequest(run_count=3))).batch
+    chunk = [keyed(0, "k-off"), keyed(1, "k-off-new"), keyed(2, "k-off-new")]
+    reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
+    assert reply.sealed
+    found = await outcomes(api, batch.friendly_id)
+    assert found[0].outcome == ing.ITEM_OUTCOME_LINKED
+    assert found[0].run_id == earlier.run.friendly_id
+    assert found[2].outcome == ing.ITEM_OUTCOME_LINKED
+    assert found[2].run_id == found[1].run_id
+    assert len(await runs_with_key(suite, env.env_id, "k-off")) == 1
+    assert len(await runs_with_key(suite, env.env_id, "k-off-new")) == 1
+
+
+async def test_a_failed_unit_releases_its_claims(suite: Suite, ingest: Ingest) -> None:
+    env = await flagged(suite)
+    api = stub(ingest.app.target, env.api_key)
+    batch = (await api.CreateBatch(ing.CreateBatchRequest(run_count=2))).batch
+    # Claimed, then the offload fails (object store down): the unit writes nothing.
+    chunk = [keyed(0, "k-released", payload=b"p" * 5000), keyed(1, "k-released-too")]
+    async with ingest_in_process(suite, s3_endpoint_url=f"http://127.0.0.1:{free_port()}") as down:
+        broken = stub(down.app.target, env.api_key)
+        exc = await expect_error(
+            broken.StreamBatchItems(requests(batch.friendly_id, chunk)),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE
+
+    # Not held any more: claimable at once (a held key would answer PENDING after no wait).
+    async with MollifierClient(suite.mollifier_target, token=INTERNAL) as client:
+        keys = [KeyToClaim(TASK, "k-released"), KeyToClaim(TASK, "k-released-too")]
+        claims = await client.claim_keys(env.env_id, keys, wait=timedelta(0))
+        assert [c.outcome for c in claims] == [ClaimOutcome.CLAIMED] * 2
+        assert await client.release_keys(env.env_id, claims) == [True, True]
+
+    reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
+    assert reply.sealed
+    assert reply.accepted_count == 2
+    found = await outcomes(api, batch.friendly_id)
+    assert {o.outcome for o in found.values()} == {ing.ITEM_OUTCOME_CREATED}
+    found_run = await mollifier_stub(suite.mollifier_target).FindRunByIdempotencyKey(
+        m.FindRunByIdempotencyKeyRequest(
+            environment_id=env.env_id, task_identifier=TASK, idempotency_key="k-released"
+        )
+    )
+    assert found_run.run.friendly_id == found[0].run_id
