@@ -24,12 +24,14 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 REPO = Path(__file__).resolve().parents[2]
+# What ingest (and the mollifier) call: started once per benchmark run, in this order.
+BASE_SERVICES = ("controlplane", "runstore", "mollifier")
 
 
 @dataclass
 class Suite:
-    """A control plane and a run store running as processes on `stack`, and one seeded
-    DEVELOPMENT environment."""
+    """The control plane, run store and mollifier running as processes on `stack`, and one
+    seeded DEVELOPMENT environment."""
 
     stack: LocalStack
     logs: Path
@@ -78,15 +80,18 @@ async def running_suite(stack: LocalStack, progress: Progress) -> AsyncIterator[
 
     logs = Path(tempfile.mkdtemp(prefix="runops-bench-"))
     suite = Suite(
-        stack, logs, secrets.token_urlsafe(16), secrets.token_urlsafe(16),
-        [ServiceProcess(n, free_port(), -1, logs / f"{n}.log") for n in ("controlplane", "runstore")],
-    )  # fmt: skip
+        stack,
+        logs,
+        secrets.token_urlsafe(16),
+        secrets.token_urlsafe(16),
+        [ServiceProcess(n, free_port(), -1, logs / f"{n}.log") for n in BASE_SERVICES],
+    )
     for process in suite.base:
         process.env = suite.env()
     async with contextlib.AsyncExitStack() as exits:
         for process in suite.base:
             await exits.enter_async_context(process)
-        progress(f"control plane and run store serving (logs in {logs})")
+        progress(f"{', '.join(BASE_SERVICES)} serving (logs in {logs})")
         seeded = await bootstrap_at(
             suite.base[0].target, suite.admin_token, "bench", suffix_if_taken=True
         )
