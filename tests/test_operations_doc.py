@@ -59,11 +59,7 @@ def tables() -> str:
             "",
             "| variable | default |",
             "|---|---|",
-            *(
-                f"| `{v}` | {d} |"
-                for v, d in variables(service.settings_class())
-                if v not in names
-            ),
+            *(f"| `{v}` | {d} |" for v, d in variables(service.settings_class()) if v not in names),
         ]
     return "\n".join([*lines, "", END])
 

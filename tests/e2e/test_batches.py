@@ -48,7 +48,13 @@ async def test_ten_thousand_items_with_large_payloads(clients: Clients) -> None:
         assert reply.pre_failed_count == len(TOO_LARGE)
         assert reply.status == common_pb2.BATCH_STATUS_PARTIAL_FAILED
 
-        every = [o async for o in client.list_batch_items(result.batch_id, page_size=1000)]
+        every: list[ing.BatchItemOutcome] = []
+
+        async def listed() -> bool:  # public reads go to the replica: wait out its lag
+            every[:] = [o async for o in client.list_batch_items(result.batch_id, page_size=1000)]
+            return len(every) == ITEMS
+
+        await eventually(listed, limit=30, what="every item outcome listed")
         assert sorted(o.index for o in every) == list(range(ITEMS))
         assert len({o.run_id for o in every}) == ITEMS, "exactly one run per item"
         failed = [
@@ -104,11 +110,16 @@ async def test_batch_and_wait_completes_the_parents_waitpoint(clients: Clients) 
             resume_parent_on_completion=True,
         )
         assert result.response.sealed
+        runs: list[str] = []
+
+        async def listed() -> bool:  # public reads go to the replica: wait out its lag
+            runs[:] = [o.run_id async for o in client.list_batch_items(result.batch_id)]
+            return len(runs) == 20
+
+        await eventually(listed, limit=15, what="the batch's 20 runs listed")
         batch = await client.get_batch(result.batch_id)
         assert batch.waitpoint_id, "a batch-and-wait has its parent's waitpoint"
         assert batch.parent_run_id in (parent.friendly_id, parent.id)
-        runs = [o.run_id async for o in client.list_batch_items(result.batch_id)]
-    assert len(runs) == 20
 
     async def waitpoint() -> common_pb2.Waitpoint:
         reply = await clients.runstore.GetWaitpoint(
@@ -146,6 +157,11 @@ async def test_batch_and_wait_completes_the_parents_waitpoint(clients: Clients) 
 
     await eventually(completed, limit=30, what="the parent's waitpoint completed")
     async with IngestClient(clients.endpoints.ingest, tenant.api_key) as client:
-        done = await client.get_batch(result.batch_id)
-    assert done.status == common_pb2.BATCH_STATUS_COMPLETED
-    assert done.completed_run_count == 20
+
+        async def batch_completed() -> bool:
+            done = await client.get_batch(result.batch_id)
+            return (
+                done.status == common_pb2.BATCH_STATUS_COMPLETED and done.completed_run_count == 20
+            )
+
+        await eventually(batch_completed, limit=15, what="the batch COMPLETED")
