@@ -45,6 +45,13 @@ def _env_name(option: str) -> str:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("runops", "runops servers (default: started locally per session)")
+    # The end-to-end suite (tests/e2e) against a running suite instead of its own processes.
+    group.addoption(
+        "--e2e-env-file",
+        default=os.environ.get("RUNOPS_E2E_ENV_FILE") or None,
+        help="tests/e2e drive the suite this env file names (runops up's runops.env, "
+        "docker/e2e.env for compose) instead of starting one [env RUNOPS_E2E_ENV_FILE]",
+    )
     for option, text in SERVER_OPTIONS.items():
         env = _env_name(option)
         group.addoption(

@@ -27,6 +27,13 @@ def _up_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start everything, print the endpoints, then stop and exit (CI smoke test)",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="server processes per service, each on its own port; the targets list them all "
+        "(ipv4:a,b) and clients spread calls with round_robin (default 1)",
+    )
 
 
 def _protos_args(parser: argparse.ArgumentParser) -> None:

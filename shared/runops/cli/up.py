@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -24,7 +25,7 @@ from runops.localstack.services import (
     stop_services,
     targets_env,
 )
-from runops.localstack.stack import LABEL_WIDTH
+from runops.localstack.stack import LABEL_WIDTH, Progress
 
 DEMO_SLUG = "demo"
 
@@ -126,7 +127,43 @@ def _wait_until_stopped(ctx: UpContext) -> int:
         time.sleep(0.5)
 
 
-def up(state_dir: Path | None, with_cluster: bool, check: bool) -> int:
+def start_suite(
+    ctx: UpContext,
+    progress: Progress,
+    replicas: int = 1,
+    overrides: Mapping[str, str] | None = None,
+) -> None:
+    """On ctx.stack (started): tokens, then every service that exists (`replicas` servers each,
+    companions once) as processes with the stack's environment (plus `overrides`, e.g. a
+    setting), until all answer SERVING.
+    ctx.services is filled before they start, so the caller's cleanup stops them
+    (`stop_services(ctx.services)`) whatever happens. The e2e suite starts its stack this way."""
+    ctx.admin_token = secrets.token_urlsafe(24)
+    ctx.internal_token = secrets.token_urlsafe(24)
+    logs = ctx.stack.state_dir / "logs"
+    # Ephemeral ports: four services share loopback (the registry's ports are containers').
+    # Each service's companions (the mollifier drainer) run as processes of their own.
+    ctx.services = [
+        process
+        for s in registry.available()
+        for process in processes_of(s, free_port, logs, replicas)
+    ]
+    ctx.env = {
+        **ctx.stack.service_env(),
+        "RUNOPS_ADMIN_TOKEN": ctx.admin_token,
+        "RUNOPS_INTERNAL_TOKEN": ctx.internal_token,
+        **targets_env(ctx.services),
+        **(overrides or {}),
+    }
+    if ctx.services:
+        for service in ctx.services:
+            service.env = {**ctx.env, **service.env}
+        progress(f"starting services: {', '.join(s.label for s in ctx.services)}")
+        start_services(ctx.services)
+        progress("all services SERVING")
+
+
+def up(state_dir: Path | None, with_cluster: bool, check: bool, replicas: int = 1) -> int:
     progress = printing_progress("runops up")
     # Installed explicitly: a shell starts background jobs with SIGINT ignored.
     previous_int = signal.signal(signal.SIGINT, _raise_stop)
@@ -135,26 +172,7 @@ def up(state_dir: Path | None, with_cluster: bool, check: bool) -> int:
     ctx = UpContext(stack=stack, services=[])
     try:
         stack.start()
-        ctx.admin_token = secrets.token_urlsafe(24)
-        ctx.internal_token = secrets.token_urlsafe(24)
-        logs = stack.state_dir / "logs"
-        # Ephemeral ports: four services share loopback (the registry's ports are containers').
-        # Each service's companions (the mollifier drainer) run as processes of their own.
-        ctx.services = [
-            process for s in registry.available() for process in processes_of(s, free_port, logs)
-        ]
-        ctx.env = {
-            **stack.service_env(),
-            "RUNOPS_ADMIN_TOKEN": ctx.admin_token,
-            "RUNOPS_INTERNAL_TOKEN": ctx.internal_token,
-            **targets_env(ctx.services),
-        }
-        if ctx.services:
-            for service in ctx.services:
-                service.env = {**ctx.env, **service.env}
-            progress(f"starting services: {', '.join(s.label for s in ctx.services)}")
-            start_services(ctx.services)
-            progress("all services SERVING")
+        start_suite(ctx, progress, replicas)
         seeded = seed_demo(ctx) or []  # before the env file: it adds RUNOPS_DEMO_* to ctx.env
         env_file = write_env_file(ctx)
         demo = [f"{'env file:':{LABEL_WIDTH}}{env_file} (source it to reach the stack)", *seeded]
@@ -186,4 +204,4 @@ def up(state_dir: Path | None, with_cluster: bool, check: bool) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    return up(args.state_dir, args.with_cluster, args.check)
+    return up(args.state_dir, args.with_cluster, args.check, args.replicas)

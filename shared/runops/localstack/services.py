@@ -184,20 +184,38 @@ def stop_services(services: Sequence[ServiceProcess], timeout: float = STOP_TIME
 
 
 def targets_env(services: Sequence[ServiceProcess]) -> Mapping[str, str]:
-    """RUNOPS_<NAME>_TARGET of each server (not of companions), so services (and clients) find
-    one another."""
-    return {s.service.target_variable: s.target for s in services if not s.companion}
+    """RUNOPS_<NAME>_TARGET of each service's servers (not of companions), so services (and
+    clients) find one another: `host:port` for one server, `ipv4:host:a,host:b` for several
+    (runops.kit.channels spreads calls over them with round_robin, as over a headless
+    Kubernetes service's pods)."""
+    grouped: dict[str, list[str]] = {}
+    for s in services:
+        if not s.companion:
+            grouped.setdefault(s.service.target_variable, []).append(s.target)
+    return {
+        variable: targets[0] if len(targets) == 1 else "ipv4:" + ",".join(targets)
+        for variable, targets in grouped.items()
+    }
 
 
 def processes_of(
-    service: registry.Service, ports: Callable[[], int], logs: Path
+    service: registry.Service, ports: Callable[[], int], logs: Path, replicas: int = 1
 ) -> list[ServiceProcess]:
-    """The service's server and each companion (ports: a free port per call); the server's
-    environment gets what its companions ask for (`Companion.server_env`)."""
-    server = ServiceProcess(service.name, ports(), ports(), logs / f"{service.name}.log")
-    server.env = {k: v for c in service.companions for k, v in c.server_env}
+    """The service's server(s) and each companion (ports: a free port per call); the servers'
+    environment gets what its companions ask for (`Companion.server_env`). `replicas` servers
+    of the service on ports of their own (logs `<name>-<i>.log` when more than one); its
+    companions run once."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    server_env = {k: v for c in service.companions for k, v in c.server_env}
+    servers = []
+    for i in range(1, replicas + 1):
+        log = f"{service.name}.log" if replicas == 1 else f"{service.name}-{i}.log"
+        servers.append(
+            ServiceProcess(service.name, ports(), ports(), logs / log, env=dict(server_env))
+        )
     companions = [
         ServiceProcess(service.name, ports(), ports(), logs / f"{c.name}.log", companion=c.name)
         for c in service.companions
     ]
-    return [server, *companions]
+    return [*servers, *companions]
