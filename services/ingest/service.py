@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -17,7 +17,7 @@ from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.context import current_principal
-from runops.kit.errors import FieldViolation, InvalidArgument, Unauthenticated
+from runops.kit.errors import FieldViolation, InvalidArgument, NotFound, Unauthenticated
 from runops.kit.ids import RUN
 from runops.kit.logging import bind_request
 from runops.runstore.client import RunStoreClient
@@ -145,7 +145,10 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         env = caller_environment()
         batch_id = validation.batch_id(request.batch_id)
         bind_request(batch_id=batch_id)
-        return ing.GetBatchResponse(batch=await self._run_store.get_batch(batch_id, env.id))
+        batch = await _confirmed(
+            lambda fresh: self._run_store.get_batch(batch_id, env.id, read_your_writes=fresh)
+        )
+        return ing.GetBatchResponse(batch=batch)
 
     async def WatchBatch(
         self, request: ing.WatchBatchRequest, context: Context
@@ -172,13 +175,16 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         env = caller_environment()
         batch_id, page_size = validation.list_batch_items(request)
         bind_request(batch_id=batch_id)
-        page = await self._run_store.list_batch_items(
-            batch_id,
-            env.id,
-            # ItemFilter and the run store's BatchItemFilter number their values alike.
-            filter=rs.BatchItemFilter.ValueType(request.filter),
-            page_size=page_size,
-            page_token=request.page_token,
+        page = await _confirmed(
+            lambda fresh: self._run_store.list_batch_items(
+                batch_id,
+                env.id,
+                # ItemFilter and the run store's BatchItemFilter number their values alike.
+                filter=rs.BatchItemFilter.ValueType(request.filter),
+                page_size=page_size,
+                page_token=request.page_token,
+                read_your_writes=fresh,
+            )
         )
         return ing.ListBatchItemsResponse(
             items=[_outcome(record) for record in page.items],
@@ -196,3 +202,16 @@ def _outcome(record: rs.BatchItemRecord) -> ing.BatchItemOutcome:
     return ing.BatchItemOutcome(
         index=record.index, run_id=record.run_id, outcome=outcome, error_code=record.error_code
     )
+
+
+T = TypeVar("T")
+
+
+async def _confirmed(read: Callable[[bool], Awaitable[T]]) -> T:
+    """A replica read whose NOT_FOUND is confirmed on the writer: with several ingest and
+    run-store processes, a batch created a moment ago through another process may not have
+    reached the replica yet, and absence is the one answer a client must be able to trust."""
+    try:
+        return await read(False)
+    except NotFound:
+        return await read(True)
