@@ -102,15 +102,16 @@ async def _burst_work(spec: dict[str, Any]) -> dict[str, Any]:
 
     for channel in channels:
         await channel.channel_ready()
-    started_wall, began = time.time(), time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(caller(c) for c in range(callers)))
     seconds = time.perf_counter() - began
+    cores = (time.process_time() - cpu) / seconds
     for channel in channels:
         await channel.close()
     latencies.sort()
     return {
         "seconds": seconds,
-        "started_wall": started_wall,
+        "cores": cores,
         "ids": ids,
         "buffered": buffered,
         "errors": errors,
@@ -153,6 +154,8 @@ class MollifierResult:
     drainer_cores: float  # CPU of the drainer process over the drain, in cores
     runstore_cores: float
     service_cores: float  # the mollifier service over the burst
+    burst_runstore_cores: float  # the run store over the burst (the gate's pass-throughs)
+    loadgen_cores: float
     floor_seconds: float
 
     @property
@@ -188,10 +191,11 @@ class MollifierResult:
                 f" {self.accepted_rate:,.0f}/s accepted; latency p50 {self.p50_ms:.1f} ms,"
                 f" p99 {self.p99_ms:.1f} ms; {self.buffered:,} buffered, {straight:,} passed"
                 f" the gate ({self.in_postgres_after_burst:,} in Postgres after the burst);"
-                f" mollifier service CPU {self.service_cores:.2f} cores",
+                f" CPU (cores) mollifier {self.service_cores:.2f}, run store"
+                f" {self.burst_runstore_cores:.2f}, load generator {self.loadgen_cores:.2f}",
                 f"  drain: {self.drained:,} runs in {self.drain_seconds:.2f}s ="
-                f" {self.drain_rate:,.0f} runs/s (first to last drained run; from the drainer's"
-                f" start {self.drain_total_seconds:.2f}s); CPU (cores) drainer"
+                f" {self.drain_rate:,.0f} runs/s (from the last poll before the first drained run"
+                f" to the last; from the drainer's start {self.drain_total_seconds:.2f}s); CPU (cores) drainer"
                 f" {self.drainer_cores:.2f}, run store {self.runstore_cores:.2f}",
                 f"  floor: unnest INSERT of {self.triggers:,} runs ({FLOOR_CHUNK} a statement,"
                 f" {FLOOR_IN_FLIGHT} in flight) {self.floor_rate:,.0f} runs/s -> drain"
@@ -238,26 +242,33 @@ class Counter:
 async def _drain(
     counter: Counter, total: int, baseline: int, limit: float
 ) -> tuple[int, float, float]:
-    """Poll until `total` runs are there: (runs counted from the first sample above `baseline`
-    to the end, seconds between those samples, seconds since polling began)."""
+    """Poll until `total` runs are there: (runs the drainer wrote, seconds from the last sample
+    still at `baseline` to the first at `total`, seconds since polling began). The window
+    brackets the drain (start-up excluded) to within one poll, so the rate errs low."""
     began = time.perf_counter()
-    first: tuple[float, int] | None = None
+    last_idle = began
     while True:
         count, now = await counter.count(), time.perf_counter()
-        if first is None and count > baseline:
-            first = (now, count)
+        if count <= baseline:
+            last_idle = now
         if count >= total:
             break
         if now - began > limit:
             raise RuntimeError(f"only {count:,} of {total:,} runs in Postgres after {limit:.0f}s")
         await asyncio.sleep(POLL_SECONDS)
-    if first is None:  # nothing left to drain (every trigger passed the gate)
+    if count <= baseline:  # nothing to drain (every trigger passed the gate)
         return 0, 0.0, now - began
-    return count - first[1], now - first[0], now - began
+    return count - baseline, now - last_idle, now - began
 
 
 async def measure(
-    suite: Suite, *, triggers: int, callers: int, channels: int, progress: Progress
+    suite: Suite,
+    *,
+    triggers: int,
+    callers: int,
+    channels: int,
+    gate_threshold: int | None,
+    progress: Progress,
 ) -> MollifierResult:
     from runops.localstack.ports import free_port
     from runops.localstack.services import ServiceProcess
@@ -277,7 +288,10 @@ async def measure(
              for db in (stack.controlplane_db, stack.runops_db)]  # fmt: skip
     counter = Counter(conns, suite.environment_id)
     try:
-        async with suite.service("mollifier", "mollifier", RUNOPS_DRAINER_ENABLED="false") as svc:
+        gate = {} if gate_threshold is None else {"RUNOPS_GATE_THRESHOLD": str(gate_threshold)}
+        async with suite.service(
+            "mollifier", "mollifier", RUNOPS_DRAINER_ENABLED="false", **gate
+        ) as svc:
             service_pid, store_pid = pid_of(svc), pid_of(suite.base[1])
             if await counter.count():
                 raise RuntimeError("the environment already has runs")
@@ -286,9 +300,12 @@ async def measure(
                 "environment_id": suite.environment_id, "triggers": triggers,
                 "callers": callers, "channels": channels,
             }  # fmt: skip
-            cpu_before = cpu_seconds(service_pid)
+            cpu_before = (cpu_seconds(service_pid), cpu_seconds(store_pid))
             burst = await in_subprocess(MODULE, spec)
-            service_cores = (cpu_seconds(service_pid) - cpu_before) / burst["seconds"]
+            service_cores, burst_store_cores = (
+                (cpu_seconds(p) - b) / burst["seconds"]
+                for p, b in zip((service_pid, store_pid), cpu_before, strict=True)
+            )
             ids: list[str] = burst["ids"]
             if burst["errors"] or len(ids) != triggers or len(set(ids)) != triggers:
                 raise RuntimeError(
@@ -344,6 +361,8 @@ async def measure(
         drainer_cores=cores[0],
         runstore_cores=cores[1],
         service_cores=service_cores,
+        burst_runstore_cores=burst_store_cores,
+        loadgen_cores=burst["cores"],
         floor_seconds=floor_seconds,
     )
 
@@ -357,15 +376,18 @@ async def run(
     triggers: int = DEFAULTS["triggers"],
     callers: int = DEFAULTS["callers"],
     channels: int = DEFAULTS["channels"],
+    gate_threshold: int | None = None,
     progress: Progress | None = None,
 ) -> MollifierResult:
     """Start a control plane and a run store as processes on `stack`, seed an environment with
-    the mollifier flag, then the mollifier and (after the burst) its drainer, and measure."""
+    the mollifier flag, then the mollifier and (after the burst) its drainer, and measure.
+    `gate_threshold`: the gate's (default: the service's, 100 per 200 ms)."""
     say: Progress = progress or (lambda _line: None)
     async with running_suite(stack, say) as suite:
         return await measure(
-            suite, triggers=triggers, callers=callers, channels=channels, progress=say
-        )
+            suite, triggers=triggers, callers=callers, channels=channels,
+            gate_threshold=gate_threshold, progress=say,
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
