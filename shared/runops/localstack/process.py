@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +113,38 @@ def log_tail(log_file: Path, lines: int = 20) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+class LocalServer:
+    """A server process the stack started, and the directory it keeps its files in."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _start(
+        self,
+        cmd: Sequence[str],
+        log_file: Path,
+        ready: Callable[[], bool],
+        what: str,
+        *,
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Spawn `cmd` and wait until `ready()`; StackError with the log's tail if the process
+        exits first or `timeout` passes."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._proc = spawn(cmd, log_file, cwd=self._dir, env=env)
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise StackError(f"{what} did not start:\n{log_tail(log_file)}")
+            time.sleep(0.02)
+
+    def stop(self, keep_files: bool = False) -> None:
+        if self._proc is not None:
+            terminate(self._proc)
+            self._proc = None
+        if not keep_files:
+            shutil.rmtree(self._dir, ignore_errors=True)

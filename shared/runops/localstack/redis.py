@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from runops.localstack.ports import HOST, free_cluster_port, free_port
-from runops.localstack.process import StackError, log_tail, run, spawn, terminate
+from runops.localstack.process import LocalServer, StackError, run
 
 Progress = Callable[[str], None]
 CLUSTER_SIZE = 3
@@ -36,45 +35,35 @@ def _ping(port: int) -> bool:
         return False
 
 
-class _RedisProcess:
+class _RedisProcess(LocalServer):
     """One redis-server in its own directory, persisted by its append-only file: every write is
     logged and fsynced once a second (`appendfsync everysec`), so a restart (SHUTDOWN, SIGTERM)
     keeps everything and a crash loses at most about the last second (docs/mollifier.md). No
     RDB snapshots."""
 
     def __init__(self, directory: Path, port: int, extra_args: list[str]) -> None:
+        super().__init__(directory)
         self.port = port
-        self._dir = directory
         self._extra = extra_args
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def log_file(self) -> Path:
         return self._dir / "redis.log"
 
     def start(self, timeout: float = 20) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             _binary("redis-server"),
             "--port", str(self.port), "--bind", HOST, "--dir", str(self._dir),
             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
             "--daemonize", "no", *self._extra,
         ]  # fmt: skip
-        self._proc = spawn(cmd, self.log_file, cwd=self._dir)
-        deadline = time.monotonic() + timeout
-        while not _ping(self.port):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                raise StackError(
-                    f"redis-server on port {self.port} did not start:\n{log_tail(self.log_file)}"
-                )
-            time.sleep(0.02)
-
-    def stop(self, keep_files: bool = False) -> None:
-        if self._proc is not None:
-            terminate(self._proc)
-            self._proc = None
-        if not keep_files:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        self._start(
+            cmd,
+            self.log_file,
+            lambda: _ping(self.port),
+            f"redis-server on port {self.port}",
+            timeout=timeout,
+        )
 
     def kill(self) -> None:
         """SIGKILL (a crash): no shutdown fsync; the files stay for a restart."""
