@@ -12,7 +12,7 @@ from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 from services.runstore import validation
 from services.runstore.routing import RunStore, batch_not_found
-from services.runstore.store import BatchItem, CreatedRun, SealOutcome
+from services.runstore.store import CreatedRun, SealOutcome
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -53,7 +53,7 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
     async def CreateRuns(
         self, request: rs.CreateRunsRequest, context: Context
     ) -> rs.CreateRunsResponse:
-        rows = validation.create_runs(request)
+        rows = validation.create_runs(request, self._store.run_minter())
         results = await self._store.create_runs(rows)
         return rs.CreateRunsResponse(results=[_result(created) for created in results])
 
@@ -197,9 +197,10 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
     async def AcceptBatchItems(
         self, request: rs.AcceptBatchItemsRequest, context: Context
     ) -> rs.AcceptBatchItemsResponse:
-        ref, inputs = validation.accept_batch_items(request)
+        ref, items = validation.accept_batch_items(
+            request, self._store.run_minter(parent=request.batch_id)
+        )
         bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
-        items = [BatchItem(i.index, i.run, i.existing_run_id) for i in inputs]
         result = await self._store.accept_batch_items(ref.batch_id, ref.environment_id, items)
         return rs.AcceptBatchItemsResponse(
             items=[
