@@ -141,7 +141,8 @@ def _clear_expired_keys(source: str, environment: str) -> str:
 # -- runs ---------------------------------------------------------------------------------------
 
 # Any conflict (the id already written: a replay; the key held by a live run) skips the row;
-# SELECT_RUNS_FOR_INPUTS then finds what holds it, in a new snapshot.
+# SELECT_RUNS_FOR_INPUTS then finds what holds it, in a new snapshot. Returns only what the
+# database chose (store.created_run builds the rest of the answer from the input row).
 INSERT_RUNS = f"""
 WITH input AS (SELECT * FROM {_unnest(1)}),
 cleared AS ({_clear_expired_keys("input i", "i.environment_id")}),
@@ -151,7 +152,7 @@ inserted AS (
     WHERE (SELECT count(*) FROM cleared) >= 0
     ORDER BY i.ord
     ON CONFLICT DO NOTHING
-    RETURNING {RUN_COLUMNS}
+    RETURNING id, created_at, updated_at, completed_at
 )
 SELECT * FROM inserted
 """

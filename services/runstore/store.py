@@ -280,6 +280,60 @@ def run_from_record(row: asyncpg.Record) -> common_pb2.Run:
     return run
 
 
+# A row's status → the proto enum.
+_RUN_STATUSES = {
+    name.removeprefix("RUN_STATUS_"): number
+    for name, number in common_pb2.RunStatus.items()
+    if name != "RUN_STATUS_UNSPECIFIED"
+}
+
+
+def created_run(row: RunRow, record: asyncpg.Record) -> common_pb2.Run:
+    """The answer for a run INSERT_RUNS just wrote, equal to `run_from_record` of its row: the
+    input row plus what the database chose (timestamps), without decoding every column back.
+    A final run (pre-failed, cancelled) holds no idempotency key (INSERT_RUNS drops it)."""
+    claims_key = row.status in sql.CLAIMING_RUN_STATUSES
+    run = common_pb2.Run(
+        id=row.id,
+        friendly_id=f"{RUN}_{row.id}",
+        residency=residency_of(row.id).to_proto(),
+        environment_id=row.environment_id,
+        organization_id=row.organization_id,
+        project_id=row.project_id,
+        task_identifier=row.task_identifier,
+        status=_RUN_STATUSES[row.status],
+        payload=row.payload,
+        payload_type=row.payload_type,
+        metadata=row.metadata,
+        metadata_type=row.metadata_type,
+        tags=row.tags,
+        queue=row.queue,
+        concurrency_key=row.concurrency_key,
+        idempotency_key=(row.idempotency_key or "") if claims_key else "",
+        max_attempts=row.max_attempts,
+        machine_preset=row.machine_preset,
+        lock_to_version=row.lock_to_version,
+        parent_run_id=row.parent_run_id or "",
+        root_run_id=row.root_run_id or "",
+        resume_parent_on_completion=row.resume_parent_on_completion,
+        is_test=row.is_test,
+    )
+    if row.error_code is not None:
+        run.error.code = row.error_code
+        run.error.message = row.error_message
+    if row.ttl_ms is not None:
+        run.ttl.FromMilliseconds(row.ttl_ms)
+    if row.priority_ms:
+        run.priority.FromMilliseconds(row.priority_ms)
+    if claims_key:
+        _ts(row.idempotency_key_expires_at, run.idempotency_key_expires_at)
+    _ts(row.delay_until, run.delay_until)
+    _ts(record["created_at"], run.created_at)
+    _ts(record["updated_at"], run.updated_at)
+    _ts(record["completed_at"], run.completed_at)
+    return run
+
+
 def batch_from_record(row: asyncpg.Record) -> common_pb2.Batch:
     body: str = row["id"]
     batch = common_pb2.Batch(
@@ -359,7 +413,7 @@ class RunTables:
                 if record is None:
                     missing.append(k)
                 else:
-                    results[k] = CreatedRun(run_from_record(record))
+                    results[k] = CreatedRun(created_run(rows[k], record))
             if not missing:
                 break
             found = await db.fetch(

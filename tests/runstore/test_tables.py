@@ -135,6 +135,46 @@ async def test_create_runs_one_statement_in_order(pool: asyncpg.Pool) -> None:
     assert stolen[0].conflict == "runs_pkey"
 
 
+async def test_create_runs_answers_what_a_read_returns(pool: asyncpg.Pool) -> None:
+    """The created runs' answers are built from the input rows (not read back): each must equal
+    the stored run as a read decodes it, whatever fields the row sets."""
+    env = new_env()
+    shown = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    full = {
+        "payload": b"\x00\xffbytes",
+        "metadata": '{"m": 1}',
+        "metadata_type": "application/json",
+        "tags": ("a", "b"),
+        "queue": "q",
+        "concurrency_key": "ck",
+        "idempotency_key": "key-1",
+        "idempotency_key_expires_at": shown + timedelta(days=30),
+        "ttl_ms": 60_000,
+        "max_attempts": 7,
+        "machine_preset": "large-1x",
+        "lock_to_version": "v1",
+        "worker_version": "v2",
+        "priority_ms": 1500,
+        "is_test": True,
+        "options": '{"one_time_use_token": "t"}',
+        "parent_run_id": "parent1",
+        "root_run_id": "root1",
+        "resume_parent_on_completion": True,
+        "created_at": shown,
+    }
+    rows = [
+        run_row(env),
+        run_row(env, **full),
+        run_row(env, **{**full, "idempotency_key": "key-2"}).failed("E_FAIL", "failed early"),
+        run_row(env, **{**full, "idempotency_key": "key-3"}).cancelled("user asked"),
+        run_row(env, delay_until=shown + timedelta(days=3650), status="DELAYED", ttl_ms=0),
+    ]
+    results = await tables.create_runs(pool, rows)
+    assert not any(r.is_cached for r in results)
+    for row, result in zip(rows, results, strict=True):
+        assert result.run == await tables.get_run(pool, row.id, env), row
+
+
 async def test_idempotency_key_cached_then_expired(pool: asyncpg.Pool) -> None:
     env = new_env()
     future = datetime.now(UTC) + timedelta(days=1)
