@@ -96,15 +96,24 @@ assert tuple(f.name for f in dataclasses.fields(RunRow)) == tuple(
 ), "RunRow's fields must be sql.RUN_INPUT_FIELDS, in order"
 
 
-def _run_arrays(rows: Sequence[RunRow]) -> list[list[object]]:
+def _run_arrays(rows: Sequence[RunRow]) -> list[list[object] | None]:
     """One array per RUN_INPUT_FIELDS column."""
-    arrays: list[list[object]] = []
+    arrays: list[list[object] | None] = []
     for name, _ in sql.RUN_INPUT_FIELDS:
         if name == "tags":
-            arrays.append([json.dumps(list(row.tags)) for row in rows])
+            arrays.append(_tags_array(rows))
         else:
             arrays.append([getattr(row, name) for row in rows])
     return arrays
+
+
+def _tags_array(rows: Sequence[RunRow]) -> list[object] | None:
+    """Each row's tags as a JSON array; NULL for a run with none, and for the whole column when
+    no run has any (most chunks): the SQL makes both an empty array, and unnest pads a NULL
+    array with NULLs."""
+    if not any(row.tags for row in rows):
+        return None
+    return [json.dumps(list(row.tags)) if row.tags else None for row in rows]
 
 
 @dataclass(frozen=True, slots=True)
