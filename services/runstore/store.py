@@ -96,14 +96,30 @@ assert tuple(f.name for f in dataclasses.fields(RunRow)) == tuple(
 ), "RunRow's fields must be sql.RUN_INPUT_FIELDS, in order"
 
 
+# The fields whose array travels as NULL when every row holds this default (see
+# sql.RUN_INPUT_DEFAULTS): asyncpg's encoding costs per value, and most fields of most chunks
+# are all-default.
+_NULL_WHEN_ALL: dict[str, object] = {
+    f.name: f.default
+    for f in dataclasses.fields(RunRow)
+    if f.default is None or f.name in sql.RUN_INPUT_DEFAULTS
+}
+
+
 def _run_arrays(rows: Sequence[RunRow]) -> list[list[object] | None]:
-    """One array per RUN_INPUT_FIELDS column."""
+    """One array per RUN_INPUT_FIELDS column (None: every row holds the default)."""
     arrays: list[list[object] | None] = []
     for name, _ in sql.RUN_INPUT_FIELDS:
         if name == "tags":
             arrays.append(_tags_array(rows))
-        else:
-            arrays.append([getattr(row, name) for row in rows])
+            continue
+        values = [getattr(row, name) for row in rows]
+        if name in _NULL_WHEN_ALL:
+            default = _NULL_WHEN_ALL[name]
+            if all(value == default for value in values):
+                arrays.append(None)
+                continue
+        arrays.append(values)
     return arrays
 
 

@@ -173,6 +173,14 @@ async def test_create_runs_answers_what_a_read_returns(pool: asyncpg.Pool) -> No
     assert not any(r.is_cached for r in results)
     for row, result in zip(rows, results, strict=True):
         assert result.run == await tables.get_run(pool, row.id, env), row
+    # A chunk whose fields all hold RunRow's defaults sends them as NULL arrays: the database
+    # must still store the defaults.
+    plain = run_row(env, payload=b"", payload_type="")
+    [result] = await tables.create_runs(pool, [plain])
+    assert result.run == await tables.get_run(pool, plain.id, env)
+    assert result.run is not None
+    assert result.run.payload == b""
+    assert result.run.tags == []
 
 
 async def test_idempotency_key_cached_then_expired(pool: asyncpg.Pool) -> None:
