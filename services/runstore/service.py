@@ -24,17 +24,18 @@ _SEAL_OUTCOMES = {
 }
 
 
-def _result(created: CreatedRun) -> rs.CreateRunResult:
+def _add_result(results: Any, created: CreatedRun) -> None:
+    """Appends a CreateRunResult to `results` (a repeated field), copying the run once (a
+    message given to a constructor is copied, and again when the list is)."""
+    result = results.add()
     if created.run is None:
         constraint = created.conflict or "runs_pkey"
-        return rs.CreateRunResult(
-            error=common_pb2.ItemError(
-                code=grpc.StatusCode.ALREADY_EXISTS.value[0],
-                reason="UNIQUE_VIOLATION",
-                message=f"a row with the same key already exists ({constraint})",
-            )
-        )
-    return rs.CreateRunResult(run=created.run, is_cached=created.is_cached)
+        result.error.code = grpc.StatusCode.ALREADY_EXISTS.value[0]
+        result.error.reason = "UNIQUE_VIOLATION"
+        result.error.message = f"a row with the same key already exists ({constraint})"
+        return
+    result.run.CopyFrom(created.run)
+    result.is_cached = created.is_cached
 
 
 class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
@@ -54,8 +55,10 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.CreateRunsRequest, context: Context
     ) -> rs.CreateRunsResponse:
         rows = validation.create_runs(request, self._store.run_minter())
-        results = await self._store.create_runs(rows)
-        return rs.CreateRunsResponse(results=[_result(created) for created in results])
+        response = rs.CreateRunsResponse()
+        for created in await self._store.create_runs(rows):
+            _add_result(response.results, created)
+        return response
 
     async def CreateFailedRun(
         self, request: rs.CreateFailedRunRequest, context: Context

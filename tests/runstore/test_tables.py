@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import pytest
+from google.protobuf import timestamp_pb2
+from hypothesis import given
+from hypothesis import strategies as st
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import Residency, mint_body
@@ -19,6 +22,7 @@ from services.runstore.store import (
     RunRow,
     RunTables,
     SealOutcome,
+    _epoch_parts,
 )
 
 tables = RunTables()
@@ -181,6 +185,19 @@ async def test_create_runs_answers_what_a_read_returns(pool: asyncpg.Pool) -> No
     assert result.run is not None
     assert result.run.payload == b""
     assert result.run.tags == []
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([None, UTC, timezone(timedelta(hours=-7, minutes=-30))]),
+    )
+)
+def test_timestamps_are_set_as_from_datetime_sets_them(value: datetime) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(value)
+    assert _epoch_parts(value) == (expected.seconds, expected.nanos)
 
 
 async def test_idempotency_key_cached_then_expired(pool: asyncpg.Pool) -> None:
