@@ -205,14 +205,14 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         )
         bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
         result = await self._store.accept_batch_items(ref.batch_id, ref.environment_id, items)
-        return rs.AcceptBatchItemsResponse(
-            items=[
-                rs.AcceptedItem(index=item.index, run_id=item.run_id, duplicate=item.duplicate)
-                for item in result.items
-            ],
-            accepted_count=result.accepted_count,
-            run_count=result.run_count,
+        response = rs.AcceptBatchItemsResponse(
+            accepted_count=result.accepted_count, run_count=result.run_count
         )
+        # Added in place: a message list given to a constructor is built, then copied.
+        add = response.items.add
+        for item in result.items:
+            add(index=item.index, run_id=item.run_id, duplicate=item.duplicate)
+        return response
 
     async def GetBatchMissingRanges(
         self, request: rs.GetBatchMissingRangesRequest, context: Context

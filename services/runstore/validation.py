@@ -10,6 +10,8 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf import timestamp_pb2
+
 from runops.common.v1 import common_pb2
 from runops.kit.errors import Violations
 from runops.kit.ids import BATCH, ENVIRONMENT, ORGANIZATION, PROJECT, RUN, WAITPOINT
@@ -107,8 +109,14 @@ def _duration_ms(value: object) -> int:
     return int(value.ToMilliseconds())  # type: ignore[attr-defined]
 
 
-def _when(ts: object) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined,no-any-return]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _when(ts: timestamp_pb2.Timestamp) -> datetime:
+    """`ts.ToDatetime(tzinfo=UTC)` without its conversions (it runs per row): the same instant,
+    tz UTC, microseconds rounded down (a Timestamp's nanos are never negative: the kit's
+    request check refuses one that is)."""
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def run_input(
