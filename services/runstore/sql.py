@@ -126,7 +126,8 @@ def _unnest(first_param: int, leading: tuple[tuple[str, str], ...] = ()) -> str:
         else f"u.{name}"
         for name, _ in fields
     )
-    return f"(SELECT {columns}, u.ord FROM unnest({arrays}) WITH ORDINALITY AS u({names}, ord)) AS input"
+    source = f"unnest({arrays}) WITH ORDINALITY AS u({names}, ord)"
+    return f"(SELECT {columns}, u.ord FROM {source}) AS input"
 
 
 _INSERT_RUN_COLUMNS = (

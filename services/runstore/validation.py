@@ -186,20 +186,34 @@ def _plainly_valid(run: rs.RunInput, in_batch: bool) -> bool:
     )
 
 
-# Bounded caches of the pure checks whose values repeat across a chunk's rows.
-@functools.lru_cache(maxsize=4096)
+# The pure checks whose values repeat across a chunk's rows, cached. Only values short enough
+# to pass are looked up (ids at most 64 characters, task identifiers 128), so the caches hold
+# at most ~1 MiB whatever callers send.
 def _is_id(value: str, prefix: str) -> bool:
     """What `_id` accepts (a `<prefix>_<body>` id, not bare)."""
+    return len(value) <= 64 and _cached_is_id(value, prefix)
+
+
+def _is_friendly_id(value: str, prefix: str) -> bool:
+    return len(value) <= 64 and _cached_is_friendly_id(value, prefix)
+
+
+def _is_task_identifier(value: str) -> bool:
+    return len(value) <= 128 and _cached_is_task_identifier(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_is_id(value: str, prefix: str) -> bool:
     return bool(_id(Violations(), value, "", prefix))
 
 
 @functools.lru_cache(maxsize=4096)
-def _is_friendly_id(value: str, prefix: str) -> bool:
+def _cached_is_friendly_id(value: str, prefix: str) -> bool:
     return Violations().friendly_id(value, "", prefix)
 
 
 @functools.lru_cache(maxsize=4096)
-def _is_task_identifier(value: str) -> bool:
+def _cached_is_task_identifier(value: str) -> bool:
     v = Violations()
     task_identifier(v, value, "")
     return not v
