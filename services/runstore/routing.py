@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -148,6 +149,14 @@ class RunStore:
             if found is not None:
                 return found
         return None
+
+    def run_minter(self, parent: str | None = None) -> Callable[[], str]:
+        """Mints the bodies of new runs when their rows are built (one id each, no copy of the
+        row afterwards): by the residency policy, or with a parent's residency (a batch's runs
+        live with their batch; `parent` is any id or body, classified as `residency_of` does)."""
+        if parent is None:
+            return self.minter.mint_body
+        return functools.partial(mint_body, residency_of(parent))
 
     # -- runs -----------------------------------------------------------------------------------
     def _with_id(self, row: RunRow) -> RunRow:

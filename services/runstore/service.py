@@ -12,7 +12,7 @@ from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 from services.runstore import validation
 from services.runstore.routing import RunStore, batch_not_found
-from services.runstore.store import BatchItem, CreatedRun, SealOutcome
+from services.runstore.store import CreatedRun, SealOutcome
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -24,17 +24,18 @@ _SEAL_OUTCOMES = {
 }
 
 
-def _result(created: CreatedRun) -> rs.CreateRunResult:
+def _add_result(results: Any, created: CreatedRun) -> None:
+    """Appends a CreateRunResult to `results` (a repeated field), copying the run once (a
+    message given to a constructor is copied, and again when the list is)."""
+    result = results.add()
     if created.run is None:
         constraint = created.conflict or "runs_pkey"
-        return rs.CreateRunResult(
-            error=common_pb2.ItemError(
-                code=grpc.StatusCode.ALREADY_EXISTS.value[0],
-                reason="UNIQUE_VIOLATION",
-                message=f"a row with the same key already exists ({constraint})",
-            )
-        )
-    return rs.CreateRunResult(run=created.run, is_cached=created.is_cached)
+        result.error.code = grpc.StatusCode.ALREADY_EXISTS.value[0]
+        result.error.reason = "UNIQUE_VIOLATION"
+        result.error.message = f"a row with the same key already exists ({constraint})"
+        return
+    result.run.CopyFrom(created.run)
+    result.is_cached = created.is_cached
 
 
 class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
@@ -53,9 +54,11 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
     async def CreateRuns(
         self, request: rs.CreateRunsRequest, context: Context
     ) -> rs.CreateRunsResponse:
-        rows = validation.create_runs(request)
-        results = await self._store.create_runs(rows)
-        return rs.CreateRunsResponse(results=[_result(created) for created in results])
+        rows = validation.create_runs(request, self._store.run_minter())
+        response = rs.CreateRunsResponse()
+        for created in await self._store.create_runs(rows):
+            _add_result(response.results, created)
+        return response
 
     async def CreateFailedRun(
         self, request: rs.CreateFailedRunRequest, context: Context
@@ -197,18 +200,19 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
     async def AcceptBatchItems(
         self, request: rs.AcceptBatchItemsRequest, context: Context
     ) -> rs.AcceptBatchItemsResponse:
-        ref, inputs = validation.accept_batch_items(request)
-        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
-        items = [BatchItem(i.index, i.run, i.existing_run_id) for i in inputs]
-        result = await self._store.accept_batch_items(ref.batch_id, ref.environment_id, items)
-        return rs.AcceptBatchItemsResponse(
-            items=[
-                rs.AcceptedItem(index=item.index, run_id=item.run_id, duplicate=item.duplicate)
-                for item in result.items
-            ],
-            accepted_count=result.accepted_count,
-            run_count=result.run_count,
+        ref, items = validation.accept_batch_items(
+            request, self._store.run_minter(parent=request.batch_id)
         )
+        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
+        result = await self._store.accept_batch_items(ref.batch_id, ref.environment_id, items)
+        response = rs.AcceptBatchItemsResponse(
+            accepted_count=result.accepted_count, run_count=result.run_count
+        )
+        # Added in place: a message list given to a constructor is built, then copied.
+        add = response.items.add
+        for item in result.items:
+            add(index=item.index, run_id=item.run_id, duplicate=item.duplicate)
+        return response
 
     async def GetBatchMissingRanges(
         self, request: rs.GetBatchMissingRangesRequest, context: Context

@@ -91,12 +91,43 @@ WAITPOINT_COLUMNS = (
 )
 
 
+# The run fields whose array may be sent as NULL when every row of the chunk holds RunRow's
+# default (most fields of most chunks; fewer values to encode), as the SQL of that default.
+# A NULL array is padded with NULLs by unnest; coalesce puts the default back. Fields whose
+# default is NULL need no entry; `tags` is NULL for no tags already (see _insert_run_values).
+RUN_INPUT_DEFAULTS = {
+    "payload": "'\\x'::bytea",
+    "payload_type": "''",
+    "metadata": "''",
+    "metadata_type": "''",
+    "queue": "''",
+    "concurrency_key": "''",
+    "max_attempts": "0",
+    "machine_preset": "''",
+    "lock_to_version": "''",
+    "worker_version": "''",
+    "priority_ms": "0",
+    "is_test": "false",
+    "options": "'{}'::jsonb",
+    "resume_parent_on_completion": "false",
+    "error_message": "''",
+}
+
+
 def _unnest(first_param: int, leading: tuple[tuple[str, str], ...] = ()) -> str:
-    """`unnest($n::t[], ...) WITH ORDINALITY AS input(<fields>, ord)` over leading + run fields."""
+    """`(SELECT <fields>, ord FROM unnest($n::t[], ...) WITH ORDINALITY AS ...) AS input` over
+    leading + run fields, defaults put back where a field's array was NULL."""
     fields = leading + RUN_INPUT_FIELDS
     arrays = ", ".join(f"${first_param + n}::{t}[]" for n, (_, t) in enumerate(fields))
     names = ", ".join(name for name, _ in fields)
-    return f"unnest({arrays}) WITH ORDINALITY AS input({names}, ord)"
+    columns = ", ".join(
+        f"coalesce(u.{name}, {RUN_INPUT_DEFAULTS[name]}) AS {name}"
+        if name in RUN_INPUT_DEFAULTS
+        else f"u.{name}"
+        for name, _ in fields
+    )
+    source = f"unnest({arrays}) WITH ORDINALITY AS u({names}, ord)"
+    return f"(SELECT {columns}, u.ord FROM {source}) AS input"
 
 
 _INSERT_RUN_COLUMNS = (
@@ -141,7 +172,8 @@ def _clear_expired_keys(source: str, environment: str) -> str:
 # -- runs ---------------------------------------------------------------------------------------
 
 # Any conflict (the id already written: a replay; the key held by a live run) skips the row;
-# SELECT_RUNS_FOR_INPUTS then finds what holds it, in a new snapshot.
+# SELECT_RUNS_FOR_INPUTS then finds what holds it, in a new snapshot. Returns only what the
+# database chose (store.created_run builds the rest of the answer from the input row).
 INSERT_RUNS = f"""
 WITH input AS (SELECT * FROM {_unnest(1)}),
 cleared AS ({_clear_expired_keys("input i", "i.environment_id")}),
@@ -151,7 +183,7 @@ inserted AS (
     WHERE (SELECT count(*) FROM cleared) >= 0
     ORDER BY i.ord
     ON CONFLICT DO NOTHING
-    RETURNING {RUN_COLUMNS}
+    RETURNING id, created_at, updated_at, completed_at
 )
 SELECT * FROM inserted
 """

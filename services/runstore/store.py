@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from google.protobuf import timestamp_pb2
@@ -96,15 +97,40 @@ assert tuple(f.name for f in dataclasses.fields(RunRow)) == tuple(
 ), "RunRow's fields must be sql.RUN_INPUT_FIELDS, in order"
 
 
-def _run_arrays(rows: Sequence[RunRow]) -> list[list[object]]:
-    """One array per RUN_INPUT_FIELDS column."""
-    arrays: list[list[object]] = []
+# The fields whose array travels as NULL when every row holds this default (see
+# sql.RUN_INPUT_DEFAULTS): asyncpg's encoding costs per value, and most fields of most chunks
+# are all-default.
+_NULL_WHEN_ALL: dict[str, object] = {
+    f.name: f.default
+    for f in dataclasses.fields(RunRow)
+    if f.default is None or f.name in sql.RUN_INPUT_DEFAULTS
+}
+
+
+def _run_arrays(rows: Sequence[RunRow]) -> list[list[object] | None]:
+    """One array per RUN_INPUT_FIELDS column (None: every row holds the default)."""
+    arrays: list[list[object] | None] = []
     for name, _ in sql.RUN_INPUT_FIELDS:
         if name == "tags":
-            arrays.append([json.dumps(list(row.tags)) for row in rows])
-        else:
-            arrays.append([getattr(row, name) for row in rows])
+            arrays.append(_tags_array(rows))
+            continue
+        values = [getattr(row, name) for row in rows]
+        if name in _NULL_WHEN_ALL:
+            default = _NULL_WHEN_ALL[name]
+            if all(value == default for value in values):
+                arrays.append(None)
+                continue
+        arrays.append(values)
     return arrays
+
+
+def _tags_array(rows: Sequence[RunRow]) -> list[object] | None:
+    """Each row's tags as a JSON array; NULL for a run with none, and for the whole column when
+    no run has any (most chunks): the SQL makes both an empty array, and unnest pads a NULL
+    array with NULLs."""
+    if not any(row.tags for row in rows):
+        return None
+    return [json.dumps(list(row.tags)) if row.tags else None for row in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +256,18 @@ class _Rollback(Exception):
 
 def _ts(value: datetime | None, into: timestamp_pb2.Timestamp) -> None:
     if value is not None:
-        into.FromDatetime(value)
+        into.seconds, into.nanos = _epoch_parts(value)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@functools.lru_cache(maxsize=1024)
+def _epoch_parts(value: datetime) -> tuple[int, int]:
+    """What Timestamp.FromDatetime sets (a naive datetime is UTC), several times cheaper, and
+    cached: the rows of one write share their timestamps (now() of the transaction)."""
+    since = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - _EPOCH
+    return since.days * 86_400 + since.seconds, since.microseconds * 1000
 
 
 def run_from_record(row: asyncpg.Record) -> common_pb2.Run:
@@ -277,6 +314,60 @@ def run_from_record(row: asyncpg.Record) -> common_pb2.Run:
     _ts(row["created_at"], run.created_at)
     _ts(row["updated_at"], run.updated_at)
     _ts(row["completed_at"], run.completed_at)
+    return run
+
+
+# A row's status → the proto enum.
+_RUN_STATUSES = {
+    name.removeprefix("RUN_STATUS_"): number
+    for name, number in common_pb2.RunStatus.items()
+    if name != "RUN_STATUS_UNSPECIFIED"
+}
+
+
+def created_run(row: RunRow, record: asyncpg.Record) -> common_pb2.Run:
+    """The answer for a run INSERT_RUNS just wrote, equal to `run_from_record` of its row: the
+    input row plus what the database chose (timestamps), without decoding every column back.
+    A final run (pre-failed, cancelled) holds no idempotency key (INSERT_RUNS drops it)."""
+    claims_key = row.status in sql.CLAIMING_RUN_STATUSES
+    run = common_pb2.Run(
+        id=row.id,
+        friendly_id=f"{RUN}_{row.id}",
+        residency=residency_of(row.id).to_proto(),
+        environment_id=row.environment_id,
+        organization_id=row.organization_id,
+        project_id=row.project_id,
+        task_identifier=row.task_identifier,
+        status=_RUN_STATUSES[row.status],
+        payload=row.payload,
+        payload_type=row.payload_type,
+        metadata=row.metadata,
+        metadata_type=row.metadata_type,
+        tags=row.tags,
+        queue=row.queue,
+        concurrency_key=row.concurrency_key,
+        idempotency_key=(row.idempotency_key or "") if claims_key else "",
+        max_attempts=row.max_attempts,
+        machine_preset=row.machine_preset,
+        lock_to_version=row.lock_to_version,
+        parent_run_id=row.parent_run_id or "",
+        root_run_id=row.root_run_id or "",
+        resume_parent_on_completion=row.resume_parent_on_completion,
+        is_test=row.is_test,
+    )
+    if row.error_code is not None:
+        run.error.code = row.error_code
+        run.error.message = row.error_message
+    if row.ttl_ms is not None:
+        run.ttl.FromMilliseconds(row.ttl_ms)
+    if row.priority_ms:
+        run.priority.FromMilliseconds(row.priority_ms)
+    if claims_key:
+        _ts(row.idempotency_key_expires_at, run.idempotency_key_expires_at)
+    _ts(row.delay_until, run.delay_until)
+    _ts(record["created_at"], run.created_at)
+    _ts(record["updated_at"], run.updated_at)
+    _ts(record["completed_at"], run.completed_at)
     return run
 
 
@@ -359,7 +450,7 @@ class RunTables:
                 if record is None:
                     missing.append(k)
                 else:
-                    results[k] = CreatedRun(run_from_record(record))
+                    results[k] = CreatedRun(created_run(rows[k], record))
             if not missing:
                 break
             found = await db.fetch(

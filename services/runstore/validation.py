@@ -4,16 +4,20 @@ requests come back as the data layer's rows (ids as bodies)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+
+from google.protobuf import timestamp_pb2
 
 from runops.common.v1 import common_pb2
 from runops.kit.errors import Violations
 from runops.kit.ids import BATCH, ENVIRONMENT, ORGANIZATION, PROJECT, RUN, WAITPOINT
 from runops.kit.replica import Consistency
 from runops.runstore.v1 import runstore_pb2 as rs
-from services.runstore.store import BatchRow, ItemKinds, RunRow
+from services.runstore.store import BatchItem, BatchRow, ItemKinds, RunRow
 
 # An id body (the part after "<prefix>_"): LEGACY and NEW bodies both fit.
 BODY = re.compile(r"[0-9a-z]{1,64}")
@@ -105,15 +109,118 @@ def _duration_ms(value: object) -> int:
     return int(value.ToMilliseconds())  # type: ignore[attr-defined]
 
 
-def _when(ts: object) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined,no-any-return]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _when(ts: timestamp_pb2.Timestamp) -> datetime:
+    """`ts.ToDatetime(tzinfo=UTC)` without its conversions (it runs per row): the same instant,
+    tz UTC, microseconds rounded down (a Timestamp's nanos are never negative: the kit's
+    request check refuses one that is)."""
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def run_input(
-    v: Violations, run: rs.RunInput, field: str, *, in_batch: bool = False
+    v: Violations,
+    run: rs.RunInput,
+    field: str,
+    *,
+    in_batch: bool = False,
+    mint: Callable[[], str] | None = None,
 ) -> RunRow | None:
     """The row for a RunInput. `in_batch`: environment, organization and project come from the
-    batch (they may be left empty)."""
+    batch (they may be left empty). `mint`: the id of a run that names none (else "", minted
+    later by the router)."""
+    body = _check_run_input(v, run, field, in_batch=in_batch)
+    if v:
+        return None
+    return _run_row(run, body or (mint() if mint is not None else ""))
+
+
+def _plain_run_row(
+    run: rs.RunInput, *, in_batch: bool = False, mint: Callable[[], str] | None = None
+) -> RunRow | None:
+    """The fast path of `run_input` for the common run (no failed state, no negative duration):
+    its row when every check passes, else None, and then `run_input` checks it field by field
+    (so a violation is found, worded and named in one place only)."""
+    if not _plainly_valid(run, in_batch):
+        return None
+    body = run.run_id.removeprefix(RUN + "_")
+    return _run_row(run, body or (mint() if mint is not None else ""))
+
+
+def _plainly_valid(run: rs.RunInput, in_batch: bool) -> bool:
+    """True only if `_check_run_input` would find nothing; no field path is built. Checks the
+    same conditions, cheaper: cached id and task checks (the values repeat within a chunk),
+    durations by sign (a negative part takes the slow path, which rounds as it must)."""
+    options = run.options
+    durations = (options.idempotency_key_ttl, options.ttl, options.priority, run.default_ttl)
+    tags = options.tags
+    return (
+        (not run.run_id or _is_id(run.run_id, RUN))
+        and (
+            (in_batch and not run.environment_id)
+            or _is_friendly_id(run.environment_id, ENVIRONMENT)
+        )
+        and (
+            (in_batch and not run.organization_id)
+            or _is_friendly_id(run.organization_id, ORGANIZATION)
+        )
+        and ((in_batch and not run.project_id) or _is_friendly_id(run.project_id, PROJECT))
+        and _is_task_identifier(run.task_identifier)
+        and (not run.parent_run_id or _is_id(run.parent_run_id, RUN))
+        and (not run.root_run_id or _is_id(run.root_run_id, RUN))
+        and len(options.idempotency_key) <= IDEMPOTENCY_KEY_LIMIT
+        and len(options.queue) <= TEXT_LIMIT
+        and len(options.concurrency_key) <= TEXT_LIMIT
+        and len(options.machine_preset) <= TEXT_LIMIT
+        and len(options.lock_to_version) <= TEXT_LIMIT
+        and len(run.payload_type) <= TEXT_LIMIT
+        and len(run.worker_version) <= TEXT_LIMIT
+        and len(run.default_queue) <= TEXT_LIMIT
+        and len(run.default_machine_preset) <= TEXT_LIMIT
+        and (not tags or (len(tags) <= MAX_TAGS and all(0 < len(t) <= TAG_LIMIT for t in tags)))
+        and all(d.seconds >= 0 and d.nanos >= 0 for d in durations)
+        and options.max_attempts <= MAX_ATTEMPTS
+        and run.default_max_attempts <= MAX_ATTEMPTS
+        and run.WhichOneof("final_state") != "failed"
+    )
+
+
+# The pure checks whose values repeat across a chunk's rows, cached. Only values short enough
+# to pass are looked up (ids at most 64 characters, task identifiers 128), so the caches hold
+# at most ~1 MiB whatever callers send.
+def _is_id(value: str, prefix: str) -> bool:
+    """What `_id` accepts (a `<prefix>_<body>` id, not bare)."""
+    return len(value) <= 64 and _cached_is_id(value, prefix)
+
+
+def _is_friendly_id(value: str, prefix: str) -> bool:
+    return len(value) <= 64 and _cached_is_friendly_id(value, prefix)
+
+
+def _is_task_identifier(value: str) -> bool:
+    return len(value) <= 128 and _cached_is_task_identifier(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_is_id(value: str, prefix: str) -> bool:
+    return bool(_id(Violations(), value, "", prefix))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_is_friendly_id(value: str, prefix: str) -> bool:
+    return Violations().friendly_id(value, "", prefix)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_is_task_identifier(value: str) -> bool:
+    v = Violations()
+    task_identifier(v, value, "")
+    return not v
+
+
+def _check_run_input(v: Violations, run: rs.RunInput, field: str, *, in_batch: bool) -> str:
+    """Every check of a RunInput, each violation named under `field`; the run id's body."""
     body = _optional_id(v, run.run_id, f"{field}.run_id", RUN)
     if not in_batch or run.environment_id:
         environment(v, run.environment_id, f"{field}.environment_id")
@@ -145,12 +252,18 @@ def run_input(
         v.add(f"{o}.max_attempts", f"must be at most {MAX_ATTEMPTS} (got {options.max_attempts})")
     if run.default_max_attempts > MAX_ATTEMPTS:
         v.add(f"{field}.default_max_attempts", f"must be at most {MAX_ATTEMPTS}")
-    state = run.WhichOneof("final_state")
-    if state == "failed":
+    if run.WhichOneof("final_state") == "failed":
         run_error(v, run.failed, f"{field}.failed")
-    if v:
-        return None
+    return body or ""
 
+
+# RunRow.options when the run has none of the trigger options no column holds (most runs).
+_NO_EXTRA_OPTIONS = json.dumps({})
+
+
+def _run_row(run: rs.RunInput, body: str) -> RunRow:
+    """The row of a checked RunInput whose id body is `body`."""
+    options = run.options
     created_at = _when(run.created_at) if run.HasField("created_at") else None
     key = options.idempotency_key or None
     expires_at = None
@@ -178,7 +291,7 @@ def run_input(
     if options.one_time_use_token:
         extra["one_time_use_token"] = options.one_time_use_token
     row = RunRow(
-        id=body or "",
+        id=body,
         environment_id=run.environment_id,
         organization_id=run.organization_id,
         project_id=run.project_id,
@@ -188,7 +301,7 @@ def run_input(
         payload_type=run.payload_type,
         metadata=options.metadata,
         metadata_type=options.metadata_type,
-        tags=tuple(dict.fromkeys(options.tags)),
+        tags=tuple(dict.fromkeys(options.tags)) if options.tags else (),
         queue=options.queue or run.default_queue,
         concurrency_key=options.concurrency_key,
         idempotency_key=key,
@@ -201,12 +314,13 @@ def run_input(
         worker_version=run.worker_version,
         priority_ms=_duration_ms(options.priority) if options.HasField("priority") else 0,
         is_test=options.test,
-        options=json.dumps(extra),
+        options=json.dumps(extra) if extra else _NO_EXTRA_OPTIONS,
         parent_run_id=run.parent_run_id or None,
         root_run_id=run.root_run_id or None,
         resume_parent_on_completion=run.resume_parent_on_completion,
         created_at=created_at,
     )
+    state = run.WhichOneof("final_state")
     if state == "failed":
         return row.failed(run.failed.code, run.failed.message)
     if state == "cancelled":
@@ -222,11 +336,17 @@ def create_run(run: rs.RunInput) -> RunRow:
     return row
 
 
-def create_runs(request: rs.CreateRunsRequest) -> list[RunRow]:
+def create_runs(
+    request: rs.CreateRunsRequest, mint: Callable[[], str] | None = None
+) -> list[RunRow]:
+    """The rows, ids minted with `mint` where a run names none."""
     v = Violations()
     if v.require(list(request.runs), "runs") and len(request.runs) > MAX_RUNS_PER_CALL:
         v.add("runs", f"must hold at most {MAX_RUNS_PER_CALL} runs (got {len(request.runs)})")
-    rows = [run_input(v, run, f"runs[{i}]") for i, run in enumerate(request.runs)]
+    rows = [
+        _plain_run_row(run, mint=mint) or run_input(v, run, f"runs[{i}]", mint=mint)
+        for i, run in enumerate(request.runs)
+    ]
     v.raise_if_any()
     return [row for row in rows if row is not None]
 
@@ -371,35 +491,45 @@ def create_batch(request: rs.CreateBatchRequest) -> BatchRow:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class ItemInput:
-    index: int
-    run: RunRow | None
-    existing_run_id: str | None  # body
-
-
-def accept_batch_items(request: rs.AcceptBatchItemsRequest) -> tuple[BatchRef, list[ItemInput]]:
+def accept_batch_items(
+    request: rs.AcceptBatchItemsRequest, mint: Callable[[], str] | None = None
+) -> tuple[BatchRef, list[BatchItem]]:
+    """The batch and its items, run ids minted with `mint` where a run names none."""
     v = Violations()
     ref = BatchRef(batch_id(v, request.batch_id), environment(v, request.environment_id))
     if v.require(list(request.items), "items") and len(request.items) > MAX_ITEMS_PER_CALL:
         v.add("items", f"must hold at most {MAX_ITEMS_PER_CALL} items (got {len(request.items)})")
-    items: list[ItemInput] = []
+    items: list[BatchItem] = []
     for i, item in enumerate(request.items[:MAX_ITEMS_PER_CALL]):
-        field = f"items[{i}]"
         if item.index > MAX_INDEX:
-            v.add(f"{field}.index", f"must be at most {MAX_INDEX} (got {item.index})")
+            v.add(f"items[{i}].index", f"must be at most {MAX_INDEX} (got {item.index})")
         if item.existing_run_id:
-            existing = _id(v, item.existing_run_id, f"{field}.existing_run_id", RUN)
-            items.append(ItemInput(item.index, None, existing or None))
+            field = f"items[{i}].existing_run_id"
+            existing = _id(v, item.existing_run_id, field, RUN)
+            items.append(BatchItem(item.index, None, existing or None))
             continue
-        row = run_input(v, item.run, f"{field}.run", in_batch=True)
-        if item.HasField("pre_failed"):
-            run_error(v, item.pre_failed, f"{field}.pre_failed")
-            if row is not None:
-                row = row.failed(item.pre_failed.code, item.pre_failed.message)
-        items.append(ItemInput(item.index, row, None))
+        row = (
+            None
+            if item.HasField("pre_failed")
+            else _plain_run_row(item.run, in_batch=True, mint=mint)
+        )
+        if row is None:
+            row = _batch_item_row(v, item, f"items[{i}]", mint)
+        items.append(BatchItem(item.index, row))
     v.raise_if_any()
     return ref, items
+
+
+def _batch_item_row(
+    v: Violations, item: rs.BatchItemInput, field: str, mint: Callable[[], str] | None
+) -> RunRow | None:
+    """The run of an item checked field by field (pre-failed: written failed)."""
+    row = run_input(v, item.run, f"{field}.run", in_batch=True, mint=mint)
+    if item.HasField("pre_failed"):
+        run_error(v, item.pre_failed, f"{field}.pre_failed")
+        if row is not None:
+            row = row.failed(item.pre_failed.code, item.pre_failed.message)
+    return row
 
 
 def list_batch_runs(request: rs.ListBatchRunsRequest) -> tuple[BatchRef, int, int]:

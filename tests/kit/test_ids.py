@@ -3,6 +3,7 @@ their residency, NEW ids are time-ordered and monotonic, and ids are unique."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 import string
@@ -193,6 +194,16 @@ def test_mint_body_refuses_out_of_range_timestamps() -> None:
         ids.mint_body(Residency.NEW, at_ms=-1)
     with pytest.raises(ValueError, match="at_ms"):
         ids.mint_body(Residency.NEW, at_ms=1 << 50)
+
+
+@given(st.integers(0, ids._MAX_MS), st.integers(0, ids._MAX_RANDOM))
+@example(0, 0)
+@example(ids._MAX_MS, ids._MAX_RANDOM)
+def test_new_bodies_are_the_base32hex_of_their_bits(ms: int, rand: int) -> None:
+    """The encoding equals the RFC 4648 base32hex of the 130 bits (a reference via base64)."""
+    value = (ms << 80) | (rand << 5) | ids.NEW_VERSION
+    reference = base64.b32hexencode((value << 30).to_bytes(20, "big"))[:26].decode().lower()
+    assert ids._encode_new(ms, rand) == reference
 
 
 def test_new_ids_are_strictly_increasing_within_a_millisecond() -> None:

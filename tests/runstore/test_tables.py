@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import pytest
+from google.protobuf import timestamp_pb2
+from hypothesis import given
+from hypothesis import strategies as st
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import Residency, mint_body
@@ -19,6 +22,7 @@ from services.runstore.store import (
     RunRow,
     RunTables,
     SealOutcome,
+    _epoch_parts,
 )
 
 tables = RunTables()
@@ -133,6 +137,67 @@ async def test_create_runs_one_statement_in_order(pool: asyncpg.Pool) -> None:
     stolen = await tables.create_runs(pool, [dataclasses.replace(rows[0], environment_id="x")])
     assert stolen[0].run is None
     assert stolen[0].conflict == "runs_pkey"
+
+
+async def test_create_runs_answers_what_a_read_returns(pool: asyncpg.Pool) -> None:
+    """The created runs' answers are built from the input rows (not read back): each must equal
+    the stored run as a read decodes it, whatever fields the row sets."""
+    env = new_env()
+    shown = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    full = {
+        "payload": b"\x00\xffbytes",
+        "metadata": '{"m": 1}',
+        "metadata_type": "application/json",
+        "tags": ("a", "b"),
+        "queue": "q",
+        "concurrency_key": "ck",
+        "idempotency_key": "key-1",
+        "idempotency_key_expires_at": shown + timedelta(days=30),
+        "ttl_ms": 60_000,
+        "max_attempts": 7,
+        "machine_preset": "large-1x",
+        "lock_to_version": "v1",
+        "worker_version": "v2",
+        "priority_ms": 1500,
+        "is_test": True,
+        "options": '{"one_time_use_token": "t"}',
+        "parent_run_id": "parent1",
+        "root_run_id": "root1",
+        "resume_parent_on_completion": True,
+        "created_at": shown,
+    }
+    rows = [
+        run_row(env),
+        run_row(env, **full),
+        run_row(env, **{**full, "idempotency_key": "key-2"}).failed("E_FAIL", "failed early"),
+        run_row(env, **{**full, "idempotency_key": "key-3"}).cancelled("user asked"),
+        run_row(env, delay_until=shown + timedelta(days=3650), status="DELAYED", ttl_ms=0),
+    ]
+    results = await tables.create_runs(pool, rows)
+    assert not any(r.is_cached for r in results)
+    for row, result in zip(rows, results, strict=True):
+        assert result.run == await tables.get_run(pool, row.id, env), row
+    # A chunk whose fields all hold RunRow's defaults sends them as NULL arrays: the database
+    # must still store the defaults.
+    plain = run_row(env, payload=b"", payload_type="")
+    [result] = await tables.create_runs(pool, [plain])
+    assert result.run == await tables.get_run(pool, plain.id, env)
+    assert result.run is not None
+    assert result.run.payload == b""
+    assert result.run.tags == []
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([None, UTC, timezone(timedelta(hours=-7, minutes=-30))]),
+    )
+)
+def test_timestamps_are_set_as_from_datetime_sets_them(value: datetime) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(value)
+    assert _epoch_parts(value) == (expected.seconds, expected.nanos)
 
 
 async def test_idempotency_key_cached_then_expired(pool: asyncpg.Pool) -> None:
