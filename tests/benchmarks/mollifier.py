@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -289,8 +290,11 @@ async def measure(
     counter = Counter(conns, suite.environment_id)
     try:
         gate = {} if gate_threshold is None else {"RUNOPS_GATE_THRESHOLD": str(gate_threshold)}
+        # A key prefix of its own: no other mollifier on this Redis (the test session's) may
+        # drain the burst before the measured drainer starts.
+        own = {"RUNOPS_KEY_PREFIX": f"bench-{secrets.token_hex(4)}"}
         async with suite.service(
-            "mollifier", "mollifier", RUNOPS_DRAINER_ENABLED="false", **gate
+            "mollifier", "mollifier", RUNOPS_DRAINER_ENABLED="false", **gate, **own
         ) as svc:
             service_pid, store_pid = pid_of(svc), pid_of(suite.base[1])
             if await counter.count():
@@ -319,7 +323,7 @@ async def measure(
             after_burst = await counter.count()
             drainer = ServiceProcess(
                 "mollifier", free_port(), -1, suite.logs / "mollifier-drainer.log",
-                env=suite.env(), companion="mollifier-drainer",
+                env=suite.env(**own), companion="mollifier-drainer",
             )  # fmt: skip
             drainer.start()
             try:
