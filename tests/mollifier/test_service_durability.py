@@ -36,8 +36,9 @@ from tests.mollifier.service_harness import (
 
 CALLERS = 20
 BEFORE_KILL_SECONDS = 1.5
-OUTAGE_SECONDS = 1.0
-AFTER_RESTART_SECONDS = 1.5
+# Long enough that fail-open triggers complete inside the outage on a loaded 2-core machine.
+OUTAGE_SECONDS = 2.5
+AFTER_RESTART_SECONDS = 3.0
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.ABORTED,
