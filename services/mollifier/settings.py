@@ -54,8 +54,10 @@ class MollifierSettings(ServerSettings):
 
     drainer_enabled: bool = True
     """Run a drainer inside the service process (off: run `python -m services.mollifier.drainer`)."""
-    drain_batch_size: int = Field(default=500, ge=1, le=10_000)
-    """Entries written per drainer tick (one CreateRuns call), across environments."""
+    drain_batch_size: int = Field(default=1000, ge=1, le=10_000)
+    """Entries written per drainer tick (one CreateRuns call), across environments. 1000, the
+    unnest floor's statement size: a busy environment drains ~1.4x faster than at 500 (per-tick
+    round trips and per-call costs halve); the cost is a larger CreateRuns message."""
     drain_env_batch_size: int = Field(default=50, ge=1, le=10_000)
     """Entries one environment contributes per turn of the round robin within a tick."""
     drain_pipeline_depth: int = Field(default=3, ge=1, le=16)

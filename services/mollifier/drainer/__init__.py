@@ -133,7 +133,7 @@ class Drainer:
         buffer: MollifierBuffer,
         writer: RunWriter,
         *,
-        batch_size: int = 500,
+        batch_size: int = 1000,
         env_batch_size: int = 50,
         max_attempts: int = 3,
         backoff: ExponentialBackoff | None = None,
