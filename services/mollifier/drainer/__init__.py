@@ -393,7 +393,8 @@ class Drainer:
         done, _ = await asyncio.wait(writes, return_when=asyncio.FIRST_COMPLETED)
         writes.difference_update(done)
         retried = False
-        for task in done:
+        unexpected: Exception | None = None
+        for task in done:  # every result read, so no exception goes unretrieved
             try:
                 report = task.result()
             except redis.exceptions.RedisError as exc:
@@ -401,7 +402,12 @@ class Drainer:
                 log.warning("drainer tick failed", error=repr(exc))
                 retried = True
                 continue
+            except Exception as exc:
+                unexpected = unexpected or exc
+                continue
             retried = retried or report.retried
+        if unexpected is not None:
+            raise unexpected  # as a serial tick's would: `run` cancels the rest, they requeue
         if not retried:
             self.failures = 0
             return None
