@@ -80,6 +80,7 @@ def drainer_of(
         visibility_timeout_seconds=settings.drain_visibility_timeout_seconds,
         recovery_interval_seconds=settings.drain_recovery_interval_seconds,
         idle_seconds=settings.drain_idle_seconds,
+        pipeline_depth=settings.drain_pipeline_depth,
     )
 
 

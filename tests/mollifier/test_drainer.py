@@ -230,3 +230,98 @@ async def test_graceful_stop_requeues_what_a_cancelled_tick_holds(buffer: Mollif
     entries = await buffer.pop("env_s", 5, "next")
     assert [e.run_id for e in entries] == [s.run_id for s in snaps]
     assert all(e.attempts == 0 for e in entries)
+
+
+class GatedWriter(MemoryWriter):
+    """Holds every call until `gate` opens, counting the calls in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = self.block = asyncio.Event()
+        self.in_flight = 0
+        self.peak = 0
+
+    async def create_runs(self, items: Sequence[DrainItem]) -> Sequence[WriteResult]:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            return await super().create_runs(items)
+        finally:
+            self.in_flight -= 1
+
+
+async def wait_for_calls(writer: MemoryWriter, count: int) -> None:
+    for _ in range(500):
+        if len(writer.calls) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(writer.calls)} writes in flight, expected {count}")
+
+
+async def test_ticks_in_flight_are_bounded_and_a_stop_finishes_them(
+    buffer: MollifierBuffer,
+) -> None:
+    snaps = [snapshot("env_q") for _ in range(100)]
+    for snap in snaps:
+        await buffer.accept(snap, created_at=now())
+    writer = GatedWriter()
+    drainer = drainer_of(buffer, writer, batch_size=10, env_batch_size=10, pipeline_depth=3)
+    task = asyncio.create_task(drainer.run())
+    await wait_for_calls(writer, 3)
+    await asyncio.sleep(0.2)  # room for a fourth tick, if the bound did not hold
+    assert (len(writer.calls), writer.peak) == (3, 3)
+    stats = await buffer.stats("env_q")
+    assert (stats.depth, stats.draining) == (70, 30)
+    # Distinct owners, disjoint entries, in queue order across the ticks.
+    taken = [item.run.run_id for call in writer.calls for item in call]
+    assert taken == [s.run_id for s in snaps[:30]]
+
+    drainer.request_stop()
+    writer.gate.set()
+    await asyncio.wait_for(task, 10)
+    # The three ticks in flight were written and acked; nothing else was taken.
+    assert set(writer.runs) == {s.run_id for s in snaps[:30]}
+    assert max(writer.writes.values()) == 1
+    stats = await buffer.stats("env_q")
+    assert (stats.depth, stats.draining) == (70, 0)
+
+
+async def test_a_cancelled_drainer_requeues_every_tick_in_flight(buffer: MollifierBuffer) -> None:
+    snaps = [snapshot("env_x") for _ in range(40)]
+    for snap in snaps:
+        await buffer.accept(snap, created_at=now())
+    writer = GatedWriter()
+    drainer = drainer_of(buffer, writer, batch_size=10, env_batch_size=10, pipeline_depth=3)
+    task = asyncio.create_task(drainer.run())
+    await wait_for_calls(writer, 3)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert writer.in_flight == 0
+    assert not writer.runs
+    stats = await buffer.stats("env_x")
+    assert (stats.depth, stats.draining) == (40, 0)
+    entries = await buffer.pop("env_x", 40, "next")
+    assert sorted(e.run_id for e in entries) == sorted(s.run_id for s in snaps)
+    assert all(e.attempts == 0 for e in entries)
+
+
+async def test_a_pipelined_drainer_drains_several_environments_once(
+    buffer: MollifierBuffer,
+) -> None:
+    snaps = [snapshot(f"env_m{i % 4}", organization_id=f"org_{i % 2}") for i in range(1_000)]
+    for snap in snaps:
+        await buffer.accept(snap, created_at=now())
+    writer = MemoryWriter()
+    drainers = [drainer_of(buffer, writer, batch_size=40, pipeline_depth=4) for _ in range(2)]
+    tasks = [asyncio.create_task(d.run()) for d in drainers]
+    for _ in range(1_000):
+        if len(writer.runs) == len(snaps) and not await buffer.environments():
+            break
+        await asyncio.sleep(0.02)
+    for d in drainers:
+        d.request_stop()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert set(writer.runs) == {s.run_id for s in snaps}
+    assert max(writer.writes.values()) == 1
+    assert await buffer.environments() == {}

@@ -31,6 +31,7 @@ def test_defaults_follow_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert (settings.claim_ttl_min_seconds, settings.claim_ttl_max_seconds) == (5.0, 30.0)
     assert settings.drain_max_attempts == 3
+    assert settings.drain_pipeline_depth == 3
     assert not settings.redis.is_cluster
 
 

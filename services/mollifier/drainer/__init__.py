@@ -19,8 +19,14 @@ A writer that raises (the run store is down) requeues everything held without co
 attempt: an outage must not turn runs into failures. Any failed write backs off 100 ms doubling
 to 5 s. Several drainers are safe at once (pop is atomic; requeue acts only on the owner's
 entries; ack finishes whoever holds it, and run ids make a repeated write a no-op in the run
-store). `request_stop()` ends the loop after the tick in hand; a cancelled tick requeues what it
-holds.
+store). `request_stop()` ends the loop once the ticks in flight are written and settled; a
+cancelled tick requeues what it holds.
+
+`run` keeps up to `pipeline_depth` ticks in flight: the next tick's steps 1-3 (`take`) run while
+earlier ticks' writes (`write`, steps 4-5) are with the run store, so the drainer, the run store
+and Postgres work at the same time instead of taking turns. Each tick keeps its own owner token
+and settles its own entries; taking is sequential, so the plan's rotation and its per-tick bound
+are unchanged. Ticks in flight may pop the same environment (pop is atomic: disjoint entries).
 """
 
 from __future__ import annotations
@@ -108,21 +114,37 @@ class TickReport:
         return self.requeued > 0
 
 
+@dataclass
+class Batch:
+    """A tick's popped entries (by environment, queue order), DRAINING under `owner`."""
+
+    owner: str
+    held: dict[str, list[BufferedEntry]]
+    report: TickReport
+
+    @property
+    def empty(self) -> bool:
+        return not self.held
+
+
 class Drainer:
     def __init__(
         self,
         buffer: MollifierBuffer,
         writer: RunWriter,
         *,
-        batch_size: int = 500,
+        batch_size: int = 1000,
         env_batch_size: int = 50,
         max_attempts: int = 3,
         backoff: ExponentialBackoff | None = None,
         visibility_timeout_seconds: float = 30.0,
         recovery_interval_seconds: float = 5.0,
         idle_seconds: float = 0.05,
+        pipeline_depth: int = 3,
         name: str = "drainer",
     ) -> None:
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be at least 1")
         self.buffer = buffer
         self.writer = writer
         self.batch_size = batch_size
@@ -132,6 +154,7 @@ class Drainer:
         self.visibility_timeout = visibility_timeout_seconds
         self.recovery_interval = recovery_interval_seconds
         self.idle_seconds = idle_seconds
+        self.pipeline_depth = pipeline_depth
         self.name = name
         self._instance = uuid.uuid4().hex[:12]
         self._ticks = itertools.count()
@@ -195,6 +218,13 @@ class Drainer:
         return DrainItem(entry, DrainKind.CREATE, run, entry.created_at)
 
     async def tick(self) -> TickReport:
+        """One tick, start to end: take a batch, write it, settle it."""
+        batch = await self.take()
+        return batch.report if batch.empty else await self.write(batch)
+
+    async def take(self) -> Batch:
+        """Steps 1-3 of a tick: recovery when due, the plan, the pops (this tick's entries are
+        DRAINING under its owner token from here on, until `write` settles them)."""
         report = TickReport()
         environments = await self.buffer.environments()
         if time.monotonic() >= self._next_recovery:
@@ -209,8 +239,12 @@ class Drainer:
         for env, _ in plan:
             if env not in held:
                 await self.buffer.forget_if_empty(env, environments.get(env, ""))
-        if not held:
-            return report
+        return Batch(owner, held, report)
+
+    async def write(self, batch: Batch) -> TickReport:
+        """Steps 4-5 of a tick: one `create_runs` for the batch, then per-entry settlement. A
+        cancelled write requeues what the batch holds (attempts unchanged)."""
+        held, owner, report = batch.held, batch.owner, batch.report
         now = datetime.now(UTC)
         # Interleaved across environments: each one's entries stay in queue order.
         ordered = [
@@ -304,7 +338,7 @@ class Drainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def request_stop(self) -> None:
-        """Finish the tick in hand, then return from `run`."""
+        """Finish the ticks in flight (no new ones are taken), then return from `run`."""
         self._stop.set()
 
     @property
@@ -312,26 +346,73 @@ class Drainer:
         return self._stop.is_set()
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        """Tick until `request_stop`; sleeps when idle, backs off after failed writes."""
-        while not self._stop.is_set():
-            try:
-                report = await self.tick()
-            except redis.exceptions.RedisError as exc:
-                # Entries popped before the failure come back through the visibility timeout.
-                self.failures += 1
-                delay = self.backoff.compute(self.failures)
-                log.warning("drainer tick failed", error=repr(exc), retry_in=round(delay, 3))
-                await self._sleep(delay)
-                continue
-            if ready is not None:
-                ready.set()
-            if report.retried:
-                self.failures += 1
-                await self._sleep(self.backoff.compute(self.failures))
-            else:
-                self.failures = 0
-                if report.popped == 0:
+        """Tick until `request_stop`, up to `pipeline_depth` ticks in flight: the next batch is
+        taken while earlier ones are being written. Sleeps when idle, backs off after failed
+        writes. On stop, the writes in flight finish; if `run` is cancelled, they are cancelled
+        and requeue what they hold."""
+        writes: set[asyncio.Task[TickReport]] = set()
+        try:
+            while not self._stop.is_set():
+                if len(writes) >= self.pipeline_depth:
+                    delay = await self._absorb(writes)
+                    if delay is not None:
+                        await self._sleep(delay)
+                    continue
+                try:
+                    batch = await self.take()
+                except redis.exceptions.RedisError as exc:
+                    # Entries popped before the failure come back through the visibility timeout.
+                    self.failures += 1
+                    delay = self.backoff.compute(self.failures)
+                    log.warning("drainer tick failed", error=repr(exc), retry_in=round(delay, 3))
+                    await self._sleep(delay)
+                    continue
+                if ready is not None:
+                    ready.set()
+                if not batch.empty:
+                    writes.add(asyncio.create_task(self.write(batch)))
+                    continue
+                if writes:
+                    # Nothing left to take: wait for a write (it may retry, or free its entries).
+                    delay = await self._absorb(writes)
+                    if delay is not None:
+                        await self._sleep(delay)
+                else:
+                    self.failures = 0
                     await self._sleep(self.idle_seconds)
+            while writes:
+                await self._absorb(writes)
+        except BaseException:
+            for task in writes:
+                task.cancel()
+            await asyncio.gather(*writes, return_exceptions=True)
+            raise
+
+    async def _absorb(self, writes: set[asyncio.Task[TickReport]]) -> float | None:
+        """Wait for at least one write in flight; the backoff to sleep if one retried."""
+        done, _ = await asyncio.wait(writes, return_when=asyncio.FIRST_COMPLETED)
+        writes.difference_update(done)
+        retried = False
+        unexpected: Exception | None = None
+        for task in done:  # every result read, so no exception goes unretrieved
+            try:
+                report = task.result()
+            except redis.exceptions.RedisError as exc:
+                # Settling failed: what was not acked comes back through the visibility timeout.
+                log.warning("drainer tick failed", error=repr(exc))
+                retried = True
+                continue
+            except Exception as exc:
+                unexpected = unexpected or exc
+                continue
+            retried = retried or report.retried
+        if unexpected is not None:
+            raise unexpected  # as a serial tick's would: `run` cancels the rest, they requeue
+        if not retried:
+            self.failures = 0
+            return None
+        self.failures += 1
+        return self.backoff.compute(self.failures)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
