@@ -53,6 +53,7 @@ from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.channels import create_channel
 from runops.kit.errors import RunopsError
+from tests.benchmarks.loadgen import drive
 
 # The load-generator subprocess imports only what a client needs (it starts in every phase);
 # the servers' side is imported where it is used.
@@ -425,42 +426,8 @@ def _sample(replica: int | None) -> _Sample:
 async def _in_subprocess(
     spec: LoadSpec, replica: int | None
 ) -> tuple[LoadResult, dict[str, _Sample]]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), str(REPO / "shared"), env.get("PYTHONPATH")) if p
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", MODULE, "--loadgen-worker",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO, env=env,
-    )  # fmt: skip
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    marks: dict[str, _Sample] = {}
-    result: LoadResult | None = None
-    try:
-        proc.stdin.write(spec.to_json().encode() + b"\n")
-        await proc.stdin.drain()
-        async for line in proc.stdout:
-            if not line.startswith(b"{"):
-                sys.stderr.write(line.decode(errors="replace"))
-                continue
-            message = json.loads(line)
-            if message["event"] == "result":
-                result = LoadResult(**message["result"])
-            else:
-                # Sampled before the load generator goes on (its backends may exit after "end").
-                marks[message["event"]] = _sample(replica)
-                proc.stdin.write(b"go\n")
-                await proc.stdin.drain()
-        proc.stdin.close()
-        code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    if code != 0 or result is None:
-        raise RuntimeError(f"the load generator for {spec.label!r} exited with status {code}")
-    return result, marks
+    result, marks = await drive(MODULE, spec.to_json(), lambda: _sample(replica), spec.label)
+    return LoadResult(**result), marks
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ from tests.benchmarks.controlplane import (
     _process_tree_cpu,
     warmup_for,
 )
+from tests.benchmarks.loadgen import drive
 
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
@@ -664,41 +665,8 @@ def _sample(procs: Processes) -> _Sample:
 
 
 async def _in_subprocess(spec: LoadSpec, procs: Processes) -> tuple[LoadResult, dict[str, _Sample]]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), str(REPO / "shared"), env.get("PYTHONPATH")) if p
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", MODULE, "--loadgen-worker",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO, env=env,
-    )  # fmt: skip
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    marks: dict[str, _Sample] = {}
-    result: LoadResult | None = None
-    try:
-        proc.stdin.write(spec.to_json().encode() + b"\n")
-        await proc.stdin.drain()
-        async for line in proc.stdout:
-            if not line.startswith(b"{"):
-                sys.stderr.write(line.decode(errors="replace"))
-                continue
-            message = json.loads(line)
-            if message["event"] == "result":
-                result = LoadResult(**message["result"])
-            else:
-                marks[message["event"]] = _sample(procs)
-                proc.stdin.write(b"go\n")
-                await proc.stdin.drain()
-        proc.stdin.close()
-        code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    if code != 0 or result is None:
-        raise RuntimeError(f"the load generator for {spec.label!r} exited with status {code}")
-    return result, marks
+    result, marks = await drive(MODULE, spec.to_json(), lambda: _sample(procs), spec.label)
+    return LoadResult(**result), marks
 
 
 @dataclass(frozen=True)

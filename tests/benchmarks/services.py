@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from runops.localstack.ports import free_port
 from runops.localstack.services import ServiceProcess, targets_env
+from tests.benchmarks.loadgen import start_worker
 
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
@@ -106,14 +106,7 @@ async def running_suite(stack: LocalStack, progress: Progress) -> AsyncIterator[
 async def in_subprocess(module: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Run `python -m <module> --loadgen-worker` with `spec` on its stdin; its last stdout line
     is the JSON result."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), str(REPO / "shared"), env.get("PYTHONPATH")) if p
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, "--loadgen-worker",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO, env=env,
-    )  # fmt: skip
+    proc = await start_worker(module)
     out, _ = await proc.communicate(json.dumps(spec).encode())
     if proc.returncode != 0:
         raise RuntimeError(f"load generator {module} exited with {proc.returncode}")
