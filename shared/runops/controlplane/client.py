@@ -12,8 +12,7 @@ asks the control plane every time; the first message of every (re)subscription i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from types import TracebackType
-from typing import NoReturn
+from typing import Self
 
 import grpc
 import structlog
@@ -38,8 +37,8 @@ from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.background import Worker
 from runops.kit.backoff import ExponentialBackoff
 from runops.kit.cache import Loaded
-from runops.kit.channels import create_channel
-from runops.kit.errors import details_of, error_from_rpc
+from runops.kit.clients import ServiceClient, raise_domain
+from runops.kit.errors import details_of
 
 log = structlog.get_logger("runops.controlplane.client")
 
@@ -52,7 +51,7 @@ def _absent(exc: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str) -> bo
     return exc.code() == code and details_of(exc).reason == reason
 
 
-class ControlPlaneClient:
+class ControlPlaneClient(ServiceClient):
     def __init__(
         self,
         target: str,
@@ -63,10 +62,7 @@ class ControlPlaneClient:
         organization_id: str = "",
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self.target = target
-        # A channel given by the caller stays the caller's to close.
-        self._owns_channel = channel is None
-        self._channel = channel or create_channel(target, token=token)
+        super().__init__(target, token=token, channel=channel)
         self.stub = cp_grpc.ControlPlaneServiceStub(self._channel)
         self.cache = ControlPlaneCache(
             "controlplane_client", ttl_seconds=cache_ttl_seconds, max_entries=cache_max_entries
@@ -81,14 +77,9 @@ class ControlPlaneClient:
         # Set while a subscription is live (after its reset); tests and health can wait on it.
         self.subscribed = self._watch.ready
 
-    async def __aenter__(self) -> ControlPlaneClient:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def start(self, wait_seconds: float = 5.0) -> None:
         """Subscribe in the background; wait up to `wait_seconds` for the first reset (the
@@ -105,8 +96,7 @@ class ControlPlaneClient:
 
     async def close(self) -> None:
         await self._watch.stop()
-        if self._owns_channel:
-            await self._channel.close()
+        await super().close()
 
     async def _watch_once(self) -> None:
         """One subscription, until its stream ends; the worker opens the next one."""
@@ -161,7 +151,7 @@ class ControlPlaneClient:
             except grpc.aio.AioRpcError as exc:
                 if _absent(exc, grpc.StatusCode.NOT_FOUND, ENVIRONMENT_NOT_FOUND):
                     return loaded_environment(environment_id, None)
-                _raise_domain(exc)
+                raise_domain(exc)
             return loaded_environment(environment_id, reply.environment)
 
         return await self.cache.environments.get(environment_id, load)
@@ -175,7 +165,7 @@ class ControlPlaneClient:
                     cp.BatchGetEnvironmentsRequest(environment_ids=missing)
                 )
             except grpc.aio.AioRpcError as exc:
-                _raise_domain(exc)
+                raise_domain(exc)
             return {env.id: env for env in reply.environments}
 
         return await self.cache.environments_batch(list(dict.fromkeys(ids)), load_missing)
@@ -195,7 +185,7 @@ class ControlPlaneClient:
                     cp.ResolveWorkerVersionRequest(environment_id=environment_id, worker=worker)
                 )
             except grpc.aio.AioRpcError as exc:
-                _raise_domain(exc)
+                raise_domain(exc)
             return loaded_worker(env, (reply.worker, tuple(reply.tasks)))
 
         resolution = await self.cache.workers.get((environment_id, worker), load)
@@ -211,22 +201,10 @@ class ControlPlaneClient:
             except grpc.aio.AioRpcError as exc:
                 if _absent(exc, grpc.StatusCode.NOT_FOUND, ORGANIZATION_NOT_FOUND):
                     return loaded_flags(organization_id, None)
-                _raise_domain(exc)
+                raise_domain(exc)
             return loaded_flags(organization_id, reply.flags)
 
         flags = await self.cache.flags.get(organization_id, load)
         if flags is None:
             raise organization_not_found(organization_id)
         return flags
-
-
-def _raise_domain(exc: grpc.aio.AioRpcError) -> NoReturn:
-    """Transient failures stay AioRpcError (the kit maps them to retryable statuses); a
-    caller's mistake becomes the domain error it was."""
-    if exc.code() in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.FAILED_PRECONDITION,
-    ):
-        raise error_from_rpc(exc) from exc
-    raise exc

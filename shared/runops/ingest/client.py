@@ -67,6 +67,19 @@ RETRYABLE = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+# What grpc's core answers when it could not send on a connection that died under the call (the
+# server was killed mid-stream): the local transport failing, no status from any server.
+_LOCAL_SEND_FAILURE = "Internal error from Core"
+
+
+def retryable(details: ErrorDetails) -> bool:
+    return details.code in RETRYABLE or (
+        details.code == grpc.StatusCode.INTERNAL
+        and details.message == _LOCAL_SEND_FAILURE
+        and details.reason is None
+    )
+
+
 DEFAULT_ATTEMPTS = 5
 DEFAULT_BACKOFF = ExponentialBackoff(base=1.0, cap=30.0, jitter=0.5)
 DONE_STATUSES = frozenset(
@@ -205,7 +218,7 @@ class IngestClient:
                 return await call()
             except grpc.aio.AioRpcError as exc:
                 details = details_of(exc)
-                if details.code not in RETRYABLE:
+                if not retryable(details):
                     message = f"{what}: {details.code.name}: {details.message}"
                     raise IngestError(message, details) from exc
                 failures += 1
@@ -268,7 +281,7 @@ class IngestClient:
                 )
             except grpc.aio.AioRpcError as exc:
                 details = details_of(exc)
-                if details.code not in RETRYABLE:
+                if not retryable(details):
                     raise IngestError(
                         f"StreamBatchItems: {details.code.name}: {details.message}", details
                     ) from exc
@@ -384,7 +397,7 @@ class IngestClient:
                     yield message.batch
             except grpc.aio.AioRpcError as exc:
                 details = details_of(exc)
-                if details.code not in RETRYABLE:
+                if not retryable(details):
                     raise IngestError(
                         f"WatchBatch: {details.code.name}: {details.message}", details
                     ) from exc

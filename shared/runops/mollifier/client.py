@@ -18,38 +18,16 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from types import TracebackType
-from typing import NoReturn
 
 import grpc
 
 from runops.common.v1 import common_pb2
-from runops.kit.channels import create_channel
-from runops.kit.errors import error_from_rpc
+from runops.kit.clients import ServiceClient, consistency, raise_domain
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
 
 # At most this many keys per batched call (the service refuses more).
 MAX_KEYS_PER_CALL = 10_000
-
-_DOMAIN_CODES = (
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.ALREADY_EXISTS,
-)
-
-
-def _raise_domain(exc: grpc.aio.AioRpcError) -> NoReturn:
-    if exc.code() in _DOMAIN_CODES:
-        raise error_from_rpc(exc) from exc
-    raise exc
-
-
-def _level(read_your_writes: bool) -> common_pb2.ConsistencyLevel.ValueType:
-    if read_your_writes:
-        return common_pb2.CONSISTENCY_LEVEL_READ_YOUR_WRITES
-    return common_pb2.CONSISTENCY_LEVEL_REPLICA
 
 
 class ClaimOutcome(enum.Enum):
@@ -77,30 +55,12 @@ class KeyClaim:
     existing_run_id: str = ""
 
 
-class MollifierClient:
+class MollifierClient(ServiceClient):
     def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        channel: grpc.aio.Channel | None = None,
+        self, target: str, *, token: str | None = None, channel: grpc.aio.Channel | None = None
     ) -> None:
-        self.target = target
-        self._owns_channel = channel is None
-        self._channel = channel or create_channel(target, token=token)
+        super().__init__(target, token=token, channel=channel)
         self.stub = m_grpc.MollifierServiceStub(self._channel)
-
-    async def __aenter__(self) -> MollifierClient:
-        return self
-
-    async def __aexit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close()
 
     # -- triggers and reads -------------------------------------------------------------------
     async def trigger(self, request: m.TriggerRequest) -> m.TriggerResponse:
@@ -108,21 +68,21 @@ class MollifierClient:
         try:
             return await self.stub.Trigger(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
 
     async def get_run(
         self, environment_id: str, run_id: str, *, read_your_writes: bool = False
     ) -> common_pb2.Run | None:
         """The run from the run store, else from the buffer (`buffered`); None when absent."""
         request = m.GetRunRequest(
-            environment_id=environment_id, run_id=run_id, consistency=_level(read_your_writes)
+            environment_id=environment_id, run_id=run_id, consistency=consistency(read_your_writes)
         )
         try:
             return (await self.stub.GetRun(request)).run
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            _raise_domain(exc)
+            raise_domain(exc)
 
     async def find_run_by_idempotency_key(
         self, environment_id: str, task_identifier: str, key: str, *, read_your_writes: bool = False
@@ -131,12 +91,12 @@ class MollifierClient:
             environment_id=environment_id,
             task_identifier=task_identifier,
             idempotency_key=key,
-            consistency=_level(read_your_writes),
+            consistency=consistency(read_your_writes),
         )
         try:
             reply = await self.stub.FindRunByIdempotencyKey(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
         return reply.run if reply.HasField("run") else None
 
     async def reset_idempotency_key(
@@ -148,7 +108,7 @@ class MollifierClient:
         try:
             return await self.stub.ResetIdempotencyKey(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
 
     async def buffer_stats(self, environment_id: str = "") -> m.GetBufferStatsResponse:
         try:
@@ -156,7 +116,7 @@ class MollifierClient:
                 m.GetBufferStatsRequest(environment_id=environment_id)
             )
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
 
     # -- claims (batch ingest) ----------------------------------------------------------------
     async def claim_keys(
@@ -184,7 +144,7 @@ class MollifierClient:
             try:
                 reply = await self.stub.ClaimIdempotencyKeys(request)
             except grpc.aio.AioRpcError as exc:
-                _raise_domain(exc)
+                raise_domain(exc)
             answers.extend(
                 KeyClaim(key, ClaimOutcome(r.outcome), r.claim_token, r.existing_run_id)
                 for key, r in zip(chunk, reply.results, strict=True)
@@ -208,7 +168,7 @@ class MollifierClient:
             try:
                 results.extend((await self.stub.PublishIdempotencyKeys(request)).published)
             except grpc.aio.AioRpcError as exc:
-                _raise_domain(exc)
+                raise_domain(exc)
         return results
 
     async def release_keys(self, environment_id: str, claims: Sequence[KeyClaim]) -> list[bool]:
@@ -225,5 +185,5 @@ class MollifierClient:
             try:
                 results.extend((await self.stub.ReleaseIdempotencyKeys(request)).released)
             except grpc.aio.AioRpcError as exc:
-                _raise_domain(exc)
+                raise_domain(exc)
         return results

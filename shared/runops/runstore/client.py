@@ -13,35 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import NoReturn
 
 import grpc
 
 from runops.common.v1 import common_pb2
-from runops.kit.channels import create_channel
-from runops.kit.errors import error_from_rpc
+from runops.kit.clients import ServiceClient, consistency, raise_domain
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
-
-_DOMAIN_CODES = (
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.ALREADY_EXISTS,
-)
-
-
-def _raise_domain(exc: grpc.aio.AioRpcError) -> NoReturn:
-    if exc.code() in _DOMAIN_CODES:
-        raise error_from_rpc(exc) from exc
-    raise exc
-
-
-def _level(read_your_writes: bool) -> common_pb2.ConsistencyLevel.ValueType:
-    if read_your_writes:
-        return common_pb2.CONSISTENCY_LEVEL_READ_YOUR_WRITES
-    return common_pb2.CONSISTENCY_LEVEL_REPLICA
 
 
 @dataclass(frozen=True)
@@ -53,38 +31,19 @@ class MissingRanges:
     accepted_count: int
 
 
-class RunStoreClient:
+class RunStoreClient(ServiceClient):
     def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        channel: grpc.aio.Channel | None = None,
+        self, target: str, *, token: str | None = None, channel: grpc.aio.Channel | None = None
     ) -> None:
-        self.target = target
-        # A channel given by the caller stays the caller's to close.
-        self._owns_channel = channel is None
-        self._channel = channel or create_channel(target, token=token)
+        super().__init__(target, token=token, channel=channel)
         self.stub = rs_grpc.RunStoreServiceStub(self._channel)
-
-    async def __aenter__(self) -> RunStoreClient:
-        return self
-
-    async def __aexit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close()
 
     # -- runs -----------------------------------------------------------------------------------
     async def create_run(self, run: rs.RunInput) -> rs.CreateRunResponse:
         try:
             return await self.stub.CreateRun(rs.CreateRunRequest(run=run))
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
 
     async def create_runs(self, runs: Sequence[rs.RunInput]) -> list[rs.CreateRunResult]:
         """One round trip; results in request order (a per-run failure is `result.error`).
@@ -93,7 +52,7 @@ class RunStoreClient:
         try:
             reply = await self.stub.CreateRuns(rs.CreateRunsRequest(runs=runs))
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
         return list(reply.results)
 
     async def get_run(
@@ -101,14 +60,14 @@ class RunStoreClient:
     ) -> common_pb2.Run | None:
         """None when the environment has no such run."""
         request = rs.GetRunRequest(
-            run_id=run_id, environment_id=environment_id, consistency=_level(read_your_writes)
+            run_id=run_id, environment_id=environment_id, consistency=consistency(read_your_writes)
         )
         try:
             return (await self.stub.GetRun(request)).run
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            _raise_domain(exc)
+            raise_domain(exc)
 
     async def find_run_by_idempotency_key(
         self, environment_id: str, task_identifier: str, key: str, *, read_your_writes: bool = False
@@ -117,12 +76,12 @@ class RunStoreClient:
             environment_id=environment_id,
             task_identifier=task_identifier,
             idempotency_key=key,
-            consistency=_level(read_your_writes),
+            consistency=consistency(read_your_writes),
         )
         try:
             reply = await self.stub.FindRunByIdempotencyKey(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
         return reply.run if reply.HasField("run") else None
 
     async def reset_idempotency_key(
@@ -135,25 +94,27 @@ class RunStoreClient:
         try:
             return (await self.stub.ResetIdempotencyKey(request)).cleared_count
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
 
     # -- batches --------------------------------------------------------------------------------
     async def create_batch(self, request: rs.CreateBatchRequest) -> rs.CreateBatchResponse:
         try:
             return await self.stub.CreateBatch(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
 
     async def get_batch(
         self, batch_id: str, environment_id: str, *, read_your_writes: bool = False
     ) -> common_pb2.Batch:
         request = rs.GetBatchRequest(
-            batch_id=batch_id, environment_id=environment_id, consistency=_level(read_your_writes)
+            batch_id=batch_id,
+            environment_id=environment_id,
+            consistency=consistency(read_your_writes),
         )
         try:
             return (await self.stub.GetBatch(request)).batch
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
 
     async def accept_batch_items(
         self, batch_id: str, environment_id: str, items: Sequence[rs.BatchItemInput]
@@ -166,7 +127,7 @@ class RunStoreClient:
         try:
             return await self.stub.AcceptBatchItems(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
 
     async def missing_ranges(
         self,
@@ -182,12 +143,12 @@ class RunStoreClient:
             batch_id=batch_id,
             environment_id=environment_id,
             max_ranges=max_ranges,
-            consistency=_level(read_your_writes),
+            consistency=consistency(read_your_writes),
         )
         try:
             reply = await self.stub.GetBatchMissingRanges(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
         return MissingRanges(
             [(r.start, r.end) for r in reply.ranges],
             reply.truncated,
@@ -201,7 +162,7 @@ class RunStoreClient:
         try:
             return await self.stub.SealBatch(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
 
     async def list_batch_runs(
         self,
@@ -218,12 +179,12 @@ class RunStoreClient:
             environment_id=environment_id,
             page_size=page_size,
             page_token=page_token,
-            consistency=_level(read_your_writes),
+            consistency=consistency(read_your_writes),
         )
         try:
             reply = await self.stub.ListBatchRuns(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
         return list(reply.runs), reply.next_page_token
 
     async def list_batch_items(
@@ -243,9 +204,9 @@ class RunStoreClient:
             filter=filter,
             page_size=page_size,
             page_token=page_token,
-            consistency=_level(read_your_writes),
+            consistency=consistency(read_your_writes),
         )
         try:
             return await self.stub.ListBatchItems(request)
         except grpc.aio.AioRpcError as exc:
-            _raise_domain(exc)
+            raise_domain(exc)
