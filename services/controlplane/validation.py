@@ -9,11 +9,10 @@ from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.errors import Violations
 from runops.kit.ids import ENVIRONMENT, ORGANIZATION, PROJECT, WORKER
+from runops.kit.limits import MAX_ATTEMPTS, TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT
 
 SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 SLUG_TEXT = "a slug: lowercase letters, digits and inner dashes, 1-64 characters"
-TASK_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
-TASK_IDENTIFIER_TEXT = "1-128 of letters, digits and _ . : / - starting with a letter or digit"
 FLAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 FLAG_NAME_TEXT = "a flag name: 1-64 of letters, digits and _ . : - starting with a letter"
 MACHINE_PRESETS = (
@@ -21,7 +20,6 @@ MACHINE_PRESETS = (
 )  # fmt: skip
 DEFAULT_MACHINE_PRESET = "small-1x"
 DEFAULT_MAX_ATTEMPTS = 3
-MAX_ATTEMPTS = 100
 MAX_TTL_SECONDS = 30 * 24 * 3600
 MAX_TASKS = 1000
 MAX_BATCH_IDS = 1000

@@ -4,7 +4,6 @@ carried it: the index is what the client knows the item by."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,17 +13,19 @@ from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.errors import FieldViolation, InvalidArgument, Violations
 from runops.kit.ids import BATCH, RUN
+from runops.kit.limits import (
+    ID_BODY,
+    IDEMPOTENCY_KEY_LIMIT,
+    MAX_ATTEMPTS,
+    MAX_TAGS,
+    TAG_LIMIT,
+    TASK_IDENTIFIER,
+    TASK_IDENTIFIER_TEXT,
+    TEXT_LIMIT,
+)
 
 # The run store's limits on what it writes (ingest refuses first, naming the item).
-ID_BODY = re.compile(r"[0-9a-z]{1,64}")
 ID_TEXT = "an id like {prefix}_<body> or the bare body (1-64 lowercase letters and digits)"
-TASK_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
-TASK_IDENTIFIER_TEXT = "1-128 of letters, digits and _ . : / - starting with a letter or digit"
-IDEMPOTENCY_KEY_LIMIT = 512
-TEXT_LIMIT = 256
-MAX_TAGS = 10
-TAG_LIMIT = 128
-MAX_ATTEMPTS = 100
 MAX_TASK_IDENTIFIERS = 1000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100

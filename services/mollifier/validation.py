@@ -4,7 +4,6 @@ trigger the mollifier buffers is one the run store will accept when it drains.""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -13,18 +12,20 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from runops.common.v1 import common_pb2
 from runops.kit.errors import Violations
 from runops.kit.ids import ENVIRONMENT, RUN
+from runops.kit.limits import ID_BODY as BODY
+from runops.kit.limits import (
+    IDEMPOTENCY_KEY_LIMIT,
+    MAX_ATTEMPTS,
+    MAX_TAGS,
+    TAG_LIMIT,
+    TASK_IDENTIFIER,
+    TASK_IDENTIFIER_TEXT,
+    TEXT_LIMIT,
+)
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.mollifier.key_claims import KeyClaim
 
-BODY = re.compile(r"[0-9a-z]{1,64}")
-TASK_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
-TASK_IDENTIFIER_TEXT = "1-128 of letters, digits and _ . : / - starting with a letter or digit"
-IDEMPOTENCY_KEY_LIMIT = 512
-TEXT_LIMIT = 256
-MAX_TAGS = 10
-TAG_LIMIT = 128
-MAX_ATTEMPTS = 100
 MAX_KEYS_PER_CALL = 10_000
 MAX_CLAIM_WAIT = timedelta(seconds=5)
 _LEVELS = (

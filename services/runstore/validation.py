@@ -15,24 +15,25 @@ from google.protobuf import timestamp_pb2
 from runops.common.v1 import common_pb2
 from runops.kit.errors import Violations
 from runops.kit.ids import BATCH, ENVIRONMENT, ORGANIZATION, PROJECT, RUN, WAITPOINT
+from runops.kit.limits import ID_BODY as BODY
+from runops.kit.limits import (
+    IDEMPOTENCY_KEY_LIMIT,
+    MAX_ATTEMPTS,
+    MAX_TAGS,
+    TAG_LIMIT,
+    TASK_IDENTIFIER,
+    TASK_IDENTIFIER_TEXT,
+    TEXT_LIMIT,
+)
 from runops.kit.replica import Consistency
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.store import BatchItem, BatchRow, ItemKinds, RunRow
 
-# An id body (the part after "<prefix>_"): LEGACY and NEW bodies both fit.
-BODY = re.compile(r"[0-9a-z]{1,64}")
 BODY_TEXT = "an id like <prefix>_<body>, the body 1-64 lowercase letters and digits"
-TASK_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
-TASK_IDENTIFIER_TEXT = "1-128 of letters, digits and _ . : / - starting with a letter or digit"
 ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 ERROR_CODE_TEXT = "an error code: 1-64 of A-Z, 0-9 and _, starting with a letter"
 MAX_RUNS_PER_CALL = 10_000
 MAX_ITEMS_PER_CALL = 10_000
-MAX_TAGS = 10
-TAG_LIMIT = 128
-IDEMPOTENCY_KEY_LIMIT = 512
-TEXT_LIMIT = 256
-MAX_ATTEMPTS = 100
 MAX_RUN_COUNT = 1_000_000
 # Batch indexes are Postgres integers.
 MAX_INDEX = 2**31 - 1

@@ -33,7 +33,6 @@ import bisect
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -43,7 +42,7 @@ from runops.ingest.chunking import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, achunk_
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.backoff import ExponentialBackoff
-from runops.kit.channels import create_channel
+from runops.kit.clients import ServiceClient
 from runops.kit.errors import ErrorDetails, details_of
 
 if TYPE_CHECKING:
@@ -167,7 +166,7 @@ def _reiterable(items: Items) -> bool:
     return iter(items) is not items
 
 
-class IngestClient:
+class IngestClient(ServiceClient):
     def __init__(
         self,
         target: str,
@@ -183,26 +182,13 @@ class IngestClient:
         """`timeout`: per call (a stream included); None: no deadline."""
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
-        self._owns_channel = channel is None
-        self._channel = channel or create_channel(target, token=api_key)
+        super().__init__(target, token=api_key, channel=channel)
         self.stub: Stub = ing_grpc.BatchIngestServiceStub(self._channel)
         self.attempts = attempts
         self.backoff = backoff
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.timeout = timeout
-
-    async def __aenter__(self) -> IngestClient:
-        return self
-
-    async def __aexit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close()
 
     # -- retries --------------------------------------------------------------------------------
     def delay(self, details: ErrorDetails, failures: int) -> float:
