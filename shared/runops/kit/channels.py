@@ -98,6 +98,10 @@ def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.enable_retries", 1),
+        # Subchannels of this channel only: grpc's global pool would hand a new channel a
+        # subchannel still backing off from a server that went away on the same address (a
+        # restarted pod, a reused port), and round_robin fails calls at once on it.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 
