@@ -84,3 +84,78 @@ async def test_retry_does_not_retry_other_errors() -> None:
     with pytest.raises(KeyError):
         await retry.call(bug)
     assert calls == 1
+
+
+class _Refused(Exception):
+    def __init__(self, permanent: bool, hint: float | None = None) -> None:
+        super().__init__("permanent" if permanent else "transient")
+        self.permanent = permanent
+        self.hint = hint
+
+
+class _GaveUp(Exception):
+    pass
+
+
+def _policy(**kwargs: object) -> Retry:
+    return Retry(
+        ExponentialBackoff(base=0.001, cap=0.01),
+        is_retryable=lambda exc: isinstance(exc, _Refused) and not exc.permanent,
+        delay_hint=lambda exc: exc.hint if isinstance(exc, _Refused) else None,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def test_retry_asks_is_retryable_and_stops_at_a_permanent_error() -> None:
+    answers = [_Refused(False), _Refused(False), _Refused(True), _Refused(False)]
+
+    async def call() -> None:
+        raise answers.pop(0)
+
+    with pytest.raises(_Refused, match="permanent"):
+        await _policy(attempts=0).call(call)
+    assert len(answers) == 1  # the permanent refusal was not retried
+
+
+async def test_retry_waits_what_the_server_hints_over_its_backoff() -> None:
+    retry = _policy(attempts=5)
+    assert retry.delay(_Refused(False, hint=0.25), 1) == 0.25
+    # No hint, or a useless one: the backoff's own delay.
+    assert retry.delay(_Refused(False), 1) == pytest.approx(0.001)
+    assert retry.delay(_Refused(False, hint=0.0), 3) == pytest.approx(0.004)
+
+
+async def test_retry_raises_its_exhausted_error_from_the_last_failure() -> None:
+    calls = 0
+
+    async def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise _Refused(False)
+
+    retry = _policy(attempts=3, exhausted=lambda exc, n: _GaveUp(f"{n} failures"))
+    with pytest.raises(_GaveUp, match="3 failures") as caught:
+        await retry.call(down)
+    assert isinstance(caught.value.__cause__, _Refused)
+    assert calls == 3
+
+
+async def test_retry_budget_stops_before_a_wait_that_would_overrun_it() -> None:
+    calls = 0
+
+    async def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise _Refused(False, hint=0.05)
+
+    # 0.12 s of budget fits two waits of 0.05 s, not a third.
+    with pytest.raises(_Refused):
+        await _policy(attempts=0, budget=0.12).call(down)
+    assert calls == 3
+
+
+def test_retry_refuses_a_negative_policy() -> None:
+    with pytest.raises(ValueError, match="attempts"):
+        Retry(ExponentialBackoff(), attempts=-1)
+    with pytest.raises(ValueError, match="budget"):
+        Retry(ExponentialBackoff(), budget=-1.0)

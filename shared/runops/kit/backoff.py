@@ -60,22 +60,57 @@ class ExponentialBackoff:
 
 @dataclass(frozen=True)
 class Retry:
-    """Call an operation until it succeeds, at most `attempts` times (0: without end), waiting
-    `backoff` between tries. Only `retry_on` exceptions are retried; the last one propagates."""
+    """Call an operation until it succeeds (redis-py's `Retry.call_with_retry` is the model).
+
+    At most `attempts` tries (0: without end) and, with `budget`, no retry whose wait would end
+    more than `budget` seconds after the first try started. An exception is retried when it is
+    one of `retry_on` and `is_retryable(exc)` (when given) says so; anything else propagates at
+    once. The wait is `delay_hint(exc)` when that gives a positive number (a server's RetryInfo),
+    else the backoff. When the tries or the budget run out, `exhausted(exc, failures)` (when
+    given) is raised from the last exception, else the last exception itself.
+    """
 
     backoff: ExponentialBackoff
     attempts: int = 3
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    is_retryable: Callable[[BaseException], bool] | None = None
+    delay_hint: Callable[[BaseException], float | None] | None = None
+    exhausted: Callable[[BaseException, int], BaseException] | None = None
+    budget: float | None = None
+    # A poll (waiting for another caller's result) retries as its normal course: no warning.
+    log_retries: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0:
+            raise ValueError(f"attempts must be >= 0 (0: without end), got {self.attempts}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be >= 0 seconds, got {self.budget}")
+
+    def delay(self, exc: BaseException, failures: int) -> float:
+        """The wait after `failures` consecutive failures, the last one `exc`."""
+        hinted = self.delay_hint(exc) if self.delay_hint is not None else None
+        if hinted is not None and hinted > 0:
+            return hinted
+        return self.backoff.compute(failures)
 
     async def call(self, operation: Callable[[], Awaitable[T]], *, what: str = "operation") -> T:
+        loop = asyncio.get_running_loop()
+        deadline = None if self.budget is None else loop.time() + self.budget
         failures = 0
         while True:
             try:
                 return await operation()
             except self.retry_on as exc:
-                failures += 1
-                if self.attempts and failures >= self.attempts:
+                if self.is_retryable is not None and not self.is_retryable(exc):
                     raise
-                delay = self.backoff.compute(failures)
-                log.warning("retrying", what=what, error=repr(exc), retry_in=round(delay, 3))
+                failures += 1
+                delay = self.delay(exc, failures)
+                out_of_tries = bool(self.attempts) and failures >= self.attempts
+                out_of_time = deadline is not None and loop.time() + delay > deadline
+                if out_of_tries or out_of_time:
+                    if self.exhausted is not None:
+                        raise self.exhausted(exc, failures) from exc
+                    raise
+                if self.log_retries:
+                    log.warning("retrying", what=what, error=repr(exc), retry_in=round(delay, 3))
                 await asyncio.sleep(delay)
