@@ -11,8 +11,8 @@ from runops.kit.logging import bind_request
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 from services.runstore import validation
-from services.runstore.routing import RunStore, batch_not_found
-from services.runstore.store import CreatedRun, SealOutcome
+from services.runstore.rows import CreatedRun, SealOutcome
+from services.runstore.store import RunStore, batch_not_found
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
