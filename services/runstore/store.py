@@ -42,6 +42,7 @@ from runops.kit.ids import (
 )
 from runops.kit.replica import Consistency, DbConnection, ReplicaRouter
 from runops.runstore.v1 import runstore_pb2 as rs
+from services.runstore import sql
 from services.runstore.rows import (
     AcceptedItems,
     BatchRow,
@@ -198,7 +199,7 @@ class RunStore:
         wanted = [
             (k, (row.environment_id, row.task_identifier, row.idempotency_key))
             for k, row in enumerate(rows)
-            if row.idempotency_key is not None and row.status in ("PENDING", "QUEUED", "DELAYED")
+            if row.idempotency_key is not None and row.status in sql.CLAIMING_RUN_STATUSES
         ]
         if not wanted:
             return {}
@@ -482,7 +483,7 @@ class RunStore:
             if not item.existing_run_id
             and item.run is not None
             and item.run.idempotency_key is not None
-            and item.run.status in ("PENDING", "QUEUED", "DELAYED")
+            and item.run.status in sql.CLAIMING_RUN_STATUSES
         ]
         if keyed:
             keys = [
