@@ -21,8 +21,8 @@ from typing import TypeVar
 import structlog
 
 from runops.common.v1 import common_pb2
+from runops.kit.dependencies import unique_violation
 from runops.kit.errors import (
-    AlreadyExists,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -65,16 +65,6 @@ T = TypeVar("T")
 _COMPLETED = common_pb2.RUN_STATUS_COMPLETED_SUCCESSFULLY
 _FAILED = common_pb2.RUN_STATUS_COMPLETED_WITH_ERRORS
 _CANCELED = common_pb2.RUN_STATUS_CANCELED
-
-
-def unique_violation(constraint: str, table: str) -> AlreadyExists:
-    """What a unique violation answers, whether Postgres raised it (runops.kit.dependencies)
-    or a statement skipped the row and we found the holder: same status, reason, metadata."""
-    return AlreadyExists(
-        f"a row with the same key already exists ({constraint})",
-        reason="UNIQUE_VIOLATION",
-        metadata={"constraint": constraint, "table": table},
-    )
 
 
 def run_not_found(run_id: str) -> NotFound:
