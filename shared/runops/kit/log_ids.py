@@ -20,7 +20,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from runops.common.v1 import options_pb2
-from runops.kit.logging import bind_new, is_bound
+from runops.kit.logging import bind_new, bound_keys
 
 LOG_KEYS = ("environment_id", "batch_id", "run_id")
 # How far below the message the search goes: a request's `run`, a stream's `header`, an
@@ -76,9 +76,12 @@ def bind_ids(message: Message) -> None:
     plan = _plans.get(descriptor)
     if plan is None:
         plan = _plans[descriptor] = _plan(descriptor)
+    if not plan:
+        return
+    bound = bound_keys()
     found: dict[str, str] = {}
     for key, path in plan:
-        if key not in found and not is_bound(key):
+        if key not in found and key not in bound:
             value = _value(message, path)
             if value:
                 found[key] = value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -60,10 +61,10 @@ def bind_new(values: Mapping[str, object]) -> None:
         call.keys.update(fresh)
 
 
-def is_bound(key: str) -> bool:
-    """True when the current call's log lines already carry `key`."""
+def bound_keys() -> AbstractSet[str]:
+    """The keys the current call's log lines carry (none outside a call)."""
     call = _call.get()
-    return call is not None and key in call.keys
+    return frozenset() if call is None else call.keys
 
 
 def calls_logged() -> bool:
