@@ -19,7 +19,6 @@ from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.context import current_principal
 from runops.kit.errors import FieldViolation, InvalidArgument, NotFound, Unauthenticated
 from runops.kit.ids import RUN
-from runops.kit.logging import bind_request
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.ingest import validation
@@ -98,7 +97,6 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
                 resume_parent_on_completion=request.resume_parent_on_completion,
             )
         )
-        bind_request(batch_id=created.batch.friendly_id)
         return ing.CreateBatchResponse(batch=created.batch, is_cached=created.is_cached)
 
     async def StreamBatchItems(
@@ -114,7 +112,6 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
                 violations=[FieldViolation("header", "is required as the first message")],
             )
         batch_id = validation.batch_id(first.header.batch_id, "header.batch_id")
-        bind_request(batch_id=batch_id)
         batch = await self._run_store.get_batch(batch_id, env.id, read_your_writes=True)
         phase2 = Phase2(
             batch,
@@ -144,7 +141,6 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
     ) -> ing.GetBatchResponse:
         env = caller_environment()
         batch_id = validation.batch_id(request.batch_id)
-        bind_request(batch_id=batch_id)
         batch = await _confirmed(
             lambda fresh: self._run_store.get_batch(batch_id, env.id, read_your_writes=fresh)
         )
@@ -157,7 +153,6 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         stream ends OK and the client watches again elsewhere)."""
         env = caller_environment()
         batch_id = validation.batch_id(request.batch_id)
-        bind_request(batch_id=batch_id)
         last: common_pb2.Batch | None = None
         while True:
             batch = await self._run_store.get_batch(batch_id, env.id, read_your_writes=True)
@@ -174,7 +169,6 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
     ) -> ing.ListBatchItemsResponse:
         env = caller_environment()
         batch_id, page_size = validation.list_batch_items(request)
-        bind_request(batch_id=batch_id)
         page = await _confirmed(
             lambda fresh: self._run_store.list_batch_items(
                 batch_id,

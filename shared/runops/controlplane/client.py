@@ -18,17 +18,19 @@ import grpc
 import structlog
 
 from runops.controlplane.cache import (
+    ControlPlaneCache,
+    loaded_environment,
+    loaded_flags,
+    loaded_worker,
+)
+from runops.controlplane.model import (
     ENVIRONMENT_NOT_FOUND,
     INVALID_API_KEY,
     ORGANIZATION_NOT_FOUND,
-    ControlPlaneCache,
     WorkerResolution,
     environment_not_found,
     hash_api_key,
     invalid_api_key,
-    loaded_environment,
-    loaded_flags,
-    loaded_worker,
     organization_not_found,
     select_tasks,
 )
