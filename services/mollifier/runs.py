@@ -65,7 +65,7 @@ class BufferedRuns:
     ) -> common_pb2.Run | None:
         """The run store's run, else the buffered one (None when neither has it)."""
         run = await self._run_store.get_run(
-            run_id, environment_id, read_your_writes=read_your_writes
+            environment_id=environment_id, run_id=run_id, read_your_writes=read_your_writes
         )
         if run is not None:
             return run
@@ -90,7 +90,7 @@ class BufferedRuns:
             # Written already: a replica behind the writer did not show it; the writer will.
             if not read_your_writes:
                 return await self._run_store.get_run(
-                    entry.run_id, environment_id, read_your_writes=True
+                    environment_id=environment_id, run_id=entry.run_id, read_your_writes=True
                 )
             return None
         return entry.to_run(_now())
@@ -99,7 +99,10 @@ class BufferedRuns:
         self, environment_id: str, task_identifier: str, key: str, *, read_your_writes: bool
     ) -> common_pb2.Run | None:
         run = await self._run_store.find_run_by_idempotency_key(
-            environment_id, task_identifier, key, read_your_writes=read_your_writes
+            environment_id=environment_id,
+            task_identifier=task_identifier,
+            idempotency_key=key,
+            read_your_writes=read_your_writes,
         )
         if run is not None:
             return run
@@ -118,7 +121,10 @@ class BufferedRuns:
             return None
         if entry.status in (EntryStatus.DONE, EntryStatus.FAILED):
             return await self._run_store.find_run_by_idempotency_key(
-                environment_id, task_identifier, key, read_your_writes=True
+                environment_id=environment_id,
+                task_identifier=task_identifier,
+                idempotency_key=key,
+                read_your_writes=True,
             )
         return entry.to_run(_now())
 
@@ -136,7 +142,9 @@ class BufferedRuns:
         except redis.exceptions.RedisError as exc:
             log.warning("buffer reset of an idempotency key failed", error=repr(exc))
             buffer_failed = True
-        cleared = await self._run_store.reset_idempotency_key(environment_id, task_identifier, key)
+        cleared = await self._run_store.reset_idempotency_key(
+            environment_id=environment_id, task_identifier=task_identifier, idempotency_key=key
+        )
         if buffer_failed and cleared == 0:
             raise Unavailable(
                 "the buffer is unreachable and the run store held no run with this key; retry",
