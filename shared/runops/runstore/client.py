@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import grpc
 
@@ -91,6 +92,35 @@ class RunStoreClient(ServiceClient):
             idempotency_key=idempotency_key,
         )
         return (await self._call(self.stub.ResetIdempotencyKey, request)).cleared_count
+
+    # -- run mutations --------------------------------------------------------------------------
+    async def add_run_tags(
+        self, *, environment_id: str, run_id: str, tags: Sequence[str]
+    ) -> common_pb2.Run:
+        request = rs.AddRunTagsRequest(environment_id=environment_id, run_id=run_id, tags=tags)
+        return (await self._call(self.stub.AddRunTags, request)).run
+
+    async def update_run_metadata(
+        self, *, environment_id: str, run_id: str, metadata: str, metadata_type: str
+    ) -> common_pb2.Run:
+        request = rs.UpdateRunMetadataRequest(
+            environment_id=environment_id,
+            run_id=run_id,
+            metadata=metadata,
+            metadata_type=metadata_type,
+        )
+        return (await self._call(self.stub.UpdateRunMetadata, request)).run
+
+    async def reschedule_run(
+        self, *, environment_id: str, run_id: str, delay_until: datetime
+    ) -> common_pb2.Run:
+        request = rs.RescheduleRunRequest(environment_id=environment_id, run_id=run_id)
+        request.delay_until.FromDatetime(delay_until)
+        return (await self._call(self.stub.RescheduleRun, request)).run
+
+    async def cancel_run(self, *, environment_id: str, run_id: str, reason: str) -> common_pb2.Run:
+        request = rs.CancelRunRequest(environment_id=environment_id, run_id=run_id, reason=reason)
+        return (await self._call(self.stub.CancelRun, request)).run
 
     # -- batches --------------------------------------------------------------------------------
     async def create_batch(self, request: rs.CreateBatchRequest) -> rs.CreateBatchResponse:
