@@ -7,7 +7,6 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -32,11 +31,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 # WatchBatch ends once the batch is in one of these.
 FINAL_STATUSES = frozenset({common_pb2.BATCH_STATUS_COMPLETED, common_pb2.BATCH_STATUS_ABORTED})
-
-
-@dataclass(frozen=True)
-class WatchSettings:
-    interval_seconds: float
 
 
 def caller_environment() -> cp.Environment:
@@ -112,7 +106,9 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
                 violations=[FieldViolation("header", "is required as the first message")],
             )
         batch_id = validation.batch_id(first.header.batch_id, "header.batch_id")
-        batch = await self._run_store.get_batch(batch_id, env.id, read_your_writes=True)
+        batch = await self._run_store.get_batch(
+            environment_id=env.id, batch_id=batch_id, read_your_writes=True
+        )
         phase2 = Phase2(
             batch,
             env.id,
@@ -142,7 +138,9 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         env = caller_environment()
         batch_id = validation.batch_id(request.batch_id)
         batch = await _confirmed(
-            lambda fresh: self._run_store.get_batch(batch_id, env.id, read_your_writes=fresh)
+            lambda fresh: self._run_store.get_batch(
+                environment_id=env.id, batch_id=batch_id, read_your_writes=fresh
+            )
         )
         return ing.GetBatchResponse(batch=batch)
 
@@ -155,7 +153,9 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         batch_id = validation.batch_id(request.batch_id)
         last: common_pb2.Batch | None = None
         while True:
-            batch = await self._run_store.get_batch(batch_id, env.id, read_your_writes=True)
+            batch = await self._run_store.get_batch(
+                environment_id=env.id, batch_id=batch_id, read_your_writes=True
+            )
             if batch != last:
                 yield ing.WatchBatchResponse(batch=batch)
                 last = batch
@@ -171,8 +171,8 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         batch_id, page_size = validation.list_batch_items(request)
         page = await _confirmed(
             lambda fresh: self._run_store.list_batch_items(
-                batch_id,
-                env.id,
+                environment_id=env.id,
+                batch_id=batch_id,
                 # ItemFilter and the run store's BatchItemFilter number their values alike.
                 filter=rs.BatchItemFilter.ValueType(request.filter),
                 page_size=page_size,
