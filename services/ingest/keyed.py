@@ -1,8 +1,8 @@
 """Items with an idempotency key: which of them link to an existing run (spec §5).
 
-The contract the servicer uses is `KeyedItems.resolve(environment_id, items)`: for a unit's
-keyed items, which already resolve to a run (link to it: `existing`), and a handle to settle
-the claims it took once the unit was written (`publish`) or failed (`release`).
+The contract the servicer uses is `KeyedItems.resolve(environment_id, items) -> UnitClaims`:
+for a unit's keyed items, which already resolve to a run (link to it: `existing`), and a handle
+to settle the claims it took once the unit was written (`publish`) or failed (`release`).
 
 `MollifierKeyedItems` resolves them through the mollifier's batched claim (spec §4: one call per
 unit for its distinct keys), which serializes them with single triggers of the same key and sees
@@ -34,7 +34,8 @@ import grpc
 import structlog
 
 from runops.kit.errors import Aborted
-from runops.mollifier.client import ClaimOutcome, KeyClaim, KeyToClaim, MollifierClient
+from runops.mollifier.claims import ClaimAnswer, ClaimOutcome, KeyToClaim
+from runops.mollifier.client import MollifierClient
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +57,7 @@ class KeyedItem:
     expires_at: datetime | None = None
 
 
-class KeyClaims(Protocol):
+class UnitClaims(Protocol):
     """What `resolve` found for one unit's keyed items."""
 
     @property
@@ -74,25 +75,25 @@ class KeyClaims(Protocol):
 
 
 class KeyedItems(Protocol):
-    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> KeyClaims: ...
+    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> UnitClaims: ...
 
 
 Key = tuple[str, str]  # (task identifier, idempotency key)
 
 
 @dataclass
-class MollifierKeyClaims:
+class MollifierUnitClaims:
     """One unit's claims: the links found and the keys this unit must publish or release."""
 
     mollifier: MollifierClient
     environment_id: str
     existing: dict[int, str] = field(default_factory=dict)
     # Claimed key -> its claim and the unit's indexes carrying it (the first written one wins).
-    claimed: dict[Key, tuple[KeyClaim, list[int]]] = field(default_factory=dict)
+    claimed: dict[Key, tuple[ClaimAnswer, list[int]]] = field(default_factory=dict)
 
     async def publish(self, run_ids: Mapping[int, str]) -> None:
-        published: list[tuple[KeyClaim, str]] = []
-        unwritten: list[KeyClaim] = []
+        published: list[tuple[ClaimAnswer, str]] = []
+        unwritten: list[ClaimAnswer] = []
         for claim, indexes in self.claimed.values():
             run_id = next((run_ids[i] for i in indexes if i in run_ids), None)
             if run_id is None:
@@ -114,7 +115,7 @@ class MollifierKeyClaims:
         self.claimed = {}
         await self._release(claims)
 
-    async def _release(self, claims: Sequence[KeyClaim]) -> None:
+    async def _release(self, claims: Sequence[ClaimAnswer]) -> None:
         if not claims:
             return
         try:
@@ -141,7 +142,7 @@ class MollifierKeyedItems:
         self._rounds = rounds
         self._pause = pause_seconds
 
-    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> MollifierKeyClaims:
+    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> MollifierUnitClaims:
         indexes: dict[Key, list[int]] = {}
         expiry: dict[Key, datetime | None] = {}
         for item in items:
@@ -155,7 +156,7 @@ class MollifierKeyedItems:
                 [KeyToClaim(task, key, expiry[(task, key)]) for task, key in keys],
                 wait=self._wait,
             )
-            claims = MollifierKeyClaims(self._mollifier, environment_id)
+            claims = MollifierUnitClaims(self._mollifier, environment_id)
             pending = 0
             for key, answer in zip(keys, answers, strict=True):
                 if answer.outcome is ClaimOutcome.EXISTING_RUN:

@@ -15,10 +15,12 @@ import grpc
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.localstack.ports import free_port
-from runops.mollifier.client import ClaimOutcome, KeyToClaim, MollifierClient
+from runops.mollifier.claims import ClaimOutcome, KeyToClaim
+from runops.mollifier.client import MollifierClient
 from runops.mollifier.v1 import mollifier_pb2 as m
 from services.ingest.app import Ingest
-from services.mollifier.app import Mollifier, drainer_of
+from services.mollifier.app import Mollifier
+from services.mollifier.builders import drainer_of
 from tests.controlplane.harness import INTERNAL, Seeded, expect_error
 from tests.ingest.harness import Stub, Suite, ingest_in_process, item, requests, stub
 from tests.mollifier.service_harness import (

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.channels import create_channel
@@ -63,6 +64,15 @@ def stub(target: str, token: str | None = INTERNAL) -> Stub:
     channel = create_channel(target, token=token)
     _channels.append(channel)
     return m_grpc.MollifierServiceStub(channel)
+
+
+async def health_status(target: str) -> int:
+    """The server's overall grpc.health.v1 status (SERVING, NOT_SERVING)."""
+    channel = create_channel(target)
+    _channels.append(channel)
+    health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type only sync channels
+    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return int(reply.status)
 
 
 async def seeded_env(control_plane_target: str, *, enabled: bool, shadow: bool = False) -> Seeded:

@@ -10,13 +10,15 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from runops.common.v1 import common_pb2
 from runops.kit.errors import details_of
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
-from runops.mollifier.client import ClaimOutcome, KeyToClaim, MollifierClient
+from runops.mollifier.claims import ClaimOutcome, KeyToClaim
+from runops.mollifier.client import MollifierClient
 from runops.mollifier.v1 import mollifier_pb2 as m
 from services.controlplane.app import ControlPlane
 from services.mollifier.app import Mollifier
@@ -25,12 +27,14 @@ from tests.mollifier.service_harness import (
     TASK,
     body,
     count_runs,
+    health_status,
     runs_in_postgres,
     seeded_env,
     stub,
     trigger_request,
     until,
 )
+from tests.runstore.harness import start_on_stack
 
 Factory = Callable[..., Awaitable[Mollifier]]
 # Trips at once and stays tripped: everything after the first trigger is buffered.
@@ -175,6 +179,27 @@ async def test_redis_down_fails_open_to_the_run_store(services: Factory, env: Se
     assert second.is_cached
     got = await client.GetRun(m.GetRunRequest(environment_id=env.env_id, run_id=first.run.id))
     assert got.run.friendly_id == first.run.friendly_id
+
+
+async def test_health_follows_the_run_store_not_redis(services: Factory, stack: LocalStack) -> None:
+    """docs/mollifier.md, Health: without the run store no trigger can be served (nothing is
+    buffered because it is down), so it is a health dependency; Redis is not (fail-open)."""
+    store = await start_on_stack(stack, split=True, name="runstore-mollifier-health")
+    try:
+        service = await services(runstore_target=store.app.target)
+        assert await health_status(service.app.target) == health_pb2.HealthCheckResponse.SERVING
+        closed = {"url": f"redis://127.0.0.1:{free_port()}/0", "retry_attempts": 0}
+        redis_down = await services(runstore_target=store.app.target, redis=closed)
+        await asyncio.sleep(0.5)  # a few health checks (every 0.2 s)
+        assert await health_status(redis_down.app.target) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await store.app.stop(grace=1)
+
+    async def not_serving() -> bool:
+        status = await health_status(service.app.target)
+        return status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    await until(not_serving, limit=10)
 
 
 async def test_read_fallback_serves_only_the_owning_environment(
