@@ -2,8 +2,8 @@
 the object store, the token bucket and the servicer on the kit's ServiceApp.
 
 Health dependencies: Redis, the object store and the run store (every RPC reads or writes
-batches there). Not the control plane (API keys are cached) nor the mollifier (keyed items fail
-open to the run store's own key uniqueness, spec §5).
+batches there). Not the control plane (API keys are cached) nor the mollifier (only units with
+keyed items call it). See docs/ingest.md, Health.
 """
 
 from __future__ import annotations

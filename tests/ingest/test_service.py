@@ -19,7 +19,7 @@ from services.ingest.app import Ingest
 from services.ingest.offload import STORE_PAYLOAD_TYPE, packet_key
 from tests.controlplane.harness import INTERNAL, Seeded, expect_error
 from tests.ingest.harness import Stub, Suite, ingest_in_process, item, items, requests, stub
-from tests.mollifier.service_harness import health_status, until
+from tests.mollifier.service_harness import health_status, until_health
 from tests.runstore.harness import start_on_stack
 
 
@@ -386,7 +386,7 @@ async def test_watch_ends_cleanly_at_shutdown(suite: Suite, seeded: Seeded) -> N
 
 async def test_health_follows_the_run_store(suite: Suite) -> None:
     """docs/ingest.md, Health: every RPC reads or writes batches in the run store, so it is a
-    health dependency (as for the mollifier); the mollifier is not (keyed items fail open)."""
+    health dependency (as for the mollifier)."""
     store = await start_on_stack(suite.stack, split=True, name="runstore-ingest-health")
     own = dataclasses.replace(suite, runstore_target=store.app.target)
     async with ingest_in_process(own) as ingest:
@@ -394,9 +394,4 @@ async def test_health_follows_the_run_store(suite: Suite) -> None:
             assert await health_status(ingest.app.target) == health_pb2.HealthCheckResponse.SERVING
         finally:
             await store.app.stop(grace=1)
-
-        async def not_serving() -> bool:
-            status = await health_status(ingest.app.target)
-            return status == health_pb2.HealthCheckResponse.NOT_SERVING
-
-        await until(not_serving, limit=10)
+        await until_health(ingest.app.target, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -75,6 +75,15 @@ async def health_status(target: str) -> int:
     return int(reply.status)
 
 
+async def until_health(target: str, status: int, limit: float = 10.0) -> None:
+    """Waits until the server's overall health is `status` (health checks run every 0.2 s)."""
+
+    async def reached() -> bool:
+        return await health_status(target) == status
+
+    await until(reached, limit)
+
+
 async def seeded_env(control_plane_target: str, *, enabled: bool, shadow: bool = False) -> Seeded:
     admin = cp_stub(control_plane_target, ADMIN)
     seeded = await seed(admin)

@@ -33,6 +33,7 @@ from tests.mollifier.service_harness import (
     stub,
     trigger_request,
     until,
+    until_health,
 )
 from tests.runstore.harness import start_on_stack
 
@@ -194,12 +195,7 @@ async def test_health_follows_the_run_store_not_redis(services: Factory, stack: 
         assert await health_status(redis_down.app.target) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await store.app.stop(grace=1)
-
-    async def not_serving() -> bool:
-        status = await health_status(service.app.target)
-        return status == health_pb2.HealthCheckResponse.NOT_SERVING
-
-    await until(not_serving, limit=10)
+    await until_health(service.app.target, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def test_read_fallback_serves_only_the_owning_environment(
