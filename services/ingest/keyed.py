@@ -23,8 +23,6 @@ runs still waiting in the mollifier's buffer. Per key:
 
 from __future__ import annotations
 
-import asyncio
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,6 +31,7 @@ from typing import Protocol
 import grpc
 import structlog
 
+from runops.kit.backoff import ExponentialBackoff, Retry
 from runops.kit.errors import Aborted
 from runops.mollifier.claims import ClaimAnswer, ClaimOutcome, KeyToClaim
 from runops.mollifier.client import MollifierClient
@@ -126,6 +125,25 @@ class MollifierUnitClaims:
             log.warning("releasing idempotency claims failed", keys=len(claims), error=exc)
 
 
+class _KeysBusy(Exception):
+    """Keys of the unit still claimed by another caller after a round (retried)."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(f"{pending} idempotency key(s) still claimed elsewhere")
+        self.pending = pending
+
+
+def _keys_busy(exc: BaseException, rounds: int) -> Aborted:
+    pending = exc.pending if isinstance(exc, _KeysBusy) else 0
+    return Aborted(
+        f"{pending} idempotency key(s) of this chunk are still being claimed by another "
+        "caller; retry",
+        reason=KEY_BUSY,
+        metadata={"keys": str(pending)},
+        retry_after=1.0,
+    )
+
+
 class MollifierKeyedItems:
     """Keyed items through the mollifier's batched claims (module docstring)."""
 
@@ -139,8 +157,14 @@ class MollifierKeyedItems:
     ) -> None:
         self._mollifier = mollifier
         self._wait = wait
-        self._rounds = rounds
-        self._pause = pause_seconds
+        # Between rounds a pause drawn from [pause, 2 pause], so competing units spread out.
+        self._claim_rounds = Retry(
+            ExponentialBackoff(base=2 * pause_seconds, cap=2 * pause_seconds, jitter=0.5),
+            attempts=rounds,
+            retry_on=(_KeysBusy,),
+            exhausted=_keys_busy,
+            log_retries=False,
+        )
 
     async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> MollifierUnitClaims:
         indexes: dict[Key, list[int]] = {}
@@ -150,12 +174,10 @@ class MollifierKeyedItems:
             indexes.setdefault(key, []).append(item.index)
             expiry.setdefault(key, item.expires_at)
         keys = list(indexes)
-        for round_ in range(1, self._rounds + 1):
-            answers = await self._mollifier.claim_keys(
-                environment_id,
-                [KeyToClaim(task, key, expiry[(task, key)]) for task, key in keys],
-                wait=self._wait,
-            )
+        to_claim = [KeyToClaim(task, key, expiry[(task, key)]) for task, key in keys]
+
+        async def claim() -> MollifierUnitClaims:
+            answers = await self._mollifier.claim_keys(environment_id, to_claim, wait=self._wait)
             claims = MollifierUnitClaims(self._mollifier, environment_id)
             pending = 0
             for key, answer in zip(keys, answers, strict=True):
@@ -170,13 +192,7 @@ class MollifierKeyedItems:
                 return claims
             # Holding some keys while waiting for others could deadlock two units: give them up.
             await claims.release()
-            log.info("idempotency keys still claimed elsewhere", pending=pending, round=round_)
-            if round_ < self._rounds:
-                await asyncio.sleep(self._pause * (1 + random.random()))
-        raise Aborted(
-            f"{pending} idempotency key(s) of this chunk are still being claimed by another "
-            "caller; retry",
-            reason=KEY_BUSY,
-            metadata={"keys": str(pending)},
-            retry_after=1.0,
-        )
+            log.info("idempotency keys still claimed elsewhere", pending=pending)
+            raise _KeysBusy(pending)
+
+        return await self._claim_rounds.call(claim, what="idempotency claims")
