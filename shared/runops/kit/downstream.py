@@ -1,13 +1,8 @@
 """Another runops service a service calls, declared once: its channel and client, the hook that
 closes them after the server drained, and whether it counts toward the caller's health.
 
-    run_store = Downstream.connect(
-        "runstore",
-        settings.runstore_target,
-        RunStoreClient,
-        token=settings.internal_token,
-        health=True,
-    ).attach(app)
+    declared = Downstream.connect("runstore", target, RunStoreClient, token=..., health=True)
+    run_store = declared.attach(app)  # the client, closed with the app; its health counts
 
 A health dependency is polled with the downstream's own grpc.health.v1 `Check`: the caller is
 NOT_SERVING while it answers anything but SERVING (or nothing). Declare one only when the caller
