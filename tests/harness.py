@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runops.kit.channels import create_channel
 
@@ -47,3 +48,19 @@ async def until(
             raise AssertionError(f"not true within {limit}s")
         await asyncio.sleep(interval)
     return time.monotonic() - began
+
+
+async def health_status(target: str) -> int:
+    """The server's overall grpc.health.v1 status (SERVING, NOT_SERVING)."""
+    health: Any = stub_on(health_pb2_grpc.HealthStub, target, None)  # typed for sync channels
+    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return int(reply.status)
+
+
+async def until_health(target: str, status: int, limit: float = 10.0) -> None:
+    """Waits until the server's overall health is `status` (health checks run every 0.2 s)."""
+
+    async def reached() -> bool:
+        return await health_status(target) == status
+
+    await until(reached, limit)

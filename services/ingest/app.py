@@ -1,10 +1,16 @@
 """Wiring: the control plane (API keys), the run store, the mollifier (idempotency-key claims),
-the object store, the token bucket and the servicer on the kit's ServiceApp."""
+the object store, the token bucket and the servicer on the kit's ServiceApp.
+
+Health dependencies: Redis, the object store and the run store (every RPC reads or writes
+batches there). Not the control plane (API keys are cached) nor the mollifier (only units with
+keyed items call it). See docs/ingest.md, Health.
+"""
 
 from __future__ import annotations
 
 from runops.controlplane.client import ControlPlaneClient
 from runops.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from runops.kit.downstream import Downstream
 from runops.kit.redis import RedisClient, open_redis
 from runops.kit.server import ServiceApp
 from runops.mollifier.client import MollifierClient
@@ -28,22 +34,35 @@ class Ingest:
     def __init__(
         self,
         app: ServiceApp,
-        control_plane: ControlPlaneClient,
+        control_plane: Downstream[ControlPlaneClient],
         redis: RedisClient,
         settings: IngestSettings,
         store_config: StoreConfig | None = None,
     ) -> None:
         """`store_config` replaces the one from settings (tests: explicit credentials)."""
-        token = settings.internal_token.get_secret_value() if settings.internal_token else None
+        run_store = Downstream.connect(
+            "runstore",
+            settings.runstore_target,
+            RunStoreClient,
+            token=settings.internal_token,
+            health=True,
+        )
+        mollifier = Downstream.connect(
+            "mollifier",
+            settings.mollifier_target,
+            MollifierClient,
+            token=settings.internal_token,
+            health=False,
+        )
         self.app = app
-        self.control_plane = control_plane
-        self.run_store = RunStoreClient(settings.runstore_target, token=token)
+        self.control_plane = control_plane.client
+        self.run_store = run_store.client
         self.object_store = ObjectStore(store_config or StoreConfig.from_settings(settings))
         self.redis = redis
         self.bucket: TokenBucket | None = (
             bucket_from_settings(settings, self.redis) if settings.rate_limit_enabled else None
         )
-        self.mollifier = MollifierClient(settings.mollifier_target, token=token)
+        self.mollifier = mollifier.client
         self.keyed: KeyedItems = MollifierKeyedItems(self.mollifier)
         self.servicer = IngestServicer(
             run_store=self.run_store,
@@ -68,18 +87,24 @@ class Ingest:
         app.add_background(
             self.control_plane.watch, ready_timeout=CONTROL_PLANE_FEED_TIMEOUT_SECONDS
         )
-        # Reverse order at shutdown: the channels, then the store's pool (Redis closes last:
-        # open_redis registered its hook first).
+        # Reverse order at shutdown: the downstream clients and channels, then the store's pool
+        # (Redis closes last: open_redis registered its hook first).
         app.on_shutdown(self.object_store.close)
-        app.on_shutdown(self.run_store.close)
-        app.on_shutdown(self.mollifier.close)
-        app.on_shutdown(self.control_plane.close)
+        run_store.attach(app)
+        mollifier.attach(app)
+        control_plane.attach(app)
 
 
 async def build_ingest(settings: IngestSettings, store_config: StoreConfig | None = None) -> Ingest:
-    token = settings.internal_token.get_secret_value() if settings.internal_token else None
-    control_plane = ControlPlaneClient(settings.controlplane_target, token=token)
-    app = ServiceApp("ingest", settings, api_key_resolver=control_plane.authenticate_api_key)
+    # Made before the app, which resolves API keys through it; attached by Ingest.
+    control_plane = Downstream.connect(
+        "controlplane",
+        settings.controlplane_target,
+        ControlPlaneClient,
+        token=settings.internal_token,
+        health=False,
+    )
+    app = ServiceApp("ingest", settings, api_key_resolver=control_plane.client.authenticate_api_key)
     redis = await open_redis(app, "redis", settings.redis)
     return Ingest(app, control_plane, redis, settings, store_config)
 

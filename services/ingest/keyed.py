@@ -1,8 +1,8 @@
 """Items with an idempotency key: which of them link to an existing run (spec §5).
 
-The contract the servicer uses is `KeyedItems.resolve(environment_id, items)`: for a unit's
-keyed items, which already resolve to a run (link to it: `existing`), and a handle to settle
-the claims it took once the unit was written (`publish`) or failed (`release`).
+The contract the servicer uses is `KeyedItems.resolve(environment_id, items) -> UnitClaims`:
+for a unit's keyed items, which already resolve to a run (link to it: `existing`), and a handle
+to settle the claims it took once the unit was written (`publish`) or failed (`release`).
 
 `MollifierKeyedItems` resolves them through the mollifier's batched claim (spec §4: one call per
 unit for its distinct keys), which serializes them with single triggers of the same key and sees
@@ -23,8 +23,6 @@ runs still waiting in the mollifier's buffer. Per key:
 
 from __future__ import annotations
 
-import asyncio
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,8 +31,10 @@ from typing import Protocol
 import grpc
 import structlog
 
+from runops.kit.backoff import ExponentialBackoff, Retry
 from runops.kit.errors import Aborted
-from runops.mollifier.client import ClaimOutcome, KeyClaim, KeyToClaim, MollifierClient
+from runops.mollifier.claims import ClaimAnswer, ClaimOutcome, KeyToClaim
+from runops.mollifier.client import MollifierClient
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +56,7 @@ class KeyedItem:
     expires_at: datetime | None = None
 
 
-class KeyClaims(Protocol):
+class UnitClaims(Protocol):
     """What `resolve` found for one unit's keyed items."""
 
     @property
@@ -74,25 +74,25 @@ class KeyClaims(Protocol):
 
 
 class KeyedItems(Protocol):
-    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> KeyClaims: ...
+    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> UnitClaims: ...
 
 
 Key = tuple[str, str]  # (task identifier, idempotency key)
 
 
 @dataclass
-class MollifierKeyClaims:
+class MollifierUnitClaims:
     """One unit's claims: the links found and the keys this unit must publish or release."""
 
     mollifier: MollifierClient
     environment_id: str
     existing: dict[int, str] = field(default_factory=dict)
     # Claimed key -> its claim and the unit's indexes carrying it (the first written one wins).
-    claimed: dict[Key, tuple[KeyClaim, list[int]]] = field(default_factory=dict)
+    claimed: dict[Key, tuple[ClaimAnswer, list[int]]] = field(default_factory=dict)
 
     async def publish(self, run_ids: Mapping[int, str]) -> None:
-        published: list[tuple[KeyClaim, str]] = []
-        unwritten: list[KeyClaim] = []
+        published: list[tuple[ClaimAnswer, str]] = []
+        unwritten: list[ClaimAnswer] = []
         for claim, indexes in self.claimed.values():
             run_id = next((run_ids[i] for i in indexes if i in run_ids), None)
             if run_id is None:
@@ -116,7 +116,7 @@ class MollifierKeyClaims:
         self.claimed = {}
         await self._release(claims)
 
-    async def _release(self, claims: Sequence[KeyClaim]) -> None:
+    async def _release(self, claims: Sequence[ClaimAnswer]) -> None:
         if not claims:
             return
         try:
@@ -125,6 +125,25 @@ class MollifierKeyClaims:
             # Best effort (the unit's own failure is what the caller must see): the claims
             # expire by their TTL (≤ 30 s).
             log.warning("releasing idempotency claims failed", keys=len(claims), error=exc)
+
+
+class _KeysBusy(Exception):
+    """Keys of the unit still claimed by another caller after a round (retried)."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(f"{pending} idempotency key(s) still claimed elsewhere")
+        self.pending = pending
+
+
+def _keys_busy(exc: BaseException, rounds: int) -> Aborted:
+    pending = exc.pending if isinstance(exc, _KeysBusy) else 0
+    return Aborted(
+        f"{pending} idempotency key(s) of this chunk are still being claimed by another "
+        "caller; retry",
+        reason=KEY_BUSY,
+        metadata={"keys": str(pending)},
+        retry_after=1.0,
+    )
 
 
 class MollifierKeyedItems:
@@ -140,10 +159,16 @@ class MollifierKeyedItems:
     ) -> None:
         self._mollifier = mollifier
         self._wait = wait
-        self._rounds = rounds
-        self._pause = pause_seconds
+        # Between rounds a pause drawn from [pause, 2 pause], so competing units spread out.
+        self._claim_rounds = Retry(
+            ExponentialBackoff(base=2 * pause_seconds, cap=2 * pause_seconds, jitter=0.5),
+            attempts=rounds,
+            retry_on=(_KeysBusy,),
+            exhausted=_keys_busy,
+            log_retries=False,
+        )
 
-    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> MollifierKeyClaims:
+    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> MollifierUnitClaims:
         indexes: dict[Key, list[int]] = {}
         expiry: dict[Key, datetime | None] = {}
         for item in items:
@@ -151,13 +176,13 @@ class MollifierKeyedItems:
             indexes.setdefault(key, []).append(item.index)
             expiry.setdefault(key, item.expires_at)
         keys = list(indexes)
-        for round_ in range(1, self._rounds + 1):
+        to_claim = [KeyToClaim(task, key, expiry[(task, key)]) for task, key in keys]
+
+        async def claim() -> MollifierUnitClaims:
             answers = await self._mollifier.claim_keys(
-                environment_id=environment_id,
-                keys=[KeyToClaim(task, key, expiry[(task, key)]) for task, key in keys],
-                wait=self._wait,
+                environment_id=environment_id, keys=to_claim, wait=self._wait
             )
-            claims = MollifierKeyClaims(self._mollifier, environment_id)
+            claims = MollifierUnitClaims(self._mollifier, environment_id)
             pending = 0
             for key, answer in zip(keys, answers, strict=True):
                 if answer.outcome is ClaimOutcome.EXISTING_RUN:
@@ -171,13 +196,7 @@ class MollifierKeyedItems:
                 return claims
             # Holding some keys while waiting for others could deadlock two units: give them up.
             await claims.release()
-            log.info("idempotency keys still claimed elsewhere", pending=pending, round=round_)
-            if round_ < self._rounds:
-                await asyncio.sleep(self._pause * (1 + random.random()))
-        raise Aborted(
-            f"{pending} idempotency key(s) of this chunk are still being claimed by another "
-            "caller; retry",
-            reason=KEY_BUSY,
-            metadata={"keys": str(pending)},
-            retry_after=1.0,
-        )
+            log.info("idempotency keys still claimed elsewhere", pending=pending)
+            raise _KeysBusy(pending)
+
+        return await self._claim_rounds.call(claim, what="idempotency claims")

@@ -22,7 +22,7 @@ from runops.kit.errors import Aborted, FailedPrecondition, InvalidArgument
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.ingest import validation
-from services.ingest.keyed import KeyClaims, KeyedItem, KeyedItems
+from services.ingest.keyed import KeyedItem, KeyedItems, UnitClaims
 from services.ingest.offload import Offloader
 from services.ingest.pipeline import Pipeline, split_units
 from services.ingest.retry_rule import Verdict, aborted_error, batch_verdict
@@ -252,7 +252,7 @@ def _keyed(item: ing.BatchItem) -> KeyedItem:
 
 
 async def _publish(
-    claims: KeyClaims, keyed: Sequence[KeyedItem], accepted: Sequence[rs.AcceptedItem]
+    claims: UnitClaims, keyed: Sequence[KeyedItem], accepted: Sequence[rs.AcceptedItem]
 ) -> None:
     """The run each claimed item got, duplicates included (a resent index keeps the run written
     the first time: that is the key's run)."""

@@ -1,185 +1,169 @@
-"""Idempotency claims (spec §4): same-key triggers serialize through Redis.
+"""Idempotency claims (spec §4), the protocol: claim -> wait -> publish or release, in the
+vocabulary of `runops.mollifier.claims` (KeyToClaim, ClaimAnswer, ClaimOutcome).
 
-The first caller claims the key with an ownership token (a UUID) for a TTL clamped to
-[min, max] by the key's own expiry, then publishes the run id it made, or releases on failure
-(compare-and-delete: only its token deletes). Others find the claim PENDING and poll it, up to
-`wait` seconds, until it names a run (EXISTING) or is released (then one of them claims it).
-A published claim whose key has expired is claimed anew: after the key's TTL a trigger makes a
-new run.
+The first caller claims a key (`claim_store.py`); others find it PENDING and poll it (the poll
+interval doubling to 8 times itself, through the kit's `Retry`) until it names a run
+(EXISTING_RUN) or is released (then one of them claims it), for at most the wait; still held
+then, it stays PENDING. The owner publishes the run it made, or releases on failure. The trigger
+(`trigger.py`) claims through `acquire`; callers that write runs themselves (batch ingest) through
+the RPCs, single and batched, which also answer SKIPPED for an organization without the
+mollifier flag.
 
-The batched form takes many keys; their claims are grouped by Cluster slot (one script call per
-slot, chunked) since keys of different environments live in different slots.
+A claim only serializes callers; the key may also name a run still waiting in the buffer (its
+claim expired before the drain). So a key the RPCs claim is checked against the buffer's lookups
+(one MGET per 1,000 keys: an environment's keys share one Cluster slot) and answers EXISTING_RUN
+when a live buffered run holds it; the claim is then published with that run's id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import time
-import uuid
-from collections import defaultdict
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
-from redis.asyncio.cluster import RedisCluster
-from redis.crc import key_slot
-
+from runops.kit.backoff import ExponentialBackoff, Retry
+from runops.kit.errors import Aborted
 from runops.kit.redis import RedisClient
-from services.mollifier.entries import to_ms
-from services.mollifier.keys import EnvKeys
-from services.mollifier.scripts import Scripts
+from runops.mollifier.claims import ClaimAnswer, ClaimOutcome, KeyToClaim
+from services.mollifier.buffer import MollifierBuffer
+from services.mollifier.claim_store import ClaimStore
+from services.mollifier.policy import EnvPolicy
+from services.mollifier.runs import BufferedRuns
+
+CLAIM_TIMEOUT = "CLAIM_TIMEOUT"
 
 
-class ClaimOutcome(enum.StrEnum):
-    # This caller owns the claim: create the run, then publish (or release on failure).
-    CLAIMED = "claimed"
-    # The key resolves to this run: use it, write nothing.
-    EXISTING = "existing"
-    # Another caller holds the claim and has not published yet.
-    PENDING = "pending"
-
-
-@dataclass(frozen=True)
-class ClaimKey:
-    environment_id: str
-    task_identifier: str
-    idempotency_key: str
-    # The key's own expiry; clamps the claim's TTL.
-    expires_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class ClaimResult:
-    outcome: ClaimOutcome
-    token: str = ""
-    run_id: str = ""
-
-
-class ClaimTimeout(Exception):
-    """The winner neither published nor released within the wait (retry later)."""
-
-
-@dataclass(frozen=True)
-class _Call:
-    key: str
-    args: tuple[str, ...]
+class _StillPending(Exception):
+    """Another caller still holds some of the keys (what the poll retries)."""
 
 
 class IdempotencyClaims:
     def __init__(
         self,
-        client: RedisClient,
-        scripts: Scripts,
+        store: ClaimStore,
+        buffer: MollifierBuffer,
+        runs: BufferedRuns,
         *,
-        prefix: str,
-        min_ttl_seconds: float = 5.0,
-        max_ttl_seconds: float = 30.0,
         wait_seconds: float = 5.0,
         poll_interval_seconds: float = 0.05,
-        batch_size: int = 1000,
+        lookup_chunk: int = 1000,
     ) -> None:
-        self._cluster = isinstance(client, RedisCluster)
-        self._scripts = scripts
-        self._prefix = prefix
-        self._min_ttl_ms = int(min_ttl_seconds * 1000)
-        self._max_ttl_ms = int(max_ttl_seconds * 1000)
+        self._store = store
+        self._buffer = buffer
+        self._runs = runs
+        self._client: RedisClient = buffer.client
         self.wait_seconds = wait_seconds
-        self._poll = poll_interval_seconds
-        self._batch_size = batch_size
+        self._poll = ExponentialBackoff(base=poll_interval_seconds, cap=poll_interval_seconds * 8)
+        self._chunk = lookup_chunk
 
-    def _key(self, claim: ClaimKey) -> str:
-        return EnvKeys(self._prefix, claim.environment_id).claim(
-            claim.task_identifier, claim.idempotency_key
+    @property
+    def default_wait(self) -> float:
+        return self.wait_seconds
+
+    async def acquire(
+        self, environment_id: str, keys: Sequence[KeyToClaim], wait_seconds: float | None = None
+    ) -> list[ClaimAnswer]:
+        """CLAIMED, EXISTING_RUN or PENDING per key, in order: a key another caller holds is
+        polled while the next poll still falls within `wait_seconds` (None: the default)."""
+        answers = [ClaimAnswer(key, ClaimOutcome.PENDING) for key in keys]
+
+        async def attempt() -> None:
+            pending = [
+                i for i, answer in enumerate(answers) if answer.outcome is ClaimOutcome.PENDING
+            ]
+            again = await self._store.try_claim_many(environment_id, [keys[i] for i in pending])
+            for index, answer in zip(pending, again, strict=True):
+                answers[index] = answer
+            if any(answer.outcome is ClaimOutcome.PENDING for answer in again):
+                raise _StillPending
+
+        poll = Retry(
+            self._poll,
+            attempts=0,
+            retry_on=(_StillPending,),
+            budget=self.wait_seconds if wait_seconds is None else wait_seconds,
+            log_retries=False,
         )
+        with contextlib.suppress(_StillPending):  # the wait is over: those keys stay PENDING
+            await poll.call(attempt, what="idempotency claim")
+        return answers
 
-    async def _run(
-        self, script: str, calls: Sequence[_Call], head: Sequence[object]
-    ) -> list[object]:
-        """One script call per slot and chunk; replies in the order of `calls`."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for index, call in enumerate(calls):
-            groups[key_slot(call.key.encode()) if self._cluster else 0].append(index)
-        chunks = [
-            indexes[start : start + self._batch_size]
-            for indexes in groups.values()
-            for start in range(0, len(indexes), self._batch_size)
-        ]
-
-        async def one(chunk: list[int]) -> list[object]:
-            args: list[object] = list(head)
-            for index in chunk:
-                args.extend(calls[index].args)
-            return list(await self._scripts.call(script, [calls[i].key for i in chunk], args))
-
-        replies = await asyncio.gather(*(one(chunk) for chunk in chunks))
-        out: list[object] = [None] * len(calls)
-        for chunk, reply in zip(chunks, replies, strict=True):
-            for index, value in zip(chunk, reply, strict=True):
-                out[index] = value
-        return out
-
-    async def try_claim_many(self, claims: Sequence[ClaimKey]) -> list[ClaimResult]:
-        """One attempt per key, no waiting: CLAIMED, EXISTING or PENDING each."""
-        calls = [
-            _Call(
-                self._key(claim),
-                (
-                    uuid.uuid4().hex,
-                    "" if claim.expires_at is None else str(to_ms(claim.expires_at)),
-                ),
+    async def claim(self, policy: EnvPolicy, key: KeyToClaim) -> ClaimAnswer:
+        """One key, with its existing run; still held after the wait: ABORTED `CLAIM_TIMEOUT`
+        (retryable)."""
+        answer = (await self.claim_many(policy, [key], self.wait_seconds))[0]
+        if answer.outcome is ClaimOutcome.PENDING:
+            raise Aborted(
+                f"the idempotency key is still claimed by another trigger after "
+                f"{self.wait_seconds:g}s; retry",
+                reason=CLAIM_TIMEOUT,
+                retry_after=1.0,
             )
-            for claim in claims
+        if answer.outcome is ClaimOutcome.EXISTING_RUN:
+            run = await self._runs.get(
+                policy.environment_id, answer.existing_run_id, read_your_writes=True
+            )
+            return ClaimAnswer(
+                key, answer.outcome, existing_run_id=answer.existing_run_id, existing_run=run
+            )
+        return answer
+
+    async def claim_many(
+        self, policy: EnvPolicy, keys: Sequence[KeyToClaim], wait_seconds: float
+    ) -> list[ClaimAnswer]:
+        """One answer per key, in order. A key repeated in `keys` is claimed once (its first
+        occurrence); later occurrences answer PENDING."""
+        if not policy.enabled:
+            return [ClaimAnswer(key, ClaimOutcome.SKIPPED) for key in keys]
+        first: dict[tuple[str, str], int] = {}
+        for index, key in enumerate(keys):
+            first.setdefault((key.task_identifier, key.idempotency_key), index)
+        unique = sorted(first.values())
+        answers = [ClaimAnswer(key, ClaimOutcome.PENDING) for key in keys]
+        acquired = await self.acquire(
+            policy.environment_id, [keys[i] for i in unique], wait_seconds
+        )
+        claimed = [a.key for a in acquired if a.outcome is ClaimOutcome.CLAIMED]
+        holders = await self._buffered_holders(policy, claimed)
+        to_publish: list[tuple[KeyToClaim, str, str]] = []
+        for index, answer in zip(unique, acquired, strict=True):
+            holder = holders.get((answer.key.task_identifier, answer.key.idempotency_key))
+            if answer.outcome is ClaimOutcome.CLAIMED and holder:
+                to_publish.append((answer.key, answer.claim_token, holder))
+                answer = ClaimAnswer(answer.key, ClaimOutcome.EXISTING_RUN, existing_run_id=holder)
+            answers[index] = answer
+        if to_publish:
+            await self._store.publish_many(policy.environment_id, to_publish)
+        return answers
+
+    async def _buffered_holders(
+        self, policy: EnvPolicy, keys: Sequence[KeyToClaim]
+    ) -> dict[tuple[str, str], str]:
+        """(task, key) -> run id of the buffered run whose lookup names it."""
+        if not keys:
+            return {}
+        env_keys = self._buffer.keys(policy.environment_id)
+        lookups = [env_keys.lookup(k.task_identifier, k.idempotency_key) for k in keys]
+        chunks = [
+            lookups[start : start + self._chunk] for start in range(0, len(lookups), self._chunk)
         ]
-        replies = await self._run("claim", calls, [self._min_ttl_ms, self._max_ttl_ms])
-        results = []
-        for reply in replies:
-            pair: list[bytes] = reply  # type: ignore[assignment]
-            outcome = ClaimOutcome(pair[0].decode())
-            value = pair[1].decode()
-            if outcome is ClaimOutcome.CLAIMED:
-                results.append(ClaimResult(outcome, token=value))
-            elif outcome is ClaimOutcome.EXISTING:
-                results.append(ClaimResult(outcome, run_id=value))
-            else:
-                results.append(ClaimResult(outcome))
-        return results
+        replies = await asyncio.gather(*(self._client.mget(chunk) for chunk in chunks))
+        found: dict[tuple[str, str], str] = {}
+        values = [value for reply in replies for value in reply]
+        for key, value in zip(keys, values, strict=True):
+            if value:
+                run_id = value.decode() if isinstance(value, bytes) else str(value)
+                found[(key.task_identifier, key.idempotency_key)] = run_id
+        return found
 
-    async def claim_many(self, claims: Sequence[ClaimKey]) -> list[ClaimResult]:
-        """Every key ends CLAIMED or EXISTING: pending ones are polled (doubling interval) until
-        their winner publishes or releases, for at most `wait_seconds`; then ClaimTimeout."""
-        results = await self.try_claim_many(claims)
-        deadline = time.monotonic() + self.wait_seconds
-        interval = self._poll
-        while pending := [i for i, r in enumerate(results) if r.outcome is ClaimOutcome.PENDING]:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ClaimTimeout(
-                    f"{len(pending)} idempotency key(s) still claimed by another trigger after "
-                    f"{self.wait_seconds:g}s"
-                )
-            await asyncio.sleep(min(interval, remaining))
-            interval = min(interval * 2, self._poll * 8)
-            again = await self.try_claim_many([claims[i] for i in pending])
-            for index, result in zip(pending, again, strict=True):
-                results[index] = result
-        return results
-
-    async def claim(self, claim: ClaimKey) -> ClaimResult:
-        return (await self.claim_many([claim]))[0]
-
-    async def publish_many(self, published: Sequence[tuple[ClaimKey, str, str]]) -> list[bool]:
+    async def publish_many(
+        self, policy: EnvPolicy, published: Sequence[tuple[KeyToClaim, str, str]]
+    ) -> list[bool]:
         """(key, token, run id) each: True where the token still owned the claim."""
-        calls = [_Call(self._key(claim), (token, run_id)) for claim, token, run_id in published]
-        return [bool(int(r)) for r in await self._run("publish", calls, [])]  # type: ignore[call-overload]
+        return await self._store.publish_many(policy.environment_id, published)
 
-    async def publish(self, claim: ClaimKey, token: str, run_id: str) -> bool:
-        return (await self.publish_many([(claim, token, run_id)]))[0]
-
-    async def release_many(self, released: Sequence[tuple[ClaimKey, str]]) -> list[bool]:
+    async def release_many(
+        self, policy: EnvPolicy, released: Sequence[tuple[KeyToClaim, str]]
+    ) -> list[bool]:
         """(key, token) each: True where the token owned the claim and it is gone now."""
-        calls = [_Call(self._key(claim), (token,)) for claim, token in released]
-        return [bool(int(r)) for r in await self._run("release", calls, [])]  # type: ignore[call-overload]
-
-    async def release(self, claim: ClaimKey, token: str) -> bool:
-        return (await self.release_many([(claim, token)]))[0]
+        return await self._store.release_many(policy.environment_id, released)

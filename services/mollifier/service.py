@@ -6,33 +6,33 @@ from typing import Any
 
 import grpc
 
+from runops.mollifier.claims import ClaimAnswer
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
 from services.mollifier import validation
-from services.mollifier.key_claims import KeyAnswer, KeyClaims, KeyOutcome
+from services.mollifier.claims import IdempotencyClaims
 from services.mollifier.policy import Policies
 from services.mollifier.runs import BufferedRuns, run_not_found
 from services.mollifier.trigger import TriggerFront
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-_OUTCOMES = {
-    KeyOutcome.CLAIMED: m.CLAIM_OUTCOME_CLAIMED,
-    KeyOutcome.EXISTING: m.CLAIM_OUTCOME_EXISTING_RUN,
-    KeyOutcome.SKIPPED: m.CLAIM_OUTCOME_SKIPPED,
-    KeyOutcome.PENDING: m.CLAIM_OUTCOME_PENDING,
-}
 
-
-def _key_result(answer: KeyAnswer) -> m.ClaimKeyResult:
+def _key_result(answer: ClaimAnswer) -> m.ClaimKeyResult:
     return m.ClaimKeyResult(
-        outcome=_OUTCOMES[answer.outcome], claim_token=answer.token, existing_run_id=answer.run_id
+        outcome=answer.outcome.value,
+        claim_token=answer.claim_token,
+        existing_run_id=answer.existing_run_id,
     )
 
 
 class MollifierServicer(m_grpc.MollifierServiceServicer):
     def __init__(
-        self, policies: Policies, front: TriggerFront, runs: BufferedRuns, claims: KeyClaims
+        self,
+        policies: Policies,
+        front: TriggerFront,
+        runs: BufferedRuns,
+        claims: IdempotencyClaims,
     ) -> None:
         self._policies = policies
         self._front = front
@@ -93,10 +93,10 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         policy = await self._policies.of(request.environment_id)
         answer = await self._claims.claim(policy, claim)
         return m.ClaimIdempotencyKeyResponse(
-            outcome=_OUTCOMES[answer.outcome],
-            claim_token=answer.token,
-            existing_run_id=answer.run_id,
-            existing_run=answer.run,
+            outcome=answer.outcome.value,
+            claim_token=answer.claim_token,
+            existing_run_id=answer.existing_run_id,
+            existing_run=answer.existing_run,
         )
 
     async def PublishIdempotencyKey(

@@ -50,7 +50,7 @@ class MollifierSettings(ServerSettings):
     claim_poll_interval_seconds: float = Field(default=0.05, gt=0, le=1)
     """First poll interval of a waiter (doubles up to 8 times this)."""
     claim_batch_size: int = Field(default=1000, ge=1, le=10_000)
-    """Keys per script call of the batched claim (a batch spanning slots: one call per slot)."""
+    """Keys per script call of a batched claim (an environment's keys share one slot)."""
 
     drainer_enabled: bool = True
     """Run a drainer inside the service process (off: run `python -m services.mollifier.drainer`)."""

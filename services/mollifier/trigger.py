@@ -1,7 +1,7 @@
 """Trigger (spec §4): bypass, claim, gate, then the run store or the buffer.
 
 Order of a trigger that may be buffered:
-1. an idempotency key is claimed (`IdempotencyClaims.claim`: waiters poll the winner up to 5 s
+1. an idempotency key is claimed (`IdempotencyClaims.acquire`: waiters poll the winner up to 5 s
    and return its run); a claimed key whose live run still waits in the buffer returns that;
 2. the gate decides: pass → `CreateRun` in the run store; tripped → the snapshot (with its
    pre-minted run id and the creation time shown to the caller) goes to the buffer and the
@@ -24,10 +24,11 @@ from prometheus_client import Counter
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import RUN, IdMinter
+from runops.mollifier.claims import ClaimOutcome, KeyToClaim
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.mollifier.buffer import AcceptOutcome, MollifierBuffer
-from services.mollifier.claims import ClaimKey, ClaimOutcome, ClaimTimeout, IdempotencyClaims
+from services.mollifier.claims import IdempotencyClaims
 from services.mollifier.entries import DEFAULT_IDEMPOTENCY_KEY_TTL, EntryStatus, queued_entry
 from services.mollifier.gate import Gate
 from services.mollifier.policy import EnvPolicy, Policies
@@ -122,7 +123,7 @@ class TriggerFront:
             return await self._create(snapshot)
         if policy.shadow:
             return await self._shadow(snapshot)
-        return await self._mollified(snapshot)
+        return await self._mollified(snapshot, policy)
 
     async def _create(self, snapshot: rs.RunInput) -> Triggered:
         created = await self._run_store.create_run(snapshot)
@@ -146,10 +147,10 @@ class TriggerFront:
                 TRIGGERS.labels("shadow_passed").inc()
         return await self._create(snapshot)
 
-    async def _mollified(self, snapshot: rs.RunInput) -> Triggered:
+    async def _mollified(self, snapshot: rs.RunInput, policy: EnvPolicy) -> Triggered:
         created_at = now_ms()
         key = snapshot.options.idempotency_key
-        claim: ClaimKey | None = None
+        claim: KeyToClaim | None = None
         token = ""
         expires: datetime | None = None
         try:
@@ -160,11 +161,16 @@ class TriggerFront:
                     else DEFAULT_IDEMPOTENCY_KEY_TTL
                 )
                 expires = created_at + max(ttl, timedelta(0))
-                claim = ClaimKey(snapshot.environment_id, snapshot.task_identifier, key, expires)
-                claimed = await self._claims.claim(claim)
-                if claimed.outcome is ClaimOutcome.EXISTING:
+                claim = KeyToClaim(snapshot.task_identifier, key, expires)
+                claimed = (await self._claims.acquire(snapshot.environment_id, [claim]))[0]
+                if claimed.outcome is ClaimOutcome.PENDING:
+                    # The winner neither published nor released in time: the run store's
+                    # unique key decides between us.
+                    TRIGGERS.labels("claim_timeout").inc()
+                    return await self._create(snapshot)
+                if claimed.outcome is ClaimOutcome.EXISTING_RUN:
                     found = await self._runs.get(
-                        snapshot.environment_id, claimed.run_id, read_your_writes=True
+                        snapshot.environment_id, claimed.existing_run_id, read_your_writes=True
                     )
                     if found is not None and found.idempotency_key == key:
                         TRIGGERS.labels("cached").inc()
@@ -173,7 +179,7 @@ class TriggerFront:
                     # store decides.
                     claim = None
                     return await self._create(snapshot)
-                token = claimed.token
+                token = claimed.claim_token
                 # A claim lives 30 s at most: a key whose claim expired may still name a run
                 # waiting in the buffer, which the run store cannot see yet.
                 waiting = await self._buffer.find_by_idempotency_key(
@@ -184,7 +190,7 @@ class TriggerFront:
                     and waiting.status in (EntryStatus.QUEUED, EntryStatus.DRAINING)
                     and waiting.idempotency_key_live(created_at)
                 ):
-                    await self._publish(claim, token, waiting.run_id)
+                    await self._publish(policy, claim, token, waiting.run_id)
                     TRIGGERS.labels("cached").inc()
                     return Triggered(waiting.to_run(created_at), True, True)
             decision = await self._gate.check(snapshot.environment_id)
@@ -195,11 +201,6 @@ class TriggerFront:
                 if decision.tripped_now:
                     log.info("gate tripped", environment_id=snapshot.environment_id)
                 result = await self._buffered(snapshot, created_at, expires)
-        except ClaimTimeout:
-            # The winner neither published nor released in time: the run store's unique key
-            # decides between us.
-            TRIGGERS.labels("claim_timeout").inc()
-            return await self._create(snapshot)
         except redis.exceptions.RedisError as exc:
             log.warning(
                 "redis failed; trigger goes straight to the run store",
@@ -211,14 +212,14 @@ class TriggerFront:
                 result = await self._create(snapshot)
             except BaseException:
                 if claim is not None and token:
-                    await self._release(claim, token)
+                    await self._release(policy, claim, token)
                 raise
         except BaseException:
             if claim is not None and token:
-                await self._release(claim, token)
+                await self._release(policy, claim, token)
             raise
         if claim is not None and token:
-            await self._publish(claim, token, result.run.friendly_id)
+            await self._publish(policy, claim, token, result.run.friendly_id)
         return result
 
     async def _buffered(
@@ -238,16 +239,16 @@ class TriggerFront:
         entry = queued_entry(snapshot, created_at, expires)
         return Triggered(entry.to_run(created_at), buffered=True, notice=self.notice)
 
-    async def _publish(self, claim: ClaimKey, token: str, run_id: str) -> None:
+    async def _publish(self, policy: EnvPolicy, claim: KeyToClaim, token: str, run_id: str) -> None:
         # Best effort: an unpublished claim expires by its TTL (waiters then claim it anew and
         # find the run through the run store's key).
         try:
-            await self._claims.publish(claim, token, run_id)
+            await self._claims.publish_many(policy, [(claim, token, run_id)])
         except redis.exceptions.RedisError as exc:
             log.warning("could not publish idempotency claim", error=repr(exc))
 
-    async def _release(self, claim: ClaimKey, token: str) -> None:
+    async def _release(self, policy: EnvPolicy, claim: KeyToClaim, token: str) -> None:
         try:
-            await self._claims.release(claim, token)
+            await self._claims.release_many(policy, [(claim, token)])
         except redis.exceptions.RedisError as exc:
             log.warning("could not release idempotency claim", error=repr(exc))

@@ -22,9 +22,9 @@ from runops.kit.limits import (
     TASK_IDENTIFIER_TEXT,
     TEXT_LIMIT,
 )
+from runops.mollifier.claims import KeyToClaim
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.runstore.v1 import runstore_pb2 as rs
-from services.mollifier.key_claims import KeyClaim
 
 MAX_KEYS_PER_CALL = 10_000
 MAX_CLAIM_WAIT = timedelta(seconds=5)
@@ -147,10 +147,10 @@ def get_run(request: m.GetRunRequest) -> bool:
     return ryw
 
 
-def claim(request: m.ClaimIdempotencyKeyRequest) -> KeyClaim:
+def claim(request: m.ClaimIdempotencyKeyRequest) -> KeyToClaim:
     key_ref(request.environment_id, request.task_identifier, request.idempotency_key)
     expires = request.idempotency_key_expires_at
-    return KeyClaim(
+    return KeyToClaim(
         request.task_identifier,
         request.idempotency_key,
         _time(expires) if request.HasField("idempotency_key_expires_at") else None,
@@ -161,7 +161,7 @@ def token(v: Violations, value: str, field: str) -> None:
     v.required_text(value, field, 64)
 
 
-def publish(request: m.PublishIdempotencyKeyRequest) -> KeyClaim:
+def publish(request: m.PublishIdempotencyKeyRequest) -> KeyToClaim:
     v = Violations()
     environment(v, request.environment_id)
     task(v, request.task_identifier)
@@ -169,17 +169,17 @@ def publish(request: m.PublishIdempotencyKeyRequest) -> KeyClaim:
     token(v, request.claim_token, "claim_token")
     run_id(v, request.run_id)
     v.raise_if_any()
-    return KeyClaim(request.task_identifier, request.idempotency_key)
+    return KeyToClaim(request.task_identifier, request.idempotency_key)
 
 
-def release(request: m.ReleaseIdempotencyKeyRequest) -> KeyClaim:
+def release(request: m.ReleaseIdempotencyKeyRequest) -> KeyToClaim:
     v = Violations()
     environment(v, request.environment_id)
     task(v, request.task_identifier)
     idempotency_key(v, request.idempotency_key)
     token(v, request.claim_token, "claim_token")
     v.raise_if_any()
-    return KeyClaim(request.task_identifier, request.idempotency_key)
+    return KeyToClaim(request.task_identifier, request.idempotency_key)
 
 
 def _key_count(v: Violations, count: int) -> None:
@@ -191,7 +191,7 @@ def _key_count(v: Violations, count: int) -> None:
 
 def claim_many(
     request: m.ClaimIdempotencyKeysRequest, default_wait: float
-) -> tuple[list[KeyClaim], float]:
+) -> tuple[list[KeyToClaim], float]:
     v = Violations()
     environment(v, request.environment_id)
     _key_count(v, len(request.keys))
@@ -207,7 +207,7 @@ def claim_many(
             wait = asked.total_seconds()
     v.raise_if_any()
     claims = [
-        KeyClaim(
+        KeyToClaim(
             key.task_identifier,
             key.idempotency_key,
             _time(key.idempotency_key_expires_at)
@@ -219,7 +219,7 @@ def claim_many(
     return claims, wait
 
 
-def publish_many(request: m.PublishIdempotencyKeysRequest) -> list[tuple[KeyClaim, str, str]]:
+def publish_many(request: m.PublishIdempotencyKeysRequest) -> list[tuple[KeyToClaim, str, str]]:
     v = Violations()
     environment(v, request.environment_id)
     _key_count(v, len(request.keys))
@@ -230,12 +230,12 @@ def publish_many(request: m.PublishIdempotencyKeysRequest) -> list[tuple[KeyClai
         run_id(v, key.run_id, f"keys[{i}].run_id")
     v.raise_if_any()
     return [
-        (KeyClaim(k.task_identifier, k.idempotency_key), k.claim_token, friendly_run_id(k.run_id))
+        (KeyToClaim(k.task_identifier, k.idempotency_key), k.claim_token, friendly_run_id(k.run_id))
         for k in request.keys
     ]
 
 
-def release_many(request: m.ReleaseIdempotencyKeysRequest) -> list[tuple[KeyClaim, str]]:
+def release_many(request: m.ReleaseIdempotencyKeysRequest) -> list[tuple[KeyToClaim, str]]:
     v = Violations()
     environment(v, request.environment_id)
     _key_count(v, len(request.keys))
@@ -244,7 +244,7 @@ def release_many(request: m.ReleaseIdempotencyKeysRequest) -> list[tuple[KeyClai
         idempotency_key(v, key.idempotency_key, f"keys[{i}].idempotency_key")
         token(v, key.claim_token, f"keys[{i}].claim_token")
     v.raise_if_any()
-    return [(KeyClaim(k.task_identifier, k.idempotency_key), k.claim_token) for k in request.keys]
+    return [(KeyToClaim(k.task_identifier, k.idempotency_key), k.claim_token) for k in request.keys]
 
 
 def add_tags(request: m.AddRunTagsRequest) -> None:

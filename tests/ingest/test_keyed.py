@@ -11,15 +11,20 @@ from typing import Any
 
 import asyncpg
 import grpc
+import pytest
 
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
+from runops.kit.errors import Aborted
 from runops.localstack.ports import free_port
 from runops.localstack.settings import INTERNAL_TOKEN
-from runops.mollifier.client import ClaimOutcome, KeyToClaim, MollifierClient
+from runops.mollifier.claims import ClaimAnswer, ClaimOutcome, KeyToClaim
+from runops.mollifier.client import MollifierClient
 from runops.mollifier.v1 import mollifier_pb2 as m
 from services.ingest.app import Ingest
-from services.mollifier.app import Mollifier, drainer_of
+from services.ingest.keyed import KEY_BUSY, KeyedItem, MollifierKeyedItems
+from services.mollifier.app import Mollifier
+from services.mollifier.builders import drainer_of
 from tests.controlplane.harness import Seeded
 from tests.harness import expect_error
 from tests.ingest.harness import Stub, Suite, ingest_in_process, item, requests, stub
@@ -204,3 +209,28 @@ async def test_a_failed_unit_releases_its_claims(suite: Suite, ingest: Ingest) -
         )
     )
     assert found_run.run.friendly_id == found[0].run_id
+
+
+class HeldElsewhere:
+    """A mollifier whose every key another caller holds (PENDING after the wait)."""
+
+    def __init__(self) -> None:
+        self.claim_calls = 0
+
+    async def claim_keys(
+        self, environment_id: str, keys: list[KeyToClaim], *, wait: timedelta | None = None
+    ) -> list[ClaimAnswer]:
+        self.claim_calls += 1
+        return [ClaimAnswer(key, ClaimOutcome.PENDING) for key in keys]
+
+
+async def test_keys_held_elsewhere_fail_the_unit_retryably_after_the_rounds() -> None:
+    held = HeldElsewhere()
+    keyed_items = MollifierKeyedItems(held, rounds=3, pause_seconds=0.01)  # type: ignore[arg-type]
+    items = [KeyedItem(0, TASK, "k-held"), KeyedItem(1, TASK, "k-held"), KeyedItem(2, TASK, "k2")]
+    with pytest.raises(Aborted) as caught:
+        await keyed_items.resolve("env_x", items)
+    assert held.claim_calls == 3
+    assert caught.value.reason == KEY_BUSY
+    assert caught.value.metadata == {"keys": "2"}
+    assert caught.value.retry_after == 1.0

@@ -4,10 +4,12 @@ replicas, Redis, moto S3): Phase 1, Phase 2, the retry rule, refusals, item outc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
@@ -17,8 +19,9 @@ from runops.runstore.client import RunStoreClient
 from services.ingest.app import Ingest
 from services.ingest.offload import STORE_PAYLOAD_TYPE, packet_key
 from tests.controlplane.harness import Seeded
-from tests.harness import expect_error
-from tests.ingest.harness import Stub, Suite, item, items, requests, stub
+from tests.harness import expect_error, health_status, until_health
+from tests.ingest.harness import Stub, Suite, ingest_in_process, item, items, requests, stub
+from tests.runstore.harness import start_on_stack
 
 
 async def create(api: Stub, run_count: int, **fields: object) -> common_pb2.Batch:
@@ -385,3 +388,16 @@ async def test_watch_ends_cleanly_at_shutdown(suite: Suite, seeded: Seeded) -> N
         assert await call.code() == grpc.StatusCode.OK
         assert all(m.batch.status == common_pb2.BATCH_STATUS_PENDING for m in rest)
         await stopping
+
+
+async def test_health_follows_the_run_store(suite: Suite) -> None:
+    """docs/ingest.md, Health: every RPC reads or writes batches in the run store, so it is a
+    health dependency (as for the mollifier)."""
+    store = await start_on_stack(suite.stack, split=True, name="runstore-ingest-health")
+    own = dataclasses.replace(suite, runstore_target=store.app.target)
+    async with ingest_in_process(own) as ingest:
+        try:
+            assert await health_status(ingest.app.target) == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await store.app.stop(grace=1)
+        await until_health(ingest.app.target, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from runops.kit.backoff import ExponentialBackoff
 from services.mollifier.buffer import MollifierBuffer
-from services.mollifier.drainer import (
+from services.mollifier.drainer.drainer import (
     DRAIN_FAILED_CODE,
     Drainer,
     DrainItem,

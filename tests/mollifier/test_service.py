@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from runops.common.v1 import common_pb2
@@ -17,12 +18,13 @@ from runops.kit.errors import details_of
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
 from runops.localstack.settings import INTERNAL_TOKEN
-from runops.mollifier.client import ClaimOutcome, KeyToClaim, MollifierClient
+from runops.mollifier.claims import ClaimOutcome, KeyToClaim
+from runops.mollifier.client import MollifierClient
 from runops.mollifier.v1 import mollifier_pb2 as m
 from services.controlplane.app import ControlPlane
 from services.mollifier.app import Mollifier
 from tests.controlplane.harness import Seeded
-from tests.harness import until
+from tests.harness import health_status, until, until_health
 from tests.mollifier.service_harness import (
     TASK,
     body,
@@ -32,6 +34,7 @@ from tests.mollifier.service_harness import (
     stub,
     trigger_request,
 )
+from tests.runstore.harness import start_on_stack
 
 Factory = Callable[..., Awaitable[Mollifier]]
 # Trips at once and stays tripped: everything after the first trigger is buffered.
@@ -176,6 +179,22 @@ async def test_redis_down_fails_open_to_the_run_store(services: Factory, env: Se
     assert second.is_cached
     got = await client.GetRun(m.GetRunRequest(environment_id=env.env_id, run_id=first.run.id))
     assert got.run.friendly_id == first.run.friendly_id
+
+
+async def test_health_follows_the_run_store_not_redis(services: Factory, stack: LocalStack) -> None:
+    """docs/mollifier.md, Health: without the run store no trigger can be served (nothing is
+    buffered because it is down), so it is a health dependency; Redis is not (fail-open)."""
+    store = await start_on_stack(stack, split=True, name="runstore-mollifier-health")
+    try:
+        service = await services(runstore_target=store.app.target)
+        assert await health_status(service.app.target) == health_pb2.HealthCheckResponse.SERVING
+        closed = {"url": f"redis://127.0.0.1:{free_port()}/0", "retry_attempts": 0}
+        redis_down = await services(runstore_target=store.app.target, redis=closed)
+        await asyncio.sleep(0.5)  # a few health checks (every 0.2 s)
+        assert await health_status(redis_down.app.target) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await store.app.stop(grace=1)
+    await until_health(service.app.target, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def test_read_fallback_serves_only_the_owning_environment(

@@ -2,7 +2,7 @@
 until SIGTERM; health SERVING while Redis and the run store answer."""
 
 from runops.kit.server import run_service
-from services.mollifier.drainer_app import build_drainer_app
+from services.mollifier.drainer.app import build_drainer_app
 from services.mollifier.settings import MollifierSettings
 
 if __name__ == "__main__":

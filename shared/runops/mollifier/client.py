@@ -4,56 +4,30 @@ mistake comes back as the domain error it was raised as; transient failures stay
 
     async with MollifierClient(target, token=internal_token) as mollifier:
         reply = await mollifier.trigger(m.TriggerRequest(environment_id=env, task_identifier=t))
-        claims = await mollifier.claim_keys(environment_id=env, keys=[KeyToClaim("task", "key-1")])
-        for claim in claims:
-            if claim.outcome is ClaimOutcome.CLAIMED: ...   # write, then publish_keys
-            elif claim.outcome is ClaimOutcome.EXISTING_RUN: ...  # link to claim.existing_run_id
-            elif claim.outcome is ClaimOutcome.SKIPPED: ...  # no claim: write, the key is unique
+        answers = await mollifier.claim_keys(environment_id=env, keys=[KeyToClaim("task", "key-1")])
+        for answer in answers:  # runops.mollifier.claims
+            if answer.outcome is ClaimOutcome.CLAIMED: ...   # write, then publish_keys
+            elif answer.outcome is ClaimOutcome.EXISTING_RUN: ...  # link to answer.existing_run_id
+            elif answer.outcome is ClaimOutcome.SKIPPED: ...  # no claim: write, the key is unique
             else: ...  # PENDING: still held by another caller after the wait; retry it
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import grpc
 
 from runops.common.v1 import common_pb2
 from runops.kit.clients import ServiceClient, consistency
 from runops.kit.errors import NotFound
+from runops.mollifier.claims import ClaimAnswer, ClaimOutcome, KeyToClaim
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
 
 # At most this many keys per batched call (the service refuses more).
 MAX_KEYS_PER_CALL = 10_000
-
-
-class ClaimOutcome(enum.Enum):
-    CLAIMED = m.CLAIM_OUTCOME_CLAIMED
-    EXISTING_RUN = m.CLAIM_OUTCOME_EXISTING_RUN
-    SKIPPED = m.CLAIM_OUTCOME_SKIPPED
-    PENDING = m.CLAIM_OUTCOME_PENDING
-
-
-@dataclass(frozen=True)
-class KeyToClaim:
-    task_identifier: str
-    idempotency_key: str
-    # The key's own expiry (clamps the claim's TTL to [5 s, 30 s]); None: no expiry.
-    expires_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class KeyClaim:
-    """One key's answer, in the order asked."""
-
-    key: KeyToClaim
-    outcome: ClaimOutcome
-    claim_token: str = ""
-    existing_run_id: str = ""
 
 
 class MollifierClient(ServiceClient):
@@ -118,11 +92,11 @@ class MollifierClient(ServiceClient):
         environment_id: str,
         keys: Sequence[KeyToClaim],
         wait: timedelta | None = None,
-    ) -> list[KeyClaim]:
+    ) -> list[ClaimAnswer]:
         """One answer per key, in order; more than MAX_KEYS_PER_CALL keys are sent in several
         calls. `wait`: how long the service waits for keys another caller holds (≤ 5 s; None:
         its default); keys still held then answer PENDING."""
-        answers: list[KeyClaim] = []
+        answers: list[ClaimAnswer] = []
         for start in range(0, len(keys), MAX_KEYS_PER_CALL):
             chunk = keys[start : start + MAX_KEYS_PER_CALL]
             request = m.ClaimIdempotencyKeysRequest(environment_id=environment_id)
@@ -136,13 +110,13 @@ class MollifierClient(ServiceClient):
                     item.idempotency_key_expires_at.FromDatetime(key.expires_at)
             reply = await self._call(self.stub.ClaimIdempotencyKeys, request)
             answers.extend(
-                KeyClaim(key, ClaimOutcome(r.outcome), r.claim_token, r.existing_run_id)
+                ClaimAnswer(key, ClaimOutcome(r.outcome), r.claim_token, r.existing_run_id)
                 for key, r in zip(chunk, reply.results, strict=True)
             )
         return answers
 
     async def publish_keys(
-        self, *, environment_id: str, published: Sequence[tuple[KeyClaim, str]]
+        self, *, environment_id: str, published: Sequence[tuple[ClaimAnswer, str]]
     ) -> list[bool]:
         """(claim, run id written for it) each: True where the token still owned the claim."""
         results: list[bool] = []
@@ -158,7 +132,9 @@ class MollifierClient(ServiceClient):
             results.extend((await self._call(self.stub.PublishIdempotencyKeys, request)).published)
         return results
 
-    async def release_keys(self, *, environment_id: str, claims: Sequence[KeyClaim]) -> list[bool]:
+    async def release_keys(
+        self, *, environment_id: str, claims: Sequence[ClaimAnswer]
+    ) -> list[bool]:
         """Claims whose runs were not written; True where the token still owned the claim."""
         results: list[bool] = []
         for start in range(0, len(claims), MAX_KEYS_PER_CALL):

@@ -1,7 +1,8 @@
 """The drainer process (`python -m services.mollifier.drainer`): no RPCs of its own, only the
 kit's health, reflection and metrics, a drainer and the stale sweeper (under its lease, so
 running it in several processes is harmless). Several drainer processes are safe at once
-(`drainer/__init__.py`). Redis is a health dependency here: without it there is nothing to do.
+(`drainer.py`). Redis and the run store are its health dependencies: without either there is
+nothing it can do.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from dataclasses import dataclass
 
 from runops.kit.redis import open_redis
 from runops.kit.server import ServiceApp
-from services.mollifier.app import buffer_of, drainer_of, run_store_client, sweeper_of
-from services.mollifier.drainer import Drainer
+from services.mollifier.builders import buffer_of, drainer_of, run_store_client, sweeper_of
+from services.mollifier.drainer.drainer import Drainer
 from services.mollifier.settings import MollifierSettings
 
 

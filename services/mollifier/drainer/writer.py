@@ -19,7 +19,7 @@ from runops.common.v1 import common_pb2
 from runops.kit.errors import RETRYABLE_CODES, RunopsError
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
-from services.mollifier.drainer import DrainItem, DrainKind, WriteResult, WriteStatus
+from services.mollifier.drainer.drainer import DrainItem, DrainKind, WriteResult, WriteStatus
 
 log = structlog.get_logger("runops.mollifier.writer")
 
