@@ -24,11 +24,12 @@ from prometheus_client import Counter
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import RUN, IdMinter
+from runops.kit.limits import DEFAULT_IDEMPOTENCY_KEY_TTL
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.mollifier.buffer import AcceptOutcome, MollifierBuffer
 from services.mollifier.claims import ClaimKey, ClaimOutcome, ClaimTimeout, IdempotencyClaims
-from services.mollifier.entries import DEFAULT_IDEMPOTENCY_KEY_TTL, EntryStatus, queued_entry
+from services.mollifier.entries import EntryStatus, queued_entry
 from services.mollifier.gate import Gate
 from services.mollifier.policy import EnvPolicy, Policies
 from services.mollifier.runs import BufferedRuns

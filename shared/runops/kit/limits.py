@@ -1,18 +1,284 @@
 """What a run's fields may hold: one set of rules for every service that checks them (the
 control plane for task definitions, the run store that writes runs, and the mollifier and ingest,
-which refuse first so a caller learns which item or field is wrong)."""
+which refuse first so a caller learns which item or field is wrong).
+
+A checker adds each violation it finds to a `Violations`, which fails once naming them all. The
+`*_fit` predicates say whether a checker would find nothing without building a field path: they
+read the same tables, so the run store's per-row fast path can never accept what the checks
+refuse.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from operator import attrgetter, le
+from typing import Any
+
+from google.protobuf import duration_pb2
+
+from runops.common.v1 import common_pb2
+from runops.kit.errors import FieldViolation, InvalidArgument, summarize_fields
+from runops.kit.ids import EPOCH, split_friendly_id
+
+__all__ = [
+    "DEFAULT_IDEMPOTENCY_KEY_TTL",
+    "DEFAULT_PAGE_SIZE",
+    "EPOCH",
+    "FINAL_BATCH_STATUSES",
+    "IDEMPOTENCY_KEY_LIMIT",
+    "ID_BODY",
+    "ID_LIMIT",
+    "MAX_ATTEMPTS",
+    "MAX_INDEX",
+    "MAX_KEYS_PER_CALL",
+    "MAX_MISSING_RANGES",
+    "MAX_PAGE_SIZE",
+    "MAX_TAGS",
+    "OPTION_DURATIONS",
+    "OPTION_TEXTS",
+    "REASON_LIMIT",
+    "TAG_LIMIT",
+    "TASK_IDENTIFIER",
+    "TASK_IDENTIFIER_TEXT",
+    "TEXT_LIMIT",
+    "NonNegativeDurations",
+    "TextLimits",
+    "Violations",
+    "id_body",
+    "max_attempts",
+    "negative",
+    "tags",
+    "tags_fit",
+    "task_identifier",
+    "task_identifier_fits",
+    "trigger_options",
+    "trigger_options_fit",
+]
 
 # An id body (the part after "<prefix>_"): LEGACY and NEW bodies both fit.
 ID_BODY = re.compile(r"[0-9a-z]{1,64}")
+# Characters of a whole id, prefix included.
+ID_LIMIT = 64
 TASK_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
 TASK_IDENTIFIER_TEXT = "1-128 of letters, digits and _ . : / - starting with a letter or digit"
+TASK_IDENTIFIER_LIMIT = 128
 IDEMPOTENCY_KEY_LIMIT = 512
 # Queue names, concurrency keys, machine presets, versions and other short texts.
 TEXT_LIMIT = 256
+# Why a run was cancelled.
+REASON_LIMIT = TEXT_LIMIT * 16
 MAX_TAGS = 10
 TAG_LIMIT = 128
 MAX_ATTEMPTS = 100
+# How long an idempotency key stays claimed when the trigger does not say.
+DEFAULT_IDEMPOTENCY_KEY_TTL = timedelta(days=30)
+# Batch indexes are Postgres integers.
+MAX_INDEX = 2**31 - 1
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_MISSING_RANGES = 1000
+# Idempotency keys one claim, publish or release call may carry.
+MAX_KEYS_PER_CALL = 10_000
+# A batch in one of these statuses changes no more.
+FINAL_BATCH_STATUSES = frozenset(
+    {common_pb2.BATCH_STATUS_COMPLETED, common_pb2.BATCH_STATUS_ABORTED}
+)
+
+
+class Violations:
+    """Collects every field violation of a request before failing once, naming them all."""
+
+    def __init__(self) -> None:
+        self._items: list[FieldViolation] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def add(self, field_path: str, description: str) -> None:
+        self._items.append(FieldViolation(field_path, description))
+
+    def require(self, value: object, field_path: str) -> bool:
+        if value in ("", None, b"") or (isinstance(value, (list, tuple)) and not value):
+            self.add(field_path, "is required")
+            return False
+        return True
+
+    def max_length(self, value: str, field_path: str, limit: int) -> bool:
+        if len(value) > limit:
+            self.add(field_path, f"must be at most {limit} characters (got {len(value)})")
+            return False
+        return True
+
+    def required_text(self, value: str, field_path: str, limit: int) -> bool:
+        return self.require(value, field_path) and self.max_length(value, field_path, limit)
+
+    def matches(self, value: str, field_path: str, pattern: re.Pattern[str], what: str) -> bool:
+        """`value` must fully match `pattern`; `what` tells the caller what that means."""
+        if pattern.fullmatch(value) is None:
+            self.add(field_path, f"must be {what} (got {value[:64]!r})")
+            return False
+        return True
+
+    def friendly_id(self, value: str, field_path: str, prefix: str) -> bool:
+        """A required `<prefix>_<body>` id of at most ID_LIMIT characters."""
+        if not self.required_text(value, field_path, ID_LIMIT):
+            return False
+        if split_friendly_id(value) is None or not value.startswith(prefix + "_"):
+            self.add(field_path, f"must be an id like {prefix}_<body> (got {value[:64]!r})")
+            return False
+        return True
+
+    def enum(self, value: int, field_path: str, allowed: Mapping[int, str]) -> bool:
+        """`allowed` maps the accepted numeric values to their names (UNSPECIFIED excluded)."""
+        if value not in allowed:
+            names = ", ".join(sorted(allowed.values()))
+            self.add(field_path, f"must be one of {names} (got {value})")
+            return False
+        return True
+
+    def raise_if_any(self, message: str = "the request has invalid fields") -> None:
+        if self._items:
+            fields = summarize_fields([v.field for v in self._items], len(self._items))
+            raise InvalidArgument(f"{message}: {fields}", violations=self._items)
+
+
+def id_body(
+    v: Violations,
+    value: str,
+    field: str,
+    prefix: str,
+    *,
+    bare: bool = False,
+    required: bool = True,
+) -> str:
+    """The body of a `<prefix>_<body>` id (with `bare`, of a bare body too); "" when the id is
+    absent or refused."""
+    if not value:
+        if required:
+            v.add(field, "is required")
+        return ""
+    body = value.removeprefix(prefix + "_")
+    if (body == value and not bare) or len(value) > ID_LIMIT or ID_BODY.fullmatch(body) is None:
+        shape = " or the bare body" if bare else ""
+        v.add(
+            field,
+            f"must be an id like {prefix}_<body>{shape} (the body 1-64 lowercase letters and "
+            f"digits; got {value[:64]!r})",
+        )
+        return ""
+    return body
+
+
+def task_identifier(v: Violations, value: str, field: str) -> bool:
+    return v.require(value, field) and v.matches(
+        value, field, TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT
+    )
+
+
+def task_identifier_fits(value: str) -> bool:
+    """What `task_identifier` accepts."""
+    return len(value) <= TASK_IDENTIFIER_LIMIT and TASK_IDENTIFIER.fullmatch(value) is not None
+
+
+def tags(v: Violations, values: Sequence[str], field: str) -> None:
+    if len(values) > MAX_TAGS:
+        v.add(field, f"must hold at most {MAX_TAGS} tags (got {len(values)})")
+    for i, tag in enumerate(values[:MAX_TAGS]):
+        v.required_text(tag, f"{field}[{i}]", TAG_LIMIT)
+
+
+def tags_fit(values: Sequence[str]) -> bool:
+    """What `tags` accepts."""
+    return not values or (
+        len(values) <= MAX_TAGS and all(0 < len(tag) <= TAG_LIMIT for tag in values)
+    )
+
+
+def max_attempts(v: Violations, value: int, field: str) -> None:
+    if value > MAX_ATTEMPTS:
+        v.add(field, f"must be at most {MAX_ATTEMPTS} (got {value})")
+
+
+def negative(duration: duration_pb2.Duration) -> bool:
+    """A negative duration, however short (the kit's request check already refused one whose
+    seconds and nanos disagree in sign)."""
+    return duration.seconds < 0 or duration.nanos < 0
+
+
+def _getter(paths: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
+    """The values at `paths` below a message, as one tuple (one C call)."""
+    get = attrgetter(*paths)
+    return get if len(paths) > 1 else lambda message: (get(message),)
+
+
+class TextLimits:
+    """Text fields of one message type and the characters each may hold, by path below the
+    message (e.g. "debounce.key")."""
+
+    def __init__(self, limits: Mapping[str, int]) -> None:
+        self.limits = dict(limits)
+        self._values = _getter(tuple(self.limits))
+        self._caps = tuple(self.limits.values())
+
+    def check(self, v: Violations, message: Any, field: str) -> None:
+        for (path, limit), value in zip(self.limits.items(), self._values(message), strict=True):
+            v.max_length(value, f"{field}.{path}", limit)
+
+    def fit(self, message: Any) -> bool:
+        """What `check` accepts."""
+        return all(map(le, map(len, self._values(message)), self._caps))
+
+
+class NonNegativeDurations:
+    """Duration fields of one message type that must not be negative, by path below it."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = tuple(paths)
+        self._durations = _getter(self.paths)
+        self._parts = _getter([f"{p}.{part}" for p in self.paths for part in ("seconds", "nanos")])
+
+    def check(self, v: Violations, message: Any, field: str) -> None:
+        for path, duration in zip(self.paths, self._durations(message), strict=True):
+            if negative(duration):
+                v.add(f"{field}.{path}", "must not be negative")
+
+    def fit(self, message: Any) -> bool:
+        """What `check` accepts."""
+        smallest: int = min(self._parts(message))
+        return smallest >= 0
+
+
+# A trigger's options, wherever a trigger enters: the mollifier's Trigger, an ingest batch item,
+# the run store's CreateRun / CreateRuns / AcceptBatchItems.
+OPTION_TEXTS = TextLimits(
+    {
+        "idempotency_key": IDEMPOTENCY_KEY_LIMIT,
+        "queue": TEXT_LIMIT,
+        "concurrency_key": TEXT_LIMIT,
+        "machine_preset": TEXT_LIMIT,
+        "lock_to_version": TEXT_LIMIT,
+        "one_time_use_token": TEXT_LIMIT,
+        "debounce.key": TEXT_LIMIT,
+    }
+)
+OPTION_DURATIONS = NonNegativeDurations(("idempotency_key_ttl", "ttl", "priority"))
+
+
+def trigger_options(v: Violations, options: common_pb2.TriggerOptions, field: str) -> None:
+    """Every rule of TriggerOptions, each violation named under `field` (e.g. "options")."""
+    OPTION_TEXTS.check(v, options, field)
+    tags(v, options.tags, f"{field}.tags")
+    OPTION_DURATIONS.check(v, options, field)
+    max_attempts(v, options.max_attempts, f"{field}.max_attempts")
+
+
+def trigger_options_fit(options: common_pb2.TriggerOptions) -> bool:
+    """What `trigger_options` accepts."""
+    return (
+        OPTION_TEXTS.fit(options)
+        and tags_fit(options.tags)
+        and OPTION_DURATIONS.fit(options)
+        and options.max_attempts <= MAX_ATTEMPTS
+    )

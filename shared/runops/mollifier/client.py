@@ -23,11 +23,9 @@ import grpc
 
 from runops.common.v1 import common_pb2
 from runops.kit.clients import ServiceClient, consistency, raise_domain
+from runops.kit.limits import MAX_KEYS_PER_CALL
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
-
-# At most this many keys per batched call (the service refuses more).
-MAX_KEYS_PER_CALL = 10_000
 
 
 class ClaimOutcome(enum.Enum):
