@@ -8,10 +8,10 @@ from runops.kit.postgres import open_database
 from runops.kit.server import ServiceApp
 from runops.runstore.v1 import runstore_pb2, runstore_pb2_grpc
 from services.runstore.reaper import Reaper
-from services.runstore.routing import RunStore
 from services.runstore.service import RunStoreServicer
 from services.runstore.settings import RunStoreSettings
-from services.runstore.store import TransientConflict
+from services.runstore.store import RunStore
+from services.runstore.tables import TransientConflict
 
 # Every RPC is INTERNAL, declared in the contract.
 SERVICE = runstore_pb2.DESCRIPTOR.services_by_name["RunStoreService"]

@@ -16,8 +16,8 @@ import structlog
 
 from runops.kit.background import Worker
 from runops.kit.backoff import ExponentialBackoff
-from services.runstore.routing import Database, RunStore
 from services.runstore.settings import RunStoreSettings
+from services.runstore.store import Database, RunStore
 
 log = structlog.get_logger("runops.runstore.reaper")
 

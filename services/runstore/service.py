@@ -7,12 +7,13 @@ from typing import Any
 import grpc
 
 from runops.common.v1 import common_pb2
+from runops.kit.dependencies import unique_violation
 from runops.kit.logging import bind_request
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 from services.runstore import validation
-from services.runstore.routing import RunStore, batch_not_found
-from services.runstore.store import CreatedRun, SealOutcome
+from services.runstore.rows import CreatedRun, SealOutcome
+from services.runstore.store import RunStore, batch_not_found
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -29,10 +30,10 @@ def _add_result(results: Any, created: CreatedRun) -> None:
     message given to a constructor is copied, and again when the list is)."""
     result = results.add()
     if created.run is None:
-        constraint = created.conflict or "runs_pkey"
-        result.error.code = grpc.StatusCode.ALREADY_EXISTS.value[0]
-        result.error.reason = "UNIQUE_VIOLATION"
-        result.error.message = f"a row with the same key already exists ({constraint})"
+        error = unique_violation(created.conflict or "runs_pkey", "runs")
+        result.error.code = error.code.value[0]
+        result.error.reason = error.reason
+        result.error.message = error.message
         return
     result.run.CopyFrom(created.run)
     result.is_cached = created.is_cached

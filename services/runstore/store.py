@@ -1,899 +1,673 @@
-"""The run store's data layer for ONE database (LEGACY or NEW; the service routes between two).
+"""The run store over two databases: LEGACY rows in the control-plane database, NEW rows in the
+run-ops database (spec §1, §3). `RunStore` routes every operation by residency, reads with the
+caller's consistency on the owning database only, and keeps links between the two databases
+counted. With the split off there is one database (the control plane's) and ids are minted
+LEGACY-shaped.
 
-`RunTables` methods take an asyncpg connection (or, for single statements, a pool); the ones
-that need a transaction open it on the connection they are given. Ids are friendly-id bodies
-(`run_<body>` → `<body>`); results are `runops.common.v1` messages with friendly ids filled in.
-Refusals the service must answer come back as values (None, an outcome) or as the exceptions
-below, never as a half-written change.
+Every id here is a body (`run_<body>` → `<body>`); environment ids are checked on every row.
+Refusals are `runops.kit.errors` exceptions, so the servicer only translates messages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import enum
 import functools
-import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from typing import TypeVar
 
-import asyncpg
-from google.protobuf import timestamp_pb2
+import structlog
 
 from runops.common.v1 import common_pb2
-from runops.kit.ids import BATCH, RUN, WAITPOINT, residency_of
+from runops.kit.dependencies import unique_violation
+from runops.kit.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    not_found,
+)
+from runops.kit.ids import (
+    BATCH,
+    RUN,
+    WAITPOINT,
+    IdMinter,
+    Residency,
+    is_legacy_body,
+    is_new_body,
+    mint_body,
+    residency_of,
+)
+from runops.kit.replica import Consistency, DbConnection, ReplicaRouter
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore import sql
+from services.runstore.rows import (
+    AcceptedItems,
+    BatchRow,
+    CreatedBatch,
+    CreatedRun,
+    FinalizedRun,
+    ItemKinds,
+    ItemRow,
+    MissingRanges,
+    RunRow,
+    SealResult,
+)
+from services.runstore.tables import BatchNotAccepting, RunTables
 
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-Queryable = Connection | asyncpg.Pool
+log = structlog.get_logger("runops.runstore")
 
-REAPER_LEASE = "batch-seal-reaper"
-# How many missing ranges one answer carries at most (more: `truncated`).
-MAX_MISSING_RANGES = 1000
+T = TypeVar("T")
+
+# Final run statuses as the proto enum (what CompleteRun / CancelRun compare a retry against).
+_COMPLETED = common_pb2.RUN_STATUS_COMPLETED_SUCCESSFULLY
+_FAILED = common_pb2.RUN_STATUS_COMPLETED_WITH_ERRORS
+_CANCELED = common_pb2.RUN_STATUS_CANCELED
+
+
+def run_not_found(run_id: str) -> NotFound:
+    return not_found("run", f"{RUN}_{run_id}", "run_id")
+
+
+def batch_not_found(batch_id: str) -> NotFound:
+    return not_found("batch", f"{BATCH}_{batch_id}", "batch_id")
 
 
 @dataclass(frozen=True)
-class ItemKinds:
-    """Which batch items a listing returns: pre-failed, linked, and/or the others."""
+class Database:
+    """One of the two databases: its residency and its router (writer + replicas)."""
 
-    pre_failed: bool = True
-    linked: bool = True
-    created: bool = True
+    residency: Residency
+    router: ReplicaRouter
+    name: str
 
+    async def read(
+        self, query: Callable[[DbConnection], Awaitable[T]], consistency: Consistency
+    ) -> T:
+        return await self.router.read(query, consistency=consistency)
 
-@dataclass(frozen=True, slots=True)
-class RunRow:
-    """Everything written for a new run. `id` is the body; status PENDING or DELAYED for a run to
-    execute, SYSTEM_FAILURE (with error_code) for a pre-failed one, CANCELED for a cancelled one
-    (final runs never claim their idempotency key). `created_at` None means now."""
-
-    id: str
-    environment_id: str
-    organization_id: str
-    project_id: str
-    task_identifier: str
-    status: str = "PENDING"
-    payload: bytes = b""
-    payload_type: str = ""
-    metadata: str = ""
-    metadata_type: str = ""
-    tags: tuple[str, ...] = ()
-    queue: str = ""
-    concurrency_key: str = ""
-    idempotency_key: str | None = None
-    idempotency_key_expires_at: datetime | None = None
-    ttl_ms: int | None = None
-    delay_until: datetime | None = None
-    max_attempts: int = 0
-    machine_preset: str = ""
-    lock_to_version: str = ""
-    worker_version: str = ""
-    priority_ms: int = 0
-    is_test: bool = False
-    # JSON object: the trigger options no column holds (debounce, one-time-use token).
-    options: str = "{}"
-    parent_run_id: str | None = None
-    root_run_id: str | None = None
-    resume_parent_on_completion: bool = False
-    error_code: str | None = None
-    error_message: str = ""
-    created_at: datetime | None = None
-
-    def failed(self, code: str, message: str) -> RunRow:
-        """This run, written already failed (SYSTEM_FAILURE)."""
-        return dataclasses.replace(
-            self, status="SYSTEM_FAILURE", error_code=code, error_message=message
-        )
-
-    def cancelled(self, reason: str) -> RunRow:
-        return dataclasses.replace(
-            self, status="CANCELED", error_code="TASK_RUN_CANCELLED", error_message=reason
-        )
+    async def write(self, statement: Callable[[DbConnection], Awaitable[T]]) -> T:
+        async with self.router.transaction() as conn:
+            return await statement(conn)
 
 
-assert tuple(f.name for f in dataclasses.fields(RunRow)) == tuple(
-    name for name, _ in sql.RUN_INPUT_FIELDS
-), "RunRow's fields must be sql.RUN_INPUT_FIELDS, in order"
+class RunStore:
+    """Runs, batches, batch items and waitpoints behind one API over LEGACY and NEW databases
+    (`new` None: single-database mode)."""
 
+    def __init__(self, legacy: ReplicaRouter, new: ReplicaRouter | None) -> None:
+        self.tables = RunTables()
+        self.legacy = Database(Residency.LEGACY, legacy, "controlplane")
+        self.new = None if new is None else Database(Residency.NEW, new, "runops")
+        self.minter = IdMinter(database_split=new is not None)
 
-# The fields whose array travels as NULL when every row holds this default (see
-# sql.RUN_INPUT_DEFAULTS): asyncpg's encoding costs per value, and most fields of most chunks
-# are all-default.
-_NULL_WHEN_ALL: dict[str, object] = {
-    f.name: f.default
-    for f in dataclasses.fields(RunRow)
-    if f.default is None or f.name in sql.RUN_INPUT_DEFAULTS
-}
+    @property
+    def split(self) -> bool:
+        return self.new is not None
 
+    @property
+    def databases(self) -> tuple[Database, ...]:
+        return (self.legacy,) if self.new is None else (self.new, self.legacy)
 
-def _run_arrays(rows: Sequence[RunRow]) -> list[list[object] | None]:
-    """One array per RUN_INPUT_FIELDS column (None: every row holds the default)."""
-    arrays: list[list[object] | None] = []
-    for name, _ in sql.RUN_INPUT_FIELDS:
-        if name == "tags":
-            arrays.append(_tags_array(rows))
-            continue
-        values = [getattr(row, name) for row in rows]
-        if name in _NULL_WHEN_ALL:
-            default = _NULL_WHEN_ALL[name]
-            if all(value == default for value in values):
-                arrays.append(None)
-                continue
-        arrays.append(values)
-    return arrays
+    def owner(self, body: str) -> Database:
+        """The database a row with this id lives in (writes; reads of a classifiable id)."""
+        if self.new is not None and residency_of(body) is Residency.NEW:
+            return self.new
+        return self.legacy
 
+    def other(self, db: Database) -> Database | None:
+        if self.new is None:
+            return None
+        return self.legacy if db is self.new else self.new
 
-def _tags_array(rows: Sequence[RunRow]) -> list[object] | None:
-    """Each row's tags as a JSON array; NULL for a run with none, and for the whole column when
-    no run has any (most chunks): the SQL makes both an empty array, and unnest pads a NULL
-    array with NULLs."""
-    if not any(row.tags for row in rows):
+    def probe(self, body: str) -> tuple[Database, ...]:
+        """Where a read looks: the owner for a NEW- or LEGACY-shaped id; NEW then LEGACY for an
+        id of neither shape (a caller-chosen one, which was written LEGACY)."""
+        if is_new_body(body) or is_legacy_body(body):
+            return (self.owner(body),)
+        return self.databases
+
+    async def _first(
+        self,
+        dbs: Sequence[Database],
+        query: Callable[[Database], Awaitable[T | None]],
+    ) -> T | None:
+        for db in dbs:
+            found = await query(db)
+            if found is not None:
+                return found
         return None
-    return [json.dumps(list(row.tags)) if row.tags else None for row in rows]
 
-
-@dataclass(frozen=True, slots=True)
-class BatchRow:
-    id: str
-    environment_id: str
-    organization_id: str
-    project_id: str
-    run_count: int
-    idempotency_key: str | None = None
-    task_identifiers: tuple[str, ...] = ()
-    parent_run_id: str | None = None
-    resume_parent_on_completion: bool = False
-    # The waitpoint (body) created with the batch for its parent to wait on, if any.
-    waitpoint_id: str | None = None
-    created_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BatchItem:
-    """One item of a chunk: its run (pre-failed: `run.failed(...)`), or a link to an existing
-    run (`existing_run_id`, a body; `run` is then ignored). A linked run of the OTHER database
-    is invisible here: `existing_run_final` says whether the caller found it final there."""
-
-    index: int
-    run: RunRow | None = None
-    existing_run_id: str | None = None
-    existing_run_final: bool = False
-
-
-# Fills the run columns of linked items (no run is written for them).
-_NO_RUN = RunRow(id="", environment_id="", organization_id="", project_id="", task_identifier="")
-
-
-@dataclass(frozen=True, slots=True)
-class CreatedRun:
-    """One CreateRuns result. `run` is None only with `conflict` (the constraint that refused
-    it: the id is taken by a run of another environment)."""
-
-    run: common_pb2.Run | None
-    is_cached: bool = False
-    conflict: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CreatedBatch:
-    batch: common_pb2.Batch | None
-    is_cached: bool = False
-    conflict: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FinalizedRun:
-    run: common_pb2.Run
-    # The run's own batch after the completion was counted.
-    batch: common_pb2.Batch | None
-    # False: the run was final already and nothing changed.
-    changed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class AcceptedItem:
-    index: int
-    run_id: str
-    # The index was present already; run_id is the run written (or linked) the first time.
-    duplicate: bool
-
-
-@dataclass(frozen=True, slots=True)
-class AcceptedItems:
-    # In request order (out-of-range indexes excluded).
-    items: list[AcceptedItem]
-    accepted_count: int
-    run_count: int
-    # Indexes >= run_count: not written.
-    out_of_range: list[int]
-
-
-@dataclass(frozen=True, slots=True)
-class MissingRanges:
-    # Half-open [start, end), ascending, at most the limit asked for.
-    ranges: list[tuple[int, int]]
-    # More ranges exist than were returned.
-    truncated: bool
-    run_count: int
-    accepted_count: int
-
-
-class SealOutcome(enum.Enum):
-    SEALED = "sealed"  # this call sealed it
-    ALREADY_SEALED = "already_sealed"  # sealed (and maybe done) before
-    COUNT_MISMATCH = "count_mismatch"  # accepted_count < run_count: batch.accepted_count says
-    ABORTED = "aborted"  # aborted unsealed (seal timeout)
-    NOT_FOUND = "not_found"
-
-
-@dataclass(frozen=True, slots=True)
-class SealResult:
-    outcome: SealOutcome
-    batch: common_pb2.Batch | None
-
-
-class BatchNotAccepting(Exception):
-    """The batch takes no more items: missing (batch None), sealed, or not PENDING."""
-
-    def __init__(self, batch: common_pb2.Batch | None) -> None:
-        self.batch = batch
-        state = "not found" if batch is None else common_pb2.BatchStatus.Name(batch.status)
-        super().__init__(f"batch does not accept items: {state}")
-
-
-class TransientConflict(Exception):
-    """A concurrent change made this write impossible to finish as asked; retrying it is safe
-    (nothing was written)."""
-
-
-class _Rollback(Exception):
-    pass
-
-
-# -- rows → messages ----------------------------------------------------------------------------
-
-
-def _ts(value: datetime | None, into: timestamp_pb2.Timestamp) -> None:
-    if value is not None:
-        into.seconds, into.nanos = _epoch_parts(value)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@functools.lru_cache(maxsize=1024)
-def _epoch_parts(value: datetime) -> tuple[int, int]:
-    """What Timestamp.FromDatetime sets (a naive datetime is UTC), several times cheaper, and
-    cached: the rows of one write share their timestamps (now() of the transaction)."""
-    since = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - _EPOCH
-    return since.days * 86_400 + since.seconds, since.microseconds * 1000
-
-
-def run_from_record(row: asyncpg.Record) -> common_pb2.Run:
-    body: str = row["id"]
-    run = common_pb2.Run(
-        id=body,
-        friendly_id=f"{RUN}_{body}",
-        residency=residency_of(body).to_proto(),
-        environment_id=row["environment_id"],
-        organization_id=row["organization_id"],
-        project_id=row["project_id"],
-        task_identifier=row["task_identifier"],
-        status=common_pb2.RunStatus.Value("RUN_STATUS_" + row["status"]),
-        payload=row["payload"],
-        payload_type=row["payload_type"],
-        metadata=row["metadata"],
-        metadata_type=row["metadata_type"],
-        tags=row["tags"],
-        queue=row["queue"],
-        concurrency_key=row["concurrency_key"],
-        idempotency_key=row["idempotency_key"] or "",
-        max_attempts=row["max_attempts"],
-        machine_preset=row["machine_preset"],
-        lock_to_version=row["lock_to_version"],
-        batch_id=f"{BATCH}_{row['batch_id']}" if row["batch_id"] else "",
-        parent_run_id=row["parent_run_id"] or "",
-        root_run_id=row["root_run_id"] or "",
-        resume_parent_on_completion=row["resume_parent_on_completion"],
-        output=row["output"] or b"",
-        output_type=row["output_type"],
-        is_test=row["is_test"],
-    )
-    if row["batch_index"] is not None:
-        run.batch_index = row["batch_index"]
-    if row["error_code"] is not None:
-        run.error.code = row["error_code"]
-        run.error.message = row["error_message"]
-    if row["ttl_ms"] is not None:
-        run.ttl.FromMilliseconds(row["ttl_ms"])
-    if row["priority_ms"]:
-        run.priority.FromMilliseconds(row["priority_ms"])
-    _ts(row["idempotency_key_expires_at"], run.idempotency_key_expires_at)
-    _ts(row["delay_until"], run.delay_until)
-    _ts(row["created_at"], run.created_at)
-    _ts(row["updated_at"], run.updated_at)
-    _ts(row["completed_at"], run.completed_at)
-    return run
-
-
-# A row's status → the proto enum.
-_RUN_STATUSES = {
-    name.removeprefix("RUN_STATUS_"): number
-    for name, number in common_pb2.RunStatus.items()
-    if name != "RUN_STATUS_UNSPECIFIED"
-}
-
-
-def created_run(row: RunRow, record: asyncpg.Record) -> common_pb2.Run:
-    """The answer for a run INSERT_RUNS just wrote, equal to `run_from_record` of its row: the
-    input row plus what the database chose (timestamps), without decoding every column back.
-    A final run (pre-failed, cancelled) holds no idempotency key (INSERT_RUNS drops it)."""
-    claims_key = row.status in sql.CLAIMING_RUN_STATUSES
-    run = common_pb2.Run(
-        id=row.id,
-        friendly_id=f"{RUN}_{row.id}",
-        residency=residency_of(row.id).to_proto(),
-        environment_id=row.environment_id,
-        organization_id=row.organization_id,
-        project_id=row.project_id,
-        task_identifier=row.task_identifier,
-        status=_RUN_STATUSES[row.status],
-        payload=row.payload,
-        payload_type=row.payload_type,
-        metadata=row.metadata,
-        metadata_type=row.metadata_type,
-        tags=row.tags,
-        queue=row.queue,
-        concurrency_key=row.concurrency_key,
-        idempotency_key=(row.idempotency_key or "") if claims_key else "",
-        max_attempts=row.max_attempts,
-        machine_preset=row.machine_preset,
-        lock_to_version=row.lock_to_version,
-        parent_run_id=row.parent_run_id or "",
-        root_run_id=row.root_run_id or "",
-        resume_parent_on_completion=row.resume_parent_on_completion,
-        is_test=row.is_test,
-    )
-    if row.error_code is not None:
-        run.error.code = row.error_code
-        run.error.message = row.error_message
-    if row.ttl_ms is not None:
-        run.ttl.FromMilliseconds(row.ttl_ms)
-    if row.priority_ms:
-        run.priority.FromMilliseconds(row.priority_ms)
-    if claims_key:
-        _ts(row.idempotency_key_expires_at, run.idempotency_key_expires_at)
-    _ts(row.delay_until, run.delay_until)
-    _ts(record["created_at"], run.created_at)
-    _ts(record["updated_at"], run.updated_at)
-    _ts(record["completed_at"], run.completed_at)
-    return run
-
-
-def batch_from_record(row: asyncpg.Record) -> common_pb2.Batch:
-    body: str = row["id"]
-    batch = common_pb2.Batch(
-        id=body,
-        friendly_id=f"{BATCH}_{body}",
-        residency=residency_of(body).to_proto(),
-        environment_id=row["environment_id"],
-        organization_id=row["organization_id"],
-        project_id=row["project_id"],
-        status=common_pb2.BatchStatus.Value("BATCH_STATUS_" + row["status"]),
-        run_count=row["run_count"],
-        accepted_count=row["accepted_count"],
-        sealed=row["sealed"],
-        successful_run_count=row["successful_run_count"],
-        failed_run_count=row["failed_run_count"],
-        completed_run_count=row["completed_run_count"],
-        idempotency_key=row["idempotency_key"] or "",
-        parent_run_id=row["parent_run_id"] or "",
-        resume_parent_on_completion=row["resume_parent_on_completion"],
-        waitpoint_id=f"{WAITPOINT}_{row['waitpoint_id']}" if row["waitpoint_id"] else "",
-        task_identifiers=row["task_identifiers"],
-    )
-    if row["aborted_reason"] is not None:
-        batch.aborted_reason = common_pb2.BatchAbortedReason.Value(
-            "BATCH_ABORTED_REASON_" + row["aborted_reason"]
-        )
-        batch.error_message = row["error_message"] or ""
-    _ts(row["sealed_at"], batch.sealed_at)
-    _ts(row["processing_started_at"], batch.processing_started_at)
-    _ts(row["processing_completed_at"], batch.processing_completed_at)
-    _ts(row["created_at"], batch.created_at)
-    _ts(row["updated_at"], batch.updated_at)
-    return batch
-
-
-def waitpoint_from_record(row: asyncpg.Record) -> common_pb2.Waitpoint:
-    body: str = row["id"]
-    waitpoint = common_pb2.Waitpoint(
-        id=body,
-        friendly_id=f"{WAITPOINT}_{body}",
-        residency=residency_of(body).to_proto(),
-        environment_id=row["environment_id"],
-        status=common_pb2.WaitpointStatus.Value("WAITPOINT_STATUS_" + row["status"]),
-        batch_id=f"{BATCH}_{row['batch_id']}" if row["batch_id"] else "",
-        run_id=f"{RUN}_{row['run_id']}" if row["run_id"] else "",
-        output_is_error=row["output_is_error"],
-        output=row["output"] or b"",
-        output_type=row["output_type"],
-    )
-    _ts(row["completed_at"], waitpoint.completed_at)
-    _ts(row["created_at"], waitpoint.created_at)
-    return waitpoint
-
-
-# -- the tables ---------------------------------------------------------------------------------
-
-
-class RunTables:
-    """Runs, batches, batch items and waitpoints in one database."""
+    def run_minter(self, parent: str | None = None) -> Callable[[], str]:
+        """Mints the bodies of new runs when their rows are built (one id each, no copy of the
+        row afterwards): by the residency policy, or with a parent's residency (a batch's runs
+        live with their batch; `parent` is any id or body, classified as `residency_of` does)."""
+        if parent is None:
+            return self.minter.mint_body
+        return functools.partial(mint_body, residency_of(parent))
 
     # -- runs -----------------------------------------------------------------------------------
-    async def create_runs(self, db: Queryable, rows: Sequence[RunRow]) -> list[CreatedRun]:
-        """Writes every run in one statement; results in request order. A run whose
-        (environment, task, idempotency key) a live run holds is that run with is_cached (an
-        expired holder loses the key and a fresh run is made, atomically); a run whose id exists
-        already (a replay) is the existing run with is_cached."""
+    def _with_id(self, row: RunRow) -> RunRow:
+        return row if row.id else dataclasses.replace(row, id=self.minter.mint_body())
+
+    async def create_runs(self, rows: Sequence[RunRow]) -> list[CreatedRun]:
+        """Every run in one statement per database (both written concurrently), results in
+        request order. Ids are minted by the residency policy where none was given. A key a
+        live run of the other database holds returns that run (keys are unique across both)."""
+        rows = [self._with_id(row) for row in rows]
+        groups: dict[str, list[int]] = {}
+        for position, row in enumerate(rows):
+            groups.setdefault(self.owner(row.id).name, []).append(position)
         results: list[CreatedRun | None] = [None] * len(rows)
-        pending = list(range(len(rows)))
-        # A conflicting insert that rolled back leaves nothing to return: write those again.
-        for _ in range(3):
-            batch = [rows[k] for k in pending]
-            inserted = await db.fetch(sql.INSERT_RUNS, *_run_arrays(batch))
-            fresh = {record["id"]: record for record in inserted}
-            missing: list[int] = []
-            for k in pending:
-                record = fresh.pop(rows[k].id, None)
-                if record is None:
-                    missing.append(k)
-                else:
-                    results[k] = CreatedRun(created_run(rows[k], record))
-            if not missing:
-                break
-            found = await db.fetch(
-                sql.SELECT_RUNS_FOR_INPUTS,
-                [rows[k].id for k in missing],
-                [rows[k].environment_id for k in missing],
-                [rows[k].task_identifier for k in missing],
-                [rows[k].idempotency_key for k in missing],
-                [rows[k].status for k in missing],
+
+        async def write(db: Database, positions: list[int]) -> None:
+            held = await self._held_elsewhere(db, [rows[k] for k in positions])
+            for k, run in held.items():
+                results[positions[k]] = CreatedRun(run, is_cached=True)
+            todo = [positions[k] for k in range(len(positions)) if k not in held]
+            if not todo:
+                return
+            created = await db.write(
+                lambda conn: self.tables.create_runs(conn, [rows[k] for k in todo])
             )
-            by_position = {record["ord"] - 1: record for record in found}
-            pending = []
-            for position, k in enumerate(missing):
-                record = by_position.get(position)
-                if record is None:
-                    pending.append(k)
-                elif record["same_id"] and record["environment_id"] != rows[k].environment_id:
-                    results[k] = CreatedRun(None, conflict="runs_pkey")
-                else:
-                    results[k] = CreatedRun(run_from_record(record), is_cached=True)
-            if not pending:
-                break
-        else:
-            raise TransientConflict("idempotency key holders kept changing; retry")
+            for k, result in zip(todo, created, strict=True):
+                results[k] = result
+
+        by_name = {db.name: db for db in self.databases}
+        await asyncio.gather(*(write(by_name[name], ks) for name, ks in groups.items()))
         return [result for result in results if result is not None]
 
+    async def _held_elsewhere(
+        self, db: Database, rows: Sequence[RunRow]
+    ) -> dict[int, common_pb2.Run]:
+        """Positions of `rows` whose idempotency key a live run in the OTHER database holds."""
+        other = self.other(db)
+        if other is None:
+            return {}
+        wanted = [
+            (k, (row.environment_id, row.task_identifier, row.idempotency_key))
+            for k, row in enumerate(rows)
+            if row.idempotency_key is not None and row.status in sql.CLAIMING_RUN_STATUSES
+        ]
+        if not wanted:
+            return {}
+        keys = [key for _, key in wanted]
+        found = await other.read(
+            lambda conn: self.tables.live_key_holders(conn, keys), Consistency.WRITER
+        )
+        return {wanted[n][0]: run for n, run in found.items()}
+
+    async def create_run(self, row: RunRow) -> CreatedRun:
+        [created] = await self.create_runs([row])
+        if created.run is None:
+            raise unique_violation(created.conflict or "runs_pkey", "runs")
+        return created
+
     async def get_run(
-        self, db: Queryable, run_id: str, environment_id: str | None = None
-    ) -> common_pb2.Run | None:
-        record = await db.fetchrow(sql.SELECT_RUN, run_id, environment_id)
-        return None if record is None else run_from_record(record)
+        self, run_id: str, environment_id: str, consistency: Consistency
+    ) -> common_pb2.Run:
+        run = await self._first(
+            self.probe(run_id),
+            lambda db: db.read(
+                lambda conn: self.tables.get_run(conn, run_id, environment_id), consistency
+            ),
+        )
+        if run is None:
+            raise run_not_found(run_id)
+        return run
 
     async def find_run_by_idempotency_key(
-        self, db: Queryable, environment_id: str, task_identifier: str, key: str
+        self, environment_id: str, task: str, key: str, consistency: Consistency
     ) -> common_pb2.Run | None:
-        """The live (unexpired) run holding the key."""
-        record = await db.fetchrow(
-            sql.SELECT_RUN_BY_IDEMPOTENCY_KEY, environment_id, task_identifier, key
+        """The key says nothing about residency: NEW, then LEGACY."""
+        return await self._first(
+            self.databases,
+            lambda db: db.read(
+                lambda conn: self.tables.find_run_by_idempotency_key(
+                    conn, environment_id, task, key
+                ),
+                consistency,
+            ),
         )
-        return None if record is None else run_from_record(record)
 
-    async def list_batch_runs(
-        self,
-        db: Queryable,
-        batch_id: str,
-        environment_id: str | None = None,
-        *,
-        after_index: int = -1,
-        limit: int = 100,
-    ) -> tuple[list[common_pb2.Run], int | None]:
-        """A page of the batch's item runs by index after `after_index`, and the index to pass
-        for the next page (None at the end). A linked run in the other database is skipped."""
-        records = await db.fetch(
-            sql.SELECT_BATCH_RUNS, batch_id, after_index, limit, environment_id
-        )
-        runs = [run_from_record(record) for record in records]
-        more = len(records) == limit
-        return runs, records[-1]["item_index"] if more else None
-
-    async def list_batch_items(
-        self,
-        db: Queryable,
-        batch_id: str,
-        environment_id: str,
-        *,
-        after_index: int = -1,
-        limit: int = 100,
-    ) -> tuple[list[common_pb2.Run | None], dict[int, str], int | None] | None:
-        """A page of the batch's items by index after `after_index`: their runs (None where the
-        run lives in the other database), those positions' run ids, and the index to pass for
-        the next page (None at the end). None: no such batch in this environment."""
-        records = await db.fetch(
-            sql.SELECT_BATCH_ITEM_RUNS, batch_id, after_index, limit, environment_id
-        )
-        if not records and await self.get_batch(db, batch_id, environment_id) is None:
-            return None
-        runs: list[common_pb2.Run | None] = []
-        missing: dict[int, str] = {}
-        for position, record in enumerate(records):
-            if record["id"] is None:
-                missing[position] = record["item_run_id"]
-                runs.append(None)
-            else:
-                runs.append(run_from_record(record))
-        more = len(records) == limit
-        return runs, missing, records[-1]["item_index"] if more else None
-
-    async def list_item_outcomes(
-        self,
-        db: Queryable,
-        batch_id: str,
-        environment_id: str,
-        kinds: ItemKinds,
-        *,
-        after_index: int = -1,
-        limit: int = 100,
-    ) -> tuple[list[rs.BatchItemRecord], int | None] | None:
-        """A page of the batch's items of `kinds` by index after `after_index`, and the index
-        to pass for the next page (None at the end). None: no such batch in this environment."""
-        records = await db.fetch(
-            sql.SELECT_BATCH_ITEM_OUTCOMES,
-            batch_id,
-            after_index,
-            limit,
-            kinds.pre_failed,
-            kinds.linked,
-            kinds.created,
-            environment_id,
-        )
-        if not records and await self.get_batch(db, batch_id, environment_id) is None:
-            return None
-        items = [
-            rs.BatchItemRecord(
-                index=record["item_index"],
-                run_id=f"{RUN}_{record['run_id']}",
-                linked=record["linked"],
-                pre_failed=record["pre_failed"],
-                error_code=record["error_code"] or "",
+    async def reset_idempotency_key(self, environment_id: str, task: str, key: str) -> int:
+        """Releases the key in both databases; how many runs held it."""
+        counts = await asyncio.gather(
+            *(
+                db.write(
+                    lambda conn: self.tables.reset_idempotency_key(conn, environment_id, task, key)
+                )
+                for db in self.databases
             )
-            for record in records
-        ]
-        more = len(records) == limit
-        return items, records[-1]["item_index"] if more else None
+        )
+        return sum(counts)
 
-    async def get_runs(
-        self, db: Queryable, run_ids: Sequence[str], environment_id: str
-    ) -> dict[str, common_pb2.Run]:
-        records = await db.fetch(sql.SELECT_RUNS_BY_IDS, list(run_ids), environment_id)
-        return {record["id"]: run_from_record(record) for record in records}
+    async def _update_run(
+        self,
+        run_id: str,
+        statement: Callable[[DbConnection], Awaitable[common_pb2.Run | None]],
+    ) -> common_pb2.Run | None:
+        return await self._first(self.probe(run_id), lambda db: db.write(statement))
+
+    async def add_run_tags(
+        self, run_id: str, environment_id: str, tags: Sequence[str]
+    ) -> common_pb2.Run:
+        run = await self._update_run(
+            run_id, lambda conn: self.tables.add_run_tags(conn, run_id, environment_id, tags)
+        )
+        if run is None:
+            raise run_not_found(run_id)
+        return run
+
+    async def update_run_metadata(
+        self, run_id: str, environment_id: str, metadata: str, metadata_type: str
+    ) -> common_pb2.Run:
+        run = await self._update_run(
+            run_id,
+            lambda conn: self.tables.update_run_metadata(
+                conn, run_id, environment_id, metadata, metadata_type
+            ),
+        )
+        if run is None:
+            raise run_not_found(run_id)
+        return run
+
+    async def reschedule_run(
+        self, run_id: str, environment_id: str, delay_until: datetime
+    ) -> common_pb2.Run:
+        run = await self._update_run(
+            run_id,
+            lambda conn: self.tables.reschedule_run(conn, run_id, environment_id, delay_until),
+        )
+        if run is not None:
+            return run
+        current = await self.get_run(run_id, environment_id, Consistency.WRITER)
+        raise FailedPrecondition(
+            f"only a DELAYED run can be rescheduled; {current.friendly_id} is "
+            f"{common_pb2.RunStatus.Name(current.status).removeprefix('RUN_STATUS_')}",
+            reason="RUN_NOT_DELAYED",
+            metadata={"run_id": current.friendly_id},
+        )
 
     async def complete_run(
         self,
-        conn: Connection,
         run_id: str,
-        environment_id: str | None = None,
+        environment_id: str,
         *,
         output: bytes = b"",
         output_type: str = "",
         error: common_pb2.RunError | None = None,
-    ) -> FinalizedRun | None:
-        """Success (output) or failure (error); counts it in every batch that waits on it, in
-        the same statement. None: no such run."""
-        outcome: tuple[str, str | None, str, bytes | None, str]
-        if error is None:
-            outcome = ("COMPLETED_SUCCESSFULLY", None, "", output, output_type)
-        else:
-            outcome = ("COMPLETED_WITH_ERRORS", error.code, error.message, None, "")
-        return await self._finalize(conn, run_id, environment_id, *outcome)
-
-    async def cancel_run(
-        self, conn: Connection, run_id: str, environment_id: str | None, reason: str
-    ) -> FinalizedRun | None:
+    ) -> FinalizedRun:
+        wanted = _COMPLETED if error is None else _FAILED
         return await self._finalize(
-            conn, run_id, environment_id, "CANCELED", "TASK_RUN_CANCELLED", reason, None, ""
+            run_id,
+            wanted,
+            lambda conn: self.tables.complete_run(
+                conn, run_id, environment_id, output=output, output_type=output_type, error=error
+            ),
+        )
+
+    async def cancel_run(self, run_id: str, environment_id: str, reason: str) -> FinalizedRun:
+        return await self._finalize(
+            run_id,
+            _CANCELED,
+            lambda conn: self.tables.cancel_run(conn, run_id, environment_id, reason),
         )
 
     async def _finalize(
         self,
-        conn: Connection,
         run_id: str,
-        environment_id: str | None,
-        status: str,
-        error_code: str | None,
-        error_message: str,
-        output: bytes | None,
-        output_type: str,
-    ) -> FinalizedRun | None:
-        async with conn.transaction():
-            record = await conn.fetchrow(
-                sql.FINALIZE_RUN,
-                run_id,
-                environment_id,
-                status,
-                error_code,
-                error_message,
-                output,
-                output_type,
+        wanted: int,
+        statement: Callable[[DbConnection], Awaitable[FinalizedRun | None]],
+    ) -> FinalizedRun:
+        """Finalizes in the run's database (counting its items there, in one statement), then
+        counts the items of the other database linked to it. A retry of a finalization that
+        happened answers the same; a run that ended otherwise is FAILED_PRECONDITION."""
+        finalized: FinalizedRun | None = None
+        for db in self.probe(run_id):
+            finalized = await db.write(statement)
+            if finalized is not None:
+                break
+        if finalized is None:
+            raise run_not_found(run_id)
+        if not finalized.changed and finalized.run.status != wanted:
+            status = common_pb2.RunStatus.Name(finalized.run.status).removeprefix("RUN_STATUS_")
+            raise FailedPrecondition(
+                f"run {finalized.run.friendly_id} is final already ({status})",
+                reason="RUN_ALREADY_FINAL",
+                metadata={"run_id": finalized.run.friendly_id, "status": status},
             )
-            changed = record is not None
-            if record is None:
-                record = await conn.fetchrow(sql.SELECT_RUN, run_id, environment_id)
-                if record is None:
-                    return None
-            batch = None
-            if record["batch_id"] is not None:
-                batch_record = await conn.fetchrow(sql.SELECT_BATCH, record["batch_id"], None)
-                batch = None if batch_record is None else batch_from_record(batch_record)
-        return FinalizedRun(run_from_record(record), batch, changed)
+        # Also when not changed: a retry after a lost second write repairs it at once.
+        await self._count_links_elsewhere(self.owner(run_id), [run_id])
+        return finalized
 
-    async def reset_idempotency_key(
-        self, db: Queryable, environment_id: str, task_identifier: str, key: str
-    ) -> int:
-        """Releases the key (expired or not); how many runs held it."""
-        status = await db.execute(sql.RESET_IDEMPOTENCY_KEY, environment_id, task_identifier, key)
-        return int(status.rsplit(" ", 1)[1])
-
-    async def add_run_tags(
-        self, db: Queryable, run_id: str, environment_id: str | None, tags: Sequence[str]
-    ) -> common_pb2.Run | None:
-        record = await db.fetchrow(sql.ADD_RUN_TAGS, run_id, environment_id, list(tags))
-        return None if record is None else run_from_record(record)
-
-    async def update_run_metadata(
-        self,
-        db: Queryable,
-        run_id: str,
-        environment_id: str | None,
-        metadata: str,
-        metadata_type: str,
-    ) -> common_pb2.Run | None:
-        record = await db.fetchrow(
-            sql.UPDATE_RUN_METADATA, run_id, environment_id, metadata, metadata_type
-        )
-        return None if record is None else run_from_record(record)
-
-    async def reschedule_run(
-        self, db: Queryable, run_id: str, environment_id: str | None, delay_until: datetime
-    ) -> common_pb2.Run | None:
-        """None: no such run, or it is not DELAYED (get_run tells which)."""
-        record = await db.fetchrow(sql.RESCHEDULE_RUN, run_id, environment_id, delay_until)
-        return None if record is None else run_from_record(record)
+    async def _count_links_elsewhere(self, home: Database, run_ids: list[str]) -> None:
+        """The runs `run_ids` of `home` are final: count the items of the other database that
+        link to them. Failure is logged, not raised (the run's own write committed): the other
+        database's reaper finds the item still pending and counts it."""
+        other = self.other(home)
+        if other is None:
+            return
+        try:
+            await other.write(lambda conn: self.tables.mark_linked_runs_final(conn, run_ids))
+        except Exception as exc:
+            log.warning(
+                "counting cross-database links failed; the reaper will",
+                database=other.name,
+                runs=len(run_ids),
+                error=repr(exc),
+            )
 
     # -- batches --------------------------------------------------------------------------------
-    async def create_batch(self, db: Queryable, row: BatchRow) -> CreatedBatch:
-        """The batch (and its waitpoint), or the one its environment's idempotency key (or its
-        id: a replay) made already, with is_cached."""
-        record = await db.fetchrow(
-            sql.INSERT_BATCH,
-            row.id,
-            row.environment_id,
-            row.organization_id,
-            row.project_id,
-            row.run_count,
-            row.idempotency_key,
-            list(row.task_identifiers),
-            row.parent_run_id,
-            row.resume_parent_on_completion,
-            row.waitpoint_id,
-            row.created_at,
-        )
-        if record is not None:
-            return CreatedBatch(batch_from_record(record))
-        existing = await db.fetchrow(
-            sql.SELECT_BATCH_FOR_INPUT, row.id, row.environment_id, row.idempotency_key
-        )
-        if existing is None:
-            raise TransientConflict("the batch holding this key was just removed; retry")
-        if existing["same_id"] and existing["environment_id"] != row.environment_id:
-            return CreatedBatch(None, conflict="batches_pkey")
-        return CreatedBatch(batch_from_record(existing), is_cached=True)
-
-    async def batch_by_idempotency_key(
-        self, db: Queryable, environment_id: str, key: str
-    ) -> common_pb2.Batch | None:
-        record = await db.fetchrow(sql.SELECT_BATCH_BY_IDEMPOTENCY_KEY, environment_id, key)
-        return None if record is None else batch_from_record(record)
+    async def create_batch(self, row: BatchRow) -> CreatedBatch:
+        """The batch in its database (with the waitpoint its parent waits on), or the batch
+        its environment's idempotency key made already (in either database), with is_cached."""
+        if not row.id:
+            row = dataclasses.replace(row, id=self.minter.mint_body())
+        if row.resume_parent_on_completion and row.waitpoint_id is None:
+            row = dataclasses.replace(row, waitpoint_id=mint_body(residency_of(row.id)))
+        db = self.owner(row.id)
+        other = self.other(db)
+        if other is not None and row.idempotency_key is not None:
+            key = row.idempotency_key
+            existing = await other.read(
+                lambda conn: self.tables.batch_by_idempotency_key(conn, row.environment_id, key),
+                Consistency.WRITER,
+            )
+            if existing is not None:
+                return CreatedBatch(existing, is_cached=True)
+        created = await db.write(lambda conn: self.tables.create_batch(conn, row))
+        if created.batch is None:
+            raise unique_violation(created.conflict or "batches_pkey", "batches")
+        return created
 
     async def get_batch(
-        self, db: Queryable, batch_id: str, environment_id: str | None = None
-    ) -> common_pb2.Batch | None:
-        record = await db.fetchrow(sql.SELECT_BATCH, batch_id, environment_id)
-        return None if record is None else batch_from_record(record)
+        self, batch_id: str, environment_id: str, consistency: Consistency
+    ) -> common_pb2.Batch:
+        batch = await self._first(
+            self.probe(batch_id),
+            lambda db: db.read(
+                lambda conn: self.tables.get_batch(conn, batch_id, environment_id), consistency
+            ),
+        )
+        if batch is None:
+            raise batch_not_found(batch_id)
+        return batch
 
-    async def get_waitpoint(
-        self, db: Queryable, waitpoint_id: str, environment_id: str | None = None
-    ) -> common_pb2.Waitpoint | None:
-        record = await db.fetchrow(sql.SELECT_WAITPOINT, waitpoint_id, environment_id)
-        return None if record is None else waitpoint_from_record(record)
+    async def _batch_home(self, batch_id: str, environment_id: str) -> Database:
+        """The database of an existing batch (the owner, unless the id's shape is neither)."""
+        dbs = self.probe(batch_id)
+        if len(dbs) == 1:
+            return dbs[0]
+        for db in dbs:
+            found = await db.read(
+                lambda conn: self.tables.get_batch(conn, batch_id, environment_id),
+                Consistency.WRITER,
+            )
+            if found is not None:
+                return db
+        raise batch_not_found(batch_id)
 
     async def accept_batch_items(
-        self, conn: Connection, batch_id: str, environment_id: str, items: Sequence[BatchItem]
+        self, batch_id: str, environment_id: str, items: Sequence[ItemRow]
     ) -> AcceptedItems:
-        """A chunk → batch-item rows plus their runs, in one transaction (one statement, plus
-        one read when some indexes were present already, plus one when items lost their
-        idempotency key to a live run and link to it). Safe with concurrent overlapping chunks:
-        no index is written twice. Raises BatchNotAccepting (nothing written)."""
-        runs = [_NO_RUN if item.existing_run_id else (item.run or _NO_RUN) for item in items]
-        indexes = [item.index for item in items]
-        try:
-            async with conn.transaction():
-                record = await conn.fetchrow(
-                    sql.ACCEPT_BATCH_ITEMS,
-                    batch_id,
-                    environment_id,
-                    indexes,
-                    [item.existing_run_id for item in items],
-                    [item.existing_run_final for item in items],
-                    *_run_arrays(runs),
-                )
-                if record is None:
-                    raise _Rollback
-                written = dict(
-                    zip(record["inserted_indexes"], record["inserted_run_ids"], strict=True)
-                )
-                if record["key_held"]:
-                    written.update(
-                        await self._link_key_holders(
-                            conn, batch_id, environment_id, items, record["key_held"]
-                        )
-                    )
-                run_count: int = record["run_count"]
-                present = {index for index in indexes if index not in written and index < run_count}
-                existing: dict[int, str] = {}
-                if present:
-                    found = await conn.fetch(sql.SELECT_BATCH_ITEMS, batch_id, sorted(present))
-                    existing = {r["index"]: r["run_id"] for r in found}
-        except _Rollback:
-            raise BatchNotAccepting(await self.get_batch(conn, batch_id, environment_id)) from None
-        accepted: list[AcceptedItem] = []
-        out_of_range: list[int] = []
-        for index in indexes:
-            if index >= run_count:
-                out_of_range.append(index)
-            elif index in written:
-                # A repeated index of this chunk is a duplicate of its first occurrence.
-                accepted.append(AcceptedItem(index, f"{RUN}_{written.pop(index)}", False))
-                existing[index] = accepted[-1].run_id.removeprefix(f"{RUN}_")
-            else:
-                accepted.append(AcceptedItem(index, f"{RUN}_{existing[index]}", True))
-        return AcceptedItems(accepted, record["accepted_count"], run_count, out_of_range)
-
-    async def _link_key_holders(
-        self,
-        conn: Connection,
-        batch_id: str,
-        environment_id: str,
-        items: Sequence[BatchItem],
-        held: Sequence[int],
-    ) -> dict[int, str]:
-        first: dict[int, BatchItem] = {}
-        for item in items:
-            first.setdefault(item.index, item)
-        wanted = [first[index] for index in held]
-        records = await conn.fetch(
-            sql.LINK_KEY_HOLDERS,
-            batch_id,
-            environment_id,
-            [item.index for item in wanted],
-            [item.run.task_identifier if item.run else "" for item in wanted],
-            [item.run.idempotency_key if item.run else None for item in wanted],
+        """A chunk in one transaction of the batch's database. Runs inherit the batch's
+        residency; an item with a key a live run of the other database holds links to that run;
+        a link to a run of the other database counts at once if that run is final, and later
+        when it completes (see docs/runstore.md, "Links across the databases")."""
+        db = await self._batch_home(batch_id, environment_id)
+        other = self.other(db)
+        residency = residency_of(batch_id)
+        items = [
+            item
+            if item.existing_run_id or item.run is None or item.run.id
+            else dataclasses.replace(
+                item, run=dataclasses.replace(item.run, id=mint_body(residency))
+            )
+            for item in items
+        ]
+        if other is not None:
+            items = await self._link_across(db, other, environment_id, items)
+        foreign = sorted(
+            {
+                item.existing_run_id
+                for item in items
+                if item.existing_run_id
+                and not item.existing_run_final
+                and other is not None
+                and self.owner(item.existing_run_id) is other
+            }
         )
-        if len(records) != len(wanted):
-            # The holder lost the key in between (reset): nothing of this chunk stays written.
-            raise TransientConflict("an idempotency key holder changed during the accept; retry")
-        return {record["index"]: record["run_id"] for record in records}
+
+        async def accept(conn: DbConnection) -> AcceptedItems:
+            result = await self.tables.accept_batch_items(conn, batch_id, environment_id, items)
+            if result.out_of_range:
+                # Raised inside the transaction: nothing of the chunk stays written.
+                raise _out_of_range(items, result)
+            return result
+
+        try:
+            result = await db.write(accept)
+        except BatchNotAccepting as exc:
+            raise _not_accepting(batch_id, exc.batch) from None
+        if foreign and other is not None:
+            # Written after our commit: a run that became final before now was either seen by
+            # its completion's link count (after our commit) or is seen final here.
+            final = await other.read(
+                lambda conn: self.tables.final_run_ids(conn, foreign), Consistency.WRITER
+            )
+            if final:
+                await db.write(lambda conn: self.tables.mark_linked_runs_final(conn, sorted(final)))
+        return result
+
+    async def _link_across(
+        self, db: Database, other: Database, environment_id: str, items: list[ItemRow]
+    ) -> list[ItemRow]:
+        """Items linked to runs of the other database learn whether those are final; items
+        whose idempotency key a live run there holds link to it."""
+        keyed = [
+            (k, item.run)
+            for k, item in enumerate(items)
+            if not item.existing_run_id
+            and item.run is not None
+            and item.run.idempotency_key is not None
+            and item.run.status in sql.CLAIMING_RUN_STATUSES
+        ]
+        if keyed:
+            keys = [
+                (environment_id, run.task_identifier, run.idempotency_key or "") for _, run in keyed
+            ]
+            holders = await other.read(
+                lambda conn: self.tables.live_key_holders(conn, keys), Consistency.WRITER
+            )
+            for n, holder in holders.items():
+                k = keyed[n][0]
+                items[k] = ItemRow(items[k].index, None, holder.id)
+        foreign = sorted(
+            {
+                i.existing_run_id
+                for i in items
+                if i.existing_run_id and self.owner(i.existing_run_id) is other
+            }
+        )
+        if not foreign:
+            return items
+        final = await other.read(
+            lambda conn: self.tables.final_run_ids(conn, foreign), Consistency.WRITER
+        )
+        return [
+            dataclasses.replace(item, existing_run_final=True)
+            if item.existing_run_id in final
+            else item
+            for item in items
+        ]
 
     async def missing_ranges(
+        self, batch_id: str, environment_id: str, limit: int, consistency: Consistency
+    ) -> MissingRanges:
+        found = await self._first(
+            self.probe(batch_id),
+            lambda db: db.read(
+                lambda conn: self.tables.missing_ranges(
+                    conn, batch_id, environment_id, limit=limit
+                ),
+                consistency,
+            ),
+        )
+        if found is None:
+            raise batch_not_found(batch_id)
+        return found
+
+    async def seal_batch(self, batch_id: str, environment_id: str) -> SealResult:
+        db = await self._batch_home(batch_id, environment_id)
+        return await db.write(lambda conn: self.tables.seal_batch(conn, batch_id, environment_id))
+
+    async def list_batch_runs(
         self,
-        db: Queryable,
         batch_id: str,
-        environment_id: str | None = None,
-        *,
-        limit: int = MAX_MISSING_RANGES,
-    ) -> MissingRanges | None:
-        """The index ranges no item row covers yet, computed in SQL. None: no such batch."""
-        record = await db.fetchrow(sql.MISSING_RANGES, batch_id, environment_id, limit + 1)
-        if record is None:
-            return None
-        ranges = list(zip(record["starts"], record["ends"], strict=True))
-        return MissingRanges(
-            ranges[:limit], len(ranges) > limit, record["run_count"], record["accepted_count"]
+        environment_id: str,
+        after_index: int,
+        limit: int,
+        consistency: Consistency,
+    ) -> tuple[list[common_pb2.Run], int | None]:
+        """A page of the batch's runs by index, linked runs of the other database included."""
+        db = await self._batch_home(batch_id, environment_id)
+        page = await db.read(
+            lambda conn: self.tables.list_batch_items(
+                conn, batch_id, environment_id, after_index=after_index, limit=limit
+            ),
+            consistency,
         )
+        if page is None:
+            raise batch_not_found(batch_id)
+        runs, missing, next_index = page
+        other = self.other(db)
+        if missing and other is not None:
+            ids = list(missing.values())
+            found = await other.read(
+                lambda conn: self.tables.get_runs(conn, ids, environment_id), consistency
+            )
+            for position, run_id in missing.items():
+                if run_id in found:
+                    runs[position] = found[run_id]
+        return [run for run in runs if run is not None], next_index
 
-    async def seal_batch(
-        self, conn: Connection, batch_id: str, environment_id: str | None = None
-    ) -> SealResult:
-        """Seals when unsealed, PENDING and every item is accepted; exactly one of any number of
-        concurrent calls seals. Completion bookkeeping happens in the same statement."""
-        record = await conn.fetchrow(sql.SEAL_BATCH, batch_id, environment_id)
-        if record is not None:
-            return SealResult(SealOutcome.SEALED, batch_from_record(record))
-        current = await conn.fetchrow(sql.SELECT_BATCH, batch_id, environment_id)
-        if current is None:
-            return SealResult(SealOutcome.NOT_FOUND, None)
-        batch = batch_from_record(current)
-        if current["sealed"]:
-            return SealResult(SealOutcome.ALREADY_SEALED, batch)
-        if current["status"] == "ABORTED":
-            return SealResult(SealOutcome.ABORTED, batch)
-        return SealResult(SealOutcome.COUNT_MISMATCH, batch)
-
-    async def aborted_reason(self, db: Queryable, batch_id: str) -> tuple[str, str] | None:
-        """Why the batch was aborted (SEAL_TIMEOUT or EVERY_ITEM_FAILED) and the message."""
-        record = await db.fetchrow(sql.SELECT_BATCH, batch_id, None)
-        if record is None or record["aborted_reason"] is None:
-            return None
-        return record["aborted_reason"], record["error_message"]
-
-    # -- links to runs of the other database ---------------------------------------------------
-    async def live_key_holders(
-        self, db: Queryable, keys: Sequence[tuple[str, str, str]]
-    ) -> dict[int, common_pb2.Run]:
-        """The live run holding each (environment, task, key), by position in `keys`."""
-        if not keys:
-            return {}
-        records = await db.fetch(
-            sql.SELECT_LIVE_KEY_HOLDERS,
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [k[2] for k in keys],
-        )
-        return {record["ord"] - 1: run_from_record(record) for record in records}
-
-    async def final_run_ids(self, db: Queryable, run_ids: Sequence[str]) -> set[str]:
-        """Those of `run_ids` (bodies) that are runs here in a final status."""
-        if not run_ids:
-            return set()
-        records = await db.fetch(sql.SELECT_FINAL_RUN_IDS, list(run_ids))
-        return {record["id"] for record in records}
-
-    async def mark_linked_runs_final(self, db: Queryable, run_ids: Sequence[str]) -> int:
-        """Runs of the other database became final: the items here linked to them count (once:
-        idempotent), completing batches and their waitpoints. How many items were counted."""
-        if not run_ids:
-            return 0
-        record = await db.fetchrow(sql.MARK_LINKED_RUNS_FINAL, list(run_ids))
-        assert record is not None
-        return int(record["items_counted"])
-
-    async def pending_links(self, db: Queryable, after: str, limit: int) -> list[str]:
-        """Run ids (ascending, after `after`) that items here link to and have not counted as
-        final yet."""
-        records = await db.fetch(sql.SELECT_PENDING_LINKS, after, limit)
-        return [record["run_id"] for record in records]
-
-    # -- the seal-timeout reaper ----------------------------------------------------------------
-    async def reap_unsealed_batches(
+    async def list_item_outcomes(
         self,
-        db: Queryable,
+        batch_id: str,
+        environment_id: str,
+        kinds: ItemKinds,
+        after_index: int,
+        limit: int,
+        consistency: Consistency,
+    ) -> tuple[list[rs.BatchItemRecord], int | None]:
+        """A page of the batch's items (run id, linked, pre-failed) by index."""
+        db = await self._batch_home(batch_id, environment_id)
+        page = await db.read(
+            lambda conn: self.tables.list_item_outcomes(
+                conn, batch_id, environment_id, kinds, after_index=after_index, limit=limit
+            ),
+            consistency,
+        )
+        if page is None:
+            raise batch_not_found(batch_id)
+        return page
+
+    async def get_waitpoint(
+        self, waitpoint_id: str, environment_id: str, consistency: Consistency
+    ) -> common_pb2.Waitpoint:
+        found = await self._first(
+            self.probe(waitpoint_id),
+            lambda db: db.read(
+                lambda conn: self.tables.get_waitpoint(conn, waitpoint_id, environment_id),
+                consistency,
+            ),
+        )
+        if found is None:
+            raise not_found("waitpoint", f"{WAITPOINT}_{waitpoint_id}", "waitpoint_id")
+        return found
+
+    # -- background: seal timeouts and link repair ---------------------------------------------
+    async def reap(
+        self,
+        db: Database,
         *,
         holder: str,
         seal_timeout: timedelta,
         lease_ttl: timedelta,
-        limit: int = 100,
-    ) -> list[str] | None:
-        """One reaper step: aborts batches unsealed `seal_timeout` after creation and completes
-        their waitpoints with the error. None when another process holds the reaper lease.
-        Call it more often than lease_ttl to keep the lease."""
-        if await db.fetchval(sql.TAKE_LEASE, REAPER_LEASE, holder, lease_ttl) is None:
-            return None
-        records = await db.fetch(sql.REAP_UNSEALED_BATCHES, seal_timeout, limit)
-        return [record["id"] for record in records]
+        limit: int,
+        cursor: str,
+    ) -> tuple[list[str] | None, str]:
+        """One reaper step on `db`: under its lease, abort batches unsealed past the timeout,
+        then re-check up to `limit` runs of the other database that items here link to and
+        count those that are final (the repair for a lost second write). Returns the aborted
+        batch ids (None: another process holds the lease) and the next link cursor."""
+        aborted = await self.tables.reap_unsealed_batches(
+            db.router.writer,
+            holder=holder,
+            seal_timeout=seal_timeout,
+            lease_ttl=lease_ttl,
+            limit=limit,
+        )
+        if aborted is None:
+            return None, cursor
+        other = self.other(db)
+        if other is None:
+            return aborted, cursor
+        pending = await db.read(
+            lambda conn: self.tables.pending_links(conn, cursor, limit), Consistency.WRITER
+        )
+        foreign = [run_id for run_id in pending if self.owner(run_id) is other]
+        if foreign:
+            final = await other.read(
+                lambda conn: self.tables.final_run_ids(conn, foreign), Consistency.WRITER
+            )
+            if final:
+                counted = await db.write(
+                    lambda conn: self.tables.mark_linked_runs_final(conn, sorted(final))
+                )
+                log.info("counted cross-database links", database=db.name, items=counted)
+        # Wrap around once the end is reached.
+        next_cursor = pending[-1] if len(pending) == limit else ""
+        return aborted, next_cursor
 
-    async def release_reaper_lease(self, db: Queryable, holder: str) -> None:
-        """On shutdown: another process may take over at once."""
-        await db.execute(sql.RELEASE_LEASE, REAPER_LEASE, holder)
+    async def release_leases(self, holder: str) -> None:
+        for db in self.databases:
+            await self.tables.release_reaper_lease(db.router.writer, holder)
+
+
+def _out_of_range(items: Sequence[ItemRow], result: AcceptedItems) -> InvalidArgument:
+    bad = set(result.out_of_range)
+    violations = [
+        FieldViolation(
+            f"items[{k}].index",
+            f"must be below the batch's run_count {result.run_count} (got {item.index})",
+        )
+        for k, item in enumerate(items)
+        if item.index in bad
+    ]
+    return InvalidArgument(
+        f"{len(violations)} item(s) outside [0, {result.run_count}); nothing was written",
+        reason="INDEX_OUT_OF_RANGE",
+        metadata={"run_count": str(result.run_count)},
+        violations=violations,
+    )
+
+
+def _not_accepting(batch_id: str, batch: common_pb2.Batch | None) -> Exception:
+    if batch is None:
+        return batch_not_found(batch_id)
+    status = common_pb2.BatchStatus.Name(batch.status).removeprefix("BATCH_STATUS_")
+    if batch.status == common_pb2.BATCH_STATUS_ABORTED:
+        return FailedPrecondition(
+            f"batch {batch.friendly_id} was aborted ({batch.error_message}); create a new batch",
+            reason="BATCH_ABORTED",
+            metadata={"batch_id": batch.friendly_id, "status": status},
+        )
+    return FailedPrecondition(
+        f"batch {batch.friendly_id} is sealed ({status}) and takes no more items",
+        reason="BATCH_SEALED",
+        metadata={"batch_id": batch.friendly_id, "status": status},
+    )

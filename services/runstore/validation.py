@@ -27,7 +27,7 @@ from runops.kit.limits import (
 )
 from runops.kit.replica import Consistency
 from runops.runstore.v1 import runstore_pb2 as rs
-from services.runstore.store import BatchItem, BatchRow, ItemKinds, RunRow
+from services.runstore.rows import BatchRow, ItemKinds, ItemRow, RunRow
 
 BODY_TEXT = "an id like <prefix>_<body>, the body 1-64 lowercase letters and digits"
 ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
@@ -494,20 +494,20 @@ def create_batch(request: rs.CreateBatchRequest) -> BatchRow:
 
 def accept_batch_items(
     request: rs.AcceptBatchItemsRequest, mint: Callable[[], str] | None = None
-) -> tuple[BatchRef, list[BatchItem]]:
+) -> tuple[BatchRef, list[ItemRow]]:
     """The batch and its items, run ids minted with `mint` where a run names none."""
     v = Violations()
     ref = BatchRef(batch_id(v, request.batch_id), environment(v, request.environment_id))
     if v.require(list(request.items), "items") and len(request.items) > MAX_ITEMS_PER_CALL:
         v.add("items", f"must hold at most {MAX_ITEMS_PER_CALL} items (got {len(request.items)})")
-    items: list[BatchItem] = []
+    items: list[ItemRow] = []
     for i, item in enumerate(request.items[:MAX_ITEMS_PER_CALL]):
         if item.index > MAX_INDEX:
             v.add(f"items[{i}].index", f"must be at most {MAX_INDEX} (got {item.index})")
         if item.existing_run_id:
             field = f"items[{i}].existing_run_id"
             existing = _id(v, item.existing_run_id, field, RUN)
-            items.append(BatchItem(item.index, None, existing or None))
+            items.append(ItemRow(item.index, None, existing or None))
             continue
         row = (
             None
@@ -516,7 +516,7 @@ def accept_batch_items(
         )
         if row is None:
             row = _batch_item_row(v, item, f"items[{i}]", mint)
-        items.append(BatchItem(item.index, row))
+        items.append(ItemRow(item.index, row))
     v.raise_if_any()
     return ref, items
 

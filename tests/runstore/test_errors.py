@@ -66,6 +66,16 @@ async def test_a_unique_violation_answers_alike_from_either_database(
         )
     )
     assert (skipped.reason, dict(skipped.metadata)) == (raised.reason, dict(raised.metadata))
+    # The same refusal as one CreateRuns result (code, reason, message; no metadata there).
+    reply = await client.CreateRuns(
+        rs.CreateRunsRequest(runs=[run_input(other_env, run_id=run_id)])
+    )
+    [result] = reply.results
+    assert (result.error.code, result.error.reason, result.error.message) == (
+        grpc.StatusCode.ALREADY_EXISTS.value[0],
+        raised.reason,
+        skipped.message,
+    )
     # Nothing of the refused chunk was written.
     batch = await client.GetBatch(
         rs.GetBatchRequest(batch_id=batch_id, environment_id=env, consistency=RYW)

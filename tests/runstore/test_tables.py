@@ -1,4 +1,4 @@
-"""The run store's data layer (services.runstore.store.RunTables) against a real Postgres."""
+"""The run store's data layer (services.runstore.tables.RunTables) against a real Postgres."""
 
 from __future__ import annotations
 
@@ -15,15 +15,9 @@ from hypothesis import strategies as st
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import Residency, mint_body
-from services.runstore.store import (
-    BatchItem,
-    BatchNotAccepting,
-    BatchRow,
-    RunRow,
-    RunTables,
-    SealOutcome,
-    _epoch_parts,
-)
+from services.runstore.records import _epoch_parts
+from services.runstore.rows import BatchRow, ItemRow, RunRow, SealOutcome
+from services.runstore.tables import BatchNotAccepting, RunTables
 
 tables = RunTables()
 
@@ -69,11 +63,11 @@ async def make_batch(
     return created.batch.id
 
 
-def items(env: str, indexes: range | list[int]) -> list[BatchItem]:
-    return [BatchItem(i, run_row(env)) for i in indexes]
+def items(env: str, indexes: range | list[int]) -> list[ItemRow]:
+    return [ItemRow(i, run_row(env)) for i in indexes]
 
 
-async def accept_all(pool: asyncpg.Pool, batch_id: str, env: str, chunk: list[BatchItem]) -> None:
+async def accept_all(pool: asyncpg.Pool, batch_id: str, env: str, chunk: list[ItemRow]) -> None:
     async with pool.acquire() as conn:
         await tables.accept_batch_items(conn, batch_id, env, chunk)
 
@@ -341,7 +335,7 @@ async def test_concurrent_overlapping_chunks_write_each_index_once(pool: asyncpg
     env = new_env()
     batch_id = await make_batch(pool, env, 1000)
     rng = random.Random(8)
-    chunks: list[list[BatchItem]] = []
+    chunks: list[list[ItemRow]] = []
     for n in range(8):
         # Every chunk covers a different, overlapping stretch; together they cover 0..999.
         start = n * 110
@@ -351,7 +345,7 @@ async def test_concurrent_overlapping_chunks_write_each_index_once(pool: asyncpg
         rng.shuffle(indexes)
         chunks.append(items(env, indexes))
 
-    async def accept(chunk: list[BatchItem]) -> tuple[int, int]:
+    async def accept(chunk: list[ItemRow]) -> tuple[int, int]:
         async with pool.acquire() as conn:
             result = await tables.accept_batch_items(conn, batch_id, env, chunk)
         assert [a.index for a in result.items] == [i.index for i in chunk]
@@ -505,7 +499,7 @@ async def test_some_items_failed_is_partial_then_completed(pool: asyncpg.Pool) -
     env = new_env()
     batch_id = await make_batch(pool, env, 3, waitpoint=True)
     chunk = items(env, range(3))
-    chunk[1] = BatchItem(1, run_row(env).failed("PAYLOAD_TOO_LARGE", "too big"))
+    chunk[1] = ItemRow(1, run_row(env).failed("PAYLOAD_TOO_LARGE", "too big"))
     await accept_all(pool, batch_id, env, chunk)
     sealed = await seal(pool, batch_id)
     assert sealed.status == common_pb2.BATCH_STATUS_PARTIAL_FAILED
@@ -522,7 +516,7 @@ async def test_some_items_failed_is_partial_then_completed(pool: asyncpg.Pool) -
 async def test_every_item_failed_aborts_and_completes_the_waitpoint(pool: asyncpg.Pool) -> None:
     env = new_env()
     batch_id = await make_batch(pool, env, 2, waitpoint=True)
-    chunk = [BatchItem(i, run_row(env).failed("PAYLOAD_TOO_LARGE", "too big")) for i in range(2)]
+    chunk = [ItemRow(i, run_row(env).failed("PAYLOAD_TOO_LARGE", "too big")) for i in range(2)]
     await accept_all(pool, batch_id, env, chunk)
     sealed = await seal(pool, batch_id)
     assert sealed.status == common_pb2.BATCH_STATUS_ABORTED
@@ -543,12 +537,12 @@ async def test_linked_items_count_toward_completion(pool: asyncpg.Pool) -> None:
     await complete(pool, done.id)
     batch_id = await make_batch(pool, env, 5, waitpoint=True)
     chunk = [
-        BatchItem(0, existing_run_id=done.id),  # final already: counts at once
-        BatchItem(1, existing_run_id=running.id),  # counts when it completes
-        BatchItem(2, existing_run_id=running.id),  # two items, one run: both count
+        ItemRow(0, existing_run_id=done.id),  # final already: counts at once
+        ItemRow(1, existing_run_id=running.id),  # counts when it completes
+        ItemRow(2, existing_run_id=running.id),  # two items, one run: both count
         # Two items of one chunk with one key: one run, both linked to it.
-        BatchItem(3, run_row(env, idempotency_key="same")),
-        BatchItem(4, run_row(env, idempotency_key="same")),
+        ItemRow(3, run_row(env, idempotency_key="same")),
+        ItemRow(4, run_row(env, idempotency_key="same")),
     ]
     async with pool.acquire() as conn:
         accepted = await tables.accept_batch_items(conn, batch_id, env, chunk)
@@ -574,7 +568,7 @@ async def test_all_linked_batch_completes_at_seal(pool: asyncpg.Pool) -> None:
     await tables.create_runs(pool, [done])
     await complete(pool, done.id)
     batch_id = await make_batch(pool, env, 2, waitpoint=True)
-    await accept_all(pool, batch_id, env, [BatchItem(i, existing_run_id=done.id) for i in range(2)])
+    await accept_all(pool, batch_id, env, [ItemRow(i, existing_run_id=done.id) for i in range(2)])
     sealed = await seal(pool, batch_id)
     assert sealed.status == common_pb2.BATCH_STATUS_COMPLETED
     waitpoint = await tables.get_waitpoint(pool, sealed.waitpoint_id.removeprefix("wp_"))

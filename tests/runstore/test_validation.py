@@ -17,7 +17,7 @@ from runops.common.v1 import common_pb2
 from runops.kit.errors import InvalidArgument, Violations
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore import validation
-from services.runstore.store import RunRow
+from services.runstore.rows import RunRow
 
 
 def mostly(valid: list[Any], invalid: list[Any]) -> st.SearchStrategy[Any]:

@@ -67,16 +67,26 @@ _REDIS_UNAVAILABLE = (
 )
 
 
+def _constraint_metadata(constraint: str, table: str) -> dict[str, str]:
+    return {"constraint": constraint, "table": table} if constraint or table else {}
+
+
+def unique_violation(constraint: str, table: str) -> AlreadyExists:
+    """What a unique violation answers, whether Postgres raised it or a statement skipped the
+    row and the caller found the holder: the same status, reason and metadata."""
+    return AlreadyExists(
+        f"a row with the same key already exists ({constraint or 'unique constraint'})",
+        reason="UNIQUE_VIOLATION",
+        metadata=_constraint_metadata(constraint, table),
+    )
+
+
 def postgres_error(exc: BaseException) -> RunopsError | None:
     constraint = getattr(exc, "constraint_name", None) or ""
     table = getattr(exc, "table_name", None) or ""
-    meta = {"constraint": constraint, "table": table} if constraint or table else {}
+    meta = _constraint_metadata(constraint, table)
     if isinstance(exc, asyncpg.exceptions.UniqueViolationError):
-        return AlreadyExists(
-            f"a row with the same key already exists ({constraint or 'unique constraint'})",
-            reason="UNIQUE_VIOLATION",
-            metadata=meta,
-        )
+        return unique_violation(constraint, table)
     if isinstance(exc, asyncpg.exceptions.ForeignKeyViolationError):
         return FailedPrecondition(
             f"a referenced row does not exist ({constraint or 'foreign key'})",
