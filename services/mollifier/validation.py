@@ -15,7 +15,6 @@ from runops.kit.ids import ENVIRONMENT, RUN
 from runops.kit.limits import (
     IDEMPOTENCY_KEY_LIMIT,
     MAX_KEYS_PER_CALL,
-    REASON_LIMIT,
     TEXT_LIMIT,
     Violations,
 )
@@ -228,7 +227,7 @@ def update_metadata(request: m.UpdateRunMetadataRequest) -> None:
     v = Violations()
     environment(v, request.environment_id)
     run_id(v, request.run_id)
-    v.max_length(request.metadata_type, "metadata_type", TEXT_LIMIT)
+    limits.metadata_type(v, request.metadata_type)
     v.raise_if_any()
 
 
@@ -236,8 +235,7 @@ def reschedule(request: m.RescheduleRunRequest) -> datetime:
     v = Violations()
     environment(v, request.environment_id)
     run_id(v, request.run_id)
-    if not request.HasField("delay_until"):
-        v.add("delay_until", "is required")
+    limits.delay_until(v, request)
     v.raise_if_any()
     return _time(request.delay_until)
 
@@ -246,7 +244,7 @@ def cancel(request: m.CancelRunRequest) -> None:
     v = Violations()
     environment(v, request.environment_id)
     run_id(v, request.run_id)
-    v.max_length(request.reason, "reason", REASON_LIMIT)
+    limits.cancel_reason(v, request.reason)
     v.raise_if_any()
 
 

@@ -25,7 +25,6 @@ from runops.kit.limits import (
     MAX_INDEX,
     MAX_MISSING_RANGES,
     MAX_PAGE_SIZE,
-    REASON_LIMIT,
     TASK_IDENTIFIER_LIMIT,
     TEXT_LIMIT,
     Violations,
@@ -312,7 +311,7 @@ def create_failed_run(request: rs.CreateFailedRunRequest) -> RunRow:
 def create_cancelled_run(request: rs.CreateCancelledRunRequest) -> RunRow:
     v = Violations()
     row = run_input(v, request.run, "run")
-    v.max_length(request.reason, "reason", REASON_LIMIT)
+    limits.cancel_reason(v, request.reason)
     v.raise_if_any()
     assert row is not None
     return row.cancelled(request.reason)
@@ -376,7 +375,7 @@ def add_run_tags(request: rs.AddRunTagsRequest) -> RunRef:
 def update_run_metadata(request: rs.UpdateRunMetadataRequest) -> RunRef:
     v = Violations()
     ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
-    v.max_length(request.metadata_type, "metadata_type", TEXT_LIMIT)
+    limits.metadata_type(v, request.metadata_type)
     v.raise_if_any()
     return ref
 
@@ -384,8 +383,7 @@ def update_run_metadata(request: rs.UpdateRunMetadataRequest) -> RunRef:
 def reschedule_run(request: rs.RescheduleRunRequest) -> tuple[RunRef, datetime]:
     v = Violations()
     ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
-    if not request.HasField("delay_until"):
-        v.add("delay_until", "is required")
+    limits.delay_until(v, request)
     v.raise_if_any()
     return ref, _when(request.delay_until)
 
@@ -393,7 +391,7 @@ def reschedule_run(request: rs.RescheduleRunRequest) -> tuple[RunRef, datetime]:
 def cancel_run(request: rs.CancelRunRequest) -> RunRef:
     v = Violations()
     ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
-    v.max_length(request.reason, "reason", REASON_LIMIT)
+    limits.cancel_reason(v, request.reason)
     v.raise_if_any()
     return ref
 

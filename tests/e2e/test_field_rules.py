@@ -220,3 +220,27 @@ async def test_every_door_accepts_and_refuses_the_same_options(clients: Clients)
             if got != case.refused:
                 differing.append(f"{case.name} at {door}: refused {got}, expected {case.refused}")
     assert not differing, "\n".join(differing)
+
+
+async def test_the_mollifier_and_the_run_store_take_the_same_cancel_reason(
+    clients: Clients,
+) -> None:
+    """The copies disagreed (the mollifier refused a reason over 1,024 characters, the run store
+    took 4,096, as long as the kit lets any string be): the run store's limit is the rule."""
+    tenant = await new_tenant(clients.admin)
+    doors = Doors(clients, tenant, "", "")
+    reason = "r" * 4096
+
+    async def new_run() -> str:
+        created = await clients.runstore.CreateRun(
+            rs.CreateRunRequest(run=doors.run_input(CASES[0]))
+        )
+        return created.run.friendly_id
+
+    env = tenant.environment_id
+    await clients.mollifier.CancelRun(
+        m.CancelRunRequest(environment_id=env, run_id=await new_run(), reason=reason)
+    )
+    await clients.runstore.CancelRun(
+        rs.CancelRunRequest(environment_id=env, run_id=await new_run(), reason=reason)
+    )

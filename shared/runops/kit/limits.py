@@ -15,6 +15,7 @@ from datetime import timedelta
 from operator import attrgetter
 
 from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
 from runops.common.v1 import common_pb2
 from runops.kit.errors import FieldViolation, InvalidArgument, summarize_fields
@@ -43,8 +44,11 @@ __all__ = [
     "TASK_IDENTIFIER_TEXT",
     "TEXT_LIMIT",
     "Violations",
+    "cancel_reason",
+    "delay_until",
     "id_body",
     "max_attempts",
+    "metadata_type",
     "negative",
     "tags",
     "task_identifier",
@@ -183,6 +187,22 @@ def tags(v: Violations, values: Sequence[str], field: str) -> None:
 def max_attempts(v: Violations, value: int, field: str) -> None:
     if value > MAX_ATTEMPTS:
         v.add(field, f"must be at most {MAX_ATTEMPTS} (got {value})")
+
+
+def metadata_type(v: Violations, value: str, field: str = "metadata_type") -> None:
+    v.max_length(value, field, TEXT_LIMIT)
+
+
+def cancel_reason(v: Violations, value: str, field: str = "reason") -> None:
+    v.max_length(value, field, REASON_LIMIT)
+
+
+def delay_until(v: Violations, request: Message, field: str = "delay_until") -> bool:
+    """A rescheduled run's new time: `request`'s Timestamp field `field`, required."""
+    if not request.HasField(field):
+        v.add(field, "is required")
+        return False
+    return True
 
 
 def negative(duration: duration_pb2.Duration) -> bool:
