@@ -23,8 +23,11 @@ from runops.kit.limits import (
     IDEMPOTENCY_KEY_LIMIT,
     MAX_ATTEMPTS,
     MAX_INDEX,
+    MAX_ITEMS_PER_CALL,
     MAX_MISSING_RANGES,
     MAX_PAGE_SIZE,
+    MAX_RUN_COUNT,
+    MAX_RUNS_PER_CALL,
     TASK_IDENTIFIER_LIMIT,
     TEXT_LIMIT,
     Violations,
@@ -35,9 +38,6 @@ from services.runstore.rows import BatchRow, ItemKinds, ItemRow, RunRow
 
 ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 ERROR_CODE_TEXT = "an error code: 1-64 of A-Z, 0-9 and _, starting with a letter"
-MAX_RUNS_PER_CALL = 10_000
-MAX_ITEMS_PER_CALL = 10_000
-MAX_RUN_COUNT = 1_000_000
 
 _CONSISTENCY: dict[int, Consistency] = {
     common_pb2.CONSISTENCY_LEVEL_UNSPECIFIED: Consistency.REPLICA,

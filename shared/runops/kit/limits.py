@@ -31,9 +31,12 @@ __all__ = [
     "ID_LIMIT",
     "MAX_ATTEMPTS",
     "MAX_INDEX",
+    "MAX_ITEMS_PER_CALL",
     "MAX_KEYS_PER_CALL",
     "MAX_MISSING_RANGES",
     "MAX_PAGE_SIZE",
+    "MAX_RUNS_PER_CALL",
+    "MAX_RUN_COUNT",
     "MAX_TAGS",
     "OPTION_DURATIONS",
     "OPTION_TEXT_LIMITS",
@@ -81,6 +84,11 @@ DEFAULT_PAGE_SIZE = 100
 MAX_MISSING_RANGES = 1000
 # Idempotency keys one claim, publish or release call may carry.
 MAX_KEYS_PER_CALL = 10_000
+# Runs one CreateRuns call, and items one AcceptBatchItems call, may carry.
+MAX_RUNS_PER_CALL = 10_000
+MAX_ITEMS_PER_CALL = 10_000
+# The largest batch the run store writes (ingest's RUNOPS_MAX_RUN_COUNT may not exceed it).
+MAX_RUN_COUNT = 1_000_000
 # A batch in one of these statuses changes no more.
 FINAL_BATCH_STATUSES = frozenset(
     {common_pb2.BATCH_STATUS_COMPLETED, common_pb2.BATCH_STATUS_ABORTED}
