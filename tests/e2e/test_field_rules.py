@@ -38,6 +38,7 @@ class Case:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     task: str = TASK
+    payload_type: str = "application/json"
     # The refused fields, below the door's prefix; empty: accepted.
     refused: tuple[str, ...] = ()
 
@@ -101,6 +102,7 @@ CASES = [
     Case("task identifier starting with a dash", task="-bad", refused=(TASK_FIELD,)),
     Case("long task identifier", task="a" * 129, refused=(TASK_FIELD,)),
     Case("empty task identifier", task="", refused=(TASK_FIELD,)),
+    Case("long payload type", payload_type="p" * 257, refused=("payload_type",)),
     Case(
         "several at once",
         {"queue": "q" * 257, "debounce": common_pb2.Debounce(key="d" * 257), "max_attempts": 101},
@@ -146,7 +148,7 @@ class Doors:
             project_id="" if in_batch else tenant.project_id,
             task_identifier=case.task,
             payload=b"{}",
-            payload_type="application/json",
+            payload_type=case.payload_type,
             options=case.trigger_options(),
         )
 
@@ -155,7 +157,7 @@ class Doors:
             environment_id=self.tenant.environment_id,
             task_identifier=case.task,
             payload=b"{}",
-            payload_type="application/json",
+            payload_type=case.payload_type,
             options=case.trigger_options(),
         )
         return await _answer(self.clients.mollifier.Trigger(request), "")
@@ -165,7 +167,7 @@ class Doors:
             index=index,
             task=case.task,
             payload=b"{}",
-            payload_type="application/json",
+            payload_type=case.payload_type,
             options=case.trigger_options(),
         )
 
