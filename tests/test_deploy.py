@@ -1,4 +1,4 @@
-"""docker/compose.yaml and docker/k8s agree with the services (runops.kit.registry and each
+"""docker/compose.yaml and docker/k8s agree with the services (runops.registry and each
 settings class), read as YAML (no Docker engine here): every service and companion runs, each
 one's environment validates against its settings class as it would at start-up (every required
 variable set, directly or via the ConfigMap/Secret), ports match, health checks use gRPC health
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from runops.kit import registry
+from runops import registry
 from runops.kit.settings import ServerSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,10 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from runops.kit import migrations, registry
-from runops.kit.migrations import MigrationError, migrate
+from runops import migrations, registry
 from runops.localstack import ExternalServers, LocalStack, PostgresDatabase, StackError
 from runops.localstack.ports import CLUSTER_MAX_PORT, free_cluster_port, is_listening
+from runops.migrations import MigrationError, migrate
 
 REPO = Path(__file__).resolve().parents[1]
 DATABASES = ["controlplane", "runops"]

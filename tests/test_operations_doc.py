@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from runops.kit import registry
+from runops import registry
 from runops.kit.settings import ENV_PREFIX, ServerSettings
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"

@@ -1,4 +1,4 @@
-"""Wiring: pools, cache, invalidation feed and servicer on the kit's ServiceApp."""
+"""Wiring: pools, cache and its reads, invalidation feed and servicer on the kit's ServiceApp."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from runops.kit.postgres import open_database
 from runops.kit.replica import ReplicaRouter
 from runops.kit.server import ServiceApp
 from services.controlplane.invalidation import InvalidationHub, InvalidationListener, Publisher
+from services.controlplane.reads import CachedReads
 from services.controlplane.service import ControlPlaneServicer
 from services.controlplane.settings import ControlPlaneSettings
 from services.controlplane.store import ControlPlaneStore
@@ -41,7 +42,9 @@ class ControlPlane:
             settings.controlplane_db.writer_dsn, self.cache, self.router, self.hub
         )
         self.store = ControlPlaneStore(self.router, self.publisher)
-        self.servicer = ControlPlaneServicer(self.store, self.cache, self.hub)
+        self.servicer = ControlPlaneServicer(
+            self.store, CachedReads(self.store, self.cache), self.hub
+        )
 
         app = self.app
         app.add_service(

@@ -7,74 +7,40 @@ from typing import Any
 import grpc
 
 from runops.common.v1 import common_pb2
-from runops.controlplane.cache import (
-    ControlPlaneCache,
-    WorkerResolution,
+from runops.controlplane.model import (
     environment_not_found,
-    hash_api_key,
-    invalid_api_key,
-    loaded_environment,
-    loaded_flags,
-    loaded_worker,
     organization_not_found,
     select_tasks,
 )
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
-from runops.kit.cache import Loaded
 from runops.kit.errors import FailedPrecondition, FieldViolation, NotFound
-from runops.kit.logging import bind_request
 from services.controlplane import validation
 from services.controlplane.invalidation import InvalidationHub
+from services.controlplane.reads import CachedReads
 from services.controlplane.store import ControlPlaneStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
-    def __init__(
-        self, store: ControlPlaneStore, cache: ControlPlaneCache, hub: InvalidationHub
-    ) -> None:
+    def __init__(self, store: ControlPlaneStore, reads: CachedReads, hub: InvalidationHub) -> None:
         self._store = store
-        self._cache = cache
+        self._reads = reads
         self._hub = hub
-
-    # -- cached lookups ---------------------------------------------------------------------
-    async def authenticate(self, api_key: str) -> cp.Environment:
-        """Every key takes the same path: hash, cache, indexed lookup of the hash. Comparing
-        digests rather than keys means timing can only ever reveal bits of a sha256."""
-        key_hash = hash_api_key(api_key)
-
-        async def load() -> Loaded[cp.Environment]:
-            env = await self._store.environment_by_key_hash(key_hash)
-            return Loaded(None) if env is None else loaded_environment(env.id, env)
-
-        env = await self._cache.api_keys.get(key_hash, load)
-        if env is None:
-            raise invalid_api_key()
-        return env
-
-    async def environment(self, env_id: str) -> cp.Environment | None:
-        async def load() -> Loaded[cp.Environment]:
-            found = await self._store.environments([env_id])
-            return loaded_environment(env_id, found.get(env_id))
-
-        return await self._cache.environments.get(env_id, load)
 
     # -- resolve RPCs -----------------------------------------------------------------------
     async def AuthenticateApiKey(
         self, request: cp.AuthenticateApiKeyRequest, context: Context
     ) -> cp.AuthenticateApiKeyResponse:
-        env = await self.authenticate(request.api_key)
-        bind_request(environment_id=env.id)
+        env = await self._reads.authenticate(request.api_key)
         return cp.AuthenticateApiKeyResponse(environment=env)
 
     async def GetEnvironment(
         self, request: cp.GetEnvironmentRequest, context: Context
     ) -> cp.GetEnvironmentResponse:
         env_id = validation.environment_id(request.environment_id)
-        bind_request(environment_id=env_id)
-        env = await self.environment(env_id)
+        env = await self._reads.environment(env_id)
         if env is None:
             raise environment_not_found(env_id)
         return cp.GetEnvironmentResponse(environment=env)
@@ -83,7 +49,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.BatchGetEnvironmentsRequest, context: Context
     ) -> cp.BatchGetEnvironmentsResponse:
         ids = validation.environment_ids(list(request.environment_ids))
-        found = await self._cache.environments_batch(ids, self._store.environments)
+        found = await self._reads.environments(ids)
         return cp.BatchGetEnvironmentsResponse(
             environments=[found[i] for i in ids if i in found],
             missing_ids=[i for i in ids if i not in found],
@@ -93,15 +59,10 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.ResolveWorkerVersionRequest, context: Context
     ) -> cp.ResolveWorkerVersionResponse:
         query = validation.resolve_worker(request)
-        bind_request(environment_id=query.environment_id)
-        env = await self.environment(query.environment_id)
+        env = await self._reads.environment(query.environment_id)
         if env is None:
             raise environment_not_found(query.environment_id)
-
-        async def load() -> Loaded[WorkerResolution]:
-            return loaded_worker(env, await self._store.worker(env.id, query.worker))
-
-        resolution = await self._cache.workers.get((env.id, query.worker), load)
+        resolution = await self._reads.worker(env, query.worker)
         if resolution is None:
             raise _no_worker(env, query.worker)
         worker, tasks = select_tasks(resolution, query.task_identifiers)
@@ -111,11 +72,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.GetOrganizationFlagsRequest, context: Context
     ) -> cp.GetOrganizationFlagsResponse:
         org_id = validation.organization_id(request.organization_id)
-
-        async def load() -> Loaded[cp.OrganizationFlags]:
-            return loaded_flags(org_id, await self._store.flags(org_id))
-
-        flags = await self._cache.flags.get(org_id, load)
+        flags = await self._reads.flags(org_id)
         if flags is None:
             raise organization_not_found(org_id)
         return cp.GetOrganizationFlagsResponse(flags=flags)
@@ -144,7 +101,6 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         env, api_key = await self._store.create_environment(
             request.project_id, request.slug, env_type
         )
-        bind_request(environment_id=env.id)
         return cp.CreateEnvironmentResponse(environment=env, api_key=api_key)
 
     async def BootstrapOrganization(
@@ -162,19 +118,21 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
     async def RotateApiKey(
         self, request: cp.RotateApiKeyRequest, context: Context
     ) -> cp.RotateApiKeyResponse:
-        env, api_key = await self._store.rotate_api_key(_env_id(request.environment_id))
+        env, api_key = await self._store.rotate_api_key(
+            validation.environment_id(request.environment_id)
+        )
         return cp.RotateApiKeyResponse(environment=env, api_key=api_key)
 
     async def PauseEnvironment(
         self, request: cp.PauseEnvironmentRequest, context: Context
     ) -> cp.PauseEnvironmentResponse:
-        env = await self._store.set_paused(_env_id(request.environment_id), True)
+        env = await self._store.set_paused(validation.environment_id(request.environment_id), True)
         return cp.PauseEnvironmentResponse(environment=env)
 
     async def ResumeEnvironment(
         self, request: cp.ResumeEnvironmentRequest, context: Context
     ) -> cp.ResumeEnvironmentResponse:
-        env = await self._store.set_paused(_env_id(request.environment_id), False)
+        env = await self._store.set_paused(validation.environment_id(request.environment_id), False)
         return cp.ResumeEnvironmentResponse(environment=env)
 
     async def SetOrganizationFlags(
@@ -187,7 +145,6 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.RegisterWorkerRequest, context: Context
     ) -> cp.RegisterWorkerResponse:
         tasks = validation.register_worker(request)
-        bind_request(environment_id=request.environment_id)
         worker, stored = await self._store.register_worker(
             request.environment_id, request.version, request.sdk_version, tasks
         )
@@ -197,7 +154,6 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.PromoteWorkerRequest, context: Context
     ) -> cp.PromoteWorkerResponse:
         validation.promote_worker(request)
-        bind_request(environment_id=request.environment_id)
         worker = await self._store.promote_worker(request.environment_id, request.worker_id)
         return cp.PromoteWorkerResponse(worker=worker)
 
@@ -213,13 +169,6 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
                 yield message
         finally:
             self._hub.unsubscribe(subscription)
-
-
-def _env_id(value: str) -> str:
-    """A valid environment id, bound to the call's log lines."""
-    env_id = validation.environment_id(value)
-    bind_request(environment_id=env_id)
-    return env_id
 
 
 def _no_worker(env: cp.Environment, worker: str) -> NotFound | FailedPrecondition:

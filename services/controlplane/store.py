@@ -13,7 +13,7 @@ import asyncpg
 from google.protobuf import timestamp_pb2
 
 from runops.common.v1 import common_pb2
-from runops.controlplane.cache import WorkerResolution, hash_api_key
+from runops.controlplane.model import WorkerResolution, hash_api_key
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, not_found
 from runops.kit.ids import ENVIRONMENT, ORGANIZATION, PROJECT, WORKER, Residency, mint

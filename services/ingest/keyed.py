@@ -104,7 +104,9 @@ class MollifierKeyClaims:
             # The runs are written: a failed publish only makes the next claimant wait out the
             # claim's TTL, and the run store's unique key still stops a duplicate. Not an error.
             try:
-                await self.mollifier.publish_keys(self.environment_id, published)
+                await self.mollifier.publish_keys(
+                    environment_id=self.environment_id, published=published
+                )
             except grpc.aio.AioRpcError as exc:
                 log.warning("publishing idempotency claims failed", keys=len(published), error=exc)
         await self._release(unwritten)
@@ -118,7 +120,7 @@ class MollifierKeyClaims:
         if not claims:
             return
         try:
-            await self.mollifier.release_keys(self.environment_id, claims)
+            await self.mollifier.release_keys(environment_id=self.environment_id, claims=claims)
         except grpc.aio.AioRpcError as exc:
             # Best effort (the unit's own failure is what the caller must see): the claims
             # expire by their TTL (≤ 30 s).
@@ -151,8 +153,8 @@ class MollifierKeyedItems:
         keys = list(indexes)
         for round_ in range(1, self._rounds + 1):
             answers = await self._mollifier.claim_keys(
-                environment_id,
-                [KeyToClaim(task, key, expiry[(task, key)]) for task, key in keys],
+                environment_id=environment_id,
+                keys=[KeyToClaim(task, key, expiry[(task, key)]) for task, key in keys],
                 wait=self._wait,
             )
             claims = MollifierKeyClaims(self._mollifier, environment_id)

@@ -7,7 +7,6 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -20,7 +19,6 @@ from runops.kit.context import current_principal
 from runops.kit.errors import FieldViolation, InvalidArgument, NotFound, Unauthenticated
 from runops.kit.ids import RUN
 from runops.kit.limits import FINAL_BATCH_STATUSES
-from runops.kit.logging import bind_request
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.ingest import validation
@@ -31,11 +29,6 @@ from services.ingest.retry_rule import Verdict, aborted_error, batch_verdict
 from services.ingest.streaming import BatchClosed, Limits, Phase2
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-@dataclass(frozen=True)
-class WatchSettings:
-    interval_seconds: float
 
 
 def caller_environment() -> cp.Environment:
@@ -96,7 +89,6 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
                 resume_parent_on_completion=request.resume_parent_on_completion,
             )
         )
-        bind_request(batch_id=created.batch.friendly_id)
         return ing.CreateBatchResponse(batch=created.batch, is_cached=created.is_cached)
 
     async def StreamBatchItems(
@@ -112,8 +104,9 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
                 violations=[FieldViolation("header", "is required as the first message")],
             )
         batch_id = validation.batch_id(first.header.batch_id, "header.batch_id")
-        bind_request(batch_id=batch_id)
-        batch = await self._run_store.get_batch(batch_id, env.id, read_your_writes=True)
+        batch = await self._run_store.get_batch(
+            environment_id=env.id, batch_id=batch_id, read_your_writes=True
+        )
         phase2 = Phase2(
             batch,
             env.id,
@@ -142,9 +135,10 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
     ) -> ing.GetBatchResponse:
         env = caller_environment()
         batch_id = validation.batch_id(request.batch_id)
-        bind_request(batch_id=batch_id)
         batch = await _confirmed(
-            lambda fresh: self._run_store.get_batch(batch_id, env.id, read_your_writes=fresh)
+            lambda fresh: self._run_store.get_batch(
+                environment_id=env.id, batch_id=batch_id, read_your_writes=fresh
+            )
         )
         return ing.GetBatchResponse(batch=batch)
 
@@ -155,10 +149,11 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         stream ends OK and the client watches again elsewhere)."""
         env = caller_environment()
         batch_id = validation.batch_id(request.batch_id)
-        bind_request(batch_id=batch_id)
         last: common_pb2.Batch | None = None
         while True:
-            batch = await self._run_store.get_batch(batch_id, env.id, read_your_writes=True)
+            batch = await self._run_store.get_batch(
+                environment_id=env.id, batch_id=batch_id, read_your_writes=True
+            )
             if batch != last:
                 yield ing.WatchBatchResponse(batch=batch)
                 last = batch
@@ -172,11 +167,10 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
     ) -> ing.ListBatchItemsResponse:
         env = caller_environment()
         batch_id, page_size = validation.list_batch_items(request)
-        bind_request(batch_id=batch_id)
         page = await _confirmed(
             lambda fresh: self._run_store.list_batch_items(
-                batch_id,
-                env.id,
+                environment_id=env.id,
+                batch_id=batch_id,
                 # ItemFilter and the run store's BatchItemFilter number their values alike.
                 filter=rs.BatchItemFilter.ValueType(request.filter),
                 page_size=page_size,

@@ -159,7 +159,7 @@ class Phase2:
     async def _accept(self, inputs: list[rs.BatchItemInput]) -> rs.AcceptBatchItemsResponse:
         try:
             return await self._run_store.accept_batch_items(
-                self.batch.id, self.environment_id, inputs
+                environment_id=self.environment_id, batch_id=self.batch.id, items=inputs
             )
         except FailedPrecondition as exc:
             if exc.reason in ("BATCH_SEALED", "BATCH_ABORTED"):
@@ -178,7 +178,9 @@ class Phase2:
             if verdict is Verdict.DONE:
                 return self.answer(batch, sealed=True)
             if verdict is Verdict.NEEDS_ITEMS:
-                missing = await self._run_store.missing_ranges(batch.id, self.environment_id)
+                missing = await self._run_store.missing_ranges(
+                    environment_id=self.environment_id, batch_id=batch.id
+                )
                 if missing.ranges:
                     reply = self.answer(batch, sealed=False)
                     reply.accepted_count = missing.accepted_count
@@ -188,7 +190,9 @@ class Phase2:
                     return reply
                 batch = await self._read()  # complete by now: the rule again
                 continue
-            sealed = await self._run_store.seal_batch(batch.id, self.environment_id)
+            sealed = await self._run_store.seal_batch(
+                environment_id=self.environment_id, batch_id=batch.id
+            )
             if sealed.outcome == rs.SEAL_BATCH_OUTCOME_SEALED:
                 # This stream sealed it (even if every item failed and it is ABORTED now).
                 return self.answer(sealed.batch, sealed=True)
@@ -202,7 +206,7 @@ class Phase2:
 
     async def _read(self) -> common_pb2.Batch:
         return await self._run_store.get_batch(
-            self.batch.id, self.environment_id, read_your_writes=True
+            environment_id=self.environment_id, batch_id=self.batch.id, read_your_writes=True
         )
 
     def answer(self, batch: common_pb2.Batch, *, sealed: bool) -> ing.StreamBatchItemsResponse:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runops.controlplane.cache import environment_not_found
 from runops.controlplane.client import ControlPlaneClient
+from runops.controlplane.model import environment_not_found
 from runops.kit.errors import NotFound
 
 

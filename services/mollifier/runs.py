@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-import grpc
 import redis.exceptions
 import structlog
 
@@ -20,11 +18,9 @@ from runops.kit.errors import (
     FailedPrecondition,
     RunopsError,
     Unavailable,
-    error_from_rpc,
     not_found,
 )
 from runops.runstore.client import RunStoreClient
-from runops.runstore.v1 import runstore_pb2 as rs
 from services.mollifier.buffer import EnvironmentStats, MollifierBuffer, MutationOutcome
 from services.mollifier.entries import BufferedEntry, EntryStatus
 
@@ -65,7 +61,7 @@ class BufferedRuns:
     ) -> common_pb2.Run | None:
         """The run store's run, else the buffered one (None when neither has it)."""
         run = await self._run_store.get_run(
-            run_id, environment_id, read_your_writes=read_your_writes
+            environment_id=environment_id, run_id=run_id, read_your_writes=read_your_writes
         )
         if run is not None:
             return run
@@ -90,7 +86,7 @@ class BufferedRuns:
             # Written already: a replica behind the writer did not show it; the writer will.
             if not read_your_writes:
                 return await self._run_store.get_run(
-                    entry.run_id, environment_id, read_your_writes=True
+                    environment_id=environment_id, run_id=entry.run_id, read_your_writes=True
                 )
             return None
         return entry.to_run(_now())
@@ -99,7 +95,10 @@ class BufferedRuns:
         self, environment_id: str, task_identifier: str, key: str, *, read_your_writes: bool
     ) -> common_pb2.Run | None:
         run = await self._run_store.find_run_by_idempotency_key(
-            environment_id, task_identifier, key, read_your_writes=read_your_writes
+            environment_id=environment_id,
+            task_identifier=task_identifier,
+            idempotency_key=key,
+            read_your_writes=read_your_writes,
         )
         if run is not None:
             return run
@@ -118,7 +117,10 @@ class BufferedRuns:
             return None
         if entry.status in (EntryStatus.DONE, EntryStatus.FAILED):
             return await self._run_store.find_run_by_idempotency_key(
-                environment_id, task_identifier, key, read_your_writes=True
+                environment_id=environment_id,
+                task_identifier=task_identifier,
+                idempotency_key=key,
+                read_your_writes=True,
             )
         return entry.to_run(_now())
 
@@ -136,7 +138,9 @@ class BufferedRuns:
         except redis.exceptions.RedisError as exc:
             log.warning("buffer reset of an idempotency key failed", error=repr(exc))
             buffer_failed = True
-        cleared = await self._run_store.reset_idempotency_key(environment_id, task_identifier, key)
+        cleared = await self._run_store.reset_idempotency_key(
+            environment_id=environment_id, task_identifier=task_identifier, idempotency_key=key
+        )
         if buffer_failed and cleared == 0:
             raise Unavailable(
                 "the buffer is unreachable and the run store held no run with this key; retry",
@@ -155,8 +159,8 @@ class BufferedRuns:
             result.entry,
             environment_id,
             run_id,
-            lambda: self._run_store.stub.AddRunTags(
-                rs.AddRunTagsRequest(run_id=run_id, tags=tags, environment_id=environment_id)
+            lambda: self._run_store.add_run_tags(
+                environment_id=environment_id, run_id=run_id, tags=tags
             ),
         )
 
@@ -171,13 +175,11 @@ class BufferedRuns:
             result.entry,
             environment_id,
             run_id,
-            lambda: self._run_store.stub.UpdateRunMetadata(
-                rs.UpdateRunMetadataRequest(
-                    run_id=run_id,
-                    metadata=metadata,
-                    metadata_type=metadata_type,
-                    environment_id=environment_id,
-                )
+            lambda: self._run_store.update_run_metadata(
+                environment_id=environment_id,
+                run_id=run_id,
+                metadata=metadata,
+                metadata_type=metadata_type,
             ),
         )
 
@@ -185,14 +187,14 @@ class BufferedRuns:
         self, environment_id: str, run_id: str, delay_until: datetime
     ) -> common_pb2.Run:
         result = await self._buffer.reschedule(environment_id, self._friendly(run_id), delay_until)
-        request = rs.RescheduleRunRequest(run_id=run_id, environment_id=environment_id)
-        request.delay_until.FromDatetime(delay_until)
         return await self._settle(
             result.outcome,
             result.entry,
             environment_id,
             run_id,
-            lambda: self._run_store.stub.RescheduleRun(request),
+            lambda: self._run_store.reschedule_run(
+                environment_id=environment_id, run_id=run_id, delay_until=delay_until
+            ),
         )
 
     async def cancel(self, environment_id: str, run_id: str, reason: str) -> common_pb2.Run:
@@ -202,8 +204,8 @@ class BufferedRuns:
             result.entry,
             environment_id,
             run_id,
-            lambda: self._run_store.stub.CancelRun(
-                rs.CancelRunRequest(run_id=run_id, reason=reason, environment_id=environment_id)
+            lambda: self._run_store.cancel_run(
+                environment_id=environment_id, run_id=run_id, reason=reason
             ),
         )
 
@@ -213,7 +215,7 @@ class BufferedRuns:
         entry: BufferedEntry | None,
         environment_id: str,
         run_id: str,
-        in_run_store: Callable[[], Awaitable[Any]],
+        in_run_store: Callable[[], Awaitable[common_pb2.Run]],
     ) -> common_pb2.Run:
         if outcome is MutationOutcome.OK and _live(entry, environment_id) is not None:
             assert entry is not None
@@ -225,7 +227,7 @@ class BufferedRuns:
                 metadata={"run_id": self._friendly(run_id)},
                 retry_after=DRAINING_RETRY_SECONDS,
             )
-        return await run_store_call(in_run_store)
+        return await in_run_store()
 
     # -- stats ------------------------------------------------------------------------------
     async def stats(self, environment_id: str | None) -> list[EnvironmentStats]:
@@ -233,23 +235,6 @@ class BufferedRuns:
             return [await self._buffer.stats(environment_id)]
         environments = sorted(await self._buffer.environments())
         return [await self._buffer.stats(env) for env in environments]
-
-
-async def run_store_call(call: Callable[[], Awaitable[Any]]) -> common_pb2.Run:
-    """A run-store mutation (the stub's call, not made yet): its run; a caller's mistake comes
-    back as the domain error it was raised as."""
-    try:
-        reply = await call()
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() in (
-            grpc.StatusCode.INVALID_ARGUMENT,
-            grpc.StatusCode.NOT_FOUND,
-            grpc.StatusCode.FAILED_PRECONDITION,
-        ):
-            raise error_from_rpc(exc) from exc
-        raise
-    run: common_pb2.Run = reply.run
-    return run
 
 
 def _now() -> datetime:

@@ -6,7 +6,6 @@ from typing import Any
 
 import grpc
 
-from runops.kit.logging import bind_request
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
 from services.mollifier import validation
@@ -42,7 +41,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
 
     async def Trigger(self, request: m.TriggerRequest, context: Context) -> m.TriggerResponse:
         run = validation.trigger(request)
-        bind_request(environment_id=request.environment_id)
         policy = await self._policies.of(request.environment_id)
         done = await self._front.trigger(run, policy)
         return m.TriggerResponse(
@@ -52,7 +50,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
     # -- reads ------------------------------------------------------------------------------
     async def GetRun(self, request: m.GetRunRequest, context: Context) -> m.GetRunResponse:
         read_your_writes = validation.get_run(request)
-        bind_request(environment_id=request.environment_id)
         run = await self._runs.get(
             request.environment_id, request.run_id, read_your_writes=read_your_writes
         )
@@ -69,7 +66,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
             request.idempotency_key,
             request.consistency,
         )
-        bind_request(environment_id=request.environment_id)
         run = await self._runs.find_by_idempotency_key(
             request.environment_id,
             request.task_identifier,
@@ -82,7 +78,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.ResetIdempotencyKeyRequest, context: Context
     ) -> m.ResetIdempotencyKeyResponse:
         validation.key_ref(request.environment_id, request.task_identifier, request.idempotency_key)
-        bind_request(environment_id=request.environment_id)
         reset = await self._runs.reset_idempotency_key(
             request.environment_id, request.task_identifier, request.idempotency_key
         )
@@ -95,7 +90,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.ClaimIdempotencyKeyRequest, context: Context
     ) -> m.ClaimIdempotencyKeyResponse:
         claim = validation.claim(request)
-        bind_request(environment_id=request.environment_id)
         policy = await self._policies.of(request.environment_id)
         answer = await self._claims.claim(policy, claim)
         return m.ClaimIdempotencyKeyResponse(
@@ -109,7 +103,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.PublishIdempotencyKeyRequest, context: Context
     ) -> m.PublishIdempotencyKeyResponse:
         claim = validation.publish(request)
-        bind_request(environment_id=request.environment_id)
         policy = await self._policies.of(request.environment_id)
         published = await self._claims.publish_many(
             policy, [(claim, request.claim_token, validation.friendly_run_id(request.run_id))]
@@ -120,7 +113,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.ReleaseIdempotencyKeyRequest, context: Context
     ) -> m.ReleaseIdempotencyKeyResponse:
         claim = validation.release(request)
-        bind_request(environment_id=request.environment_id)
         policy = await self._policies.of(request.environment_id)
         released = await self._claims.release_many(policy, [(claim, request.claim_token)])
         return m.ReleaseIdempotencyKeyResponse(released=released[0])
@@ -129,7 +121,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.ClaimIdempotencyKeysRequest, context: Context
     ) -> m.ClaimIdempotencyKeysResponse:
         claims, wait = validation.claim_many(request, self._claims.default_wait)
-        bind_request(environment_id=request.environment_id)
         policy = await self._policies.of(request.environment_id)
         answers = await self._claims.claim_many(policy, claims, wait)
         return m.ClaimIdempotencyKeysResponse(results=[_key_result(a) for a in answers])
@@ -138,7 +129,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.PublishIdempotencyKeysRequest, context: Context
     ) -> m.PublishIdempotencyKeysResponse:
         published = validation.publish_many(request)
-        bind_request(environment_id=request.environment_id)
         policy = await self._policies.of(request.environment_id)
         return m.PublishIdempotencyKeysResponse(
             published=await self._claims.publish_many(policy, published)
@@ -148,7 +138,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.ReleaseIdempotencyKeysRequest, context: Context
     ) -> m.ReleaseIdempotencyKeysResponse:
         released = validation.release_many(request)
-        bind_request(environment_id=request.environment_id)
         policy = await self._policies.of(request.environment_id)
         return m.ReleaseIdempotencyKeysResponse(
             released=await self._claims.release_many(policy, released)
@@ -159,7 +148,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.AddRunTagsRequest, context: Context
     ) -> m.AddRunTagsResponse:
         validation.add_tags(request)
-        bind_request(environment_id=request.environment_id)
         run = await self._runs.add_tags(request.environment_id, request.run_id, request.tags)
         return m.AddRunTagsResponse(run=run)
 
@@ -167,7 +155,6 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.UpdateRunMetadataRequest, context: Context
     ) -> m.UpdateRunMetadataResponse:
         validation.update_metadata(request)
-        bind_request(environment_id=request.environment_id)
         run = await self._runs.update_metadata(
             request.environment_id, request.run_id, request.metadata, request.metadata_type
         )
@@ -177,13 +164,11 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
         self, request: m.RescheduleRunRequest, context: Context
     ) -> m.RescheduleRunResponse:
         delay_until = validation.reschedule(request)
-        bind_request(environment_id=request.environment_id)
         run = await self._runs.reschedule(request.environment_id, request.run_id, delay_until)
         return m.RescheduleRunResponse(run=run)
 
     async def CancelRun(self, request: m.CancelRunRequest, context: Context) -> m.CancelRunResponse:
         validation.cancel(request)
-        bind_request(environment_id=request.environment_id)
         run = await self._runs.cancel(request.environment_id, request.run_id, request.reason)
         return m.CancelRunResponse(run=run)
 

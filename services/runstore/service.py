@@ -8,7 +8,6 @@ import grpc
 
 from runops.common.v1 import common_pb2
 from runops.kit.dependencies import unique_violation
-from runops.kit.logging import bind_request
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 from services.runstore import validation
@@ -48,7 +47,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.CreateRunRequest, context: Context
     ) -> rs.CreateRunResponse:
         row = validation.create_run(request.run)
-        bind_request(environment_id=row.environment_id)
         created = await self._store.create_run(row)
         return rs.CreateRunResponse(run=created.run, is_cached=created.is_cached)
 
@@ -65,19 +63,16 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.CreateFailedRunRequest, context: Context
     ) -> rs.CreateFailedRunResponse:
         row = validation.create_failed_run(request)
-        bind_request(environment_id=row.environment_id)
         return rs.CreateFailedRunResponse(run=(await self._store.create_run(row)).run)
 
     async def CreateCancelledRun(
         self, request: rs.CreateCancelledRunRequest, context: Context
     ) -> rs.CreateCancelledRunResponse:
         row = validation.create_cancelled_run(request)
-        bind_request(environment_id=row.environment_id)
         return rs.CreateCancelledRunResponse(run=(await self._store.create_run(row)).run)
 
     async def GetRun(self, request: rs.GetRunRequest, context: Context) -> rs.GetRunResponse:
         ref = validation.run_ref(request.run_id, request.environment_id, request.consistency)
-        bind_request(environment_id=ref.environment_id)
         run = await self._store.get_run(ref.run_id, ref.environment_id, ref.consistency)
         return rs.GetRunResponse(run=run)
 
@@ -90,7 +85,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
             request.idempotency_key,
             request.consistency,
         )
-        bind_request(environment_id=ref.environment_id)
         run = await self._store.find_run_by_idempotency_key(
             ref.environment_id, ref.task_identifier, ref.idempotency_key, ref.consistency
         )
@@ -100,7 +94,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.ListBatchRunsRequest, context: Context
     ) -> rs.ListBatchRunsResponse:
         ref, after, limit = validation.list_batch_runs(request)
-        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
         runs, next_index = await self._store.list_batch_runs(
             ref.batch_id, ref.environment_id, after, limit, ref.consistency
         )
@@ -111,7 +104,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.ListBatchItemsRequest, context: Context
     ) -> rs.ListBatchItemsResponse:
         ref, kinds, after, limit = validation.list_batch_items(request)
-        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
         items, next_index = await self._store.list_item_outcomes(
             ref.batch_id, ref.environment_id, kinds, after, limit, ref.consistency
         )
@@ -122,7 +114,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.CompleteRunRequest, context: Context
     ) -> rs.CompleteRunResponse:
         ref = validation.complete_run(request)
-        bind_request(environment_id=ref.environment_id)
         if request.WhichOneof("outcome") == "failure":
             done = await self._store.complete_run(
                 ref.run_id, ref.environment_id, error=request.failure
@@ -142,7 +133,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         ref = validation.key_ref(
             request.environment_id, request.task_identifier, request.idempotency_key
         )
-        bind_request(environment_id=ref.environment_id)
         cleared = await self._store.reset_idempotency_key(
             ref.environment_id, ref.task_identifier, ref.idempotency_key
         )
@@ -152,7 +142,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.AddRunTagsRequest, context: Context
     ) -> rs.AddRunTagsResponse:
         ref = validation.add_run_tags(request)
-        bind_request(environment_id=ref.environment_id)
         run = await self._store.add_run_tags(ref.run_id, ref.environment_id, list(request.tags))
         return rs.AddRunTagsResponse(run=run)
 
@@ -160,7 +149,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.UpdateRunMetadataRequest, context: Context
     ) -> rs.UpdateRunMetadataResponse:
         ref = validation.update_run_metadata(request)
-        bind_request(environment_id=ref.environment_id)
         run = await self._store.update_run_metadata(
             ref.run_id, ref.environment_id, request.metadata, request.metadata_type
         )
@@ -170,7 +158,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.RescheduleRunRequest, context: Context
     ) -> rs.RescheduleRunResponse:
         ref, delay_until = validation.reschedule_run(request)
-        bind_request(environment_id=ref.environment_id)
         run = await self._store.reschedule_run(ref.run_id, ref.environment_id, delay_until)
         return rs.RescheduleRunResponse(run=run)
 
@@ -178,7 +165,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.CancelRunRequest, context: Context
     ) -> rs.CancelRunResponse:
         ref = validation.cancel_run(request)
-        bind_request(environment_id=ref.environment_id)
         done = await self._store.cancel_run(ref.run_id, ref.environment_id, request.reason)
         return rs.CancelRunResponse(run=done.run)
 
@@ -187,14 +173,11 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.CreateBatchRequest, context: Context
     ) -> rs.CreateBatchResponse:
         row = validation.create_batch(request)
-        bind_request(environment_id=row.environment_id)
         created = await self._store.create_batch(row)
-        bind_request(batch_id=created.batch.friendly_id if created.batch else "")
         return rs.CreateBatchResponse(batch=created.batch, is_cached=created.is_cached)
 
     async def GetBatch(self, request: rs.GetBatchRequest, context: Context) -> rs.GetBatchResponse:
         ref = validation.batch_ref(request.batch_id, request.environment_id, request.consistency)
-        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
         batch = await self._store.get_batch(ref.batch_id, ref.environment_id, ref.consistency)
         return rs.GetBatchResponse(batch=batch)
 
@@ -204,7 +187,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         ref, items = validation.accept_batch_items(
             request, self._store.run_minter(parent=request.batch_id)
         )
-        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
         result = await self._store.accept_batch_items(ref.batch_id, ref.environment_id, items)
         response = rs.AcceptBatchItemsResponse(
             accepted_count=result.accepted_count, run_count=result.run_count
@@ -219,7 +201,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.GetBatchMissingRangesRequest, context: Context
     ) -> rs.GetBatchMissingRangesResponse:
         ref, limit = validation.missing_ranges(request)
-        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
         found = await self._store.missing_ranges(
             ref.batch_id, ref.environment_id, limit, ref.consistency
         )
@@ -234,7 +215,6 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.SealBatchRequest, context: Context
     ) -> rs.SealBatchResponse:
         ref = validation.batch_ref(request.batch_id, request.environment_id)
-        bind_request(environment_id=ref.environment_id, batch_id=request.batch_id)
         result = await self._store.seal_batch(ref.batch_id, ref.environment_id)
         if result.outcome is SealOutcome.NOT_FOUND:
             raise batch_not_found(ref.batch_id)
@@ -248,6 +228,5 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         self, request: rs.GetWaitpointRequest, context: Context
     ) -> rs.GetWaitpointResponse:
         waitpoint_id, env, consistency = validation.waitpoint_ref(request)
-        bind_request(environment_id=env)
         found = await self._store.get_waitpoint(waitpoint_id, env, consistency)
         return rs.GetWaitpointResponse(waitpoint=found)

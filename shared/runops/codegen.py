@@ -15,12 +15,12 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from runops.kit.registry import proto_packages
+from runops.registry import proto_packages
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "protos"
 OUT_ROOT = REPO_ROOT / "shared"
-# Services' contracts, the shared package and the test-only one, from runops.kit.registry.
+# Services' contracts, the shared package and the test-only one, from runops.registry.
 PROTO_PACKAGES = proto_packages()
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 INIT_TEXT = '"""Generated from protos/ by `python -m runops.codegen`; do not edit."""\n'
@@ -33,7 +33,7 @@ def _proto_files() -> list[Path]:
         # Its generated code would be written but never checked or cleaned up.
         raise SystemExit(
             f"protos/runops/<package>/v1 for {', '.join(unknown)}: no such package in "
-            "runops.kit.registry; add a Service entry (or a SHARED_PROTO_PACKAGES name)"
+            "runops.registry; add a Service entry (or a SHARED_PROTO_PACKAGES name)"
         )
     return files
 

@@ -47,8 +47,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from runops.controlplane.cache import hash_api_key
 from runops.controlplane.client import ControlPlaneClient
+from runops.controlplane.model import hash_api_key
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.channels import create_channel

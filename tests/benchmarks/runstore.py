@@ -198,7 +198,7 @@ async def _get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
 
     async def call(n: int) -> int:
         k = n % len(friendly)
-        run = await client.get_run(friendly[k], spec.environment_id)
+        run = await client.get_run(environment_id=spec.environment_id, run_id=friendly[k])
         if run is None or run.id != spec.run_ids[k]:
             raise Mismatch("wrong or missing run")
         return 1
@@ -310,7 +310,9 @@ async def _accept_caller(spec: LoadSpec) -> tuple[Call, Close]:
     async def call(n: int) -> int:
         first = n * spec.chunk
         reply = await client.accept_batch_items(
-            batch, spec.environment_id, _items(range(first, first + spec.chunk))
+            environment_id=spec.environment_id,
+            batch_id=batch,
+            items=_items(range(first, first + spec.chunk)),
         )
         fresh = sum(1 for item in reply.items if not item.duplicate)
         if fresh != spec.chunk:
@@ -486,7 +488,9 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
 
         async def send(indexes: list[int]) -> None:
             async with limit:
-                reply = await client.accept_batch_items(batch, env, _items(indexes))
+                reply = await client.accept_batch_items(
+                    environment_id=env, batch_id=batch, items=_items(indexes)
+                )
             if len(reply.items) != len(indexes):
                 raise Mismatch(f"{len(reply.items)} answers for {len(indexes)} items")
             sent["new"] += sum(1 for item in reply.items if not item.duplicate)
@@ -506,7 +510,7 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
 
         async def check_missing(expected: list[tuple[int, int]], accepted: int) -> float:
             began = time.perf_counter()
-            missing = await client.missing_ranges(batch, env)
+            missing = await client.missing_ranges(environment_id=env, batch_id=batch)
             took = time.perf_counter() - began
             if missing.ranges != expected or missing.truncated:
                 raise Mismatch(
@@ -547,7 +551,7 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
         await mark("all")
 
         began = time.perf_counter()
-        sealed = await client.seal_batch(batch, env)
+        sealed = await client.seal_batch(environment_id=env, batch_id=batch)
         figures["seal_ms"] = 1e3 * (time.perf_counter() - began)
         if sealed.outcome != rs.SEAL_BATCH_OUTCOME_SEALED:
             raise Mismatch(f"seal answered {rs.SealBatchOutcome.Name(sealed.outcome)}")
@@ -557,7 +561,7 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
         pages, token = 0, ""
         while True:
             runs, token = await client.list_batch_runs(
-                batch, env, page_size=PAGE_SIZE, page_token=token
+                environment_id=env, batch_id=batch, page_size=PAGE_SIZE, page_token=token
             )
             pages += 1
             for run in runs:

@@ -28,8 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.channels import create_channel
 from runops.kit.errors import details_of
-from runops.kit.migrations import migrate
 from runops.localstack import CONTROLPLANE_DATABASE, LocalStack, PostgresCluster, printing_progress
+from runops.migrations import migrate
 from services.controlplane.app import ControlPlane
 from tests.controlplane.harness import (
     ADMIN,

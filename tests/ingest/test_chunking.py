@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from runops.ingest.chunking import achunk_items, chunk_items, encoded_size, stream_requests
+from runops.ingest.chunking import achunk_items, chunk_items, encoded_size
 from runops.ingest.v1 import ingest_pb2
 
 N = 100_000
@@ -96,11 +96,3 @@ def test_bounds_are_checked() -> None:
         list(chunk_items([item(0)], max_items=0))
     with pytest.raises(ValueError, match="max_bytes"):
         list(chunk_items([item(0)], max_bytes=6))
-
-
-async def test_stream_requests_header_then_chunks() -> None:
-    requests = [r async for r in stream_requests("batch_abc", Source(25).sync(), max_items=10)]
-    assert requests[0].WhichOneof("message") == "header"
-    assert requests[0].header.batch_id == "batch_abc"
-    assert [len(r.chunk.items) for r in requests[1:]] == [10, 10, 5]
-    assert all(r.WhichOneof("message") == "chunk" for r in requests[1:])

@@ -148,7 +148,9 @@ async def test_an_organization_without_the_flag_still_dedups_through_the_run_sto
 ) -> None:
     env = await seeded_env(suite.controlplane_target, enabled=False)
     async with MollifierClient(suite.mollifier_target, token=INTERNAL) as client:
-        claims = await client.claim_keys(env.env_id, [KeyToClaim(TASK, "k-off")])
+        claims = await client.claim_keys(
+            environment_id=env.env_id, keys=[KeyToClaim(TASK, "k-off")]
+        )
     assert [c.outcome for c in claims] == [ClaimOutcome.SKIPPED]
 
     triggers = mollifier_stub(suite.mollifier_target)
@@ -185,9 +187,9 @@ async def test_a_failed_unit_releases_its_claims(suite: Suite, ingest: Ingest) -
     # Not held any more: claimable at once (a held key would answer PENDING after no wait).
     async with MollifierClient(suite.mollifier_target, token=INTERNAL) as client:
         keys = [KeyToClaim(TASK, "k-released"), KeyToClaim(TASK, "k-released-too")]
-        claims = await client.claim_keys(env.env_id, keys, wait=timedelta(0))
+        claims = await client.claim_keys(environment_id=env.env_id, keys=keys, wait=timedelta(0))
         assert [c.outcome for c in claims] == [ClaimOutcome.CLAIMED] * 2
-        assert await client.release_keys(env.env_id, claims) == [True, True]
+        assert await client.release_keys(environment_id=env.env_id, claims=claims) == [True, True]
 
     reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
     assert reply.sealed

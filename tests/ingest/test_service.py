@@ -30,7 +30,11 @@ async def all_runs(suite: Suite, batch_id: str, env_id: str) -> list[common_pb2.
         token = ""
         while True:
             page, token = await store.list_batch_runs(
-                batch_id, env_id, page_size=1000, page_token=token, read_your_writes=True
+                environment_id=env_id,
+                batch_id=batch_id,
+                page_size=1000,
+                page_token=token,
+                read_your_writes=True,
             )
             runs += page
             if not token:

@@ -1,8 +1,8 @@
 """A service built with the kit and nothing else, on the test-only `runops.testing.v1` contract.
 
 `Behave` does what `probe.behaviour` says ("" echo, "sleep:<s>", "missing", "invalid", "boom",
-"pg-down", "deadline", "relay:<target>", "log:<environment id>:<batch id>"); each RPC's access
-level is the contract's. API keys "key-<environment id>" resolve to that environment. The
+"pg-down", "deadline", "relay:<target>", "log" (one line, whose ids the kit bound from the
+request), "mint:<run id>" (answers with that run id)); each RPC's access level is the contract's. API keys "key-<environment id>" resolve to that environment. The
 dependency "marker" is down while the file named by KIT_APP_DOWN_FILE exists.
 Run as a process with `python -m tests.kit.app`.
 """
@@ -24,7 +24,6 @@ import structlog
 from runops.kit.channels import create_channel
 from runops.kit.context import current_principal
 from runops.kit.errors import FieldViolation, InvalidArgument, NotFound, Unauthenticated
-from runops.kit.logging import bind_request
 from runops.kit.server import ServiceApp, run_service
 from runops.kit.settings import ServerSettings
 from runops.testing.v1 import testing_pb2 as t
@@ -85,9 +84,9 @@ class TestingServicer(t_grpc.TestingServiceServicer):
                 )
                 echo.time_remaining = reply.echo.time_remaining
         elif key == "log":
-            environment_id, _, batch_id = arg.partition(":")
-            bind_request(environment_id=environment_id, batch_id=batch_id)
             log.info("behaved")
+        elif key == "mint":
+            echo.minted_run_id = arg
         return echo
 
     async def Behave(self, request: t.BehaveRequest, context: Context) -> t.BehaveResponse:
@@ -126,6 +125,8 @@ class TestingServicer(t_grpc.TestingServiceServicer):
         async for request in request_iterator:
             received += 1
             size += request.ByteSize()
+            if request.probe.behaviour == "log":
+                log.info("uploaded", received=received)
         return t.UploadResponse(received=received, bytes=size)
 
 

@@ -303,22 +303,27 @@ async def test_batched_claims_answer_an_explicit_outcome_per_key(
     service = await services()
     async with MollifierClient(service.app.target, token=INTERNAL) as client:
         keys = [KeyToClaim(TASK, f"b{i}") for i in range(1500)] + [KeyToClaim(TASK, "b0")]
-        first = await client.claim_keys(env.env_id, keys)
+        first = await client.claim_keys(environment_id=env.env_id, keys=keys)
         assert [c.outcome for c in first[:1500]] == [ClaimOutcome.CLAIMED] * 1500
         assert first[1500].outcome is ClaimOutcome.PENDING, "a repeat within the call"
         assert len({c.claim_token for c in first[:1500]}) == 1500
 
-        held = await client.claim_keys(env.env_id, keys[:3], wait=timedelta(milliseconds=100))
+        held = await client.claim_keys(
+            environment_id=env.env_id, keys=keys[:3], wait=timedelta(milliseconds=100)
+        )
         assert [c.outcome for c in held] == [ClaimOutcome.PENDING] * 3
 
         published = await client.publish_keys(
-            env.env_id, [(c, f"run_{i:026d}") for i, c in enumerate(first[:2])]
+            environment_id=env.env_id,
+            published=[(c, f"run_{i:026d}") for i, c in enumerate(first[:2])],
         )
         assert published == [True, True]
-        assert await client.release_keys(env.env_id, [first[2]]) == [True]
-        assert await client.release_keys(env.env_id, [first[2]]) == [False], "compare-and-delete"
+        assert await client.release_keys(environment_id=env.env_id, claims=[first[2]]) == [True]
+        assert await client.release_keys(environment_id=env.env_id, claims=[first[2]]) == [False], (
+            "compare-and-delete"
+        )
 
-        after = await client.claim_keys(env.env_id, keys[:3])
+        after = await client.claim_keys(environment_id=env.env_id, keys=keys[:3])
         assert [c.outcome for c in after] == [
             ClaimOutcome.EXISTING_RUN,
             ClaimOutcome.EXISTING_RUN,
@@ -327,7 +332,7 @@ async def test_batched_claims_answer_an_explicit_outcome_per_key(
         assert after[1].existing_run_id == f"run_{1:026d}"
 
         off = await seeded_env(svc_control_plane.app.target, enabled=False)
-        skipped = await client.claim_keys(off.env_id, keys[:5])
+        skipped = await client.claim_keys(environment_id=off.env_id, keys=keys[:5])
         assert {c.outcome for c in skipped} == {ClaimOutcome.SKIPPED}
 
         single = await client.stub.ClaimIdempotencyKey(

@@ -18,8 +18,8 @@ from runops.common.v1 import common_pb2
 from runops.kit.channels import create_channel
 from runops.kit.errors import details_of
 from runops.kit.ids import Residency
-from runops.kit.migrations import migrate
 from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster, printing_progress
+from runops.migrations import migrate
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.app import RunStoreApp
 from tests.runstore.harness import (

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from runops.kit import registry
+from runops import registry
 from runops.localstack import LocalStack, StackError, printing_progress
 from runops.localstack.ports import HOST, free_port
 from runops.localstack.process import log_tail

@@ -18,17 +18,19 @@ import grpc
 import structlog
 
 from runops.controlplane.cache import (
+    ControlPlaneCache,
+    loaded_environment,
+    loaded_flags,
+    loaded_worker,
+)
+from runops.controlplane.model import (
     ENVIRONMENT_NOT_FOUND,
     INVALID_API_KEY,
     ORGANIZATION_NOT_FOUND,
-    ControlPlaneCache,
     WorkerResolution,
     environment_not_found,
     hash_api_key,
     invalid_api_key,
-    loaded_environment,
-    loaded_flags,
-    loaded_worker,
     organization_not_found,
     select_tasks,
 )
@@ -37,18 +39,14 @@ from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.background import Worker
 from runops.kit.backoff import ExponentialBackoff
 from runops.kit.cache import Loaded
-from runops.kit.clients import ServiceClient, raise_domain
-from runops.kit.errors import details_of
+from runops.kit.clients import ServiceClient
+from runops.kit.errors import NotFound, details_of
 
 log = structlog.get_logger("runops.controlplane.client")
 
 # A watch is reopened this often (calls carry a deadline); each reopening starts with a reset.
 WATCH_STREAM_SECONDS = 3600.0
 MAX_BACKOFF_SECONDS = 5.0
-
-
-def _absent(exc: grpc.aio.AioRpcError, code: grpc.StatusCode, reason: str) -> bool:
-    return exc.code() == code and details_of(exc).reason == reason
 
 
 class ControlPlaneClient(ServiceClient):
@@ -125,12 +123,15 @@ class ControlPlaneClient(ServiceClient):
         key_hash = hash_api_key(api_key)
 
         async def load() -> Loaded[cp.Environment]:
+            request = cp.AuthenticateApiKeyRequest(api_key=api_key)
             try:
-                reply = await self.stub.AuthenticateApiKey(
-                    cp.AuthenticateApiKeyRequest(api_key=api_key)
-                )
+                reply = await self._call(self.stub.AuthenticateApiKey, request)
             except grpc.aio.AioRpcError as exc:
-                if _absent(exc, grpc.StatusCode.UNAUTHENTICATED, INVALID_API_KEY):
+                # UNAUTHENTICATED is no caller's mistake to pass on: only a dead key is absent.
+                if (
+                    exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                    and details_of(exc).reason == INVALID_API_KEY
+                ):
                     return Loaded(None)
                 raise
             return loaded_environment(reply.environment.id, reply.environment)
@@ -144,14 +145,13 @@ class ControlPlaneClient(ServiceClient):
         """None when the environment does not exist."""
 
         async def load() -> Loaded[cp.Environment]:
+            request = cp.GetEnvironmentRequest(environment_id=environment_id)
             try:
-                reply = await self.stub.GetEnvironment(
-                    cp.GetEnvironmentRequest(environment_id=environment_id)
-                )
-            except grpc.aio.AioRpcError as exc:
-                if _absent(exc, grpc.StatusCode.NOT_FOUND, ENVIRONMENT_NOT_FOUND):
-                    return loaded_environment(environment_id, None)
-                raise_domain(exc)
+                reply = await self._call(self.stub.GetEnvironment, request)
+            except NotFound as err:
+                if err.reason != ENVIRONMENT_NOT_FOUND:
+                    raise
+                return loaded_environment(environment_id, None)
             return loaded_environment(environment_id, reply.environment)
 
         return await self.cache.environments.get(environment_id, load)
@@ -160,18 +160,14 @@ class ControlPlaneClient(ServiceClient):
         """The environments that exist among `ids`: cached ones locally, the rest in one call."""
 
         async def load_missing(missing: list[str]) -> dict[str, cp.Environment]:
-            try:
-                reply = await self.stub.BatchGetEnvironments(
-                    cp.BatchGetEnvironmentsRequest(environment_ids=missing)
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise_domain(exc)
+            request = cp.BatchGetEnvironmentsRequest(environment_ids=missing)
+            reply = await self._call(self.stub.BatchGetEnvironments, request)
             return {env.id: env for env in reply.environments}
 
         return await self.cache.environments_batch(list(dict.fromkeys(ids)), load_missing)
 
     async def resolve_worker_version(
-        self, environment_id: str, worker: str = "", task_identifiers: Sequence[str] = ()
+        self, environment_id: str, *, worker: str = "", task_identifiers: Sequence[str] = ()
     ) -> WorkerResolution:
         """The worker new runs lock to and its task defaults (only `task_identifiers`, in that
         order, when given). Domain errors (NOT_FOUND, FAILED_PRECONDITION) pass through."""
@@ -180,12 +176,8 @@ class ControlPlaneClient(ServiceClient):
             raise environment_not_found(environment_id)
 
         async def load() -> Loaded[WorkerResolution]:
-            try:
-                reply = await self.stub.ResolveWorkerVersion(
-                    cp.ResolveWorkerVersionRequest(environment_id=environment_id, worker=worker)
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise_domain(exc)
+            request = cp.ResolveWorkerVersionRequest(environment_id=environment_id, worker=worker)
+            reply = await self._call(self.stub.ResolveWorkerVersion, request)
             return loaded_worker(env, (reply.worker, tuple(reply.tasks)))
 
         resolution = await self.cache.workers.get((environment_id, worker), load)
@@ -194,14 +186,13 @@ class ControlPlaneClient(ServiceClient):
 
     async def get_organization_flags(self, organization_id: str) -> cp.OrganizationFlags:
         async def load() -> Loaded[cp.OrganizationFlags]:
+            request = cp.GetOrganizationFlagsRequest(organization_id=organization_id)
             try:
-                reply = await self.stub.GetOrganizationFlags(
-                    cp.GetOrganizationFlagsRequest(organization_id=organization_id)
-                )
-            except grpc.aio.AioRpcError as exc:
-                if _absent(exc, grpc.StatusCode.NOT_FOUND, ORGANIZATION_NOT_FOUND):
-                    return loaded_flags(organization_id, None)
-                raise_domain(exc)
+                reply = await self._call(self.stub.GetOrganizationFlags, request)
+            except NotFound as err:
+                if err.reason != ORGANIZATION_NOT_FOUND:
+                    raise
+                return loaded_flags(organization_id, None)
             return loaded_flags(organization_id, reply.flags)
 
         flags = await self.cache.flags.get(organization_id, load)

@@ -110,16 +110,3 @@ async def achunk_items(
     rest = chunker.rest()
     if rest is not None:
         yield rest
-
-
-async def stream_requests(
-    batch_id: str,
-    items: Iterable[ingest_pb2.BatchItem] | AsyncIterable[ingest_pb2.BatchItem],
-    *,
-    max_items: int = DEFAULT_MAX_ITEMS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> AsyncIterator[ingest_pb2.StreamBatchItemsRequest]:
-    """The request stream of one StreamBatchItems call: the header, then the chunks."""
-    yield ingest_pb2.StreamBatchItemsRequest(header=ingest_pb2.StreamHeader(batch_id=batch_id))
-    async for chunk in achunk_items(items, max_items=max_items, max_bytes=max_bytes):
-        yield ingest_pb2.StreamBatchItemsRequest(chunk=ingest_pb2.ItemChunk(items=chunk))

@@ -33,7 +33,7 @@ import bisect
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 
@@ -41,9 +41,9 @@ from runops.common.v1 import common_pb2
 from runops.ingest.chunking import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, achunk_items
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
-from runops.kit.backoff import ExponentialBackoff
+from runops.kit.backoff import ExponentialBackoff, Retry
 from runops.kit.clients import ServiceClient
-from runops.kit.errors import ErrorDetails, details_of
+from runops.kit.errors import ErrorDetails, details_of, retry_delay
 from runops.kit.limits import FINAL_BATCH_STATUSES
 
 if TYPE_CHECKING:
@@ -78,6 +78,10 @@ def retryable(details: ErrorDetails) -> bool:
         and details.message == _LOCAL_SEND_FAILURE
         and details.reason is None
     )
+
+
+def _retryable_rpc(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and retryable(details_of(exc))
 
 
 DEFAULT_ATTEMPTS = 5
@@ -179,38 +183,39 @@ class IngestClient(ServiceClient):
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout: float | None = None,
     ) -> None:
-        """`timeout`: per call (a stream included); None: no deadline."""
+        """`timeout`: per call (a stream included); None: the channel's (`ServiceClient`)."""
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
-        super().__init__(target, token=api_key, channel=channel)
+        super().__init__(target, token=api_key, channel=channel, timeout=timeout)
         self.stub: Stub = ing_grpc.BatchIngestServiceStub(self._channel)
         self.attempts = attempts
         self.backoff = backoff
         self.max_items = max_items
         self.max_bytes = max_bytes
-        self.timeout = timeout
 
     # -- retries --------------------------------------------------------------------------------
-    def delay(self, details: ErrorDetails, failures: int) -> float:
-        """RetryInfo when the server gave one, else the backoff."""
-        if details.retry_after is not None and details.retry_after > 0:
-            return details.retry_after
-        return self.backoff.compute(failures)
+    def _retry(self, what: str) -> Retry:
+        """Retryable statuses, waiting what RetryInfo says when the server says; `GaveUp` once
+        the attempts are spent. The caller sees every failure: no retry is logged."""
 
-    async def _retried(self, what: str, call: Callable[[], Any]) -> Any:
-        failures = 0
-        while True:
-            try:
-                return await call()
-            except grpc.aio.AioRpcError as exc:
-                details = details_of(exc)
-                if not retryable(details):
-                    message = f"{what}: {details.code.name}: {details.message}"
-                    raise IngestError(message, details) from exc
-                failures += 1
-                if failures >= self.attempts:
-                    raise GaveUp(what, failures, details) from exc
-                await asyncio.sleep(self.delay(details, failures))
+        def gave_up(exc: BaseException, failures: int) -> GaveUp:
+            assert isinstance(exc, grpc.RpcError)  # only those are retried
+            return GaveUp(what, failures, details_of(exc))
+
+        return Retry(
+            self.backoff,
+            attempts=self.attempts,
+            retry_on=(grpc.aio.AioRpcError,),
+            is_retryable=_retryable_rpc,
+            delay_hint=retry_delay,
+            exhausted=gave_up,
+            log_retries=False,
+        )
+
+    def _error(self, exc: grpc.aio.AioRpcError, what: str) -> Exception:
+        """Any failure not retried (or not retryable) is an IngestError."""
+        details = details_of(exc)
+        return IngestError(f"{what}: {details.code.name}: {details.message}", details)
 
     # -- Phase 1 --------------------------------------------------------------------------------
     async def create_batch(
@@ -231,10 +236,9 @@ class IngestClient(ServiceClient):
             parent_run_id=parent_run_id,
             resume_parent_on_completion=resume_parent_on_completion,
         )
-        reply: ing.CreateBatchResponse = await self._retried(
-            "CreateBatch", lambda: self.stub.CreateBatch(request, timeout=self.timeout)
+        return await self._call(
+            self.stub.CreateBatch, request, retry=self._retry("CreateBatch"), what="CreateBatch"
         )
-        return reply
 
     # -- Phase 2 --------------------------------------------------------------------------------
     async def stream_items(
@@ -251,46 +255,44 @@ class IngestClient(ServiceClient):
         called with the number of items of each chunk handed to gRPC."""
         if items is None and items_for is None:
             raise ValueError("give items, items_for, or both")
-        result = result or BatchResult(batch_id, None, ing.StreamBatchItemsResponse())
-        failures = 0
+        tally = result or BatchResult(batch_id, None, ing.StreamBatchItemsResponse())
         # What the next stream sends: everything (None), these ranges, or nothing (ask).
         todo: Ranges | None = None
         ask = False
         last_accepted = -1
-        while True:
-            source = None if ask else self._source(items, items_for, todo, batch_id)
-            requests = self._requests(batch_id, source, progress)
-            result.streams += 1
-            try:
-                reply: ing.StreamBatchItemsResponse = await self.stub.StreamBatchItems(
-                    requests, timeout=self.timeout
-                )
-            except grpc.aio.AioRpcError as exc:
-                details = details_of(exc)
-                if not retryable(details):
+
+        async def until_sealed() -> ing.StreamBatchItemsResponse:
+            """Streams until the batch is sealed; the retry policy reruns it after a failed
+            stream (its failures count over the whole upload, not per stream)."""
+            nonlocal todo, ask, last_accepted
+            while True:
+                source = None if ask else self._source(items, items_for, todo, batch_id)
+                requests = self._requests(batch_id, source, progress)
+                tally.streams += 1
+                try:
+                    reply = await self.stub.StreamBatchItems(requests, timeout=self.timeout)
+                except grpc.aio.AioRpcError as exc:
+                    details = details_of(exc)
+                    if retryable(details):
+                        tally.retries += 1
+                        tally.failures.append(details)
+                        ask = True  # what arrived is unknown: a header-only stream tells
+                    raise
+                tally.response = reply
+                if reply.sealed:
+                    return reply
+                ranges = [(r.start, r.end) for r in reply.missing_ranges]
+                if not ask and reply.accepted_count <= last_accepted:
                     raise IngestError(
-                        f"StreamBatchItems: {details.code.name}: {details.message}", details
-                    ) from exc
-                failures += 1
-                result.retries += 1
-                result.failures.append(details)
-                if failures >= self.attempts:
-                    raise GaveUp("StreamBatchItems", failures, details) from exc
-                await asyncio.sleep(self.delay(details, failures))
-                ask = True  # what arrived is unknown: a header-only stream tells
-                continue
-            result.response = reply
-            if reply.sealed:
-                return reply
-            ranges = [(r.start, r.end) for r in reply.missing_ranges]
-            if not ask and reply.accepted_count <= last_accepted:
-                raise IngestError(
-                    f"batch {batch_id}: resending {ranges[:3]}… accepted nothing new; the item "
-                    "source does not produce those indexes"
-                )
-            last_accepted = reply.accepted_count
-            ask = False
-            todo = ranges
+                        f"batch {batch_id}: resending {ranges[:3]}… accepted nothing new; the "
+                        "item source does not produce those indexes"
+                    )
+                last_accepted = reply.accepted_count
+                ask = False
+                todo = ranges
+
+        what = "StreamBatchItems"
+        return await self._run(until_sealed, retry=self._retry(what), what=what)
 
     def _source(
         self,
@@ -361,40 +363,53 @@ class IngestClient(ServiceClient):
 
     # -- reads ----------------------------------------------------------------------------------
     async def get_batch(self, batch_id: str) -> common_pb2.Batch:
-        reply: ing.GetBatchResponse = await self._retried(
-            "GetBatch",
-            lambda: self.stub.GetBatch(
-                ing.GetBatchRequest(batch_id=batch_id), timeout=self.timeout
-            ),
+        request = ing.GetBatchRequest(batch_id=batch_id)
+        reply = await self._call(
+            self.stub.GetBatch, request, retry=self._retry("GetBatch"), what="GetBatch"
         )
         return reply.batch
 
     async def watch_batch(self, batch_id: str) -> AsyncIterator[common_pb2.Batch]:
         """The batch as it changes, until a final status (COMPLETED / ABORTED); a stream the
         server ends early (its shutdown) or a retryable failure is reopened."""
-        failures = 0
-        while True:
-            last: common_pb2.Batch | None = None
-            try:
-                call = self.stub.WatchBatch(ing.WatchBatchRequest(batch_id=batch_id))
-                async for message in call:
-                    failures = 0
-                    last = message.batch
-                    yield message.batch
-            except grpc.aio.AioRpcError as exc:
-                details = details_of(exc)
-                if not retryable(details):
-                    raise IngestError(
-                        f"WatchBatch: {details.code.name}: {details.message}", details
-                    ) from exc
-                failures += 1
-                if failures >= self.attempts:
-                    raise GaveUp("WatchBatch", failures, details) from exc
-                await asyncio.sleep(self.delay(details, failures))
-                continue
-            if last is not None and last.status in FINAL_BATCH_STATUSES:
-                return
-            await asyncio.sleep(self.backoff.compute(1))
+        request = ing.WatchBatchRequest(batch_id=batch_id)
+        # The open stream (None: open one) and the last batch it sent.
+        call: grpc.aio.UnaryStreamCall[ing.WatchBatchRequest, ing.WatchBatchResponse] | None
+        call = None
+        last: common_pb2.Batch | None = None
+
+        async def next_batch() -> common_pb2.Batch | None:
+            """The next change (None: the batch is final), reopening the stream as needed; the
+            retry policy's failures count until a change arrives."""
+            nonlocal call, last
+            while True:
+                if call is None:
+                    call, last = self.stub.WatchBatch(request), None
+                try:
+                    message = await call.read()
+                except grpc.aio.AioRpcError:
+                    call = None
+                    raise
+                if message is grpc.aio.EOF:
+                    call = None
+                    if last is not None and last.status in FINAL_BATCH_STATUSES:
+                        return None
+                    await asyncio.sleep(self.backoff.compute(1))
+                    continue
+                assert isinstance(message, ing.WatchBatchResponse)
+                last = message.batch
+                return last
+
+        retry = self._retry("WatchBatch")
+        try:
+            while True:
+                batch = await self._run(next_batch, retry=retry, what="WatchBatch")
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            if call is not None:
+                call.cancel()
 
     async def list_batch_items(
         self,
@@ -409,9 +424,11 @@ class IngestClient(ServiceClient):
             request = ing.ListBatchItemsRequest(
                 batch_id=batch_id, filter=filter, page_size=page_size, page_token=token
             )
-            reply: ing.ListBatchItemsResponse = await self._retried(
-                "ListBatchItems",
-                lambda: self.stub.ListBatchItems(request, timeout=self.timeout),  # noqa: B023
+            reply = await self._call(
+                self.stub.ListBatchItems,
+                request,
+                retry=self._retry("ListBatchItems"),
+                what="ListBatchItems",
             )
             for item in reply.items:
                 yield item

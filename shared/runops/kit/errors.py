@@ -239,6 +239,14 @@ def details_of(exc: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
     return ErrorDetails(code, message or "", reason, metadata, tuple(violations), retry_after)
 
 
+def retry_delay(exc: BaseException) -> float | None:
+    """The wait a failed call's RetryInfo asks for (a `Retry`'s `delay_hint`); None for any
+    other exception or a status without one."""
+    if isinstance(exc, grpc.RpcError):
+        return details_of(exc).retry_after
+    return None
+
+
 def _status_from_trailers(exc: grpc.RpcError) -> status_pb2.Status | None:
     trailers: Any = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     for key, value in trailers or ():

@@ -4,7 +4,9 @@ error mapping.
 grpc.aio interceptors see a method handler, not the call; so this wraps each handler's
 behaviour (all four RPC kinds) in `_call_scope`, which binds structlog context, authenticates,
 counts the call and turns exceptions into rich statuses. Then, before the handler, every request
-message passes `request_checks.check_request` (strings, Durations, Timestamps).
+message passes `request_checks.check_request` (strings, Durations, Timestamps) and has its ids
+bound to the call's log lines (`log_ids.bind_ids`: environment, batch, run; a unary answer's
+too, when calls are logged); a stream's messages each as the handler reads them.
 
 Access fails closed: a method whose access level is not declared (or not known at all) is
 refused with PERMISSION_DENIED `ACCESS_NOT_DECLARED`, never served as PUBLIC.
@@ -36,7 +38,8 @@ from runops.kit.context import (
     current_server_context,
 )
 from runops.kit.errors import Internal, InvalidArgument, PermissionDenied, RunopsError, rich_status
-from runops.kit.logging import bind_request, calls_logged, request_log_context
+from runops.kit.log_ids import bind_ids
+from runops.kit.logging import bind_new, calls_logged, request_log_context
 from runops.kit.request_checks import check_request
 
 log = structlog.get_logger("runops.rpc")
@@ -79,14 +82,24 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 def _checked(request: Any) -> Any:
-    """The request, once it parsed and passed the kit's input check."""
+    """The request, once it parsed and passed the kit's input check; its ids are bound to the
+    call's log lines."""
     if isinstance(request, _Malformed):
         raise InvalidArgument(
             f"the request is not a valid {request.type_name} message", reason="MALFORMED_REQUEST"
         )
     if hasattr(request, "DESCRIPTOR"):
         check_request(request)
+        bind_ids(request)
     return request
+
+
+def _answered(response: Any) -> Any:
+    """A unary answer; when calls are logged, its ids (one the handler minted, say) join the
+    call's closing line."""
+    if calls_logged() and hasattr(response, "DESCRIPTOR"):
+        bind_ids(response)
+    return response
 
 
 def _kind(handler: Any) -> str:
@@ -162,7 +175,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: Context) -> Any:
                 async with scope(method, labels, access, context):
-                    return await inner_uu(_checked(request), context)
+                    return _answered(await inner_uu(_checked(request), context))
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, deserialize, handler.response_serializer
@@ -172,7 +185,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
                 async with scope(method, labels, access, context):
-                    return await inner_su(_counted(requests, labels), context)
+                    return _answered(await inner_su(_counted(requests, labels), context))
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, deserialize, handler.response_serializer
@@ -238,7 +251,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 if principal.caller is Caller.API_KEY:
                     # API-key subjects are environments (the control plane's Environment).
                     env_id = getattr(principal.subject, "id", None)
-                    bind_request(environment_id=env_id if isinstance(env_id, str) else None)
+                    bind_new({"environment_id": env_id if isinstance(env_id, str) else None})
                 yield
             except (asyncio.CancelledError, GeneratorExit):
                 # The client went away, or the server cancelled the RPC at the end of the grace

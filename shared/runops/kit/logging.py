@@ -1,8 +1,8 @@
 """Structured logs: JSON lines with request-scoped context merged from contextvars.
 
-The server interceptor opens a `request_log_context` per call (rpc, request id, and for API-key
-callers the environment id); handlers add what they learn with `bind_request(environment_id=...,
-batch_id=...)`. Everything bound is reset when the call ends.
+The server interceptor opens a `request_log_context` per call (rpc, request id) and binds the
+call's ids into it (`runops.kit.log_ids`: the API key's environment, then the ids the request
+and the answer hold); handlers bind nothing. Everything bound is reset when the call ends.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
@@ -20,46 +22,54 @@ import structlog
 # ("rpc handled"). Off when logging was never configured (in-process tests, libraries).
 _calls_logged = False
 
-# The tokens bound during the current call, reset in reverse when it ends.
-_bound: ContextVar[list[Mapping[str, Token[Any]]] | None] = ContextVar(
-    "runops_log_bound", default=None
-)
+
+@dataclass
+class _CallLog:
+    """What the current call bound: the keys, and the tokens reset in reverse when it ends."""
+
+    keys: set[str] = field(default_factory=set)
+    tokens: list[Mapping[str, Token[Any]]] = field(default_factory=list)
+
+
+_call: ContextVar[_CallLog | None] = ContextVar("runops_log_call", default=None)
 
 
 @contextmanager
 def request_log_context(**values: object) -> Iterator[None]:
-    """Binds `values` (None skipped) for the call's log lines, and resets them, and whatever
-    `bind_request` added, when the call ends."""
-    bound = [structlog.contextvars.bind_contextvars(**_present(values))]
-    marker = _bound.set(bound)
+    """Binds `values` (None and "" skipped) for the call's log lines, and resets them, and
+    whatever `bind_new` added, when the call ends."""
+    call = _CallLog()
+    marker = _call.set(call)
+    bind_new(values)
     try:
         yield
     finally:
-        _bound.reset(marker)
-        for tokens in reversed(bound):
+        _call.reset(marker)
+        for tokens in reversed(call.tokens):
             structlog.contextvars.reset_contextvars(**tokens)
 
 
-def bind_request(
-    *, environment_id: str | None = None, batch_id: str | None = None, **more: object
-) -> None:
-    """Adds ids to every log line of the RPC being handled (spec §0: env id, batch id), from
-    the moment a handler knows them; None values are skipped. Reset when the call ends."""
-    tokens = structlog.contextvars.bind_contextvars(
-        **_present({"environment_id": environment_id, "batch_id": batch_id, **more})
-    )
-    bound = _bound.get()
-    if bound is not None:
-        bound.append(tokens)
+def bind_new(values: Mapping[str, object]) -> None:
+    """Adds `values` to the current call's log lines, but only keys the call has not bound yet:
+    the first source of an id wins. None and "" are skipped; outside a call, nothing is bound."""
+    call = _call.get()
+    if call is None:
+        return
+    fresh = {k: v for k, v in values.items() if v is not None and v != "" and k not in call.keys}
+    if fresh:
+        call.tokens.append(structlog.contextvars.bind_contextvars(**fresh))
+        call.keys.update(fresh)
+
+
+def bound_keys() -> AbstractSet[str]:
+    """The keys the current call's log lines carry (none outside a call)."""
+    call = _call.get()
+    return frozenset() if call is None else call.keys
 
 
 def calls_logged() -> bool:
     """True when the process logs at debug level: one "rpc handled" line per call."""
     return _calls_logged
-
-
-def _present(values: Mapping[str, object]) -> dict[str, object]:
-    return {k: v for k, v in values.items() if v is not None and v != ""}
 
 
 def configure_logging(

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from runops.kit import registry
+from runops import registry
 from runops.localstack.ports import HOST
 from runops.localstack.process import StackError, log_tail, spawn, terminate
 
@@ -44,7 +44,7 @@ def python_path() -> str:
 
 @dataclass
 class ServiceProcess:
-    """One service of runops.kit.registry as a process on HOST.
+    """One service of runops.registry as a process on HOST.
 
     env: what it gets on top of this process's environment (the stack's endpoints, tokens, the
     other services' targets, overrides); the listen addresses below always win.

@@ -297,7 +297,7 @@ class LocalStack:
 
     def _migrate(self) -> None:
         async def both() -> list[list[str]]:
-            from runops.kit.migrations import migrate
+            from runops.migrations import migrate
 
             return list(
                 await asyncio.gather(

@@ -4,7 +4,7 @@ mistake comes back as the domain error it was raised as; transient failures stay
 
     async with MollifierClient(target, token=internal_token) as mollifier:
         reply = await mollifier.trigger(m.TriggerRequest(environment_id=env, task_identifier=t))
-        claims = await mollifier.claim_keys(env, [KeyToClaim("task", "key-1")])
+        claims = await mollifier.claim_keys(environment_id=env, keys=[KeyToClaim("task", "key-1")])
         for claim in claims:
             if claim.outcome is ClaimOutcome.CLAIMED: ...   # write, then publish_keys
             elif claim.outcome is ClaimOutcome.EXISTING_RUN: ...  # link to claim.existing_run_id
@@ -22,7 +22,8 @@ from datetime import datetime, timedelta
 import grpc
 
 from runops.common.v1 import common_pb2
-from runops.kit.clients import ServiceClient, consistency, raise_domain
+from runops.kit.clients import ServiceClient, consistency
+from runops.kit.errors import NotFound
 from runops.kit.limits import MAX_KEYS_PER_CALL
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
@@ -63,65 +64,57 @@ class MollifierClient(ServiceClient):
     # -- triggers and reads -------------------------------------------------------------------
     async def trigger(self, request: m.TriggerRequest) -> m.TriggerResponse:
         """`buffered` (and run.buffered) when the run waits in the buffer; the id is final."""
-        try:
-            return await self.stub.Trigger(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        return await self._call(self.stub.Trigger, request)
 
     async def get_run(
-        self, environment_id: str, run_id: str, *, read_your_writes: bool = False
+        self, *, environment_id: str, run_id: str, read_your_writes: bool = False
     ) -> common_pb2.Run | None:
         """The run from the run store, else from the buffer (`buffered`); None when absent."""
         request = m.GetRunRequest(
             environment_id=environment_id, run_id=run_id, consistency=consistency(read_your_writes)
         )
         try:
-            return (await self.stub.GetRun(request)).run
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise_domain(exc)
+            return (await self._call(self.stub.GetRun, request)).run
+        except NotFound:
+            return None
 
     async def find_run_by_idempotency_key(
-        self, environment_id: str, task_identifier: str, key: str, *, read_your_writes: bool = False
+        self,
+        *,
+        environment_id: str,
+        task_identifier: str,
+        idempotency_key: str,
+        read_your_writes: bool = False,
     ) -> common_pb2.Run | None:
         request = m.FindRunByIdempotencyKeyRequest(
             environment_id=environment_id,
             task_identifier=task_identifier,
-            idempotency_key=key,
+            idempotency_key=idempotency_key,
             consistency=consistency(read_your_writes),
         )
-        try:
-            reply = await self.stub.FindRunByIdempotencyKey(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        reply = await self._call(self.stub.FindRunByIdempotencyKey, request)
         return reply.run if reply.HasField("run") else None
 
     async def reset_idempotency_key(
-        self, environment_id: str, task_identifier: str, key: str
+        self, *, environment_id: str, task_identifier: str, idempotency_key: str
     ) -> m.ResetIdempotencyKeyResponse:
         request = m.ResetIdempotencyKeyRequest(
-            environment_id=environment_id, task_identifier=task_identifier, idempotency_key=key
+            environment_id=environment_id,
+            task_identifier=task_identifier,
+            idempotency_key=idempotency_key,
         )
-        try:
-            return await self.stub.ResetIdempotencyKey(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        return await self._call(self.stub.ResetIdempotencyKey, request)
 
     async def buffer_stats(self, environment_id: str = "") -> m.GetBufferStatsResponse:
-        try:
-            return await self.stub.GetBufferStats(
-                m.GetBufferStatsRequest(environment_id=environment_id)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        request = m.GetBufferStatsRequest(environment_id=environment_id)
+        return await self._call(self.stub.GetBufferStats, request)
 
     # -- claims (batch ingest) ----------------------------------------------------------------
     async def claim_keys(
         self,
+        *,
         environment_id: str,
         keys: Sequence[KeyToClaim],
-        *,
         wait: timedelta | None = None,
     ) -> list[KeyClaim]:
         """One answer per key, in order; more than MAX_KEYS_PER_CALL keys are sent in several
@@ -139,10 +132,7 @@ class MollifierClient(ServiceClient):
                 )
                 if key.expires_at is not None:
                     item.idempotency_key_expires_at.FromDatetime(key.expires_at)
-            try:
-                reply = await self.stub.ClaimIdempotencyKeys(request)
-            except grpc.aio.AioRpcError as exc:
-                raise_domain(exc)
+            reply = await self._call(self.stub.ClaimIdempotencyKeys, request)
             answers.extend(
                 KeyClaim(key, ClaimOutcome(r.outcome), r.claim_token, r.existing_run_id)
                 for key, r in zip(chunk, reply.results, strict=True)
@@ -150,7 +140,7 @@ class MollifierClient(ServiceClient):
         return answers
 
     async def publish_keys(
-        self, environment_id: str, published: Sequence[tuple[KeyClaim, str]]
+        self, *, environment_id: str, published: Sequence[tuple[KeyClaim, str]]
     ) -> list[bool]:
         """(claim, run id written for it) each: True where the token still owned the claim."""
         results: list[bool] = []
@@ -163,13 +153,10 @@ class MollifierClient(ServiceClient):
                     claim_token=claim.claim_token,
                     run_id=run_id,
                 )
-            try:
-                results.extend((await self.stub.PublishIdempotencyKeys(request)).published)
-            except grpc.aio.AioRpcError as exc:
-                raise_domain(exc)
+            results.extend((await self._call(self.stub.PublishIdempotencyKeys, request)).published)
         return results
 
-    async def release_keys(self, environment_id: str, claims: Sequence[KeyClaim]) -> list[bool]:
+    async def release_keys(self, *, environment_id: str, claims: Sequence[KeyClaim]) -> list[bool]:
         """Claims whose runs were not written; True where the token still owned the claim."""
         results: list[bool] = []
         for start in range(0, len(claims), MAX_KEYS_PER_CALL):
@@ -180,8 +167,5 @@ class MollifierClient(ServiceClient):
                     idempotency_key=claim.key.idempotency_key,
                     claim_token=claim.claim_token,
                 )
-            try:
-                results.extend((await self.stub.ReleaseIdempotencyKeys(request)).released)
-            except grpc.aio.AioRpcError as exc:
-                raise_domain(exc)
+            results.extend((await self._call(self.stub.ReleaseIdempotencyKeys, request)).released)
         return results

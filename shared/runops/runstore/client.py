@@ -6,18 +6,22 @@ kit maps to retryable statuses for the caller's own caller.
 
     async with RunStoreClient(target, token=internal_token) as run_store:
         results = await run_store.create_runs([rs.RunInput(...), ...])
-        batch = await run_store.get_batch("batch_…", environment_id, read_your_writes=True)
+        batch = await run_store.get_batch(
+            environment_id=environment_id, batch_id="batch_…", read_your_writes=True
+        )
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import grpc
 
 from runops.common.v1 import common_pb2
-from runops.kit.clients import ServiceClient, consistency, raise_domain
+from runops.kit.clients import ServiceClient, consistency
+from runops.kit.errors import NotFound
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 
@@ -40,115 +44,125 @@ class RunStoreClient(ServiceClient):
 
     # -- runs -----------------------------------------------------------------------------------
     async def create_run(self, run: rs.RunInput) -> rs.CreateRunResponse:
-        try:
-            return await self.stub.CreateRun(rs.CreateRunRequest(run=run))
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        return await self._call(self.stub.CreateRun, rs.CreateRunRequest(run=run))
 
     async def create_runs(self, runs: Sequence[rs.RunInput]) -> list[rs.CreateRunResult]:
         """One round trip; results in request order (a per-run failure is `result.error`).
         Pre-failed / cancelled entries set `RunInput.failed` / `.cancelled`; a drained run
         keeps its `run_id` and `created_at`."""
-        try:
-            reply = await self.stub.CreateRuns(rs.CreateRunsRequest(runs=runs))
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        reply = await self._call(self.stub.CreateRuns, rs.CreateRunsRequest(runs=runs))
         return list(reply.results)
 
     async def get_run(
-        self, run_id: str, environment_id: str, *, read_your_writes: bool = False
+        self, *, environment_id: str, run_id: str, read_your_writes: bool = False
     ) -> common_pb2.Run | None:
         """None when the environment has no such run."""
         request = rs.GetRunRequest(
-            run_id=run_id, environment_id=environment_id, consistency=consistency(read_your_writes)
+            environment_id=environment_id, run_id=run_id, consistency=consistency(read_your_writes)
         )
         try:
-            return (await self.stub.GetRun(request)).run
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise_domain(exc)
+            return (await self._call(self.stub.GetRun, request)).run
+        except NotFound:
+            return None
 
     async def find_run_by_idempotency_key(
-        self, environment_id: str, task_identifier: str, key: str, *, read_your_writes: bool = False
+        self,
+        *,
+        environment_id: str,
+        task_identifier: str,
+        idempotency_key: str,
+        read_your_writes: bool = False,
     ) -> common_pb2.Run | None:
         request = rs.FindRunByIdempotencyKeyRequest(
             environment_id=environment_id,
             task_identifier=task_identifier,
-            idempotency_key=key,
+            idempotency_key=idempotency_key,
             consistency=consistency(read_your_writes),
         )
-        try:
-            reply = await self.stub.FindRunByIdempotencyKey(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        reply = await self._call(self.stub.FindRunByIdempotencyKey, request)
         return reply.run if reply.HasField("run") else None
 
     async def reset_idempotency_key(
-        self, environment_id: str, task_identifier: str, key: str
+        self, *, environment_id: str, task_identifier: str, idempotency_key: str
     ) -> int:
         """How many runs (in either database) held the key."""
         request = rs.ResetIdempotencyKeyRequest(
-            environment_id=environment_id, task_identifier=task_identifier, idempotency_key=key
+            environment_id=environment_id,
+            task_identifier=task_identifier,
+            idempotency_key=idempotency_key,
         )
-        try:
-            return (await self.stub.ResetIdempotencyKey(request)).cleared_count
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        return (await self._call(self.stub.ResetIdempotencyKey, request)).cleared_count
+
+    # -- run mutations --------------------------------------------------------------------------
+    async def add_run_tags(
+        self, *, environment_id: str, run_id: str, tags: Sequence[str]
+    ) -> common_pb2.Run:
+        request = rs.AddRunTagsRequest(environment_id=environment_id, run_id=run_id, tags=tags)
+        return (await self._call(self.stub.AddRunTags, request)).run
+
+    async def update_run_metadata(
+        self, *, environment_id: str, run_id: str, metadata: str, metadata_type: str
+    ) -> common_pb2.Run:
+        request = rs.UpdateRunMetadataRequest(
+            environment_id=environment_id,
+            run_id=run_id,
+            metadata=metadata,
+            metadata_type=metadata_type,
+        )
+        return (await self._call(self.stub.UpdateRunMetadata, request)).run
+
+    async def reschedule_run(
+        self, *, environment_id: str, run_id: str, delay_until: datetime
+    ) -> common_pb2.Run:
+        request = rs.RescheduleRunRequest(environment_id=environment_id, run_id=run_id)
+        request.delay_until.FromDatetime(delay_until)
+        return (await self._call(self.stub.RescheduleRun, request)).run
+
+    async def cancel_run(self, *, environment_id: str, run_id: str, reason: str) -> common_pb2.Run:
+        request = rs.CancelRunRequest(environment_id=environment_id, run_id=run_id, reason=reason)
+        return (await self._call(self.stub.CancelRun, request)).run
 
     # -- batches --------------------------------------------------------------------------------
     async def create_batch(self, request: rs.CreateBatchRequest) -> rs.CreateBatchResponse:
-        try:
-            return await self.stub.CreateBatch(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        return await self._call(self.stub.CreateBatch, request)
 
     async def get_batch(
-        self, batch_id: str, environment_id: str, *, read_your_writes: bool = False
+        self, *, environment_id: str, batch_id: str, read_your_writes: bool = False
     ) -> common_pb2.Batch:
         request = rs.GetBatchRequest(
-            batch_id=batch_id,
             environment_id=environment_id,
+            batch_id=batch_id,
             consistency=consistency(read_your_writes),
         )
-        try:
-            return (await self.stub.GetBatch(request)).batch
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        return (await self._call(self.stub.GetBatch, request)).batch
 
     async def accept_batch_items(
-        self, batch_id: str, environment_id: str, items: Sequence[rs.BatchItemInput]
+        self, *, environment_id: str, batch_id: str, items: Sequence[rs.BatchItemInput]
     ) -> rs.AcceptBatchItemsResponse:
         """One chunk, one transaction. FAILED_PRECONDITION (BATCH_SEALED / BATCH_ABORTED) and
         INVALID_ARGUMENT (INDEX_OUT_OF_RANGE, naming items[k].index) raise domain errors."""
         request = rs.AcceptBatchItemsRequest(
-            batch_id=batch_id, environment_id=environment_id, items=items
+            environment_id=environment_id, batch_id=batch_id, items=items
         )
-        try:
-            return await self.stub.AcceptBatchItems(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        return await self._call(self.stub.AcceptBatchItems, request)
 
     async def missing_ranges(
         self,
-        batch_id: str,
-        environment_id: str,
         *,
+        environment_id: str,
+        batch_id: str,
         max_ranges: int = 0,
         read_your_writes: bool = True,
     ) -> MissingRanges:
         """The index ranges not accepted yet (read-your-writes by default: asked right after
         writing chunks)."""
         request = rs.GetBatchMissingRangesRequest(
-            batch_id=batch_id,
             environment_id=environment_id,
+            batch_id=batch_id,
             max_ranges=max_ranges,
             consistency=consistency(read_your_writes),
         )
-        try:
-            reply = await self.stub.GetBatchMissingRanges(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        reply = await self._call(self.stub.GetBatchMissingRanges, request)
         return MissingRanges(
             [(r.start, r.end) for r in reply.ranges],
             reply.truncated,
@@ -156,42 +170,36 @@ class RunStoreClient(ServiceClient):
             reply.accepted_count,
         )
 
-    async def seal_batch(self, batch_id: str, environment_id: str) -> rs.SealBatchResponse:
+    async def seal_batch(self, *, environment_id: str, batch_id: str) -> rs.SealBatchResponse:
         """`outcome` says what happened (SEALED, ALREADY_SEALED, COUNT_MISMATCH, ABORTED)."""
-        request = rs.SealBatchRequest(batch_id=batch_id, environment_id=environment_id)
-        try:
-            return await self.stub.SealBatch(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        request = rs.SealBatchRequest(environment_id=environment_id, batch_id=batch_id)
+        return await self._call(self.stub.SealBatch, request)
 
     async def list_batch_runs(
         self,
-        batch_id: str,
-        environment_id: str,
         *,
+        environment_id: str,
+        batch_id: str,
         page_size: int = 0,
         page_token: str = "",
         read_your_writes: bool = False,
     ) -> tuple[list[common_pb2.Run], str]:
         """A page of runs by batch index and the next page's token ("" at the end)."""
         request = rs.ListBatchRunsRequest(
-            batch_id=batch_id,
             environment_id=environment_id,
+            batch_id=batch_id,
             page_size=page_size,
             page_token=page_token,
             consistency=consistency(read_your_writes),
         )
-        try:
-            reply = await self.stub.ListBatchRuns(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        reply = await self._call(self.stub.ListBatchRuns, request)
         return list(reply.runs), reply.next_page_token
 
     async def list_batch_items(
         self,
-        batch_id: str,
-        environment_id: str,
         *,
+        environment_id: str,
+        batch_id: str,
         filter: rs.BatchItemFilter.ValueType = rs.BATCH_ITEM_FILTER_UNSPECIFIED,
         page_size: int = 0,
         page_token: str = "",
@@ -199,14 +207,11 @@ class RunStoreClient(ServiceClient):
     ) -> rs.ListBatchItemsResponse:
         """A page of the batch's items (run id, linked, pre-failed) by index."""
         request = rs.ListBatchItemsRequest(
-            batch_id=batch_id,
             environment_id=environment_id,
+            batch_id=batch_id,
             filter=filter,
             page_size=page_size,
             page_token=page_token,
             consistency=consistency(read_your_writes),
         )
-        try:
-            return await self.stub.ListBatchItems(request)
-        except grpc.aio.AioRpcError as exc:
-            raise_domain(exc)
+        return await self._call(self.stub.ListBatchItems, request)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erunops/common/v1/options.proto\x12\x10runops.common.v1\x1a google/protobuf/descriptor.proto*\x91\x01\n\x0b\x41\x63\x63\x65ssLevel\x12\x1c\n\x18\x41\x43\x43\x45SS_LEVEL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43\x43\x45SS_LEVEL_PUBLIC\x10\x01\x12\x19\n\x15\x41\x43\x43\x45SS_LEVEL_INTERNAL\x10\x02\x12\x16\n\x12\x41\x43\x43\x45SS_LEVEL_ADMIN\x10\x03\x12\x18\n\x14\x41\x43\x43\x45SS_LEVEL_API_KEY\x10\x04:O\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0e\x32\x1d.runops.common.v1.AccessLevel:3\n\nmax_length\x12\x1d.google.protobuf.FieldOptions\x18\xba\x8e\x03 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erunops/common/v1/options.proto\x12\x10runops.common.v1\x1a google/protobuf/descriptor.proto*\x91\x01\n\x0b\x41\x63\x63\x65ssLevel\x12\x1c\n\x18\x41\x43\x43\x45SS_LEVEL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43\x43\x45SS_LEVEL_PUBLIC\x10\x01\x12\x19\n\x15\x41\x43\x43\x45SS_LEVEL_INTERNAL\x10\x02\x12\x16\n\x12\x41\x43\x43\x45SS_LEVEL_ADMIN\x10\x03\x12\x18\n\x14\x41\x43\x43\x45SS_LEVEL_API_KEY\x10\x04:O\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0e\x32\x1d.runops.common.v1.AccessLevel:3\n\nmax_length\x12\x1d.google.protobuf.FieldOptions\x18\xba\x8e\x03 \x01(\r:0\n\x07log_key\x12\x1d.google.protobuf.FieldOptions\x18\xbb\x8e\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

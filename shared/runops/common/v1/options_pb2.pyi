@@ -54,9 +54,15 @@ Global___AccessLevel: _TypeAlias = AccessLevel  # noqa: Y015
 
 ACCESS_FIELD_NUMBER: _builtins.int
 MAX_LENGTH_FIELD_NUMBER: _builtins.int
+LOG_KEY_FIELD_NUMBER: _builtins.int
 access: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___AccessLevel.ValueType]
 """The method's access level, declared once in the contract."""
 max_length: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.int]
 """The most characters a string field (or each element of a repeated one) may hold; fields
 without it get the kit's default cap. Checked for every request before any handler runs.
+"""
+log_key: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.str]
+"""The log-context key ("environment_id", "batch_id" or "run_id") a field holding an entity's
+id is bound under when the kit finds it in a call's request or answer, e.g. a batch's
+friendly_id. Fields named like a key need no option: the kit binds those by name.
 """

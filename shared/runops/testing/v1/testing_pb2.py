@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from runops.common.v1 import options_pb2 as runops_dot_common_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frunops/testing/v1/testing.proto\x12\x11runops.testing.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1erunops/common/v1/options.proto\"\x96\x03\n\x05Probe\x12\x11\n\tbehaviour\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\nshort_text\x18\x03 \x01(\tB\x04\xd0\xf3\x18\x10\x12\r\n\x05names\x18\x04 \x03(\t\x12(\n\x05\x64\x65lay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06nested\x18\x06 \x01(\x0b\x32\x19.runops.testing.v1.Nested\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.runops.testing.v1.Probe.LabelsEntry\x12\x0c\n\x04\x62lob\x18\x08 \x01(\x0c\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x0bpicked_text\x18\n \x01(\tH\x00\x12\x32\n\rpicked_nested\x18\x0b \x01(\x0b\x32\x19.runops.testing.v1.NestedH\x00\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x63hoice\"C\n\x06Nested\x12\x0c\n\x04note\x18\x01 \x01(\t\x12+\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x19.runops.testing.v1.Nested\"O\n\x04\x45\x63ho\x12\x11\n\tbehaviour\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x16\n\x0etime_remaining\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\"8\n\rBehaveRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"7\n\x0e\x42\x65haveResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\";\n\x10\x41\x64minOnlyRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\":\n\x11\x41\x64minOnlyResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"6\n\x0bOpenRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"5\n\x0cOpenResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"<\n\x11WithApiKeyRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\";\n\x12WithApiKeyResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"<\n\x11UndeclaredRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\";\n\x12UndeclaredResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\";\n\x0cWatchRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\rWatchResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"8\n\rUploadRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"1\n\x0eUploadResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xf9\x04\n\x0eTestingService\x12S\n\x06\x42\x65have\x12 .runops.testing.v1.BehaveRequest\x1a!.runops.testing.v1.BehaveResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\tAdminOnly\x12#.runops.testing.v1.AdminOnlyRequest\x1a$.runops.testing.v1.AdminOnlyResponse\"\x04\xc8\xf3\x18\x03\x12M\n\x04Open\x12\x1e.runops.testing.v1.OpenRequest\x1a\x1f.runops.testing.v1.OpenResponse\"\x04\xc8\xf3\x18\x01\x12_\n\nWithApiKey\x12$.runops.testing.v1.WithApiKeyRequest\x1a%.runops.testing.v1.WithApiKeyResponse\"\x04\xc8\xf3\x18\x04\x12Y\n\nUndeclared\x12$.runops.testing.v1.UndeclaredRequest\x1a%.runops.testing.v1.UndeclaredResponse\x12R\n\x05Watch\x12\x1f.runops.testing.v1.WatchRequest\x1a .runops.testing.v1.WatchResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12U\n\x06Upload\x12 .runops.testing.v1.UploadRequest\x1a!.runops.testing.v1.UploadResponse\"\x04\xc8\xf3\x18\x02(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frunops/testing/v1/testing.proto\x12\x11runops.testing.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1erunops/common/v1/options.proto\"\xd0\x03\n\x05Probe\x12\x11\n\tbehaviour\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\nshort_text\x18\x03 \x01(\tB\x04\xd0\xf3\x18\x10\x12\r\n\x05names\x18\x04 \x03(\t\x12(\n\x05\x64\x65lay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06nested\x18\x06 \x01(\x0b\x32\x19.runops.testing.v1.Nested\x12\x34\n\x06labels\x18\x07 \x03(\x0b\x32$.runops.testing.v1.Probe.LabelsEntry\x12\x0c\n\x04\x62lob\x18\x08 \x01(\x0c\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x0bpicked_text\x18\n \x01(\tH\x00\x12\x32\n\rpicked_nested\x18\x0b \x01(\x0b\x32\x19.runops.testing.v1.NestedH\x00\x12\x16\n\x0e\x65nvironment_id\x18\x0c \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\r \x01(\t\x12\x0e\n\x06run_id\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x63hoice\"C\n\x06Nested\x12\x0c\n\x04note\x18\x01 \x01(\t\x12+\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x19.runops.testing.v1.Nested\"r\n\x04\x45\x63ho\x12\x11\n\tbehaviour\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x16\n\x0etime_remaining\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12!\n\rminted_run_id\x18\x05 \x01(\tB\n\xda\xf3\x18\x06run_id\"8\n\rBehaveRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"7\n\x0e\x42\x65haveResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\";\n\x10\x41\x64minOnlyRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\":\n\x11\x41\x64minOnlyResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"6\n\x0bOpenRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"5\n\x0cOpenResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"<\n\x11WithApiKeyRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\";\n\x12WithApiKeyResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\"<\n\x11UndeclaredRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\";\n\x12UndeclaredResponse\x12%\n\x04\x65\x63ho\x18\x01 \x01(\x0b\x32\x17.runops.testing.v1.Echo\";\n\x0cWatchRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\rWatchResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"8\n\rUploadRequest\x12\'\n\x05probe\x18\x01 \x01(\x0b\x32\x18.runops.testing.v1.Probe\"1\n\x0eUploadResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xf9\x04\n\x0eTestingService\x12S\n\x06\x42\x65have\x12 .runops.testing.v1.BehaveRequest\x1a!.runops.testing.v1.BehaveResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\tAdminOnly\x12#.runops.testing.v1.AdminOnlyRequest\x1a$.runops.testing.v1.AdminOnlyResponse\"\x04\xc8\xf3\x18\x03\x12M\n\x04Open\x12\x1e.runops.testing.v1.OpenRequest\x1a\x1f.runops.testing.v1.OpenResponse\"\x04\xc8\xf3\x18\x01\x12_\n\nWithApiKey\x12$.runops.testing.v1.WithApiKeyRequest\x1a%.runops.testing.v1.WithApiKeyResponse\"\x04\xc8\xf3\x18\x04\x12Y\n\nUndeclared\x12$.runops.testing.v1.UndeclaredRequest\x1a%.runops.testing.v1.UndeclaredResponse\x12R\n\x05Watch\x12\x1f.runops.testing.v1.WatchRequest\x1a .runops.testing.v1.WatchResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12U\n\x06Upload\x12 .runops.testing.v1.UploadRequest\x1a!.runops.testing.v1.UploadResponse\"\x04\xc8\xf3\x18\x02(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROBE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_PROBE'].fields_by_name['short_text']._loaded_options = None
   _globals['_PROBE'].fields_by_name['short_text']._serialized_options = b'\320\363\030\020'
+  _globals['_ECHO'].fields_by_name['minted_run_id']._loaded_options = None
+  _globals['_ECHO'].fields_by_name['minted_run_id']._serialized_options = b'\332\363\030\006run_id'
   _globals['_TESTINGSERVICE'].methods_by_name['Behave']._loaded_options = None
   _globals['_TESTINGSERVICE'].methods_by_name['Behave']._serialized_options = b'\310\363\030\002'
   _globals['_TESTINGSERVICE'].methods_by_name['AdminOnly']._loaded_options = None
@@ -51,41 +53,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TESTINGSERVICE'].methods_by_name['Upload']._loaded_options = None
   _globals['_TESTINGSERVICE'].methods_by_name['Upload']._serialized_options = b'\310\363\030\002'
   _globals['_PROBE']._serialized_start=152
-  _globals['_PROBE']._serialized_end=558
-  _globals['_PROBE_LABELSENTRY']._serialized_start=503
-  _globals['_PROBE_LABELSENTRY']._serialized_end=548
-  _globals['_NESTED']._serialized_start=560
-  _globals['_NESTED']._serialized_end=627
-  _globals['_ECHO']._serialized_start=629
-  _globals['_ECHO']._serialized_end=708
-  _globals['_BEHAVEREQUEST']._serialized_start=710
-  _globals['_BEHAVEREQUEST']._serialized_end=766
-  _globals['_BEHAVERESPONSE']._serialized_start=768
-  _globals['_BEHAVERESPONSE']._serialized_end=823
-  _globals['_ADMINONLYREQUEST']._serialized_start=825
-  _globals['_ADMINONLYREQUEST']._serialized_end=884
-  _globals['_ADMINONLYRESPONSE']._serialized_start=886
-  _globals['_ADMINONLYRESPONSE']._serialized_end=944
-  _globals['_OPENREQUEST']._serialized_start=946
-  _globals['_OPENREQUEST']._serialized_end=1000
-  _globals['_OPENRESPONSE']._serialized_start=1002
-  _globals['_OPENRESPONSE']._serialized_end=1055
-  _globals['_WITHAPIKEYREQUEST']._serialized_start=1057
-  _globals['_WITHAPIKEYREQUEST']._serialized_end=1117
-  _globals['_WITHAPIKEYRESPONSE']._serialized_start=1119
-  _globals['_WITHAPIKEYRESPONSE']._serialized_end=1178
-  _globals['_UNDECLAREDREQUEST']._serialized_start=1180
-  _globals['_UNDECLAREDREQUEST']._serialized_end=1240
-  _globals['_UNDECLAREDRESPONSE']._serialized_start=1242
-  _globals['_UNDECLAREDRESPONSE']._serialized_end=1301
-  _globals['_WATCHREQUEST']._serialized_start=1303
-  _globals['_WATCHREQUEST']._serialized_end=1362
-  _globals['_WATCHRESPONSE']._serialized_start=1364
-  _globals['_WATCHRESPONSE']._serialized_end=1397
-  _globals['_UPLOADREQUEST']._serialized_start=1399
-  _globals['_UPLOADREQUEST']._serialized_end=1455
-  _globals['_UPLOADRESPONSE']._serialized_start=1457
-  _globals['_UPLOADRESPONSE']._serialized_end=1506
-  _globals['_TESTINGSERVICE']._serialized_start=1509
-  _globals['_TESTINGSERVICE']._serialized_end=2142
+  _globals['_PROBE']._serialized_end=616
+  _globals['_PROBE_LABELSENTRY']._serialized_start=561
+  _globals['_PROBE_LABELSENTRY']._serialized_end=606
+  _globals['_NESTED']._serialized_start=618
+  _globals['_NESTED']._serialized_end=685
+  _globals['_ECHO']._serialized_start=687
+  _globals['_ECHO']._serialized_end=801
+  _globals['_BEHAVEREQUEST']._serialized_start=803
+  _globals['_BEHAVEREQUEST']._serialized_end=859
+  _globals['_BEHAVERESPONSE']._serialized_start=861
+  _globals['_BEHAVERESPONSE']._serialized_end=916
+  _globals['_ADMINONLYREQUEST']._serialized_start=918
+  _globals['_ADMINONLYREQUEST']._serialized_end=977
+  _globals['_ADMINONLYRESPONSE']._serialized_start=979
+  _globals['_ADMINONLYRESPONSE']._serialized_end=1037
+  _globals['_OPENREQUEST']._serialized_start=1039
+  _globals['_OPENREQUEST']._serialized_end=1093
+  _globals['_OPENRESPONSE']._serialized_start=1095
+  _globals['_OPENRESPONSE']._serialized_end=1148
+  _globals['_WITHAPIKEYREQUEST']._serialized_start=1150
+  _globals['_WITHAPIKEYREQUEST']._serialized_end=1210
+  _globals['_WITHAPIKEYRESPONSE']._serialized_start=1212
+  _globals['_WITHAPIKEYRESPONSE']._serialized_end=1271
+  _globals['_UNDECLAREDREQUEST']._serialized_start=1273
+  _globals['_UNDECLAREDREQUEST']._serialized_end=1333
+  _globals['_UNDECLAREDRESPONSE']._serialized_start=1335
+  _globals['_UNDECLAREDRESPONSE']._serialized_end=1394
+  _globals['_WATCHREQUEST']._serialized_start=1396
+  _globals['_WATCHREQUEST']._serialized_end=1455
+  _globals['_WATCHRESPONSE']._serialized_start=1457
+  _globals['_WATCHRESPONSE']._serialized_end=1490
+  _globals['_UPLOADREQUEST']._serialized_start=1492
+  _globals['_UPLOADREQUEST']._serialized_end=1548
+  _globals['_UPLOADRESPONSE']._serialized_start=1550
+  _globals['_UPLOADRESPONSE']._serialized_end=1599
+  _globals['_TESTINGSERVICE']._serialized_start=1602
+  _globals['_TESTINGSERVICE']._serialized_end=2235
 # @@protoc_insertion_point(module_scope)

@@ -57,12 +57,19 @@ class Probe(_message.Message):
     AT_FIELD_NUMBER: _builtins.int
     PICKED_TEXT_FIELD_NUMBER: _builtins.int
     PICKED_NESTED_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
     behaviour: _builtins.str
     text: _builtins.str
     """The kit's default cap applies."""
     short_text: _builtins.str
     blob: _builtins.bytes
     picked_text: _builtins.str
+    environment_id: _builtins.str
+    """Ids the kit binds to the call's log lines, found by name below the request."""
+    batch_id: _builtins.str
+    run_id: _builtins.str
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -89,10 +96,13 @@ class Probe(_message.Message):
         at: _timestamp_pb2.Timestamp | None = ...,
         picked_text: _builtins.str = ...,
         picked_nested: Global___Nested | None = ...,
+        environment_id: _builtins.str = ...,
+        batch_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "choice", b"choice", "delay", b"delay", "nested", b"nested", "picked_nested", b"picked_nested", "picked_text", b"picked_text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "behaviour", b"behaviour", "blob", b"blob", "choice", b"choice", "delay", b"delay", "labels", b"labels", "names", b"names", "nested", b"nested", "picked_nested", b"picked_nested", "picked_text", b"picked_text", "short_text", b"short_text", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "batch_id", b"batch_id", "behaviour", b"behaviour", "blob", b"blob", "choice", b"choice", "delay", b"delay", "environment_id", b"environment_id", "labels", b"labels", "names", b"names", "nested", b"nested", "picked_nested", b"picked_nested", "picked_text", b"picked_text", "run_id", b"run_id", "short_text", b"short_text", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_choice: _TypeAlias = _typing.Literal["picked_text", "picked_nested"]  # noqa: Y015
     _WhichOneofArgType_choice: _TypeAlias = _typing.Literal["choice", b"choice"]  # noqa: Y015
@@ -131,12 +141,15 @@ class Echo(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     TIME_REMAINING_FIELD_NUMBER: _builtins.int
     CALLER_FIELD_NUMBER: _builtins.int
+    MINTED_RUN_ID_FIELD_NUMBER: _builtins.int
     behaviour: _builtins.str
     text: _builtins.str
     time_remaining: _builtins.float
     """Seconds the server had left when it answered ("deadline"), or what a relay saw."""
     caller: _builtins.str
     """Who the server took the caller for."""
+    minted_run_id: _builtins.str
+    """A run the server made up ("mint:<run id>"): the kit binds it from the answer."""
     def __init__(
         self,
         *,
@@ -144,10 +157,11 @@ class Echo(_message.Message):
         text: _builtins.str = ...,
         time_remaining: _builtins.float = ...,
         caller: _builtins.str = ...,
+        minted_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["behaviour", b"behaviour", "caller", b"caller", "text", b"text", "time_remaining", b"time_remaining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["behaviour", b"behaviour", "caller", b"caller", "minted_run_id", b"minted_run_id", "text", b"text", "time_remaining", b"time_remaining"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -80,7 +80,7 @@ class TestingServiceServicer:
 
     def Behave(self, request, context):
         """Behaves as `probe.behaviour` says: "" (echo), "sleep:<seconds>", "missing", "invalid",
-        "boom", "pg-down", "deadline", "relay:<target>".
+        "boom", "pg-down", "deadline", "relay:<target>", "log", "mint:<run id>".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

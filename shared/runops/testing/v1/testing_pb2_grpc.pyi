@@ -37,7 +37,7 @@ class TestingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TestingServiceAsyncStub: ...
     Behave: _grpc.UnaryUnaryMultiCallable[_testing_pb2.BehaveRequest, _testing_pb2.BehaveResponse]
     """Behaves as `probe.behaviour` says: "" (echo), "sleep:<seconds>", "missing", "invalid",
-    "boom", "pg-down", "deadline", "relay:<target>".
+    "boom", "pg-down", "deadline", "relay:<target>", "log", "mint:<run id>".
     """
     AdminOnly: _grpc.UnaryUnaryMultiCallable[_testing_pb2.AdminOnlyRequest, _testing_pb2.AdminOnlyResponse]
     Open: _grpc.UnaryUnaryMultiCallable[_testing_pb2.OpenRequest, _testing_pb2.OpenResponse]
@@ -58,7 +58,7 @@ class TestingServiceAsyncStub(TestingServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Behave: _aio.UnaryUnaryMultiCallable[_testing_pb2.BehaveRequest, _testing_pb2.BehaveResponse]  # type: ignore[assignment]
     """Behaves as `probe.behaviour` says: "" (echo), "sleep:<seconds>", "missing", "invalid",
-    "boom", "pg-down", "deadline", "relay:<target>".
+    "boom", "pg-down", "deadline", "relay:<target>", "log", "mint:<run id>".
     """
     AdminOnly: _aio.UnaryUnaryMultiCallable[_testing_pb2.AdminOnlyRequest, _testing_pb2.AdminOnlyResponse]  # type: ignore[assignment]
     Open: _aio.UnaryUnaryMultiCallable[_testing_pb2.OpenRequest, _testing_pb2.OpenResponse]  # type: ignore[assignment]
@@ -82,7 +82,7 @@ class TestingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_testing_pb2.BehaveResponse, _abc.Awaitable[_testing_pb2.BehaveResponse]]:
         """Behaves as `probe.behaviour` says: "" (echo), "sleep:<seconds>", "missing", "invalid",
-        "boom", "pg-down", "deadline", "relay:<target>".
+        "boom", "pg-down", "deadline", "relay:<target>", "log", "mint:<run id>".
         """
 
     @_abc_1.abstractmethod

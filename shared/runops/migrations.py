@@ -1,13 +1,13 @@
 """Plain-SQL schema migrations shipped by the service packages.
 
 Files live at `services/<service>/migrations/<database>/NNNN_<name>.sql`, <database> being
-`controlplane` or `runops`, one its `runops.kit.registry` entry declares; files in
+`controlplane` or `runops`, one its `runops.registry` entry declares; files in
 `migrations/all/` apply to every database the entry declares (one schema in several databases,
 like the run store's tables in the LEGACY and NEW stores). `migrate()` applies
 the ones not applied yet, service by service in the registry's order, each file in its own
 transaction, under an advisory lock so concurrent starters (several replicas of a service) do
 not race. Applied files are recorded in runops_schema_migrations. Operators run it with
-`python -m runops.kit.migrations --dsn postgresql://... --database runops`.
+`python -m runops.migrations --dsn postgresql://... --database runops`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import asyncpg
 
-from runops.kit import registry
+from runops import registry
 
 DATABASES = registry.DATABASES
 # services/<service>/migrations/all/: applied to each database the service's entry lists.
@@ -74,7 +74,7 @@ def discover(database: str) -> list[Migration]:
                 # The registry is what says which databases a service needs: keep it true.
                 raise MigrationError(
                     f"{directory} has migrations, but the registry entry of {service} "
-                    f"(runops.kit.registry) does not list database {database!r}"
+                    f"(runops.registry) does not list database {database!r}"
                 )
             for path in files:
                 match = _FILE_NAME.match(path.name)
@@ -137,7 +137,7 @@ async def _apply(conn: asyncpg.Connection, migration: Migration) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m runops.kit.migrations",
+        prog="python -m runops.migrations",
         description="Apply pending runops SQL migrations to one database.",
     )
     parser.add_argument("--dsn", required=True, help="writer DSN, postgresql://user@host:port/db")

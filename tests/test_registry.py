@@ -1,4 +1,4 @@
-"""runops.kit.registry agrees with what is really there: protos, generated code, service
+"""runops.registry agrees with what is really there: protos, generated code, service
 packages and their settings, migrations folders, the Docker and Kubernetes manifests."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pool
 
-from runops.kit import registry
-from runops.kit.migrations import EVERY_DATABASE, discover
+from runops import registry
 from runops.kit.postgres import DatabaseSettings
 from runops.kit.settings import ENV_PREFIX, ServerSettings
+from runops.migrations import EVERY_DATABASE, discover
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_proto_package_is_registered_and_every_registered_one_exists() -> None:

@@ -1,0 +1,60 @@
+"""What the control plane answers, shared by the server and its client helper: the API-key
+hash, the task selection of a resolved worker, and the refusals both raise (a client answering
+from its cache refuses exactly as the server would)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from runops.controlplane.v1 import controlplane_pb2 as cp
+from runops.kit.errors import FieldViolation, NotFound, Unauthenticated, not_found
+
+WorkerResolution = tuple[cp.BackgroundWorker, tuple[cp.TaskDefinition, ...]]
+
+
+# Reasons of a confirmed absence: cached like a found value, by the server and by clients.
+INVALID_API_KEY = "INVALID_API_KEY"
+ENVIRONMENT_NOT_FOUND = "ENVIRONMENT_NOT_FOUND"
+ORGANIZATION_NOT_FOUND = "ORGANIZATION_NOT_FOUND"
+
+
+def invalid_api_key() -> Unauthenticated:
+    """One answer for every key that is not live (wrong, rotated, malformed, empty), so a
+    caller learns nothing about why."""
+    return Unauthenticated("the API key is not valid", reason=INVALID_API_KEY)
+
+
+def environment_not_found(environment_id: str) -> NotFound:
+    return not_found("environment", environment_id, "environment_id")
+
+
+def organization_not_found(organization_id: str) -> NotFound:
+    return not_found("organization", organization_id, "organization_id")
+
+
+def hash_api_key(api_key: str) -> bytes:
+    """sha256 of the key: what is stored, indexed, cached and named in invalidations."""
+    return hashlib.sha256(api_key.encode()).digest()
+
+
+def select_tasks(resolution: WorkerResolution, wanted: Sequence[str]) -> WorkerResolution:
+    """The resolution with only the `wanted` tasks, in that order (all of them when empty);
+    NotFound naming each `task_identifiers[i]` the worker does not have."""
+    worker, tasks = resolution
+    if not wanted:
+        return resolution
+    by_id = {t.task_identifier: t for t in tasks}
+    unknown = [(i, task) for i, task in enumerate(wanted) if task not in by_id]
+    if unknown:
+        names = ", ".join(task for _, task in unknown)
+        raise NotFound(
+            f"worker {worker.version} has no task {names}",
+            reason="TASK_NOT_FOUND",
+            metadata={"worker_id": worker.id, "tasks": names},
+            violations=[
+                FieldViolation(f"task_identifiers[{i}]", "is not a task of the resolved worker")
+                for i, _ in unknown
+            ],
+        )
+    return worker, tuple(by_id[task] for task in dict.fromkeys(wanted))
