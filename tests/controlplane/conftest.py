@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from runops.localstack import LocalStack
+from runops.localstack.settings import ADMIN_TOKEN, INTERNAL_TOKEN
 from services.controlplane.app import ControlPlane
 from tests.controlplane.harness import (
-    ADMIN,
-    INTERNAL,
     Seeded,
     Stub,
     seed,
@@ -28,12 +27,12 @@ async def control_plane(stack: LocalStack) -> AsyncIterator[ControlPlane]:
 
 @pytest.fixture(scope="session")
 def admin(control_plane: ControlPlane) -> Stub:
-    return stub(control_plane.app.target, ADMIN)
+    return stub(control_plane.app.target, ADMIN_TOKEN)
 
 
 @pytest.fixture(scope="session")
 def internal(control_plane: ControlPlane) -> Stub:
-    return stub(control_plane.app.target, INTERNAL)
+    return stub(control_plane.app.target, INTERNAL_TOKEN)
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from runops.bench.controlplane import run
 from runops.localstack import LocalStack
-from tests.benchmarks.controlplane import run
 
 
 async def test_benchmark_smoke(stack: LocalStack) -> None:

@@ -12,7 +12,8 @@ import pytest
 from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.errors import details_of
-from tests.controlplane.harness import Stub, expect_error
+from tests.controlplane.harness import Stub
+from tests.harness import expect_error
 
 DEV = common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT
 PROD = common_pb2.ENVIRONMENT_TYPE_PRODUCTION

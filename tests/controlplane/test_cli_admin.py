@@ -19,8 +19,8 @@ from runops.controlplane.v1.controlplane_pb2_grpc import ControlPlaneServiceStub
 from runops.kit.channels import create_channel
 from runops.localstack import LocalStack
 from runops.localstack.services import ServiceProcess
+from runops.localstack.settings import ADMIN_TOKEN, INTERNAL_TOKEN
 from services.controlplane.app import ControlPlane
-from tests.controlplane.harness import ADMIN, INTERNAL
 
 if TYPE_CHECKING:
     from runops.controlplane.v1.controlplane_pb2_grpc import ControlPlaneServiceAsyncStub
@@ -37,7 +37,7 @@ def _no_ambient_connection(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def resolver(control_plane: ControlPlane) -> AsyncIterator[ControlPlaneServiceAsyncStub]:
-    async with create_channel(control_plane.app.target, token=INTERNAL) as channel:
+    async with create_channel(control_plane.app.target, token=INTERNAL_TOKEN) as channel:
         yield ControlPlaneServiceStub(channel)
 
 
@@ -48,7 +48,7 @@ class Cli:
 
     async def __call__(self, *argv: str, connect: bool = True) -> tuple[int, str, str]:
         """(exit code, stdout, stderr) of `runops admin ARGV` (+ target and admin token)."""
-        extra = ["--target", self.target, "--admin-token", ADMIN] if connect else []
+        extra = ["--target", self.target, "--admin-token", ADMIN_TOKEN] if connect else []
         code = await run_admin([*argv, *extra])
         captured = self._capsys.readouterr()
         return code, captured.out, captured.err
@@ -175,7 +175,7 @@ async def test_set_flags(cli: Cli) -> None:
 
 async def test_connection_from_state_dir(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "runops.env").write_text(
-        f"export {TARGET_ENV}={shlex.quote(cli.target)}\nexport {TOKEN_ENV}={shlex.quote(ADMIN)}\n"
+        f"export {TARGET_ENV}={shlex.quote(cli.target)}\nexport {TOKEN_ENV}={shlex.quote(ADMIN_TOKEN)}\n"
     )
     code, out, err = await cli(
         "create-org", "--slug", _slug("sd"), "--title", "From state dir",
@@ -201,8 +201,8 @@ async def test_seed_demo(
     ctx = UpContext(
         stack=stack,
         services=[ServiceProcess("controlplane", port, 0, tmp_path / "controlplane.log")],
-        admin_token=ADMIN,
-        internal_token=INTERNAL,
+        admin_token=ADMIN_TOKEN,
+        internal_token=INTERNAL_TOKEN,
     )
     # On this test's loop (grpc.aio must not meet a second loop in another thread). Twice:
     # the second run finds "demo" taken, as with a reused --state-dir.

@@ -16,17 +16,15 @@ from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.errors import MAX_LISTED_VIOLATIONS, MAX_MESSAGE_CHARS, details_of
 from runops.localstack import LocalStack
+from runops.localstack.settings import ADMIN_TOKEN, INTERNAL_TOKEN
 from services.controlplane.app import ControlPlane
 from tests.controlplane.harness import (
-    ADMIN,
-    INTERNAL,
     Seeded,
     Stub,
     control_plane_process,
-    expect_error,
     stub,
-    until,
 )
+from tests.harness import expect_error, until
 
 METHOD = "/runops.controlplane.v1.ControlPlaneService/"
 REPO = Path(__file__).resolve().parents[2]
@@ -99,7 +97,9 @@ async def test_malformed_bytes_are_invalid_argument(control_plane: ControlPlane,
             f"{METHOD}GetEnvironment"
         )
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call(bytes.fromhex(raw), metadata=(("authorization", f"Bearer {INTERNAL}"),))
+            await call(
+                bytes.fromhex(raw), metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),)
+            )
     details = details_of(info.value)
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.reason == "MALFORMED_REQUEST"
@@ -122,17 +122,17 @@ async def test_the_worst_requests_still_answer_invalid_argument(
         calls = [
             plain.BatchGetEnvironments(
                 cp.BatchGetEnvironmentsRequest(environment_ids=ids),
-                metadata=(("authorization", f"Bearer {INTERNAL}"),),
+                metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),),
             ),
             plain.RegisterWorker(
                 cp.RegisterWorkerRequest(environment_id=seeded.env_id, version="1", tasks=tasks),
-                metadata=(("authorization", f"Bearer {ADMIN}"),),
+                metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),),
             ),
             plain.ResolveWorkerVersion(
                 cp.ResolveWorkerVersionRequest(
                     environment_id=seeded.env_id, task_identifiers=worker
                 ),
-                metadata=(("authorization", f"Bearer {INTERNAL}"),),
+                metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),),
             ),
         ]
         for call in calls:
@@ -155,7 +155,7 @@ async def test_log_lines_carry_the_environment_id(
         # This checkout's code, not whichever the editable install points at.
         PYTHONPATH=f"{REPO / 'shared'}:{REPO}",
     ) as target:
-        other = stub(target, INTERNAL)
+        other = stub(target, INTERNAL_TOKEN)
         await other.GetEnvironment(
             cp.GetEnvironmentRequest(environment_id=seeded.env_id),
             metadata=(("x-request-id", "req-env-log"),),

@@ -18,17 +18,17 @@ from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.errors import FailedPrecondition, NotFound, Unauthenticated
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
+from runops.localstack.settings import INTERNAL_TOKEN
 from services.controlplane.app import ControlPlane
 from tests.controlplane.harness import (
-    INTERNAL,
     Seeded,
     Stub,
     control_plane_process,
     seed,
     start_control_plane,
     stub,
-    until,
 )
+from tests.harness import until
 
 # The bound for "reflects it" on another process and on a subscribed client.
 PROPAGATION_LIMIT_SECONDS = 1.0
@@ -46,12 +46,12 @@ async def second_process(
 
 @pytest.fixture
 def other(second_process: str) -> Stub:
-    return stub(second_process, INTERNAL)
+    return stub(second_process, INTERNAL_TOKEN)
 
 
 @pytest.fixture
 async def client(second_process: str) -> AsyncIterator[ControlPlaneClient]:
-    async with ControlPlaneClient(second_process, token=INTERNAL) as subscribed:
+    async with ControlPlaneClient(second_process, token=INTERNAL_TOKEN) as subscribed:
         assert subscribed.subscribed.is_set()
         yield subscribed
 
@@ -223,7 +223,7 @@ async def test_a_lost_feed_resets_streams_and_caching_resumes(
 ) -> None:
     plane = await start_control_plane(stack)
     try:
-        internal = stub(plane.app.target, INTERNAL)
+        internal = stub(plane.app.target, INTERNAL_TOKEN)
         call = internal.WatchInvalidations(cp.WatchInvalidationsRequest())
         assert (await next_message(call)).reset
         pid = plane.listener.backend_pid
@@ -247,7 +247,7 @@ async def test_the_client_resubscribes_on_its_own(stack: LocalStack, admin: Stub
     port = free_port()
     plane: ControlPlane = await start_control_plane(stack, grpc_port=port)
     seeded = await seed(admin)
-    async with ControlPlaneClient(plane.app.target, token=INTERNAL) as client:
+    async with ControlPlaneClient(plane.app.target, token=INTERNAL_TOKEN) as client:
         # Entering waits 5 s for the subscription; a loaded machine may need longer.
         async def subscribed() -> bool:
             return client.subscribed.is_set()

@@ -27,7 +27,9 @@ from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
 from runops.localstack.process import log_tail
 from runops.localstack.services import ServiceProcess
-from tests.controlplane.harness import ADMIN, INTERNAL, Seeded, Stub, until
+from runops.localstack.settings import ADMIN_TOKEN, process_env
+from tests.controlplane.harness import Seeded, Stub
+from tests.harness import until
 
 PROPAGATION_LIMIT_SECONDS = 1.0
 
@@ -54,14 +56,9 @@ class Supervised:
 
 @contextlib.asynccontextmanager
 async def two_processes(stack: LocalStack, log_file: Path, **env: str) -> AsyncIterator[Supervised]:
-    environ = {
-        **stack.service_env(),
-        "RUNOPS_PROCESSES": "2",
-        "RUNOPS_ADMIN_TOKEN": ADMIN,
-        "RUNOPS_INTERNAL_TOKEN": INTERNAL,
-        "RUNOPS_LOG_FORMAT": "console",
-        **env,
-    }
+    environ = process_env(
+        stack, **{"RUNOPS_PROCESSES": "2", "RUNOPS_ADMIN_TOKEN": ADMIN_TOKEN, **env}
+    )
     service = ServiceProcess("controlplane", free_port(), free_port(), log_file, env=environ)
     async with service:
         assert service.proc is not None
@@ -83,7 +80,7 @@ def open_channel(channels: list[grpc.aio.Channel], target: str) -> Stub:
     channel = grpc.aio.insecure_channel(
         target,
         options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)],
-        interceptors=propagating_interceptors(ADMIN),
+        interceptors=propagating_interceptors(ADMIN_TOKEN),
     )
     channels.append(channel)
     return cp_grpc.ControlPlaneServiceStub(channel)

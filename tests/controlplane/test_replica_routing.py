@@ -29,18 +29,16 @@ from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.channels import create_channel
 from runops.kit.errors import details_of
 from runops.localstack import CONTROLPLANE_DATABASE, LocalStack, PostgresCluster, printing_progress
+from runops.localstack.settings import ADMIN_TOKEN, INTERNAL_TOKEN
 from runops.migrations import migrate
 from services.controlplane.app import ControlPlane
 from tests.controlplane.harness import (
-    ADMIN,
-    INTERNAL,
     Stub,
-    expect_error,
     seed,
     start_control_plane,
     stub,
-    until,
 )
+from tests.harness import expect_error, until
 
 # Every read reaches the database (1 us TTL, one entry).
 UNCACHED = {"cache_ttl_seconds": 1e-6, "cache_max_entries": 1}
@@ -85,12 +83,12 @@ async def plane(stack: LocalStack, cluster: PostgresCluster) -> AsyncIterator[Co
 
 @pytest.fixture(scope="module")
 def admin(plane: ControlPlane) -> Stub:
-    return stub(plane.app.target, ADMIN)
+    return stub(plane.app.target, ADMIN_TOKEN)
 
 
 @pytest.fixture(scope="module")
 def internal(plane: ControlPlane) -> Stub:
-    return stub(plane.app.target, INTERNAL)
+    return stub(plane.app.target, INTERNAL_TOKEN)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,16 @@ from runops.kit.channels import create_channel
 from runops.kit.errors import details_of
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
+from runops.localstack.settings import INTERNAL_TOKEN
 from services.controlplane.app import ControlPlane
 from tests.controlplane.harness import (
-    INTERNAL,
     Seeded,
     Stub,
-    expect_error,
     seed,
     start_control_plane,
     stub,
 )
+from tests.harness import expect_error
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -132,7 +132,7 @@ async def test_admin_rpcs_need_the_admin_token(
     target = control_plane.app.target
     for token, code in (
         (None, UNAUTHENTICATED),
-        (INTERNAL, grpc.StatusCode.PERMISSION_DENIED),
+        (INTERNAL_TOKEN, grpc.StatusCode.PERMISSION_DENIED),
         ("guess", grpc.StatusCode.PERMISSION_DENIED),
     ):
         await expect_error(getattr(stub(target, token), method)(request_message), code)
@@ -424,7 +424,7 @@ async def test_a_database_that_is_down_is_retryable_and_not_serving(stack: Local
         feed_start_timeout_seconds=0,
     )
     try:
-        internal = stub(plane.app.target, INTERNAL)
+        internal = stub(plane.app.target, INTERNAL_TOKEN)
         exc = await expect_error(
             internal.GetEnvironment(
                 cp.GetEnvironmentRequest(environment_id="env_cnothere000000000000000000")

@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from runops.localstack import LocalStack
+from runops.localstack.settings import ADMIN_TOKEN
 from services.ingest.app import Ingest
 from services.mollifier.app import Mollifier
-from tests.controlplane.harness import ADMIN, Seeded, seed, start_control_plane
+from tests.controlplane.harness import Seeded, seed, start_control_plane
 from tests.controlplane.harness import stub as controlplane_stub
 from tests.ingest.harness import Stub, Suite, ingest_in_process, stub
 from tests.mollifier.service_harness import start_mollifier
@@ -61,7 +62,7 @@ async def ingest(suite: Suite) -> AsyncIterator[Ingest]:
 
 @pytest.fixture
 async def seeded(suite: Suite) -> Seeded:
-    return await seed(controlplane_stub(suite.controlplane_target, ADMIN))
+    return await seed(controlplane_stub(suite.controlplane_target, ADMIN_TOKEN))
 
 
 @pytest.fixture

@@ -10,20 +10,17 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-import grpc
-
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.backoff import ExponentialBackoff
-from runops.kit.channels import create_channel
-from runops.kit.settings import load_settings
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
 from runops.localstack.services import ServiceProcess
+from runops.localstack.settings import in_process_settings, process_env
 from services.ingest.app import Ingest, build_ingest
 from services.ingest.offload import StoreConfig
 from services.ingest.settings import IngestSettings
-from tests.controlplane.harness import INTERNAL
+from tests.harness import stub_on
 
 if TYPE_CHECKING:
     from runops.ingest.v1.ingest_pb2_grpc import BatchIngestServiceAsyncStub
@@ -45,12 +42,6 @@ class Suite:
 
 def settings_for(suite: Suite, **overrides: Any) -> IngestSettings:
     values: dict[str, Any] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "metrics_port": -1,
-        "grace_period_seconds": 2,
-        "health_check_interval_seconds": 0.2,
-        "internal_token": INTERNAL,
         "controlplane_target": suite.controlplane_target,
         "runstore_target": suite.runstore_target,
         "mollifier_target": suite.mollifier_target,
@@ -68,7 +59,7 @@ def settings_for(suite: Suite, **overrides: Any) -> IngestSettings:
         "max_item_payload_bytes": 16384,
     }
     values.update(overrides)
-    return load_settings(IngestSettings, **values)
+    return in_process_settings(IngestSettings, **values)
 
 
 def store_config(stack: LocalStack, settings: IngestSettings, **overrides: Any) -> StoreConfig:
@@ -92,36 +83,24 @@ async def ingest_in_process(suite: Suite, **overrides: Any) -> AsyncIterator[Ing
         await started.app.stop(grace=1)
 
 
-def process_env(suite: Suite, **env: str) -> dict[str, str]:
-    return {
-        **suite.stack.service_env(),
-        "RUNOPS_INTERNAL_TOKEN": INTERNAL,
+def ingest_process(
+    suite: Suite, log_file: Path, port: int | None = None, **env: str
+) -> ServiceProcess:
+    values = {
         "RUNOPS_CONTROLPLANE_TARGET": suite.controlplane_target,
         "RUNOPS_RUNSTORE_TARGET": suite.runstore_target,
         "RUNOPS_MOLLIFIER_TARGET": suite.mollifier_target,
-        "RUNOPS_LOG_FORMAT": "console",
         "RUNOPS_GRACE_PERIOD_SECONDS": "2",
         "RUNOPS_OFFLOAD_THRESHOLD_BYTES": "4096",
         "RUNOPS_MAX_ITEM_PAYLOAD_BYTES": "16384",
         **env,
     }
-
-
-def ingest_process(
-    suite: Suite, log_file: Path, port: int | None = None, **env: str
-) -> ServiceProcess:
-    return ServiceProcess(
-        "ingest", port or free_port(), -1, log_file, env=process_env(suite, **env)
-    )
-
-
-_channels: list[grpc.aio.Channel] = []
+    environ = process_env(suite.stack, **values)
+    return ServiceProcess("ingest", port or free_port(), -1, log_file, env=environ)
 
 
 def stub(target: str, api_key: str | None) -> Stub:
-    channel = create_channel(target, token=api_key)
-    _channels.append(channel)
-    return ing_grpc.BatchIngestServiceStub(channel)
+    return stub_on(ing_grpc.BatchIngestServiceStub, target, api_key)
 
 
 def item(index: int, size: int = 16, **fields: Any) -> ing.BatchItem:

@@ -7,9 +7,11 @@ import grpc
 
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.localstack import LocalStack
+from runops.localstack.settings import INTERNAL_TOKEN
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
-from tests.controlplane.harness import INTERNAL, Seeded, expect_error
+from tests.controlplane.harness import Seeded
+from tests.harness import expect_error
 from tests.ingest.harness import Stub
 from tests.runstore.harness import start_on_stack
 
@@ -20,7 +22,7 @@ async def test_a_batch_made_elsewhere_is_found_while_replicas_lag(
     other = await start_on_stack(stack, split=True, name="another-runstore")
     try:
         async with (
-            RunStoreClient(other.app.target, token=INTERNAL) as elsewhere,
+            RunStoreClient(other.app.target, token=INTERNAL_TOKEN) as elsewhere,
             stack.runops_db.replay_paused(),
             stack.controlplane_db.replay_paused(),
         ):

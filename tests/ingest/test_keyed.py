@@ -15,11 +15,13 @@ import grpc
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.localstack.ports import free_port
+from runops.localstack.settings import INTERNAL_TOKEN
 from runops.mollifier.client import ClaimOutcome, KeyToClaim, MollifierClient
 from runops.mollifier.v1 import mollifier_pb2 as m
 from services.ingest.app import Ingest
 from services.mollifier.app import Mollifier, drainer_of
-from tests.controlplane.harness import INTERNAL, Seeded, expect_error
+from tests.controlplane.harness import Seeded
+from tests.harness import expect_error
 from tests.ingest.harness import Stub, Suite, ingest_in_process, item, requests, stub
 from tests.mollifier.service_harness import (
     TASK,
@@ -147,7 +149,7 @@ async def test_an_organization_without_the_flag_still_dedups_through_the_run_sto
     suite: Suite, ingest: Ingest
 ) -> None:
     env = await seeded_env(suite.controlplane_target, enabled=False)
-    async with MollifierClient(suite.mollifier_target, token=INTERNAL) as client:
+    async with MollifierClient(suite.mollifier_target, token=INTERNAL_TOKEN) as client:
         claims = await client.claim_keys(
             environment_id=env.env_id, keys=[KeyToClaim(TASK, "k-off")]
         )
@@ -185,7 +187,7 @@ async def test_a_failed_unit_releases_its_claims(suite: Suite, ingest: Ingest) -
         assert exc.code() == grpc.StatusCode.UNAVAILABLE
 
     # Not held any more: claimable at once (a held key would answer PENDING after no wait).
-    async with MollifierClient(suite.mollifier_target, token=INTERNAL) as client:
+    async with MollifierClient(suite.mollifier_target, token=INTERNAL_TOKEN) as client:
         keys = [KeyToClaim(TASK, "k-released"), KeyToClaim(TASK, "k-released-too")]
         claims = await client.claim_keys(environment_id=env.env_id, keys=keys, wait=timedelta(0))
         assert [c.outcome for c in claims] == [ClaimOutcome.CLAIMED] * 2

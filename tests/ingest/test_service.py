@@ -12,10 +12,12 @@ import pytest
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.errors import details_of
+from runops.localstack.settings import INTERNAL_TOKEN
 from runops.runstore.client import RunStoreClient
 from services.ingest.app import Ingest
 from services.ingest.offload import STORE_PAYLOAD_TYPE, packet_key
-from tests.controlplane.harness import INTERNAL, Seeded, expect_error
+from tests.controlplane.harness import Seeded
+from tests.harness import expect_error
 from tests.ingest.harness import Stub, Suite, item, items, requests, stub
 
 
@@ -25,7 +27,7 @@ async def create(api: Stub, run_count: int, **fields: object) -> common_pb2.Batc
 
 
 async def all_runs(suite: Suite, batch_id: str, env_id: str) -> list[common_pb2.Run]:
-    async with RunStoreClient(suite.runstore_target, token=INTERNAL) as store:
+    async with RunStoreClient(suite.runstore_target, token=INTERNAL_TOKEN) as store:
         runs: list[common_pb2.Run] = []
         token = ""
         while True:
@@ -222,10 +224,11 @@ async def test_refusals_name_what_is_wrong_and_keep_what_was_accepted(
         api.GetBatch(ing.GetBatchRequest(batch_id="batch_NOPE")), grpc.StatusCode.INVALID_ARGUMENT
     )
     assert details_of(exc).fields == ["batch_id"]
-    from tests.controlplane.harness import ADMIN, seed
+    from runops.localstack.settings import ADMIN_TOKEN
+    from tests.controlplane.harness import seed
     from tests.controlplane.harness import stub as cp_stub
 
-    other = await seed(cp_stub(suite.controlplane_target, ADMIN))
+    other = await seed(cp_stub(suite.controlplane_target, ADMIN_TOKEN))
     other_api = stub(ingest.app.target, other.api_key)
     for call in (
         other_api.StreamBatchItems(requests(batch.friendly_id, items([7]))),

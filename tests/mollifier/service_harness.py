@@ -3,26 +3,22 @@ seeded environments, and reads of Postgres itself."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
-import grpc
 
 from runops.controlplane.v1 import controlplane_pb2 as cp
-from runops.kit.channels import create_channel
 from runops.kit.ids import body_of
-from runops.kit.settings import load_settings
 from runops.localstack import LocalStack
+from runops.localstack.settings import ADMIN_TOKEN, INTERNAL_TOKEN, in_process_settings
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
 from services.mollifier.app import Mollifier, build_mollifier
 from services.mollifier.settings import MollifierSettings
-from tests.controlplane.harness import ADMIN, INTERNAL, Seeded, seed
+from tests.controlplane.harness import Seeded, seed
 from tests.controlplane.harness import stub as cp_stub
+from tests.harness import stub_on
 
 if TYPE_CHECKING:
     from runops.mollifier.v1.mollifier_pb2_grpc import MollifierServiceAsyncStub
@@ -36,18 +32,12 @@ TASK = "email/send"
 
 def settings_for(**overrides: Any) -> MollifierSettings:
     values: dict[str, Any] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "metrics_port": -1,
-        "grace_period_seconds": 2,
-        "health_check_interval_seconds": 0.2,
-        "internal_token": INTERNAL,
         "drainer_enabled": False,
         "drain_idle_seconds": 0.02,
         "sweep_interval_seconds": 5,
     }
     values.update(overrides)
-    return load_settings(MollifierSettings, **values)
+    return in_process_settings(MollifierSettings, **values)
 
 
 async def start_mollifier(**overrides: Any) -> Mollifier:
@@ -56,17 +46,12 @@ async def start_mollifier(**overrides: Any) -> Mollifier:
     return service
 
 
-_channels: list[grpc.aio.Channel] = []
-
-
-def stub(target: str, token: str | None = INTERNAL) -> Stub:
-    channel = create_channel(target, token=token)
-    _channels.append(channel)
-    return m_grpc.MollifierServiceStub(channel)
+def stub(target: str, token: str | None = INTERNAL_TOKEN) -> Stub:
+    return stub_on(m_grpc.MollifierServiceStub, target, token)
 
 
 async def seeded_env(control_plane_target: str, *, enabled: bool, shadow: bool = False) -> Seeded:
-    admin = cp_stub(control_plane_target, ADMIN)
+    admin = cp_stub(control_plane_target, ADMIN_TOKEN)
     seeded = await seed(admin)
     await admin.SetOrganizationFlags(
         cp.SetOrganizationFlagsRequest(
@@ -115,14 +100,6 @@ async def count_runs(stack: LocalStack, env: str) -> int:
         finally:
             await conn.close()
     return total
-
-
-async def until(check: Callable[[], Awaitable[bool]], limit: float = 60.0) -> None:
-    began = time.monotonic()
-    while not await check():
-        if time.monotonic() - began > limit:
-            raise AssertionError(f"not true within {limit}s")
-        await asyncio.sleep(0.05)
 
 
 def body(run_id: str) -> str:

@@ -3,10 +3,10 @@ processes, tiny sizes, not timed) and its figures and rows add up."""
 
 from __future__ import annotations
 
+from runops.bench.mollifier import run
+from runops.bench.report import table
+from runops.bench.suite import SIZES
 from runops.localstack import LocalStack
-from tests.benchmarks.mollifier import run
-from tests.benchmarks.report import table
-from tests.benchmarks.suite import SIZES
 
 
 async def test_mollifier_benchmark_smoke(stack: LocalStack) -> None:

@@ -13,15 +13,16 @@ from runops.localstack.delay_proxy import DelayProxy
 from runops.localstack.ports import free_port
 from runops.localstack.process import log_tail
 from runops.localstack.services import ServiceProcess
+from runops.localstack.settings import INTERNAL_TOKEN
 from services.mollifier.app import Mollifier
 from services.runstore.app import RunStoreApp
-from tests.controlplane.harness import INTERNAL, Seeded
+from tests.controlplane.harness import Seeded
+from tests.harness import until
 from tests.mollifier.service_harness import (
     count_runs,
     runs_in_postgres,
     stub,
     trigger_request,
-    until,
 )
 
 Factory = Callable[..., Awaitable[Mollifier]]
@@ -59,7 +60,7 @@ async def test_a_killed_drainer_process_loses_nothing(
             env={
                 **base,
                 **redis_env,
-                "RUNOPS_INTERNAL_TOKEN": INTERNAL,
+                "RUNOPS_INTERNAL_TOKEN": INTERNAL_TOKEN,
                 "RUNOPS_KEY_PREFIX": prefix,
                 "RUNOPS_RUNSTORE_TARGET": f"127.0.0.1:{proxy.port}",
                 "RUNOPS_CONTROLPLANE_TARGET": "127.0.0.1:1",
@@ -74,7 +75,7 @@ async def test_a_killed_drainer_process_loses_nothing(
                 return (await service.buffer.stats(env.env_id)).draining > 0
 
             try:
-                await until(holding, limit=60)
+                await until(holding, limit=60, interval=0.05)
             except AssertionError as exc:
                 raise AssertionError(log_tail(tmp_path / "drainer.log")) from exc
         finally:
@@ -94,7 +95,7 @@ async def test_a_killed_drainer_process_loses_nothing(
         stats = await rescuer.buffer.stats(env.env_id)
         return stats.depth == 0 and await count_runs(stack, env.env_id) >= 600
 
-    await until(done, limit=120)
+    await until(done, limit=120, interval=0.05)
     await asyncio.sleep(0.5)
     stored = await runs_in_postgres(stack, env.env_id)
     assert set(stored) == ids, "no loss, no duplicates"

@@ -16,11 +16,13 @@ from runops.common.v1 import common_pb2
 from runops.kit.errors import details_of
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
+from runops.localstack.settings import INTERNAL_TOKEN
 from runops.mollifier.client import ClaimOutcome, KeyToClaim, MollifierClient
 from runops.mollifier.v1 import mollifier_pb2 as m
 from services.controlplane.app import ControlPlane
 from services.mollifier.app import Mollifier
-from tests.controlplane.harness import INTERNAL, Seeded
+from tests.controlplane.harness import Seeded
+from tests.harness import until
 from tests.mollifier.service_harness import (
     TASK,
     body,
@@ -29,7 +31,6 @@ from tests.mollifier.service_harness import (
     seeded_env,
     stub,
     trigger_request,
-    until,
 )
 
 Factory = Callable[..., Awaitable[Mollifier]]
@@ -48,7 +49,7 @@ async def drained(service: Mollifier, stack: LocalStack, env: str, expected: int
         stats = await service.buffer.stats(env)
         return stats.depth == 0 and await count_runs(stack, env) >= expected
 
-    await until(done, limit=120)
+    await until(done, limit=120, interval=0.05)
 
 
 async def test_a_burst_of_5000_loses_nothing_and_keeps_ids_and_times(
@@ -106,7 +107,7 @@ async def test_50_concurrent_triggers_with_one_key_make_one_run(
 
     # After the key's TTL a trigger with the key makes a new run.
     expires_at = first.idempotency_key_expires_at.ToDatetime(tzinfo=UTC)
-    await until(lambda: _expired(expires_at), limit=10)
+    await until(lambda: _expired(expires_at), limit=10, interval=0.05)
     again = await client.Trigger(trigger_request(env.env_id, options=options))
     assert again.run.friendly_id != first.friendly_id
     assert not again.is_cached
@@ -301,7 +302,7 @@ async def test_batched_claims_answer_an_explicit_outcome_per_key(
     services: Factory, env: Seeded, svc_control_plane: ControlPlane
 ) -> None:
     service = await services()
-    async with MollifierClient(service.app.target, token=INTERNAL) as client:
+    async with MollifierClient(service.app.target, token=INTERNAL_TOKEN) as client:
         keys = [KeyToClaim(TASK, f"b{i}") for i in range(1500)] + [KeyToClaim(TASK, "b0")]
         first = await client.claim_keys(environment_id=env.env_id, keys=keys)
         assert [c.outcome for c in first[:1500]] == [ClaimOutcome.CLAIMED] * 1500

@@ -25,13 +25,13 @@ from runops.mollifier.v1 import mollifier_pb2 as m
 from services.controlplane.app import ControlPlane
 from services.runstore.app import RunStoreApp
 from tests.controlplane.harness import Seeded
+from tests.harness import until
 from tests.mollifier.service_harness import (
     body,
     runs_in_postgres,
     start_mollifier,
     stub,
     trigger_request,
-    until,
 )
 
 CALLERS = 20
@@ -140,7 +140,7 @@ async def test_redis_killed_mid_burst_loses_no_acknowledged_trigger(
             return stats.depth == 0 and acknowledged.keys() <= stored.keys()
 
         try:
-            await until(all_there, limit=120)
+            await until(all_there, limit=120, interval=0.05)
         finally:
             stored = await runs_in_postgres(stack, env.env_id)
             lost = [a for run_id, a in acknowledged.items() if run_id not in stored]

@@ -7,18 +7,16 @@ import secrets
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
-import grpc
-import pytest
 
 from runops.common.v1 import common_pb2
-from runops.kit.channels import create_channel
 from runops.kit.ids import Residency, mint_body
-from runops.kit.settings import load_settings
 from runops.localstack import LocalStack, PostgresDatabase
+from runops.localstack.settings import INTERNAL_TOKEN, database, in_process_settings
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 from services.runstore.app import RunStoreApp, build_run_store
 from services.runstore.settings import RunStoreSettings
+from tests.harness import stub_on
 
 if TYPE_CHECKING:
     from runops.runstore.v1.runstore_pb2_grpc import RunStoreServiceAsyncStub
@@ -27,26 +25,15 @@ if TYPE_CHECKING:
 else:
     Stub = rs_grpc.RunStoreServiceStub
 
-INTERNAL = "internal-token-for-tests"
 RYW = common_pb2.CONSISTENCY_LEVEL_READ_YOUR_WRITES
 ORG = "org_1"
 PROJECT = "proj_1"
-
-
-def database(db: PostgresDatabase, **overrides: Any) -> dict[str, Any]:
-    return {"writer_url": db.writer_dsn, "replica_url": db.replica_dsn, **overrides}
 
 
 def settings_for(
     legacy: PostgresDatabase, new: PostgresDatabase | None, **overrides: Any
 ) -> RunStoreSettings:
     values: dict[str, Any] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "metrics_port": -1,
-        "grace_period_seconds": 2,
-        "health_check_interval_seconds": 0.2,
-        "internal_token": INTERNAL,
         "controlplane_db": database(legacy),
         "runstore_split": new is not None,
         # The reaper runs often here, so a backdated batch is aborted within a test.
@@ -56,7 +43,7 @@ def settings_for(
     if new is not None:
         values["runops_db"] = database(new)
     values.update(overrides)
-    return load_settings(RunStoreSettings, **values)
+    return in_process_settings(RunStoreSettings, **values)
 
 
 async def start_run_store(
@@ -79,13 +66,8 @@ async def start_on_stack(
     )
 
 
-_channels: list[grpc.aio.Channel] = []
-
-
-def stub(target: str, token: str | None = INTERNAL) -> Stub:
-    channel = create_channel(target, token=token)
-    _channels.append(channel)
-    return rs_grpc.RunStoreServiceStub(channel)
+def stub(target: str, token: str | None = INTERNAL_TOKEN) -> Stub:
+    return stub_on(rs_grpc.RunStoreServiceStub, target, token)
 
 
 def new_env() -> str:
@@ -147,11 +129,3 @@ async def where(stack: LocalStack, table: str, row_id: str) -> set[str]:
         if await rows(db.admin_writer_dsn, f"SELECT 1 FROM {table} WHERE id = $1", row_id):
             found.add(name)
     return found
-
-
-async def expect_error(call: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    exc = caught.value
-    assert exc.code() == code, f"expected {code.name}, got {exc.code().name}: {exc.details()}"
-    return exc

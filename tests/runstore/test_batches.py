@@ -14,26 +14,18 @@ from runops.kit.errors import details_of
 from runops.kit.ids import Residency
 from runops.localstack import LocalStack
 from runops.runstore.v1 import runstore_pb2 as rs
+from tests.harness import expect_error, until
 from tests.runstore.harness import (
     RYW,
     Stub,
     batch_request,
     body,
-    expect_error,
     items,
     new_env,
     new_key,
     rows,
     run_input,
 )
-
-
-async def until(check, limit: float = 15.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not await check():
-        assert loop.time() < deadline, f"not true within {limit}s"
-        await asyncio.sleep(0.1)
 
 
 async def get_batch(client: Stub, batch_id: str, env: str) -> common_pb2.Batch:
@@ -234,7 +226,7 @@ async def test_the_reaper_aborts_a_batch_never_sealed(client: Stub, stack: Local
             found = await get_batch(client, batch_id, env)
             return found.status == common_pb2.BATCH_STATUS_ABORTED
 
-        await until(aborted)
+        await until(aborted, limit=15, interval=0.1)
         found = await get_batch(client, batch.id, env)
         assert found.aborted_reason == common_pb2.BATCH_ABORTED_REASON_SEAL_TIMEOUT
         assert "expected 5 items, 3 accepted" in found.error_message
@@ -321,7 +313,7 @@ async def test_links_to_runs_of_the_other_database_count(client: Stub, stack: Lo
     async def completed() -> bool:
         return (await get_batch(client, batch.id, env)).status == common_pb2.BATCH_STATUS_COMPLETED
 
-    await until(completed)
+    await until(completed, limit=15, interval=0.1)
     waitpoint = await client.GetWaitpoint(
         rs.GetWaitpointRequest(waitpoint_id=batch.waitpoint_id, environment_id=env, consistency=RYW)
     )

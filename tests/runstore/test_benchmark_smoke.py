@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from runops.bench.runstore import run
 from runops.localstack import LocalStack
-from tests.benchmarks.runstore import run
 
 pytestmark = pytest.mark.slow
 

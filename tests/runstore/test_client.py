@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 
 from runops.kit.errors import FailedPrecondition, InvalidArgument
+from runops.localstack.settings import INTERNAL_TOKEN
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.app import RunStoreApp
-from tests.runstore.harness import INTERNAL, batch_request, items, new_env, run_input
+from tests.runstore.harness import batch_request, items, new_env, run_input
 
 
 async def test_client_drives_a_batch_and_passes_domain_errors(run_store: RunStoreApp) -> None:
     env = new_env()
-    async with RunStoreClient(run_store.app.target, token=INTERNAL) as client:
+    async with RunStoreClient(run_store.app.target, token=INTERNAL_TOKEN) as client:
         [created] = await client.create_runs([run_input(env)])
         assert await client.get_run(
             environment_id=env, run_id=created.run.friendly_id, read_your_writes=True

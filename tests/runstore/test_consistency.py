@@ -14,13 +14,13 @@ from runops.kit.ids import Residency
 from runops.localstack import LocalStack, PostgresDatabase
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.app import RunStoreApp
+from tests.harness import expect_error
 from tests.runstore.harness import (
     ORG,
     PROJECT,
     RYW,
     Stub,
     body,
-    expect_error,
     new_env,
     rows,
     start_on_stack,

@@ -22,12 +22,12 @@ from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster, prin
 from runops.migrations import migrate
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.app import RunStoreApp
+from tests.harness import expect_error
 from tests.runstore.harness import (
     RYW,
     Stub,
     batch_request,
     body,
-    expect_error,
     items,
     new_env,
     run_input,

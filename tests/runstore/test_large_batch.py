@@ -1,6 +1,6 @@
 """A 100,000-item batch through gRPC (issue 8): chunks that overlap (duplicates) and leave holes,
 exact missing ranges midway and at the end, seal, and every run listed by pages exactly once.
-Correctness only; tests/benchmarks/runstore.py times the same flow and samples the service's
+Correctness only; runops.bench.runstore times the same flow and samples the service's
 RSS."""
 
 from __future__ import annotations

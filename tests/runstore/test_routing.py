@@ -14,6 +14,7 @@ from runops.common.v1 import common_pb2
 from runops.kit.ids import Residency, is_legacy_body, is_new_body, residency_of
 from runops.localstack import LocalStack
 from runops.runstore.v1 import runstore_pb2 as rs
+from tests.harness import expect_error
 from tests.runstore.harness import (
     ORG,
     PROJECT,
@@ -21,7 +22,6 @@ from tests.runstore.harness import (
     Stub,
     batch_request,
     body,
-    expect_error,
     items,
     new_env,
     new_key,

@@ -1,25 +1,18 @@
-"""`runops bench`: every benchmark of spec §7 on one local stack, one table.
-
-A developer command, run from a checkout: the benchmarks live in the repository's
-`tests/benchmarks/` (not in the installed package), so the checkout's root is put on sys.path.
-"""
+"""`runops bench`: every benchmark of spec §7 (`runops.bench`) on one local stack, one table."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
-from pathlib import Path
 
 DESCRIPTION = """\
 Runs every benchmark of spec §7 (control plane, run store, ingest, mollifier) one after the
 other on one local stack it starts (Postgres writers with replicas, Redis, moto S3; the services
 as OS processes), then prints one table: benchmark, figure, raw floor measured in the same run,
 ratio, target, met or not; and the durability settings it ran with. About 5-8 minutes on 2
-cores. Run it from a checkout of the repository (it imports tests/benchmarks/ from there; an
-installed wheel does not carry them). Each benchmark also runs alone with its full report:
-python -m tests.benchmarks.<name>.
+cores. The benchmarks are part of the installed package (runops.bench); each also runs alone
+with its full report: python -m runops.bench.<name>.
 
 Durability: by default the local stack's Postgres runs with fsync=off, synchronous_commit=off
 and full_page_writes=off (fast, throw-away), which inflates every Postgres figure. --durable
@@ -45,22 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: checks every row comes out, in ~1 min"
     )
-    parser.add_argument(
-        "--checkout",
-        type=Path,
-        default=None,
-        help="the repository checkout holding tests/benchmarks (default: found from here)",
-    )
-
-
-def find_checkout(given: Path | None) -> Path | None:
-    """The repository root holding tests/benchmarks: given, this module's checkout (an editable
-    install or PYTHONPATH=shared), or the working directory."""
-    candidates = [given] if given else [Path(__file__).resolve().parents[3], Path.cwd()]
-    for root in candidates:
-        if root is not None and (root / "tests" / "benchmarks" / "suite.py").is_file():
-            return root.resolve()
-    return None
 
 
 def durability_lines(durability: dict[str, str], durable: bool) -> list[str]:
@@ -74,10 +51,10 @@ def durability_lines(durability: dict[str, str], durable: bool) -> list[str]:
 
 
 async def _run_all(names: list[str], durable: bool, smoke: bool) -> int:
+    from runops.bench.report import Row, table
+    from runops.bench.suite import Outcome, run_one
     from runops.kit.logging import configure_logging
     from runops.localstack import LocalStack, printing_progress
-    from tests.benchmarks.report import Row, table
-    from tests.benchmarks.suite import Outcome, run_one
 
     configure_logging("warning", "console")
     say = printing_progress("bench")
@@ -121,16 +98,5 @@ def _cpus() -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    root = find_checkout(args.checkout)
-    if root is None:
-        print(
-            "error: tests/benchmarks not found: run `runops bench` from a checkout of the"
-            " repository (or pass --checkout PATH)",
-            file=sys.stderr,
-        )
-        return 2
-    for path in (str(root), str(root / "shared")):
-        if path not in sys.path:
-            sys.path.insert(0, path)
     names = args.only or ["controlplane", "runstore", "ingest", "mollifier"]
     return asyncio.run(_run_all(names, args.durable, args.smoke))

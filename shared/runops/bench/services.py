@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runops.bench.loadgen import start_worker
 from runops.localstack.ports import free_port
 from runops.localstack.services import ServiceProcess, targets_env
-from tests.benchmarks.loadgen import start_worker
+from runops.localstack.settings import process_env
 
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
 
 Progress = Callable[[str], None]
-REPO = Path(__file__).resolve().parents[2]
 # What ingest (and the mollifier) call: started once per benchmark run, in this order.
 BASE_SERVICES = ("controlplane", "runstore", "mollifier")
 
@@ -45,15 +45,14 @@ class Suite:
 
     def env(self, **overrides: str) -> dict[str, str]:
         """What a service of the suite is started with: the stack, tokens, the others' targets."""
-        return {
-            **self.stack.service_env(),
-            "RUNOPS_ADMIN_TOKEN": self.admin_token,
-            "RUNOPS_INTERNAL_TOKEN": self.internal_token,
-            "RUNOPS_LOG_LEVEL": "warning",
-            "RUNOPS_LOG_FORMAT": "console",
+        return process_env(
+            self.stack,
+            RUNOPS_ADMIN_TOKEN=self.admin_token,
+            RUNOPS_INTERNAL_TOKEN=self.internal_token,
+            RUNOPS_LOG_LEVEL="warning",
             **targets_env([*self.base, *self.extra]),
             **overrides,
-        }
+        )
 
     @contextlib.asynccontextmanager
     async def service(self, name: str, label: str, **env: str) -> AsyncIterator[ServiceProcess]:

@@ -2,7 +2,7 @@
 gRPC, each beside its raw asyncpg floor measured in the same run on the same servers, and a
 100,000-item batch with the service's RSS sampled along the way.
 
-    python -m tests.benchmarks.runstore [--seconds N] [--concurrency C] [--write-concurrency W]
+    python -m runops.bench.runstore [--seconds N] [--concurrency C] [--write-concurrency W]
                                         [--chunk K] [--runs R] [--batch-items N] [--batch-chunk K]
 
 The run store runs as its own OS process (`python -m services.runstore`, split on, on a local
@@ -27,7 +27,7 @@ warm-up first, then N measured seconds of closed-loop callers:
                      the end, resend the holes, seal, list every run by pages of 1,000; the
                      service's VmRSS at 10% and 100% of the items
 
-See tests/benchmarks/README.md for the figures.
+See shared/runops/bench/README.md for the figures.
 """
 
 from __future__ import annotations
@@ -52,11 +52,7 @@ import asyncpg
 import grpc
 from google.protobuf import timestamp_pb2
 
-from runops.kit.errors import RunopsError
-from runops.kit.ids import Residency, mint_body
-from runops.runstore.client import RunStoreClient
-from runops.runstore.v1 import runstore_pb2 as rs
-from tests.benchmarks.controlplane import (
+from runops.bench.controlplane import (
     _cpu_seconds,
     _local_postmaster,
     _machine_jiffies,
@@ -64,7 +60,11 @@ from tests.benchmarks.controlplane import (
     _process_tree_cpu,
     warmup_for,
 )
-from tests.benchmarks.loadgen import drive
+from runops.bench.loadgen import drive
+from runops.kit.errors import RunopsError
+from runops.kit.ids import Residency, mint_body
+from runops.runstore.client import RunStoreClient
+from runops.runstore.v1 import runstore_pb2 as rs
 
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
@@ -83,8 +83,7 @@ Kind = Literal[
     "large_batch",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-MODULE = "tests.benchmarks.runstore"
+MODULE = "runops.bench.runstore"
 PROGRESS_EVERY_SECONDS = 2.0
 ORG, PROJECT = "org_bench", "proj_bench"
 # Small items (spec §7: <= 1 KiB, no offload): what the routed and the raw paths both write.

@@ -2,7 +2,7 @@
 `ControlPlaneClient`'s local cache (the path the other services take), against a raw indexed
 Postgres lookup, measured in the same run on the same servers.
 
-    python -m tests.benchmarks.controlplane [--seconds N] [--concurrency C] [--keys K]
+    python -m runops.bench.controlplane [--seconds N] [--concurrency C] [--keys K]
                                             [--loadgen subprocess|inprocess]
 
 Five phases, in this order, each with C closed-loop callers going round-robin over K seeded API
@@ -23,7 +23,7 @@ keys, a warm-up first, then N measured seconds:
 
 The load generator (the client side of every phase) runs in a subprocess by default, so the
 control plane's process serves only; `--loadgen inprocess` runs it in the server's event loop.
-See tests/benchmarks/README.md for the figures and why.
+See shared/runops/bench/README.md for the figures and why.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ import itertools
 import json
 import os
 import resource
+import secrets
 import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
@@ -47,28 +47,26 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from runops.bench.loadgen import drive
 from runops.controlplane.client import ControlPlaneClient
 from runops.controlplane.model import hash_api_key
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
 from runops.kit.channels import create_channel
 from runops.kit.errors import RunopsError
-from tests.benchmarks.loadgen import drive
 
 # The load-generator subprocess imports only what a client needs (it starts in every phase);
 # the servers' side is imported where it is used.
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
     from services.controlplane.app import ControlPlane
-    from tests.controlplane.harness import Seeded
 
 Progress = Callable[[str], None]
 LoadgenMode = Literal["subprocess", "inprocess"]
 Call = Callable[[int], Awaitable[str | None]]
 Kind = Literal["authenticate", "client", "health", "postgres"]
 
-REPO = Path(__file__).resolve().parents[2]
-MODULE = "tests.benchmarks.controlplane"
+MODULE = "runops.bench.controlplane"
 # The control plane's API-key cache, ControlPlaneClient's (prometheus labels), and the RPC's
 # handled counter.
 CACHE_NAME = "controlplane.api_keys"
@@ -631,21 +629,41 @@ class BenchResult:
         return "\n".join(lines)
 
 
-async def _seed(target: str, keys: int) -> list[Seeded]:
-    from tests.controlplane.harness import ADMIN, seed
+async def _seed(target: str, keys: int) -> list[tuple[str, str]]:
+    """`keys` fresh organizations with one environment each: (environment id, its API key)."""
+    from runops.cli.admin import bootstrap
+    from runops.localstack.settings import ADMIN_TOKEN
 
-    channel = create_channel(target, token=ADMIN)
-    admin = cp_grpc.ControlPlaneServiceStub(channel)
     limit = asyncio.Semaphore(SEED_CONCURRENCY)
+    async with create_channel(target, token=ADMIN_TOKEN) as channel:
+        admin = cp_grpc.ControlPlaneServiceStub(channel)
 
-    async def one() -> Seeded:
-        async with limit:
-            return await seed(admin)
+        async def one() -> tuple[str, str]:
+            async with limit:
+                created = await bootstrap(admin, f"bench-{secrets.token_hex(4)}")
+            environment, api_key = created.environments[0]
+            return environment.id, api_key
 
-    try:
         return list(await asyncio.gather(*(one() for _ in range(keys))))
-    finally:
-        await channel.close()
+
+
+async def _start_control_plane(stack: LocalStack, pool_size: int, **values: Any) -> ControlPlane:
+    """A control plane in this process (its cache and metrics are read here), its pools as large
+    as the floor's so uncached vs floor is fair."""
+    from runops.localstack.settings import ADMIN_TOKEN, database, in_process_settings
+    from services.controlplane.app import build_control_plane
+    from services.controlplane.settings import ControlPlaneSettings
+
+    settings = in_process_settings(
+        ControlPlaneSettings,
+        admin_token=ADMIN_TOKEN,
+        controlplane_db=database(stack.controlplane_db, pool_max_size=pool_size),
+        health_check_interval_seconds=1.0,
+        **values,
+    )
+    plane = await build_control_plane(settings)
+    await plane.app.start()
+    return plane
 
 
 async def _stopped(plane: ControlPlane) -> None:
@@ -663,18 +681,14 @@ async def run(
 ) -> BenchResult:
     """Seed `keys` environments, then measure the floor, the cached path, the bare RPC (health
     check) and ControlPlaneClient's cached path on the same server, and the uncached path."""
+    from runops.localstack.settings import INTERNAL_TOKEN
     from services.controlplane.store import SELECT_BY_KEY_HASH
-    from tests.controlplane.harness import INTERNAL, start_control_plane
 
     say: Progress = progress or (lambda _line: None)
     warmup = warmup_for(seconds)
-    # The service's pools get as many connections as the floor's, so uncached vs floor is fair.
-    settings: dict[str, Any] = {
-        "controlplane_db": {"pool_max_size": min(concurrency, 200)},
-        "health_check_interval_seconds": 1.0,
-    }
+    pool_size = min(concurrency, 200)
     pids: list[int] = []
-    plane = await start_control_plane(stack, **settings)
+    plane = await _start_control_plane(stack, pool_size)
     try:
         say(f"control plane (cached) serving on {plane.app.target}; seeding {keys} environments")
         seeded = await _seed(plane.app.target, keys)
@@ -688,8 +702,8 @@ async def run(
                 seconds=seconds,
                 warmup=warmup,
                 concurrency=concurrency,
-                api_keys=tuple(s.api_key for s in seeded),
-                env_ids=tuple(s.env_id for s in seeded),
+                api_keys=tuple(api_key for _, api_key in seeded),
+                env_ids=tuple(env_id for env_id, _ in seeded),
                 **where,
             )
             phase, pid = await _phase(spec, loadgen, say, server=server, replica=replica)
@@ -700,7 +714,7 @@ async def run(
             "postgres", "postgres floor (asyncpg, replica)", server=False,
             dsn=stack.controlplane_db.replica_dsn, query=SELECT_BY_KEY_HASH,
         )  # fmt: skip
-        grpc_at = {"target": plane.app.target, "token": INTERNAL}
+        grpc_at = {"target": plane.app.target, "token": INTERNAL_TOKEN}
         cached = await measure("authenticate", "grpc cached", server=True, **grpc_at)
         cached_entries = len(plane.cache.api_keys)
         health = await measure("health", "grpc health check (same server)", server=False, **grpc_at)
@@ -709,10 +723,10 @@ async def run(
         )
     finally:
         await _stopped(plane)
-    plane = await start_control_plane(stack, **settings, **UNCACHED_SETTINGS)
+    plane = await _start_control_plane(stack, pool_size, **UNCACHED_SETTINGS)
     try:
         say(f"control plane (uncached: 1 us TTL, 1 entry) serving on {plane.app.target}")
-        grpc_at = {"target": plane.app.target, "token": INTERNAL}
+        grpc_at = {"target": plane.app.target, "token": INTERNAL_TOKEN}
         uncached = await measure("authenticate", "grpc uncached", server=True, **grpc_at)
     finally:
         await _stopped(plane)

@@ -14,22 +14,20 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
-REPO = Path(__file__).resolve().parents[2]
 S = TypeVar("S")
 
 
 async def start_worker(module: str) -> asyncio.subprocess.Process:
-    """`python -m <module> --loadgen-worker` from this checkout, stdin and stdout piped."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), str(REPO / "shared"), env.get("PYTHONPATH")) if p
-    )
+    """`python -m <module> --loadgen-worker` on the same code as this process (an installed
+    package or a checkout), stdin and stdout piped."""
+    from runops.localstack.services import python_path
+
+    env = {**os.environ, "PYTHONPATH": python_path()}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", module, "--loadgen-worker",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """Mollifier burst (spec §7): N triggers at one environment from many concurrent callers, the
 drain of the buffer into Postgres, beside the raw bulk-insert floor of the same runs.
 
-    python -m tests.benchmarks.mollifier [--triggers N] [--callers C] [--channels K]
+    python -m runops.bench.mollifier [--triggers N] [--callers C] [--channels K]
 
 Every service runs as its own OS process: control plane, run store, the mollifier service
 (`RUNOPS_DRAINER_ENABLED=false`) and its drainer (`python -m services.mollifier.drainer`, the
@@ -23,7 +23,7 @@ Every service runs as its own OS process: control plane, run store, the mollifie
                 -> drain / floor (target >= 50%; the anchor's drainer is about 1,000 runs/s)
 
 Correctness: every trigger answered OK with a distinct run id, and Postgres ends with exactly
-those N ids (no loss, no duplicates). See tests/benchmarks/README.md and docs/benchmarks.md.
+those N ids (no loss, no duplicates). See shared/runops/bench/README.md and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from tests.benchmarks import floors
-from tests.benchmarks.report import Row, cpu_seconds, durability, table
-from tests.benchmarks.services import Suite, in_subprocess, pid_of, running_suite, worker_main
+from runops.bench import floors
+from runops.bench.report import Row, cpu_seconds, durability, table
+from runops.bench.services import Suite, in_subprocess, pid_of, running_suite, worker_main
 
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
 
 Progress = Callable[[str], None]
-MODULE = "tests.benchmarks.mollifier"
+MODULE = "runops.bench.mollifier"
 BENCHMARK = "mollifier"
 PAYLOAD_BYTES = 256
 FLOOR_CHUNK, FLOOR_IN_FLIGHT = 1000, 2

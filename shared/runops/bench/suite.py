@@ -1,6 +1,6 @@
 """Every benchmark of spec §7 on one local stack, as rows of one table (`runops bench`).
 
-Each benchmark module keeps its own program (`python -m tests.benchmarks.<name>`) and its full
+Each benchmark module keeps its own program (`python -m runops.bench.<name>`) and its full
 report; this module runs them one after the other with sizes that keep the whole under
 10 minutes on 2 cores, and turns each result into `report.Row`s.
 """
@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from tests.benchmarks.report import Row
+from runops.bench.report import Row
 
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
@@ -115,10 +115,10 @@ async def run_one(name: str, stack: LocalStack, size: Size, progress: Progress) 
     """One benchmark's rows, or why it did not run (its module or service is not there yet)."""
     import time
 
-    from tests.benchmarks.report import durability
+    from runops.bench.report import durability
 
     try:
-        module = importlib.import_module(f"tests.benchmarks.{name}")
+        module = importlib.import_module(f"runops.bench.{name}")
     except ModuleNotFoundError as exc:
         return Outcome(name, [], {}, 0.0, missing=f"not built yet ({exc.name} not found)")
     started = time.monotonic()

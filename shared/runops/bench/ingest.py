@@ -2,7 +2,7 @@
 large items through a slow object store at concurrency 1 and 10 with the ingest process's RSS,
 and a 100,000-item batch in one stream with its RSS at 10% and at the end.
 
-    python -m tests.benchmarks.ingest [--small N] [--large-c1 N] [--large-c10 N] [--big N]
+    python -m runops.bench.ingest [--small N] [--large-c1 N] [--large-c10 N] [--big N]
 
 Every service runs as its own OS process (control plane, run store, ingest: `python -m
 services.<name>`); the client side of every phase (the ingest client library
@@ -28,7 +28,7 @@ subprocess, so it takes no CPU from a server's event loop. Phases, in order:
                     1,000-item warm-up); its RSS when 10,000 items were sent and when the stream
                     sealed (target within 10%)
 
-See tests/benchmarks/README.md and docs/benchmarks.md for the figures.
+See shared/runops/bench/README.md and docs/benchmarks.md for the figures.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from tests.benchmarks import floors
-from tests.benchmarks.report import (
+from runops.bench import floors
+from runops.bench.report import (
     Row,
     cpu_seconds,
     durability,
@@ -52,7 +52,7 @@ from tests.benchmarks.report import (
     status_kib,
     table,
 )
-from tests.benchmarks.services import (
+from runops.bench.services import (
     Suite,
     in_subprocess,
     pid_of,
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from runops.localstack.services import ServiceProcess
 
 Progress = Callable[[str], None]
-MODULE = "tests.benchmarks.ingest"
+MODULE = "runops.bench.ingest"
 KIB, MIB = 1024, 1024 * 1024
 SMALL_PAYLOAD = 256
 LARGE_PAYLOAD = 256 * KIB

@@ -1,1 +1,0 @@
-"""Benchmarks (spec §7): each prints its figure beside a raw floor measured in the same run."""
