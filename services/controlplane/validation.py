@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
-from runops.kit.errors import Violations
+from runops.kit import limits
 from runops.kit.ids import ENVIRONMENT, ORGANIZATION, PROJECT, WORKER
-from runops.kit.limits import MAX_ATTEMPTS, TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT
+from runops.kit.limits import TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT, Violations
 
 SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 SLUG_TEXT = "a slug: lowercase letters, digits and inner dashes, 1-64 characters"
@@ -206,9 +206,7 @@ def register_worker(request: cp.RegisterWorkerRequest) -> tuple[TaskRow, ...]:
     seen: set[str] = set()
     for i, task in enumerate(request.tasks[:MAX_TASKS]):
         at = f"tasks[{i}]"
-        if v.require(task.task_identifier, f"{at}.task_identifier") and v.matches(
-            task.task_identifier, f"{at}.task_identifier", TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT
-        ):
+        if limits.task_identifier(v, task.task_identifier, f"{at}.task_identifier"):
             if task.task_identifier in seen:
                 v.add(f"{at}.task_identifier", f"{task.task_identifier!r} appears twice")
             seen.add(task.task_identifier)
@@ -222,8 +220,7 @@ def register_worker(request: cp.RegisterWorkerRequest) -> tuple[TaskRow, ...]:
                 v.add(f"{at}.default_ttl", f"must be at most {MAX_TTL_SECONDS // 86400} days")
             else:
                 ttl_ms = ttl.ToMilliseconds()
-        if task.max_attempts > MAX_ATTEMPTS:
-            v.add(f"{at}.max_attempts", f"must be at most {MAX_ATTEMPTS} (got {task.max_attempts})")
+        limits.max_attempts(v, task.max_attempts, f"{at}.max_attempts")
         if task.machine_preset and task.machine_preset not in MACHINE_PRESETS:
             v.add(f"{at}.machine_preset", f"must be one of {', '.join(MACHINE_PRESETS)}")
         rows.append(

@@ -18,6 +18,7 @@ from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.context import current_principal
 from runops.kit.errors import FieldViolation, InvalidArgument, NotFound, Unauthenticated
 from runops.kit.ids import RUN
+from runops.kit.limits import FINAL_BATCH_STATUSES
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.ingest import validation
@@ -28,9 +29,6 @@ from services.ingest.retry_rule import Verdict, aborted_error, batch_verdict
 from services.ingest.streaming import BatchClosed, Limits, Phase2
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-# WatchBatch ends once the batch is in one of these.
-FINAL_STATUSES = frozenset({common_pb2.BATCH_STATUS_COMPLETED, common_pb2.BATCH_STATUS_ABORTED})
 
 
 def caller_environment() -> cp.Environment:
@@ -159,7 +157,7 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
             if batch != last:
                 yield ing.WatchBatchResponse(batch=batch)
                 last = batch
-            if batch.status in FINAL_STATUSES or self._shutting_down.is_set():
+            if batch.status in FINAL_BATCH_STATUSES or self._shutting_down.is_set():
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._shutting_down.wait(), self._watch_interval)

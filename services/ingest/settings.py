@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from runops.kit.limits import MAX_RUN_COUNT
 from runops.kit.redis import RedisSettings, redis_field
 from runops.kit.settings import ServerSettings
 
@@ -29,9 +30,9 @@ class IngestSettings(ServerSettings):
     model_config = SettingsConfigDict(**ServerSettings.model_config, use_attribute_docstrings=True)
 
     # -- Phase 1 -------------------------------------------------------------------------------
-    max_run_count: int = Field(default=100_000, ge=1, le=10_000_000)
+    max_run_count: int = Field(default=100_000, ge=1, le=MAX_RUN_COUNT)
     """RUNOPS_MAX_RUN_COUNT: the largest run_count CreateBatch accepts (memory does not grow
-    with it: items are streamed, never held together)."""
+    with it: items are streamed, never held together), at most the run store's limit."""
 
     # -- Phase 2: bounded concurrency and chunks --------------------------------------------
     ingest_concurrency: int = Field(default=10, ge=1, le=1000)

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.errors import Aborted, FailedPrecondition, InvalidArgument
+from runops.kit.limits import MAX_ITEMS_PER_CALL
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.ingest import validation
@@ -28,8 +29,6 @@ from services.ingest.pipeline import Pipeline, split_units
 from services.ingest.retry_rule import Verdict, aborted_error, batch_verdict
 
 PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
-# The run store takes at most this many items per AcceptBatchItems.
-RUN_STORE_MAX_ITEMS = 10_000
 # settle() re-reads a batch that changed under it (a seal race, a count that moved) this often.
 SETTLE_ROUNDS = 4
 
@@ -73,7 +72,7 @@ class Phase2:
     async def run(self, messages: AsyncIterable[ing.StreamBatchItemsRequest]) -> None:
         """Every item of the stream written (or the first failure raised once the units in
         flight finished); BatchClosed if the batch stopped taking items meanwhile."""
-        unit_size = min(self._limits.max_chunk_items, RUN_STORE_MAX_ITEMS)
+        unit_size = min(self._limits.max_chunk_items, MAX_ITEMS_PER_CALL)
         await self.pipeline.run(split_units(_chunks(messages), unit_size), self._unit)
 
     async def _unit(self, items: list[ing.BatchItem]) -> None:

@@ -7,41 +7,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from google.protobuf.duration_pb2 import Duration
-
-from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
-from runops.kit.errors import FieldViolation, InvalidArgument, Violations
+from runops.kit import limits
+from runops.kit.errors import FieldViolation, InvalidArgument
 from runops.kit.ids import BATCH, RUN
 from runops.kit.limits import (
-    ID_BODY,
+    DEFAULT_PAGE_SIZE,
     IDEMPOTENCY_KEY_LIMIT,
-    MAX_ATTEMPTS,
-    MAX_TAGS,
-    TAG_LIMIT,
-    TASK_IDENTIFIER,
-    TASK_IDENTIFIER_TEXT,
+    MAX_INDEX,
+    MAX_PAGE_SIZE,
     TEXT_LIMIT,
+    Violations,
 )
 
-# The run store's limits on what it writes (ingest refuses first, naming the item).
-ID_TEXT = "an id like {prefix}_<body> or the bare body (1-64 lowercase letters and digits)"
+# A run's field rules are runops.kit.limits', the run store's too: ingest refuses first, naming
+# the item.
 MAX_TASK_IDENTIFIERS = 1000
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
-# Batch indexes are Postgres integers.
-MAX_INDEX = 2**31 - 1
 
 
 def _id(v: Violations, value: str, field: str, prefix: str) -> str:
     """A required id, friendly (`<prefix>_<body>`) or internal (the body); as given."""
-    if not v.require(value, field):
-        return ""
-    body = value.removeprefix(prefix + "_")
-    if len(value) > 64 or ID_BODY.fullmatch(body) is None:
-        v.add(field, f"must be {ID_TEXT.format(prefix=prefix)} (got {value[:64]!r})")
-        return ""
-    return value
+    return value if limits.id_body(v, value, field, prefix, bare=True) else ""
 
 
 def batch_id(value: str, field: str = "batch_id") -> str:
@@ -49,11 +35,6 @@ def batch_id(value: str, field: str = "batch_id") -> str:
     checked = _id(v, value, field, BATCH)
     v.raise_if_any()
     return checked
-
-
-def _task(v: Violations, value: str, field: str) -> None:
-    if v.require(value, field):
-        v.matches(value, field, TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT)
 
 
 def create_batch(request: ing.CreateBatchRequest, max_run_count: int) -> None:
@@ -64,34 +45,12 @@ def create_batch(request: ing.CreateBatchRequest, max_run_count: int) -> None:
     if len(request.task_identifiers) > MAX_TASK_IDENTIFIERS:
         v.add("task_identifiers", f"must hold at most {MAX_TASK_IDENTIFIERS} entries")
     for i, task in enumerate(request.task_identifiers[:MAX_TASK_IDENTIFIERS]):
-        _task(v, task, f"task_identifiers[{i}]")
+        limits.task_identifier(v, task, f"task_identifiers[{i}]")
     if request.parent_run_id:
         _id(v, request.parent_run_id, "parent_run_id", RUN)
     elif request.resume_parent_on_completion:
         v.add("parent_run_id", "is required with resume_parent_on_completion")
     v.raise_if_any()
-
-
-def _negative(duration: Duration) -> bool:
-    return duration.seconds < 0 or duration.nanos < 0
-
-
-def _options(v: Violations, options: common_pb2.TriggerOptions, field: str) -> None:
-    v.max_length(options.idempotency_key, f"{field}.idempotency_key", IDEMPOTENCY_KEY_LIMIT)
-    for name in ("queue", "concurrency_key", "machine_preset", "lock_to_version"):
-        v.max_length(getattr(options, name), f"{field}.{name}", TEXT_LIMIT)
-    if len(options.tags) > MAX_TAGS:
-        v.add(f"{field}.tags", f"must hold at most {MAX_TAGS} tags (got {len(options.tags)})")
-    for i, tag in enumerate(options.tags[:MAX_TAGS]):
-        v.required_text(tag, f"{field}.tags[{i}]", TAG_LIMIT)
-    for name in ("idempotency_key_ttl", "ttl", "priority"):
-        if _negative(getattr(options, name)):
-            v.add(f"{field}.{name}", "must not be negative")
-    if options.max_attempts > MAX_ATTEMPTS:
-        v.add(
-            f"{field}.max_attempts",
-            f"must be at most {MAX_ATTEMPTS} (got {options.max_attempts})",
-        )
 
 
 @dataclass(frozen=True)
@@ -116,9 +75,9 @@ def unit(items: Sequence[ing.BatchItem], run_count: int) -> CheckedUnit:
         if item.index >= run_count:
             out_of_range.append(item.index)
             continue
-        _task(v, item.task, f"{field}.task")
+        limits.task_identifier(v, item.task, f"{field}.task")
         v.max_length(item.payload_type, f"{field}.payload_type", TEXT_LIMIT)
-        _options(v, item.options, f"{field}.options")
+        limits.trigger_options(v, item.options, f"{field}.options")
         if item.index not in seen:
             seen.add(item.index)
             kept.append(item)

@@ -22,16 +22,10 @@ from datetime import datetime, timedelta
 import redis.exceptions
 import structlog
 
+from runops.kit.limits import DEFAULT_IDEMPOTENCY_KEY_TTL
 from runops.kit.redis import RedisClient
 from runops.runstore.v1 import runstore_pb2
-from services.mollifier.entries import (
-    DEFAULT_IDEMPOTENCY_KEY_TTL,
-    BufferedEntry,
-    EntryStatus,
-    pairs,
-    parse_ms,
-    to_ms,
-)
+from services.mollifier.entries import BufferedEntry, EntryStatus, pairs, parse_ms, to_ms
 from services.mollifier.keys import EnvKeys, GlobalKeys
 from services.mollifier.scripts import Scripts
 

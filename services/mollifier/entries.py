@@ -19,15 +19,12 @@ from google.protobuf.message import DecodeError
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import body_of, residency_of, residency_to_proto
+from runops.kit.limits import EPOCH
 from runops.runstore.v1 import runstore_pb2
 
 # datetime's own range, in ms since the epoch.
-_MIN_MS = int(
-    (datetime(1, 1, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1000
-)
+_MIN_MS = int((datetime(1, 1, 1, tzinfo=UTC) - EPOCH).total_seconds() * 1000)
 _MAX_MS = int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()) * 1000)
-# An idempotency key without its own TTL lives this long (TriggerOptions.idempotency_key_ttl).
-DEFAULT_IDEMPOTENCY_KEY_TTL = timedelta(days=30)
 
 
 class EntryStatus(enum.StrEnum):
@@ -54,7 +51,7 @@ def parse_ms(raw: bytes | str | None) -> datetime | None:
         return None
     if not _MIN_MS <= ms <= _MAX_MS:
         return None
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    return EPOCH + timedelta(milliseconds=ms)
 
 
 def _text(fields: Mapping[bytes, bytes], name: str) -> str:

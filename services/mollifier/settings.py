@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from runops.kit.limits import MAX_RUNS_PER_CALL
 from runops.kit.redis import RedisSettings, redis_field
 from runops.kit.settings import ServerSettings
 
@@ -54,7 +55,7 @@ class MollifierSettings(ServerSettings):
 
     drainer_enabled: bool = True
     """Run a drainer inside the service process (off: run `python -m services.mollifier.drainer`)."""
-    drain_batch_size: int = Field(default=1000, ge=1, le=10_000)
+    drain_batch_size: int = Field(default=1000, ge=1, le=MAX_RUNS_PER_CALL)
     """Entries written per drainer tick (one CreateRuns call), across environments. 1000, the
     unnest floor's statement size: a busy environment drains ~1.4x faster than at 500 (per-tick
     round trips and per-call costs halve); the cost is a larger CreateRuns message."""

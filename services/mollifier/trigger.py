@@ -24,12 +24,13 @@ from prometheus_client import Counter
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import RUN, IdMinter
+from runops.kit.limits import DEFAULT_IDEMPOTENCY_KEY_TTL
 from runops.mollifier.claims import ClaimOutcome, KeyToClaim
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.mollifier.buffer import AcceptOutcome, MollifierBuffer
 from services.mollifier.claims import IdempotencyClaims
-from services.mollifier.entries import DEFAULT_IDEMPOTENCY_KEY_TTL, EntryStatus, queued_entry
+from services.mollifier.entries import EntryStatus, queued_entry
 from services.mollifier.gate import Gate
 from services.mollifier.policy import EnvPolicy, Policies
 from services.mollifier.runs import BufferedRuns

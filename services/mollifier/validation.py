@@ -1,32 +1,27 @@
 """Request checks: every violation named in one INVALID_ARGUMENT (the kit already refused NUL,
-invalid UTF-8, over-long strings and invalid times). The limits are the run store's, so a
-trigger the mollifier buffers is one the run store will accept when it drains."""
+invalid UTF-8, over-long strings and invalid times). The field rules are runops.kit.limits', the
+run store's too, so a trigger the mollifier buffers is one the run store will accept when it
+drains."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from runops.common.v1 import common_pb2
-from runops.kit.errors import Violations
+from runops.kit import limits
 from runops.kit.ids import ENVIRONMENT, RUN
-from runops.kit.limits import ID_BODY as BODY
 from runops.kit.limits import (
     IDEMPOTENCY_KEY_LIMIT,
-    MAX_ATTEMPTS,
-    MAX_TAGS,
-    TAG_LIMIT,
-    TASK_IDENTIFIER,
-    TASK_IDENTIFIER_TEXT,
+    MAX_KEYS_PER_CALL,
     TEXT_LIMIT,
+    Violations,
 )
 from runops.mollifier.claims import KeyToClaim
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.runstore.v1 import runstore_pb2 as rs
 
-MAX_KEYS_PER_CALL = 10_000
 MAX_CLAIM_WAIT = timedelta(seconds=5)
 _LEVELS = (
     common_pb2.CONSISTENCY_LEVEL_UNSPECIFIED,
@@ -41,33 +36,15 @@ def environment(v: Violations, value: str, field: str = "environment_id") -> Non
 
 def run_id(v: Violations, value: str, field: str = "run_id", *, required: bool = True) -> None:
     """A run's friendly id (`run_<body>`) or its body."""
-    if not value:
-        if required:
-            v.add(field, "is required")
-        return
-    body = value.removeprefix(f"{RUN}_")
-    if len(value) > 64 or BODY.fullmatch(body) is None:
-        v.add(field, f"must be an id like run_<body> (got {value[:64]!r})")
+    limits.id_body(v, value, field, RUN, bare=True, required=required)
 
 
 def task(v: Violations, value: str, field: str = "task_identifier") -> None:
-    if v.require(value, field):
-        v.matches(value, field, TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT)
+    limits.task_identifier(v, value, field)
 
 
 def idempotency_key(v: Violations, value: str, field: str = "idempotency_key") -> None:
     v.required_text(value, field, IDEMPOTENCY_KEY_LIMIT)
-
-
-def tags(v: Violations, values: Sequence[str], field: str) -> None:
-    if len(values) > MAX_TAGS:
-        v.add(field, f"must hold at most {MAX_TAGS} tags (got {len(values)})")
-    for i, tag in enumerate(values[:MAX_TAGS]):
-        v.required_text(tag, f"{field}[{i}]", TAG_LIMIT)
-
-
-def _negative(duration: duration_pb2.Duration) -> bool:
-    return duration.seconds < 0 or duration.nanos < 0
 
 
 def consistency(v: Violations, value: int) -> bool:
@@ -91,18 +68,7 @@ def trigger(request: m.TriggerRequest) -> rs.RunInput:
     if request.resume_parent_on_completion and not request.parent_run_id:
         v.add("parent_run_id", "is required when resume_parent_on_completion is set")
     v.max_length(request.payload_type, "payload_type", TEXT_LIMIT)
-    options = request.options
-    v.max_length(options.idempotency_key, "options.idempotency_key", IDEMPOTENCY_KEY_LIMIT)
-    for name in ("queue", "concurrency_key", "machine_preset", "lock_to_version"):
-        v.max_length(getattr(options, name), f"options.{name}", TEXT_LIMIT)
-    v.max_length(options.one_time_use_token, "options.one_time_use_token", TEXT_LIMIT)
-    v.max_length(options.debounce.key, "options.debounce.key", TEXT_LIMIT)
-    tags(v, list(options.tags), "options.tags")
-    for name in ("idempotency_key_ttl", "ttl", "priority"):
-        if _negative(getattr(options, name)):
-            v.add(f"options.{name}", "must not be negative")
-    if options.max_attempts > MAX_ATTEMPTS:
-        v.add("options.max_attempts", f"must be at most {MAX_ATTEMPTS}")
+    limits.trigger_options(v, request.options, "options")
     v.raise_if_any()
     return rs.RunInput(
         run_id=friendly_run_id(request.run_id),
@@ -110,7 +76,7 @@ def trigger(request: m.TriggerRequest) -> rs.RunInput:
         task_identifier=request.task_identifier,
         payload=request.payload,
         payload_type=request.payload_type,
-        options=options,
+        options=request.options,
         parent_run_id=friendly_run_id(request.parent_run_id),
         resume_parent_on_completion=request.resume_parent_on_completion,
     )
@@ -253,7 +219,7 @@ def add_tags(request: m.AddRunTagsRequest) -> None:
     run_id(v, request.run_id)
     if not request.tags:
         v.add("tags", "is required")
-    tags(v, list(request.tags), "tags")
+    limits.tags(v, request.tags, "tags")
     v.raise_if_any()
 
 
@@ -261,7 +227,7 @@ def update_metadata(request: m.UpdateRunMetadataRequest) -> None:
     v = Violations()
     environment(v, request.environment_id)
     run_id(v, request.run_id)
-    v.max_length(request.metadata_type, "metadata_type", TEXT_LIMIT)
+    limits.metadata_type(v, request.metadata_type)
     v.raise_if_any()
 
 
@@ -269,8 +235,7 @@ def reschedule(request: m.RescheduleRunRequest) -> datetime:
     v = Violations()
     environment(v, request.environment_id)
     run_id(v, request.run_id)
-    if not request.HasField("delay_until"):
-        v.add("delay_until", "is required")
+    limits.delay_until(v, request)
     v.raise_if_any()
     return _time(request.delay_until)
 
@@ -279,7 +244,7 @@ def cancel(request: m.CancelRunRequest) -> None:
     v = Violations()
     environment(v, request.environment_id)
     run_id(v, request.run_id)
-    v.max_length(request.reason, "reason", 1024)
+    limits.cancel_reason(v, request.reason)
     v.raise_if_any()
 
 

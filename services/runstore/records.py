@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import BATCH, RUN, WAITPOINT, residency_of
+from runops.kit.limits import EPOCH
 from services.runstore import sql
 from services.runstore.rows import RunRow
 
@@ -19,14 +20,11 @@ def _ts(value: datetime | None, into: timestamp_pb2.Timestamp) -> None:
         into.seconds, into.nanos = _epoch_parts(value)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 @functools.lru_cache(maxsize=1024)
 def _epoch_parts(value: datetime) -> tuple[int, int]:
     """What Timestamp.FromDatetime sets (a naive datetime is UTC), several times cheaper, and
     cached: the rows of one write share their timestamps (now() of the transaction)."""
-    since = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - _EPOCH
+    since = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - EPOCH
     return since.days * 86_400 + since.seconds, since.microseconds * 1000
 
 

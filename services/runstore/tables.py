@@ -18,6 +18,7 @@ import asyncpg
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import RUN
+from runops.kit.limits import MAX_MISSING_RANGES
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore import sql
 from services.runstore.records import (
@@ -45,8 +46,6 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 Queryable = Connection | asyncpg.Pool
 
 REAPER_LEASE = "batch-seal-reaper"
-# How many missing ranges one answer carries at most (more: `truncated`).
-MAX_MISSING_RANGES = 1000
 
 
 # The fields whose array travels as NULL when every row holds this default (see

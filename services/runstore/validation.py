@@ -13,34 +13,31 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf import timestamp_pb2
 
 from runops.common.v1 import common_pb2
-from runops.kit.errors import Violations
+from runops.kit import limits
 from runops.kit.ids import BATCH, ENVIRONMENT, ORGANIZATION, PROJECT, RUN, WAITPOINT
-from runops.kit.limits import ID_BODY as BODY
 from runops.kit.limits import (
+    DEFAULT_IDEMPOTENCY_KEY_TTL,
+    DEFAULT_PAGE_SIZE,
+    EPOCH,
+    ID_LIMIT,
     IDEMPOTENCY_KEY_LIMIT,
     MAX_ATTEMPTS,
-    MAX_TAGS,
-    TAG_LIMIT,
-    TASK_IDENTIFIER,
-    TASK_IDENTIFIER_TEXT,
+    MAX_INDEX,
+    MAX_ITEMS_PER_CALL,
+    MAX_MISSING_RANGES,
+    MAX_PAGE_SIZE,
+    MAX_RUN_COUNT,
+    MAX_RUNS_PER_CALL,
+    TASK_IDENTIFIER_LIMIT,
     TEXT_LIMIT,
+    Violations,
 )
 from runops.kit.replica import Consistency
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.rows import BatchRow, ItemKinds, ItemRow, RunRow
 
-BODY_TEXT = "an id like <prefix>_<body>, the body 1-64 lowercase letters and digits"
 ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 ERROR_CODE_TEXT = "an error code: 1-64 of A-Z, 0-9 and _, starting with a letter"
-MAX_RUNS_PER_CALL = 10_000
-MAX_ITEMS_PER_CALL = 10_000
-MAX_RUN_COUNT = 1_000_000
-# Batch indexes are Postgres integers.
-MAX_INDEX = 2**31 - 1
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
-MAX_MISSING_RANGES = 1000
-DEFAULT_IDEMPOTENCY_KEY_TTL = timedelta(days=30)
 
 _CONSISTENCY: dict[int, Consistency] = {
     common_pb2.CONSISTENCY_LEVEL_UNSPECIFIED: Consistency.REPLICA,
@@ -49,19 +46,8 @@ _CONSISTENCY: dict[int, Consistency] = {
 }
 
 
-def _id(v: Violations, value: str, field: str, prefix: str, *, bare: bool = False) -> str:
-    """The body of a required `<prefix>_<body>` id (or, with `bare`, of a bare body too)."""
-    if not v.require(value, field):
-        return ""
-    body = value.removeprefix(prefix + "_")
-    if (body == value and not bare) or len(value) > 64 or BODY.fullmatch(body) is None:
-        v.add(field, f"must be {BODY_TEXT.replace('<prefix>', prefix)} (got {value[:64]!r})")
-        return ""
-    return body
-
-
 def _optional_id(v: Violations, value: str, field: str, prefix: str) -> str | None:
-    return _id(v, value, field, prefix) or None if value else None
+    return limits.id_body(v, value, field, prefix, required=False) or None
 
 
 def consistency(v: Violations, value: int, field: str = "consistency") -> Consistency:
@@ -78,20 +64,15 @@ def environment(v: Violations, value: str, field: str = "environment_id") -> str
 
 def run_id(v: Violations, value: str, field: str = "run_id") -> str:
     """A run's friendly id or internal id (its body)."""
-    return _id(v, value, field, RUN, bare=True)
+    return limits.id_body(v, value, field, RUN, bare=True)
 
 
 def batch_id(v: Violations, value: str, field: str = "batch_id") -> str:
-    return _id(v, value, field, BATCH, bare=True)
+    return limits.id_body(v, value, field, BATCH, bare=True)
 
 
 def waitpoint_id(v: Violations, value: str, field: str = "waitpoint_id") -> str:
-    return _id(v, value, field, WAITPOINT, bare=True)
-
-
-def task_identifier(v: Violations, value: str, field: str) -> None:
-    if v.require(value, field):
-        v.matches(value, field, TASK_IDENTIFIER, TASK_IDENTIFIER_TEXT)
+    return limits.id_body(v, value, field, WAITPOINT, bare=True)
 
 
 def run_error(v: Violations, error: common_pb2.RunError, field: str) -> None:
@@ -99,25 +80,15 @@ def run_error(v: Violations, error: common_pb2.RunError, field: str) -> None:
         v.matches(error.code, f"{field}.code", ERROR_CODE, ERROR_CODE_TEXT)
 
 
-def tags(v: Violations, values: list[str], field: str) -> None:
-    if len(values) > MAX_TAGS:
-        v.add(field, f"must hold at most {MAX_TAGS} tags (got {len(values)})")
-    for i, tag in enumerate(values[:MAX_TAGS]):
-        v.required_text(tag, f"{field}[{i}]", TAG_LIMIT)
-
-
 def _duration_ms(value: object) -> int:
     return int(value.ToMilliseconds())  # type: ignore[attr-defined]
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _when(ts: timestamp_pb2.Timestamp) -> datetime:
     """`ts.ToDatetime(tzinfo=UTC)` without its conversions (it runs per row): the same instant,
     tz UTC, microseconds rounded down (a Timestamp's nanos are never negative: the kit's
     request check refuses one that is)."""
-    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+    return EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def run_input(
@@ -140,7 +111,7 @@ def run_input(
 def _plain_run_row(
     run: rs.RunInput, *, in_batch: bool = False, mint: Callable[[], str] | None = None
 ) -> RunRow | None:
-    """The fast path of `run_input` for the common run (no failed state, no negative duration):
+    """The fast path of `run_input` for the common run (not failed):
     its row when every check passes, else None, and then `run_input` checks it field by field
     (so a violation is found, worded and named in one place only)."""
     if not _plainly_valid(run, in_batch):
@@ -150,12 +121,10 @@ def _plain_run_row(
 
 
 def _plainly_valid(run: rs.RunInput, in_batch: bool) -> bool:
-    """True only if `_check_run_input` would find nothing; no field path is built. Checks the
-    same conditions, cheaper: cached id and task checks (the values repeat within a chunk),
-    durations by sign (a negative part takes the slow path, which rounds as it must)."""
-    options = run.options
-    durations = (options.idempotency_key_ttl, options.ttl, options.priority, run.default_ttl)
-    tags = options.tags
+    """True only if `_check_run_input` would find nothing; no field path is built. The same
+    rules, each in its fast form: limits' `trigger_options_fit`, cached id and task checks
+    (the values repeat within a chunk). A failed run takes the slow path."""
+    default_ttl = run.default_ttl
     return (
         (not run.run_id or _is_id(run.run_id, RUN))
         and (
@@ -170,42 +139,37 @@ def _plainly_valid(run: rs.RunInput, in_batch: bool) -> bool:
         and _is_task_identifier(run.task_identifier)
         and (not run.parent_run_id or _is_id(run.parent_run_id, RUN))
         and (not run.root_run_id or _is_id(run.root_run_id, RUN))
-        and len(options.idempotency_key) <= IDEMPOTENCY_KEY_LIMIT
-        and len(options.queue) <= TEXT_LIMIT
-        and len(options.concurrency_key) <= TEXT_LIMIT
-        and len(options.machine_preset) <= TEXT_LIMIT
-        and len(options.lock_to_version) <= TEXT_LIMIT
+        and limits.trigger_options_fit(run.options)
         and len(run.payload_type) <= TEXT_LIMIT
         and len(run.worker_version) <= TEXT_LIMIT
         and len(run.default_queue) <= TEXT_LIMIT
         and len(run.default_machine_preset) <= TEXT_LIMIT
-        and (not tags or (len(tags) <= MAX_TAGS and all(0 < len(t) <= TAG_LIMIT for t in tags)))
-        and all(d.seconds >= 0 and d.nanos >= 0 for d in durations)
-        and options.max_attempts <= MAX_ATTEMPTS
+        and default_ttl.seconds >= 0
+        and default_ttl.nanos >= 0
         and run.default_max_attempts <= MAX_ATTEMPTS
         and run.WhichOneof("final_state") != "failed"
     )
 
 
 # The pure checks whose values repeat across a chunk's rows, cached. Only values short enough
-# to pass are looked up (ids at most 64 characters, task identifiers 128), so the caches hold
-# at most ~1 MiB whatever callers send.
+# to pass are looked up (ids at most ID_LIMIT characters, task identifiers
+# TASK_IDENTIFIER_LIMIT), so the caches hold at most ~1 MiB whatever callers send.
 def _is_id(value: str, prefix: str) -> bool:
-    """What `_id` accepts (a `<prefix>_<body>` id, not bare)."""
-    return len(value) <= 64 and _cached_is_id(value, prefix)
+    """What `_optional_id` accepts of a non-empty value (a `<prefix>_<body>` id, not bare)."""
+    return len(value) <= ID_LIMIT and _cached_is_id(value, prefix)
 
 
 def _is_friendly_id(value: str, prefix: str) -> bool:
-    return len(value) <= 64 and _cached_is_friendly_id(value, prefix)
+    return len(value) <= ID_LIMIT and _cached_is_friendly_id(value, prefix)
 
 
 def _is_task_identifier(value: str) -> bool:
-    return len(value) <= 128 and _cached_is_task_identifier(value)
+    return len(value) <= TASK_IDENTIFIER_LIMIT and _cached_is_task_identifier(value)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_is_id(value: str, prefix: str) -> bool:
-    return bool(_id(Violations(), value, "", prefix))
+    return bool(limits.id_body(Violations(), value, "", prefix))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -215,9 +179,7 @@ def _cached_is_friendly_id(value: str, prefix: str) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def _cached_is_task_identifier(value: str) -> bool:
-    v = Violations()
-    task_identifier(v, value, "")
-    return not v
+    return limits.task_identifier(Violations(), value, "")
 
 
 def _check_run_input(v: Violations, run: rs.RunInput, field: str, *, in_batch: bool) -> str:
@@ -229,30 +191,15 @@ def _check_run_input(v: Violations, run: rs.RunInput, field: str, *, in_batch: b
         v.friendly_id(run.organization_id, f"{field}.organization_id", ORGANIZATION)
     if not in_batch or run.project_id:
         v.friendly_id(run.project_id, f"{field}.project_id", PROJECT)
-    task_identifier(v, run.task_identifier, f"{field}.task_identifier")
-    options = run.options
-    o = f"{field}.options"
+    limits.task_identifier(v, run.task_identifier, f"{field}.task_identifier")
     _optional_id(v, run.parent_run_id, f"{field}.parent_run_id", RUN)
     _optional_id(v, run.root_run_id, f"{field}.root_run_id", RUN)
-    v.max_length(options.idempotency_key, f"{o}.idempotency_key", IDEMPOTENCY_KEY_LIMIT)
-    for name in ("queue", "concurrency_key", "machine_preset", "lock_to_version"):
-        v.max_length(getattr(options, name), f"{o}.{name}", TEXT_LIMIT)
+    limits.trigger_options(v, run.options, f"{field}.options")
     for name in ("payload_type", "worker_version", "default_queue", "default_machine_preset"):
         v.max_length(getattr(run, name), f"{field}.{name}", TEXT_LIMIT)
-    tags(v, list(options.tags), f"{o}.tags")
-    for name, duration in (
-        ("idempotency_key_ttl", options.idempotency_key_ttl),
-        ("ttl", options.ttl),
-        ("priority", options.priority),
-    ):
-        if _duration_ms(duration) < 0:
-            v.add(f"{o}.{name}", "must not be negative")
-    if run.HasField("default_ttl") and _duration_ms(run.default_ttl) < 0:
+    if limits.negative(run.default_ttl):
         v.add(f"{field}.default_ttl", "must not be negative")
-    if options.max_attempts > MAX_ATTEMPTS:
-        v.add(f"{o}.max_attempts", f"must be at most {MAX_ATTEMPTS} (got {options.max_attempts})")
-    if run.default_max_attempts > MAX_ATTEMPTS:
-        v.add(f"{field}.default_max_attempts", f"must be at most {MAX_ATTEMPTS}")
+    limits.max_attempts(v, run.default_max_attempts, f"{field}.default_max_attempts")
     if run.WhichOneof("final_state") == "failed":
         run_error(v, run.failed, f"{field}.failed")
     return body or ""
@@ -364,7 +311,7 @@ def create_failed_run(request: rs.CreateFailedRunRequest) -> RunRow:
 def create_cancelled_run(request: rs.CreateCancelledRunRequest) -> RunRow:
     v = Violations()
     row = run_input(v, request.run, "run")
-    v.max_length(request.reason, "reason", TEXT_LIMIT * 16)
+    limits.cancel_reason(v, request.reason)
     v.raise_if_any()
     assert row is not None
     return row.cancelled(request.reason)
@@ -395,7 +342,7 @@ class KeyRef:
 def key_ref(env: str, task: str, key: str, level: int = 0) -> KeyRef:
     v = Violations()
     environment(v, env)
-    task_identifier(v, task, "task_identifier")
+    limits.task_identifier(v, task, "task_identifier")
     v.required_text(key, "idempotency_key", IDEMPOTENCY_KEY_LIMIT)
     ref = KeyRef(env, task, key, consistency(v, level))
     v.raise_if_any()
@@ -420,7 +367,7 @@ def add_run_tags(request: rs.AddRunTagsRequest) -> RunRef:
     v = Violations()
     ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
     if v.require(list(request.tags), "tags"):
-        tags(v, list(request.tags), "tags")
+        limits.tags(v, request.tags, "tags")
     v.raise_if_any()
     return ref
 
@@ -428,7 +375,7 @@ def add_run_tags(request: rs.AddRunTagsRequest) -> RunRef:
 def update_run_metadata(request: rs.UpdateRunMetadataRequest) -> RunRef:
     v = Violations()
     ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
-    v.max_length(request.metadata_type, "metadata_type", TEXT_LIMIT)
+    limits.metadata_type(v, request.metadata_type)
     v.raise_if_any()
     return ref
 
@@ -436,8 +383,7 @@ def update_run_metadata(request: rs.UpdateRunMetadataRequest) -> RunRef:
 def reschedule_run(request: rs.RescheduleRunRequest) -> tuple[RunRef, datetime]:
     v = Violations()
     ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
-    if not request.HasField("delay_until"):
-        v.add("delay_until", "is required")
+    limits.delay_until(v, request)
     v.raise_if_any()
     return ref, _when(request.delay_until)
 
@@ -445,7 +391,7 @@ def reschedule_run(request: rs.RescheduleRunRequest) -> tuple[RunRef, datetime]:
 def cancel_run(request: rs.CancelRunRequest) -> RunRef:
     v = Violations()
     ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
-    v.max_length(request.reason, "reason", TEXT_LIMIT * 16)
+    limits.cancel_reason(v, request.reason)
     v.raise_if_any()
     return ref
 
@@ -474,7 +420,7 @@ def create_batch(request: rs.CreateBatchRequest) -> BatchRow:
         v.add("run_count", f"must be between 1 and {MAX_RUN_COUNT} (got {request.run_count})")
     v.max_length(request.idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_LIMIT)
     for i, task in enumerate(request.task_identifiers):
-        task_identifier(v, task, f"task_identifiers[{i}]")
+        limits.task_identifier(v, task, f"task_identifiers[{i}]")
     parent = _optional_id(v, request.parent_run_id, "parent_run_id", RUN)
     if request.resume_parent_on_completion and parent is None:
         v.add("parent_run_id", "is required with resume_parent_on_completion")
@@ -506,7 +452,7 @@ def accept_batch_items(
             v.add(f"items[{i}].index", f"must be at most {MAX_INDEX} (got {item.index})")
         if item.existing_run_id:
             field = f"items[{i}].existing_run_id"
-            existing = _id(v, item.existing_run_id, field, RUN)
+            existing = limits.id_body(v, item.existing_run_id, field, RUN)
             items.append(ItemRow(item.index, None, existing or None))
             continue
         row = (

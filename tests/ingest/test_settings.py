@@ -73,6 +73,8 @@ def test_variables_are_read(env: pytest.MonkeyPatch) -> None:
             "RUNOPS_INGEST_CONCURRENCY: Input should be a valid",
         ),
         ({"RUNOPS_MAX_RUN_COUNT": "0"}, "RUNOPS_MAX_RUN_COUNT: Input should be greater"),
+        # Above the run store's limit, every batch that large would be refused there.
+        ({"RUNOPS_MAX_RUN_COUNT": "1000001"}, "RUNOPS_MAX_RUN_COUNT: Input should be less"),
         ({"RUNOPS_S3_BUCKET": "ab"}, "RUNOPS_S3_BUCKET: String should match pattern"),
         ({"RUNOPS_S3_ENDPOINT_URL": "ftp://x"}, "RUNOPS_S3_ENDPOINT_URL: String should match"),
         ({"RUNOPS_REDIS_URL": "http://x"}, "RUNOPS_REDIS_URL: Value error, must be a redis://"),

@@ -24,7 +24,7 @@ B32HEX = "0123456789abcdefghijklmnopqrstuv"
 B36 = string.digits + string.ascii_lowercase
 PREFIX_CHARS = set(B36)
 KNOWN_PREFIXES = ["run", "batch", "wp", "org", "proj", "env", "worker", "batch_item"]
-MAX_DATETIME_MS = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - ids._EPOCH) // (
+MAX_DATETIME_MS = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - ids.EPOCH) // (
     timedelta(milliseconds=1)
 )
 

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runops.common.v1 import common_pb2
-from runops.kit.errors import InvalidArgument, Violations
+from runops.kit.errors import InvalidArgument
+from runops.kit.limits import Violations
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore import validation
 from services.runstore.rows import RunRow
@@ -62,6 +63,9 @@ def run_inputs(draw: st.DrawFn) -> rs.RunInput:
     options.concurrency_key = draw(texts)
     options.machine_preset = draw(texts)
     options.lock_to_version = draw(texts)
+    options.one_time_use_token = draw(texts)
+    if draw(st.booleans()):
+        options.debounce.key = draw(texts)
     options.tags.extend(draw(tag_lists))
     options.max_attempts = draw(counts)
     for duration in (options.idempotency_key_ttl, options.ttl, options.priority):
@@ -180,6 +184,8 @@ ONE_BAD_FIELD = [
     ("run.options.concurrency_key", _set("options.concurrency_key", "x" * 257)),
     ("run.options.machine_preset", _set("options.machine_preset", "x" * 257)),
     ("run.options.lock_to_version", _set("options.lock_to_version", "x" * 257)),
+    ("run.options.one_time_use_token", _set("options.one_time_use_token", "x" * 257)),
+    ("run.options.debounce.key", _set("options.debounce.key", "x" * 257)),
     ("run.payload_type", _set("payload_type", "x" * 257)),
     ("run.worker_version", _set("worker_version", "x" * 257)),
     ("run.default_queue", _set("default_queue", "x" * 257)),
@@ -189,6 +195,7 @@ ONE_BAD_FIELD = [
     ("run.options.tags[1]", _set("options.tags", ["t" * 129])),
     ("run.options.idempotency_key_ttl", _set("options.idempotency_key_ttl", (-1, 0))),
     ("run.options.ttl", _set("options.ttl", (0, -1_000_000))),
+    ("run.options.ttl", _set("options.ttl", (0, -1))),
     ("run.options.priority", _set("options.priority", (-5, 0))),
     ("run.default_ttl", _set("default_ttl", (-1, 0))),
     ("run.options.max_attempts", _set("options.max_attempts", 101)),

@@ -44,6 +44,7 @@ from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.backoff import ExponentialBackoff, Retry
 from runops.kit.clients import ServiceClient
 from runops.kit.errors import ErrorDetails, details_of, retry_delay
+from runops.kit.limits import FINAL_BATCH_STATUSES
 
 if TYPE_CHECKING:
     from runops.ingest.v1.ingest_pb2_grpc import BatchIngestServiceAsyncStub
@@ -92,7 +93,6 @@ DONE_STATUSES = frozenset(
         common_pb2.BATCH_STATUS_PARTIAL_FAILED,
     }
 )
-FINAL_STATUSES = frozenset({common_pb2.BATCH_STATUS_COMPLETED, common_pb2.BATCH_STATUS_ABORTED})
 
 
 class IngestError(Exception):
@@ -392,7 +392,7 @@ class IngestClient(ServiceClient):
                     raise
                 if message is grpc.aio.EOF:
                     call = None
-                    if last is not None and last.status in FINAL_STATUSES:
+                    if last is not None and last.status in FINAL_BATCH_STATUSES:
                         return None
                     await asyncio.sleep(self.backoff.compute(1))
                     continue

@@ -13,7 +13,6 @@ many it left out.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,8 +21,6 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
-from runops.kit.ids import split_friendly_id
 
 ERROR_DOMAIN = "runops.dev"
 # Bounds that keep every status far below the 8 KiB trailer limit of default clients.
@@ -133,63 +130,6 @@ RETRYABLE_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
-
-
-class Violations:
-    """Collects every field violation of a request before failing once, naming them all."""
-
-    def __init__(self) -> None:
-        self._items: list[FieldViolation] = []
-
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
-    def add(self, field_path: str, description: str) -> None:
-        self._items.append(FieldViolation(field_path, description))
-
-    def require(self, value: object, field_path: str) -> bool:
-        if value in ("", None, b"") or (isinstance(value, (list, tuple)) and not value):
-            self.add(field_path, "is required")
-            return False
-        return True
-
-    def max_length(self, value: str, field_path: str, limit: int) -> bool:
-        if len(value) > limit:
-            self.add(field_path, f"must be at most {limit} characters (got {len(value)})")
-            return False
-        return True
-
-    def required_text(self, value: str, field_path: str, limit: int) -> bool:
-        return self.require(value, field_path) and self.max_length(value, field_path, limit)
-
-    def matches(self, value: str, field_path: str, pattern: re.Pattern[str], what: str) -> bool:
-        """`value` must fully match `pattern`; `what` tells the caller what that means."""
-        if pattern.fullmatch(value) is None:
-            self.add(field_path, f"must be {what} (got {value[:64]!r})")
-            return False
-        return True
-
-    def friendly_id(self, value: str, field_path: str, prefix: str) -> bool:
-        """A required `<prefix>_<body>` id of at most 64 characters."""
-        if not self.required_text(value, field_path, 64):
-            return False
-        if split_friendly_id(value) is None or not value.startswith(prefix + "_"):
-            self.add(field_path, f"must be an id like {prefix}_<body> (got {value[:64]!r})")
-            return False
-        return True
-
-    def enum(self, value: int, field_path: str, allowed: Mapping[int, str]) -> bool:
-        """`allowed` maps the accepted numeric values to their names (UNSPECIFIED excluded)."""
-        if value not in allowed:
-            names = ", ".join(sorted(allowed.values()))
-            self.add(field_path, f"must be one of {names} (got {value})")
-            return False
-        return True
-
-    def raise_if_any(self, message: str = "the request has invalid fields") -> None:
-        if self._items:
-            fields = summarize_fields([v.field for v in self._items], len(self._items))
-            raise InvalidArgument(f"{message}: {fields}", violations=self._items)
 
 
 def summarize_fields(fields: Sequence[str], count: int) -> str:

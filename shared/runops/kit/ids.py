@@ -57,6 +57,7 @@ from runops.common.v1 import common_pb2
 __all__ = [
     "BATCH",
     "ENVIRONMENT",
+    "EPOCH",
     "LEGACY_BODY_LEN",
     "MAX_PREFIX_LEN",
     "NEW_BODY_LEN",
@@ -214,7 +215,8 @@ def timestamp_ms_of_new(id_or_body: object) -> int | None:
     return int(id_or_body[-NEW_BODY_LEN:][:10], 32)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Unix time zero (runops.kit.limits names it for the services).
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def timestamp_of_new(id_or_body: object) -> datetime | None:
@@ -224,7 +226,7 @@ def timestamp_of_new(id_or_body: object) -> datetime | None:
     if ms is None:
         return None
     try:
-        return _EPOCH + timedelta(milliseconds=ms)
+        return EPOCH + timedelta(milliseconds=ms)
     except OverflowError:
         return None
 

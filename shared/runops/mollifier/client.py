@@ -22,12 +22,10 @@ import grpc
 from runops.common.v1 import common_pb2
 from runops.kit.clients import ServiceClient, consistency
 from runops.kit.errors import NotFound
+from runops.kit.limits import MAX_KEYS_PER_CALL
 from runops.mollifier.claims import ClaimAnswer, ClaimOutcome, KeyToClaim
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
-
-# At most this many keys per batched call (the service refuses more).
-MAX_KEYS_PER_CALL = 10_000
 
 
 class MollifierClient(ServiceClient):
