@@ -398,6 +398,9 @@ class Run(_message.Message):
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
     BUFFERED_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    WORKER_VERSION_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    WAITPOINT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Internal id (the friendly id's body)."""
     friendly_id: _builtins.str
@@ -430,6 +433,14 @@ class Run(_message.Message):
     is_test: _builtins.bool
     buffered: _builtins.bool
     """True while the run is held in the mollifier's buffer and not yet in Postgres."""
+    worker_version: _builtins.str
+    """The worker version whose task defaults (queue, TTL, max attempts) the run took; empty when
+    none applied (an unknown task takes the platform defaults).
+    """
+    waitpoint_id: _builtins.str
+    """Friendly id of the waitpoint this run completes for its parent (a triggerAndWait child);
+    empty when the run resumes no parent on its own.
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -448,6 +459,12 @@ class Run(_message.Message):
     def completed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def priority(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def queue_timestamp(self) -> _timestamp_pb2.Timestamp:
+        """When consumers dequeue the run: its creation time, or for a batch's run the batch's
+        creation time + index milliseconds, so a batch dequeues in index order however it arrived.
+        """
+
     def __init__(
         self,
         *,
@@ -487,10 +504,13 @@ class Run(_message.Message):
         completed_at: _timestamp_pb2.Timestamp | None = ...,
         buffered: _builtins.bool = ...,
         priority: _duration_pb2.Duration | None = ...,
+        worker_version: _builtins.str = ...,
+        queue_timestamp: _timestamp_pb2.Timestamp | None = ...,
+        waitpoint_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_index", b"_batch_index", "batch_index", b"batch_index", "completed_at", b"completed_at", "created_at", b"created_at", "delay_until", b"delay_until", "error", b"error", "idempotency_key_expires_at", b"idempotency_key_expires_at", "priority", b"priority", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_index", b"_batch_index", "batch_index", b"batch_index", "completed_at", b"completed_at", "created_at", b"created_at", "delay_until", b"delay_until", "error", b"error", "idempotency_key_expires_at", b"idempotency_key_expires_at", "priority", b"priority", "queue_timestamp", b"queue_timestamp", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_index", b"_batch_index", "batch_id", b"batch_id", "batch_index", b"batch_index", "buffered", b"buffered", "completed_at", b"completed_at", "concurrency_key", b"concurrency_key", "created_at", b"created_at", "delay_until", b"delay_until", "environment_id", b"environment_id", "error", b"error", "friendly_id", b"friendly_id", "id", b"id", "idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "is_test", b"is_test", "lock_to_version", b"lock_to_version", "machine_preset", b"machine_preset", "max_attempts", b"max_attempts", "metadata", b"metadata", "metadata_type", b"metadata_type", "organization_id", b"organization_id", "output", b"output", "output_type", b"output_type", "parent_run_id", b"parent_run_id", "payload", b"payload", "payload_type", b"payload_type", "priority", b"priority", "project_id", b"project_id", "queue", b"queue", "residency", b"residency", "resume_parent_on_completion", b"resume_parent_on_completion", "root_run_id", b"root_run_id", "status", b"status", "tags", b"tags", "task_identifier", b"task_identifier", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_index", b"_batch_index", "batch_id", b"batch_id", "batch_index", b"batch_index", "buffered", b"buffered", "completed_at", b"completed_at", "concurrency_key", b"concurrency_key", "created_at", b"created_at", "delay_until", b"delay_until", "environment_id", b"environment_id", "error", b"error", "friendly_id", b"friendly_id", "id", b"id", "idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "is_test", b"is_test", "lock_to_version", b"lock_to_version", "machine_preset", b"machine_preset", "max_attempts", b"max_attempts", "metadata", b"metadata", "metadata_type", b"metadata_type", "organization_id", b"organization_id", "output", b"output", "output_type", b"output_type", "parent_run_id", b"parent_run_id", "payload", b"payload", "payload_type", b"payload_type", "priority", b"priority", "project_id", b"project_id", "queue", b"queue", "queue_timestamp", b"queue_timestamp", "residency", b"residency", "resume_parent_on_completion", b"resume_parent_on_completion", "root_run_id", b"root_run_id", "status", b"status", "tags", b"tags", "task_identifier", b"task_identifier", "ttl", b"ttl", "updated_at", b"updated_at", "waitpoint_id", b"waitpoint_id", "worker_version", b"worker_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_index: _TypeAlias = _typing.Literal["batch_index"]  # noqa: Y015
     _WhichOneofArgType__batch_index: _TypeAlias = _typing.Literal["_batch_index", b"_batch_index"]  # noqa: Y015
