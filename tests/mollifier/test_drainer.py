@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from runops.kit.backoff import ExponentialBackoff
@@ -62,6 +62,21 @@ def drainer_of(buffer: MollifierBuffer, writer: MemoryWriter, **kwargs: object) 
     return Drainer(buffer, writer, **options)  # type: ignore[arg-type]
 
 
+async def run_until(
+    drainers: Sequence[Drainer], done: Callable[[], Awaitable[bool]], *, polls: int
+) -> None:
+    """Runs `drainers` at once until `done()` (asked up to `polls` times, 20 ms apart), then
+    stops them."""
+    tasks = [asyncio.create_task(d.run()) for d in drainers]
+    for _ in range(polls):
+        if await done():
+            break
+        await asyncio.sleep(0.02)
+    for d in drainers:
+        d.request_stop()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
 async def drain_all(drainer: Drainer, buffer: MollifierBuffer, *, limit: int = 10_000) -> None:
     for _ in range(limit):
         report = await drainer.tick()
@@ -110,14 +125,11 @@ async def test_several_drainers_at_once_write_each_run_once(buffer: MollifierBuf
         await buffer.accept(snap, created_at=now())
     writer = MemoryWriter()
     drainers = [drainer_of(buffer, writer, batch_size=50, env_batch_size=10) for _ in range(4)]
-    tasks = [asyncio.create_task(d.run()) for d in drainers]
-    for _ in range(500):
-        if len(writer.runs) == 600:
-            break
-        await asyncio.sleep(0.02)
-    for d in drainers:
-        d.request_stop()
-    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    async def all_written() -> bool:
+        return len(writer.runs) == 600
+
+    await run_until(drainers, all_written, polls=500)
     assert set(writer.runs) == {s.run_id for s in snaps}
     assert max(writer.writes.values()) == 1
 
@@ -314,14 +326,11 @@ async def test_a_pipelined_drainer_drains_several_environments_once(
         await buffer.accept(snap, created_at=now())
     writer = MemoryWriter()
     drainers = [drainer_of(buffer, writer, batch_size=40, pipeline_depth=4) for _ in range(2)]
-    tasks = [asyncio.create_task(d.run()) for d in drainers]
-    for _ in range(1_000):
-        if len(writer.runs) == len(snaps) and not await buffer.environments():
-            break
-        await asyncio.sleep(0.02)
-    for d in drainers:
-        d.request_stop()
-    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    async def all_drained() -> bool:
+        return len(writer.runs) == len(snaps) and not await buffer.environments()
+
+    await run_until(drainers, all_drained, polls=1_000)
     assert set(writer.runs) == {s.run_id for s in snaps}
     assert max(writer.writes.values()) == 1
     assert await buffer.environments() == {}
