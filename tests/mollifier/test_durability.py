@@ -14,7 +14,7 @@ import redis.exceptions
 from runops.kit.redis import RedisSettings, connect_redis
 from runops.localstack.redis import RedisServer
 from services.mollifier.buffer import MollifierBuffer
-from tests.mollifier.helpers import now, snapshot
+from tests.mollifier.helpers import accept_all, now, snapshot
 
 ENV = "env_durable"
 
@@ -27,8 +27,7 @@ async def _buffer(redis_server: RedisServer) -> MollifierBuffer:
 async def test_accepted_entries_survive_a_clean_restart(redis_server: RedisServer) -> None:
     buffer = await _buffer(redis_server)
     snaps = [snapshot(ENV, idempotency_key=f"k{i}") for i in range(500)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     await buffer.client.aclose()
 
     redis_server.stop(keep_files=True)
