@@ -1,13 +1,15 @@
 """What the service harnesses (tests/<service>/harness.py) share: stubs on channels kept open,
-and the waits and error checks the tests assert with. A service's in-process settings and its
-process environment come from runops.localstack.settings (the benchmarks start services the
-same way)."""
+the waits and error checks the tests assert with, and a Postgres of one test module alone. A
+service's in-process settings and its process environment come from runops.localstack.settings
+(the benchmarks start services the same way)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -15,6 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runops.kit.channels import create_channel
+from runops.localstack import PostgresCluster, printing_progress
+from runops.migrations import migrate
 
 T = TypeVar("T")
 
@@ -64,3 +68,19 @@ async def until_health(target: str, status: int, limit: float = 10.0) -> None:
         return await health_status(target) == status
 
     await until(reached, limit)
+
+
+@contextlib.asynccontextmanager
+async def private_postgres(
+    name: str, state_dir: Path, database: str, migrations: str
+) -> AsyncIterator[PostgresCluster]:
+    """A Postgres writer + streaming replica for one test module alone (its tests may hang or
+    stop its servers), `database` migrated with `migrations` ("controlplane" or "runops")."""
+    pg = PostgresCluster(name, state_dir, database, progress=printing_progress(name))
+    try:
+        await asyncio.to_thread(pg.start)
+        await migrate(pg.migrator_dsn, migrations)
+        await pg.wait_for_replica()
+        yield pg
+    finally:
+        await asyncio.to_thread(pg.stop)

@@ -5,7 +5,9 @@ drains."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from google.protobuf import timestamp_pb2
 
@@ -23,6 +25,8 @@ from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.runstore.v1 import runstore_pb2 as rs
 
 MAX_CLAIM_WAIT = timedelta(seconds=5)
+# The keys of a Claim/Publish/ReleaseIdempotencyKeys request.
+_Key = TypeVar("_Key", m.ClaimKeyInput, m.PublishKeyInput, m.ReleaseKeyInput)
 _LEVELS = (
     common_pb2.CONSISTENCY_LEVEL_UNSPECIFIED,
     common_pb2.CONSISTENCY_LEVEL_REPLICA,
@@ -86,19 +90,27 @@ def friendly_run_id(value: str) -> str:
     return value if not value or value.startswith(f"{RUN}_") else f"{RUN}_{value}"
 
 
-def run_ref(environment_id: str, run: str) -> None:
-    v = Violations()
+def _run(v: Violations, environment_id: str, run: str) -> None:
     environment(v, environment_id)
     run_id(v, run)
+
+
+def run_ref(environment_id: str, run: str) -> None:
+    v = Violations()
+    _run(v, environment_id, run)
     v.raise_if_any()
+
+
+def _key(v: Violations, environment_id: str, task_identifier: str, key: str) -> None:
+    environment(v, environment_id)
+    task(v, task_identifier)
+    idempotency_key(v, key)
 
 
 def key_ref(environment_id: str, task_identifier: str, key: str, level: int = 0) -> bool:
     """True for read-your-writes."""
     v = Violations()
-    environment(v, environment_id)
-    task(v, task_identifier)
-    idempotency_key(v, key)
+    _key(v, environment_id, task_identifier, key)
     ryw = consistency(v, level)
     v.raise_if_any()
     return ryw
@@ -106,8 +118,7 @@ def key_ref(environment_id: str, task_identifier: str, key: str, level: int = 0)
 
 def get_run(request: m.GetRunRequest) -> bool:
     v = Violations()
-    environment(v, request.environment_id)
-    run_id(v, request.run_id)
+    _run(v, request.environment_id, request.run_id)
     ryw = consistency(v, request.consistency)
     v.raise_if_any()
     return ryw
@@ -115,11 +126,15 @@ def get_run(request: m.GetRunRequest) -> bool:
 
 def claim(request: m.ClaimIdempotencyKeyRequest) -> KeyToClaim:
     key_ref(request.environment_id, request.task_identifier, request.idempotency_key)
-    expires = request.idempotency_key_expires_at
+    return _key_to_claim(request)
+
+
+def _key_to_claim(key: m.ClaimIdempotencyKeyRequest | m.ClaimKeyInput) -> KeyToClaim:
+    expires = key.idempotency_key_expires_at
     return KeyToClaim(
-        request.task_identifier,
-        request.idempotency_key,
-        _time(expires) if request.HasField("idempotency_key_expires_at") else None,
+        key.task_identifier,
+        key.idempotency_key,
+        _time(expires) if key.HasField("idempotency_key_expires_at") else None,
     )
 
 
@@ -129,9 +144,7 @@ def token(v: Violations, value: str, field: str) -> None:
 
 def publish(request: m.PublishIdempotencyKeyRequest) -> KeyToClaim:
     v = Violations()
-    environment(v, request.environment_id)
-    task(v, request.task_identifier)
-    idempotency_key(v, request.idempotency_key)
+    _key(v, request.environment_id, request.task_identifier, request.idempotency_key)
     token(v, request.claim_token, "claim_token")
     run_id(v, request.run_id)
     v.raise_if_any()
@@ -140,30 +153,33 @@ def publish(request: m.PublishIdempotencyKeyRequest) -> KeyToClaim:
 
 def release(request: m.ReleaseIdempotencyKeyRequest) -> KeyToClaim:
     v = Violations()
-    environment(v, request.environment_id)
-    task(v, request.task_identifier)
-    idempotency_key(v, request.idempotency_key)
+    _key(v, request.environment_id, request.task_identifier, request.idempotency_key)
     token(v, request.claim_token, "claim_token")
     v.raise_if_any()
     return KeyToClaim(request.task_identifier, request.idempotency_key)
 
 
-def _key_count(v: Violations, count: int) -> None:
-    if count == 0:
+def _keys(v: Violations, environment_id: str, keys: Sequence[_Key]) -> Iterator[tuple[str, _Key]]:
+    """Checks the environment, the number of keys and each key's task and idempotency key;
+    yields each key checked with its field path for the caller's own checks of it (so every
+    violation is named in field order)."""
+    environment(v, environment_id)
+    if not keys:
         v.add("keys", "is required")
-    elif count > MAX_KEYS_PER_CALL:
-        v.add("keys", f"must hold at most {MAX_KEYS_PER_CALL} keys (got {count})")
+    elif len(keys) > MAX_KEYS_PER_CALL:
+        v.add("keys", f"must hold at most {MAX_KEYS_PER_CALL} keys (got {len(keys)})")
+    for i, key in enumerate(keys[:MAX_KEYS_PER_CALL]):
+        field = f"keys[{i}]"
+        task(v, key.task_identifier, f"{field}.task_identifier")
+        idempotency_key(v, key.idempotency_key, f"{field}.idempotency_key")
+        yield field, key
 
 
 def claim_many(
     request: m.ClaimIdempotencyKeysRequest, default_wait: float
 ) -> tuple[list[KeyToClaim], float]:
     v = Violations()
-    environment(v, request.environment_id)
-    _key_count(v, len(request.keys))
-    for i, key in enumerate(request.keys[:MAX_KEYS_PER_CALL]):
-        task(v, key.task_identifier, f"keys[{i}].task_identifier")
-        idempotency_key(v, key.idempotency_key, f"keys[{i}].idempotency_key")
+    claims = [_key_to_claim(key) for _, key in _keys(v, request.environment_id, request.keys)]
     wait = default_wait
     if request.HasField("wait"):
         asked = request.wait.ToTimedelta()
@@ -172,28 +188,14 @@ def claim_many(
         elif asked > timedelta(0):
             wait = asked.total_seconds()
     v.raise_if_any()
-    claims = [
-        KeyToClaim(
-            key.task_identifier,
-            key.idempotency_key,
-            _time(key.idempotency_key_expires_at)
-            if key.HasField("idempotency_key_expires_at")
-            else None,
-        )
-        for key in request.keys
-    ]
     return claims, wait
 
 
 def publish_many(request: m.PublishIdempotencyKeysRequest) -> list[tuple[KeyToClaim, str, str]]:
     v = Violations()
-    environment(v, request.environment_id)
-    _key_count(v, len(request.keys))
-    for i, key in enumerate(request.keys[:MAX_KEYS_PER_CALL]):
-        task(v, key.task_identifier, f"keys[{i}].task_identifier")
-        idempotency_key(v, key.idempotency_key, f"keys[{i}].idempotency_key")
-        token(v, key.claim_token, f"keys[{i}].claim_token")
-        run_id(v, key.run_id, f"keys[{i}].run_id")
+    for field, key in _keys(v, request.environment_id, request.keys):
+        token(v, key.claim_token, f"{field}.claim_token")
+        run_id(v, key.run_id, f"{field}.run_id")
     v.raise_if_any()
     return [
         (KeyToClaim(k.task_identifier, k.idempotency_key), k.claim_token, friendly_run_id(k.run_id))
@@ -203,20 +205,15 @@ def publish_many(request: m.PublishIdempotencyKeysRequest) -> list[tuple[KeyToCl
 
 def release_many(request: m.ReleaseIdempotencyKeysRequest) -> list[tuple[KeyToClaim, str]]:
     v = Violations()
-    environment(v, request.environment_id)
-    _key_count(v, len(request.keys))
-    for i, key in enumerate(request.keys[:MAX_KEYS_PER_CALL]):
-        task(v, key.task_identifier, f"keys[{i}].task_identifier")
-        idempotency_key(v, key.idempotency_key, f"keys[{i}].idempotency_key")
-        token(v, key.claim_token, f"keys[{i}].claim_token")
+    for field, key in _keys(v, request.environment_id, request.keys):
+        token(v, key.claim_token, f"{field}.claim_token")
     v.raise_if_any()
     return [(KeyToClaim(k.task_identifier, k.idempotency_key), k.claim_token) for k in request.keys]
 
 
 def add_tags(request: m.AddRunTagsRequest) -> None:
     v = Violations()
-    environment(v, request.environment_id)
-    run_id(v, request.run_id)
+    _run(v, request.environment_id, request.run_id)
     if not request.tags:
         v.add("tags", "is required")
     limits.tags(v, request.tags, "tags")
@@ -225,16 +222,14 @@ def add_tags(request: m.AddRunTagsRequest) -> None:
 
 def update_metadata(request: m.UpdateRunMetadataRequest) -> None:
     v = Violations()
-    environment(v, request.environment_id)
-    run_id(v, request.run_id)
+    _run(v, request.environment_id, request.run_id)
     limits.metadata_type(v, request.metadata_type)
     v.raise_if_any()
 
 
 def reschedule(request: m.RescheduleRunRequest) -> datetime:
     v = Violations()
-    environment(v, request.environment_id)
-    run_id(v, request.run_id)
+    _run(v, request.environment_id, request.run_id)
     limits.delay_until(v, request)
     v.raise_if_any()
     return _time(request.delay_until)
@@ -242,8 +237,7 @@ def reschedule(request: m.RescheduleRunRequest) -> datetime:
 
 def cancel(request: m.CancelRunRequest) -> None:
     v = Violations()
-    environment(v, request.environment_id)
-    run_id(v, request.run_id)
+    _run(v, request.environment_id, request.run_id)
     limits.cancel_reason(v, request.reason)
     v.raise_if_any()
 

@@ -75,6 +75,10 @@ def batch_not_found(batch_id: str) -> NotFound:
     return not_found("batch", f"{BATCH}_{batch_id}", "batch_id")
 
 
+def waitpoint_not_found(waitpoint_id: str) -> NotFound:
+    return not_found("waitpoint", f"{WAITPOINT}_{waitpoint_id}", "waitpoint_id")
+
+
 @dataclass(frozen=True)
 class Database:
     """One of the two databases: its residency and its router (writer + replicas)."""
@@ -139,6 +143,20 @@ class RunStore:
             if found is not None:
                 return found
         return None
+
+    async def _get(
+        self,
+        body: str,
+        query: Callable[[DbConnection], Awaitable[T | None]],
+        consistency: Consistency,
+        missing: Callable[[str], NotFound],
+    ) -> T:
+        """The first answer of `query` where a read of this id looks (see `probe`); none:
+        `missing(body)` is raised."""
+        found = await self._first(self.probe(body), lambda db: db.read(query, consistency))
+        if found is None:
+            raise missing(body)
+        return found
 
     def run_minter(self, parent: str | None = None) -> Callable[[], str]:
         """Mints the bodies of new runs when their rows are built (one id each, no copy of the
@@ -208,15 +226,12 @@ class RunStore:
     async def get_run(
         self, run_id: str, environment_id: str, consistency: Consistency
     ) -> common_pb2.Run:
-        run = await self._first(
-            self.probe(run_id),
-            lambda db: db.read(
-                lambda conn: self.tables.get_run(conn, run_id, environment_id), consistency
-            ),
+        return await self._get(
+            run_id,
+            lambda conn: self.tables.get_run(conn, run_id, environment_id),
+            consistency,
+            run_not_found,
         )
-        if run is None:
-            raise run_not_found(run_id)
-        return run
 
     async def find_run_by_idempotency_key(
         self, environment_id: str, task: str, key: str, consistency: Consistency
@@ -386,15 +401,12 @@ class RunStore:
     async def get_batch(
         self, batch_id: str, environment_id: str, consistency: Consistency
     ) -> common_pb2.Batch:
-        batch = await self._first(
-            self.probe(batch_id),
-            lambda db: db.read(
-                lambda conn: self.tables.get_batch(conn, batch_id, environment_id), consistency
-            ),
+        return await self._get(
+            batch_id,
+            lambda conn: self.tables.get_batch(conn, batch_id, environment_id),
+            consistency,
+            batch_not_found,
         )
-        if batch is None:
-            raise batch_not_found(batch_id)
-        return batch
 
     async def _batch_home(self, batch_id: str, environment_id: str) -> Database:
         """The database of an existing batch (the owner, unless the id's shape is neither)."""
@@ -507,18 +519,12 @@ class RunStore:
     async def missing_ranges(
         self, batch_id: str, environment_id: str, limit: int, consistency: Consistency
     ) -> MissingRanges:
-        found = await self._first(
-            self.probe(batch_id),
-            lambda db: db.read(
-                lambda conn: self.tables.missing_ranges(
-                    conn, batch_id, environment_id, limit=limit
-                ),
-                consistency,
-            ),
+        return await self._get(
+            batch_id,
+            lambda conn: self.tables.missing_ranges(conn, batch_id, environment_id, limit=limit),
+            consistency,
+            batch_not_found,
         )
-        if found is None:
-            raise batch_not_found(batch_id)
-        return found
 
     async def seal_batch(self, batch_id: str, environment_id: str) -> SealResult:
         db = await self._batch_home(batch_id, environment_id)
@@ -578,16 +584,12 @@ class RunStore:
     async def get_waitpoint(
         self, waitpoint_id: str, environment_id: str, consistency: Consistency
     ) -> common_pb2.Waitpoint:
-        found = await self._first(
-            self.probe(waitpoint_id),
-            lambda db: db.read(
-                lambda conn: self.tables.get_waitpoint(conn, waitpoint_id, environment_id),
-                consistency,
-            ),
+        return await self._get(
+            waitpoint_id,
+            lambda conn: self.tables.get_waitpoint(conn, waitpoint_id, environment_id),
+            consistency,
+            waitpoint_not_found,
         )
-        if found is None:
-            raise not_found("waitpoint", f"{WAITPOINT}_{waitpoint_id}", "waitpoint_id")
-        return found
 
     # -- background: seal timeouts and link repair ---------------------------------------------
     async def reap(

@@ -324,9 +324,13 @@ class RunRef:
     consistency: Consistency = Consistency.REPLICA
 
 
+def _run_ref(v: Violations, run: str, env: str, level: int = 0) -> RunRef:
+    return RunRef(run_id(v, run), environment(v, env), consistency(v, level))
+
+
 def run_ref(run: str, env: str, level: int = 0) -> RunRef:
     v = Violations()
-    ref = RunRef(run_id(v, run), environment(v, env), consistency(v, level))
+    ref = _run_ref(v, run, env, level)
     v.raise_if_any()
     return ref
 
@@ -351,7 +355,7 @@ def key_ref(env: str, task: str, key: str, level: int = 0) -> KeyRef:
 
 def complete_run(request: rs.CompleteRunRequest) -> RunRef:
     v = Violations()
-    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    ref = _run_ref(v, request.run_id, request.environment_id)
     outcome = request.WhichOneof("outcome")
     if outcome is None:
         v.add("outcome", "one of success or failure is required")
@@ -365,7 +369,7 @@ def complete_run(request: rs.CompleteRunRequest) -> RunRef:
 
 def add_run_tags(request: rs.AddRunTagsRequest) -> RunRef:
     v = Violations()
-    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    ref = _run_ref(v, request.run_id, request.environment_id)
     if v.require(list(request.tags), "tags"):
         limits.tags(v, request.tags, "tags")
     v.raise_if_any()
@@ -374,7 +378,7 @@ def add_run_tags(request: rs.AddRunTagsRequest) -> RunRef:
 
 def update_run_metadata(request: rs.UpdateRunMetadataRequest) -> RunRef:
     v = Violations()
-    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    ref = _run_ref(v, request.run_id, request.environment_id)
     limits.metadata_type(v, request.metadata_type)
     v.raise_if_any()
     return ref
@@ -382,7 +386,7 @@ def update_run_metadata(request: rs.UpdateRunMetadataRequest) -> RunRef:
 
 def reschedule_run(request: rs.RescheduleRunRequest) -> tuple[RunRef, datetime]:
     v = Violations()
-    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    ref = _run_ref(v, request.run_id, request.environment_id)
     limits.delay_until(v, request)
     v.raise_if_any()
     return ref, _when(request.delay_until)
@@ -390,7 +394,7 @@ def reschedule_run(request: rs.RescheduleRunRequest) -> tuple[RunRef, datetime]:
 
 def cancel_run(request: rs.CancelRunRequest) -> RunRef:
     v = Violations()
-    ref = RunRef(run_id(v, request.run_id), environment(v, request.environment_id))
+    ref = _run_ref(v, request.run_id, request.environment_id)
     limits.cancel_reason(v, request.reason)
     v.raise_if_any()
     return ref
@@ -403,9 +407,13 @@ class BatchRef:
     consistency: Consistency = Consistency.REPLICA
 
 
+def _batch_ref(v: Violations, batch: str, env: str, level: int = 0) -> BatchRef:
+    return BatchRef(batch_id(v, batch), environment(v, env), consistency(v, level))
+
+
 def batch_ref(batch: str, env: str, level: int = 0) -> BatchRef:
     v = Violations()
-    ref = BatchRef(batch_id(v, batch), environment(v, env), consistency(v, level))
+    ref = _batch_ref(v, batch, env, level)
     v.raise_if_any()
     return ref
 
@@ -443,7 +451,7 @@ def accept_batch_items(
 ) -> tuple[BatchRef, list[ItemRow]]:
     """The batch and its items, run ids minted with `mint` where a run names none."""
     v = Violations()
-    ref = BatchRef(batch_id(v, request.batch_id), environment(v, request.environment_id))
+    ref = _batch_ref(v, request.batch_id, request.environment_id)
     if v.require(list(request.items), "items") and len(request.items) > MAX_ITEMS_PER_CALL:
         v.add("items", f"must hold at most {MAX_ITEMS_PER_CALL} items (got {len(request.items)})")
     items: list[ItemRow] = []
@@ -479,24 +487,26 @@ def _batch_item_row(
     return row
 
 
+def _page(v: Violations, page_size: int, page_token: str) -> tuple[int, int]:
+    """The index a page starts after (-1: the first page) and the page size."""
+    if page_size > MAX_PAGE_SIZE:
+        v.add("page_size", f"must be at most {MAX_PAGE_SIZE} (got {page_size})")
+    after = -1
+    if page_token:
+        if page_token.isdigit() and int(page_token) <= MAX_INDEX:
+            after = int(page_token)
+        else:
+            v.add("page_token", "must be a next_page_token of an earlier answer")
+    return after, page_size or DEFAULT_PAGE_SIZE
+
+
 def list_batch_runs(request: rs.ListBatchRunsRequest) -> tuple[BatchRef, int, int]:
     """The batch, the index the page starts after (-1: the first page) and the page size."""
     v = Violations()
-    ref = BatchRef(
-        batch_id(v, request.batch_id),
-        environment(v, request.environment_id),
-        consistency(v, request.consistency),
-    )
-    if request.page_size > MAX_PAGE_SIZE:
-        v.add("page_size", f"must be at most {MAX_PAGE_SIZE} (got {request.page_size})")
-    after = -1
-    if request.page_token:
-        if request.page_token.isdigit() and int(request.page_token) <= MAX_INDEX:
-            after = int(request.page_token)
-        else:
-            v.add("page_token", "must be a next_page_token of an earlier answer")
+    ref = _batch_ref(v, request.batch_id, request.environment_id, request.consistency)
+    after, limit = _page(v, request.page_size, request.page_token)
     v.raise_if_any()
-    return ref, after, request.page_size or DEFAULT_PAGE_SIZE
+    return ref, after, limit
 
 
 _ITEM_FILTERS: dict[int, ItemKinds] = {
@@ -510,33 +520,18 @@ _ITEM_FILTERS: dict[int, ItemKinds] = {
 def list_batch_items(request: rs.ListBatchItemsRequest) -> tuple[BatchRef, ItemKinds, int, int]:
     """The batch, which items, the index the page starts after and the page size."""
     v = Violations()
-    ref = BatchRef(
-        batch_id(v, request.batch_id),
-        environment(v, request.environment_id),
-        consistency(v, request.consistency),
-    )
+    ref = _batch_ref(v, request.batch_id, request.environment_id, request.consistency)
     kinds = _ITEM_FILTERS.get(request.filter, ItemKinds())
     if request.filter not in _ITEM_FILTERS:
         v.add("filter", f"must be a BatchItemFilter (got {request.filter})")
-    if request.page_size > MAX_PAGE_SIZE:
-        v.add("page_size", f"must be at most {MAX_PAGE_SIZE} (got {request.page_size})")
-    after = -1
-    if request.page_token:
-        if request.page_token.isdigit() and int(request.page_token) <= MAX_INDEX:
-            after = int(request.page_token)
-        else:
-            v.add("page_token", "must be a next_page_token of an earlier answer")
+    after, limit = _page(v, request.page_size, request.page_token)
     v.raise_if_any()
-    return ref, kinds, after, request.page_size or DEFAULT_PAGE_SIZE
+    return ref, kinds, after, limit
 
 
 def missing_ranges(request: rs.GetBatchMissingRangesRequest) -> tuple[BatchRef, int]:
     v = Violations()
-    ref = BatchRef(
-        batch_id(v, request.batch_id),
-        environment(v, request.environment_id),
-        consistency(v, request.consistency),
-    )
+    ref = _batch_ref(v, request.batch_id, request.environment_id, request.consistency)
     if request.max_ranges > MAX_MISSING_RANGES:
         v.add("max_ranges", f"must be at most {MAX_MISSING_RANGES} (got {request.max_ranges})")
     v.raise_if_any()

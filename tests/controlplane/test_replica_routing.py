@@ -28,9 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.channels import create_channel
 from runops.kit.errors import details_of
-from runops.localstack import CONTROLPLANE_DATABASE, LocalStack, PostgresCluster, printing_progress
+from runops.localstack import CONTROLPLANE_DATABASE, LocalStack, PostgresCluster
 from runops.localstack.settings import ADMIN_TOKEN, INTERNAL_TOKEN
-from runops.migrations import migrate
 from services.controlplane.app import ControlPlane
 from tests.controlplane.harness import (
     Stub,
@@ -38,7 +37,7 @@ from tests.controlplane.harness import (
     start_control_plane,
     stub,
 )
-from tests.harness import expect_error, until
+from tests.harness import expect_error, private_postgres, until
 
 # Every read reaches the database (1 us TTL, one entry).
 UNCACHED = {"cache_ttl_seconds": 1e-6, "cache_max_entries": 1}
@@ -51,19 +50,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresCluster]:
     """A control-plane database (writer + streaming replica) for these tests alone."""
-    pg = PostgresCluster(
-        "faults",
-        Path(tmp_path_factory.mktemp("faults")),
-        CONTROLPLANE_DATABASE,
-        progress=printing_progress("faults"),
-    )
-    try:
-        await asyncio.to_thread(pg.start)
-        await migrate(pg.migrator_dsn, "controlplane")
-        await pg.wait_for_replica()
+    state_dir = Path(tmp_path_factory.mktemp("faults"))
+    async with private_postgres("faults", state_dir, CONTROLPLANE_DATABASE, "controlplane") as pg:
         yield pg
-    finally:
-        await asyncio.to_thread(pg.stop)
 
 
 @pytest.fixture(scope="module")

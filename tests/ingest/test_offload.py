@@ -8,7 +8,7 @@ import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import pytest
@@ -164,20 +164,17 @@ async def test_store_down_is_retryable_unavailable(store_config: StoreConfig) ->
             await store.check()
 
 
-class SilentServer:
-    """Accepts TCP connections and never answers (a hung store); counts connections."""
+class LocalServer:
+    """A TCP server on a free local port for one test; `answer` serves each connection."""
 
     def __init__(self) -> None:
-        self.accepted = 0
         self._server: asyncio.Server | None = None
-        self._held: list[asyncio.StreamWriter] = []
 
-    async def __aenter__(self) -> SilentServer:
-        async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.accepted += 1
-            self._held.append(writer)
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
-        self._server = await asyncio.start_server(hold, HOST, 0)
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self.answer, HOST, 0)
         return self
 
     @property
@@ -188,9 +185,25 @@ class SilentServer:
     async def __aexit__(self, *_exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        await self._server.wait_closed()
+
+
+class SilentServer(LocalServer):
+    """Accepts TCP connections and never answers (a hung store); counts connections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted = 0
+        self._held: list[asyncio.StreamWriter] = []
+
+    async def answer(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._held.append(writer)
+
+    async def __aexit__(self, *exc: object) -> None:
         for writer in self._held:
             writer.close()
-        await self._server.wait_closed()
+        await super().__aexit__(*exc)
 
 
 async def test_hanging_store_times_out_promptly(store_config: StoreConfig) -> None:
@@ -214,43 +227,29 @@ async def test_hanging_store_times_out_promptly(store_config: StoreConfig) -> No
         assert elapsed < 10
 
 
-class StatusServer:
+class StatusServer(LocalServer):
     """Answers every HTTP request with one status (a failing store); counts requests."""
 
     def __init__(self, status: int, code: str) -> None:
+        super().__init__()
         self.status, self.code = status, code
         self.requests = 0
-        self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> StatusServer:
-        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                writer.close()
-                return
-            self.requests += 1
-            body = f"<Error><Code>{self.code}</Code><Message>test</Message></Error>".encode()
-            writer.write(
-                f"HTTP/1.1 {self.status} X\r\nContent-Type: application/xml\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
-
-        self._server = await asyncio.start_server(answer, HOST, 0)
-        return self
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def __aexit__(self, *_exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
+            return
+        self.requests += 1
+        body = f"<Error><Code>{self.code}</Code><Message>test</Message></Error>".encode()
+        writer.write(
+            f"HTTP/1.1 {self.status} X\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
 
 
 async def test_5xx_is_retried_then_unavailable(store_config: StoreConfig) -> None:

@@ -4,13 +4,15 @@ server and against the 3-master Redis Cluster (fixture `redis`)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from runops.kit.redis import RedisClient, RedisSettings, connect_redis
 from runops.localstack import LocalStack
+from runops.localstack.redis import RedisServer
 from services.controlplane.app import ControlPlane
 from services.mollifier.app import Mollifier
 from services.mollifier.buffer import MollifierBuffer
@@ -33,6 +35,18 @@ async def redis(request: pytest.FixtureRequest) -> AsyncIterator[RedisClient]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test alone, which the test may stop, kill and start again (same port,
+    same directory: its append-only file is replayed)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

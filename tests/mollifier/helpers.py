@@ -1,12 +1,14 @@
-"""Snapshots for the mollifier tests."""
+"""Snapshots for the mollifier tests, and buffering them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import Residency, mint
 from runops.runstore.v1 import runstore_pb2
+from services.mollifier.buffer import MollifierBuffer
 
 
 def snapshot(
@@ -37,3 +39,9 @@ def now() -> datetime:
     """The clock at millisecond precision (what the buffer stores)."""
     moment = datetime.now(UTC)
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+async def accept_all(buffer: MollifierBuffer, snaps: Iterable[runstore_pb2.RunInput]) -> None:
+    """Buffers each snapshot in turn, created now."""
+    for snap in snaps:
+        await buffer.accept(snap, created_at=now())

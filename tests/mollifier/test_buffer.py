@@ -11,7 +11,7 @@ from runops.common.v1 import common_pb2
 from runops.kit.redis import RedisClient
 from services.mollifier.buffer import AcceptOutcome, MollifierBuffer, MutationOutcome
 from services.mollifier.entries import EntryStatus
-from tests.mollifier.helpers import now, snapshot
+from tests.mollifier.helpers import accept_all, now, snapshot
 
 ENV = "env_a"
 
@@ -95,8 +95,7 @@ async def test_pop_marks_draining_in_queue_order_and_ack_keeps_a_readable_grace(
     buffer: MollifierBuffer, redis: RedisClient
 ) -> None:
     snaps = [snapshot(ENV, idempotency_key=f"k{i}") for i in range(5)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     popped = await buffer.pop(ENV, 3, "owner-1")
     assert [e.run_id for e in popped] == [s.run_id for s in snaps[:3]]
     assert all(e.status is EntryStatus.DRAINING and e.owner == "owner-1" for e in popped)
@@ -120,8 +119,7 @@ async def test_fail_is_terminal_and_requeue_goes_to_the_front_with_an_attempt(
     buffer: MollifierBuffer,
 ) -> None:
     snaps = [snapshot(ENV) for _ in range(4)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     a, b, c = await buffer.pop(ENV, 3, "owner-1")
     assert await buffer.fail(ENV, [a.run_id], "boom") == 1
     failed = await buffer.get(ENV, a.run_id)
@@ -149,8 +147,7 @@ async def test_entries_stuck_in_draining_past_the_visibility_timeout_are_requeue
     buffer: MollifierBuffer,
 ) -> None:
     snaps = [snapshot(ENV) for _ in range(3)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     held = await buffer.pop(ENV, 2, "dead-drainer")
     assert await buffer.recover(ENV, 0.5) == 0  # not yet
     await asyncio.sleep(0.6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from runops.kit.backoff import ExponentialBackoff
@@ -19,7 +19,7 @@ from services.mollifier.drainer.drainer import (
     WriteStatus,
 )
 from services.mollifier.entries import EntryStatus
-from tests.mollifier.helpers import now, snapshot
+from tests.mollifier.helpers import accept_all, now, snapshot
 
 
 class MemoryWriter:
@@ -60,6 +60,21 @@ def drainer_of(buffer: MollifierBuffer, writer: MemoryWriter, **kwargs: object) 
     }
     options.update(kwargs)
     return Drainer(buffer, writer, **options)  # type: ignore[arg-type]
+
+
+async def run_until(
+    drainers: Sequence[Drainer], done: Callable[[], Awaitable[bool]], *, polls: int
+) -> None:
+    """Runs `drainers` at once until `done()` (asked up to `polls` times, 20 ms apart), then
+    stops them."""
+    tasks = [asyncio.create_task(d.run()) for d in drainers]
+    for _ in range(polls):
+        if await done():
+            break
+        await asyncio.sleep(0.02)
+    for d in drainers:
+        d.request_stop()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
 
 async def drain_all(drainer: Drainer, buffer: MollifierBuffer, *, limit: int = 10_000) -> None:
@@ -106,18 +121,14 @@ async def test_five_thousand_entries_of_several_environments_drain_fairly_withou
 
 async def test_several_drainers_at_once_write_each_run_once(buffer: MollifierBuffer) -> None:
     snaps = [snapshot(f"env_{i % 3}") for i in range(600)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     writer = MemoryWriter()
     drainers = [drainer_of(buffer, writer, batch_size=50, env_batch_size=10) for _ in range(4)]
-    tasks = [asyncio.create_task(d.run()) for d in drainers]
-    for _ in range(500):
-        if len(writer.runs) == 600:
-            break
-        await asyncio.sleep(0.02)
-    for d in drainers:
-        d.request_stop()
-    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    async def all_written() -> bool:
+        return len(writer.runs) == 600
+
+    await run_until(drainers, all_written, polls=500)
     assert set(writer.runs) == {s.run_id for s in snaps}
     assert max(writer.writes.values()) == 1
 
@@ -126,8 +137,7 @@ async def test_a_drainer_abandoned_mid_write_is_recovered_by_another(
     buffer: MollifierBuffer,
 ) -> None:
     snaps = [snapshot("env_k") for _ in range(30)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     stuck = MemoryWriter()
     stuck.block = asyncio.Event()  # the write never returns: as good as a dead process
     dead = drainer_of(buffer, stuck, batch_size=20, env_batch_size=20)
@@ -215,8 +225,7 @@ async def test_cancelled_and_mutated_entries_drain_as_changed(buffer: MollifierB
 
 async def test_graceful_stop_requeues_what_a_cancelled_tick_holds(buffer: MollifierBuffer) -> None:
     snaps = [snapshot("env_s") for _ in range(5)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     stuck = MemoryWriter()
     stuck.block = asyncio.Event()
     drainer = drainer_of(buffer, stuck)
@@ -262,8 +271,7 @@ async def test_ticks_in_flight_are_bounded_and_a_stop_finishes_them(
     buffer: MollifierBuffer,
 ) -> None:
     snaps = [snapshot("env_q") for _ in range(100)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     writer = GatedWriter()
     drainer = drainer_of(buffer, writer, batch_size=10, env_batch_size=10, pipeline_depth=3)
     task = asyncio.create_task(drainer.run())
@@ -288,8 +296,7 @@ async def test_ticks_in_flight_are_bounded_and_a_stop_finishes_them(
 
 async def test_a_cancelled_drainer_requeues_every_tick_in_flight(buffer: MollifierBuffer) -> None:
     snaps = [snapshot("env_x") for _ in range(40)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     writer = GatedWriter()
     drainer = drainer_of(buffer, writer, batch_size=10, env_batch_size=10, pipeline_depth=3)
     task = asyncio.create_task(drainer.run())
@@ -310,18 +317,14 @@ async def test_a_pipelined_drainer_drains_several_environments_once(
     buffer: MollifierBuffer,
 ) -> None:
     snaps = [snapshot(f"env_m{i % 4}", organization_id=f"org_{i % 2}") for i in range(1_000)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     writer = MemoryWriter()
     drainers = [drainer_of(buffer, writer, batch_size=40, pipeline_depth=4) for _ in range(2)]
-    tasks = [asyncio.create_task(d.run()) for d in drainers]
-    for _ in range(1_000):
-        if len(writer.runs) == len(snaps) and not await buffer.environments():
-            break
-        await asyncio.sleep(0.02)
-    for d in drainers:
-        d.request_stop()
-    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    async def all_drained() -> bool:
+        return len(writer.runs) == len(snaps) and not await buffer.environments()
+
+    await run_until(drainers, all_drained, polls=1_000)
     assert set(writer.runs) == {s.run_id for s in snaps}
     assert max(writer.writes.values()) == 1
     assert await buffer.environments() == {}

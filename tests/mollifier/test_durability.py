@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis.exceptions
@@ -16,38 +14,26 @@ import redis.exceptions
 from runops.kit.redis import RedisSettings, connect_redis
 from runops.localstack.redis import RedisServer
 from services.mollifier.buffer import MollifierBuffer
-from tests.mollifier.helpers import now, snapshot
+from tests.mollifier.helpers import accept_all, now, snapshot
 
 ENV = "env_durable"
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test alone (it gets restarted and killed)."""
-    redis_server = RedisServer(tmp_path)
-    redis_server.start()
-    try:
-        yield redis_server
-    finally:
-        redis_server.stop()
-
-
-async def _buffer(server: RedisServer) -> MollifierBuffer:
-    client = await connect_redis(RedisSettings(url=server.url, retry_attempts=0))
+async def _buffer(redis_server: RedisServer) -> MollifierBuffer:
+    client = await connect_redis(RedisSettings(url=redis_server.url, retry_attempts=0))
     return MollifierBuffer(client, prefix="durable")
 
 
-async def test_accepted_entries_survive_a_clean_restart(server: RedisServer) -> None:
-    buffer = await _buffer(server)
+async def test_accepted_entries_survive_a_clean_restart(redis_server: RedisServer) -> None:
+    buffer = await _buffer(redis_server)
     snaps = [snapshot(ENV, idempotency_key=f"k{i}") for i in range(500)]
-    for snap in snaps:
-        await buffer.accept(snap, created_at=now())
+    await accept_all(buffer, snaps)
     await buffer.client.aclose()
 
-    server.stop(keep_files=True)
-    server.start()
+    redis_server.stop(keep_files=True)
+    redis_server.start()
 
-    buffer = await _buffer(server)
+    buffer = await _buffer(redis_server)
     try:
         stats = await buffer.stats(ENV)
         assert stats.depth == 500
@@ -62,9 +48,9 @@ async def test_accepted_entries_survive_a_clean_restart(server: RedisServer) -> 
 
 @pytest.mark.slow
 async def test_a_crash_loses_at_most_the_last_moments_of_acknowledged_entries(
-    server: RedisServer,
+    redis_server: RedisServer,
 ) -> None:
-    buffer = await _buffer(server)
+    buffer = await _buffer(redis_server)
     acked: list[tuple[str, float]] = []
     stop_at = time.monotonic() + 3.0
 
@@ -80,12 +66,12 @@ async def test_a_crash_loses_at_most_the_last_moments_of_acknowledged_entries(
     writers = [asyncio.create_task(accept_until_killed()) for _ in range(4)]
     await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
     killed_at = time.monotonic()
-    server.kill()
+    redis_server.kill()
     await asyncio.wait_for(asyncio.gather(*writers), 30)
     await buffer.client.aclose()
 
-    server.start()
-    buffer = await _buffer(server)
+    redis_server.start()
+    buffer = await _buffer(redis_server)
     try:
         kept = {e.run_id for e in await buffer.pop(ENV, len(acked) + 10, "after-crash")}
     finally:

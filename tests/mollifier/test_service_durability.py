@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC
-from pathlib import Path
 
 import grpc
 import pytest
@@ -54,31 +52,20 @@ class Answer:
     reply: m.TriggerResponse
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test alone (it gets killed and restarted)."""
-    redis_server = RedisServer(tmp_path)
-    redis_server.start()
-    try:
-        yield redis_server
-    finally:
-        redis_server.stop()
-
-
 def _fail_open_count() -> float:
     return REGISTRY.get_sample_value("mollifier_triggers_total", {"path": "fail_open"}) or 0.0
 
 
 @pytest.mark.slow
 async def test_redis_killed_mid_burst_loses_no_acknowledged_trigger(
-    server: RedisServer,
+    redis_server: RedisServer,
     env: Seeded,
     stack: LocalStack,
     svc_control_plane: ControlPlane,
     svc_run_store: RunStoreApp,
 ) -> None:
     service = await start_mollifier(
-        redis={"url": server.url, "socket_timeout_seconds": 1, "retry_attempts": 1},
+        redis={"url": redis_server.url, "socket_timeout_seconds": 1, "retry_attempts": 1},
         key_prefix="durable-svc",
         runstore_target=svc_run_store.app.target,
         controlplane_target=svc_control_plane.app.target,
@@ -110,10 +97,10 @@ async def test_redis_killed_mid_burst_loses_no_acknowledged_trigger(
 
         callers = [asyncio.create_task(caller()) for _ in range(CALLERS)]
         await asyncio.sleep(BEFORE_KILL_SECONDS)
-        server.kill()
+        redis_server.kill()
         killed_at = time.monotonic()
         await asyncio.sleep(OUTAGE_SECONDS)
-        server.start()  # the same port and directory: the AOF is replayed
+        redis_server.start()  # the same port and directory: the AOF is replayed
         restarted_at = time.monotonic()
         await asyncio.sleep(AFTER_RESTART_SECONDS)
         stop.set()

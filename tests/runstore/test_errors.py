@@ -18,11 +18,10 @@ from runops.common.v1 import common_pb2
 from runops.kit.channels import create_channel
 from runops.kit.errors import details_of
 from runops.kit.ids import Residency
-from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster, printing_progress
-from runops.migrations import migrate
+from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.app import RunStoreApp
-from tests.harness import expect_error
+from tests.harness import expect_error, private_postgres
 from tests.runstore.harness import (
     RYW,
     Stub,
@@ -204,19 +203,9 @@ async def test_bad_input_names_every_field(client: Stub) -> None:
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresCluster]:
     """A run-ops database (writer + streaming replica) for these tests alone."""
-    pg = PostgresCluster(
-        "runstore-faults",
-        Path(tmp_path_factory.mktemp("runstore-faults")),
-        RUNOPS_DATABASE,
-        progress=printing_progress("runstore-faults"),
-    )
-    try:
-        await asyncio.to_thread(pg.start)
-        await migrate(pg.migrator_dsn, "runops")
-        await pg.wait_for_replica()
+    state_dir = Path(tmp_path_factory.mktemp("runstore-faults"))
+    async with private_postgres("runstore-faults", state_dir, RUNOPS_DATABASE, "runops") as pg:
         yield pg
-    finally:
-        await asyncio.to_thread(pg.stop)
 
 
 @pytest.fixture(scope="module")
