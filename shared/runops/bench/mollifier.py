@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from runops.bench import floors
-from runops.bench.report import Row, cpu_seconds, durability, table
-from runops.bench.services import Suite, in_subprocess, pid_of, running_suite, worker_main
+from runops.bench.loadgen import in_subprocess, percentile, worker_main
+from runops.bench.proc import cpu_seconds
+from runops.bench.report import Row, durability, table
+from runops.bench.services import Suite, pid_of, running_suite
 
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
@@ -50,18 +52,11 @@ Progress = Callable[[str], None]
 MODULE = "runops.bench.mollifier"
 BENCHMARK = "mollifier"
 PAYLOAD_BYTES = 256
-FLOOR_CHUNK, FLOOR_IN_FLIGHT = 1000, 2
 POLL_SECONDS = 0.02
 DRAIN_LIMIT_SECONDS = 300.0  # liveness: the whole backlog must land within this
 
 
 # -- the load generator ------------------------------------------------------------------------
-
-
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return 0.0
-    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
 
 
 async def _burst_work(spec: dict[str, Any]) -> dict[str, Any]:
@@ -116,22 +111,9 @@ async def _burst_work(spec: dict[str, Any]) -> dict[str, Any]:
         "ids": ids,
         "buffered": buffered,
         "errors": errors,
-        "p50": _percentile(latencies, 0.50),
-        "p99": _percentile(latencies, 0.99),
+        "p50": percentile(latencies, 0.50),
+        "p99": percentile(latencies, 0.99),
     }
-
-
-async def _floor_work(spec: dict[str, Any]) -> dict[str, Any]:
-    seconds = await floors.insert(
-        spec["dsn"], method="unnest", rows=int(spec["rows"]), chunk=FLOOR_CHUNK,
-        in_flight=FLOOR_IN_FLIGHT, payload_bytes=PAYLOAD_BYTES,
-        environment_id=spec["environment_id"], batch_id=None,
-    )  # fmt: skip
-    return {"seconds": seconds}
-
-
-async def _work(spec: dict[str, Any]) -> dict[str, Any]:
-    return await (_floor_work(spec) if spec["kind"] == "floor" else _burst_work(spec))
 
 
 # -- the bench side ----------------------------------------------------------------------------
@@ -198,8 +180,8 @@ class MollifierResult:
                 f" {self.drain_rate:,.0f} runs/s (from the last poll before the first drained run"
                 f" to the last; from the drainer's start {self.drain_total_seconds:.2f}s); CPU (cores) drainer"
                 f" {self.drainer_cores:.2f}, run store {self.runstore_cores:.2f}",
-                f"  floor: unnest INSERT of {self.triggers:,} runs ({FLOOR_CHUNK} a statement,"
-                f" {FLOOR_IN_FLIGHT} in flight) {self.floor_rate:,.0f} runs/s -> drain"
+                f"  floor: unnest INSERT of {self.triggers:,} runs ({floors.CHUNK} a statement,"
+                f" {floors.IN_FLIGHT} in flight) {self.floor_rate:,.0f} runs/s -> drain"
                 f" {self.drain_rate / self.floor_rate:.0%} of the floor (target >= 50%)",
                 f"  checked: every trigger answered with a distinct run id; Postgres holds exactly"
                 f" those {self.triggers:,} runs",
@@ -277,12 +259,10 @@ async def measure(
     say = progress
     stack = suite.stack
     await _set_flag(suite)
-    floor_env = f"{suite.environment_id}_floor"
-    floor_spec = {
-        "kind": "floor", "dsn": stack.runops_db.writer_dsn, "rows": triggers,
-        "environment_id": floor_env,
-    }  # fmt: skip
-    floor_seconds = float((await in_subprocess(MODULE, floor_spec))["seconds"])
+    floor_seconds = await floors.measure(
+        stack.runops_db.writer_dsn, method="unnest", rows=triggers, payload_bytes=PAYLOAD_BYTES,
+        environment_id=f"{suite.environment_id}_floor", batch_id=None,
+    )  # fmt: skip
     say(f"floor unnest INSERT: {triggers / floor_seconds:,.0f} runs/s")
 
     conns = [await asyncpg.connect(db.admin_writer_dsn)
@@ -300,7 +280,7 @@ async def measure(
             if await counter.count():
                 raise RuntimeError("the environment already has runs")
             spec = {
-                "kind": "burst", "target": svc.target, "token": suite.internal_token,
+                "target": svc.target, "token": suite.internal_token,
                 "environment_id": suite.environment_id, "triggers": triggers,
                 "callers": callers, "channels": channels,
             }  # fmt: skip
@@ -405,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
-        worker_main(_work)
+        worker_main(_burst_work)
         return
     if min(args.triggers, args.callers, args.channels) < 1:
         parser.error("sizes must be >= 1")

@@ -91,38 +91,3 @@ async def durability(dsn: str) -> dict[str, str]:
         return {name: str(await conn.fetchval(f"SHOW {name}")) for name in DURABILITY_SETTINGS}
     finally:
         await conn.close()
-
-
-def status_kib(pid: int, key: str) -> int | None:
-    """A `VmRSS` / `VmHWM` line of /proc/<pid>/status, in KiB (None once the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset the process's VmHWM to its current RSS (Linux: "5" to /proc/<pid>/clear_refs), so a
-    later VmHWM is the peak of what came after. False when not permitted."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (0.0 once it is gone)."""
-    import os
-
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

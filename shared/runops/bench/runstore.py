@@ -34,34 +34,52 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
-import json
 import os
 import secrets
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
-import grpc
 from google.protobuf import timestamp_pb2
 
-from runops.bench.controlplane import (
-    _cpu_seconds,
-    _local_postmaster,
-    _machine_jiffies,
-    _percentile,
-    _process_tree_cpu,
-    warmup_for,
+from runops.bench.floors import (
+    MAX_ATTEMPTS,
+    ORG,
+    PAYLOAD_TYPE,
+    PROJECT,
+    QUEUE,
+    TASK,
+    Method,
+    write_items,
+    write_runs,
 )
-from runops.bench.loadgen import drive
-from runops.kit.errors import RunopsError
+from runops.bench.loadgen import (
+    Call,
+    Close,
+    LoadResult,
+    Mark,
+    Mismatch,
+    Spec,
+    closed_loop,
+    run_worker,
+    warmup_for,
+    worker,
+)
+from runops.bench.proc import (
+    local_postmaster,
+    machine_cores,
+    machine_jiffies,
+    own_cpu_seconds,
+    process_tree_cpu,
+    status_kib,
+)
+from runops.bench.report import durability
 from runops.kit.ids import Residency, mint_body
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
@@ -70,7 +88,6 @@ if TYPE_CHECKING:
     from runops.localstack import LocalStack
 
 Progress = Callable[[str], None]
-Mark = Callable[[str], Awaitable[None]]
 Kind = Literal[
     "get_run",
     "pg_get_run",
@@ -84,13 +101,8 @@ Kind = Literal[
 ]
 
 MODULE = "runops.bench.runstore"
-PROGRESS_EVERY_SECONDS = 2.0
-ORG, PROJECT = "org_bench", "proj_bench"
-# Small items (spec §7: <= 1 KiB, no offload): what the routed and the raw paths both write.
-TASK = "bench/send-email"
-QUEUE = "task/bench/send-email"
-PAYLOAD_TYPE = "application/json"
-MAX_ATTEMPTS = 3
+# Small items (spec §7: <= 1 KiB, no offload): what the routed and the raw paths both write, with
+# the floors' organization, project, task, queue and payload type.
 # Batches the timed accept phases write into (indexes never collide across chunks).
 BIG_RUN_COUNT = 1_000_000
 # The 100,000-item batch: a hole every HOLE_EVERY indexes, each chunk resends DUPLICATES indexes
@@ -98,57 +110,20 @@ BIG_RUN_COUNT = 1_000_000
 HOLE_EVERY = 997
 DUPLICATES = 10
 PAGE_SIZE = 1000
-# The floors write the columns a benchmark run has a value for; the rest take their defaults,
-# which are the values the service writes for them (no tags, options {}, ...).
-RUN_FLOOR_COLUMNS = (
-    "id", "environment_id", "organization_id", "project_id", "task_identifier", "status",
-    "payload", "payload_type", "queue", "max_attempts", "created_at", "updated_at",
-)  # fmt: skip
-ITEM_RUN_FLOOR_COLUMNS = (*RUN_FLOOR_COLUMNS, "batch_id", "batch_index")
-ITEM_FLOOR_COLUMNS = ("batch_id", "index", "run_id")
-INSERT_RUNS_FLOOR = """
-INSERT INTO runs (id, environment_id, organization_id, project_id, task_identifier, status,
-    payload, payload_type, queue, max_attempts, created_at, updated_at)
-SELECT r.id, $2, $3, $4, $5, 'PENDING', r.payload, $6, $7, $8, r.created_at, now()
-FROM unnest($1::text[], $9::bytea[], $10::timestamptz[]) AS r(id, payload, created_at)
-ON CONFLICT DO NOTHING
-"""
-INSERT_ITEMS_FLOOR = """
-WITH items AS (
-    INSERT INTO batch_items (batch_id, index, run_id)
-    SELECT $1, i.index, i.id FROM unnest($2::int[], $3::text[]) AS i(index, id)
-    ON CONFLICT (batch_id, index) DO NOTHING
-    RETURNING index, run_id
-)
-INSERT INTO runs (id, environment_id, organization_id, project_id, task_identifier, status,
-    payload, payload_type, queue, max_attempts, created_at, updated_at, batch_id, batch_index)
-SELECT i.run_id, $4, $5, $6, $7, 'PENDING', r.payload, $8, $9, $10, now(), now(), $1, i.index
-FROM items i JOIN unnest($2::int[], $11::bytea[]) AS r(index, payload) USING (index)
-ON CONFLICT DO NOTHING
-"""
-DURABILITY_SETTINGS = ("synchronous_commit", "fsync", "full_page_writes", "wal_level")
 
 
 def payload(i: int) -> bytes:
     return b'{"to":"user-%d@example.com","template":"welcome","locale":"en"}' % i
 
 
-class Mismatch(Exception):
-    """An answer that is not what the call should have produced (counted as an error)."""
-
-
 # -- the load generator (a subprocess) ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class LoadSpec:
-    """One load-generator run; travels as JSON on the subprocess's stdin."""
+class LoadSpec(Spec):
+    """One run of this benchmark's load generator."""
 
     kind: Kind
-    label: str
-    seconds: float
-    warmup: float
-    concurrency: int
     environment_id: str
     chunk: int = 1  # rows a call (writes)
     target: str = ""  # grpc
@@ -157,32 +132,6 @@ class LoadSpec:
     run_ids: tuple[str, ...] = ()  # bodies (reads)
     batch_id: str = ""  # body (accept phases)
     items: int = 0  # the large batch's run_count
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> LoadSpec:
-        raw = json.loads(text)
-        raw["run_ids"] = tuple(raw["run_ids"])
-        return cls(**raw)
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    rows: int  # rows written (reads: 1 a call) by calls that ended inside the measured window
-    calls: int
-    seconds: float
-    errors: dict[str, int]  # failed calls by kind, warm-up included
-    p50_ms: float
-    p99_ms: float
-    cpu_seconds: float  # the load generator's CPU over the measured window
-    pid: int
-    figures: dict[str, float] = field(default_factory=dict)  # the large batch's
-
-
-Call = Callable[[int], Awaitable[int]]
-Close = Callable[[], Awaitable[None]]
 
 
 def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
@@ -224,24 +173,6 @@ async def _pg_get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
     return call, pool.close
 
 
-def _run_record(id_: str, env: str, body: bytes, now: datetime) -> tuple[object, ...]:
-    """A run's RUN_FLOOR_COLUMNS values (COPY)."""
-    return (
-        id_,
-        env,
-        ORG,
-        PROJECT,
-        TASK,
-        "PENDING",
-        body,
-        PAYLOAD_TYPE,
-        QUEUE,
-        MAX_ATTEMPTS,
-        now,
-        now,
-    )
-
-
 def _count(status: str, expected: int) -> int:
     """Rows in an "INSERT 0 N" / "COPY N" status, which must be `expected`."""
     written = int(status.rsplit(" ", 1)[-1])
@@ -279,24 +210,16 @@ async def _create_runs_caller(spec: LoadSpec) -> tuple[Call, Close]:
     return call, client.close
 
 
-async def _pg_runs_caller(spec: LoadSpec, *, copy: bool) -> tuple[Call, Close]:
+async def _pg_runs_caller(spec: LoadSpec, method: Method) -> tuple[Call, Close]:
     pool = await _pool(spec)
 
     async def call(n: int) -> int:
-        now = datetime.now(UTC)
+        created_at = [datetime.now(UTC)] * spec.chunk if method == "unnest" else None
         ids = [mint_body(Residency.NEW) for _ in range(spec.chunk)]
         payloads = [payload(n * spec.chunk + i) for i in range(spec.chunk)]
-        env = spec.environment_id
-        if copy:
-            records = [_run_record(id_, env, p, now) for id_, p in zip(ids, payloads, strict=True)]
-            status = await pool.copy_records_to_table(
-                "runs", records=records, columns=RUN_FLOOR_COLUMNS
-            )
-        else:
-            status = await pool.execute(
-                INSERT_RUNS_FLOOR, ids, env, ORG, PROJECT, TASK, PAYLOAD_TYPE, QUEUE,
-                MAX_ATTEMPTS, payloads, [now] * spec.chunk,
-            )  # fmt: skip
+        status = await write_runs(
+            pool, method, spec.environment_id, ids, payloads, created_at=created_at
+        )
         return _count(status, spec.chunk)
 
     return call, pool.close
@@ -337,35 +260,16 @@ def _items(indexes: range | list[int]) -> list[rs.BatchItemInput]:
     ]
 
 
-async def _pg_items_caller(spec: LoadSpec, *, copy: bool) -> tuple[Call, Close]:
+async def _pg_items_caller(spec: LoadSpec, method: Method) -> tuple[Call, Close]:
     pool = await _pool(spec)
 
     async def call(n: int) -> int:
         indexes = list(range(n * spec.chunk, (n + 1) * spec.chunk))
         ids = [mint_body(Residency.NEW) for _ in indexes]
         payloads = [payload(i) for i in indexes]
-        env, batch = spec.environment_id, spec.batch_id
-        if not copy:
-            status = await pool.execute(
-                INSERT_ITEMS_FLOOR, batch, indexes, ids, env, ORG, PROJECT, TASK, PAYLOAD_TYPE,
-                QUEUE, MAX_ATTEMPTS, payloads,
-            )  # fmt: skip
-            return _count(status, spec.chunk)
-        now = datetime.now(UTC)
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.copy_records_to_table(
-                "batch_items",
-                records=[(batch, i, id_) for i, id_ in zip(indexes, ids, strict=True)],
-                columns=ITEM_FLOOR_COLUMNS,
-            )
-            status = await conn.copy_records_to_table(
-                "runs",
-                records=[
-                    (*_run_record(id_, env, p, now), batch, i)
-                    for i, id_, p in zip(indexes, ids, payloads, strict=True)
-                ],
-                columns=ITEM_RUN_FLOOR_COLUMNS,
-            )
+        status = await write_items(
+            pool, method, spec.batch_id, spec.environment_id, indexes, ids, payloads
+        )
         return _count(status, spec.chunk)
 
     return call, pool.close
@@ -380,79 +284,21 @@ async def _make_caller(spec: LoadSpec) -> tuple[Call, Close]:
         case "create_runs":
             return await _create_runs_caller(spec)
         case "pg_insert_runs" | "pg_copy_runs":
-            return await _pg_runs_caller(spec, copy=spec.kind == "pg_copy_runs")
+            return await _pg_runs_caller(spec, "copy" if spec.kind == "pg_copy_runs" else "unnest")
         case "accept":
             return await _accept_caller(spec)
         case "pg_insert_items" | "pg_copy_items":
-            return await _pg_items_caller(spec, copy=spec.kind == "pg_copy_items")
+            return await _pg_items_caller(
+                spec, "copy" if spec.kind == "pg_copy_items" else "unnest"
+            )
     raise ValueError(f"no caller for {spec.kind}")
 
 
 async def generate(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadResult:
-    """C closed-loop callers, each call taking the next number (a run round-robin, or a fresh
-    chunk of indexes): `spec.warmup` seconds unmeasured, then `spec.seconds` measured, bracketed
-    by `await mark("start")` / `await mark("end")` (the callers keep going meanwhile)."""
+    """C closed-loop callers (`loadgen.closed_loop`), each call taking the next number (a run
+    round-robin, or a fresh chunk of indexes)."""
     call, close = await _make_caller(spec)
-    turn = itertools.count()
-    latencies: list[int] = []
-    rows = 0
-    errors: Counter[str] = Counter()
-    window = [sys.maxsize, sys.maxsize]  # perf_counter_ns bounds of the measured window
-    stopped = False
-
-    async def caller() -> None:
-        nonlocal rows
-        while not stopped:
-            began = time.perf_counter_ns()
-            try:
-                written = await call(next(turn))
-            except grpc.aio.AioRpcError as exc:
-                errors[exc.code().name] += 1
-                continue
-            except (RunopsError, Mismatch, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                errors[type(exc).__name__] += 1
-                continue
-            ended = time.perf_counter_ns()
-            if window[0] <= ended <= window[1]:
-                latencies.append(ended - began)
-                rows += written
-
-    tasks = [asyncio.create_task(caller()) for _ in range(spec.concurrency)]
-    try:
-        await asyncio.sleep(spec.warmup)
-        await mark("start")
-        cpu_before = _cpu_seconds()
-        start = time.perf_counter_ns()
-        window[:] = [start, start + int(spec.seconds * 1e9)]
-        while (left := (window[1] - time.perf_counter_ns()) / 1e9) > 0:
-            await asyncio.sleep(min(PROGRESS_EVERY_SECONDS, left))
-            elapsed = (time.perf_counter_ns() - start) / 1e9
-            if elapsed < spec.seconds - 0.01:
-                progress(
-                    f"{spec.label}: {rows:,} rows in {elapsed:.0f}s ({rows / elapsed:,.0f}/s),"
-                    f" {sum(errors.values())} errors"
-                )
-        cpu_seconds = _cpu_seconds() - cpu_before
-        await mark("end")
-        stopped = True
-        await asyncio.gather(*tasks)
-    finally:
-        stopped = True
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await close()
-    latencies.sort()
-    return LoadResult(
-        rows=rows,
-        calls=len(latencies),
-        seconds=(window[1] - window[0]) / 1e9,
-        errors=dict(errors),
-        p50_ms=_percentile(latencies, 0.50),
-        p99_ms=_percentile(latencies, 0.99),
-        cpu_seconds=cpu_seconds,
-        pid=os.getpid(),
-    )
+    return await closed_loop(spec, call, close, mark, progress)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -592,24 +438,10 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
     )
 
 
-def _loadgen_main() -> None:
-    """The subprocess: the spec as a line on stdin; JSON lines on stdout: each mark, which
-    waits for a line on stdin (the bench has sampled the servers), then the result."""
-    spec = LoadSpec.from_json(sys.stdin.readline())
-
-    async def mark(event: str) -> None:
-        print(json.dumps({"event": event}), flush=True)
-        await asyncio.to_thread(sys.stdin.readline)
-
-    started = time.monotonic()
-
-    def progress(line: str) -> None:
-        elapsed = time.monotonic() - started
-        print(f"[loadgen pid {os.getpid()} +{elapsed:4.1f}s] {line}", file=sys.stderr, flush=True)
-
+async def _work(spec_json: str, mark: Mark, progress: Progress) -> dict[str, Any]:
+    spec = LoadSpec.from_json(spec_json)
     run = large_batch if spec.kind == "large_batch" else generate
-    result = asyncio.run(run(spec, mark, progress))
-    print(json.dumps({"event": "result", "result": asdict(result)}), flush=True)
+    return asdict(await run(spec, mark, progress))
 
 
 # -- the bench process: servers, samples at each mark ---------------------------------------------
@@ -637,39 +469,24 @@ class _Sample:
     hwm_kib: int | None
 
 
-def _status_kib(pid: int | None, key: str) -> int | None:
-    """A `kB` line of /proc/<pid>/status (VmRSS, VmHWM), or None."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _sample(procs: Processes) -> _Sample:
     def cpu(pid: int | None) -> float | None:
-        return None if pid is None else _process_tree_cpu(pid)
+        return None if pid is None else process_tree_cpu(pid)
 
     return _Sample(
         at=time.monotonic(),
-        own_cpu=_cpu_seconds(),
-        machine=_machine_jiffies(),
+        own_cpu=own_cpu_seconds(),
+        machine=machine_jiffies(),
         service_cpu=cpu(procs.service),
         writer_cpu=cpu(procs.writer),
         replica_cpu=cpu(procs.replica),
-        rss_kib=_status_kib(procs.service, "VmRSS"),
-        hwm_kib=_status_kib(procs.service, "VmHWM"),
+        rss_kib=status_kib(procs.service, "VmRSS"),
+        hwm_kib=status_kib(procs.service, "VmHWM"),
     )
 
 
 async def _in_subprocess(spec: LoadSpec, procs: Processes) -> tuple[LoadResult, dict[str, _Sample]]:
-    result, marks = await drive(MODULE, spec.to_json(), lambda: _sample(procs), spec.label)
-    return LoadResult(**result), marks
+    return await run_worker(MODULE, spec, lambda: _sample(procs))
 
 
 @dataclass(frozen=True)
@@ -716,10 +533,6 @@ async def _phase(spec: LoadSpec, unit: str, procs: Processes, progress: Progress
     result, marks = await _in_subprocess(spec, procs)
     start, end = marks["start"], marks["end"]
     seconds = result.seconds
-    machine = None
-    if start.machine is not None and end.machine is not None:
-        busy, total = (e - s for s, e in zip(start.machine, end.machine, strict=True))
-        machine = busy / total * (os.cpu_count() or 1) if total > 0 else None
     phase = Phase(
         name=spec.label,
         unit=unit,
@@ -733,7 +546,7 @@ async def _phase(spec: LoadSpec, unit: str, procs: Processes, progress: Progress
         loadgen_cores=result.cpu_seconds / seconds,
         writer_cores=_cores(start.writer_cpu, end.writer_cpu, seconds),
         replica_cores=_cores(start.replica_cpu, end.replica_cpu, seconds),
-        machine_cores=machine,
+        machine_cores=machine_cores(start.machine, end.machine),
         bench_cores=(end.own_cpu - start.own_cpu) / seconds,
     )
     progress(f"{spec.label}: {phase.per_second:,.0f} {unit}/s, p50 {phase.p50_ms:.2f} ms")
@@ -891,14 +704,6 @@ class Service:
     pid: int | None
 
 
-async def _durability(dsn: str) -> dict[str, str]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return {name: str(await conn.fetchval(f"SHOW {name}")) for name in DURABILITY_SETTINGS}
-    finally:
-        await conn.close()
-
-
 async def _seed(client: RunStoreClient, env: str, runs: int) -> list[str]:
     bodies: list[str] = []
     for first in range(0, runs, 1000):
@@ -936,7 +741,7 @@ async def measure(
     warmup = warmup_for(seconds)
     env = "env_" + mint_body(Residency.NEW)
     procs = Processes(
-        service.pid, await _local_postmaster(db.writer_dsn), await _local_postmaster(db.replica_dsn)
+        service.pid, await local_postmaster(db.writer_dsn), await local_postmaster(db.replica_dsn)
     )
     async with RunStoreClient(service.target, token=service.token) as client:
         progress(f"seeding {runs:,} runs and 3 batches through the service")
@@ -953,7 +758,7 @@ async def measure(
             )
             batches.append(created.batch.id)
     await db.wait_for_replica()
-    durability = await _durability(db.writer_dsn)
+    settings = await durability(db.writer_dsn)
 
     def spec(kind: Kind, label: str, **fields: Any) -> LoadSpec:
         return LoadSpec(
@@ -1029,7 +834,7 @@ async def measure(
         chunk=chunk,
         runs=runs,
         cpus=os.cpu_count() or 1,
-        durability=durability,
+        durability=settings,
         service_pid=service.pid,
         floor_read=floor_read,
         get_run=get_run,
@@ -1112,7 +917,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
-        _loadgen_main()
+        worker(_work)
         return
     if min(args.seconds, args.concurrency, args.write_concurrency, args.chunk, args.runs) <= 0:
         parser.error("--seconds, --concurrency, --write-concurrency, --chunk, --runs must be > 0")
