@@ -28,7 +28,6 @@ See shared/runops/bench/README.md for the figures and why.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import secrets
@@ -40,6 +39,7 @@ import asyncpg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from runops.bench import proc, program
 from runops.bench.loadgen import (
     Call,
     Close,
@@ -52,13 +52,7 @@ from runops.bench.loadgen import (
     warmup_for,
     worker,
 )
-from runops.bench.proc import (
-    local_postmaster,
-    machine_cores,
-    machine_jiffies,
-    own_cpu_seconds,
-    process_tree_cpu,
-)
+from runops.bench.report import cores
 from runops.controlplane.client import ControlPlaneClient
 from runops.controlplane.model import hash_api_key
 from runops.controlplane.v1 import controlplane_pb2 as cp
@@ -210,7 +204,7 @@ async def _postgres_caller(spec: LoadSpec) -> tuple[Call, Close]:
 
 
 async def generate(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadResult:
-    """C closed-loop callers, round-robin over the keys (`loadgen.closed_loop`); for the client
+    """C closed-loop callers, round-robin over the keys (`closed_loop`); for the client
     phase, its own cache's lookups over the window in `figures`."""
     make = {
         "authenticate": _grpc_caller,
@@ -254,9 +248,9 @@ class _Sample:
 
 def _sample(replica: int | None) -> _Sample:
     return _Sample(
-        own_cpu=own_cpu_seconds(),
-        machine=machine_jiffies(),
-        replica_cpu=None if replica is None else process_tree_cpu(replica),
+        own_cpu=proc.own_cpu_seconds(),
+        machine=proc.machine_jiffies(),
+        replica_cpu=None if replica is None else proc.process_tree_cpu(replica),
         cache=_cache_lookups(CACHE_NAME),
         handled_ok=_metric("grpc_server_handled_total", HANDLED_OK),
     )
@@ -344,7 +338,7 @@ async def _phase(
             if start.replica_cpu is None or end.replica_cpu is None
             else (end.replica_cpu - start.replica_cpu) / seconds
         ),
-        machine_cores=machine_cores(start.machine, end.machine),
+        machine_cores=proc.machine_cores(start.machine, end.machine),
         cache_hits=delta("hit"),
         cache_misses=delta("miss"),
         cache_shared=delta("shared"),
@@ -401,9 +395,6 @@ class BenchResult:
         return self.cached.per_second / self.health.per_second
 
     def report(self) -> str:
-        def cores(value: float | None) -> str:
-            return "-" if value is None else f"{value:.2f}"
-
         lines = [
             f"AuthenticateApiKey vs raw Postgres lookup: {self.concurrency} concurrent callers,"
             f" {self.keys} keys round-robin, {self.seconds:g}s measured per phase after"
@@ -529,7 +520,7 @@ async def run(
         say(f"control plane (cached) serving on {plane.app.target}; seeding {keys} environments")
         seeded = await _seed(plane.app.target, keys)
         await stack.controlplane_db.wait_for_replica()
-        replica = await local_postmaster(stack.controlplane_db.replica_dsn)
+        replica = await proc.local_postmaster(stack.controlplane_db.replica_dsn)
 
         async def measure(kind: Kind, label: str, *, server: bool, **where: str) -> Phase:
             spec = LoadSpec(
@@ -585,9 +576,7 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = program.parser(MODULE, __doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent callers")
     parser.add_argument("--keys", type=int, default=64, help="seeded API keys, round-robin")
@@ -597,30 +586,17 @@ def main(argv: list[str] | None = None) -> None:
         default="subprocess",
         help="where the client side runs (default: a subprocess)",
     )
-    parser.add_argument("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
         worker(_work)
         return
     if args.seconds <= 0 or args.concurrency < 1 or args.keys < 1:
         parser.error("--seconds must be > 0, --concurrency and --keys >= 1")
-    from runops.kit.logging import configure_logging
-    from runops.localstack import LocalStack, printing_progress
-
-    configure_logging("warning", "console")
-    say = printing_progress("bench")
-    with LocalStack(None, progress=say) as stack:
-        result = asyncio.run(
-            run(
-                stack,
-                args.seconds,
-                args.concurrency,
-                args.keys,
-                loadgen=args.loadgen,
-                progress=say,
-            )
+    result = program.on_local_stack(
+        lambda stack, say: run(
+            stack, args.seconds, args.concurrency, args.keys, loadgen=args.loadgen, progress=say
         )
-    # After the stack stopped: the figures are the last thing printed.
+    )
     print(result.report(), flush=True)
 
 

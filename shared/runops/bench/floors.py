@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from runops.bench import program
 from runops.bench.loadgen import in_subprocess, worker_main
 from runops.kit.ids import Residency, mint_body
 
@@ -229,5 +230,12 @@ async def _work(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds}
 
 
-if __name__ == "__main__":  # the load-generator process of `measure` (--loadgen-worker)
+def main(argv: list[str] | None = None) -> None:
+    parser = program.parser(MODULE, __doc__)
+    if not parser.parse_args(argv).loadgen_worker:
+        parser.error("runs only as the load generator of `measure` (--loadgen-worker)")
     worker_main(_work)
+
+
+if __name__ == "__main__":
+    main()

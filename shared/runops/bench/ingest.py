@@ -33,7 +33,6 @@ See shared/runops/bench/README.md and docs/benchmarks.md for the figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import time
@@ -43,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from runops.bench import floors
+from runops.bench import floors, program
 from runops.bench.loadgen import in_subprocess, worker_main
 from runops.bench.proc import cpu_seconds, reset_peak, status_kib
-from runops.bench.report import Row, durability, table
+from runops.bench.report import Row, durability, settings, table
 from runops.bench.services import Suite, pid_of, running_suite
 
 if TYPE_CHECKING:
@@ -205,8 +204,7 @@ class IngestResult:
 
     def report(self) -> str:
         lines = [
-            f"batch ingest, {self.cpus} CPUs, Postgres: "
-            + ", ".join(f"{k}={v}" for k, v in self.durability.items()),
+            f"batch ingest, {self.cpus} CPUs, Postgres: " + settings(self.durability),
             f"  small items: {self.small_items:,} in {self.small_seconds:.2f}s ="
             f" {self.small_rate:,.0f}/s; floors (same rows, {floors.CHUNK} a statement,"
             f" {floors.IN_FLIGHT} in flight): unnest {self.unnest_rate:,.0f}/s,"
@@ -396,33 +394,20 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = program.parser(MODULE, __doc__)
     add = parser.add_argument
     add("--small", type=int, default=DEFAULTS["small"], help="small items (and floor rows)")
     add("--large-c1", type=int, default=DEFAULTS["large_c1"], help="256 KiB items at c=1")
     add("--large-c10", type=int, default=DEFAULTS["large_c10"], help="256 KiB items at c=10")
     add("--big", type=int, default=DEFAULTS["big"], help="the one-stream batch (<= 100000)")
-    add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
         worker_main(_ingest_work)
         return
     if min(args.small, args.large_c1, args.large_c10) < 1 or not 10 <= args.big <= 100_000:
         parser.error("sizes must be >= 1, --big 10 to 100000")
-    from runops.kit.logging import configure_logging
-    from runops.localstack import LocalStack, printing_progress
-
-    configure_logging("warning", "console")
-    say = printing_progress("bench")
-    with LocalStack(None, progress=say) as stack:
-        result = asyncio.run(
-            run(
-                stack, small=args.small, large_c1=args.large_c1, large_c10=args.large_c10,
-                big=args.big, progress=say,
-            )
-        )  # fmt: skip
+    sizes = {name: getattr(args, name) for name in DEFAULTS}
+    result = program.on_local_stack(lambda stack, say: run(stack, **sizes, progress=say))
     print(result.report(), "", table(result.rows()), sep="\n", flush=True)
 
 

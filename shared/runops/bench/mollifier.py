@@ -28,7 +28,6 @@ those N ids (no loss, no duplicates). See shared/runops/bench/README.md and docs
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import secrets
@@ -39,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from runops.bench import floors
+from runops.bench import floors, program
 from runops.bench.loadgen import in_subprocess, percentile, worker_main
 from runops.bench.proc import cpu_seconds
-from runops.bench.report import Row, durability, table
+from runops.bench.report import Row, durability, settings, table
 from runops.bench.services import Suite, pid_of, running_suite
 
 if TYPE_CHECKING:
@@ -167,8 +166,7 @@ class MollifierResult:
         straight = self.triggers - self.buffered
         return "\n".join(
             [
-                f"mollifier burst, {self.cpus} CPUs, Postgres: "
-                + ", ".join(f"{k}={v}" for k, v in self.durability.items()),
+                f"mollifier burst, {self.cpus} CPUs, Postgres: " + settings(self.durability),
                 f"  burst: {self.triggers:,} triggers from {self.callers} callers on"
                 f" {self.channels} channels in {self.burst_seconds:.2f}s ="
                 f" {self.accepted_rate:,.0f}/s accepted; latency p50 {self.p50_ms:.1f} ms,"
@@ -375,30 +373,19 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = program.parser(MODULE, __doc__)
     add = parser.add_argument
     add("--triggers", type=int, default=DEFAULTS["triggers"], help="triggers in the burst")
     add("--callers", type=int, default=DEFAULTS["callers"], help="concurrent callers")
     add("--channels", type=int, default=DEFAULTS["channels"], help="gRPC channels they share")
-    add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
         worker_main(_burst_work)
         return
     if min(args.triggers, args.callers, args.channels) < 1:
         parser.error("sizes must be >= 1")
-    from runops.kit.logging import configure_logging
-    from runops.localstack import LocalStack, printing_progress
-
-    configure_logging("warning", "console")
-    say = printing_progress("bench")
-    with LocalStack(None, progress=say) as stack:
-        result = asyncio.run(
-            run(stack, triggers=args.triggers, callers=args.callers, channels=args.channels,
-                progress=say)
-        )  # fmt: skip
+    sizes = {name: getattr(args, name) for name in DEFAULTS}
+    result = program.on_local_stack(lambda stack, say: run(stack, **sizes, progress=say))
     print(result.report(), "", table(result.rows()), sep="\n", flush=True)
 
 

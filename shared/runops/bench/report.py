@@ -3,7 +3,7 @@ benchmark, figure, raw floor, ratio, target, met or not."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -82,6 +82,16 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(
         [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)]
     )
+
+
+def settings(values: Mapping[str, str]) -> str:
+    """Settings as the reports print them: `name=value, ...`."""
+    return ", ".join(f"{name}={value}" for name, value in values.items())
+
+
+def cores(value: float | None) -> str:
+    """A CPU figure in cores for a report's column ("-": not measurable here)."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 async def durability(dsn: str) -> dict[str, str]:

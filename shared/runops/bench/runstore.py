@@ -32,7 +32,6 @@ See shared/runops/bench/README.md for the figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import secrets
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import asyncpg
 from google.protobuf import timestamp_pb2
 
+from runops.bench import loadgen, proc, program
 from runops.bench.floors import (
     MAX_ATTEMPTS,
     ORG,
@@ -59,27 +59,7 @@ from runops.bench.floors import (
     write_items,
     write_runs,
 )
-from runops.bench.loadgen import (
-    Call,
-    Close,
-    LoadResult,
-    Mark,
-    Mismatch,
-    Spec,
-    closed_loop,
-    run_worker,
-    warmup_for,
-    worker,
-)
-from runops.bench.proc import (
-    local_postmaster,
-    machine_cores,
-    machine_jiffies,
-    own_cpu_seconds,
-    process_tree_cpu,
-    status_kib,
-)
-from runops.bench.report import durability
+from runops.bench.report import cores, durability, settings
 from runops.kit.ids import Residency, mint_body
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
@@ -105,6 +85,10 @@ MODULE = "runops.bench.runstore"
 # the floors' organization, project, task, queue and payload type.
 # Batches the timed accept phases write into (indexes never collide across chunks).
 BIG_RUN_COUNT = 1_000_000
+# The command line's sizes, as `run` takes them.
+SIZES = (
+    "seconds", "concurrency", "write_concurrency", "chunk", "runs", "batch_items", "batch_chunk",
+)  # fmt: skip
 # The 100,000-item batch: a hole every HOLE_EVERY indexes, each chunk resends DUPLICATES indexes
 # of the chunk before it, pages of PAGE_SIZE runs.
 HOLE_EVERY = 997
@@ -120,7 +104,7 @@ def payload(i: int) -> bytes:
 
 
 @dataclass(frozen=True)
-class LoadSpec(Spec):
+class LoadSpec(loadgen.Spec):
     """One run of this benchmark's load generator."""
 
     kind: Kind
@@ -140,7 +124,7 @@ def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-async def _get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _get_run_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     client = RunStoreClient(spec.target, token=spec.token)
     friendly = [f"run_{body}" for body in spec.run_ids]
 
@@ -148,7 +132,7 @@ async def _get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
         k = n % len(friendly)
         run = await client.get_run(environment_id=spec.environment_id, run_id=friendly[k])
         if run is None or run.id != spec.run_ids[k]:
-            raise Mismatch("wrong or missing run")
+            raise loadgen.Mismatch("wrong or missing run")
         return 1
 
     return call, client.close
@@ -158,7 +142,7 @@ async def _pool(spec: LoadSpec) -> asyncpg.Pool:
     return await asyncpg.create_pool(spec.dsn, min_size=spec.concurrency, max_size=spec.concurrency)
 
 
-async def _pg_get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _pg_get_run_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     from services.runstore.sql import SELECT_RUN
 
     pool = await _pool(spec)
@@ -167,7 +151,7 @@ async def _pg_get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
         body = spec.run_ids[n % len(spec.run_ids)]
         row = await pool.fetchrow(SELECT_RUN, body, spec.environment_id)
         if row is None or row["id"] != body:
-            raise Mismatch("wrong or missing run")
+            raise loadgen.Mismatch("wrong or missing run")
         return 1
 
     return call, pool.close
@@ -177,11 +161,11 @@ def _count(status: str, expected: int) -> int:
     """Rows in an "INSERT 0 N" / "COPY N" status, which must be `expected`."""
     written = int(status.rsplit(" ", 1)[-1])
     if written != expected:
-        raise Mismatch(f"wrote {written} rows, not {expected}")
+        raise loadgen.Mismatch(f"wrote {written} rows, not {expected}")
     return written
 
 
-async def _create_runs_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _create_runs_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     client = RunStoreClient(spec.target, token=spec.token)
 
     async def call(n: int) -> int:
@@ -204,13 +188,13 @@ async def _create_runs_caller(spec: LoadSpec) -> tuple[Call, Close]:
         results = await client.create_runs(runs)
         fresh = sum(1 for r in results if r.HasField("run") and not r.is_cached)
         if fresh != spec.chunk:
-            raise Mismatch(f"created {fresh} runs of {spec.chunk}")
+            raise loadgen.Mismatch(f"created {fresh} runs of {spec.chunk}")
         return fresh
 
     return call, client.close
 
 
-async def _pg_runs_caller(spec: LoadSpec, method: Method) -> tuple[Call, Close]:
+async def _pg_runs_caller(spec: LoadSpec, method: Method) -> tuple[loadgen.Call, loadgen.Close]:
     pool = await _pool(spec)
 
     async def call(n: int) -> int:
@@ -225,7 +209,7 @@ async def _pg_runs_caller(spec: LoadSpec, method: Method) -> tuple[Call, Close]:
     return call, pool.close
 
 
-async def _accept_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _accept_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     client = RunStoreClient(spec.target, token=spec.token)
     batch = f"batch_{spec.batch_id}"
 
@@ -238,7 +222,7 @@ async def _accept_caller(spec: LoadSpec) -> tuple[Call, Close]:
         )
         fresh = sum(1 for item in reply.items if not item.duplicate)
         if fresh != spec.chunk:
-            raise Mismatch(f"accepted {fresh} new items of {spec.chunk}")
+            raise loadgen.Mismatch(f"accepted {fresh} new items of {spec.chunk}")
         return fresh
 
     return call, client.close
@@ -260,7 +244,7 @@ def _items(indexes: range | list[int]) -> list[rs.BatchItemInput]:
     ]
 
 
-async def _pg_items_caller(spec: LoadSpec, method: Method) -> tuple[Call, Close]:
+async def _pg_items_caller(spec: LoadSpec, method: Method) -> tuple[loadgen.Call, loadgen.Close]:
     pool = await _pool(spec)
 
     async def call(n: int) -> int:
@@ -275,7 +259,7 @@ async def _pg_items_caller(spec: LoadSpec, method: Method) -> tuple[Call, Close]
     return call, pool.close
 
 
-async def _make_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _make_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     match spec.kind:
         case "get_run":
             return await _get_run_caller(spec)
@@ -294,11 +278,11 @@ async def _make_caller(spec: LoadSpec) -> tuple[Call, Close]:
     raise ValueError(f"no caller for {spec.kind}")
 
 
-async def generate(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadResult:
+async def generate(spec: LoadSpec, mark: loadgen.Mark, progress: Progress) -> loadgen.LoadResult:
     """C closed-loop callers (`loadgen.closed_loop`), each call taking the next number (a run
     round-robin, or a fresh chunk of indexes)."""
     call, close = await _make_caller(spec)
-    return await closed_loop(spec, call, close, mark, progress)
+    return await loadgen.closed_loop(spec, call, close, mark, progress)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -312,7 +296,7 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadResult:
+async def large_batch(spec: LoadSpec, mark: loadgen.Mark, progress: Progress) -> loadgen.LoadResult:
     """One batch of `spec.items` through gRPC (see the module's docstring); every answer is
     checked, and any mismatch fails the run. `mark("tenth")` / `mark("all")` / `mark("listed")`
     let the bench sample the service's RSS."""
@@ -337,7 +321,7 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
                     environment_id=env, batch_id=batch, items=_items(indexes)
                 )
             if len(reply.items) != len(indexes):
-                raise Mismatch(f"{len(reply.items)} answers for {len(indexes)} items")
+                raise loadgen.Mismatch(f"{len(reply.items)} answers for {len(indexes)} items")
             sent["new"] += sum(1 for item in reply.items if not item.duplicate)
             sent["duplicate"] += sum(1 for item in reply.items if item.duplicate)
 
@@ -358,12 +342,12 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
             missing = await client.missing_ranges(environment_id=env, batch_id=batch)
             took = time.perf_counter() - began
             if missing.ranges != expected or missing.truncated:
-                raise Mismatch(
+                raise loadgen.Mismatch(
                     f"missing ranges {missing.ranges[:5]}... ({len(missing.ranges)}, truncated"
                     f" {missing.truncated}), expected {expected[:5]}... ({len(expected)})"
                 )
             if missing.accepted_count != accepted or missing.run_count != n:
-                raise Mismatch(f"accepted {missing.accepted_count}, expected {accepted}")
+                raise loadgen.Mismatch(f"accepted {missing.accepted_count}, expected {accepted}")
             return took
 
         tenth, half = n // 10, n // 2
@@ -392,14 +376,14 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
         figures["missing_after_refill_ms"] = 1e3 * await check_missing([], n)
         figures["duplicates"] = sent["duplicate"]
         if sent["new"] != n:
-            raise Mismatch(f"{sent['new']} items accepted as new, expected {n}")
+            raise loadgen.Mismatch(f"{sent['new']} items accepted as new, expected {n}")
         await mark("all")
 
         began = time.perf_counter()
         sealed = await client.seal_batch(environment_id=env, batch_id=batch)
         figures["seal_ms"] = 1e3 * (time.perf_counter() - began)
         if sealed.outcome != rs.SEAL_BATCH_OUTCOME_SEALED:
-            raise Mismatch(f"seal answered {rs.SealBatchOutcome.Name(sealed.outcome)}")
+            raise loadgen.Mismatch(f"seal answered {rs.SealBatchOutcome.Name(sealed.outcome)}")
 
         began = time.perf_counter()
         seen = bytearray(n)
@@ -411,7 +395,9 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
             pages += 1
             for run in runs:
                 if run.batch_id != batch or seen[run.batch_index]:
-                    raise Mismatch(f"index {run.batch_index} listed twice or of another batch")
+                    raise loadgen.Mismatch(
+                        f"index {run.batch_index} listed twice or of another batch"
+                    )
                 seen[run.batch_index] = 1
             if pages % 20 == 0:
                 progress(f"{spec.label}: listed {pages} pages")
@@ -421,11 +407,11 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
         figures["pages"] = pages
         figures["listed"] = sum(seen)
         if figures["listed"] != n:
-            raise Mismatch(f"listed {figures['listed']:,} runs, expected {n:,}")
+            raise loadgen.Mismatch(f"listed {figures['listed']:,} runs, expected {n:,}")
         await mark("listed")
     finally:
         await client.close()
-    return LoadResult(
+    return loadgen.LoadResult(
         rows=n,
         calls=0,
         seconds=figures.get("accept_seconds", 0.0),
@@ -438,7 +424,7 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
     )
 
 
-async def _work(spec_json: str, mark: Mark, progress: Progress) -> dict[str, Any]:
+async def _work(spec_json: str, mark: loadgen.Mark, progress: Progress) -> dict[str, Any]:
     spec = LoadSpec.from_json(spec_json)
     run = large_batch if spec.kind == "large_batch" else generate
     return asdict(await run(spec, mark, progress))
@@ -471,22 +457,24 @@ class _Sample:
 
 def _sample(procs: Processes) -> _Sample:
     def cpu(pid: int | None) -> float | None:
-        return None if pid is None else process_tree_cpu(pid)
+        return None if pid is None else proc.process_tree_cpu(pid)
 
     return _Sample(
         at=time.monotonic(),
-        own_cpu=own_cpu_seconds(),
-        machine=machine_jiffies(),
+        own_cpu=proc.own_cpu_seconds(),
+        machine=proc.machine_jiffies(),
         service_cpu=cpu(procs.service),
         writer_cpu=cpu(procs.writer),
         replica_cpu=cpu(procs.replica),
-        rss_kib=status_kib(procs.service, "VmRSS"),
-        hwm_kib=status_kib(procs.service, "VmHWM"),
+        rss_kib=proc.status_kib(procs.service, "VmRSS"),
+        hwm_kib=proc.status_kib(procs.service, "VmHWM"),
     )
 
 
-async def _in_subprocess(spec: LoadSpec, procs: Processes) -> tuple[LoadResult, dict[str, _Sample]]:
-    return await run_worker(MODULE, spec, lambda: _sample(procs))
+async def _in_subprocess(
+    spec: LoadSpec, procs: Processes
+) -> tuple[loadgen.LoadResult, dict[str, _Sample]]:
+    return await loadgen.run_worker(MODULE, spec, lambda: _sample(procs))
 
 
 @dataclass(frozen=True)
@@ -546,7 +534,7 @@ async def _phase(spec: LoadSpec, unit: str, procs: Processes, progress: Progress
         loadgen_cores=result.cpu_seconds / seconds,
         writer_cores=_cores(start.writer_cpu, end.writer_cpu, seconds),
         replica_cores=_cores(start.replica_cpu, end.replica_cpu, seconds),
-        machine_cores=machine_cores(start.machine, end.machine),
+        machine_cores=proc.machine_cores(start.machine, end.machine),
         bench_cores=(end.own_cpu - start.own_cpu) / seconds,
     )
     progress(f"{spec.label}: {phase.per_second:,.0f} {unit}/s, p50 {phase.p50_ms:.2f} ms")
@@ -624,9 +612,6 @@ class BenchResult:
         return self.accept.per_second / self.floor_insert_items.per_second
 
     def report(self) -> str:
-        def cores(value: float | None) -> str:
-            return "-" if value is None else f"{value:.2f}"
-
         def verdict(ok: bool) -> str:
             return "meets" if ok else "MISSES"
 
@@ -636,7 +621,7 @@ class BenchResult:
             f" {self.runs:,} runs; writes: {self.write_concurrency} in flight, {self.chunk:,} rows"
             " a call; every client in its own load-generator process",
             "durability (run-ops writer): "
-            + ", ".join(f"{k}={v}" for k, v in self.durability.items())
+            + settings(self.durability)
             + " -- commits do not wait for a WAL flush; the writes' figures (and the floors')"
             " are higher than on a durable server",
             "",
@@ -738,10 +723,12 @@ async def measure(
     progress: Progress,
 ) -> BenchResult:
     db = stack.runops_db
-    warmup = warmup_for(seconds)
+    warmup = loadgen.warmup_for(seconds)
     env = "env_" + mint_body(Residency.NEW)
     procs = Processes(
-        service.pid, await local_postmaster(db.writer_dsn), await local_postmaster(db.replica_dsn)
+        service.pid,
+        await proc.local_postmaster(db.writer_dsn),
+        await proc.local_postmaster(db.replica_dsn),
     )
     async with RunStoreClient(service.target, token=service.token) as client:
         progress(f"seeding {runs:,} runs and 3 batches through the service")
@@ -897,9 +884,7 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = program.parser(MODULE, __doc__)
     add = parser.add_argument
     add("--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)")
     add("--concurrency", type=int, default=16, help="concurrent readers (default 16)")
@@ -914,10 +899,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("controlplane-db", "runops-db"):
         for role in ("writer", "replica"):
             add(f"--{name}-{role}", help=f"use this {name.replace('-', ' ')} {role} (a DSN)")
-    add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
-        worker(_work)
+        loadgen.worker(_work)
         return
     if min(args.seconds, args.concurrency, args.write_concurrency, args.chunk, args.runs) <= 0:
         parser.error("--seconds, --concurrency, --write-concurrency, --chunk, --runs must be > 0")
@@ -925,8 +909,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--chunk and --batch-chunk must be 1 to 10000 (the service's limit)")
     if not 100 <= args.batch_items <= BIG_RUN_COUNT:
         parser.error(f"--batch-items must be 100 to {BIG_RUN_COUNT}")
-    from runops.kit.logging import configure_logging
-    from runops.localstack import ExternalServers, LocalStack, printing_progress
+    from runops.localstack import ExternalServers
 
     external = ExternalServers(
         controlplane_db_writer=args.controlplane_db_writer,
@@ -935,24 +918,10 @@ def main(argv: list[str] | None = None) -> None:
         runops_db_replica=args.runops_db_replica,
     )
     service = None if args.target is None else Service(args.target, args.token, args.service_pid)
-    configure_logging("warning", "console")
-    say = printing_progress("bench")
-    with LocalStack(None, external=external, progress=say) as stack:
-        result = asyncio.run(
-            run(
-                stack,
-                seconds=args.seconds,
-                concurrency=args.concurrency,
-                write_concurrency=args.write_concurrency,
-                chunk=args.chunk,
-                runs=args.runs,
-                batch_items=args.batch_items,
-                batch_chunk=args.batch_chunk,
-                service=service,
-                progress=say,
-            )
-        )
-    # After the stack stopped: the figures are the last thing printed.
+    sizes = {name: getattr(args, name) for name in SIZES}
+    result = program.on_local_stack(
+        lambda stack, say: run(stack, **sizes, service=service, progress=say), external=external
+    )
     print(result.report(), flush=True)
 
 
