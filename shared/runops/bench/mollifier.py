@@ -9,7 +9,7 @@ Every service runs as its own OS process: control plane, run store, the mollifie
 `mollifier_enabled` through the control plane's admin `SetOrganizationFlags`. Phases, in order:
 
   floor         N `runs` rows (~256 B payloads), asyncpg, unnest INSERT ... ON CONFLICT, 1000 rows
-                a statement, 2 in flight, on the run-ops writer (`floors.insert(batch_id=None)`),
+                a statement, 2 in flight, on the run-ops writer (`floors.measure(batch_id=None)`),
                 in a load-generator subprocess
   burst         a load-generator subprocess: C callers on K grpc.aio channels (kit channels,
                 internal token) send N `Trigger`s at the environment as fast as answered; the
