@@ -81,8 +81,6 @@ Kind = Literal[
 ]
 
 MODULE = "runops.bench.runstore"
-# Small items (spec §7: <= 1 KiB, no offload): what the routed and the raw paths both write, with
-# the floors' organization, project, task, queue and payload type.
 # Batches the timed accept phases write into (indexes never collide across chunks).
 BIG_RUN_COUNT = 1_000_000
 # The command line's sizes, as `run` takes them.
@@ -97,6 +95,8 @@ PAGE_SIZE = 1000
 
 
 def payload(i: int) -> bytes:
+    """A small item's payload (spec §7: <= 1 KiB, no offload), what the routed and the raw paths
+    both write (with the floors' organization, project, task, queue and payload type)."""
     return b'{"to":"user-%d@example.com","template":"welcome","locale":"en"}' % i
 
 
