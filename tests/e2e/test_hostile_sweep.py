@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,9 @@ KEY_FIELD = "api_key"
 REPEATED_ENTRIES = 10_000
 # Fields that name a run or batch: the "another environment" case puts the other tenant's here.
 FOREIGN_ID_FIELDS = ("run_id", "batch_id")
+# What fills a field the foreign-id request left out (a task identifier, a tag, a key alike).
+FILLER = "e2e/hostile"
+FILL_ATTEMPTS = 4
 # A field number no request uses: the near-limit message's padding travels as an unknown field.
 PADDING_FIELD = 10_000
 MAX_MESSAGE_BYTES = int(ServerSettings.model_fields["max_message_bytes"].default)
@@ -239,6 +244,8 @@ def padded(size: int) -> bytes:
 class Answer:
     code: Code
     details: ErrorDetails | None
+    # The response's bytes, when one answer came (None for a server stream).
+    body: bytes | None = None
 
 
 def _raw(data: bytes) -> bytes:
@@ -249,6 +256,7 @@ async def call(channel: grpc.aio.Channel, method: Method, data: bytes, token: st
     """One hostile message on the method (whatever its kind), as raw bytes."""
     metadata = () if token is None else (("authorization", f"Bearer {token}"),)
     kind = method.descriptor
+    body: bytes | None = None
     try:
         if kind.client_streaming:
 
@@ -257,7 +265,7 @@ async def call(channel: grpc.aio.Channel, method: Method, data: bytes, token: st
 
             if kind.server_streaming:
                 raise AssertionError(f"{method.path}: bidirectional streams are not swept yet")
-            await channel.stream_unary(method.path, _raw, _raw)(
+            body = await channel.stream_unary(method.path, _raw, _raw)(
                 one(), metadata=metadata, timeout=CALL_TIMEOUT
             )
         elif kind.server_streaming:
@@ -279,12 +287,12 @@ async def call(channel: grpc.aio.Channel, method: Method, data: bytes, token: st
                     await stream.details(),
                 )
         else:
-            await channel.unary_unary(method.path, _raw, _raw)(
+            body = await channel.unary_unary(method.path, _raw, _raw)(
                 data, metadata=metadata, timeout=CALL_TIMEOUT
             )
     except grpc.aio.AioRpcError as exc:
         return Answer(exc.code(), details_of(exc))
-    return Answer(Code.OK, None)
+    return Answer(Code.OK, None, body)
 
 
 def _open(target: str) -> grpc.aio.Channel:
@@ -420,7 +428,9 @@ class Sweep:
 
     async def foreign_ids(self, method: Method) -> None:
         """The other tenant's run and batch ids, sent as this tenant's (the API key's
-        environment, or environment_id): NOT_FOUND, or INVALID_ARGUMENT for another field."""
+        environment, or environment_id): NOT_FOUND (ALREADY_EXISTS for a create naming the
+        id). A refusal of another field gets that field filled and the request sent again, so
+        a missing field does not hide the answer about the id."""
         fields = method.descriptor.input_type.fields_by_name
         named = [name for name in FOREIGN_ID_FIELDS if name in fields]
         if not named:
@@ -429,19 +439,74 @@ class Sweep:
         world = self.world
         ids = {
             "environment_id": world.mine.environment_id,
+            "organization_id": world.mine.organization_id,
+            "project_id": world.mine.project_id,
             "run_id": world.other_run,
             "batch_id": world.other_batch,
         }
         for name, value in ids.items():
             if name in fields:
                 setattr(message, name, value)
-        answer = await self.send(method, message.SerializeToString(), world.token(method.access))
-        named_fields = set(answer.details.fields) if answer.details else set()
-        other_field = bool(named_fields - {*named, "environment_id"})
-        if not (
-            answer.code == Code.NOT_FOUND or (answer.code == Code.INVALID_ARGUMENT and other_field)
-        ):
-            self.fail(method, "ids of another environment", answer, "NOT_FOUND")
+        for _attempt in range(FILL_ATTEMPTS):
+            data = message.SerializeToString()
+            answer = await self.send(method, data, world.token(method.access))
+            others = set(answer.details.fields if answer.details else ()) - set(ids)
+            if answer.code != Code.INVALID_ARGUMENT or not others or not fill(message, others):
+                break
+        # An empty OK (e.g. `published: false`) did nothing and revealed nothing.
+        if answer.code not in (Code.NOT_FOUND, Code.ALREADY_EXISTS) and answer.body != b"":
+            self.fail(method, "ids of another environment", answer, "NOT_FOUND or an empty OK")
+
+
+_SEGMENT = re.compile(r"(\w+)(?:\[(\d+)\])?")
+_INTEGERS = {
+    FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
+}  # fmt: skip
+
+
+def fill(message: Message, paths: set[str]) -> bool:
+    """Plausible values at the field paths a refusal named (`items[0].run.task`; a oneof's
+    name: its first member); False when none could be filled."""
+    return any([_fill_one(message, path) for path in sorted(paths)])
+
+
+def _fill_one(message: Any, path: str) -> bool:
+    segments = [_SEGMENT.fullmatch(part) for part in path.split(".")]
+    for position, segment in enumerate(segments):
+        if segment is None:
+            return False
+        name, index = segment.group(1), int(segment.group(2) or 0)
+        descriptor = message.DESCRIPTOR
+        oneof = descriptor.oneofs_by_name.get(name)
+        fd = oneof.fields[0] if oneof is not None else descriptor.fields_by_name.get(name)
+        if fd is None or _is_map(fd):
+            return False
+        last = position == len(segments) - 1
+        if fd.type == FieldDescriptor.TYPE_MESSAGE:
+            if fd.is_repeated:
+                entries = getattr(message, fd.name)
+                while len(entries) <= index:
+                    entries.add()
+                message = entries[index]
+            else:
+                message = getattr(message, fd.name)
+            if last:
+                if message.DESCRIPTOR.full_name == "google.protobuf.Timestamp":
+                    message.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+                else:
+                    message.SetInParent()
+            continue
+        if not last:
+            return False
+        value: object = FILLER if _is_string(fd) else 1 if fd.type in _INTEGERS else None
+        if value is None:
+            return False
+        if fd.is_repeated:
+            getattr(message, fd.name).append(value)
+        else:
+            setattr(message, fd.name, value)
+    return True
 
 
 # -- the test --------------------------------------------------------------------------------
