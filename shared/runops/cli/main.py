@@ -12,10 +12,27 @@ from pathlib import Path
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], str]
 
 
+def _state_dir(value: str) -> Path:
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} exists and is not a directory")
+    return path
+
+
+def _at_least_one(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
 def _up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
-        type=Path,
+        type=_state_dir,
         default=None,
         help="where server data and logs go (default: a temporary directory removed on exit)",
     )
@@ -29,7 +46,7 @@ def _up_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replicas",
-        type=int,
+        type=_at_least_one,
         default=1,
         help="server processes per service, each on its own port; the targets list them all "
         "(ipv4:a,b) and clients spread calls with round_robin (default 1)",
