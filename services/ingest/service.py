@@ -117,7 +117,7 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         )
         verdict = batch_verdict(batch)
         if verdict is Verdict.ABORTED:
-            raise aborted_error(batch.friendly_id)
+            raise aborted_error(batch)
         if verdict is Verdict.DONE:
             # Nothing to write: whatever else the client sends is not read.
             return phase2.answer(batch, sealed=True)
