@@ -11,7 +11,7 @@ A replayed `CreateBatch` (same idempotency key) is not charged (`charged_create`
 create that made a new batch leaves a marker (`runops:ingest:batch-key:{<organization>}:<env>:
 <sha256 of the key>`, kept `REPLAY_MEMORY`); a create whose key has one skips the charge. Without
 a marker yet (a concurrent create through another process, a marker expired) the charge is
-taken and refunded when the run store answers `is_cached`. Every process shares the markers and
+taken, refunded when the run store answers `is_cached`, and the marker written. Every process shares the markers and
 the bucket, so a replay is free through any of them.
 """
 
@@ -164,7 +164,7 @@ class TokenBucket:
         failure after the batch exists (the marker, the refund) is logged, never raised: the
         batch is made and the client must hear so."""
         replay = self.replay_key(organization_id, environment_id, idempotency_key)
-        known = False
+        known = False  # a marker: a replay, not charged
         if idempotency_key:
             with _mapped():
                 known = bool(await self._redis.exists(replay))
@@ -176,10 +176,8 @@ class TokenBucket:
         try:
             if created.is_cached:
                 await self.refund(organization_id, run_count)
-            else:
-                await self._redis.set(
-                    replay, created.batch.id, ex=int(REPLAY_MEMORY.total_seconds())
-                )
+            # Set again after a refund too: the next replay is not charged at all.
+            await self._redis.set(replay, created.batch.id, ex=int(REPLAY_MEMORY.total_seconds()))
         except (RunopsError, redis.exceptions.RedisError) as exc:
             log.warning(
                 "settling a keyed batch's charge failed",

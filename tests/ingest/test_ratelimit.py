@@ -238,3 +238,8 @@ async def test_a_replay_charged_before_its_key_was_known_is_refunded(
         assert replay.is_cached
         assert replay.batch.friendly_id == made.batch.friendly_id
         assert await tokens_held(one.redis, seeded.org_id) == pytest.approx(before, abs=0.1)
+        # Remembered again: with the bucket empty, the next replay is still answered.
+        assert await one.redis.get(marker) == made.batch.id.encode()
+        await api.CreateBatch(ing.CreateBatchRequest(run_count=70))
+        replay = await api.CreateBatch(ing.CreateBatchRequest(run_count=30, idempotency_key="r"))
+        assert replay.is_cached
