@@ -180,6 +180,14 @@ async def test_client_and_bucket_from_settings(stack: LocalStack) -> None:
         await client.aclose()
 
 
+# 100 tokens, and a refill slow enough to read "unchanged".
+SMALL_SLOW_BUCKET: dict[str, Any] = {
+    "rate_limit_capacity": 100,
+    "max_run_count": 100,
+    "rate_limit_refill_per_second": 0.001,
+}
+
+
 async def tokens_held(redis: Any, organization_id: str) -> float:
     return float(await redis.hget(TokenBucket.key(organization_id), "tokens"))
 
@@ -187,15 +195,10 @@ async def tokens_held(redis: Any, organization_id: str) -> float:
 async def test_a_replayed_create_batch_is_not_charged_through_any_process(
     suite: Suite, seeded: Seeded
 ) -> None:
-    # Two ingest processes on one Redis; a refill slow enough to read "unchanged".
-    limits: dict[str, Any] = {
-        "rate_limit_capacity": 100,
-        "max_run_count": 100,
-        "rate_limit_refill_per_second": 0.001,
-    }
+    # Two ingest processes on one Redis.
     async with (
-        ingest_in_process(suite, **limits) as one,
-        ingest_in_process(suite, **limits) as other,
+        ingest_in_process(suite, **SMALL_SLOW_BUCKET) as one,
+        ingest_in_process(suite, **SMALL_SLOW_BUCKET) as other,
     ):
         first, second = stub(one.app.target, seeded.api_key), stub(other.app.target, seeded.api_key)
         made = await first.CreateBatch(ing.CreateBatchRequest(run_count=60, idempotency_key="k"))
@@ -220,12 +223,7 @@ async def test_a_replayed_create_batch_is_not_charged_through_any_process(
 async def test_a_replay_charged_before_its_key_was_known_is_refunded(
     suite: Suite, seeded: Seeded
 ) -> None:
-    limits: dict[str, Any] = {
-        "rate_limit_capacity": 100,
-        "max_run_count": 100,
-        "rate_limit_refill_per_second": 0.001,
-    }
-    async with ingest_in_process(suite, **limits) as one:
+    async with ingest_in_process(suite, **SMALL_SLOW_BUCKET) as one:
         api = stub(one.app.target, seeded.api_key)
         made = await api.CreateBatch(ing.CreateBatchRequest(run_count=30, idempotency_key="r"))
         before = await tokens_held(one.redis, seeded.org_id)
