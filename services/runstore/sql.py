@@ -616,10 +616,26 @@ RELEASE_LEASE = """
 DELETE FROM runstore_leases WHERE name = $1 AND holder = $2
 """
 
+
+def _fail_waitpoints(batches: str, code: str) -> str:
+    """A CTE body: the PENDING waitpoints of `batches` (a CTE returning waitpoint_id and
+    error_message) complete with the error `{"code": code, "message": error_message}`."""
+    return f"""
+    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now(), output_is_error = true,
+        output = convert_to(
+            json_build_object('code', '{code}', 'message', b.error_message)::text, 'UTF8'
+        ),
+        output_type = 'application/json'
+    FROM {batches} b
+    WHERE w.id = b.waitpoint_id AND w.status = 'PENDING'
+    RETURNING w.id
+"""
+
+
 # Aborts up to $2 batches still unsealed $1 after creation and completes their waitpoints with
 # the error. Conditional and SKIP LOCKED, so correct even without the lease: a batch being
 # written is left for the next step, one aborted already no longer matches.
-REAP_UNSEALED_BATCHES = """
+REAP_UNSEALED_BATCHES = f"""
 WITH stale AS (
     SELECT id FROM batches
     WHERE status = 'PENDING' AND NOT sealed AND created_at < now() - $1::interval
@@ -638,17 +654,7 @@ aborted AS (
     WHERE b.id = s.id AND b.status = 'PENDING' AND NOT b.sealed
     RETURNING b.id, b.waitpoint_id, b.error_message
 ),
-waitpoint AS (
-    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now(), output_is_error = true,
-        output = convert_to(
-            json_build_object('code', 'BATCH_SEAL_TIMEOUT', 'message', a.error_message)::text,
-            'UTF8'
-        ),
-        output_type = 'application/json'
-    FROM aborted a
-    WHERE w.id = a.waitpoint_id AND w.status = 'PENDING'
-    RETURNING w.id
-)
+waitpoint AS ({_fail_waitpoints("aborted", "BATCH_SEAL_TIMEOUT")})
 SELECT a.id, (SELECT count(*) FROM waitpoint) AS waitpoints_completed FROM aborted a
 """
 
@@ -695,23 +701,13 @@ LIMIT $2
 # Batches ($1) with items waiting on runs written nowhere ($2: the message naming them): the
 # waitpoint completes with the error, so the parent resumes; the batch keeps its status (a run
 # written later still counts) and says why in error_message.
-FAIL_STUCK_BATCHES = """
+FAIL_STUCK_BATCHES = f"""
 WITH stuck AS (
     UPDATE batches b SET error_message = m.message, updated_at = now()
     FROM unnest($1::text[], $2::text[]) AS m(id, message)
     WHERE b.id = m.id AND b.sealed AND b.status IN ('PROCESSING', 'PARTIAL_FAILED')
     RETURNING b.id, b.waitpoint_id, b.error_message
 ),
-waitpoint AS (
-    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now(), output_is_error = true,
-        output = convert_to(
-            json_build_object('code', 'BATCH_RUNS_MISSING', 'message', s.error_message)::text,
-            'UTF8'
-        ),
-        output_type = 'application/json'
-    FROM stuck s
-    WHERE w.id = s.waitpoint_id AND w.status = 'PENDING'
-    RETURNING w.id
-)
+waitpoint AS ({_fail_waitpoints("stuck", "BATCH_RUNS_MISSING")})
 SELECT s.id, (SELECT count(*) FROM waitpoint) AS waitpoints_completed FROM stuck s
 """

@@ -12,6 +12,7 @@ backdated in its database; the suite's reaper runs every 0.3 s."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 
@@ -101,6 +102,16 @@ async def stream(api: Stub, batch: common_pb2.Batch, *chunks: list[ing.BatchItem
     assert reply.sealed
 
 
+async def triggered(suite: Suite, env: Seeded, key: str) -> common_pb2.Run:
+    """A run triggered through the mollifier with `key` (a fresh environment's first triggers
+    pass the gate: written to the run store)."""
+    options = common_pb2.TriggerOptions(idempotency_key=key)
+    request = trigger_request(env.env_id, options=options)
+    reply = await mollifier_stub(suite.mollifier_target).Trigger(request)
+    assert not reply.buffered
+    return reply.run
+
+
 async def buffered_run(suite: Suite, env: Seeded) -> common_pb2.Run:
     """A keyed run waiting in the mollifier's buffer: a burst past the gate (the suite's: 20
     per second) of keyed triggers; the last buffered one."""
@@ -182,9 +193,7 @@ async def test_two_items_with_one_key_in_different_chunks(
 
 async def test_items_linked_to_runs_already_completed(suite: Suite, ingest: Ingest) -> None:
     env = await flagged(suite)
-    triggers = mollifier_stub(suite.mollifier_target)
-    options = common_pb2.TriggerOptions(idempotency_key="k-done")
-    earlier = (await triggers.Trigger(trigger_request(env.env_id, options=options))).run
+    earlier = await triggered(suite, env, "k-done")
     await complete(suite, env.env_id, earlier.friendly_id)
     api = stub(ingest.app.target, env.api_key)
     batch = await batch_and_wait(api, 3)
@@ -198,17 +207,7 @@ async def test_items_linked_to_runs_already_completed(suite: Suite, ingest: Inge
 
 async def test_every_item_linked(suite: Suite, ingest: Ingest) -> None:
     env = await flagged(suite)
-    triggers = mollifier_stub(suite.mollifier_target)
-    runs = [
-        (
-            await triggers.Trigger(
-                trigger_request(
-                    env.env_id, options=common_pb2.TriggerOptions(idempotency_key=f"k-all-{i}")
-                )
-            )
-        ).run
-        for i in range(2)
-    ]
+    runs = [await triggered(suite, env, f"k-all-{i}") for i in range(2)]
     await complete(suite, env.env_id, runs[0].friendly_id)
     api = stub(ingest.app.target, env.api_key)
     batch = await batch_and_wait(api, 3)
@@ -231,65 +230,69 @@ async def test_every_item_pre_failed(suite: Suite, api: Stub, seeded: Seeded) ->
     assert done.status == common_pb2.BATCH_STATUS_ABORTED
 
 
-async def test_items_linked_to_a_buffered_run_then_cancelled(
-    suite: Suite, ingest: Ingest, mollifier: Mollifier
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class LinkedToBuffered:
+    env: Seeded
+    api: Stub
+    target: common_pb2.Run  # buffered in the mollifier
+    batch: common_pb2.Batch
+
+
+async def linked_to_buffered(suite: Suite, ingest: Ingest, links: int) -> LinkedToBuffered:
+    """A flagged environment, a run waiting in its mollifier's buffer, and a sealed
+    batch-and-wait whose first `links` items link to that run (by its key) and whose last
+    item's own run is completed: the batch waits on the buffered run only."""
     env = await flagged(suite)
     target = await buffered_run(suite, env)
     api = stub(ingest.app.target, env.api_key)
-    batch = await batch_and_wait(api, 3)
-    chunk = [keyed(0, target.idempotency_key), keyed(1, target.idempotency_key), item(2, task=TASK)]
+    batch = await batch_and_wait(api, links + 1)
+    chunk = [keyed(i, target.idempotency_key) for i in range(links)] + [item(links, task=TASK)]
     await stream(api, batch, chunk)
     found = await outcomes(api, batch.friendly_id)
-    assert found[0].run_id == found[1].run_id == target.friendly_id
-    await complete(suite, env.env_id, found[2].run_id)
-    await mollifier_stub(suite.mollifier_target).CancelRun(
-        m.CancelRunRequest(environment_id=env.env_id, run_id=target.friendly_id, reason="no")
-    )
+    assert all(found[i].run_id == target.friendly_id for i in range(links))
+    await complete(suite, env.env_id, found[links].run_id)
     assert await pending(suite, env.env_id, batch)
-    await drain(mollifier, env.env_id)
-    await assert_completed(suite, env.env_id, api, batch)
+    return LinkedToBuffered(env, api, target, batch)
+
+
+async def test_items_linked_to_a_buffered_run_then_cancelled(
+    suite: Suite, ingest: Ingest, mollifier: Mollifier
+) -> None:
+    case = await linked_to_buffered(suite, ingest, links=2)
+    env = case.env.env_id
+    await mollifier_stub(suite.mollifier_target).CancelRun(
+        m.CancelRunRequest(environment_id=env, run_id=case.target.friendly_id, reason="no")
+    )
+    await drain(mollifier, env)
+    await assert_completed(suite, env, case.api, case.batch)
 
 
 async def test_items_linked_to_a_buffered_run_that_fails_three_drains(
     suite: Suite, ingest: Ingest, mollifier: Mollifier
 ) -> None:
-    env = await flagged(suite)
-    target = await buffered_run(suite, env)
-    api = stub(ingest.app.target, env.api_key)
-    batch = await batch_and_wait(api, 2)
-    await stream(api, batch, [keyed(0, target.idempotency_key), item(1, task=TASK)])
-    await complete(suite, env.env_id, (await outcomes(api, batch.friendly_id))[1].run_id)
+    case = await linked_to_buffered(suite, ingest, links=1)
+    env = case.env.env_id
     # Three drains that could not write the run: taken from the buffer and handed back with an
     # attempt counted, as the drainer does for a refused write.
     buffer = mollifier.buffer
     for attempt in range(mollifier.settings.drain_max_attempts):
-        taken = await buffer.pop(env.env_id, 1000, f"failing-drain-{attempt}")
-        assert target.friendly_id in {e.run_id for e in taken}
-        await buffer.requeue(
-            env.env_id, [e.run_id for e in taken], f"failing-drain-{attempt}", error="refused"
-        )
-    assert await pending(suite, env.env_id, batch)
-    await drain(mollifier, env.env_id)
-    run = (
-        await runstore_stub(suite.runstore_target).GetRun(
-            rs.GetRunRequest(run_id=target.friendly_id, environment_id=env.env_id, consistency=RYW)
-        )
-    ).run
+        owner = f"failing-drain-{attempt}"
+        taken = [e.run_id for e in await buffer.pop(env, 1000, owner)]
+        assert case.target.friendly_id in taken
+        await buffer.requeue(env, taken, owner, error="refused")
+    await drain(mollifier, env)
+    request = rs.GetRunRequest(run_id=case.target.friendly_id, environment_id=env, consistency=RYW)
+    run = (await runstore_stub(suite.runstore_target).GetRun(request)).run
     assert run.status == common_pb2.RUN_STATUS_SYSTEM_FAILURE
     assert run.error.code == DRAIN_FAILED_CODE
-    await assert_completed(suite, env.env_id, api, batch)
+    await assert_completed(suite, env, case.api, case.batch)
 
 
 async def test_a_buffered_run_resolved_to_another_run_at_drain_time(
     suite: Suite, ingest: Ingest, mollifier: Mollifier
 ) -> None:
-    env = await flagged(suite)
-    target = await buffered_run(suite, env)
-    api = stub(ingest.app.target, env.api_key)
-    batch = await batch_and_wait(api, 2)
-    await stream(api, batch, [keyed(0, target.idempotency_key), item(1, task=TASK)])
-    assert (await outcomes(api, batch.friendly_id))[0].run_id == target.friendly_id
+    case = await linked_to_buffered(suite, ingest, links=1)
+    env = case.env
     # Meanwhile another run takes the key in the run store (a writer that does not go through
     # the mollifier's claim): the drain answers that run, and the buffered id is never written.
     holder = (
@@ -302,19 +305,18 @@ async def test_a_buffered_run_resolved_to_another_run_at_drain_time(
                     task_identifier=TASK,
                     payload=b"{}",
                     payload_type="application/json",
-                    options=common_pb2.TriggerOptions(idempotency_key=target.idempotency_key),
+                    options=common_pb2.TriggerOptions(idempotency_key=case.target.idempotency_key),
                 )
             )
         )
     ).run
-    assert holder.friendly_id != target.friendly_id
+    assert holder.friendly_id != case.target.friendly_id
     await drain(mollifier, env.env_id)
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(case.api, case.batch.friendly_id)
     assert found[0].run_id == holder.friendly_id
-    assert await pending(suite, env.env_id, batch)
+    assert await pending(suite, env.env_id, case.batch)
     await complete(suite, env.env_id, holder.friendly_id)
-    await complete(suite, env.env_id, found[1].run_id)
-    await assert_completed(suite, env.env_id, api, batch)
+    await assert_completed(suite, env.env_id, case.api, case.batch)
 
 
 async def test_a_stream_that_never_finishes_ends_in_the_reaper(
@@ -362,21 +364,14 @@ async def test_the_recheck_names_items_whose_runs_were_never_written(
 ) -> None:
     """An item linked to a buffered run that never drains: past the re-check threshold the
     waitpoint completes with an error naming its index."""
-    env = await flagged(suite)
-    target = await buffered_run(suite, env)
-    api = stub(ingest.app.target, env.api_key)
-    batch = await batch_and_wait(api, 3)
-    await stream(api, batch, [item(0, task=TASK), keyed(1, target.idempotency_key), item(2)])
-    found = await outcomes(api, batch.friendly_id)
-    await complete(suite, env.env_id, found[0].run_id)
-    await complete(suite, env.env_id, found[2].run_id)
+    case = await linked_to_buffered(suite, ingest, links=1)
     await execute(
-        database_of(suite, batch),
+        database_of(suite, case.batch),
         "UPDATE batches SET sealed_at = now() - interval '6 minutes' WHERE id = $1",
-        batch.id,
+        case.batch.id,
     )
-    done = await resumed(suite, env.env_id, batch)
+    done = await resumed(suite, case.env.env_id, case.batch)
     assert done.output_is_error
     error = json.loads(done.output)
     assert error["code"] == "BATCH_RUNS_MISSING"
-    assert "1 item(s) wait on runs that were never written: indexes 1" in error["message"]
+    assert "1 item(s) wait on runs that were never written: indexes 0" in error["message"]
