@@ -17,10 +17,12 @@ import json
 import secrets
 
 import asyncpg
+import grpc
 import pytest
 
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
+from runops.kit.errors import details_of
 from runops.kit.ids import Residency, mint_body, residency_of
 from runops.localstack import PostgresDatabase
 from runops.mollifier.v1 import mollifier_pb2 as m
@@ -30,7 +32,7 @@ from services.mollifier.app import Mollifier
 from services.mollifier.builders import drainer_of
 from services.mollifier.drainer.drainer import DRAIN_FAILED_CODE
 from tests.controlplane.harness import Seeded
-from tests.harness import until
+from tests.harness import expect_error, until
 from tests.ingest.harness import Stub, Suite, ingest_in_process, item, requests, stub
 from tests.ingest.test_keyed import flagged, keyed, outcomes
 from tests.mollifier.service_harness import TASK, body, seeded_env, trigger_request
@@ -222,7 +224,14 @@ async def test_every_item_linked(suite: Suite, ingest: Ingest) -> None:
 async def test_every_item_pre_failed(suite: Suite, api: Stub, seeded: Seeded) -> None:
     batch = await batch_and_wait(api, 2)
     too_big = b"x" * 20000  # above the suite's item maximum (16 KiB): pre-failed
-    await stream(api, batch, [item(0, payload=too_big), item(1, payload=too_big)])
+    # The seal aborts the batch; the stream that sealed it answers as a retry would (spec §5).
+    exc = await expect_error(
+        api.StreamBatchItems(
+            requests(batch.friendly_id, [item(0, payload=too_big), item(1, payload=too_big)])
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert details_of(exc).reason == "BATCH_ABORTED"
     found = await resumed(suite, seeded.env_id, batch)
     assert found.output_is_error
     assert json.loads(found.output)["code"] == "BATCH_ABORTED"
