@@ -75,20 +75,27 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
     ) -> ing.CreateBatchResponse:
         env = caller_environment()
         validation.create_batch(request, self._max_run_count)
-        if self._bucket is not None:
-            await self._bucket.charge(env.organization.id, request.run_count)
-        created = await self._run_store.create_batch(
-            rs.CreateBatchRequest(
-                environment_id=env.id,
-                organization_id=env.organization.id,
-                project_id=env.project.id,
-                run_count=request.run_count,
-                idempotency_key=request.idempotency_key,
-                task_identifiers=request.task_identifiers,
-                parent_run_id=_run_ref(request.parent_run_id),
-                resume_parent_on_completion=request.resume_parent_on_completion,
+
+        def create() -> Awaitable[rs.CreateBatchResponse]:
+            return self._run_store.create_batch(
+                rs.CreateBatchRequest(
+                    environment_id=env.id,
+                    organization_id=env.organization.id,
+                    project_id=env.project.id,
+                    run_count=request.run_count,
+                    idempotency_key=request.idempotency_key,
+                    task_identifiers=request.task_identifiers,
+                    parent_run_id=_run_ref(request.parent_run_id),
+                    resume_parent_on_completion=request.resume_parent_on_completion,
+                )
             )
-        )
+
+        if self._bucket is None:
+            created = await create()
+        else:  # a replayed key is not charged
+            created = await self._bucket.charged_create(
+                env.organization.id, env.id, request.idempotency_key, request.run_count, create
+            )
         return ing.CreateBatchResponse(batch=created.batch, is_cached=created.is_cached)
 
     async def StreamBatchItems(
@@ -117,7 +124,7 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         )
         verdict = batch_verdict(batch)
         if verdict is Verdict.ABORTED:
-            raise aborted_error(batch.friendly_id)
+            raise aborted_error(batch)
         if verdict is Verdict.DONE:
             # Nothing to write: whatever else the client sends is not read.
             return phase2.answer(batch, sealed=True)

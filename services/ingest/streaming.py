@@ -174,7 +174,7 @@ class Phase2:
         for _ in range(SETTLE_ROUNDS):
             verdict = batch_verdict(batch)
             if verdict is Verdict.ABORTED:
-                raise aborted_error(batch.friendly_id)
+                raise aborted_error(batch)
             if verdict is Verdict.DONE:
                 return self.answer(batch, sealed=True)
             if verdict is Verdict.NEEDS_ITEMS:
@@ -193,11 +193,13 @@ class Phase2:
             sealed = await self._run_store.seal_batch(
                 environment_id=self.environment_id, batch_id=batch.id
             )
-            if sealed.outcome == rs.SEAL_BATCH_OUTCOME_SEALED:
-                # This stream sealed it (even if every item failed and it is ABORTED now).
-                return self.answer(sealed.batch, sealed=True)
-            # Lost a race: ALREADY_SEALED is DONE (or ABORTED), COUNT_MISMATCH NEEDS_ITEMS.
             batch = sealed.batch
+            if sealed.outcome == rs.SEAL_BATCH_OUTCOME_SEALED:
+                # This stream sealed it: answered as a retry would be (every item failed: ABORTED).
+                if batch_verdict(batch) is Verdict.ABORTED:
+                    raise aborted_error(batch)
+                return self.answer(batch, sealed=True)
+            # Lost a race: ALREADY_SEALED is DONE (or ABORTED), COUNT_MISMATCH NEEDS_ITEMS.
         raise Aborted(
             f"batch {batch.friendly_id} kept changing while the stream ended; retry",
             reason="BATCH_STATE_CHANGING",
