@@ -325,13 +325,20 @@ class World:
             Access.API_KEY: self.mine.api_key,
         }[access]
 
-    def wrong_role(self, access: Access) -> tuple[str, Code] | None:
-        """A token of another role and what it must get."""
-        if access in (Access.INTERNAL, Access.ADMIN):
-            return self.mine.api_key, Code.PERMISSION_DENIED
-        if access is Access.API_KEY:
-            return self.endpoints.internal_token, Code.UNAUTHENTICATED
-        return None
+    def wrong_roles(self, access: Access) -> list[tuple[str, str, Code]]:
+        """(case, a token of another role, what it must get). The admin token on an internal
+        method is allowed (operators may call anything internal)."""
+        api_key = ("an API key", self.mine.api_key, Code.PERMISSION_DENIED)
+        internal = ("the internal token", self.endpoints.internal_token, Code.PERMISSION_DENIED)
+        return {
+            Access.PUBLIC: [],
+            Access.INTERNAL: [api_key],
+            Access.ADMIN: [api_key, internal],
+            Access.API_KEY: [
+                ("the internal token", self.endpoints.internal_token, Code.UNAUTHENTICATED),
+                ("the admin token", self.endpoints.admin_token, Code.UNAUTHENTICATED),
+            ],
+        }[access]
 
 
 @dataclass
@@ -395,9 +402,8 @@ class Sweep:
             await self.expect(method, "no token", empty, None, Code.UNAUTHENTICATED)
             wrong = Code.UNAUTHENTICATED if access is Access.API_KEY else Code.PERMISSION_DENIED
             await self.expect(method, "wrong token", empty, WRONG_TOKEN, wrong)
-            role = world.wrong_role(access)
-            if role is not None:
-                await self.expect(method, "token of another role", empty, *role)
+            for role, other_token, code in world.wrong_roles(access):
+                await self.expect(method, f"{role} instead", empty, other_token, code)
         token = world.token(access)
         for name, data in (("truncated bytes", b"\x0a\xff\x01"), ("bad tag", b"\xff\xff\xff\xff")):
             await self.expect(

@@ -121,4 +121,7 @@ async def test_each_failure_is_one_error_line(
     with pytest.raises(SystemExit) as exited:
         main(["mollifier", "burst", "--count", "many"])
     assert exited.value.code == 2
-    assert "invalid int value: 'many'" in capsys.readouterr().err
+    assert "expected a whole number >= 1, got 'many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["mollifier", "burst", "--concurrency", "0"])
+    assert "expected a whole number >= 1, got '0'" in capsys.readouterr().err

@@ -8,6 +8,8 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
+from runops.cli.arguments import at_least_one
+
 # name -> (help, add its arguments, "module:function" taking the parsed args, returning an exit code)
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], str]
 
@@ -17,16 +19,6 @@ def _state_dir(value: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{value} exists and is not a directory")
     return path
-
-
-def _at_least_one(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return number
 
 
 def _up_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +38,7 @@ def _up_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replicas",
-        type=_at_least_one,
+        type=at_least_one,
         default=1,
         help="server processes per service, each on its own port; the targets list them all "
         "(ipv4:a,b) and clients spread calls with round_robin (default 1)",

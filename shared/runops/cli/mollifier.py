@@ -10,6 +10,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from runops.cli.arguments import at_least_one
 from runops.cli.errors import FAILURE_EXIT, call_failure, print_error, report_call_failure
 
 if TYPE_CHECKING:
@@ -25,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("trigger", "burst", "stats"))
     parser.add_argument("--env", default=os.environ.get("RUNOPS_DEMO_ENVIRONMENT_ID", ""))
     parser.add_argument("--task", default="demo/hello")
-    parser.add_argument("--count", type=int, default=1000, help="burst: triggers in all")
-    parser.add_argument("--concurrency", type=int, default=20, help="burst: callers at once")
+    parser.add_argument("--count", type=at_least_one, default=1000, help="burst: triggers in all")
+    parser.add_argument(
+        "--concurrency", type=at_least_one, default=20, help="burst: callers at once"
+    )
 
 
 def stats_table(stats: m.GetBufferStatsResponse) -> str:
