@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import asyncpg
 import pytest
@@ -24,7 +23,6 @@ import pytest
 from runops.kit.ids import body_of
 from runops.kit.redis import RedisClient, RedisSettings, connect_redis
 from runops.localstack import LocalStack
-from runops.localstack.ports import free_port
 from runops.localstack.settings import INTERNAL_TOKEN, database
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
@@ -37,10 +35,10 @@ from services.mollifier.drainer.drainer import (
 )
 from services.mollifier.drainer.writer import RunStoreWriter
 from services.mollifier.entries import EntryStatus
-from services.runstore.app import RunStoreApp
 from tests.harness import until
 from tests.mollifier.helpers import accept_all, snapshot
-from tests.runstore.harness import new_env, start_on_stack
+from tests.mollifier.service_harness import RunStoreOnPort
+from tests.runstore.harness import new_env
 
 # The run store's statement timeout here: a locked row refuses its insert quickly.
 STATEMENT_TIMEOUT = 0.3
@@ -60,38 +58,14 @@ class RecordingWriter:
         return await self._writer.create_runs(items)
 
 
-class RunStoreOnPort:
-    """A run store of this module on a fixed port, which a test may stop and start again."""
-
-    def __init__(self, stack: LocalStack) -> None:
-        self._stack = stack
-        self.port = free_port()
-        self.app: RunStoreApp | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        timeout = {"statement_timeout_seconds": STATEMENT_TIMEOUT}
-        overrides: dict[str, Any] = {
-            "grpc_port": self.port,
-            "controlplane_db": database(self._stack.controlplane_db, **timeout),
-            "runops_db": database(self._stack.runops_db, **timeout),
-        }
-        self.app = await start_on_stack(
-            self._stack, split=True, name="runstore-drain-failures", **overrides
-        )
-
-    async def stop(self) -> None:
-        if self.app is not None:
-            await self.app.app.stop(grace=0.5)
-            self.app = None
-
-
 @pytest.fixture
 async def run_store(stack: LocalStack) -> AsyncIterator[RunStoreOnPort]:
-    server = RunStoreOnPort(stack)
+    timeout = {"statement_timeout_seconds": STATEMENT_TIMEOUT}
+    server = RunStoreOnPort(
+        stack,
+        controlplane_db=database(stack.controlplane_db, **timeout),
+        runops_db=database(stack.runops_db, **timeout),
+    )
     await server.start()
     try:
         yield server
