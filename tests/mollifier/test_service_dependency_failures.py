@@ -6,13 +6,13 @@ a run store of the test's own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import grpc
-import pytest
 import redis.asyncio as aioredis
 
 from runops.common.v1 import common_pb2
@@ -91,18 +91,15 @@ async def _retried(
             await asyncio.sleep(min(retry_after, 0.2))
 
 
-@pytest.fixture
-async def mollifiers() -> AsyncIterator[list[Mollifier]]:
-    started: list[Mollifier] = []
-    yield started
-    for service in started:
-        await service.app.stop(grace=1)
-
-
-async def _start(started: list[Mollifier], **overrides: object) -> tuple[Mollifier, Stub]:
+@contextlib.asynccontextmanager
+async def _mollifier(**overrides: object) -> AsyncIterator[Stub]:
+    """A mollifier on a Redis of the test's own (the `services` fixture's Redis kinds would
+    not be used)."""
     service = await start_mollifier(**overrides)
-    started.append(service)
-    return service, stub(service.app.target)
+    try:
+        yield stub(service.app.target)
+    finally:
+        await service.app.stop(grace=1)
 
 
 async def test_reset_with_redis_down_succeeds_only_if_the_run_store_cleared_a_run(
@@ -111,53 +108,44 @@ async def test_reset_with_redis_down_succeeds_only_if_the_run_store_cleared_a_ru
     stack: LocalStack,
     svc_control_plane: ControlPlane,
     svc_run_store: RunStoreApp,
-    mollifiers: list[Mollifier],
 ) -> None:
-    _, client = await _start(
-        mollifiers,
+    async with _mollifier(
         redis={"url": redis_server.url, **QUICK_REDIS},
         key_prefix="reset-redis-down",
         runstore_target=svc_run_store.app.target,
         controlplane_target=svc_control_plane.app.target,
-    )
-    held = await client.Trigger(_keyed(env.env_id, "k-held"))
-    assert not held.buffered
-    redis_server.stop()
+    ) as client:
+        held = await client.Trigger(_keyed(env.env_id, "k-held"))
+        assert not held.buffered
+        redis_server.stop()
 
-    # The buffer failed but the run store cleared a run: it succeeds.
-    reset = await client.ResetIdempotencyKey(_reset(env.env_id, "k-held"))
-    assert (reset.cleared_count, reset.buffer_cleared) == (1, False)
-    assert await _key_holder(stack, held.run.friendly_id) is None
-    # Nothing cleared and the buffer failed: UNAVAILABLE, retryable.
-    caught = await _unavailable_with_retry_info(
-        client.ResetIdempotencyKey(_reset(env.env_id, "k-nobody"))
-    )
-    assert details_of(caught).reason == "BUFFER_UNAVAILABLE"
+        # The buffer failed but the run store cleared a run: it succeeds.
+        reset = await client.ResetIdempotencyKey(_reset(env.env_id, "k-held"))
+        assert (reset.cleared_count, reset.buffer_cleared) == (1, False)
+        assert await _key_holder(stack, held.run.friendly_id) is None
+        # Nothing cleared and the buffer failed: UNAVAILABLE, retryable.
+        caught = await _unavailable_with_retry_info(
+            client.ResetIdempotencyKey(_reset(env.env_id, "k-nobody"))
+        )
+        assert details_of(caught).reason == "BUFFER_UNAVAILABLE"
 
-    redis_server.start()
-    again = await client.ResetIdempotencyKey(_reset(env.env_id, "k-nobody"))
-    assert (again.cleared_count, again.buffer_cleared) == (0, False)
+        redis_server.start()
+        again = await client.ResetIdempotencyKey(_reset(env.env_id, "k-nobody"))
+        assert (again.cleared_count, again.buffer_cleared) == (0, False)
 
 
 async def test_reset_with_the_run_store_down_is_unavailable_until_both_stores_answer(
     stack: LocalStack,
     env: Seeded,
-    svc_control_plane: ControlPlane,
-    prefix: str,
-    mollifiers: list[Mollifier],
+    services: Callable[..., Awaitable[Mollifier]],
 ) -> None:
     run_store = RunStoreOnPort(stack)
     await run_store.start()
     try:
-        _, client = await _start(
-            mollifiers,
-            redis={"url": stack.redis_url},
-            key_prefix=prefix,
-            runstore_target=run_store.target,
-            controlplane_target=svc_control_plane.app.target,
-            gate_threshold=1,
-            gate_hold_seconds=600,
+        service = await services(
+            runstore_target=run_store.target, gate_threshold=1, gate_hold_seconds=600
         )
+        client = stub(service.app.target)
         stored = await client.Trigger(_keyed(env.env_id, "k-stored"))
         buffered = await client.Trigger(_keyed(env.env_id, "k-buffered"))
         assert (stored.buffered, buffered.buffered) == (False, True)
@@ -188,7 +176,6 @@ async def test_a_read_only_replica_redis_is_unavailable_with_retry_info(
     stack: LocalStack,
     svc_control_plane: ControlPlane,
     svc_run_store: RunStoreApp,
-    mollifiers: list[Mollifier],
 ) -> None:
     """A replica under the client (a failover demoted the node, a stale endpoint): every write
     answers READONLY. Claims answer UNAVAILABLE with RetryInfo, not INTERNAL; a trigger fails
@@ -201,22 +188,21 @@ async def test_a_read_only_replica_redis_is_unavailable_with_retry_info(
             await admin.replicaof("127.0.0.1", redis_server.port)
         finally:
             await admin.aclose()
-        _, client = await _start(
-            mollifiers,
+        async with _mollifier(
             redis={"url": replica.url, **QUICK_REDIS},
             key_prefix="read-only",
             runstore_target=svc_run_store.app.target,
             controlplane_target=svc_control_plane.app.target,
-        )
-        claim = m.ClaimIdempotencyKeyRequest(
-            environment_id=env.env_id, task_identifier=TASK, idempotency_key="k-claim"
-        )
-        caught = await _unavailable_with_retry_info(client.ClaimIdempotencyKey(claim))
-        assert details_of(caught).reason == "REDIS_UNAVAILABLE"
+        ) as client:
+            claim = m.ClaimIdempotencyKeyRequest(
+                environment_id=env.env_id, task_identifier=TASK, idempotency_key="k-claim"
+            )
+            caught = await _unavailable_with_retry_info(client.ClaimIdempotencyKey(claim))
+            assert details_of(caught).reason == "REDIS_UNAVAILABLE"
 
-        before = await count_runs(stack, env.env_id)
-        opened = await client.Trigger(_keyed(env.env_id, "k-open"))
-        assert not opened.buffered
-        assert await count_runs(stack, env.env_id) == before + 1
+            before = await count_runs(stack, env.env_id)
+            opened = await client.Trigger(_keyed(env.env_id, "k-open"))
+            assert not opened.buffered
+            assert await count_runs(stack, env.env_id) == before + 1
     finally:
         replica.stop()
