@@ -11,14 +11,17 @@ import asyncpg
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.ids import body_of
 from runops.localstack import LocalStack
+from runops.localstack.ports import HOST, free_port
 from runops.localstack.settings import ADMIN_TOKEN, INTERNAL_TOKEN, in_process_settings
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
 from services.mollifier.app import Mollifier, build_mollifier
 from services.mollifier.settings import MollifierSettings
+from services.runstore.app import RunStoreApp
 from tests.controlplane.harness import Seeded, seed
 from tests.controlplane.harness import stub as cp_stub
 from tests.harness import stub_on
+from tests.runstore.harness import start_on_stack
 
 if TYPE_CHECKING:
     from runops.mollifier.v1.mollifier_pb2_grpc import MollifierServiceAsyncStub
@@ -44,6 +47,31 @@ async def start_mollifier(**overrides: Any) -> Mollifier:
     service = await build_mollifier(settings_for(**overrides))
     await service.app.start()
     return service
+
+
+class RunStoreOnPort:
+    """A run store of one test on the session stack, on a fixed port, which the test may stop
+    and start again (its clients reconnect to the same target)."""
+
+    def __init__(self, stack: LocalStack, **overrides: Any) -> None:
+        self._stack = stack
+        self._overrides = overrides
+        self.port = free_port()
+        self.app: RunStoreApp | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    async def start(self) -> None:
+        self.app = await start_on_stack(
+            self._stack, split=True, name="runstore-on-port", grpc_port=self.port, **self._overrides
+        )
+
+    async def stop(self) -> None:
+        if self.app is not None:
+            await self.app.app.stop(grace=0.5)
+            self.app = None
 
 
 def stub(target: str, token: str | None = INTERNAL_TOKEN) -> Stub:
