@@ -1,9 +1,10 @@
-"""Wiring: the control plane (API keys, task defaults), the run store, the mollifier (idempotency-key claims),
-the object store, the token bucket and the servicer on the kit's ServiceApp.
+"""Wiring: the control plane (API keys, task defaults), the run store, the mollifier
+(idempotency-key claims), the object store, the token bucket and the servicer on the kit's
+ServiceApp.
 
 Health dependencies: Redis, the object store and the run store (every RPC reads or writes
-batches there). Not the control plane (API keys and task defaults are cached) nor the mollifier (only units with
-keyed items call it). See docs/ingest.md, Health.
+batches there). Not the control plane (API keys and task defaults are cached) nor the mollifier
+(only units with keyed items call it). See docs/ingest.md, Health.
 """
 
 from __future__ import annotations
