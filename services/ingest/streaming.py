@@ -68,8 +68,6 @@ class Phase2:
         self._keyed = keyed
         self._defaults = defaults
         self._limits = limits
-        # What fell back to platform defaults, logged once per stream.
-        self._defaults_noted: set[tuple[str, str]] = set()
         self.pipeline: Pipeline[list[ing.BatchItem]] = Pipeline(limits.concurrency)
         self.pre_failed_count = 0
         self.linked_count = 0
@@ -104,11 +102,7 @@ class Phase2:
                 ),
             )
         del items, checked
-        await self._defaults.fill(
-            self.environment_id,
-            [item.run for item in inputs.values()],
-            noted=self._defaults_noted,
-        )
+        await self._defaults.fill(self.environment_id, [item.run for item in inputs.values()])
         claims = await self._keyed.resolve(self.environment_id, keyed) if keyed else None
         try:
             existing = dict(claims.existing) if claims is not None else {}

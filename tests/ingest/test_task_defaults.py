@@ -54,7 +54,7 @@ async def test_batch_items_take_the_current_workers_task_defaults(
     runs = await all_runs(suite, batch.friendly_id, env.env_id)
     assert [RunDefaults.of(r) for r in runs] == [expected for _, expected in cases]
     assert all(r.lock_to_version == "" for r in runs)
-    # Each unknown task is logged once for the stream, not once per item or chunk.
+    # Each unknown task is logged once, not once per item or chunk.
     unknown = [e["tasks"] for e in logs if e["event"] == "unknown task: platform defaults"]
     assert sorted(task for tasks in unknown for task in tasks) == ["also/unknown", "not/registered"]
 

@@ -7,13 +7,16 @@ promoted one; a run with `options.lock_to_version`: that worker), read through
 The run store decides between them: an explicit option wins, a default fills the gap, and a run
 with neither gets the platform default (no queue name, no TTL, max attempts and machine preset
 0/empty: the consumer's own). A task the worker lacks, an environment with no worker yet or a
-control plane that does not answer leave the defaults unset (platform defaults), logged, never
-refused: defaults must not fail a trigger or a batch.
+control plane that does not answer leave the defaults unset (platform defaults), counted and
+logged (at most once a minute per environment and case, never per item), never refused:
+defaults must not fail a trigger or a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import grpc
@@ -36,6 +39,10 @@ TASK_DEFAULTS = Counter(
 )
 # A control plane slower than this costs the trigger or unit no more: platform defaults.
 RESOLVE_TIMEOUT_SECONDS = 1.0
+# A fallback is logged at most this often per environment and case: an environment without a
+# worker would otherwise log every trigger (info lines at trigger rates).
+LOG_INTERVAL_SECONDS = 60.0
+LOG_MEMORY = 10_000
 
 
 class TaskDefaults:
@@ -44,24 +51,17 @@ class TaskDefaults:
     ) -> None:
         self._control_plane = control_plane
         self._timeout = timeout_seconds
+        self._logged = _LogThrottle(LOG_INTERVAL_SECONDS, LOG_MEMORY)
 
-    async def fill(
-        self,
-        environment_id: str,
-        runs: Sequence[rs.RunInput],
-        *,
-        noted: set[tuple[str, str]] | None = None,
-    ) -> None:
+    async def fill(self, environment_id: str, runs: Sequence[rs.RunInput]) -> None:
         """Sets each run's `worker_version` and `default_*` from its task, with one cached
-        resolution per worker the runs lock to (one for a trigger or a usual chunk). What falls
-        back to the platform defaults is logged once per call, or once per `noted` (a stream's
-        set of what it already logged)."""
-        noted = set() if noted is None else noted
+        resolution per worker the runs lock to (one for a trigger or a usual chunk). A run left
+        to the platform defaults is counted; why is logged (never once per item)."""
         by_worker: dict[str, list[rs.RunInput]] = {}
         for run in runs:
             by_worker.setdefault(run.options.lock_to_version, []).append(run)
         for worker, group in by_worker.items():
-            resolution = await self._resolve(environment_id, worker, noted)
+            resolution = await self._resolve(environment_id, worker)
             if isinstance(resolution, str):
                 TASK_DEFAULTS.labels(resolution).inc(len(group))
                 continue
@@ -75,10 +75,11 @@ class TaskDefaults:
                     _fill(run, resolved.version, task)
                     applied += 1
             TASK_DEFAULTS.labels("worker").inc(applied)
+            if applied == len(group):
+                continue
             TASK_DEFAULTS.labels("unknown_task").inc(len(group) - applied)
             unknown = sorted(wanted - found.keys())
-            if fresh := [task for task in unknown if ("unknown_task", task) not in noted]:
-                noted.update(("unknown_task", task) for task in fresh)
+            if fresh := [t for t in unknown if self._logged.first((environment_id, "task", t))]:
                 log.info(
                     "unknown task: platform defaults",
                     environment_id=environment_id,
@@ -86,10 +87,8 @@ class TaskDefaults:
                     tasks=fresh,
                 )
 
-    async def _resolve(
-        self, environment_id: str, worker: str, noted: set[tuple[str, str]]
-    ) -> WorkerResolution | str:
-        """The worker and its tasks, or why there is none to use (logged once per `noted`)."""
+    async def _resolve(self, environment_id: str, worker: str) -> WorkerResolution | str:
+        """The worker and its tasks, or why there is none to use (logged)."""
         try:
             async with asyncio.timeout(self._timeout):
                 return await self._control_plane.resolve_worker_version(
@@ -97,8 +96,7 @@ class TaskDefaults:
                 )
         except (InvalidArgument, NotFound, FailedPrecondition) as err:
             # No worker yet, or none that `lock_to_version` names.
-            if ("no_worker", worker) not in noted:
-                noted.add(("no_worker", worker))
+            if self._logged.first((environment_id, "no_worker", worker)):
                 log.info(
                     "no worker to take task defaults from: platform defaults",
                     environment_id=environment_id,
@@ -107,8 +105,7 @@ class TaskDefaults:
                 )
             return "no_worker"
         except (RunopsError, grpc.aio.AioRpcError, TimeoutError) as err:
-            if ("unavailable", worker) not in noted:
-                noted.add(("unavailable", worker))
+            if self._logged.first((environment_id, "unavailable", worker)):
                 log.warning(
                     "control plane unavailable for task defaults: platform defaults",
                     environment_id=environment_id,
@@ -116,6 +113,28 @@ class TaskDefaults:
                     error=repr(err),
                 )
             return "unavailable"
+
+
+class _LogThrottle:
+    """Which cases were logged lately: each at most once per `interval` seconds, the
+    `max_entries` most recent remembered."""
+
+    def __init__(self, interval: float, max_entries: int) -> None:
+        self._interval = interval
+        self._max_entries = max_entries
+        self._at: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+
+    def first(self, case: tuple[str, str, str]) -> bool:
+        """True (and remembered) when `case` was not logged within the interval."""
+        now = time.monotonic()
+        last = self._at.get(case)
+        if last is not None and now - last < self._interval:
+            return False
+        self._at[case] = now
+        self._at.move_to_end(case)
+        if len(self._at) > self._max_entries:
+            self._at.popitem(last=False)
+        return True
 
 
 def _fill(run: rs.RunInput, version: str, task: cp.TaskDefinition) -> None:
