@@ -136,6 +136,21 @@ class RunDefaults:
 
 # A run that took no task defaults: the run store's platform defaults.
 PLATFORM_DEFAULTS = RunDefaults("", None, 0, "", "")
+# Options that set every field task defaults fill, and what a run with them holds.
+EXPLICIT_OPTIONS = common_pb2.TriggerOptions(
+    queue="mine", ttl=duration_pb2.Duration(seconds=30), max_attempts=2, machine_preset="micro"
+)
+
+
+def explicit_defaults(worker_version: str) -> RunDefaults:
+    return RunDefaults("mine", 30, 2, "micro", worker_version)
+
+
+# The environment types whose current worker differs: the most recent, the promoted one.
+ENV_TYPES = {
+    "dev": common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT,
+    "deployed": common_pb2.ENVIRONMENT_TYPE_PRODUCTION,
+}
 
 
 def _worker_tasks(queue: str, ttl_seconds: int, max_attempts: int) -> list[cp.TaskDefinition]:

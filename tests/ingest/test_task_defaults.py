@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import pytest
 import structlog
-from google.protobuf import duration_pb2
 
-from runops.common.v1 import common_pb2
 from runops.localstack.settings import ADMIN_TOKEN
 from services.ingest.app import Ingest
-from tests.controlplane.harness import PLATFORM_DEFAULTS, RunDefaults, register_workers, seed
+from tests.controlplane.harness import (
+    ENV_TYPES,
+    EXPLICIT_OPTIONS,
+    PLATFORM_DEFAULTS,
+    RunDefaults,
+    explicit_defaults,
+    register_workers,
+    seed,
+)
 from tests.controlplane.harness import stub as cp_stub
 from tests.ingest.harness import Suite, item, requests, stub
 from tests.ingest.test_service import all_runs, create
-
-EXPLICIT = common_pb2.TriggerOptions(
-    queue="mine",
-    ttl=duration_pb2.Duration(seconds=30),
-    max_attempts=2,
-    machine_preset="micro",
-)
-ENV_TYPES = {
-    "dev": common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT,
-    "deployed": common_pb2.ENVIRONMENT_TYPE_PRODUCTION,
-}
 
 
 @pytest.mark.parametrize("env_type", list(ENV_TYPES))
@@ -35,12 +30,12 @@ async def test_batch_items_take_the_current_workers_task_defaults(
     env = await seed(admin, ENV_TYPES[env_type])
     workers = await register_workers(admin, env)
     api = stub(ingest.app.target, env.api_key)
-    explicit = RunDefaults("mine", 30, 2, "micro", workers.current.worker.version)
+    explicit = explicit_defaults(workers.current.worker.version)
     # Per index: the item and what its run must hold; unknown tasks in both chunks.
     cases = [
         (item(0), workers.expected("email/send")),
         (item(1, task="sms/send"), workers.expected("sms/send")),
-        (item(2, options=EXPLICIT), explicit),
+        (item(2, options=EXPLICIT_OPTIONS), explicit),
         (item(3, task="not/registered"), PLATFORM_DEFAULTS),
         (item(4, task="not/registered"), PLATFORM_DEFAULTS),
         (item(5), workers.expected("email/send")),
@@ -67,13 +62,13 @@ async def test_batch_items_without_a_worker_take_platform_defaults(
     batch = await create(api, 4)
     with structlog.testing.capture_logs() as logs:
         reply = await api.StreamBatchItems(
-            requests(batch.friendly_id, [item(0), item(1)], [item(2), item(3, options=EXPLICIT)])
+            requests(
+                batch.friendly_id, [item(0), item(1)], [item(2), item(3, options=EXPLICIT_OPTIONS)]
+            )
         )
     assert reply.sealed
     runs = await all_runs(suite, batch.friendly_id, env.env_id)
-    assert [RunDefaults.of(r) for r in runs] == [PLATFORM_DEFAULTS] * 3 + [
-        RunDefaults("mine", 30, 2, "micro", "")
-    ]
+    assert [RunDefaults.of(r) for r in runs] == [PLATFORM_DEFAULTS] * 3 + [explicit_defaults("")]
     assert [e["event"] for e in logs if "platform defaults" in e["event"]] == [
         "no worker to take task defaults from: platform defaults"
     ]

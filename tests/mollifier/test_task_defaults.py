@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import structlog
-from google.protobuf import duration_pb2
 
 from runops.common.v1 import common_pb2
 from runops.localstack import LocalStack
@@ -18,23 +17,20 @@ from runops.localstack.settings import ADMIN_TOKEN
 from runops.mollifier.v1 import mollifier_pb2 as m
 from services.controlplane.app import ControlPlane
 from services.mollifier.app import Mollifier
-from tests.controlplane.harness import PLATFORM_DEFAULTS, RunDefaults, register_workers
+from tests.controlplane.harness import (
+    ENV_TYPES,
+    EXPLICIT_OPTIONS,
+    PLATFORM_DEFAULTS,
+    RunDefaults,
+    explicit_defaults,
+    register_workers,
+)
 from tests.controlplane.harness import stub as cp_stub
 from tests.harness import until
 from tests.mollifier.service_harness import TASK, count_runs, seeded_env, stub, trigger_request
 
 Factory = Callable[..., Awaitable[Mollifier]]
 TRIPPED = {"gate_threshold": 1, "gate_hold_seconds": 600}
-EXPLICIT = common_pb2.TriggerOptions(
-    queue="mine",
-    ttl=duration_pb2.Duration(seconds=30),
-    max_attempts=2,
-    machine_preset="micro",
-)
-ENV_TYPES = {
-    "dev": common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT,
-    "deployed": common_pb2.ENVIRONMENT_TYPE_PRODUCTION,
-}
 
 
 @pytest.mark.parametrize("path", ["straight", "buffered"])
@@ -62,8 +58,8 @@ async def test_triggers_take_the_current_workers_task_defaults(
             workers.expected("sms/send"),
         ),
         "explicit": (
-            trigger_request(env.env_id, options=EXPLICIT),
-            RunDefaults("mine", 30, 2, "micro", workers.current.worker.version),
+            trigger_request(env.env_id, options=EXPLICIT_OPTIONS),
+            explicit_defaults(workers.current.worker.version),
         ),
         "unknown task": (
             trigger_request(env.env_id, task_identifier="not/registered"),
