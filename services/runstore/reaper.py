@@ -1,6 +1,8 @@
 """The seal-timeout reaper: one kit `Worker` per database. Each step takes (or renews) that
 database's lease, aborts batches still unsealed after the seal timeout (their waitpoints
-completed with an error naming the expected item count), and re-checks links to runs of the
+completed with an error naming the expected item count), re-checks sealed batches still waiting
+on runs past the re-check threshold (counts repaired, or the waitpoint completed with an error
+naming the items whose runs were never written), and re-checks links to runs of the
 other database (the repair for a completion whose second write was lost). Only the lease
 holder works; the statements are correct without it (docs/runstore.md)."""
 
@@ -29,6 +31,7 @@ class Reaper:
         self.interval = settings.runstore_reaper_interval_seconds
         self.seal_timeout = timedelta(seconds=settings.runstore_seal_timeout_seconds)
         self.lease_ttl = timedelta(seconds=settings.runstore_reaper_lease_seconds)
+        self.recheck_after = timedelta(seconds=settings.runstore_processing_recheck_seconds)
         self.limit = settings.runstore_reaper_batch_size
         # Unique per process (several run on one host, and a restarted one is a new holder).
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -49,6 +52,7 @@ class Reaper:
             lease_ttl=self.lease_ttl,
             limit=self.limit,
             cursor=self._cursor,
+            recheck_after=self.recheck_after,
         )
         self.holding = aborted is not None
         if aborted:

@@ -28,26 +28,31 @@ See shared/runops/bench/README.md for the figures and why.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import itertools
-import json
 import os
-import resource
 import secrets
-import sys
-import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from runops.bench.loadgen import drive
+from runops.bench import proc, program
+from runops.bench.loadgen import (
+    Call,
+    Close,
+    LoadResult,
+    Mark,
+    Mismatch,
+    Spec,
+    closed_loop,
+    run_worker,
+    warmup_for,
+    worker,
+)
+from runops.bench.report import cores
 from runops.controlplane.client import ControlPlaneClient
 from runops.controlplane.model import hash_api_key
 from runops.controlplane.v1 import controlplane_pb2 as cp
@@ -63,7 +68,6 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 LoadgenMode = Literal["subprocess", "inprocess"]
-Call = Callable[[int], Awaitable[str | None]]
 Kind = Literal["authenticate", "client", "health", "postgres"]
 
 MODULE = "runops.bench.controlplane"
@@ -80,56 +84,23 @@ HANDLED_OK = {
 }
 # A control plane that caches nothing: entries expire at once, and only one is ever held.
 UNCACHED_SETTINGS: dict[str, Any] = {"cache_ttl_seconds": 1e-6, "cache_max_entries": 1}
-PROGRESS_EVERY_SECONDS = 2.0
 SEED_CONCURRENCY = 8
-
-
-def warmup_for(seconds: float) -> float:
-    """Warm-up before each measured window: a fifth of it, between 0.2 s and 2 s."""
-    return min(2.0, max(0.2, seconds / 5))
 
 
 # -- the load generator (in this process or in a subprocess) ------------------------------------
 
 
 @dataclass(frozen=True)
-class LoadSpec:
-    """One load-generator run; travels as JSON on the subprocess's stdin."""
+class LoadSpec(Spec):
+    """One run of this benchmark's load generator."""
 
     kind: Kind
-    label: str
-    seconds: float
-    warmup: float
-    concurrency: int
     api_keys: tuple[str, ...]
     env_ids: tuple[str, ...]
     target: str = ""  # grpc
     token: str = ""  # grpc
     dsn: str = ""  # postgres
     query: str = ""  # postgres: the service's SELECT_BY_KEY_HASH
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> LoadSpec:
-        raw = json.loads(text)
-        raw["api_keys"] = tuple(raw["api_keys"])
-        raw["env_ids"] = tuple(raw["env_ids"])
-        return cls(**raw)
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    calls: int  # successful calls that completed inside the measured window
-    seconds: float
-    errors: dict[str, int]  # failed calls by status, warm-up included
-    p50_ms: float
-    p99_ms: float
-    cpu_seconds: float  # CPU of the load generator's process over the measured window
-    pid: int
-    # The client phase: ControlPlaneClient's API-key cache over the window, by result.
-    client_cache: dict[str, int] | None = None
 
 
 def _metric(name: str, labels: dict[str, str]) -> float:
@@ -143,25 +114,15 @@ def _cache_lookups(cache: str) -> dict[str, float]:
     }
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _percentile(ordered: list[int], q: float) -> float:
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
-
-
-async def _grpc_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[None]]]:
+async def _grpc_caller(spec: LoadSpec) -> tuple[Call, Close]:
     channel = create_channel(spec.target, token=spec.token)
     client = cp_grpc.ControlPlaneServiceStub(channel)
     requests = [cp.AuthenticateApiKeyRequest(api_key=key) for key in spec.api_keys]
 
-    async def call(i: int) -> str | None:
+    async def call(n: int) -> int:
+        i = n % len(requests)
         response = await client.AuthenticateApiKey(requests[i])
-        return None if response.environment.id == spec.env_ids[i] else "WRONG_ENVIRONMENT"
+        return _checked(response.environment.id, spec.env_ids[i])
 
     async def close() -> None:
         await channel.close()
@@ -169,16 +130,25 @@ async def _grpc_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[Non
     return call, close
 
 
-async def _health_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[None]]]:
+def _checked(environment_id: str, expected: str) -> int:
+    """One successful call, if it answered the key's own environment."""
+    if environment_id != expected:
+        raise Mismatch(f"environment {environment_id}, not {expected}", "WRONG_ENVIRONMENT")
+    return 1
+
+
+async def _health_caller(spec: LoadSpec) -> tuple[Call, Close]:
     """grpc.health.v1 Check on the same server and channel kind: the RPC without the servicer."""
     channel = create_channel(spec.target, token=spec.token)
     client: Any = health_pb2_grpc.HealthStub(channel)  # the stubs have no methods typed
     request = health_pb2.HealthCheckRequest(service="")
     serving = health_pb2.HealthCheckResponse.SERVING
 
-    async def call(_i: int) -> str | None:
+    async def call(_n: int) -> int:
         response = await client.Check(request)
-        return None if response.status == serving else "NOT_SERVING"
+        if response.status != serving:
+            raise Mismatch(f"health status {response.status}", "NOT_SERVING")
+        return 1
 
     async def close() -> None:
         await channel.close()
@@ -186,7 +156,7 @@ async def _health_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[N
     return call, close
 
 
-async def _client_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[None]]]:
+async def _client_caller(spec: LoadSpec) -> tuple[Call, Close]:
     """What a consumer service does: ControlPlaneClient.authenticate_api_key, answered by the
     client's cache once its WatchInvalidations subscription is live."""
     client = ControlPlaneClient(spec.target, token=spec.token)
@@ -199,30 +169,33 @@ async def _client_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[N
     for key in dict.fromkeys(spec.api_keys):
         await client.authenticate_api_key(key)
 
-    async def call(i: int) -> str | None:
+    async def call(n: int) -> int:
+        i = n % len(spec.api_keys)
         try:
             environment = await client.authenticate_api_key(spec.api_keys[i])
         except RunopsError as exc:
-            return exc.reason
+            raise Mismatch(str(exc), exc.reason) from exc
         # A cache hit completes without suspending: yield once per call so the other callers
         # and the window's timer run (a consumer's RPC handler pays this too).
         await asyncio.sleep(0)
         if not client.subscribed.is_set():
-            return "UNSUBSCRIBED"  # the cache was off: not the path being measured
-        return None if environment.id == spec.env_ids[i] else "WRONG_ENVIRONMENT"
+            # The cache was off: not the path being measured.
+            raise Mismatch("the invalidation subscription dropped", "UNSUBSCRIBED")
+        return _checked(environment.id, spec.env_ids[i])
 
     return call, client.close
 
 
-async def _postgres_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable[None]]]:
+async def _postgres_caller(spec: LoadSpec) -> tuple[Call, Close]:
     digests = [hash_api_key(key) for key in spec.api_keys]
     pool = await asyncpg.create_pool(spec.dsn, min_size=spec.concurrency, max_size=spec.concurrency)
 
-    async def call(i: int) -> str | None:
+    async def call(n: int) -> int:
+        i = n % len(digests)
         row = await pool.fetchrow(spec.query, digests[i])
         if row is None:
-            return "NOT_FOUND"
-        return None if row["id"] == spec.env_ids[i] else "WRONG_ENVIRONMENT"
+            raise Mismatch("no environment for the key", "NOT_FOUND")
+        return _checked(row["id"], spec.env_ids[i])
 
     async def close() -> None:
         await pool.close()
@@ -230,12 +203,9 @@ async def _postgres_caller(spec: LoadSpec) -> tuple[Call, Callable[[], Awaitable
     return call, close
 
 
-async def generate(
-    spec: LoadSpec, mark: Callable[[str], Awaitable[None]], progress: Progress
-) -> LoadResult:
-    """C closed-loop callers, round-robin over the keys: `spec.warmup` seconds unmeasured, then
-    `spec.seconds` measured. `await mark("start")` / `await mark("end")` bracket the measured
-    window (the callers keep going meanwhile, so the servers are sampled under load)."""
+async def generate(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadResult:
+    """C closed-loop callers, round-robin over the keys (`closed_loop`); for the client
+    phase, its own cache's lookups over the window in `figures`."""
     make = {
         "authenticate": _grpc_caller,
         "client": _client_caller,
@@ -243,90 +213,25 @@ async def generate(
         "postgres": _postgres_caller,
     }[spec.kind]
     call, close = await make(spec)
-    keys = len(spec.api_keys)
-    turn = itertools.count()
-    latencies: list[int] = []
-    errors: Counter[str] = Counter()
-    window = [sys.maxsize, sys.maxsize]  # perf_counter_ns bounds of the measured window
-    stopped = False
+    lookups: dict[str, dict[str, float]] = {}
 
-    async def caller() -> None:
-        while not stopped:
-            i = next(turn) % keys
-            began = time.perf_counter_ns()
-            try:
-                error = await call(i)
-            except grpc.aio.AioRpcError as exc:
-                error = exc.code().name
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                error = type(exc).__name__
-            ended = time.perf_counter_ns()
-            if error is not None:
-                errors[error] += 1
-            elif window[0] <= ended <= window[1]:
-                latencies.append(ended - began)
+    async def marked(event: str) -> None:
+        # The client's cache counters, read inside the window's edges.
+        if event == "end":
+            lookups[event] = _cache_lookups(CLIENT_CACHE_NAME)
+        await mark(event)
+        if event == "start":
+            lookups[event] = _cache_lookups(CLIENT_CACHE_NAME)
 
-    tasks = [asyncio.create_task(caller()) for _ in range(spec.concurrency)]
-    try:
-        await asyncio.sleep(spec.warmup)
-        await mark("start")
-        cache_before = _cache_lookups(CLIENT_CACHE_NAME)
-        cpu_before = _cpu_seconds()
-        start = time.perf_counter_ns()
-        window[:] = [start, start + int(spec.seconds * 1e9)]
-        while (left := (window[1] - time.perf_counter_ns()) / 1e9) > 0:
-            await asyncio.sleep(min(PROGRESS_EVERY_SECONDS, left))
-            elapsed = (time.perf_counter_ns() - start) / 1e9
-            if elapsed < spec.seconds - 0.01:
-                progress(
-                    f"{spec.label}: {len(latencies):,} calls in {elapsed:.0f}s"
-                    f" ({len(latencies) / elapsed:,.0f}/s), {sum(errors.values())} errors"
-                )
-        cpu_seconds = _cpu_seconds() - cpu_before
-        cache_after = _cache_lookups(CLIENT_CACHE_NAME)
-        await mark("end")
-        stopped = True
-        await asyncio.gather(*tasks)
-    finally:
-        stopped = True
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await close()
-    latencies.sort()
-    return LoadResult(
-        calls=len(latencies),
-        seconds=(window[1] - window[0]) / 1e9,
-        errors=dict(errors),
-        p50_ms=_percentile(latencies, 0.50),
-        p99_ms=_percentile(latencies, 0.99),
-        cpu_seconds=cpu_seconds,
-        pid=os.getpid(),
-        client_cache=(
-            {r: round(cache_after[r] - cache_before[r]) for r in CACHE_RESULTS}
-            if spec.kind == "client"
-            else None
-        ),
-    )
+    result = await closed_loop(spec, call, close, marked, progress, unit="calls")
+    if spec.kind != "client":
+        return result
+    start, end = lookups["start"], lookups["end"]
+    return replace(result, figures={r: round(end[r] - start[r]) for r in CACHE_RESULTS})
 
 
-def _loadgen_main() -> None:
-    """The subprocess: the spec as a line on stdin; JSON lines on stdout: each mark, which
-    waits for a line on stdin (the bench has sampled the servers), then the result."""
-    spec = LoadSpec.from_json(sys.stdin.readline())
-
-    async def mark(event: str) -> None:
-        print(json.dumps({"event": event}), flush=True)
-        await asyncio.to_thread(sys.stdin.readline)
-
-    started = time.monotonic()
-
-    def progress(line: str) -> None:
-        elapsed = time.monotonic() - started
-        print(f"[loadgen pid {os.getpid()} +{elapsed:4.1f}s] {line}", file=sys.stderr, flush=True)
-
-    result = asyncio.run(generate(spec, mark, progress))
-    print(json.dumps({"event": "result", "result": asdict(result)}), flush=True)
+async def _work(spec_json: str, mark: Mark, progress: Progress) -> dict[str, Any]:
+    return asdict(await generate(LoadSpec.from_json(spec_json), mark, progress))
 
 
 # -- the bench process: servers, samples around each window -------------------------------------
@@ -341,81 +246,11 @@ class _Sample:
     handled_ok: float
 
 
-def _machine_jiffies() -> tuple[int, int] | None:
-    try:
-        with open("/proc/stat") as stat:
-            fields = stat.readline().split()
-    except OSError:
-        return None
-    # user nice system idle iowait irq softirq steal (guest time is already in user).
-    values = [int(v) for v in fields[1:9]]
-    idle = values[3] + values[4]
-    total = sum(values)
-    return total - idle, total
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat from the state field on (field 3 is [0]), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            text = stat.read()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _parent_pid(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[1])
-
-
-def _process_tree_cpu(root: int) -> float | None:
-    """CPU seconds of `root` (with its reaped children) and of its live children: a postmaster
-    and its backends, walreceiver, startup process..."""
-    fields = _stat_fields(root)
-    if fields is None:
-        return None
-    ticks = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and entry.name != str(root):
-            child = _stat_fields(int(entry.name))
-            if child is not None and child[1] == str(root):
-                ticks += int(child[11]) + int(child[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-async def _local_postmaster(dsn: str) -> int | None:
-    """The pid of the postmaster serving `dsn` when it runs on this machine, else None."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        backend = await conn.fetchval("SELECT pg_backend_pid()")
-        # While the connection is open: the backend exits with it.
-        return _postgres_parent(backend) if isinstance(backend, int) else None
-    finally:
-        await conn.close()
-
-
-def _postgres_parent(backend: int) -> int | None:
-    """The parent of `backend` if it is a local postgres (not a server elsewhere that happens
-    to share a pid with something here)."""
-    postmaster = _parent_pid(backend)
-    if postmaster is None:
-        return None
-    try:
-        with open(f"/proc/{postmaster}/comm") as comm:
-            name = comm.read().strip()
-        with open(f"/proc/{backend}/comm") as comm:
-            backend_name = comm.read().strip()
-    except OSError:
-        return None
-    return postmaster if name.startswith("postgres") and backend_name == "postgres" else None
-
-
 def _sample(replica: int | None) -> _Sample:
     return _Sample(
-        own_cpu=_cpu_seconds(),
-        machine=_machine_jiffies(),
-        replica_cpu=None if replica is None else _process_tree_cpu(replica),
+        own_cpu=proc.own_cpu_seconds(),
+        machine=proc.machine_jiffies(),
+        replica_cpu=None if replica is None else proc.process_tree_cpu(replica),
         cache=_cache_lookups(CACHE_NAME),
         handled_ok=_metric("grpc_server_handled_total", HANDLED_OK),
     )
@@ -424,8 +259,7 @@ def _sample(replica: int | None) -> _Sample:
 async def _in_subprocess(
     spec: LoadSpec, replica: int | None
 ) -> tuple[LoadResult, dict[str, _Sample]]:
-    result, marks = await drive(MODULE, spec.to_json(), lambda: _sample(replica), spec.label)
-    return LoadResult(**result), marks
+    return await run_worker(MODULE, spec, lambda: _sample(replica))
 
 
 @dataclass(frozen=True)
@@ -484,14 +318,10 @@ async def _phase(
         result = await generate(spec, mark, progress)
     start, end = marks["start"], marks["end"]
     seconds = result.seconds
-    machine = None
-    if start.machine is not None and end.machine is not None:
-        busy, total = (e - s for s, e in zip(start.machine, end.machine, strict=True))
-        machine = busy / total * (os.cpu_count() or 1) if total > 0 else None
 
     def delta(key: str) -> int | None:
-        if result.client_cache is not None:
-            return result.client_cache[key]
+        if spec.kind == "client":
+            return round(result.figures[key])
         return round(end.cache[key] - start.cache[key]) if server else None
 
     phase = Phase(
@@ -508,7 +338,7 @@ async def _phase(
             if start.replica_cpu is None or end.replica_cpu is None
             else (end.replica_cpu - start.replica_cpu) / seconds
         ),
-        machine_cores=machine,
+        machine_cores=proc.machine_cores(start.machine, end.machine),
         cache_hits=delta("hit"),
         cache_misses=delta("miss"),
         cache_shared=delta("shared"),
@@ -565,9 +395,6 @@ class BenchResult:
         return self.cached.per_second / self.health.per_second
 
     def report(self) -> str:
-        def cores(value: float | None) -> str:
-            return "-" if value is None else f"{value:.2f}"
-
         lines = [
             f"AuthenticateApiKey vs raw Postgres lookup: {self.concurrency} concurrent callers,"
             f" {self.keys} keys round-robin, {self.seconds:g}s measured per phase after"
@@ -693,7 +520,7 @@ async def run(
         say(f"control plane (cached) serving on {plane.app.target}; seeding {keys} environments")
         seeded = await _seed(plane.app.target, keys)
         await stack.controlplane_db.wait_for_replica()
-        replica = await _local_postmaster(stack.controlplane_db.replica_dsn)
+        replica = await proc.local_postmaster(stack.controlplane_db.replica_dsn)
 
         async def measure(kind: Kind, label: str, *, server: bool, **where: str) -> Phase:
             spec = LoadSpec(
@@ -749,9 +576,7 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = program.parser(MODULE, __doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent callers")
     parser.add_argument("--keys", type=int, default=64, help="seeded API keys, round-robin")
@@ -761,30 +586,17 @@ def main(argv: list[str] | None = None) -> None:
         default="subprocess",
         help="where the client side runs (default: a subprocess)",
     )
-    parser.add_argument("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
-        _loadgen_main()
+        worker(_work)
         return
     if args.seconds <= 0 or args.concurrency < 1 or args.keys < 1:
         parser.error("--seconds must be > 0, --concurrency and --keys >= 1")
-    from runops.kit.logging import configure_logging
-    from runops.localstack import LocalStack, printing_progress
-
-    configure_logging("warning", "console")
-    say = printing_progress("bench")
-    with LocalStack(None, progress=say) as stack:
-        result = asyncio.run(
-            run(
-                stack,
-                args.seconds,
-                args.concurrency,
-                args.keys,
-                loadgen=args.loadgen,
-                progress=say,
-            )
+    result = program.on_local_stack(
+        lambda stack, say: run(
+            stack, args.seconds, args.concurrency, args.keys, loadgen=args.loadgen, progress=say
         )
-    # After the stack stopped: the figures are the last thing printed.
+    )
     print(result.report(), flush=True)
 
 

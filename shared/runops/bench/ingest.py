@@ -33,7 +33,6 @@ See shared/runops/bench/README.md and docs/benchmarks.md for the figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import time
@@ -43,22 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from runops.bench import floors
-from runops.bench.report import (
-    Row,
-    cpu_seconds,
-    durability,
-    reset_peak,
-    status_kib,
-    table,
-)
-from runops.bench.services import (
-    Suite,
-    in_subprocess,
-    pid_of,
-    running_suite,
-    worker_main,
-)
+from runops.bench import floors, program
+from runops.bench.loadgen import in_subprocess, worker_main
+from runops.bench.proc import cpu_seconds, reset_peak, status_kib
+from runops.bench.report import Row, durability, settings, table
+from runops.bench.services import Suite, pid_of, running_suite
 
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
@@ -73,7 +61,6 @@ LARGE_PAYLOAD = 256 * KIB
 # not, so the client library's chunker sends one item a message.
 MAX_CHUNK_BYTES = 512 * KIB
 DELAY_SECONDS = 0.05
-FLOOR_CHUNK, FLOOR_IN_FLIGHT = 1000, 2
 RSS_MARK_FRACTION = 10  # the big batch's first RSS sample: at a tenth of its items
 BENCHMARK = "ingest"
 
@@ -119,19 +106,6 @@ async def _ingest_work(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_mark_kib": rss_at_mark,
         "rss_end_kib": status_kib(pid, "VmRSS"),
     }
-
-
-async def _floor_work(spec: dict[str, Any]) -> dict[str, Any]:
-    seconds = await floors.insert(
-        spec["dsn"], method=spec["method"], rows=int(spec["rows"]), chunk=int(spec["chunk"]),
-        in_flight=int(spec["in_flight"]), payload_bytes=int(spec["payload_bytes"]),
-        environment_id=spec["environment_id"], batch_id=spec.get("batch_id"),
-    )  # fmt: skip
-    return {"seconds": seconds}
-
-
-async def _work(spec: dict[str, Any]) -> dict[str, Any]:
-    return await (_floor_work(spec) if spec["kind"] == "floor" else _ingest_work(spec))
 
 
 # -- the bench side ----------------------------------------------------------------------------
@@ -230,11 +204,10 @@ class IngestResult:
 
     def report(self) -> str:
         lines = [
-            f"batch ingest, {self.cpus} CPUs, Postgres: "
-            + ", ".join(f"{k}={v}" for k, v in self.durability.items()),
+            f"batch ingest, {self.cpus} CPUs, Postgres: " + settings(self.durability),
             f"  small items: {self.small_items:,} in {self.small_seconds:.2f}s ="
-            f" {self.small_rate:,.0f}/s; floors (same rows, {FLOOR_CHUNK} a statement,"
-            f" {FLOOR_IN_FLIGHT} in flight): unnest {self.unnest_rate:,.0f}/s,"
+            f" {self.small_rate:,.0f}/s; floors (same rows, {floors.CHUNK} a statement,"
+            f" {floors.IN_FLIGHT} in flight): unnest {self.unnest_rate:,.0f}/s,"
             f" COPY {self.copy_rate:,.0f}/s; CPU meanwhile (cores): ingest"
             f" {self.small_ingest_cores:.2f}, run store {self.small_runstore_cores:.2f}",
         ]
@@ -268,7 +241,6 @@ async def _count_runs(dsn: str, batch_friendly_id: str, *, offloaded: bool = Fal
 def _ingest_spec(target: str, suite: Suite, pid: int, items: int, size: int) -> dict[str, Any]:
     large = size >= LARGE_PAYLOAD
     return {
-        "kind": "ingest",
         "target": target,
         "api_key": suite.api_key,
         "items": items,
@@ -328,15 +300,13 @@ def _ingest_env(proxy_url: str, concurrency: int) -> dict[str, str]:
 
 
 async def _floor(suite: Suite, method: floors.Method, rows: int) -> float:
-    db = suite.stack.runops_db
-    batch_id = await floors.create_batch(db.writer_dsn, suite.environment_id, rows)
-    spec = {
-        "kind": "floor", "dsn": db.writer_dsn, "method": method, "rows": rows,
-        "chunk": FLOOR_CHUNK, "in_flight": FLOOR_IN_FLIGHT, "payload_bytes": SMALL_PAYLOAD,
-        "environment_id": suite.environment_id, "batch_id": batch_id,
-    }  # fmt: skip
-    seconds = float((await in_subprocess(MODULE, spec))["seconds"])
-    return seconds
+    """Seconds for `rows` batch items (and their runs) of a batch of their own."""
+    dsn = suite.stack.runops_db.writer_dsn
+    batch_id = await floors.create_batch(dsn, suite.environment_id, rows)
+    return await floors.measure(
+        dsn, method=method, rows=rows, payload_bytes=SMALL_PAYLOAD,
+        environment_id=suite.environment_id, batch_id=batch_id,
+    )  # fmt: skip
 
 
 async def measure(
@@ -424,33 +394,20 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = program.parser(MODULE, __doc__)
     add = parser.add_argument
     add("--small", type=int, default=DEFAULTS["small"], help="small items (and floor rows)")
     add("--large-c1", type=int, default=DEFAULTS["large_c1"], help="256 KiB items at c=1")
     add("--large-c10", type=int, default=DEFAULTS["large_c10"], help="256 KiB items at c=10")
     add("--big", type=int, default=DEFAULTS["big"], help="the one-stream batch (<= 100000)")
-    add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
-        worker_main(_work)
+        worker_main(_ingest_work)
         return
     if min(args.small, args.large_c1, args.large_c10) < 1 or not 10 <= args.big <= 100_000:
         parser.error("sizes must be >= 1, --big 10 to 100000")
-    from runops.kit.logging import configure_logging
-    from runops.localstack import LocalStack, printing_progress
-
-    configure_logging("warning", "console")
-    say = printing_progress("bench")
-    with LocalStack(None, progress=say) as stack:
-        result = asyncio.run(
-            run(
-                stack, small=args.small, large_c1=args.large_c1, large_c10=args.large_c10,
-                big=args.big, progress=say,
-            )
-        )  # fmt: skip
+    sizes = {name: getattr(args, name) for name in DEFAULTS}
+    result = program.on_local_stack(lambda stack, say: run(stack, **sizes, progress=say))
     print(result.report(), "", table(result.rows()), sep="\n", flush=True)
 
 

@@ -9,7 +9,7 @@ Every service runs as its own OS process: control plane, run store, the mollifie
 `mollifier_enabled` through the control plane's admin `SetOrganizationFlags`. Phases, in order:
 
   floor         N `runs` rows (~256 B payloads), asyncpg, unnest INSERT ... ON CONFLICT, 1000 rows
-                a statement, 2 in flight, on the run-ops writer (`floors.insert(batch_id=None)`),
+                a statement, 2 in flight, on the run-ops writer (`floors.measure(batch_id=None)`),
                 in a load-generator subprocess
   burst         a load-generator subprocess: C callers on K grpc.aio channels (kit channels,
                 internal token) send N `Trigger`s at the environment as fast as answered; the
@@ -28,7 +28,6 @@ those N ids (no loss, no duplicates). See shared/runops/bench/README.md and docs
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import secrets
@@ -39,9 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from runops.bench import floors
-from runops.bench.report import Row, cpu_seconds, durability, table
-from runops.bench.services import Suite, in_subprocess, pid_of, running_suite, worker_main
+from runops.bench import floors, program
+from runops.bench.loadgen import in_subprocess, percentile, worker_main
+from runops.bench.proc import cpu_seconds
+from runops.bench.report import Row, durability, settings, table
+from runops.bench.services import Suite, pid_of, running_suite
 
 if TYPE_CHECKING:
     from runops.localstack import LocalStack
@@ -50,18 +51,11 @@ Progress = Callable[[str], None]
 MODULE = "runops.bench.mollifier"
 BENCHMARK = "mollifier"
 PAYLOAD_BYTES = 256
-FLOOR_CHUNK, FLOOR_IN_FLIGHT = 1000, 2
 POLL_SECONDS = 0.02
 DRAIN_LIMIT_SECONDS = 300.0  # liveness: the whole backlog must land within this
 
 
 # -- the load generator ------------------------------------------------------------------------
-
-
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return 0.0
-    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
 
 
 async def _burst_work(spec: dict[str, Any]) -> dict[str, Any]:
@@ -116,22 +110,9 @@ async def _burst_work(spec: dict[str, Any]) -> dict[str, Any]:
         "ids": ids,
         "buffered": buffered,
         "errors": errors,
-        "p50": _percentile(latencies, 0.50),
-        "p99": _percentile(latencies, 0.99),
+        "p50": percentile(latencies, 0.50),
+        "p99": percentile(latencies, 0.99),
     }
-
-
-async def _floor_work(spec: dict[str, Any]) -> dict[str, Any]:
-    seconds = await floors.insert(
-        spec["dsn"], method="unnest", rows=int(spec["rows"]), chunk=FLOOR_CHUNK,
-        in_flight=FLOOR_IN_FLIGHT, payload_bytes=PAYLOAD_BYTES,
-        environment_id=spec["environment_id"], batch_id=None,
-    )  # fmt: skip
-    return {"seconds": seconds}
-
-
-async def _work(spec: dict[str, Any]) -> dict[str, Any]:
-    return await (_floor_work(spec) if spec["kind"] == "floor" else _burst_work(spec))
 
 
 # -- the bench side ----------------------------------------------------------------------------
@@ -185,8 +166,7 @@ class MollifierResult:
         straight = self.triggers - self.buffered
         return "\n".join(
             [
-                f"mollifier burst, {self.cpus} CPUs, Postgres: "
-                + ", ".join(f"{k}={v}" for k, v in self.durability.items()),
+                f"mollifier burst, {self.cpus} CPUs, Postgres: " + settings(self.durability),
                 f"  burst: {self.triggers:,} triggers from {self.callers} callers on"
                 f" {self.channels} channels in {self.burst_seconds:.2f}s ="
                 f" {self.accepted_rate:,.0f}/s accepted; latency p50 {self.p50_ms:.1f} ms,"
@@ -198,8 +178,8 @@ class MollifierResult:
                 f" {self.drain_rate:,.0f} runs/s (from the last poll before the first drained run"
                 f" to the last; from the drainer's start {self.drain_total_seconds:.2f}s); CPU (cores) drainer"
                 f" {self.drainer_cores:.2f}, run store {self.runstore_cores:.2f}",
-                f"  floor: unnest INSERT of {self.triggers:,} runs ({FLOOR_CHUNK} a statement,"
-                f" {FLOOR_IN_FLIGHT} in flight) {self.floor_rate:,.0f} runs/s -> drain"
+                f"  floor: unnest INSERT of {self.triggers:,} runs ({floors.CHUNK} a statement,"
+                f" {floors.IN_FLIGHT} in flight) {self.floor_rate:,.0f} runs/s -> drain"
                 f" {self.drain_rate / self.floor_rate:.0%} of the floor (target >= 50%)",
                 f"  checked: every trigger answered with a distinct run id; Postgres holds exactly"
                 f" those {self.triggers:,} runs",
@@ -277,12 +257,10 @@ async def measure(
     say = progress
     stack = suite.stack
     await _set_flag(suite)
-    floor_env = f"{suite.environment_id}_floor"
-    floor_spec = {
-        "kind": "floor", "dsn": stack.runops_db.writer_dsn, "rows": triggers,
-        "environment_id": floor_env,
-    }  # fmt: skip
-    floor_seconds = float((await in_subprocess(MODULE, floor_spec))["seconds"])
+    floor_seconds = await floors.measure(
+        stack.runops_db.writer_dsn, method="unnest", rows=triggers, payload_bytes=PAYLOAD_BYTES,
+        environment_id=f"{suite.environment_id}_floor", batch_id=None,
+    )  # fmt: skip
     say(f"floor unnest INSERT: {triggers / floor_seconds:,.0f} runs/s")
 
     conns = [await asyncpg.connect(db.admin_writer_dsn)
@@ -300,7 +278,7 @@ async def measure(
             if await counter.count():
                 raise RuntimeError("the environment already has runs")
             spec = {
-                "kind": "burst", "target": svc.target, "token": suite.internal_token,
+                "target": svc.target, "token": suite.internal_token,
                 "environment_id": suite.environment_id, "triggers": triggers,
                 "callers": callers, "channels": channels,
             }  # fmt: skip
@@ -395,30 +373,19 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = program.parser(MODULE, __doc__)
     add = parser.add_argument
     add("--triggers", type=int, default=DEFAULTS["triggers"], help="triggers in the burst")
     add("--callers", type=int, default=DEFAULTS["callers"], help="concurrent callers")
     add("--channels", type=int, default=DEFAULTS["channels"], help="gRPC channels they share")
-    add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
-        worker_main(_work)
+        worker_main(_burst_work)
         return
     if min(args.triggers, args.callers, args.channels) < 1:
         parser.error("sizes must be >= 1")
-    from runops.kit.logging import configure_logging
-    from runops.localstack import LocalStack, printing_progress
-
-    configure_logging("warning", "console")
-    say = printing_progress("bench")
-    with LocalStack(None, progress=say) as stack:
-        result = asyncio.run(
-            run(stack, triggers=args.triggers, callers=args.callers, channels=args.channels,
-                progress=say)
-        )  # fmt: skip
+    sizes = {name: getattr(args, name) for name in DEFAULTS}
+    result = program.on_local_stack(lambda stack, say: run(stack, **sizes, progress=say))
     print(result.report(), "", table(result.rows()), sep="\n", flush=True)
 
 

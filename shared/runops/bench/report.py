@@ -3,7 +3,7 @@ benchmark, figure, raw floor, ratio, target, met or not."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -84,6 +84,16 @@ def table(rows: Sequence[Row]) -> str:
     )
 
 
+def settings(values: Mapping[str, str]) -> str:
+    """Settings as the reports print them: `name=value, ...`."""
+    return ", ".join(f"{name}={value}" for name, value in values.items())
+
+
+def cores(value: float | None) -> str:
+    """A CPU figure in cores for a report's column ("-": not measurable here)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 async def durability(dsn: str) -> dict[str, str]:
     """The durability settings of the server behind `dsn`, as SHOW prints them."""
     conn = await asyncpg.connect(dsn)
@@ -91,38 +101,3 @@ async def durability(dsn: str) -> dict[str, str]:
         return {name: str(await conn.fetchval(f"SHOW {name}")) for name in DURABILITY_SETTINGS}
     finally:
         await conn.close()
-
-
-def status_kib(pid: int, key: str) -> int | None:
-    """A `VmRSS` / `VmHWM` line of /proc/<pid>/status, in KiB (None once the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset the process's VmHWM to its current RSS (Linux: "5" to /proc/<pid>/clear_refs), so a
-    later VmHWM is the peak of what came after. False when not permitted."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (0.0 once it is gone)."""
-    import os
-
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

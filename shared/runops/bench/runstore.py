@@ -32,36 +32,34 @@ See shared/runops/bench/README.md for the figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import itertools
-import json
 import os
 import secrets
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
-import grpc
 from google.protobuf import timestamp_pb2
 
-from runops.bench.controlplane import (
-    _cpu_seconds,
-    _local_postmaster,
-    _machine_jiffies,
-    _percentile,
-    _process_tree_cpu,
-    warmup_for,
+from runops.bench import loadgen, proc, program
+from runops.bench.floors import (
+    MAX_ATTEMPTS,
+    ORG,
+    PAYLOAD_TYPE,
+    PROJECT,
+    QUEUE,
+    TASK,
+    Method,
+    write_items,
+    write_runs,
 )
-from runops.bench.loadgen import drive
-from runops.kit.errors import RunopsError
+from runops.bench.report import cores, durability, settings
 from runops.kit.ids import Residency, mint_body
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
@@ -70,7 +68,6 @@ if TYPE_CHECKING:
     from runops.localstack import LocalStack
 
 Progress = Callable[[str], None]
-Mark = Callable[[str], Awaitable[None]]
 Kind = Literal[
     "get_run",
     "pg_get_run",
@@ -84,71 +81,33 @@ Kind = Literal[
 ]
 
 MODULE = "runops.bench.runstore"
-PROGRESS_EVERY_SECONDS = 2.0
-ORG, PROJECT = "org_bench", "proj_bench"
-# Small items (spec §7: <= 1 KiB, no offload): what the routed and the raw paths both write.
-TASK = "bench/send-email"
-QUEUE = "task/bench/send-email"
-PAYLOAD_TYPE = "application/json"
-MAX_ATTEMPTS = 3
 # Batches the timed accept phases write into (indexes never collide across chunks).
 BIG_RUN_COUNT = 1_000_000
+# The command line's sizes, as `run` takes them.
+SIZES = (
+    "seconds", "concurrency", "write_concurrency", "chunk", "runs", "batch_items", "batch_chunk",
+)  # fmt: skip
 # The 100,000-item batch: a hole every HOLE_EVERY indexes, each chunk resends DUPLICATES indexes
 # of the chunk before it, pages of PAGE_SIZE runs.
 HOLE_EVERY = 997
 DUPLICATES = 10
 PAGE_SIZE = 1000
-# The floors write the columns a benchmark run has a value for; the rest take their defaults,
-# which are the values the service writes for them (no tags, options {}, ...).
-RUN_FLOOR_COLUMNS = (
-    "id", "environment_id", "organization_id", "project_id", "task_identifier", "status",
-    "payload", "payload_type", "queue", "max_attempts", "created_at", "updated_at",
-)  # fmt: skip
-ITEM_RUN_FLOOR_COLUMNS = (*RUN_FLOOR_COLUMNS, "batch_id", "batch_index")
-ITEM_FLOOR_COLUMNS = ("batch_id", "index", "run_id")
-INSERT_RUNS_FLOOR = """
-INSERT INTO runs (id, environment_id, organization_id, project_id, task_identifier, status,
-    payload, payload_type, queue, max_attempts, created_at, updated_at)
-SELECT r.id, $2, $3, $4, $5, 'PENDING', r.payload, $6, $7, $8, r.created_at, now()
-FROM unnest($1::text[], $9::bytea[], $10::timestamptz[]) AS r(id, payload, created_at)
-ON CONFLICT DO NOTHING
-"""
-INSERT_ITEMS_FLOOR = """
-WITH items AS (
-    INSERT INTO batch_items (batch_id, index, run_id)
-    SELECT $1, i.index, i.id FROM unnest($2::int[], $3::text[]) AS i(index, id)
-    ON CONFLICT (batch_id, index) DO NOTHING
-    RETURNING index, run_id
-)
-INSERT INTO runs (id, environment_id, organization_id, project_id, task_identifier, status,
-    payload, payload_type, queue, max_attempts, created_at, updated_at, batch_id, batch_index)
-SELECT i.run_id, $4, $5, $6, $7, 'PENDING', r.payload, $8, $9, $10, now(), now(), $1, i.index
-FROM items i JOIN unnest($2::int[], $11::bytea[]) AS r(index, payload) USING (index)
-ON CONFLICT DO NOTHING
-"""
-DURABILITY_SETTINGS = ("synchronous_commit", "fsync", "full_page_writes", "wal_level")
 
 
 def payload(i: int) -> bytes:
+    """A small item's payload (spec §7: <= 1 KiB, no offload), what the routed and the raw paths
+    both write (with the floors' organization, project, task, queue and payload type)."""
     return b'{"to":"user-%d@example.com","template":"welcome","locale":"en"}' % i
-
-
-class Mismatch(Exception):
-    """An answer that is not what the call should have produced (counted as an error)."""
 
 
 # -- the load generator (a subprocess) ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class LoadSpec:
-    """One load-generator run; travels as JSON on the subprocess's stdin."""
+class LoadSpec(loadgen.Spec):
+    """One run of this benchmark's load generator."""
 
     kind: Kind
-    label: str
-    seconds: float
-    warmup: float
-    concurrency: int
     environment_id: str
     chunk: int = 1  # rows a call (writes)
     target: str = ""  # grpc
@@ -158,32 +117,6 @@ class LoadSpec:
     batch_id: str = ""  # body (accept phases)
     items: int = 0  # the large batch's run_count
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> LoadSpec:
-        raw = json.loads(text)
-        raw["run_ids"] = tuple(raw["run_ids"])
-        return cls(**raw)
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    rows: int  # rows written (reads: 1 a call) by calls that ended inside the measured window
-    calls: int
-    seconds: float
-    errors: dict[str, int]  # failed calls by kind, warm-up included
-    p50_ms: float
-    p99_ms: float
-    cpu_seconds: float  # the load generator's CPU over the measured window
-    pid: int
-    figures: dict[str, float] = field(default_factory=dict)  # the large batch's
-
-
-Call = Callable[[int], Awaitable[int]]
-Close = Callable[[], Awaitable[None]]
-
 
 def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
@@ -191,7 +124,7 @@ def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-async def _get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _get_run_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     client = RunStoreClient(spec.target, token=spec.token)
     friendly = [f"run_{body}" for body in spec.run_ids]
 
@@ -199,7 +132,7 @@ async def _get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
         k = n % len(friendly)
         run = await client.get_run(environment_id=spec.environment_id, run_id=friendly[k])
         if run is None or run.id != spec.run_ids[k]:
-            raise Mismatch("wrong or missing run")
+            raise loadgen.Mismatch("wrong or missing run")
         return 1
 
     return call, client.close
@@ -209,7 +142,7 @@ async def _pool(spec: LoadSpec) -> asyncpg.Pool:
     return await asyncpg.create_pool(spec.dsn, min_size=spec.concurrency, max_size=spec.concurrency)
 
 
-async def _pg_get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _pg_get_run_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     from services.runstore.sql import SELECT_RUN
 
     pool = await _pool(spec)
@@ -218,39 +151,21 @@ async def _pg_get_run_caller(spec: LoadSpec) -> tuple[Call, Close]:
         body = spec.run_ids[n % len(spec.run_ids)]
         row = await pool.fetchrow(SELECT_RUN, body, spec.environment_id)
         if row is None or row["id"] != body:
-            raise Mismatch("wrong or missing run")
+            raise loadgen.Mismatch("wrong or missing run")
         return 1
 
     return call, pool.close
-
-
-def _run_record(id_: str, env: str, body: bytes, now: datetime) -> tuple[object, ...]:
-    """A run's RUN_FLOOR_COLUMNS values (COPY)."""
-    return (
-        id_,
-        env,
-        ORG,
-        PROJECT,
-        TASK,
-        "PENDING",
-        body,
-        PAYLOAD_TYPE,
-        QUEUE,
-        MAX_ATTEMPTS,
-        now,
-        now,
-    )
 
 
 def _count(status: str, expected: int) -> int:
     """Rows in an "INSERT 0 N" / "COPY N" status, which must be `expected`."""
     written = int(status.rsplit(" ", 1)[-1])
     if written != expected:
-        raise Mismatch(f"wrote {written} rows, not {expected}")
+        raise loadgen.Mismatch(f"wrote {written} rows, not {expected}")
     return written
 
 
-async def _create_runs_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _create_runs_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     client = RunStoreClient(spec.target, token=spec.token)
 
     async def call(n: int) -> int:
@@ -273,36 +188,28 @@ async def _create_runs_caller(spec: LoadSpec) -> tuple[Call, Close]:
         results = await client.create_runs(runs)
         fresh = sum(1 for r in results if r.HasField("run") and not r.is_cached)
         if fresh != spec.chunk:
-            raise Mismatch(f"created {fresh} runs of {spec.chunk}")
+            raise loadgen.Mismatch(f"created {fresh} runs of {spec.chunk}")
         return fresh
 
     return call, client.close
 
 
-async def _pg_runs_caller(spec: LoadSpec, *, copy: bool) -> tuple[Call, Close]:
+async def _pg_runs_caller(spec: LoadSpec, method: Method) -> tuple[loadgen.Call, loadgen.Close]:
     pool = await _pool(spec)
 
     async def call(n: int) -> int:
-        now = datetime.now(UTC)
+        created_at = [datetime.now(UTC)] * spec.chunk if method == "unnest" else None
         ids = [mint_body(Residency.NEW) for _ in range(spec.chunk)]
         payloads = [payload(n * spec.chunk + i) for i in range(spec.chunk)]
-        env = spec.environment_id
-        if copy:
-            records = [_run_record(id_, env, p, now) for id_, p in zip(ids, payloads, strict=True)]
-            status = await pool.copy_records_to_table(
-                "runs", records=records, columns=RUN_FLOOR_COLUMNS
-            )
-        else:
-            status = await pool.execute(
-                INSERT_RUNS_FLOOR, ids, env, ORG, PROJECT, TASK, PAYLOAD_TYPE, QUEUE,
-                MAX_ATTEMPTS, payloads, [now] * spec.chunk,
-            )  # fmt: skip
+        status = await write_runs(
+            pool, method, spec.environment_id, ids, payloads, created_at=created_at
+        )
         return _count(status, spec.chunk)
 
     return call, pool.close
 
 
-async def _accept_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _accept_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     client = RunStoreClient(spec.target, token=spec.token)
     batch = f"batch_{spec.batch_id}"
 
@@ -315,7 +222,7 @@ async def _accept_caller(spec: LoadSpec) -> tuple[Call, Close]:
         )
         fresh = sum(1 for item in reply.items if not item.duplicate)
         if fresh != spec.chunk:
-            raise Mismatch(f"accepted {fresh} new items of {spec.chunk}")
+            raise loadgen.Mismatch(f"accepted {fresh} new items of {spec.chunk}")
         return fresh
 
     return call, client.close
@@ -337,41 +244,22 @@ def _items(indexes: range | list[int]) -> list[rs.BatchItemInput]:
     ]
 
 
-async def _pg_items_caller(spec: LoadSpec, *, copy: bool) -> tuple[Call, Close]:
+async def _pg_items_caller(spec: LoadSpec, method: Method) -> tuple[loadgen.Call, loadgen.Close]:
     pool = await _pool(spec)
 
     async def call(n: int) -> int:
         indexes = list(range(n * spec.chunk, (n + 1) * spec.chunk))
         ids = [mint_body(Residency.NEW) for _ in indexes]
         payloads = [payload(i) for i in indexes]
-        env, batch = spec.environment_id, spec.batch_id
-        if not copy:
-            status = await pool.execute(
-                INSERT_ITEMS_FLOOR, batch, indexes, ids, env, ORG, PROJECT, TASK, PAYLOAD_TYPE,
-                QUEUE, MAX_ATTEMPTS, payloads,
-            )  # fmt: skip
-            return _count(status, spec.chunk)
-        now = datetime.now(UTC)
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.copy_records_to_table(
-                "batch_items",
-                records=[(batch, i, id_) for i, id_ in zip(indexes, ids, strict=True)],
-                columns=ITEM_FLOOR_COLUMNS,
-            )
-            status = await conn.copy_records_to_table(
-                "runs",
-                records=[
-                    (*_run_record(id_, env, p, now), batch, i)
-                    for i, id_, p in zip(indexes, ids, payloads, strict=True)
-                ],
-                columns=ITEM_RUN_FLOOR_COLUMNS,
-            )
+        status = await write_items(
+            pool, method, spec.batch_id, spec.environment_id, indexes, ids, payloads
+        )
         return _count(status, spec.chunk)
 
     return call, pool.close
 
 
-async def _make_caller(spec: LoadSpec) -> tuple[Call, Close]:
+async def _make_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
     match spec.kind:
         case "get_run":
             return await _get_run_caller(spec)
@@ -380,79 +268,21 @@ async def _make_caller(spec: LoadSpec) -> tuple[Call, Close]:
         case "create_runs":
             return await _create_runs_caller(spec)
         case "pg_insert_runs" | "pg_copy_runs":
-            return await _pg_runs_caller(spec, copy=spec.kind == "pg_copy_runs")
+            return await _pg_runs_caller(spec, "copy" if spec.kind == "pg_copy_runs" else "unnest")
         case "accept":
             return await _accept_caller(spec)
         case "pg_insert_items" | "pg_copy_items":
-            return await _pg_items_caller(spec, copy=spec.kind == "pg_copy_items")
+            return await _pg_items_caller(
+                spec, "copy" if spec.kind == "pg_copy_items" else "unnest"
+            )
     raise ValueError(f"no caller for {spec.kind}")
 
 
-async def generate(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadResult:
-    """C closed-loop callers, each call taking the next number (a run round-robin, or a fresh
-    chunk of indexes): `spec.warmup` seconds unmeasured, then `spec.seconds` measured, bracketed
-    by `await mark("start")` / `await mark("end")` (the callers keep going meanwhile)."""
+async def generate(spec: LoadSpec, mark: loadgen.Mark, progress: Progress) -> loadgen.LoadResult:
+    """C closed-loop callers (`loadgen.closed_loop`), each call taking the next number (a run
+    round-robin, or a fresh chunk of indexes)."""
     call, close = await _make_caller(spec)
-    turn = itertools.count()
-    latencies: list[int] = []
-    rows = 0
-    errors: Counter[str] = Counter()
-    window = [sys.maxsize, sys.maxsize]  # perf_counter_ns bounds of the measured window
-    stopped = False
-
-    async def caller() -> None:
-        nonlocal rows
-        while not stopped:
-            began = time.perf_counter_ns()
-            try:
-                written = await call(next(turn))
-            except grpc.aio.AioRpcError as exc:
-                errors[exc.code().name] += 1
-                continue
-            except (RunopsError, Mismatch, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                errors[type(exc).__name__] += 1
-                continue
-            ended = time.perf_counter_ns()
-            if window[0] <= ended <= window[1]:
-                latencies.append(ended - began)
-                rows += written
-
-    tasks = [asyncio.create_task(caller()) for _ in range(spec.concurrency)]
-    try:
-        await asyncio.sleep(spec.warmup)
-        await mark("start")
-        cpu_before = _cpu_seconds()
-        start = time.perf_counter_ns()
-        window[:] = [start, start + int(spec.seconds * 1e9)]
-        while (left := (window[1] - time.perf_counter_ns()) / 1e9) > 0:
-            await asyncio.sleep(min(PROGRESS_EVERY_SECONDS, left))
-            elapsed = (time.perf_counter_ns() - start) / 1e9
-            if elapsed < spec.seconds - 0.01:
-                progress(
-                    f"{spec.label}: {rows:,} rows in {elapsed:.0f}s ({rows / elapsed:,.0f}/s),"
-                    f" {sum(errors.values())} errors"
-                )
-        cpu_seconds = _cpu_seconds() - cpu_before
-        await mark("end")
-        stopped = True
-        await asyncio.gather(*tasks)
-    finally:
-        stopped = True
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await close()
-    latencies.sort()
-    return LoadResult(
-        rows=rows,
-        calls=len(latencies),
-        seconds=(window[1] - window[0]) / 1e9,
-        errors=dict(errors),
-        p50_ms=_percentile(latencies, 0.50),
-        p99_ms=_percentile(latencies, 0.99),
-        cpu_seconds=cpu_seconds,
-        pid=os.getpid(),
-    )
+    return await loadgen.closed_loop(spec, call, close, mark, progress)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -466,7 +296,7 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadResult:
+async def large_batch(spec: LoadSpec, mark: loadgen.Mark, progress: Progress) -> loadgen.LoadResult:
     """One batch of `spec.items` through gRPC (see the module's docstring); every answer is
     checked, and any mismatch fails the run. `mark("tenth")` / `mark("all")` / `mark("listed")`
     let the bench sample the service's RSS."""
@@ -491,7 +321,7 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
                     environment_id=env, batch_id=batch, items=_items(indexes)
                 )
             if len(reply.items) != len(indexes):
-                raise Mismatch(f"{len(reply.items)} answers for {len(indexes)} items")
+                raise loadgen.Mismatch(f"{len(reply.items)} answers for {len(indexes)} items")
             sent["new"] += sum(1 for item in reply.items if not item.duplicate)
             sent["duplicate"] += sum(1 for item in reply.items if item.duplicate)
 
@@ -512,12 +342,12 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
             missing = await client.missing_ranges(environment_id=env, batch_id=batch)
             took = time.perf_counter() - began
             if missing.ranges != expected or missing.truncated:
-                raise Mismatch(
+                raise loadgen.Mismatch(
                     f"missing ranges {missing.ranges[:5]}... ({len(missing.ranges)}, truncated"
                     f" {missing.truncated}), expected {expected[:5]}... ({len(expected)})"
                 )
             if missing.accepted_count != accepted or missing.run_count != n:
-                raise Mismatch(f"accepted {missing.accepted_count}, expected {accepted}")
+                raise loadgen.Mismatch(f"accepted {missing.accepted_count}, expected {accepted}")
             return took
 
         tenth, half = n // 10, n // 2
@@ -546,14 +376,14 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
         figures["missing_after_refill_ms"] = 1e3 * await check_missing([], n)
         figures["duplicates"] = sent["duplicate"]
         if sent["new"] != n:
-            raise Mismatch(f"{sent['new']} items accepted as new, expected {n}")
+            raise loadgen.Mismatch(f"{sent['new']} items accepted as new, expected {n}")
         await mark("all")
 
         began = time.perf_counter()
         sealed = await client.seal_batch(environment_id=env, batch_id=batch)
         figures["seal_ms"] = 1e3 * (time.perf_counter() - began)
         if sealed.outcome != rs.SEAL_BATCH_OUTCOME_SEALED:
-            raise Mismatch(f"seal answered {rs.SealBatchOutcome.Name(sealed.outcome)}")
+            raise loadgen.Mismatch(f"seal answered {rs.SealBatchOutcome.Name(sealed.outcome)}")
 
         began = time.perf_counter()
         seen = bytearray(n)
@@ -565,7 +395,9 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
             pages += 1
             for run in runs:
                 if run.batch_id != batch or seen[run.batch_index]:
-                    raise Mismatch(f"index {run.batch_index} listed twice or of another batch")
+                    raise loadgen.Mismatch(
+                        f"index {run.batch_index} listed twice or of another batch"
+                    )
                 seen[run.batch_index] = 1
             if pages % 20 == 0:
                 progress(f"{spec.label}: listed {pages} pages")
@@ -575,11 +407,11 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
         figures["pages"] = pages
         figures["listed"] = sum(seen)
         if figures["listed"] != n:
-            raise Mismatch(f"listed {figures['listed']:,} runs, expected {n:,}")
+            raise loadgen.Mismatch(f"listed {figures['listed']:,} runs, expected {n:,}")
         await mark("listed")
     finally:
         await client.close()
-    return LoadResult(
+    return loadgen.LoadResult(
         rows=n,
         calls=0,
         seconds=figures.get("accept_seconds", 0.0),
@@ -592,24 +424,10 @@ async def large_batch(spec: LoadSpec, mark: Mark, progress: Progress) -> LoadRes
     )
 
 
-def _loadgen_main() -> None:
-    """The subprocess: the spec as a line on stdin; JSON lines on stdout: each mark, which
-    waits for a line on stdin (the bench has sampled the servers), then the result."""
-    spec = LoadSpec.from_json(sys.stdin.readline())
-
-    async def mark(event: str) -> None:
-        print(json.dumps({"event": event}), flush=True)
-        await asyncio.to_thread(sys.stdin.readline)
-
-    started = time.monotonic()
-
-    def progress(line: str) -> None:
-        elapsed = time.monotonic() - started
-        print(f"[loadgen pid {os.getpid()} +{elapsed:4.1f}s] {line}", file=sys.stderr, flush=True)
-
+async def _work(spec_json: str, mark: loadgen.Mark, progress: Progress) -> dict[str, Any]:
+    spec = LoadSpec.from_json(spec_json)
     run = large_batch if spec.kind == "large_batch" else generate
-    result = asyncio.run(run(spec, mark, progress))
-    print(json.dumps({"event": "result", "result": asdict(result)}), flush=True)
+    return asdict(await run(spec, mark, progress))
 
 
 # -- the bench process: servers, samples at each mark ---------------------------------------------
@@ -637,39 +455,26 @@ class _Sample:
     hwm_kib: int | None
 
 
-def _status_kib(pid: int | None, key: str) -> int | None:
-    """A `kB` line of /proc/<pid>/status (VmRSS, VmHWM), or None."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _sample(procs: Processes) -> _Sample:
     def cpu(pid: int | None) -> float | None:
-        return None if pid is None else _process_tree_cpu(pid)
+        return None if pid is None else proc.process_tree_cpu(pid)
 
     return _Sample(
         at=time.monotonic(),
-        own_cpu=_cpu_seconds(),
-        machine=_machine_jiffies(),
+        own_cpu=proc.own_cpu_seconds(),
+        machine=proc.machine_jiffies(),
         service_cpu=cpu(procs.service),
         writer_cpu=cpu(procs.writer),
         replica_cpu=cpu(procs.replica),
-        rss_kib=_status_kib(procs.service, "VmRSS"),
-        hwm_kib=_status_kib(procs.service, "VmHWM"),
+        rss_kib=proc.status_kib(procs.service, "VmRSS"),
+        hwm_kib=proc.status_kib(procs.service, "VmHWM"),
     )
 
 
-async def _in_subprocess(spec: LoadSpec, procs: Processes) -> tuple[LoadResult, dict[str, _Sample]]:
-    result, marks = await drive(MODULE, spec.to_json(), lambda: _sample(procs), spec.label)
-    return LoadResult(**result), marks
+async def _in_subprocess(
+    spec: LoadSpec, procs: Processes
+) -> tuple[loadgen.LoadResult, dict[str, _Sample]]:
+    return await loadgen.run_worker(MODULE, spec, lambda: _sample(procs))
 
 
 @dataclass(frozen=True)
@@ -716,10 +521,6 @@ async def _phase(spec: LoadSpec, unit: str, procs: Processes, progress: Progress
     result, marks = await _in_subprocess(spec, procs)
     start, end = marks["start"], marks["end"]
     seconds = result.seconds
-    machine = None
-    if start.machine is not None and end.machine is not None:
-        busy, total = (e - s for s, e in zip(start.machine, end.machine, strict=True))
-        machine = busy / total * (os.cpu_count() or 1) if total > 0 else None
     phase = Phase(
         name=spec.label,
         unit=unit,
@@ -733,7 +534,7 @@ async def _phase(spec: LoadSpec, unit: str, procs: Processes, progress: Progress
         loadgen_cores=result.cpu_seconds / seconds,
         writer_cores=_cores(start.writer_cpu, end.writer_cpu, seconds),
         replica_cores=_cores(start.replica_cpu, end.replica_cpu, seconds),
-        machine_cores=machine,
+        machine_cores=proc.machine_cores(start.machine, end.machine),
         bench_cores=(end.own_cpu - start.own_cpu) / seconds,
     )
     progress(f"{spec.label}: {phase.per_second:,.0f} {unit}/s, p50 {phase.p50_ms:.2f} ms")
@@ -811,9 +612,6 @@ class BenchResult:
         return self.accept.per_second / self.floor_insert_items.per_second
 
     def report(self) -> str:
-        def cores(value: float | None) -> str:
-            return "-" if value is None else f"{value:.2f}"
-
         def verdict(ok: bool) -> str:
             return "meets" if ok else "MISSES"
 
@@ -823,7 +621,7 @@ class BenchResult:
             f" {self.runs:,} runs; writes: {self.write_concurrency} in flight, {self.chunk:,} rows"
             " a call; every client in its own load-generator process",
             "durability (run-ops writer): "
-            + ", ".join(f"{k}={v}" for k, v in self.durability.items())
+            + settings(self.durability)
             + " -- commits do not wait for a WAL flush; the writes' figures (and the floors')"
             " are higher than on a durable server",
             "",
@@ -891,14 +689,6 @@ class Service:
     pid: int | None
 
 
-async def _durability(dsn: str) -> dict[str, str]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return {name: str(await conn.fetchval(f"SHOW {name}")) for name in DURABILITY_SETTINGS}
-    finally:
-        await conn.close()
-
-
 async def _seed(client: RunStoreClient, env: str, runs: int) -> list[str]:
     bodies: list[str] = []
     for first in range(0, runs, 1000):
@@ -933,10 +723,12 @@ async def measure(
     progress: Progress,
 ) -> BenchResult:
     db = stack.runops_db
-    warmup = warmup_for(seconds)
+    warmup = loadgen.warmup_for(seconds)
     env = "env_" + mint_body(Residency.NEW)
     procs = Processes(
-        service.pid, await _local_postmaster(db.writer_dsn), await _local_postmaster(db.replica_dsn)
+        service.pid,
+        await proc.local_postmaster(db.writer_dsn),
+        await proc.local_postmaster(db.replica_dsn),
     )
     async with RunStoreClient(service.target, token=service.token) as client:
         progress(f"seeding {runs:,} runs and 3 batches through the service")
@@ -953,7 +745,7 @@ async def measure(
             )
             batches.append(created.batch.id)
     await db.wait_for_replica()
-    durability = await _durability(db.writer_dsn)
+    settings = await durability(db.writer_dsn)
 
     def spec(kind: Kind, label: str, **fields: Any) -> LoadSpec:
         return LoadSpec(
@@ -1029,7 +821,7 @@ async def measure(
         chunk=chunk,
         runs=runs,
         cpus=os.cpu_count() or 1,
-        durability=durability,
+        durability=settings,
         service_pid=service.pid,
         floor_read=floor_read,
         get_run=get_run,
@@ -1092,9 +884,7 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = program.parser(MODULE, __doc__)
     add = parser.add_argument
     add("--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)")
     add("--concurrency", type=int, default=16, help="concurrent readers (default 16)")
@@ -1109,10 +899,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("controlplane-db", "runops-db"):
         for role in ("writer", "replica"):
             add(f"--{name}-{role}", help=f"use this {name.replace('-', ' ')} {role} (a DSN)")
-    add("--loadgen-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen_worker:
-        _loadgen_main()
+        loadgen.worker(_work)
         return
     if min(args.seconds, args.concurrency, args.write_concurrency, args.chunk, args.runs) <= 0:
         parser.error("--seconds, --concurrency, --write-concurrency, --chunk, --runs must be > 0")
@@ -1120,8 +909,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--chunk and --batch-chunk must be 1 to 10000 (the service's limit)")
     if not 100 <= args.batch_items <= BIG_RUN_COUNT:
         parser.error(f"--batch-items must be 100 to {BIG_RUN_COUNT}")
-    from runops.kit.logging import configure_logging
-    from runops.localstack import ExternalServers, LocalStack, printing_progress
+    from runops.localstack import ExternalServers
 
     external = ExternalServers(
         controlplane_db_writer=args.controlplane_db_writer,
@@ -1130,24 +918,10 @@ def main(argv: list[str] | None = None) -> None:
         runops_db_replica=args.runops_db_replica,
     )
     service = None if args.target is None else Service(args.target, args.token, args.service_pid)
-    configure_logging("warning", "console")
-    say = printing_progress("bench")
-    with LocalStack(None, external=external, progress=say) as stack:
-        result = asyncio.run(
-            run(
-                stack,
-                seconds=args.seconds,
-                concurrency=args.concurrency,
-                write_concurrency=args.write_concurrency,
-                chunk=args.chunk,
-                runs=args.runs,
-                batch_items=args.batch_items,
-                batch_chunk=args.batch_chunk,
-                service=service,
-                progress=say,
-            )
-        )
-    # After the stack stopped: the figures are the last thing printed.
+    sizes = {name: getattr(args, name) for name in SIZES}
+    result = program.on_local_stack(
+        lambda stack, say: run(stack, **sizes, service=service, progress=say), external=external
+    )
     print(result.report(), flush=True)
 
 

@@ -1,21 +1,16 @@
 """The suite's services as OS processes for a benchmark (`python -m services.<name>`, as `runops
-up` runs them), a seeded environment with its API key, and load-generator subprocesses (spec on
-stdin as JSON, the result as one JSON line on stdout)."""
+up` runs them), and a seeded environment with its API key."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import secrets
-import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from runops.bench.loadgen import start_worker
 from runops.localstack.ports import free_port
 from runops.localstack.services import ServiceProcess, targets_env
 from runops.localstack.settings import process_env
@@ -100,21 +95,3 @@ async def running_suite(stack: LocalStack, progress: Progress) -> AsyncIterator[
         environment, suite.api_key = seeded.environments[0]
         suite.environment_id, suite.organization_id = environment.id, seeded.organization.id
         yield suite
-
-
-async def in_subprocess(module: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Run `python -m <module> --loadgen-worker` with `spec` on its stdin; its last stdout line
-    is the JSON result."""
-    proc = await start_worker(module)
-    out, _ = await proc.communicate(json.dumps(spec).encode())
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator {module} exited with {proc.returncode}")
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return result
-
-
-def worker_main(work: Callable[[dict[str, Any]], Any]) -> None:
-    """The load generator's side: spec from stdin, `await work(spec)`, the result on stdout."""
-    spec = json.loads(sys.stdin.read())
-    result = asyncio.run(work(spec))
-    print(json.dumps(result), flush=True)

@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def durability_lines(durability: dict[str, str], durable: bool) -> list[str]:
-    postgres = ", ".join(f"{k}={v}" for k, v in durability.items())
+    from runops.bench.report import settings
+
+    postgres = settings(durability)
     mode = "--durable (production settings)" if durable else "local-stack defaults (fast)"
     return [
         f"durability: {mode}",
