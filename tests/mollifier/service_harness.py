@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.ids import body_of
 from runops.localstack import LocalStack
@@ -78,9 +79,15 @@ def stub(target: str, token: str | None = INTERNAL_TOKEN) -> Stub:
     return stub_on(m_grpc.MollifierServiceStub, target, token)
 
 
-async def seeded_env(control_plane_target: str, *, enabled: bool, shadow: bool = False) -> Seeded:
+async def seeded_env(
+    control_plane_target: str,
+    *,
+    enabled: bool,
+    shadow: bool = False,
+    env_type: common_pb2.EnvironmentType.ValueType = common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT,
+) -> Seeded:
     admin = cp_stub(control_plane_target, ADMIN_TOKEN)
-    seeded = await seed(admin)
+    seeded = await seed(admin, env_type)
     await admin.SetOrganizationFlags(
         cp.SetOrganizationFlagsRequest(
             organization_id=seeded.org_id,
