@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from runops.common.v1 import common_pb2
+from runops.controlplane.defaults import TaskDefaults
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
@@ -51,6 +52,7 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         run_store: RunStoreClient,
         offloader: Offloader,
         keyed: KeyedItems,
+        defaults: TaskDefaults,
         bucket: TokenBucket | None,
         limits: Limits,
         max_run_count: int,
@@ -60,6 +62,7 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         self._run_store = run_store
         self._offloader = offloader
         self._keyed = keyed
+        self._defaults = defaults
         self._bucket = bucket
         self._limits = limits
         self._max_run_count = max_run_count
@@ -120,6 +123,7 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
             run_store=self._run_store,
             offloader=self._offloader,
             keyed=self._keyed,
+            defaults=self._defaults,
             limits=self._limits,
         )
         verdict = batch_verdict(batch)

@@ -4,7 +4,8 @@
 RUNOPS_MAX_CHUNK_ITEMS and runs each through `Pipeline` (at most RUNOPS_INGEST_CONCURRENCY in
 flight, pulled lazily). A unit: check every item (an out-of-range index fails the stream naming
 it; nothing of that unit is written, what earlier units accepted stays), pre-fail oversized
-payloads (PAYLOAD_TOO_LARGE), link keyed items that resolve to an existing run, offload large
+payloads (PAYLOAD_TOO_LARGE), fill task defaults (one cached worker resolution per unit,
+`runops.controlplane.defaults`), link keyed items that resolve to an existing run, offload large
 payloads, then one `AcceptBatchItems`. `settle()` ends it: seal, or the missing ranges, by the
 retry rule.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from runops.common.v1 import common_pb2
+from runops.controlplane.defaults import TaskDefaults
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.errors import Aborted, FailedPrecondition, InvalidArgument
 from runops.kit.limits import MAX_ITEMS_PER_CALL
@@ -56,6 +58,7 @@ class Phase2:
         run_store: RunStoreClient,
         offloader: Offloader,
         keyed: KeyedItems,
+        defaults: TaskDefaults,
         limits: Limits,
     ) -> None:
         self.batch = batch
@@ -63,6 +66,7 @@ class Phase2:
         self._run_store = run_store
         self._offloader = offloader
         self._keyed = keyed
+        self._defaults = defaults
         self._limits = limits
         self.pipeline: Pipeline[list[ing.BatchItem]] = Pipeline(limits.concurrency)
         self.pre_failed_count = 0
@@ -98,6 +102,7 @@ class Phase2:
                 ),
             )
         del items, checked
+        await self._defaults.fill(self.environment_id, [item.run for item in inputs.values()])
         claims = await self._keyed.resolve(self.environment_id, keyed) if keyed else None
         try:
             existing = dict(claims.existing) if claims is not None else {}
