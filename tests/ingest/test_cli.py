@@ -14,6 +14,7 @@ from runops.localstack.ports import free_port
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.ingest.app import Ingest
 from tests.controlplane.harness import Seeded
+from tests.harness import without_log_lines
 from tests.ingest.harness import Suite
 from tests.ingest.test_service import all_runs
 from tests.runstore.harness import stub as runstore_stub
@@ -29,11 +30,12 @@ async def test_stream_an_ndjson_file_then_watch(
     args = ["--target", ingest.app.target, "--api-key", seeded.api_key]
     code = await asyncio.to_thread(main, ["batch", "stream", str(path), *args])
     out = capsys.readouterr()
+    stdout = without_log_lines(out.out)
     assert code == 0, out.err
-    assert "sealed=True" in out.out
-    assert "accepted=250/250" in out.out
+    assert "sealed=True" in stdout
+    assert "accepted=250/250" in stdout
     assert "250/250 items" in out.err  # the progress line
-    batch_id = out.out.split()[1].rstrip(":")
+    batch_id = stdout.split()[1].rstrip(":")
     runs = await all_runs(suite, batch_id, seeded.env_id)
     assert [json.loads(r.payload) for r in runs] == [{"n": i} for i in range(250)]
 
@@ -47,7 +49,7 @@ async def test_stream_an_ndjson_file_then_watch(
             )
         )
     assert await asyncio.wait_for(watch, 30) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = without_log_lines(capsys.readouterr().out).splitlines()
     assert lines[-1].startswith(f"{batch_id} COMPLETED sealed=True accepted=250/250")
 
 
@@ -69,7 +71,7 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     """(exit code, stdout, stderr) of `runops ARGV`."""
     code = main(argv)
     captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return code, without_log_lines(captured.out), captured.err
 
 
 def _one_error_line(err: str) -> str:
@@ -170,7 +172,7 @@ async def test_stream_of_an_aborted_batch_exits_1_saying_why(
         code = await asyncio.to_thread(main, args)
         out = capsys.readouterr()
         assert code == 1
-        assert out.out == ""
+        assert without_log_lines(out.out) == ""
         errors = [line for line in out.err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, out.err
         assert errors[0].endswith("was aborted (every item failed); create a new batch")

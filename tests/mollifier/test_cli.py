@@ -18,6 +18,7 @@ from runops.localstack.settings import INTERNAL_TOKEN
 from runops.mollifier.v1 import mollifier_pb2 as m
 from services.mollifier.app import Mollifier
 from tests.controlplane.harness import Seeded
+from tests.harness import without_log_lines
 
 # Every trigger after the first is buffered, and stays there (no drainer).
 TRIPPED = {"gate_threshold": 1, "gate_hold_seconds": 600, "drainer_enabled": False}
@@ -37,11 +38,11 @@ def _no_ambient_connection(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `runops mollifier ARGV` (in a thread: it runs its own
-    event loop). What the in-process service logged before is dropped."""
+    event loop). What the in-process services log is left out."""
     capsys.readouterr()
     code = await asyncio.to_thread(main, ["mollifier", *argv])
     captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return code, without_log_lines(captured.out), captured.err
 
 
 def test_stats_table_lines_up_each_environment_and_a_total() -> None:
