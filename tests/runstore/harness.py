@@ -39,6 +39,7 @@ def settings_for(
         # The reaper runs often here, so a backdated batch is aborted within a test.
         "runstore_reaper_interval_seconds": 0.3,
         "runstore_reaper_lease_seconds": 5,
+        "runstore_expiry_interval_seconds": 0.3,
     }
     if new is not None:
         values["runops_db"] = database(new)
