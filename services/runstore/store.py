@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -105,27 +105,25 @@ class Database:
 class KeyLock:
     """Creates of some idempotency keys, serialized across both databases (`conn`: a
     transaction on the LEGACY writer holding an advisory lock per key until the creates have
-    committed; None: no lock needed). LEGACY work under the lock runs on that connection, one
-    statement at a time, so the holder never waits for a second LEGACY connection while holding
-    one (no pool deadlock under contention)."""
+    committed; None: no lock needed). LEGACY work under the lock runs on that connection (one
+    statement at a time: its holder does not use it concurrently), so the holder never waits
+    for a second LEGACY connection while holding one (no pool deadlock under contention)."""
 
     legacy: Database
     conn: DbConnection | None = None
-    mutex: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def read(
         self, db: Database, query: Callable[[DbConnection], Awaitable[T]], consistency: Consistency
     ) -> T:
         if self.conn is None or db is not self.legacy:
             return await db.read(query, consistency)
-        async with self.mutex:
-            return await query(self.conn)
+        return await query(self.conn)
 
     async def write(self, db: Database, statement: Callable[[DbConnection], Awaitable[T]]) -> T:
         """On LEGACY under the lock: inside its transaction (committed with it)."""
         if self.conn is None or db is not self.legacy:
             return await db.write(statement)
-        async with self.mutex, self.conn.transaction():
+        async with self.conn.transaction():
             return await statement(self.conn)
 
 
@@ -232,7 +230,14 @@ class RunStore:
 
         by_name = {db.name: db for db in self.databases}
         async with self.key_lock([key for key in keys if key is not None]) as lock:
-            await asyncio.gather(*(write(by_name[name], ks, lock) for name, ks in groups.items()))
+            writes = [write(by_name[name], ks, lock) for name, ks in groups.items()]
+            if lock.conn is None:
+                await asyncio.gather(*writes)
+            else:
+                # One database after the other: rows of one key in both see each other (the
+                # second checks after the first wrote).
+                for written in writes:
+                    await written
         return [result for result in results if result is not None]
 
     @contextlib.asynccontextmanager
