@@ -58,11 +58,11 @@ async def test_concurrent_creates_of_one_key_in_both_databases_make_one_run(
         )
         for _ in range(8)
     ]
-    replies = await asyncio.gather(*singles, *batched)
-    results = [
-        (r.run.id, r.is_cached)
-        for reply in replies
-        for r in (reply.results if isinstance(reply, rs.CreateRunsResponse) else [reply])
+    single_replies, batched_replies = await asyncio.gather(
+        asyncio.gather(*singles), asyncio.gather(*batched)
+    )
+    results = [(r.run.id, r.is_cached) for r in single_replies] + [
+        (r.run.id, r.is_cached) for reply in batched_replies for r in reply.results
     ]
     assert len(results) == 24 + 16
     assert len({run_id for run_id, _ in results}) == 1
@@ -94,9 +94,9 @@ async def test_a_keyed_batch_item_and_concurrent_creates_share_one_run(
         )
         for batch in batches
     ]
-    replies = await asyncio.gather(*creates, *accepts)
-    run_ids = {r.run.friendly_id for r in replies[:12]} | {
-        item.run_id for reply in replies[12:] for item in reply.items
+    created, accepted = await asyncio.gather(asyncio.gather(*creates), asyncio.gather(*accepts))
+    run_ids = {r.run.friendly_id for r in created} | {
+        item.run_id for reply in accepted for item in reply.items
     }
     assert len(run_ids) == 1
     assert await runs_of(stack, env) == [run_ids.pop().removeprefix("run_")]
