@@ -130,3 +130,10 @@ async def where(stack: LocalStack, table: str, row_id: str) -> set[str]:
         if await rows(db.admin_writer_dsn, f"SELECT 1 FROM {table} WHERE id = $1", row_id):
             found.add(name)
     return found
+
+
+async def get_waitpoint(client: Stub, waitpoint_id: str, env: str) -> common_pb2.Waitpoint:
+    reply = await client.GetWaitpoint(
+        rs.GetWaitpointRequest(waitpoint_id=waitpoint_id, environment_id=env, consistency=RYW)
+    )
+    return reply.waitpoint

@@ -19,6 +19,7 @@ from tests.runstore.harness import (
     Stub,
     batch_request,
     body,
+    get_waitpoint,
     items,
     new_env,
     new_key,
@@ -67,13 +68,7 @@ async def test_a_run_past_its_ttl_expires_and_its_waitpoint_fails(client: Stub) 
         assert done.error.code == "TASK_RUN_EXPIRED"
         assert "TTL" in done.error.message
         assert done.HasField("completed_at")
-        waitpoint = (
-            await client.GetWaitpoint(
-                rs.GetWaitpointRequest(
-                    waitpoint_id=run.waitpoint_id, environment_id=env, consistency=RYW
-                )
-            )
-        ).waitpoint
+        waitpoint = await get_waitpoint(client, run.waitpoint_id, env)
         assert waitpoint.status == common_pb2.WAITPOINT_STATUS_COMPLETED
         assert waitpoint.output_is_error
         assert json.loads(waitpoint.output)["code"] == "TASK_RUN_EXPIRED"
@@ -154,13 +149,7 @@ async def test_an_expired_run_completes_its_batch(client: Stub) -> None:
     ).batch
     assert done.status == common_pb2.BATCH_STATUS_COMPLETED
     assert done.completed_run_count == 2
-    waitpoint = (
-        await client.GetWaitpoint(
-            rs.GetWaitpointRequest(
-                waitpoint_id=batch.waitpoint_id, environment_id=env, consistency=RYW
-            )
-        )
-    ).waitpoint
+    waitpoint = await get_waitpoint(client, batch.waitpoint_id, env)
     assert waitpoint.status == common_pb2.WAITPOINT_STATUS_COMPLETED
 
 

@@ -9,7 +9,16 @@ import json
 from runops.common.v1 import common_pb2
 from runops.kit.ids import Residency
 from runops.runstore.v1 import runstore_pb2 as rs
-from tests.runstore.harness import RYW, Stub, batch_request, body, items, new_env, run_input
+from tests.runstore.harness import (
+    RYW,
+    Stub,
+    batch_request,
+    body,
+    get_waitpoint,
+    items,
+    new_env,
+    run_input,
+)
 
 PENDING = common_pb2.WAITPOINT_STATUS_PENDING
 COMPLETED = common_pb2.WAITPOINT_STATUS_COMPLETED
@@ -26,12 +35,16 @@ def child(env: str, residency: Residency = Residency.NEW, **fields: object) -> r
 
 
 async def waitpoint(client: Stub, run: common_pb2.Run) -> common_pb2.Waitpoint:
-    reply = await client.GetWaitpoint(
-        rs.GetWaitpointRequest(
-            waitpoint_id=run.waitpoint_id, environment_id=run.environment_id, consistency=RYW
-        )
-    )
-    return reply.waitpoint
+    return await get_waitpoint(client, run.waitpoint_id, run.environment_id)
+
+
+async def assert_failed_with(client: Stub, run: common_pb2.Run, code: str, message: str) -> None:
+    """The run's waitpoint completed with the run's error."""
+    done = await waitpoint(client, run)
+    assert done.status == COMPLETED
+    assert done.output_is_error
+    assert done.output_type == "application/json"
+    assert json.loads(done.output) == {"code": code, "message": message}
 
 
 async def test_a_child_waitpoint_completes_with_its_output(client: Stub) -> None:
@@ -76,15 +89,8 @@ async def test_a_child_waitpoint_completes_with_its_error(client: Stub) -> None:
     await client.CancelRun(
         rs.CancelRunRequest(run_id=cancelled.friendly_id, environment_id=env, reason="stop")
     )
-    for run, code, message in (
-        (failed, "TASK_FAILED", "boom"),
-        (cancelled, "TASK_RUN_CANCELLED", "stop"),
-    ):
-        done = await waitpoint(client, run)
-        assert done.status == COMPLETED
-        assert done.output_is_error
-        assert done.output_type == "application/json"
-        assert json.loads(done.output) == {"code": code, "message": message}
+    await assert_failed_with(client, failed, "TASK_FAILED", "boom")
+    await assert_failed_with(client, cancelled, "TASK_RUN_CANCELLED", "stop")
 
 
 async def test_a_child_created_final_has_its_waitpoint_completed(client: Stub) -> None:
@@ -96,14 +102,8 @@ async def test_a_child_created_final_has_its_waitpoint_completed(client: Stub) -
     ]
     reply = await client.CreateRuns(rs.CreateRunsRequest(runs=inputs))
     failed, cancelled, live = (r.run for r in reply.results)
-    for run, code, message in (
-        (failed, "DRAIN_FAILED", "gave up"),
-        (cancelled, "TASK_RUN_CANCELLED", "buffered"),
-    ):
-        done = await waitpoint(client, run)
-        assert done.status == COMPLETED
-        assert done.output_is_error
-        assert json.loads(done.output) == {"code": code, "message": message}
+    await assert_failed_with(client, failed, "DRAIN_FAILED", "gave up")
+    await assert_failed_with(client, cancelled, "TASK_RUN_CANCELLED", "buffered")
     assert (await waitpoint(client, live)).status == PENDING
     # A replay (the drainer's retry) answers the same runs and waitpoints.
     again = await client.CreateRuns(rs.CreateRunsRequest(runs=inputs))
