@@ -188,3 +188,22 @@ async def test_an_expired_run_counts_for_items_of_the_other_database_linked_to_i
         return reply.batch.status == common_pb2.BATCH_STATUS_COMPLETED
 
     await until(batch_completed, limit=5)
+
+
+async def test_expiry_and_run_waitpoints_work_in_single_database_mode(single: Stub) -> None:
+    env = new_env()
+    run = (
+        await single.CreateRun(
+            rs.CreateRunRequest(
+                run=run_input(
+                    env,
+                    options=SHORT,
+                    parent_run_id=f"run_{body(Residency.LEGACY)}",
+                    resume_parent_on_completion=True,
+                )
+            )
+        )
+    ).run
+    assert (await expired(single, run)).error.code == "TASK_RUN_EXPIRED"
+    waitpoint = await get_waitpoint(single, run.waitpoint_id, env)
+    assert waitpoint.output_is_error
