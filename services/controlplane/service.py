@@ -6,15 +6,14 @@ from typing import Any
 
 import grpc
 
-from runops.common.v1 import common_pb2
 from runops.controlplane.model import (
     environment_not_found,
+    no_worker,
     organization_not_found,
     select_tasks,
 )
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1 import controlplane_pb2_grpc as cp_grpc
-from runops.kit.errors import FailedPrecondition, FieldViolation, NotFound
 from services.controlplane import validation
 from services.controlplane.invalidation import InvalidationHub
 from services.controlplane.reads import CachedReads
@@ -64,7 +63,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
             raise environment_not_found(query.environment_id)
         resolution = await self._reads.worker(env, query.worker)
         if resolution is None:
-            raise _no_worker(env, query.worker)
+            raise no_worker(env, query.worker)
         worker, tasks = select_tasks(resolution, query.task_identifiers)
         return cp.ResolveWorkerVersionResponse(worker=worker, tasks=tasks)
 
@@ -169,25 +168,3 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
                 yield message
         finally:
             self._hub.unsubscribe(subscription)
-
-
-def _no_worker(env: cp.Environment, worker: str) -> NotFound | FailedPrecondition:
-    if worker:
-        return NotFound(
-            f"environment {env.id} has no worker {worker!r}",
-            reason="WORKER_NOT_FOUND",
-            violations=[
-                FieldViolation("worker", "matches no worker id or version of the environment")
-            ],
-        )
-    return FailedPrecondition(
-        f"environment {env.id} has no "
-        + (
-            "registered worker"
-            if env.type == common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT
-            else "promoted current worker"
-        )
-        + " yet: register (and in deployed environments promote) one first",
-        reason="NO_CURRENT_WORKER",
-        metadata={"environment_id": env.id},
-    )

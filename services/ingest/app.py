@@ -1,14 +1,16 @@
-"""Wiring: the control plane (API keys), the run store, the mollifier (idempotency-key claims),
-the object store, the token bucket and the servicer on the kit's ServiceApp.
+"""Wiring: the control plane (API keys, task defaults), the run store, the mollifier
+(idempotency-key claims), the object store, the token bucket and the servicer on the kit's
+ServiceApp.
 
 Health dependencies: Redis, the object store and the run store (every RPC reads or writes
-batches there). Not the control plane (API keys are cached) nor the mollifier (only units with
-keyed items call it). See docs/ingest.md, Health.
+batches there). Not the control plane (API keys and task defaults are cached) nor the mollifier
+(only units with keyed items call it). See docs/ingest.md, Health.
 """
 
 from __future__ import annotations
 
 from runops.controlplane.client import ControlPlaneClient
+from runops.controlplane.defaults import TaskDefaults
 from runops.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from runops.kit.downstream import Downstream
 from runops.kit.redis import RedisClient, open_redis
@@ -68,6 +70,7 @@ class Ingest:
             run_store=self.run_store,
             offloader=Offloader(self.object_store, settings.offload_threshold_bytes),
             keyed=self.keyed,
+            defaults=TaskDefaults(self.control_plane),
             bucket=self.bucket,
             limits=Limits(
                 concurrency=settings.ingest_concurrency,

@@ -19,6 +19,11 @@ runs still waiting in the mollifier's buffer. Per key:
   (two units each holding a key the other waits for must not wait each other out), and after a
   pause the unit claims again; still pending after `CLAIM_ROUNDS`, the unit fails ABORTED
   `IDEMPOTENCY_KEY_BUSY` with RetryInfo, and the client's retry resends it.
+
+The claim fails open as `Trigger` does (spec §4, §5): when the mollifier or its Redis is
+unavailable (UNAVAILABLE, DEADLINE_EXCEEDED), every key of the unit is taken as SKIPPED, logged
+and counted (`runops_ingest_keyed_fail_open_total`): the run store's unique (environment, task,
+key) still gives one run per key, though a run still buffered in the mollifier is not seen.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Protocol
 
 import grpc
 import structlog
+from prometheus_client import Counter
 
 from runops.kit.backoff import ExponentialBackoff, Retry
 from runops.kit.errors import Aborted
@@ -37,6 +43,15 @@ from runops.mollifier.claims import ClaimAnswer, ClaimOutcome, KeyToClaim
 from runops.mollifier.client import MollifierClient
 
 log = structlog.get_logger(__name__)
+
+FAIL_OPEN = Counter(
+    "runops_ingest_keyed_fail_open",
+    "Keyed batch items written without the mollifier's claim (it or its Redis was unavailable): "
+    "the run store's unique key dedups them.",
+)
+# The mollifier's answers that fail the claim open; anything else (a caller's mistake, our bug)
+# fails the unit.
+FAIL_OPEN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 # How long the mollifier waits for keys another caller holds, per round (its maximum is 5 s):
 # a unit of this batch holding the key publishes as soon as its AcceptBatchItems returned.
@@ -199,4 +214,16 @@ class MollifierKeyedItems:
             log.info("idempotency keys still claimed elsewhere", pending=pending)
             raise _KeysBusy(pending)
 
-        return await self._claim_rounds.call(claim, what="idempotency claims")
+        try:
+            return await self._claim_rounds.call(claim, what="idempotency claims")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in FAIL_OPEN_CODES:
+                raise
+            log.warning(
+                "mollifier unavailable; keyed items fall back to the run store's unique key",
+                environment_id=environment_id,
+                items=len(items),
+                error=exc.code().name,
+            )
+            FAIL_OPEN.inc(len(items))
+            return MollifierUnitClaims(self._mollifier, environment_id)

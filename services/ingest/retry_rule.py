@@ -2,8 +2,9 @@
 
 A stream (or its retry) for a batch that is already done answers `sealed: true` and does no
 work; an ABORTED batch answers FAILED_PRECONDITION so the caller makes a new batch. The same
-rule is applied before the stream, when the seal loses a race, and when the counts do not match
-at the end:
+rule is applied before the stream, when the seal loses a race, when the counts do not match at
+the end, and to the seal's own result (the stream that seals an all-failed batch answers as a
+retry would):
 
 | status                    | sealed | processing_completed_at | accepted vs run_count | verdict      |
 |---------------------------|--------|-------------------------|-----------------------|--------------|
@@ -84,12 +85,16 @@ def batch_verdict(batch: common_pb2.Batch) -> Verdict:
     )
 
 
-def aborted_error(batch_id: str) -> FailedPrecondition:
-    """What a stream for an ABORTED batch fails with."""
+def aborted_error(batch: common_pb2.Batch) -> FailedPrecondition:
+    """What a stream for an ABORTED batch fails with: the batch and why it was aborted
+    (`aborted_reason`: SEAL_TIMEOUT or EVERY_ITEM_FAILED), for the client's error."""
+    reason = common_pb2.BatchAbortedReason.Name(batch.aborted_reason)
+    reason = reason.removeprefix("BATCH_ABORTED_REASON_")
+    why = batch.error_message or reason.lower().replace("_", " ")
     return FailedPrecondition(
-        f"batch {batch_id} was aborted; create a new batch",
+        f"batch {batch.friendly_id} was aborted ({why}); create a new batch",
         reason="BATCH_ABORTED",
-        metadata={"batch_id": batch_id},
+        metadata={"batch_id": batch.friendly_id, "aborted_reason": reason},
     )
 
 

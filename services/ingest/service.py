@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from runops.common.v1 import common_pb2
+from runops.controlplane.defaults import TaskDefaults
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
@@ -51,6 +52,7 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         run_store: RunStoreClient,
         offloader: Offloader,
         keyed: KeyedItems,
+        defaults: TaskDefaults,
         bucket: TokenBucket | None,
         limits: Limits,
         max_run_count: int,
@@ -60,6 +62,7 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         self._run_store = run_store
         self._offloader = offloader
         self._keyed = keyed
+        self._defaults = defaults
         self._bucket = bucket
         self._limits = limits
         self._max_run_count = max_run_count
@@ -75,20 +78,27 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
     ) -> ing.CreateBatchResponse:
         env = caller_environment()
         validation.create_batch(request, self._max_run_count)
-        if self._bucket is not None:
-            await self._bucket.charge(env.organization.id, request.run_count)
-        created = await self._run_store.create_batch(
-            rs.CreateBatchRequest(
-                environment_id=env.id,
-                organization_id=env.organization.id,
-                project_id=env.project.id,
-                run_count=request.run_count,
-                idempotency_key=request.idempotency_key,
-                task_identifiers=request.task_identifiers,
-                parent_run_id=_run_ref(request.parent_run_id),
-                resume_parent_on_completion=request.resume_parent_on_completion,
+
+        def create() -> Awaitable[rs.CreateBatchResponse]:
+            return self._run_store.create_batch(
+                rs.CreateBatchRequest(
+                    environment_id=env.id,
+                    organization_id=env.organization.id,
+                    project_id=env.project.id,
+                    run_count=request.run_count,
+                    idempotency_key=request.idempotency_key,
+                    task_identifiers=request.task_identifiers,
+                    parent_run_id=_run_ref(request.parent_run_id),
+                    resume_parent_on_completion=request.resume_parent_on_completion,
+                )
             )
-        )
+
+        if self._bucket is None:
+            created = await create()
+        else:  # a replayed key is not charged
+            created = await self._bucket.charged_create(
+                env.organization.id, env.id, request.idempotency_key, request.run_count, create
+            )
         return ing.CreateBatchResponse(batch=created.batch, is_cached=created.is_cached)
 
     async def StreamBatchItems(
@@ -113,11 +123,12 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
             run_store=self._run_store,
             offloader=self._offloader,
             keyed=self._keyed,
+            defaults=self._defaults,
             limits=self._limits,
         )
         verdict = batch_verdict(batch)
         if verdict is Verdict.ABORTED:
-            raise aborted_error(batch.friendly_id)
+            raise aborted_error(batch)
         if verdict is Verdict.DONE:
             # Nothing to write: whatever else the client sends is not read.
             return phase2.answer(batch, sealed=True)

@@ -48,7 +48,8 @@ class IngestSettings(ServerSettings):
     # -- Items and offload ------------------------------------------------------------------
     max_item_payload_bytes: int = Field(default=3 * MIB, ge=1, le=1024 * MIB)
     """RUNOPS_MAX_ITEM_PAYLOAD_BYTES: a larger payload becomes a pre-failed run with
-    PAYLOAD_TOO_LARGE at its index (not a stream error)."""
+    PAYLOAD_TOO_LARGE at its index (not a stream error); below RUNOPS_MAX_MESSAGE_BYTES, else
+    such an item could never arrive to be pre-failed (gRPC refuses its message)."""
     offload_threshold_bytes: int = Field(default=512 * KIB, ge=1, le=1024 * MIB)
     """RUNOPS_OFFLOAD_THRESHOLD_BYTES: a payload at least this large is uploaded to the object
     store and replaced by its reference (payload_type application/store)."""
@@ -119,6 +120,17 @@ class IngestSettings(ServerSettings):
         limit = info.data.get("max_message_bytes")
         if limit is not None and value > limit:
             raise ValueError(f"must not exceed RUNOPS_MAX_MESSAGE_BYTES ({limit})")
+        return value
+
+    @field_validator("max_item_payload_bytes")
+    @classmethod
+    def _item_maximum_below_a_message(cls, value: int, info: ValidationInfo) -> int:
+        limit = info.data.get("max_message_bytes")
+        if limit is not None and value >= limit:
+            raise ValueError(
+                f"must be less than RUNOPS_MAX_MESSAGE_BYTES ({limit}): a payload above the item "
+                "maximum must still fit in one message to be pre-failed"
+            )
         return value
 
     @field_validator("offload_threshold_bytes")

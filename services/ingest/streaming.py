@@ -4,7 +4,8 @@
 RUNOPS_MAX_CHUNK_ITEMS and runs each through `Pipeline` (at most RUNOPS_INGEST_CONCURRENCY in
 flight, pulled lazily). A unit: check every item (an out-of-range index fails the stream naming
 it; nothing of that unit is written, what earlier units accepted stays), pre-fail oversized
-payloads (PAYLOAD_TOO_LARGE), link keyed items that resolve to an existing run, offload large
+payloads (PAYLOAD_TOO_LARGE), fill task defaults (one cached worker resolution per unit,
+`runops.controlplane.defaults`), link keyed items that resolve to an existing run, offload large
 payloads, then one `AcceptBatchItems`. `settle()` ends it: seal, or the missing ranges, by the
 retry rule.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from runops.common.v1 import common_pb2
+from runops.controlplane.defaults import TaskDefaults
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.errors import Aborted, FailedPrecondition, InvalidArgument
 from runops.kit.limits import MAX_ITEMS_PER_CALL
@@ -56,6 +58,7 @@ class Phase2:
         run_store: RunStoreClient,
         offloader: Offloader,
         keyed: KeyedItems,
+        defaults: TaskDefaults,
         limits: Limits,
     ) -> None:
         self.batch = batch
@@ -63,6 +66,7 @@ class Phase2:
         self._run_store = run_store
         self._offloader = offloader
         self._keyed = keyed
+        self._defaults = defaults
         self._limits = limits
         self.pipeline: Pipeline[list[ing.BatchItem]] = Pipeline(limits.concurrency)
         self.pre_failed_count = 0
@@ -98,6 +102,7 @@ class Phase2:
                 ),
             )
         del items, checked
+        await self._defaults.fill(self.environment_id, [item.run for item in inputs.values()])
         claims = await self._keyed.resolve(self.environment_id, keyed) if keyed else None
         try:
             existing = dict(claims.existing) if claims is not None else {}
@@ -174,7 +179,7 @@ class Phase2:
         for _ in range(SETTLE_ROUNDS):
             verdict = batch_verdict(batch)
             if verdict is Verdict.ABORTED:
-                raise aborted_error(batch.friendly_id)
+                raise aborted_error(batch)
             if verdict is Verdict.DONE:
                 return self.answer(batch, sealed=True)
             if verdict is Verdict.NEEDS_ITEMS:
@@ -193,11 +198,13 @@ class Phase2:
             sealed = await self._run_store.seal_batch(
                 environment_id=self.environment_id, batch_id=batch.id
             )
-            if sealed.outcome == rs.SEAL_BATCH_OUTCOME_SEALED:
-                # This stream sealed it (even if every item failed and it is ABORTED now).
-                return self.answer(sealed.batch, sealed=True)
-            # Lost a race: ALREADY_SEALED is DONE (or ABORTED), COUNT_MISMATCH NEEDS_ITEMS.
             batch = sealed.batch
+            if sealed.outcome == rs.SEAL_BATCH_OUTCOME_SEALED:
+                # This stream sealed it: answered as a retry would be (every item failed: ABORTED).
+                if batch_verdict(batch) is Verdict.ABORTED:
+                    raise aborted_error(batch)
+                return self.answer(batch, sealed=True)
+            # Lost a race: ALREADY_SEALED is DONE (or ABORTED), COUNT_MISMATCH NEEDS_ITEMS.
         raise Aborted(
             f"batch {batch.friendly_id} kept changing while the stream ended; retry",
             reason="BATCH_STATE_CHANGING",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 
 from runops.controlplane.client import ControlPlaneClient
+from runops.controlplane.defaults import TaskDefaults
 from runops.kit.downstream import Downstream
 from runops.kit.ids import IdMinter
 from runops.kit.redis import RedisClient, create_redis, warm_up
@@ -120,6 +121,7 @@ async def build_mollifier(settings: MollifierSettings, *, name: str = "mollifier
         runs=runs,
         run_store=run_store,
         minter=IdMinter(database_split=settings.runstore_split),
+        defaults=TaskDefaults(control_plane),
     )
     servicer = MollifierServicer(policies, front, runs, claims)
     app.add_service(SERVICE, mollifier_pb2_grpc.add_MollifierServiceServicer_to_server, servicer)

@@ -201,6 +201,7 @@ class BufferedEntry:
             max_attempts=options.max_attempts or source.default_max_attempts,
             machine_preset=options.machine_preset or source.default_machine_preset,
             lock_to_version=options.lock_to_version,
+            worker_version=source.worker_version,
             parent_run_id=source.parent_run_id,
             root_run_id=source.root_run_id,
             resume_parent_on_completion=source.resume_parent_on_completion,
@@ -209,7 +210,8 @@ class BufferedEntry:
         )
         if options.idempotency_key and self.idempotency_key_expires_at is not None:
             run.idempotency_key_expires_at.FromDatetime(self.idempotency_key_expires_at)
-        if options.HasField("ttl"):
+        # As the run store decides: a zero TTL option leaves the task's default in place.
+        if options.HasField("ttl") and options.ttl.ToMilliseconds() > 0:
             run.ttl.CopyFrom(options.ttl)
         elif source.HasField("default_ttl"):
             run.ttl.CopyFrom(source.default_ttl)

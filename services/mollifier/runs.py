@@ -129,7 +129,9 @@ class BufferedRuns:
     ) -> ResetOutcome:
         """Buffer first (an entry DRAINING may be written with the key right now), then the run
         store. A failed buffer reset still succeeds when the run store cleared a run (the
-        buffer's lookup ends with that run's drain); with nothing cleared it is UNAVAILABLE."""
+        buffer's lookup ends with that run's drain); with nothing cleared it is UNAVAILABLE. A
+        run store that fails raises (UNAVAILABLE with RetryInfo through the kit's downstream
+        mapping): it may hold the key, and a retry is harmless."""
         buffer_cleared = False
         buffer_failed = False
         try:

@@ -1,5 +1,8 @@
 """Trigger (spec §4): bypass, claim, gate, then the run store or the buffer.
 
+Every trigger first takes its task's defaults from the environment's current worker
+(`runops.controlplane.defaults`, cached; never fails the trigger).
+
 Order of a trigger that may be buffered:
 1. an idempotency key is claimed (`IdempotencyClaims.acquire`: waiters poll the winner up to 5 s
    and return its run); a claimed key whose live run still waits in the buffer returns that;
@@ -23,6 +26,7 @@ import structlog
 from prometheus_client import Counter
 
 from runops.common.v1 import common_pb2
+from runops.controlplane.defaults import TaskDefaults
 from runops.kit.ids import RUN, IdMinter
 from runops.kit.limits import DEFAULT_IDEMPOTENCY_KEY_TTL
 from runops.mollifier.claims import ClaimOutcome, KeyToClaim
@@ -93,6 +97,7 @@ class TriggerFront:
         runs: BufferedRuns,
         run_store: RunStoreClient,
         minter: IdMinter,
+        defaults: TaskDefaults,
     ) -> None:
         self._policies = policies
         self._buffer = buffer
@@ -101,6 +106,7 @@ class TriggerFront:
         self._runs = runs
         self._run_store = run_store
         self._minter = minter
+        self._defaults = defaults
         self.notice = BUFFERED_NOTICE.format(
             threshold=gate.threshold, window=gate.window_us / 1_000_000
         )
@@ -114,6 +120,8 @@ class TriggerFront:
         snapshot.project_id = policy.project_id
         if not snapshot.run_id:
             snapshot.run_id = self._minter.mint(RUN)
+        # Before any path: a buffered snapshot drains with the defaults it was shown with.
+        await self._defaults.fill(snapshot.environment_id, [snapshot])
         bypass = bypass_of(snapshot.options, snapshot.resume_parent_on_completion)
         if bypass is None and not self._policies.enabled:
             bypass = Bypass.GLOBAL_SWITCH_OFF

@@ -1,6 +1,8 @@
 """The seal-timeout reaper: one job per database (`LeasedJob`). Each step takes (or renews) that
 database's lease, aborts batches still unsealed after the seal timeout (their waitpoints
-completed with an error naming the expected item count), and re-checks links to runs of the
+completed with an error naming the expected item count), re-checks sealed batches still waiting
+on runs past the re-check threshold (counts repaired, or the waitpoint completed with an error
+naming the items whose runs were never written), and re-checks links to runs of the
 other database (the repair for a completion whose second write was lost). Only the lease
 holder works; the statements are correct without it (docs/runstore.md)."""
 
@@ -24,6 +26,7 @@ class Reaper(LeasedJob):
         self.db = db
         self.seal_timeout = timedelta(seconds=settings.runstore_seal_timeout_seconds)
         self.lease_ttl = timedelta(seconds=settings.runstore_reaper_lease_seconds)
+        self.recheck_after = timedelta(seconds=settings.runstore_processing_recheck_seconds)
         self.limit = settings.runstore_reaper_batch_size
         self._cursor = ""
         super().__init__(
@@ -41,6 +44,7 @@ class Reaper(LeasedJob):
             lease_ttl=self.lease_ttl,
             limit=self.limit,
             cursor=self._cursor,
+            recheck_after=self.recheck_after,
         )
         if aborted:
             log.info("aborted unsealed batches", database=self.db.name, batches=len(aborted))

@@ -23,6 +23,11 @@ class RunStoreSettings(ServerSettings):
     runstore_seal_timeout_seconds: float = Field(default=1800.0, ge=1, le=7 * 24 * 3600)
     """A batch still unsealed this long after its creation is aborted (SEAL_TIMEOUT) and its
     waitpoint completed with an error."""
+    runstore_processing_recheck_seconds: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
+    """A sealed batch still waiting on runs (PROCESSING, PARTIAL_FAILED) this long after its
+    seal, and again this long after each check, is re-checked by the reaper: counts repaired
+    from its runs' real states, or its waitpoint completed with an error naming the items whose
+    runs were never written."""
     runstore_reaper_interval_seconds: float = Field(default=10.0, gt=0, le=3600)
     """How often each database's reaper step runs (seal timeouts, repair of cross-database
     links)."""

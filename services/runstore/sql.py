@@ -202,9 +202,44 @@ def _clear_expired_keys(source: str, environment: str) -> str:
 
 # -- runs ---------------------------------------------------------------------------------------
 
+
+# A run becomes final (created final, completed, cancelled, expired): every batch item of it (its
+# own, and items of any batch linked to it) counts once, each batch whose last run this was becomes COMPLETED,
+# and that batch's waitpoint is completed. One statement, so all of it or none.
+def _count_final_items(run_ids: str) -> str:
+    """CTEs `items`, `counted`, `waitpoints_done`: every not-yet-final batch item of the runs
+    `run_ids` (a subquery) counts once; batches whose last run this was complete."""
+    return f"""
+items AS (
+    UPDATE batch_items SET run_final = true
+    WHERE run_id IN ({run_ids}) AND NOT run_final
+    RETURNING batch_id
+),
+counted AS (
+    UPDATE batches b SET
+        completed_run_count = b.completed_run_count + n.items,
+        status = CASE
+            WHEN b.sealed AND b.status IN ('PROCESSING', 'PARTIAL_FAILED')
+                AND b.completed_run_count + n.items = b.run_count
+            THEN 'COMPLETED' ELSE b.status END,
+        updated_at = now()
+    FROM (SELECT batch_id, count(*)::int AS items FROM items GROUP BY batch_id) n
+    WHERE b.id = n.batch_id
+    RETURNING b.id, b.status, b.waitpoint_id
+),
+waitpoints_done AS (
+    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now()
+    FROM counted c
+    WHERE w.id = c.waitpoint_id AND c.status = 'COMPLETED' AND w.status = 'PENDING'
+    RETURNING w.id
+)"""
+
+
 # Any conflict (the id already written: a replay; the key held by a live run) skips the row;
 # SELECT_RUNS_FOR_INPUTS then finds what holds it, in a new snapshot. Returns only what the
-# database chose (store.created_run builds the rest of the answer from the input row).
+# database chose (store.created_run builds the rest of the answer from the input row). A run
+# written final (pre-failed, cancelled: completed_at set) counts the items linked to it here, in
+# the same statement (a buffered run an item linked to, drained final).
 # A run resuming its parent (a triggerAndWait child) gets a waitpoint whose body is its own
 # (records.created_run answers it), completed at once when the run is created final.
 INSERT_RUNS = f"""
@@ -230,7 +265,8 @@ run_waitpoints AS (
     FROM inserted r
     WHERE r.waitpoint_id IS NOT NULL
     ON CONFLICT DO NOTHING
-)
+),
+{_count_final_items("SELECT id FROM inserted WHERE completed_at IS NOT NULL")}
 SELECT id, created_at, updated_at, completed_at FROM inserted
 """
 
@@ -300,38 +336,6 @@ SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY($1::text[]) AND environment_id = $
 """
 
 
-# A run becomes final (completed, failed, cancelled): every batch item of it (its own, and items
-# of any batch linked to it) counts once, each batch whose last run this was becomes COMPLETED,
-# and that batch's waitpoint is completed. One statement, so all of it or none.
-def _count_final_items(run_ids: str) -> str:
-    """CTEs `items`, `counted`, `waitpoints_done`: every not-yet-final batch item of the runs
-    `run_ids` (a subquery) counts once; batches whose last run this was complete."""
-    return f"""
-items AS (
-    UPDATE batch_items SET run_final = true
-    WHERE run_id IN ({run_ids}) AND NOT run_final
-    RETURNING batch_id
-),
-counted AS (
-    UPDATE batches b SET
-        completed_run_count = b.completed_run_count + n.items,
-        status = CASE
-            WHEN b.sealed AND b.status IN ('PROCESSING', 'PARTIAL_FAILED')
-                AND b.completed_run_count + n.items = b.run_count
-            THEN 'COMPLETED' ELSE b.status END,
-        updated_at = now()
-    FROM (SELECT batch_id, count(*)::int AS items FROM items GROUP BY batch_id) n
-    WHERE b.id = n.batch_id
-    RETURNING b.id, b.status, b.waitpoint_id
-),
-waitpoints_done AS (
-    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now()
-    FROM counted c
-    WHERE w.id = c.waitpoint_id AND c.status = 'COMPLETED' AND w.status = 'PENDING'
-    RETURNING w.id
-)"""
-
-
 FINALIZE_RUN = f"""
 WITH done AS (
     UPDATE runs SET status = $3, error_code = $4, error_message = $5, output = $6,
@@ -382,6 +386,24 @@ SELECT (SELECT count(*) FROM items) AS items_counted,
     (SELECT count(*) FROM waitpoints_done) AS waitpoints_completed
 """
 
+# Runs of THIS database among $1 that are final: their items not counted yet count now. After an
+# accept that linked to runs not final (or not written yet) when it read them, and by the
+# reaper's re-check of PROCESSING batches.
+COUNT_FINAL_RUNS = f"""
+WITH {_count_final_items(f"SELECT id FROM runs WHERE id = ANY($1::text[]) AND status IN {_FINAL}")}
+SELECT (SELECT count(*) FROM items) AS items_counted,
+    (SELECT count(*) FROM waitpoints_done) AS waitpoints_completed
+"""
+
+# A buffered run an item linked to was never written: the drain resolved it to the run holding
+# its idempotency key ($2, by position of $1). Its items, in whichever database holds them, link
+# to that run (counted afterwards, if it is final, by MARK_LINKED_RUNS_FINAL).
+RELINK_ITEMS = """
+UPDATE batch_items i SET run_id = m.holder, linked = true
+FROM unnest($1::text[], $2::text[]) AS m(old, holder)
+WHERE i.run_id = m.old AND NOT i.run_final
+"""
+
 # Items linked to a run of the other database that is not final yet (as far as we know), by
 # run id after $1: the reaper asks the other database which of them became final.
 SELECT_PENDING_LINKS = """
@@ -394,6 +416,11 @@ LIMIT $2
 # Which of these runs are final (the other database's side of the link checks).
 SELECT_FINAL_RUN_IDS = f"""
 SELECT id FROM runs WHERE id = ANY($1::text[]) AND status IN {_FINAL}
+"""
+
+# Which of these runs exist here, and whether each is final (the reaper's re-check).
+SELECT_RUN_FINALITY = f"""
+SELECT id, status IN {_FINAL} AS final FROM runs WHERE id = ANY($1::text[])
 """
 
 # Live (unexpired) holders of (environment, task, key) triples, by input position (1-based):
@@ -680,10 +707,26 @@ RELEASE_LEASE = """
 DELETE FROM runstore_leases WHERE name = $1 AND holder = $2
 """
 
+
+def _fail_waitpoints(batches: str, code: str) -> str:
+    """A CTE body: the PENDING waitpoints of `batches` (a CTE returning waitpoint_id and
+    error_message) complete with the error `{"code": code, "message": error_message}`."""
+    return f"""
+    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now(), output_is_error = true,
+        output = convert_to(
+            json_build_object('code', '{code}', 'message', b.error_message)::text, 'UTF8'
+        ),
+        output_type = 'application/json'
+    FROM {batches} b
+    WHERE w.id = b.waitpoint_id AND w.status = 'PENDING'
+    RETURNING w.id
+"""
+
+
 # Aborts up to $2 batches still unsealed $1 after creation and completes their waitpoints with
 # the error. Conditional and SKIP LOCKED, so correct even without the lease: a batch being
 # written is left for the next step, one aborted already no longer matches.
-REAP_UNSEALED_BATCHES = """
+REAP_UNSEALED_BATCHES = f"""
 WITH stale AS (
     SELECT id FROM batches
     WHERE status = 'PENDING' AND NOT sealed AND created_at < now() - $1::interval
@@ -702,16 +745,60 @@ aborted AS (
     WHERE b.id = s.id AND b.status = 'PENDING' AND NOT b.sealed
     RETURNING b.id, b.waitpoint_id, b.error_message
 ),
-waitpoint AS (
-    UPDATE waitpoints w SET status = 'COMPLETED', completed_at = now(), output_is_error = true,
-        output = convert_to(
-            json_build_object('code', 'BATCH_SEAL_TIMEOUT', 'message', a.error_message)::text,
-            'UTF8'
-        ),
-        output_type = 'application/json'
-    FROM aborted a
-    WHERE w.id = a.waitpoint_id AND w.status = 'PENDING'
-    RETURNING w.id
-)
+waitpoint AS ({_fail_waitpoints("aborted", "BATCH_SEAL_TIMEOUT")})
 SELECT a.id, (SELECT count(*) FROM waitpoint) AS waitpoints_completed FROM aborted a
+"""
+
+# -- the PROCESSING re-check --------------------------------------------------------------------
+
+# Takes up to $2 sealed batches still waiting on runs (PROCESSING, PARTIAL_FAILED) whose last
+# check (or seal) is older than $1, and stamps them checked: each is re-checked once per $1.
+DUE_PROCESSING_BATCHES = """
+WITH due AS (
+    SELECT id FROM batches
+    WHERE sealed AND status IN ('PROCESSING', 'PARTIAL_FAILED')
+        AND coalesce(rechecked_at, sealed_at) < now() - $1::interval
+    ORDER BY coalesce(rechecked_at, sealed_at)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE batches b SET rechecked_at = now() FROM due WHERE b.id = due.id
+RETURNING b.id
+"""
+
+# Of those batches, the uncounted items whose run is final here: they count now (a count that
+# was lost or raced). Then, in SELECT_UNRESOLVED_ITEMS, what is left.
+REPAIR_BATCH_COUNTS = f"""
+WITH {
+    _count_final_items(
+        "SELECT i.run_id FROM batch_items i JOIN runs r ON r.id = i.run_id"
+        f" WHERE i.batch_id = ANY($1::text[]) AND NOT i.run_final AND r.status IN {_FINAL}"
+    )
+}
+SELECT (SELECT count(*) FROM items) AS items_counted,
+    (SELECT count(*) FROM waitpoints_done) AS waitpoints_completed
+"""
+
+# Uncounted items of those batches whose run is not in this database (a link to the other one,
+# or a run never written), at most $2.
+SELECT_UNRESOLVED_ITEMS = """
+SELECT i.batch_id, i.index, i.run_id FROM batch_items i
+WHERE i.batch_id = ANY($1::text[]) AND NOT i.run_final
+    AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = i.run_id)
+ORDER BY i.batch_id, i.index
+LIMIT $2
+"""
+
+# Batches ($1) with items waiting on runs written nowhere ($2: the message naming them): the
+# waitpoint completes with the error, so the parent resumes; the batch keeps its status (a run
+# written later still counts) and says why in error_message.
+FAIL_STUCK_BATCHES = f"""
+WITH stuck AS (
+    UPDATE batches b SET error_message = m.message, updated_at = now()
+    FROM unnest($1::text[], $2::text[]) AS m(id, message)
+    WHERE b.id = m.id AND b.sealed AND b.status IN ('PROCESSING', 'PARTIAL_FAILED')
+    RETURNING b.id, b.waitpoint_id, b.error_message
+),
+waitpoint AS ({_fail_waitpoints("stuck", "BATCH_RUNS_MISSING")})
+SELECT s.id, (SELECT count(*) FROM waitpoint) AS waitpoints_completed FROM stuck s
 """

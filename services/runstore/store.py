@@ -69,6 +69,9 @@ Key = tuple[str, str, str]
 _COMPLETED = common_pb2.RUN_STATUS_COMPLETED_SUCCESSFULLY
 _FAILED = common_pb2.RUN_STATUS_COMPLETED_WITH_ERRORS
 _CANCELED = common_pb2.RUN_STATUS_CANCELED
+_FINAL = frozenset(common_pb2.RunStatus.Value(f"RUN_STATUS_{s}") for s in sql.FINAL_RUN_STATUSES)
+# Stuck item indexes a re-check names in its error at most (the count says how many in all).
+MAX_STUCK_INDEXES = 20
 
 
 def run_not_found(run_id: str) -> NotFound:
@@ -238,7 +241,41 @@ class RunStore:
                 # second checks after the first wrote).
                 for written in writes:
                     await written
-        return [result for result in results if result is not None]
+        created = [result for result in results if result is not None]
+        await self._settle_links(rows, created)
+        return created
+
+    async def _settle_links(self, rows: Sequence[RunRow], created: Sequence[CreatedRun]) -> None:
+        """After a create: batch items linked to these ids (a buffered run an item linked to,
+        now drained) must count when the run is final. A run written final counted the items
+        of its own database in its insert; here the other database's. A run never written (the
+        key's holder came back instead) hands its items to that holder, in both databases."""
+        final_written: dict[str, list[str]] = {}
+        holders: dict[str, str] = {}
+        final_holders: list[str] = []
+        for row, result in zip(rows, created, strict=True):
+            run = result.run
+            if run is None:
+                continue
+            if run.id != row.id:
+                holders[row.id] = run.id
+                if run.status in _FINAL:
+                    final_holders.append(run.id)
+            elif not result.is_cached and run.status in _FINAL:
+                final_written.setdefault(self.owner(run.id).name, []).append(run.id)
+        for db in self.databases:
+            if db.name in final_written:
+                await self._count_links_elsewhere(db, final_written[db.name])
+        if holders:
+            # Relinked at once in both databases (an item accepted after this, linking to the
+            # unwritten id, is found by the reaper's PROCESSING re-check).
+            await asyncio.gather(
+                *(
+                    db.write(lambda conn: self.tables.relink_items(conn, holders, final_holders))
+                    for db in self.databases
+                )
+            )
+            log.info("relinked items of unwritten runs to their key holders", runs=len(holders))
 
     @contextlib.asynccontextmanager
     async def key_lock(self, keys: Sequence[Key]) -> AsyncIterator[KeyLock]:
@@ -521,16 +558,15 @@ class RunStore:
                 result = await lock.write(db, accept)
             except BatchNotAccepting as exc:
                 raise _not_accepting(batch_id, exc.batch) from None
+        pending = {
+            item.existing_run_id
+            for item in items
+            if item.existing_run_id and not item.existing_run_final
+        }
         foreign = sorted(
-            {
-                item.existing_run_id
-                for item in items
-                if item.existing_run_id
-                and not item.existing_run_final
-                and other is not None
-                and self.owner(item.existing_run_id) is other
-            }
+            run_id for run_id in pending if other is not None and self.owner(run_id) is other
         )
+        local = sorted(pending.difference(foreign))
         if foreign and other is not None:
             # Written after our commit: a run that became final before now was either seen by
             # its completion's link count (after our commit) or is seen final here.
@@ -539,6 +575,10 @@ class RunStore:
             )
             if final:
                 await db.write(lambda conn: self.tables.mark_linked_runs_final(conn, sorted(final)))
+        if local:
+            # A linked run written final (a drained buffered run) while our statement ran saw
+            # no item to count, and we saw no run: counted now (or by the reaper's re-check).
+            await db.write(lambda conn: self.tables.count_final_runs(conn, local))
         return result
 
     async def _link_across(
@@ -666,11 +706,13 @@ class RunStore:
         lease_ttl: timedelta,
         limit: int,
         cursor: str,
+        recheck_after: timedelta = timedelta(minutes=5),
     ) -> tuple[list[str] | None, str]:
         """One reaper step on `db`: under its lease, abort batches unsealed past the timeout,
-        then re-check up to `limit` runs of the other database that items here link to and
-        count those that are final (the repair for a lost second write). Returns the aborted
-        batch ids (None: another process holds the lease) and the next link cursor."""
+        re-check sealed batches still waiting on runs `recheck_after` on, then re-check up to
+        `limit` runs of the other database that items here link to and count those that are
+        final (the repair for a lost second write). Returns the aborted batch ids (None:
+        another process holds the lease) and the next link cursor."""
         aborted = await self.tables.reap_unsealed_batches(
             db.router.writer,
             holder=holder,
@@ -680,6 +722,7 @@ class RunStore:
         )
         if aborted is None:
             return None, cursor
+        await self.recheck_processing(db, recheck_after, limit)
         other = self.other(db)
         if other is None:
             return aborted, cursor
@@ -713,6 +756,49 @@ class RunStore:
             await self._count_links_elsewhere(db, expired)
         return expired
 
+    async def recheck_processing(self, db: Database, threshold: timedelta, limit: int) -> int:
+        """Sealed batches of `db` still waiting on runs `threshold` after their seal (or last
+        check): uncounted items whose run is final count (in either database); items whose run
+        was written nowhere (a buffered run that never drained, or resolved to another run
+        after the item linked to it) complete the waitpoint with an error naming their indexes.
+        So a batch-and-wait ends one way or the other. How many batches were failed."""
+        batch_ids = await db.write(
+            lambda conn: self.tables.due_processing_batches(conn, threshold, limit)
+        )
+        if not batch_ids:
+            return 0
+        repaired = await db.write(lambda conn: self.tables.repair_batch_counts(conn, batch_ids))
+        unresolved = await db.read(
+            lambda conn: self.tables.unresolved_items(conn, batch_ids, 100 * limit),
+            Consistency.WRITER,
+        )
+        other = self.other(db)
+        missing = {run_id for _, _, run_id in unresolved}
+        if other is not None and missing:
+            ids = sorted(missing)
+            found = await other.read(
+                lambda conn: self.tables.run_finality(conn, ids), Consistency.WRITER
+            )
+            final = sorted(run_id for run_id, is_final in found.items() if is_final)
+            if final:
+                repaired += await db.write(
+                    lambda conn: self.tables.mark_linked_runs_final(conn, final)
+                )
+            missing.difference_update(found)
+        if repaired:
+            log.info("re-check counted final runs", database=db.name, items=repaired)
+        stuck: dict[str, list[int]] = {}
+        for batch_id, index, run_id in unresolved:
+            if run_id in missing:
+                stuck.setdefault(batch_id, []).append(index)
+        if not stuck:
+            return 0
+        messages = {batch_id: _stuck_message(indexes) for batch_id, indexes in stuck.items()}
+        failed = await db.write(lambda conn: self.tables.fail_stuck_batches(conn, messages))
+        if failed:
+            log.warning("batches waiting on runs never written", database=db.name, batches=failed)
+        return len(failed)
+
     async def release_leases(self, holder: str) -> None:
         for db in self.databases:
             await self.tables.release_reaper_lease(db.router.writer, holder)
@@ -723,6 +809,14 @@ def _claimed_key(row: RunRow) -> Key | None:
     if row.idempotency_key is None or row.status not in sql.CLAIMING_RUN_STATUSES:
         return None
     return (row.environment_id, row.task_identifier, row.idempotency_key)
+
+
+def _stuck_message(indexes: Sequence[int]) -> str:
+    shown = ", ".join(str(i) for i in indexes[:MAX_STUCK_INDEXES])
+    more = (
+        f" and {len(indexes) - MAX_STUCK_INDEXES} more" if len(indexes) > MAX_STUCK_INDEXES else ""
+    )
+    return f"{len(indexes)} item(s) wait on runs that were never written: indexes {shown}{more}"
 
 
 def _out_of_range(items: Sequence[ItemRow], result: AcceptedItems) -> InvalidArgument:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -555,6 +555,11 @@ class RunTables:
         records = await db.fetch(sql.SELECT_FINAL_RUN_IDS, list(run_ids))
         return {record["id"] for record in records}
 
+    async def run_finality(self, db: Queryable, run_ids: Sequence[str]) -> dict[str, bool]:
+        """Those of `run_ids` that are runs here -> whether each is final."""
+        records = await db.fetch(sql.SELECT_RUN_FINALITY, list(run_ids))
+        return {record["id"]: record["final"] for record in records}
+
     async def mark_linked_runs_final(self, db: Queryable, run_ids: Sequence[str]) -> int:
         """Runs of the other database became final: the items here linked to them count (once:
         idempotent), completing batches and their waitpoints. How many items were counted."""
@@ -563,6 +568,26 @@ class RunTables:
         record = await db.fetchrow(sql.MARK_LINKED_RUNS_FINAL, list(run_ids))
         assert record is not None
         return int(record["items_counted"])
+
+    async def count_final_runs(self, db: Queryable, run_ids: Sequence[str]) -> int:
+        """Those of `run_ids` that are runs of this database in a final status: the items linked
+        to them that are not counted yet count now (idempotent). How many items were counted."""
+        if not run_ids:
+            return 0
+        record = await db.fetchrow(sql.COUNT_FINAL_RUNS, list(run_ids))
+        assert record is not None
+        return int(record["items_counted"])
+
+    async def relink_items(
+        self, conn: Connection, holders: Mapping[str, str], final: Sequence[str]
+    ) -> None:
+        """Runs never written (keys of `holders`): the drain resolved them to the run holding
+        their idempotency key (the values). Items here linked to them link to the holder, and
+        count at once when it is one of `final` (in one transaction)."""
+        async with conn.transaction():
+            await conn.execute(sql.RELINK_ITEMS, list(holders), list(holders.values()))
+            if final:
+                await conn.fetchrow(sql.MARK_LINKED_RUNS_FINAL, list(final))
 
     async def pending_links(self, db: Queryable, after: str, limit: int) -> list[str]:
         """Run ids (ascending, after `after`) that items here link to and have not counted as
@@ -586,6 +611,34 @@ class RunTables:
         if await db.fetchval(sql.TAKE_LEASE, REAPER_LEASE, holder, lease_ttl) is None:
             return None
         records = await db.fetch(sql.REAP_UNSEALED_BATCHES, seal_timeout, limit)
+        return [record["id"] for record in records]
+
+    # -- the PROCESSING re-check ----------------------------------------------------------------
+    async def due_processing_batches(
+        self, db: Queryable, threshold: timedelta, limit: int
+    ) -> list[str]:
+        """Up to `limit` sealed batches still waiting on runs and not checked for `threshold`;
+        stamped checked (each is re-checked once per threshold)."""
+        records = await db.fetch(sql.DUE_PROCESSING_BATCHES, threshold, limit)
+        return [record["id"] for record in records]
+
+    async def repair_batch_counts(self, db: Queryable, batch_ids: Sequence[str]) -> int:
+        """Uncounted items of these batches whose run here is final count now; how many."""
+        record = await db.fetchrow(sql.REPAIR_BATCH_COUNTS, list(batch_ids))
+        assert record is not None
+        return int(record["items_counted"])
+
+    async def unresolved_items(
+        self, db: Queryable, batch_ids: Sequence[str], limit: int
+    ) -> list[tuple[str, int, str]]:
+        """(batch, index, run id) of uncounted items whose run is not in this database."""
+        records = await db.fetch(sql.SELECT_UNRESOLVED_ITEMS, list(batch_ids), limit)
+        return [(record["batch_id"], record["index"], record["run_id"]) for record in records]
+
+    async def fail_stuck_batches(self, db: Queryable, messages: Mapping[str, str]) -> list[str]:
+        """Completes the waitpoints of these batches (id -> message) with the error; the ids of
+        those still waiting on runs (the others completed meanwhile)."""
+        records = await db.fetch(sql.FAIL_STUCK_BATCHES, list(messages), list(messages.values()))
         return [record["id"] for record in records]
 
     async def release_reaper_lease(self, db: Queryable, holder: str) -> None:

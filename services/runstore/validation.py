@@ -258,7 +258,7 @@ def _run_row(run: rs.RunInput, body: str) -> RunRow:
         delay_until=delay_until,
         max_attempts=options.max_attempts or run.default_max_attempts,
         machine_preset=options.machine_preset or run.default_machine_preset,
-        lock_to_version=options.lock_to_version or run.worker_version,
+        lock_to_version=options.lock_to_version,
         worker_version=run.worker_version,
         priority_ms=_duration_ms(options.priority) if options.HasField("priority") else 0,
         is_test=options.test,

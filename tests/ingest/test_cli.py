@@ -61,3 +61,22 @@ async def test_bad_file_and_missing_key_exit_2(
     assert await asyncio.to_thread(main, ["batch", "stream", str(path), "--target", "h:1"]) == 2
     missing = ["batch", "stream", str(tmp_path / "none"), "--target", "h:1", "--api-key", "k"]
     assert await asyncio.to_thread(main, missing) == 2
+
+
+async def test_stream_of_an_aborted_batch_exits_1_saying_why(
+    ingest: Ingest, seeded: Seeded, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every payload above the service's item maximum (16 KiB here): the seal aborts the batch.
+    path = tmp_path / "too-big.ndjson"
+    line = json.dumps({"task": "email/send", "payload": "z" * 20_000})
+    path.write_text(f"{line}\n{line}\n")
+    args = ["batch", "stream", str(path), "--target", ingest.app.target]
+    args += ["--api-key", seeded.api_key, "--idempotency-key", "cli-aborted"]
+    for _ in ("fresh", "cached"):
+        code = await asyncio.to_thread(main, args)
+        out = capsys.readouterr()
+        assert code == 1
+        assert out.out == ""
+        errors = [line for line in out.err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, out.err
+        assert errors[0].endswith("was aborted (every item failed); create a new batch")

@@ -1,8 +1,10 @@
-"""The client library's retry policy on a scripted stub: which failures it retries, what it
-raises when it stops, and how `watch_batch` reopens its stream."""
+"""The client library's retry policy: on a scripted stub, which failures it retries, what it
+raises when it stops, and how `watch_batch` reopens its stream; against the real service, the
+token bucket's RESOURCE_EXHAUSTED with RetryInfo honoured, and the give-up error."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
@@ -12,7 +14,9 @@ import pytest
 from runops.common.v1 import common_pb2
 from runops.ingest.client import GaveUp, IngestClient, IngestError
 from runops.ingest.v1 import ingest_pb2 as ing
-from tests.ingest.harness import FAST
+from runops.kit.backoff import ExponentialBackoff
+from tests.controlplane.harness import Seeded
+from tests.ingest.harness import FAST, Suite, ingest_in_process
 
 PENDING, COMPLETED = common_pb2.BATCH_STATUS_PENDING, common_pb2.BATCH_STATUS_COMPLETED
 
@@ -107,3 +111,59 @@ async def test_a_watch_left_early_cancels_its_stream() -> None:
         assert (await anext(watch)).status == PENDING
         await watch.aclose()
     assert stub.opened[0].cancelled
+
+
+# -- against the real service: the token bucket's RESOURCE_EXHAUSTED with RetryInfo ------------
+
+# Without the server's hint the client would wait this long before its second try.
+SLOW = ExponentialBackoff(base=30.0, cap=30.0)
+
+
+def counting_creates(client: IngestClient) -> list[float]:
+    """Wraps the client's CreateBatch so each call's start time is recorded."""
+    calls: list[float] = []
+    real = client.stub.CreateBatch
+
+    def create(request: ing.CreateBatchRequest, **kwargs: Any) -> Any:
+        calls.append(time.monotonic())
+        return real(request, **kwargs)
+
+    client.stub.CreateBatch = create  # type: ignore[assignment]
+    return calls
+
+
+async def test_create_waits_what_retry_info_says_then_succeeds(
+    suite: Suite, seeded: Seeded
+) -> None:
+    async with ingest_in_process(
+        suite, rate_limit_capacity=100, max_run_count=100, rate_limit_refill_per_second=50
+    ) as small:
+        target = small.app.target
+        async with IngestClient(target, seeded.api_key, backoff=SLOW, attempts=3) as client:
+            calls = counting_creates(client)
+            await client.create_batch(100)  # the bucket is empty now: 100 more take 2 s
+            created = await client.create_batch(100, idempotency_key="after-the-hint")
+        assert not created.is_cached
+        # Refused once with RetryInfo (about 2 s), tried again when the hint said, not after
+        # the 30 s backoff.
+        assert len(calls) == 3
+        assert 1.0 <= calls[2] - calls[1] < 10
+
+
+async def test_create_gives_up_with_the_last_refusal(suite: Suite, seeded: Seeded) -> None:
+    async with ingest_in_process(
+        suite, rate_limit_capacity=100, max_run_count=100, rate_limit_refill_per_second=0.01
+    ) as small:
+        target = small.app.target
+        async with IngestClient(target, seeded.api_key, backoff=FAST, attempts=1) as client:
+            await client.create_batch(100)
+            with pytest.raises(GaveUp) as caught:
+                await client.create_batch(50)
+    assert str(caught.value).startswith("CreateBatch: gave up after 1 attempts; last error ")
+    assert caught.value.attempts == 1
+    details = caught.value.details
+    assert details is not None
+    assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details.reason == "BATCH_RATE_LIMITED"
+    assert details.retry_after is not None
+    assert details.retry_after > 1000  # 50 tokens at 0.01/s

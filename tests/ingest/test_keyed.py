@@ -1,17 +1,21 @@
 """Keyed batch items resolved through the mollifier's batched claims (spec §5, §4): a key held
 by a run still buffered in the mollifier, by a persisted run, by an organization without the
-mollifier flag (SKIPPED: the run store's unique key dedups), and claims released when a unit
-fails before its runs were written."""
+mollifier flag (SKIPPED: the run store's unique key dedups), claims released when a unit fails
+before its runs were written, and the claim failing open when the mollifier or its Redis is
+down."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
@@ -33,6 +37,7 @@ from tests.mollifier.service_harness import (
     body,
     runs_in_postgres,
     seeded_env,
+    start_mollifier,
     trigger_request,
 )
 from tests.mollifier.service_harness import stub as mollifier_stub
@@ -234,3 +239,66 @@ async def test_keys_held_elsewhere_fail_the_unit_retryably_after_the_rounds() ->
     assert caught.value.reason == KEY_BUSY
     assert caught.value.metadata == {"keys": "2"}
     assert caught.value.retry_after == 1.0
+
+
+def fail_open_count() -> float:
+    return REGISTRY.get_sample_value("runops_ingest_keyed_fail_open_total") or 0.0
+
+
+@contextlib.asynccontextmanager
+async def unreachable_mollifier(suite: Suite, down: str) -> AsyncIterator[str]:
+    """The target of a mollifier that cannot claim: stopped (nothing listens), or running on a
+    Redis that is stopped (nothing listens on its port)."""
+    if down == "mollifier":
+        yield f"127.0.0.1:{free_port()}"
+        return
+    lost = await start_mollifier(
+        redis={"url": f"redis://127.0.0.1:{free_port()}"},
+        runstore_target=suite.runstore_target,
+        controlplane_target=suite.controlplane_target,
+    )
+    try:
+        yield lost.app.target
+    finally:
+        await lost.app.stop(grace=1)
+
+
+@pytest.mark.parametrize("down", ["mollifier", "mollifier_redis"])
+async def test_keyed_items_fail_open_to_the_run_store_when_the_mollifier_cannot_claim(
+    suite: Suite, down: str
+) -> None:
+    env = await flagged(suite)
+    fell_open = fail_open_count()
+    async with (
+        unreachable_mollifier(suite, down) as target,
+        # Units of 3, one at a time: "k-a" repeats in a unit and across units.
+        ingest_in_process(
+            suite, mollifier_target=target, max_chunk_items=3, ingest_concurrency=1
+        ) as lost,
+    ):
+        api = stub(lost.app.target, env.api_key)
+        batch = (await api.CreateBatch(ing.CreateBatchRequest(run_count=6))).batch
+        chunk = [
+            keyed(0, "k-a"),
+            keyed(1, "k-b"),
+            keyed(2, "k-a"),
+            keyed(3, "k-a"),
+            item(4, task=TASK),
+            keyed(5, "k-c"),
+        ]
+        reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
+        assert reply.sealed
+        assert reply.accepted_count == 6
+        found = await outcomes(api, batch.friendly_id)
+    assert fail_open_count() - fell_open == 5  # every keyed item, counted
+    assert sorted(found) == list(range(6))
+    assert all(o.run_id for o in found.values())
+    assert found[0].outcome == ing.ITEM_OUTCOME_CREATED
+    assert found[2].run_id == found[3].run_id == found[0].run_id
+    assert found[2].outcome == found[3].outcome == ing.ITEM_OUTCOME_LINKED
+    # One run per distinct key, and the unkeyed item's: four runs in Postgres for six items.
+    runs = await runs_in_postgres(suite.stack, env.env_id)
+    assert sorted(runs) == sorted({body(o.run_id) for o in found.values()})
+    assert len(runs) == 4
+    for key in ("k-a", "k-b", "k-c"):
+        assert len(await runs_with_key(suite, env.env_id, key)) == 1

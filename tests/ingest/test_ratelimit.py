@@ -1,5 +1,6 @@
 """The per-organization token bucket against real Redis (standalone and Cluster): refill
-arithmetic, concurrent charges never over-spend, RetryInfo, refusals."""
+arithmetic, concurrent charges never over-spend, RetryInfo, refusals; a replayed CreateBatch is
+not charged, through any ingest process."""
 
 from __future__ import annotations
 
@@ -13,13 +14,23 @@ import redis.asyncio as aioredis
 from google.rpc import error_details_pb2, status_pb2
 from redis.asyncio.cluster import RedisCluster
 
-from runops.kit.errors import InvalidArgument, ResourceExhausted, Unavailable, rich_status
+from runops.ingest.v1 import ingest_pb2 as ing
+from runops.kit.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    details_of,
+    rich_status,
+)
 from runops.kit.redis import connect_redis
 from runops.kit.settings import load_settings
 from runops.localstack import LocalStack
 from runops.localstack.ports import HOST, free_port
 from services.ingest.ratelimit import TokenBucket, bucket_from_settings
 from services.ingest.settings import IngestSettings
+from tests.controlplane.harness import Seeded
+from tests.harness import expect_error
+from tests.ingest.harness import Suite, ingest_in_process, stub
 
 SECOND = 1_000_000  # microseconds
 
@@ -167,3 +178,66 @@ async def test_client_and_bucket_from_settings(stack: LocalStack) -> None:
         assert (await bucket.charge(org(), settings.max_run_count)).allowed
     finally:
         await client.aclose()
+
+
+# 100 tokens, and a refill slow enough to read "unchanged".
+SMALL_SLOW_BUCKET: dict[str, Any] = {
+    "rate_limit_capacity": 100,
+    "max_run_count": 100,
+    "rate_limit_refill_per_second": 0.001,
+}
+
+
+async def tokens_held(redis: Any, organization_id: str) -> float:
+    return float(await redis.hget(TokenBucket.key(organization_id), "tokens"))
+
+
+async def test_a_replayed_create_batch_is_not_charged_through_any_process(
+    suite: Suite, seeded: Seeded
+) -> None:
+    # Two ingest processes on one Redis.
+    async with (
+        ingest_in_process(suite, **SMALL_SLOW_BUCKET) as one,
+        ingest_in_process(suite, **SMALL_SLOW_BUCKET) as other,
+    ):
+        first, second = stub(one.app.target, seeded.api_key), stub(other.app.target, seeded.api_key)
+        made = await first.CreateBatch(ing.CreateBatchRequest(run_count=60, idempotency_key="k"))
+        assert not made.is_cached
+        await first.CreateBatch(ing.CreateBatchRequest(run_count=40))  # the bucket is empty now
+        exc = await expect_error(
+            second.CreateBatch(ing.CreateBatchRequest(run_count=1)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert details_of(exc).reason == "BATCH_RATE_LIMITED"
+        before = await tokens_held(one.redis, seeded.org_id)
+        assert before < 1
+        for api in (first, second, second):
+            replay = await api.CreateBatch(
+                ing.CreateBatchRequest(run_count=60, idempotency_key="k")
+            )
+            assert replay.is_cached
+            assert replay.batch.friendly_id == made.batch.friendly_id
+        assert await tokens_held(one.redis, seeded.org_id) == pytest.approx(before, abs=0.1)
+
+
+async def test_a_replay_charged_before_its_key_was_known_is_refunded(
+    suite: Suite, seeded: Seeded
+) -> None:
+    async with ingest_in_process(suite, **SMALL_SLOW_BUCKET) as one:
+        api = stub(one.app.target, seeded.api_key)
+        made = await api.CreateBatch(ing.CreateBatchRequest(run_count=30, idempotency_key="r"))
+        before = await tokens_held(one.redis, seeded.org_id)
+        assert before == pytest.approx(70, abs=0.1)
+        # As if a concurrent create through another process had not left its marker yet.
+        marker = TokenBucket.replay_key(seeded.org_id, seeded.env_id, "r")
+        assert await one.redis.get(marker) == made.batch.id.encode()
+        await one.redis.delete(marker)
+        replay = await api.CreateBatch(ing.CreateBatchRequest(run_count=30, idempotency_key="r"))
+        assert replay.is_cached
+        assert replay.batch.friendly_id == made.batch.friendly_id
+        assert await tokens_held(one.redis, seeded.org_id) == pytest.approx(before, abs=0.1)
+        # Remembered again: with the bucket empty, the next replay is still answered.
+        assert await one.redis.get(marker) == made.batch.id.encode()
+        await api.CreateBatch(ing.CreateBatchRequest(run_count=70))
+        replay = await api.CreateBatch(ing.CreateBatchRequest(run_count=30, idempotency_key="r"))
+        assert replay.is_cached

@@ -89,8 +89,16 @@ def test_unknown_status_is_our_bug(status: int) -> None:
 
 
 def test_aborted_is_failed_precondition() -> None:
-    err = aborted_error("batch_abc")
+    err = aborted_error(
+        c.Batch(
+            friendly_id="batch_abc",
+            status=ABORTED,
+            aborted_reason=c.BATCH_ABORTED_REASON_SEAL_TIMEOUT,
+            error_message="expected 10 items, 4 arrived",
+        )
+    )
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert err.reason == "BATCH_ABORTED"
-    assert err.metadata == {"batch_id": "batch_abc"}
+    assert err.metadata == {"batch_id": "batch_abc", "aborted_reason": "SEAL_TIMEOUT"}
     assert "create a new batch" in err.message
+    assert "(expected 10 items, 4 arrived)" in err.message

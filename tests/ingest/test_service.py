@@ -288,17 +288,34 @@ async def test_token_bucket_refuses_with_retry_info(suite: Suite, seeded: Seeded
         assert d.retry_after > 0
 
 
-async def test_aborted_batch_is_failed_precondition(api: Stub, seeded: Seeded) -> None:
+async def test_aborted_batch_is_failed_precondition_for_the_sealing_stream_and_retries(
+    api: Stub, seeded: Seeded
+) -> None:
     batch = await create(api, 2)
-    # Every item pre-failed: sealed ABORTED (EVERY_ITEM_FAILED).
+    # Every item pre-failed: the seal makes it ABORTED (EVERY_ITEM_FAILED), and the stream that
+    # sealed it answers as every retry does.
     big = b"z" * 20000
-    reply = await api.StreamBatchItems(requests(batch.id, items([0, 1], payload=big)))
-    assert reply.sealed
-    assert reply.status == common_pb2.BATCH_STATUS_ABORTED
-    exc = await expect_error(
-        api.StreamBatchItems(requests(batch.id)), grpc.StatusCode.FAILED_PRECONDITION
-    )
-    assert details_of(exc).reason == "BATCH_ABORTED"
+    answers = [
+        details_of(
+            await expect_error(api.StreamBatchItems(stream), grpc.StatusCode.FAILED_PRECONDITION)
+        )
+        for stream in (
+            requests(batch.id, items([0, 1], payload=big)),
+            requests(batch.id),
+            requests(batch.friendly_id, items([0, 1])),
+        )
+    ]
+    for answer in answers:
+        assert answer.reason == "BATCH_ABORTED"
+        assert answer.metadata == {
+            "batch_id": batch.friendly_id,
+            "aborted_reason": "EVERY_ITEM_FAILED",
+        }
+        assert answer.message == answers[0].message
+    assert f"batch {batch.friendly_id} was aborted (every item failed)" in answers[0].message
+    after = (await api.GetBatch(ing.GetBatchRequest(batch_id=batch.friendly_id))).batch
+    assert after.status == common_pb2.BATCH_STATUS_ABORTED
+    assert after.accepted_count == 2
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])

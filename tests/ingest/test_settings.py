@@ -90,6 +90,16 @@ def test_variables_are_read(env: pytest.MonkeyPatch) -> None:
             "RUNOPS_MAX_CHUNK_BYTES: Value error, must not exceed RUNOPS_MAX_MESSAGE_BYTES",
         ),
         (
+            {"RUNOPS_MAX_ITEM_PAYLOAD_BYTES": str(16 * 1024 * 1024)},
+            "RUNOPS_MAX_ITEM_PAYLOAD_BYTES: Value error, must be less than "
+            "RUNOPS_MAX_MESSAGE_BYTES (16777216)",
+        ),
+        (
+            {"RUNOPS_MAX_MESSAGE_BYTES": str(2 * 1024 * 1024)},
+            "RUNOPS_MAX_ITEM_PAYLOAD_BYTES: Value error, must be less than "
+            "RUNOPS_MAX_MESSAGE_BYTES (2097152)",
+        ),
+        (
             {"RUNOPS_RATE_LIMIT_CAPACITY": "1000"},
             "RUNOPS_RATE_LIMIT_CAPACITY: Value error, must be at least RUNOPS_MAX_RUN_COUNT",
         ),

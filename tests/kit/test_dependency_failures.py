@@ -185,6 +185,23 @@ async def redis_stopped_mid_use(deps: Dependencies) -> None:
         await observer.aclose()
 
 
+async def redis_read_only_replica(deps: Dependencies) -> None:
+    """A write to a redis-server that is a replica (a failover demoted it under the client):
+    READONLY."""
+    primary = RedisServer(deps.tmp / f"primary-{secrets.token_hex(3)}")
+    replica = RedisServer(deps.tmp / f"replica-{secrets.token_hex(3)}")
+    await asyncio.to_thread(primary.start)
+    await asyncio.to_thread(replica.start)
+    client = _redis(replica.url)
+    try:
+        await client.replicaof("127.0.0.1", primary.port)
+        await client.set("probe", "1")
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(replica.stop)
+        await asyncio.to_thread(primary.stop)
+
+
 async def connection_lost_while_idle(deps: Dependencies) -> None:
     """A connection whose backend was ended between two queries."""
     async with deps.connection() as admin, deps.connection() as conn:
@@ -237,6 +254,7 @@ TABLE: dict[str, tuple[Provocation, Expected]] = {
     "lost-idle-connection": (connection_lost_while_idle, UNAVAILABLE_DB),
     "redis-closed-port": (redis_closed_port, UNAVAILABLE_REDIS),
     "redis-stopped": (redis_stopped_mid_use, UNAVAILABLE_REDIS),
+    "redis-read-only": (redis_read_only_replica, UNAVAILABLE_REDIS),
 }
 # Retryable refusals tell the client when to retry; a statement that ran out of time would
 # only run out of time again.

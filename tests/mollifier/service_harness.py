@@ -8,17 +8,21 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.kit.ids import body_of
 from runops.localstack import LocalStack
+from runops.localstack.ports import HOST, free_port
 from runops.localstack.settings import ADMIN_TOKEN, INTERNAL_TOKEN, in_process_settings
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
 from services.mollifier.app import Mollifier, build_mollifier
 from services.mollifier.settings import MollifierSettings
+from services.runstore.app import RunStoreApp
 from tests.controlplane.harness import Seeded, seed
 from tests.controlplane.harness import stub as cp_stub
 from tests.harness import stub_on
+from tests.runstore.harness import start_on_stack
 
 if TYPE_CHECKING:
     from runops.mollifier.v1.mollifier_pb2_grpc import MollifierServiceAsyncStub
@@ -46,13 +50,44 @@ async def start_mollifier(**overrides: Any) -> Mollifier:
     return service
 
 
+class RunStoreOnPort:
+    """A run store of one test on the session stack, on a fixed port, which the test may stop
+    and start again (its clients reconnect to the same target)."""
+
+    def __init__(self, stack: LocalStack, **overrides: Any) -> None:
+        self._stack = stack
+        self._overrides = overrides
+        self.port = free_port()
+        self.app: RunStoreApp | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    async def start(self) -> None:
+        self.app = await start_on_stack(
+            self._stack, split=True, name="runstore-on-port", grpc_port=self.port, **self._overrides
+        )
+
+    async def stop(self) -> None:
+        if self.app is not None:
+            await self.app.app.stop(grace=0.5)
+            self.app = None
+
+
 def stub(target: str, token: str | None = INTERNAL_TOKEN) -> Stub:
     return stub_on(m_grpc.MollifierServiceStub, target, token)
 
 
-async def seeded_env(control_plane_target: str, *, enabled: bool, shadow: bool = False) -> Seeded:
+async def seeded_env(
+    control_plane_target: str,
+    *,
+    enabled: bool,
+    shadow: bool = False,
+    env_type: common_pb2.EnvironmentType.ValueType = common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT,
+) -> Seeded:
     admin = cp_stub(control_plane_target, ADMIN_TOKEN)
-    seeded = await seed(admin)
+    seeded = await seed(admin, env_type)
     await admin.SetOrganizationFlags(
         cp.SetOrganizationFlagsRequest(
             organization_id=seeded.org_id,

@@ -17,7 +17,7 @@ Each tick:
 
 A writer that raises (the run store is down) requeues everything held without counting an
 attempt: an outage must not turn runs into failures. Any failed write backs off 100 ms doubling
-to 5 s. Several drainers are safe at once (pop is atomic; requeue acts only on the owner's
+to 5 s: the next write waits, even one whose batch was taken while the failure was settled. Several drainers are safe at once (pop is atomic; requeue acts only on the owner's
 entries; ack finishes whoever holds it, and run ids make a repeated write a no-op in the run
 store). `request_stop()` ends the loop once the ticks in flight are written and settled; a
 cancelled tick requeues what it holds.
@@ -161,8 +161,9 @@ class Drainer:
         self._org_turn = 0
         self._env_turn: dict[str, int] = defaultdict(int)
         self._next_recovery = 0.0
-        # Failed ticks in a row (the backoff's input).
+        # Failed ticks in a row (the backoff's input), and when the next write may start.
         self.failures = 0
+        self._resume_at = 0.0
         self._stop = asyncio.Event()
 
     # -- one tick ---------------------------------------------------------------------------
@@ -263,6 +264,7 @@ class Drainer:
             raise
         except Exception as exc:
             log.warning("run writer failed; requeued the tick", error=repr(exc), drainer=self.name)
+            self._back_off()
             report.requeued = await self._requeue_all(held, owner, f"write failed: {exc!r}")
             return report
         await self._settle(items, results, owner, report)
@@ -332,6 +334,8 @@ class Drainer:
             ),
         ]
         await asyncio.gather(*ops)
+        if requeues:
+            self._back_off()
         report.requeued = sum(await asyncio.gather(*requeues))
         report.written = sum(len(ids) for ids in done.values())
         report.failed = sum(len(ids) for ids in failed.values())
@@ -370,6 +374,9 @@ class Drainer:
                 if ready is not None:
                     ready.set()
                 if not batch.empty:
+                    # A write that failed while this batch was taken may have requeued what it
+                    # popped: wait out the backoff, or a fast failure would retry at once.
+                    await self._sleep(self._resume_at - time.monotonic())
                     writes.add(asyncio.create_task(self.write(batch)))
                     continue
                 if writes:
@@ -400,6 +407,7 @@ class Drainer:
             except redis.exceptions.RedisError as exc:
                 # Settling failed: what was not acked comes back through the visibility timeout.
                 log.warning("drainer tick failed", error=repr(exc))
+                self._back_off()
                 retried = True
                 continue
             except Exception as exc:
@@ -411,8 +419,13 @@ class Drainer:
         if not retried:
             self.failures = 0
             return None
+        return self._resume_at - time.monotonic()
+
+    def _back_off(self) -> None:
+        """A write failed: the next one waits out the backoff. Set before its entries are
+        requeued, so a take in flight that pops them again already sees it."""
         self.failures += 1
-        return self.backoff.compute(self.failures)
+        self._resume_at = time.monotonic() + self.backoff.compute(self.failures)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -26,11 +26,14 @@ from runops.controlplane.cache import (
 from runops.controlplane.model import (
     ENVIRONMENT_NOT_FOUND,
     INVALID_API_KEY,
+    NO_CURRENT_WORKER,
     ORGANIZATION_NOT_FOUND,
+    WORKER_NOT_FOUND,
     WorkerResolution,
     environment_not_found,
     hash_api_key,
     invalid_api_key,
+    no_worker,
     organization_not_found,
     select_tasks,
 )
@@ -40,7 +43,7 @@ from runops.kit.background import Worker
 from runops.kit.backoff import ExponentialBackoff
 from runops.kit.cache import Loaded
 from runops.kit.clients import ServiceClient
-from runops.kit.errors import NotFound, details_of
+from runops.kit.errors import FailedPrecondition, NotFound, details_of
 
 log = structlog.get_logger("runops.controlplane.client")
 
@@ -170,18 +173,25 @@ class ControlPlaneClient(ServiceClient):
         self, environment_id: str, *, worker: str = "", task_identifiers: Sequence[str] = ()
     ) -> WorkerResolution:
         """The worker new runs lock to and its task defaults (only `task_identifiers`, in that
-        order, when given). Domain errors (NOT_FOUND, FAILED_PRECONDITION) pass through."""
+        order, when given). Domain errors (NOT_FOUND, FAILED_PRECONDITION) pass through; "no
+        such worker" and "no current worker yet" are cached as absence, as the server does."""
         env = await self.get_environment(environment_id)
         if env is None:
             raise environment_not_found(environment_id)
 
         async def load() -> Loaded[WorkerResolution]:
             request = cp.ResolveWorkerVersionRequest(environment_id=environment_id, worker=worker)
-            reply = await self._call(self.stub.ResolveWorkerVersion, request)
+            try:
+                reply = await self._call(self.stub.ResolveWorkerVersion, request)
+            except (NotFound, FailedPrecondition) as err:
+                if err.reason not in (WORKER_NOT_FOUND, NO_CURRENT_WORKER):
+                    raise
+                return loaded_worker(env, None)
             return loaded_worker(env, (reply.worker, tuple(reply.tasks)))
 
         resolution = await self.cache.workers.get((environment_id, worker), load)
-        assert resolution is not None  # absence is an error, never cached
+        if resolution is None:
+            raise no_worker(env, worker)
         return select_tasks(resolution, task_identifiers)
 
     async def get_organization_flags(self, organization_id: str) -> cp.OrganizationFlags:

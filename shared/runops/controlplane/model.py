@@ -7,8 +7,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from runops.common.v1 import common_pb2
 from runops.controlplane.v1 import controlplane_pb2 as cp
-from runops.kit.errors import FieldViolation, NotFound, Unauthenticated, not_found
+from runops.kit.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    NotFound,
+    Unauthenticated,
+    not_found,
+)
 
 WorkerResolution = tuple[cp.BackgroundWorker, tuple[cp.TaskDefinition, ...]]
 
@@ -17,6 +24,8 @@ WorkerResolution = tuple[cp.BackgroundWorker, tuple[cp.TaskDefinition, ...]]
 INVALID_API_KEY = "INVALID_API_KEY"
 ENVIRONMENT_NOT_FOUND = "ENVIRONMENT_NOT_FOUND"
 ORGANIZATION_NOT_FOUND = "ORGANIZATION_NOT_FOUND"
+WORKER_NOT_FOUND = "WORKER_NOT_FOUND"
+NO_CURRENT_WORKER = "NO_CURRENT_WORKER"
 
 
 def invalid_api_key() -> Unauthenticated:
@@ -31,6 +40,30 @@ def environment_not_found(environment_id: str) -> NotFound:
 
 def organization_not_found(organization_id: str) -> NotFound:
     return not_found("organization", organization_id, "organization_id")
+
+
+def no_worker(env: cp.Environment, worker: str) -> NotFound | FailedPrecondition:
+    """The refusal of a worker resolution that found none: `worker` names no worker of `env`
+    (WORKER_NOT_FOUND), or `env` has no current one yet (NO_CURRENT_WORKER)."""
+    if worker:
+        return NotFound(
+            f"environment {env.id} has no worker {worker!r}",
+            reason=WORKER_NOT_FOUND,
+            violations=[
+                FieldViolation("worker", "matches no worker id or version of the environment")
+            ],
+        )
+    return FailedPrecondition(
+        f"environment {env.id} has no "
+        + (
+            "registered worker"
+            if env.type == common_pb2.ENVIRONMENT_TYPE_DEVELOPMENT
+            else "promoted current worker"
+        )
+        + " yet: register (and in deployed environments promote) one first",
+        reason=NO_CURRENT_WORKER,
+        metadata={"environment_id": env.id},
+    )
 
 
 def hash_api_key(api_key: str) -> bytes:

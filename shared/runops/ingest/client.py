@@ -10,8 +10,9 @@ count and bytes (`runops.ingest.chunking`), so a batch is never held in memory.
 
 Retries: UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED (and ABORTED) are retried up to
 `attempts` times (default 5) with exponential backoff and jitter (1 s doubling to 30 s), waiting
-what the server's RetryInfo says when it says. Anything else raises `IngestError` at once; when
-the attempts are spent, `GaveUp`. After a failed stream the client asks the server what is
+what the server's RetryInfo says when it says. Anything else raises `IngestError` at once
+(`BatchAborted` for an aborted batch, a cached one included); when the attempts are spent,
+`GaveUp`. After a failed stream the client asks the server what is
 missing (a header-only stream) and resends only those indexes; after `sealed: false` it resends
 the ranges the answer names.
 
@@ -42,6 +43,7 @@ from runops.ingest.chunking import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, achunk_
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.backoff import ExponentialBackoff, Retry
+from runops.kit.channels import DEFAULT_MAX_MESSAGE_BYTES
 from runops.kit.clients import ServiceClient
 from runops.kit.errors import ErrorDetails, details_of, retry_delay
 from runops.kit.limits import FINAL_BATCH_STATUSES
@@ -84,6 +86,8 @@ def _retryable_rpc(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and retryable(details_of(exc))
 
 
+# The service's reason for a stream to an ABORTED batch (FAILED_PRECONDITION).
+ABORTED = "BATCH_ABORTED"
 DEFAULT_ATTEMPTS = 5
 DEFAULT_BACKOFF = ExponentialBackoff(base=1.0, cap=30.0, jitter=0.5)
 DONE_STATUSES = frozenset(
@@ -117,6 +121,55 @@ class GaveUp(IngestError):
             details,
         )
         self.attempts = attempts
+
+
+class BatchAborted(IngestError):
+    """The batch was aborted (`aborted_reason`: EVERY_ITEM_FAILED or SEAL_TIMEOUT): nothing more
+    can be written to it; create a new batch (a new idempotency key). Raised for a fresh batch
+    the stream sealed and for a cached one alike, with the service's words."""
+
+    def __init__(
+        self, batch_id: str, aborted_reason: str, message: str, details: ErrorDetails | None = None
+    ) -> None:
+        super().__init__(message, details)
+        self.batch_id = batch_id
+        self.aborted_reason = aborted_reason
+
+    @classmethod
+    def of_batch(cls, batch: common_pb2.Batch) -> BatchAborted:
+        """A cached batch found ABORTED (worded as the service words a stream's refusal)."""
+        reason = common_pb2.BatchAbortedReason.Name(batch.aborted_reason)
+        reason = reason.removeprefix("BATCH_ABORTED_REASON_")
+        why = batch.error_message or reason.lower().replace("_", " ")
+        message = f"batch {batch.friendly_id} was aborted ({why}); create a new batch"
+        return cls(batch.friendly_id, reason, message)
+
+    @classmethod
+    def of_details(cls, details: ErrorDetails) -> BatchAborted:
+        """The service's FAILED_PRECONDITION `BATCH_ABORTED` (its metadata names both)."""
+        return cls(
+            details.metadata.get("batch_id", ""),
+            details.metadata.get("aborted_reason", "UNSPECIFIED"),
+            details.message,
+            details,
+        )
+
+
+class ItemTooLarge(IngestError):
+    """An item that cannot fit in one gRPC message (the channel's and the server's limit):
+    refused before it is sent, never retried. Below that limit the server decides (above its
+    item maximum the item becomes a pre-failed PAYLOAD_TOO_LARGE run)."""
+
+    def __init__(self, batch_id: str, index: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"batch {batch_id}: item {index} needs a {size}-byte message, above the "
+            f"{limit}-byte gRPC message limit; shrink its payload (store it elsewhere and send "
+            "a reference)"
+        )
+        self.batch_id = batch_id
+        self.index = index
+        self.size = size
+        self.limit = limit
 
 
 class CannotResend(IngestError):
@@ -182,16 +235,25 @@ class IngestClient(ServiceClient):
         max_items: int = DEFAULT_MAX_ITEMS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        """`timeout`: per call (a stream included); None: the channel's (`ServiceClient`)."""
+        """`timeout`: per call (a stream included); None: the channel's (`ServiceClient`).
+        `max_message_bytes`: the largest message the server takes (its RUNOPS_MAX_MESSAGE_BYTES,
+        and the kit channel's send limit): an item that cannot fit alone raises `ItemTooLarge`;
+        `max_bytes` (a chunk) must fit in it."""
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
+        if max_bytes > max_message_bytes:
+            raise ValueError(
+                f"max_bytes ({max_bytes}) must not exceed max_message_bytes ({max_message_bytes})"
+            )
         super().__init__(target, token=api_key, channel=channel, timeout=timeout)
         self.stub: Stub = ing_grpc.BatchIngestServiceStub(self._channel)
         self.attempts = attempts
         self.backoff = backoff
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.max_message_bytes = max_message_bytes
 
     # -- retries --------------------------------------------------------------------------------
     def _retry(self, what: str) -> Retry:
@@ -213,8 +275,11 @@ class IngestClient(ServiceClient):
         )
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str) -> Exception:
-        """Any failure not retried (or not retryable) is an IngestError."""
+        """Any failure not retried (or not retryable) is an IngestError (BatchAborted for an
+        aborted batch)."""
         details = details_of(exc)
+        if details.code == grpc.StatusCode.FAILED_PRECONDITION and details.reason == ABORTED:
+            return BatchAborted.of_details(details)
         return IngestError(f"{what}: {details.code.name}: {details.message}", details)
 
     # -- Phase 1 --------------------------------------------------------------------------------
@@ -267,11 +332,17 @@ class IngestClient(ServiceClient):
             nonlocal todo, ask, last_accepted
             while True:
                 source = None if ask else self._source(items, items_for, todo, batch_id)
-                requests = self._requests(batch_id, source, progress)
+                refused: list[ItemTooLarge] = []
+                requests = self._requests(batch_id, source, progress, refused)
                 tally.streams += 1
                 try:
                     reply = await self.stub.StreamBatchItems(requests, timeout=self.timeout)
-                except grpc.aio.AioRpcError as exc:
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+                    # grpc cancels the call when the request iterator raises: say why.
+                    if refused:
+                        raise refused[0] from None
+                    if not isinstance(exc, grpc.aio.AioRpcError):
+                        raise
                     details = details_of(exc)
                     if retryable(details):
                         tally.retries += 1
@@ -314,13 +385,24 @@ class IngestClient(ServiceClient):
         return filter_items(produced, ranges)
 
     async def _requests(
-        self, batch_id: str, items: Items | None, progress: Callable[[int], None] | None
+        self,
+        batch_id: str,
+        items: Items | None,
+        progress: Callable[[int], None] | None,
+        refused: list[ItemTooLarge],
     ) -> AsyncIterator[ing.StreamBatchItemsRequest]:
+        """The stream's messages; an item too large for any message is put in `refused` and
+        raised (grpc then cancels the call)."""
         yield ing.StreamBatchItemsRequest(header=ing.StreamHeader(batch_id=batch_id))
         if items is None:
             return
         async for chunk in achunk_items(items, max_items=self.max_items, max_bytes=self.max_bytes):
-            yield ing.StreamBatchItemsRequest(chunk=ing.ItemChunk(items=chunk))
+            request = ing.StreamBatchItemsRequest(chunk=ing.ItemChunk(items=chunk))
+            # Only an item alone in its chunk can exceed it: a chunk of several is max_bytes.
+            if len(chunk) == 1 and (size := request.ByteSize()) > self.max_message_bytes:
+                refused.append(ItemTooLarge(batch_id, chunk[0].index, size, self.max_message_bytes))
+                raise refused[0]
+            yield request
             if progress is not None:
                 progress(len(chunk))
 
@@ -337,7 +419,8 @@ class IngestClient(ServiceClient):
         progress: Callable[[int], None] | None = None,
     ) -> BatchResult:
         """Phase 1 then Phase 2. A replayed idempotency key whose batch is already sealed skips
-        Phase 2 (its answer is the batch's state)."""
+        Phase 2 (its answer is the batch's state). An aborted batch, cached or sealed by this
+        call, raises `BatchAborted`."""
         created = await self.create_batch(
             run_count,
             idempotency_key=idempotency_key or f"runops-client-{uuid.uuid4().hex}",
@@ -347,6 +430,8 @@ class IngestClient(ServiceClient):
         )
         batch = created.batch
         result = BatchResult(batch.friendly_id, created, ing.StreamBatchItemsResponse())
+        if batch.status == common_pb2.BATCH_STATUS_ABORTED:
+            raise BatchAborted.of_batch(batch)
         if created.is_cached and (batch.sealed or batch.status in DONE_STATUSES):
             result.response = ing.StreamBatchItemsResponse(
                 batch_id=batch.friendly_id,

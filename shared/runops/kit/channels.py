@@ -85,11 +85,14 @@ def propagating_interceptors(token: str | None) -> list[grpc.aio.ClientIntercept
     return [cls(token) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
+# The largest message a kit channel sends or receives unless told otherwise: the same as the
+# servers' default RUNOPS_MAX_MESSAGE_BYTES.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # The channel's default service config (a resolver-supplied one would win; DNS gives none).
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
-def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, Any]]:
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     return [
         ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -109,7 +112,7 @@ def create_channel(
     target: str,
     *,
     token: str | None = None,
-    max_message_bytes: int = 16 * 1024 * 1024,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     extra_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """An insecure (in-cluster) channel whose calls carry `token` as a bearer credential and

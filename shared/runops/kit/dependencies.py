@@ -59,6 +59,9 @@ def is_connection_failure(exc: BaseException) -> bool:
 
 _REDIS_UNAVAILABLE = (
     redis.exceptions.ConnectionError,
+    # READONLY: a replica answered a write (a failover demoted the node under the client, or a
+    # stale endpoint): unavailable for writes until the client reaches the new primary.
+    redis.exceptions.ReadOnlyError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ClusterDownError,

@@ -135,7 +135,9 @@ class RunInput(_message.Message):
     root_run_id: _builtins.str
     resume_parent_on_completion: _builtins.bool
     worker_version: _builtins.str
-    """Worker version the run locks to, when resolved."""
+    """The worker version whose task defaults follow (Run.worker_version), when resolved. The
+    run locks to a version only through options.lock_to_version.
+    """
     default_max_attempts: _builtins.int
     default_queue: _builtins.str
     default_machine_preset: _builtins.str
@@ -143,7 +145,7 @@ class RunInput(_message.Message):
     def options(self) -> _common_pb2.TriggerOptions: ...
     @_builtins.property
     def default_ttl(self) -> _duration_pb2.Duration:
-        """Defaults resolved from the task definition."""
+        """Defaults resolved from the task definition; an option the caller set wins over them."""
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
