@@ -762,9 +762,9 @@ class RunStore:
         was written nowhere (a buffered run that never drained, or resolved to another run
         after the item linked to it) complete the waitpoint with an error naming their indexes.
         So a batch-and-wait ends one way or the other. How many batches were failed."""
-        batch_ids = await db.write(
-            lambda conn: self.tables.due_processing_batches(conn, threshold, limit)
-        )
+        # On the writer pool, not through the router: a background step that usually changes
+        # nothing must not make this process's default reads wait for the replica.
+        batch_ids = await self.tables.due_processing_batches(db.router.writer, threshold, limit)
         if not batch_ids:
             return 0
         repaired = await db.write(lambda conn: self.tables.repair_batch_counts(conn, batch_ids))
