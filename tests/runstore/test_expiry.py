@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from runops.common.v1 import common_pb2
-from runops.kit.ids import Residency
+from runops.kit.ids import Residency, mint_body
 from runops.localstack import LocalStack
 from runops.runstore.v1 import runstore_pb2 as rs
+from services.runstore.rows import RunRow
+from services.runstore.tables import RunTables
 from tests.harness import until
 from tests.runstore.harness import (
     RYW,
@@ -207,3 +210,36 @@ async def test_expiry_and_run_waitpoints_work_in_single_database_mode(single: St
     assert (await expired(single, run)).error.code == "TASK_RUN_EXPIRED"
     waitpoint = await get_waitpoint(single, run.waitpoint_id, env)
     assert waitpoint.output_is_error
+
+
+async def test_expiry_steps_are_batched_and_only_the_lease_holder_works(
+    pool: asyncpg.Pool,
+) -> None:
+    tables = RunTables()
+    lease = timedelta(seconds=30)
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    due = [
+        RunRow(
+            id=mint_body(Residency.NEW),
+            environment_id="env_x",
+            organization_id="org_1",
+            project_id="proj_1",
+            task_identifier="email/send",
+            ttl_ms=1000,
+            created_at=past,
+        )
+        for _ in range(5)
+    ]
+    await tables.create_runs(pool, due)
+    assert await tables.expire_runs(pool, holder="b", lease_ttl=lease, limit=2) is not None
+    assert await tables.expire_runs(pool, holder="a", lease_ttl=lease, limit=2) is None
+    await tables.release_expiry_lease(pool, "b")
+    steps = [await tables.expire_runs(pool, holder="a", lease_ttl=lease, limit=2) for _ in range(3)]
+    expired = [run_id for step in steps for run_id in step or []]
+    # The first step of "b" took two already.
+    assert [len(step or []) for step in steps] == [2, 1, 0]
+    assert len(set(expired)) == 3
+    statuses = await pool.fetch(
+        "SELECT status FROM runs WHERE id = ANY($1::text[])", [row.id for row in due]
+    )
+    assert {r["status"] for r in statuses} == {"EXPIRED"}
