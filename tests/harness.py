@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -84,3 +85,13 @@ async def private_postgres(
         yield pg
     finally:
         await asyncio.to_thread(pg.stop)
+
+
+# A line structlog's default logger prints: in-process services log to the test process's
+# stdout (it configures no logging), where a CLI test also reads the command's output.
+_LOG_LINE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[")
+
+
+def without_log_lines(text: str) -> str:
+    """Captured output without the lines in-process services logged into it."""
+    return "".join(line for line in text.splitlines(True) if not _LOG_LINE.match(line))

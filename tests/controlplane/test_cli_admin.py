@@ -18,6 +18,7 @@ from runops.controlplane.v1 import controlplane_pb2 as cp
 from runops.controlplane.v1.controlplane_pb2_grpc import ControlPlaneServiceStub
 from runops.kit.channels import create_channel
 from runops.localstack import LocalStack
+from runops.localstack.ports import free_port
 from runops.localstack.services import ServiceProcess
 from runops.localstack.settings import ADMIN_TOKEN, INTERNAL_TOKEN
 from services.controlplane.app import ControlPlane
@@ -219,3 +220,32 @@ async def test_seed_demo(
     assert got.environment.organization.slug.startswith("demo-")
 
     assert await seed_demo_async(UpContext(stack=stack, services=[])) is None
+
+
+async def test_each_bad_input_is_one_error_line(cli: Cli, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "runops.env").write_text(f"export {TARGET_ENV}='unterminated\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "runops.env").write_text("")
+    closed = f"127.0.0.1:{free_port()}"
+    connect = ["--target", cli.target, "--admin-token", ADMIN_TOKEN]
+    cases = [
+        # (argv, exit code, what stderr says)
+        (["get-env", "--env", "env_unknown", *connect], 1, "environment env_unknown does not exist"),
+        (["get-env", "--env", "env_x", "--target", closed, "--admin-token", ADMIN_TOKEN], 1,
+         f"(is the control plane running at {closed}?)"),
+        (["get-env", "--env", "env_x", "--state-dir", str(broken)], 2,
+         "runops.env:1: No closing quotation"),
+        (["get-env", "--env", "env_x", "--state-dir", str(empty)], 2, "no control-plane target"),
+        (["set-flags", "--org", "org_x", "--mollifier-enabled", "maybe", *connect], 2,
+         "expected true or false, got 'maybe'"),
+        (["get-env", *connect], 2, "the following arguments are required: --env"),
+    ]  # fmt: skip
+    for argv, wanted_code, wanted in cases:
+        code, out, err = await cli(*argv, connect=False)
+        assert (code, out) == (wanted_code, ""), (argv, err)
+        assert "Traceback" not in err
+        assert len([line for line in err.splitlines() if "error: " in line]) == 1, err
+        assert wanted in err, (argv, err)

@@ -56,7 +56,8 @@ def endpoints(request: pytest.FixtureRequest) -> Iterator[Endpoints]:
             if not s.companion:
                 url = f"http://{HOST}:{s.metrics_port}/metrics"
                 metrics[s.name] = (*metrics.get(s.name, ()), url)
-        yield Endpoints.from_env(read_env_file(env_file), str(env_file), metrics)
+        logs = tuple(s.log_file for s in ctx.services)
+        yield Endpoints.from_env(read_env_file(env_file), str(env_file), metrics, logs)
     finally:
         stop_services(ctx.services)
 

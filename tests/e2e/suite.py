@@ -72,8 +72,9 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Endpoints:
-    """The suite under test. `metrics`: each server process's metrics URL by service, known
-    only for the suite the tests started themselves (empty against an env file's)."""
+    """The suite under test. `metrics`: each server process's metrics URL by service, and
+    `logs`: every process's log file, known only for the suite the tests started themselves
+    (empty against an env file's)."""
 
     controlplane: str
     runstore: str
@@ -83,10 +84,15 @@ class Endpoints:
     internal_token: str
     source: str
     metrics: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    logs: tuple[Path, ...] = ()
 
     @classmethod
     def from_env(
-        cls, env: Mapping[str, str], source: str, metrics: Mapping[str, tuple[str, ...]] = {}
+        cls,
+        env: Mapping[str, str],
+        source: str,
+        metrics: Mapping[str, tuple[str, ...]] = {},
+        logs: tuple[Path, ...] = (),
     ) -> Endpoints:
         missing = [name for name in REQUIRED if not env.get(name)]
         if missing:
@@ -100,6 +106,7 @@ class Endpoints:
             internal_token=env["RUNOPS_INTERNAL_TOKEN"],
             source=source,
             metrics=dict(metrics),
+            logs=logs,
         )
 
 

@@ -12,14 +12,14 @@ import json
 import os
 import secrets
 import shlex
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runops.cli.errors import UsageError, print_error, report_call_failure
+
 if TYPE_CHECKING:
-    import grpc
     from google.protobuf.message import Message
 
     from runops.common.v1.common_pb2 import EnvironmentType
@@ -33,10 +33,6 @@ ENV_TYPES = ("development", "staging", "preview", "production")
 CALL_TIMEOUT_SECONDS = 15.0
 SLUG_LIMIT = 64
 KEY_NOTE = "(shown only once: store it now; `runops admin rotate-key` issues a new one)"
-
-
-class UsageError(Exception):
-    """A bad invocation (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -206,12 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- connection ----------------------------------------------------------------------------------
 def read_env_file(path: Path) -> dict[str, str]:
-    """`export NAME=value` lines (as `runops up` writes them) as a dict."""
+    """`export NAME=value` lines (as `runops up` writes them) as a dict; UsageError naming the
+    line that is not one."""
     values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from exc
+    for number, line in enumerate(text.splitlines(), 1):
         name, sep, value = line.strip().removeprefix("export ").partition("=")
         if sep and name and not name.startswith("#"):
-            words = shlex.split(value)
+            try:
+                words = shlex.split(value)
+            except ValueError as exc:
+                raise UsageError(f"{path}:{number}: {exc} (expected export NAME=value)") from exc
             values[name.strip()] = words[0] if words else ""
     return values
 
@@ -357,22 +361,6 @@ async def _call(
     raise UsageError(f"unknown action {args.action!r}")
 
 
-def _report(exc: grpc.aio.AioRpcError, target: str) -> int:
-    import grpc
-
-    from runops.kit.errors import details_of
-
-    details = details_of(exc)
-    print(f"error: {details.message or details.code.name}", file=sys.stderr)
-    for violation in details.violations:
-        print(f"  {violation.field}: {violation.description}", file=sys.stderr)
-    if details.code == grpc.StatusCode.UNAVAILABLE:
-        print(f"  (is the control plane running at {target}?)", file=sys.stderr)
-    elif details.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        print(f"  (check --admin-token / {TOKEN_ENV})", file=sys.stderr)
-    return 2 if details.code == grpc.StatusCode.INVALID_ARGUMENT else 1
-
-
 async def execute(args: argparse.Namespace) -> int:
     """Runs parsed `admin` arguments; prints the result, or `error: ...` to stderr."""
     import grpc
@@ -380,17 +368,21 @@ async def execute(args: argparse.Namespace) -> int:
 
     from runops.controlplane.v1.controlplane_pb2_grpc import ControlPlaneServiceStub
     from runops.kit.channels import create_channel
+    from runops.kit.errors import details_of
 
     try:
         target, token = resolve_connection(args, os.environ)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     async with create_channel(target, token=token) as channel:
         try:
             lines, response = await _call(ControlPlaneServiceStub(channel), args)
         except grpc.aio.AioRpcError as exc:
-            return _report(exc, target)
+            credential = f"--admin-token / {TOKEN_ENV}"
+            return report_call_failure(
+                details_of(exc), service="control plane", target=target, credential=credential
+            )
     if args.json:
         data = response if isinstance(response, dict) else MessageToDict(response)
         print(json.dumps(data, indent=2))

@@ -4,7 +4,9 @@ batch ingest service from a shell, through `runops.ingest.client`.
 NDJSON items, one per line: `{"task": "email/send", "payload": <any JSON>, "payload_type":
 "application/json", "index": 7, "idempotency_key": "k"}`; only `task` is required (or
 --task), `index` defaults to the line number (0-based), `payload` is sent as its JSON text.
-The file is read lazily and read again to resend missing indexes (never held in memory).
+The file is read lazily and read again to resend missing indexes (never held in memory); every
+line is parsed once before the batch is created, so a bad line (`FILE:LINE: why`, exit 2) leaves
+no batch behind.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from runops.cli.admin import ENV_FILE, read_env_file
+from runops.cli.errors import UsageError
 
 if TYPE_CHECKING:
     from runops.ingest.client import IngestClient
@@ -30,10 +33,6 @@ KEY_ENVS = ("RUNOPS_API_KEY", "RUNOPS_DEMO_API_KEY")
 DEMO_ITEMS = 10_000
 DEMO_LARGE_EVERY = 500
 DEMO_LARGE_BYTES = 600 * 1024  # above the default offload threshold (512 KiB)
-
-
-class UsageError(Exception):
-    """A bad invocation (exit 2)."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +87,46 @@ def _connection(args: argparse.Namespace) -> tuple[str, str]:
     return target, key
 
 
+def _text(row: dict[str, Any], name: str, default: str = "") -> str:
+    value = row.get(name, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_item(line: bytes, position: int, default_task: str) -> ing.BatchItem:
+    """One NDJSON line as an item (`position`: its index unless it gives one); ValueError
+    saying what is wrong with it."""
+    from runops.common.v1 import common_pb2
+    from runops.ingest.v1 import ingest_pb2 as ing
+
+    try:
+        row = json.loads(line, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {json.dumps(row)[:40]}")
+    task = _text(row, "task") or default_task
+    if not task:
+        raise ValueError("no task (give one, or --task)")
+    index = row.get("index", position)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**32:
+        raise ValueError(f"index must be an integer from 0 to 2^32-1, got {json.dumps(index)}")
+    return ing.BatchItem(
+        index=index,
+        task=task,
+        payload=json.dumps(row.get("payload")).encode(),
+        payload_type=_text(row, "payload_type", "application/json"),
+        options=common_pb2.TriggerOptions(idempotency_key=_text(row, "idempotency_key")),
+    )
+
+
 class NdjsonItems:
     """The file's items, read again on every iteration (resends re-read it)."""
 
@@ -96,33 +135,22 @@ class NdjsonItems:
         self.default_task = default_task
 
     def count(self) -> int:
-        with self.path.open("rb") as lines:
-            return sum(1 for line in lines if line.strip())
+        """The number of items, every line parsed: a bad line is a UsageError naming it before
+        any batch exists (a line failing mid-stream would cancel the upload instead)."""
+        try:
+            return sum(1 for _ in self)
+        except OSError as exc:
+            raise UsageError(f"cannot read {self.path}: {exc}") from exc
 
     def __iter__(self) -> Iterator[ing.BatchItem]:
-        from runops.common.v1 import common_pb2
-        from runops.ingest.v1 import ingest_pb2 as ing
-
         with self.path.open("rb") as lines:
             position = 0
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                    task = row.get("task") or self.default_task
-                    if not task:
-                        raise ValueError("no task (give one, or --task)")
-                    yield ing.BatchItem(
-                        index=int(row.get("index", position)),
-                        task=task,
-                        payload=json.dumps(row.get("payload")).encode(),
-                        payload_type=row.get("payload_type", "application/json"),
-                        options=common_pb2.TriggerOptions(
-                            idempotency_key=row.get("idempotency_key", "")
-                        ),
-                    )
-                except (ValueError, AttributeError, TypeError) as exc:
+                    yield parse_item(line, position, self.default_task)
+                except ValueError as exc:
                     raise UsageError(f"{self.path}:{number}: {exc}") from exc
                 position += 1
 

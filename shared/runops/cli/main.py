@@ -8,14 +8,23 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
+from runops.cli.arguments import at_least_one
+
 # name -> (help, add its arguments, "module:function" taking the parsed args, returning an exit code)
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], str]
+
+
+def _state_dir(value: str) -> Path:
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} exists and is not a directory")
+    return path
 
 
 def _up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
-        type=Path,
+        type=_state_dir,
         default=None,
         help="where server data and logs go (default: a temporary directory removed on exit)",
     )
@@ -29,7 +38,7 @@ def _up_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replicas",
-        type=int,
+        type=at_least_one,
         default=1,
         help="server processes per service, each on its own port; the targets list them all "
         "(ipv4:a,b) and clients spread calls with round_robin (default 1)",

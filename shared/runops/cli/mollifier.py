@@ -8,25 +8,69 @@ import argparse
 import asyncio
 import os
 import time
+from typing import TYPE_CHECKING
+
+from runops.cli.arguments import at_least_one
+from runops.cli.errors import FAILURE_EXIT, call_failure, print_error, report_call_failure
+
+if TYPE_CHECKING:
+    from runops.mollifier.v1 import mollifier_pb2 as m
+
+TARGET_ENV = "RUNOPS_MOLLIFIER_TARGET"
+TOKEN_ENV = "RUNOPS_INTERNAL_TOKEN"
+DEFAULT_TARGET = "127.0.0.1:50051"
+STATS_HEADER = ("environment", "depth", "draining", "oldest age")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("trigger", "burst", "stats"))
     parser.add_argument("--env", default=os.environ.get("RUNOPS_DEMO_ENVIRONMENT_ID", ""))
     parser.add_argument("--task", default="demo/hello")
-    parser.add_argument("--count", type=int, default=1000, help="burst: triggers in all")
-    parser.add_argument("--concurrency", type=int, default=20, help="burst: callers at once")
+    parser.add_argument("--count", type=at_least_one, default=1000, help="burst: triggers in all")
+    parser.add_argument(
+        "--concurrency", type=at_least_one, default=20, help="burst: callers at once"
+    )
 
 
-async def _run(args: argparse.Namespace) -> int:
+def stats_table(stats: m.GetBufferStatsResponse) -> str:
+    """Depth, draining and oldest entry's age per environment with anything buffered (and a
+    total line when several have), or "empty"."""
+    rows = [
+        (
+            env.environment_id,
+            f"{env.depth:,}",
+            f"{env.draining:,}",
+            f"{env.oldest_entry_age.ToTimedelta().total_seconds():.1f}s"
+            if env.HasField("oldest_entry_age")
+            else "-",
+        )
+        for env in stats.environments
+        if env.depth or env.draining
+    ]
+    if not rows:
+        return "empty"
+    if len(rows) > 1:
+        rows.append(("total", f"{stats.total_depth:,}", f"{stats.total_draining:,}", ""))
+    table = (STATS_HEADER, *rows)
+    widths = [max(len(row[i]) for row in table) for i in range(len(STATS_HEADER))]
+    # The environment left-aligned, the numbers right-aligned.
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in table
+    )
+
+
+async def _run(args: argparse.Namespace, target: str) -> int:
     # Imported here: `runops --help` builds every subcommand's parser and must stay fast.
     from runops.mollifier.client import MollifierClient
     from runops.mollifier.v1 import mollifier_pb2 as m
 
-    target = os.environ.get("RUNOPS_MOLLIFIER_TARGET", "127.0.0.1:50051")
-    async with MollifierClient(target, token=os.environ.get("RUNOPS_INTERNAL_TOKEN")) as client:
+    async with MollifierClient(target, token=os.environ.get(TOKEN_ENV)) as client:
         if args.action == "stats":
-            print(await client.buffer_stats(args.env))
+            print(stats_table(await client.buffer_stats(args.env)))
             return 0
         request = m.TriggerRequest(environment_id=args.env, task_identifier=args.task)
         if args.action == "trigger":
@@ -52,4 +96,16 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    target = os.environ.get(TARGET_ENV, DEFAULT_TARGET)
+    try:
+        return asyncio.run(_run(args, target))
+    except Exception as exc:
+        details = call_failure(exc)
+        if details is None:
+            raise
+        return report_call_failure(
+            details, service="mollifier", target=target, credential=f"${TOKEN_ENV}"
+        )
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return FAILURE_EXIT

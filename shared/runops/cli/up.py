@@ -185,7 +185,7 @@ def up(state_dir: Path | None, with_cluster: bool, check: bool, replicas: int = 
     except (KeyboardInterrupt, _Stop):
         progress("stop requested")
         return 0
-    except StackError as exc:
+    except (StackError, OSError) as exc:  # OSError: a state dir that cannot be written
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

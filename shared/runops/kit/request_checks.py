@@ -62,7 +62,8 @@ class _Plan:
 _plans: dict[Descriptor, _Plan] = {}
 
 
-def _cap(fd: FieldDescriptor) -> int:
+def max_length(fd: FieldDescriptor) -> int:
+    """The most characters string field `fd` may hold (its contract's cap, else the default)."""
     options = fd.GetOptions()
     if options.HasExtension(options_pb2.max_length):
         return int(options.Extensions[options_pb2.max_length])
@@ -89,7 +90,7 @@ def _build(descriptor: Descriptor, built: dict[Descriptor, _Plan]) -> _Plan:
         plan.time = descriptor.full_name
         return plan
     for fd in descriptor.fields:
-        cap = _cap(fd)
+        cap = max_length(fd)
         if fd.type == _STRING:
             plan.entries.append((_STR_LIST if fd.is_repeated else _STR, fd.name, cap, None, 0))
         elif fd.type == _MESSAGE:
