@@ -1,5 +1,5 @@
-"""Wiring: both databases, the router between them, the servicer and the reapers on the kit's
-ServiceApp."""
+"""Wiring: both databases, the router between them, the servicer, the reapers and the TTL
+expirers on the kit's ServiceApp."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from runops.kit.errors import Aborted, RunopsError
 from runops.kit.postgres import open_database
 from runops.kit.server import ServiceApp
 from runops.runstore.v1 import runstore_pb2, runstore_pb2_grpc
+from services.runstore.expiry import Expirer
 from services.runstore.reaper import Reaper
 from services.runstore.service import RunStoreServicer
 from services.runstore.settings import RunStoreSettings
@@ -39,6 +40,9 @@ class RunStoreApp:
         self.reapers = [Reaper(store, db, settings) for db in store.databases]
         for reaper in self.reapers:
             app.add_background(reaper.worker)
+        self.expirers = [Expirer(store, db, settings) for db in store.databases]
+        for expirer in self.expirers:
+            app.add_background(expirer.worker)
 
 
 async def build_run_store(settings: RunStoreSettings, *, name: str = "runstore") -> RunStoreApp:

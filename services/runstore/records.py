@@ -58,6 +58,7 @@ def run_from_record(row: asyncpg.Record) -> common_pb2.Run:
         output=row["output"] or b"",
         output_type=row["output_type"],
         is_test=row["is_test"],
+        waitpoint_id=f"{WAITPOINT}_{row['waitpoint_id']}" if row["waitpoint_id"] else "",
     )
     if row["batch_index"] is not None:
         run.batch_index = row["batch_index"]
@@ -73,6 +74,7 @@ def run_from_record(row: asyncpg.Record) -> common_pb2.Run:
     _ts(row["created_at"], run.created_at)
     _ts(row["updated_at"], run.updated_at)
     _ts(row["completed_at"], run.completed_at)
+    _ts(row["queue_timestamp"], run.queue_timestamp)
     return run
 
 
@@ -87,7 +89,9 @@ _RUN_STATUSES = {
 def created_run(row: RunRow, record: asyncpg.Record) -> common_pb2.Run:
     """The answer for a run INSERT_RUNS just wrote, equal to `run_from_record` of its row: the
     input row plus what the database chose (timestamps), without decoding every column back.
-    A final run (pre-failed, cancelled) holds no idempotency key (INSERT_RUNS drops it)."""
+    A final run (pre-failed, cancelled) holds no idempotency key (INSERT_RUNS drops it); a run
+    resuming its parent has the waitpoint INSERT_RUNS made, of the run's body; it dequeues at
+    its creation time (no batch)."""
     claims_key = row.status in sql.CLAIMING_RUN_STATUSES
     run = common_pb2.Run(
         id=row.id,
@@ -115,6 +119,8 @@ def created_run(row: RunRow, record: asyncpg.Record) -> common_pb2.Run:
         resume_parent_on_completion=row.resume_parent_on_completion,
         is_test=row.is_test,
     )
+    if row.parent_run_id is not None and row.resume_parent_on_completion:
+        run.waitpoint_id = f"{WAITPOINT}_{row.id}"
     if row.error_code is not None:
         run.error.code = row.error_code
         run.error.message = row.error_message
@@ -128,6 +134,7 @@ def created_run(row: RunRow, record: asyncpg.Record) -> common_pb2.Run:
     _ts(record["created_at"], run.created_at)
     _ts(record["updated_at"], run.updated_at)
     _ts(record["completed_at"], run.completed_at)
+    run.queue_timestamp.CopyFrom(run.created_at)
     return run
 
 

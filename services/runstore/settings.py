@@ -37,6 +37,12 @@ class RunStoreSettings(ServerSettings):
     runstore_reaper_batch_size: int = Field(default=100, ge=1, le=10_000)
     """Batches aborted (and pending links re-checked) per reaper step at most."""
 
+    runstore_expiry_interval_seconds: float = Field(default=1.0, gt=0, le=3600)
+    """How often each database's TTL expiry step runs (a full step is followed by another at
+    once). Its lease lasts RUNOPS_RUNSTORE_REAPER_LEASE_SECONDS, so that must exceed this too."""
+    runstore_expiry_batch_size: int = Field(default=500, ge=1, le=10_000)
+    """Runs expired per statement at most."""
+
     @model_validator(mode="before")
     @classmethod
     def _single_database(cls, data: Any) -> Any:
@@ -61,3 +67,13 @@ class RunStoreSettings(ServerSettings):
                 " renews the lease every step"
             )
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_expiry_interval(self) -> RunStoreSettings:
+        if self.runstore_reaper_lease_seconds <= self.runstore_expiry_interval_seconds:
+            raise ValueError(
+                "RUNOPS_RUNSTORE_REAPER_LEASE_SECONDS must exceed"
+                f" RUNOPS_RUNSTORE_EXPIRY_INTERVAL_SECONDS ({self.runstore_expiry_interval_seconds:g}):"
+                " the expiry lease's holder renews it every step"
+            )
+        return self

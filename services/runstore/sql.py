@@ -73,7 +73,7 @@ RUN_COLUMNS = (
     " idempotency_key_expires_at, ttl_ms, delay_until, max_attempts, machine_preset,"
     " lock_to_version, worker_version, priority_ms, is_test, options, batch_id, batch_index,"
     " parent_run_id, root_run_id, resume_parent_on_completion, error_code, error_message, output,"
-    " output_type, created_at, updated_at, completed_at"
+    " output_type, created_at, updated_at, completed_at, queue_timestamp, waitpoint_id"
 )
 _R_RUN_COLUMNS = ", ".join("r." + c.strip() for c in RUN_COLUMNS.split(","))
 
@@ -136,13 +136,16 @@ _INSERT_RUN_COLUMNS = (
     " idempotency_key_expires_at, ttl_ms, delay_until, max_attempts, machine_preset,"
     " lock_to_version, worker_version, priority_ms, is_test, options, parent_run_id, root_run_id,"
     " resume_parent_on_completion, error_code, error_message, created_at, updated_at,"
-    " completed_at"
+    " completed_at, ttl_expires_at, queue_timestamp"
 )
 
+_CREATED_AT = "coalesce(i.created_at, now())"
 
-def _insert_run_values(owner: str) -> str:
+
+def _insert_run_values(owner: str, queue_timestamp: str = _CREATED_AT) -> str:
     """The values of _INSERT_RUN_COLUMNS from a row `i` of _unnest; environment, organization
-    and project from `owner` (`i`, or the batch a run is created for)."""
+    and project from `owner` (`i`, or the batch a run is created for). The TTL counts from the
+    creation time (a drained run's is its caller's)."""
     return f"""
     i.id, {owner}.environment_id, {owner}.organization_id, {owner}.project_id, i.task_identifier,
     i.status, i.payload, i.payload_type, i.metadata, i.metadata_type,
@@ -151,9 +154,37 @@ def _insert_run_values(owner: str) -> str:
     CASE WHEN i.status IN {_CLAIMING} THEN i.idempotency_key_expires_at END,
     i.ttl_ms, i.delay_until, i.max_attempts, i.machine_preset, i.lock_to_version,
     i.worker_version, i.priority_ms, i.is_test, i.options, i.parent_run_id, i.root_run_id,
-    i.resume_parent_on_completion, i.error_code, i.error_message, coalesce(i.created_at, now()),
-    now(), CASE WHEN i.status IN {_FINAL} THEN now() END
+    i.resume_parent_on_completion, i.error_code, i.error_message, {_CREATED_AT},
+    now(), CASE WHEN i.status IN {_FINAL} THEN now() END,
+    {_CREATED_AT} + i.ttl_ms * interval '1 millisecond', {queue_timestamp}
 """
+
+
+def _run_waitpoint_result(run: str, final: str = "true") -> str:
+    """output_is_error, output, output_type of the waitpoint of the run `run` (a row with the
+    run's columns) when `final` holds: its output on success, else its error as JSON
+    {code, message}; otherwise the columns' defaults (a pending waitpoint)."""
+    ok = f"{run}.status = 'COMPLETED_SUCCESSFULLY'"
+    error = f"""convert_to(json_build_object(
+        'code', coalesce({run}.error_code, {run}.status), 'message', {run}.error_message
+    )::text, 'UTF8')"""
+    return f"""{final} AND NOT ({ok}),
+    CASE WHEN NOT ({final}) THEN NULL WHEN {ok} THEN {run}.output ELSE {error} END,
+    CASE WHEN NOT ({final}) THEN '' WHEN {ok} THEN {run}.output_type
+        ELSE 'application/json' END"""
+
+
+def _complete_run_waitpoints(runs: str) -> str:
+    """CTE `run_waitpoints_done`: the waitpoints of the runs `runs` (a CTE of runs that just
+    became final, with their new columns) complete with each run's output or error."""
+    return f"""
+run_waitpoints_done AS (
+    UPDATE waitpoints w SET (status, completed_at, output_is_error, output, output_type) =
+        ('COMPLETED', now(), {_run_waitpoint_result("r")})
+    FROM {runs} r
+    WHERE w.id = r.waitpoint_id AND w.status = 'PENDING'
+    RETURNING w.id
+)"""
 
 
 def _clear_expired_keys(source: str, environment: str) -> str:
@@ -209,19 +240,34 @@ waitpoints_done AS (
 # database chose (store.created_run builds the rest of the answer from the input row). A run
 # written final (pre-failed, cancelled: completed_at set) counts the items linked to it here, in
 # the same statement (a buffered run an item linked to, drained final).
+# A run resuming its parent (a triggerAndWait child) gets a waitpoint whose body is its own
+# (records.created_run answers it), completed at once when the run is created final.
 INSERT_RUNS = f"""
 WITH input AS (SELECT * FROM {_unnest(1)}),
 cleared AS ({_clear_expired_keys("input i", "i.environment_id")}),
 inserted AS (
-    INSERT INTO runs ({_INSERT_RUN_COLUMNS})
-    SELECT {_insert_run_values("i")} FROM input i
+    INSERT INTO runs ({_INSERT_RUN_COLUMNS}, waitpoint_id)
+    SELECT {_insert_run_values("i")},
+        CASE WHEN i.parent_run_id IS NOT NULL AND i.resume_parent_on_completion THEN i.id END
+    FROM input i
     WHERE (SELECT count(*) FROM cleared) >= 0
     ORDER BY i.ord
     ON CONFLICT DO NOTHING
-    RETURNING id, created_at, updated_at, completed_at
+    RETURNING id, environment_id, status, error_code, error_message, output, output_type,
+        waitpoint_id, created_at, updated_at, completed_at
+),
+run_waitpoints AS (
+    INSERT INTO waitpoints (id, environment_id, run_id, created_at, status, completed_at,
+        output_is_error, output, output_type)
+    SELECT r.waitpoint_id, r.environment_id, r.id, r.created_at,
+        CASE WHEN r.completed_at IS NULL THEN 'PENDING' ELSE 'COMPLETED' END, r.completed_at,
+        {_run_waitpoint_result("r", "r.completed_at IS NOT NULL")}
+    FROM inserted r
+    WHERE r.waitpoint_id IS NOT NULL
+    ON CONFLICT DO NOTHING
 ),
 {_count_final_items("SELECT id FROM inserted WHERE completed_at IS NOT NULL")}
-SELECT * FROM inserted
+SELECT id, created_at, updated_at, completed_at FROM inserted
 """
 
 # For each (id, environment, task, key): the run with that id, else the live run holding the key.
@@ -297,8 +343,38 @@ WITH done AS (
     WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2) AND status NOT IN {_FINAL}
     RETURNING {RUN_COLUMNS}
 ),
-{_count_final_items("SELECT id FROM done")}
-SELECT d.*, (SELECT count(*) FROM waitpoints_done) AS waitpoints_completed FROM done d
+{_count_final_items("SELECT id FROM done")},
+{_complete_run_waitpoints("done")}
+SELECT d.*, (SELECT count(*) FROM waitpoints_done) + (SELECT count(*) FROM run_waitpoints_done)
+    AS waitpoints_completed
+FROM done d
+"""
+
+# TTL expiry (one step of a database's expiry worker): up to $1 runs not started yet whose TTL
+# ran out become EXPIRED, counted as final in their batches, their waitpoints completed with the
+# error. Conditional and SKIP LOCKED, so correct without the lease (a run being written, e.g.
+# linked by an accept, is left for the next step; one that started no longer matches). The run
+# keeps its idempotency key, as a cancelled or failed one does (ResetIdempotencyKey frees it).
+EXPIRE_RUNS = f"""
+WITH due AS (
+    SELECT id FROM runs
+    WHERE ttl_expires_at < now() AND status IN {_CLAIMING}
+    ORDER BY ttl_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+),
+done AS (
+    UPDATE runs r SET status = 'EXPIRED', error_code = 'TASK_RUN_EXPIRED',
+        error_message = format('the run did not start within its TTL of %s ms', r.ttl_ms),
+        completed_at = now(), updated_at = now()
+    FROM due
+    WHERE r.id = due.id AND r.status IN {_CLAIMING}
+    RETURNING r.id, r.status, r.error_code, r.error_message, r.output, r.output_type,
+        r.waitpoint_id
+),
+{_count_final_items("SELECT id FROM done")},
+{_complete_run_waitpoints("done")}
+SELECT id FROM done
 """
 
 # Runs of the OTHER database that are final: the items of this database linked to them count
@@ -359,6 +435,18 @@ JOIN LATERAL (
         AND idempotency_key = i.idempotency_key
         AND (idempotency_key_expires_at IS NULL OR idempotency_key_expires_at >= now())
 ) r ON true
+"""
+
+# Serializes creates of these (environment, task, key) triples across both databases: taken in
+# a transaction of the LEGACY database around the check of the other database and the insert
+# (store.RunStore.key_lock). Sorted, so two creates of overlapping keys never deadlock; the first
+# key 0x52554e53 ("RUNS") keeps these apart from other advisory locks of that database.
+LOCK_IDEMPOTENCY_KEYS = """
+SELECT pg_advisory_xact_lock(1381322323, h) FROM (
+    SELECT DISTINCT hashtext(e || chr(31) || t || chr(31) || k) AS h
+    FROM unnest($1::text[], $2::text[], $3::text[]) AS u(e, t, k)
+    ORDER BY h
+) keys
 """
 
 RESET_IDEMPOTENCY_KEY = """
@@ -434,6 +522,9 @@ SELECT {WAITPOINT_COLUMNS} FROM waitpoints
 WHERE id = $1 AND ($2::text IS NULL OR environment_id = $2)
 """
 
+# A batch's runs dequeue in index order, however the items arrived.
+_BATCH_QUEUE_TIMESTAMP = "b.created_at + i.index * interval '1 millisecond'"
+
 # existing_final: the linked run lives in the OTHER database and was final when the caller read
 # it there (this database cannot see it).
 _ITEM_FIELDS = (("index", "integer"), ("existing_run_id", "text"), ("existing_final", "boolean"))
@@ -449,7 +540,7 @@ _ITEM_FIELDS = (("index", "integer"), ("existing_run_id", "text"), ("existing_fi
 # (LINK_KEY_HOLDERS links them to it).
 ACCEPT_BATCH_ITEMS = f"""
 WITH batch AS (
-    SELECT id, environment_id, organization_id, project_id, run_count FROM batches
+    SELECT id, environment_id, organization_id, project_id, run_count, created_at FROM batches
     WHERE id = $1 AND environment_id = $2 AND status = 'PENDING' AND NOT sealed
 ),
 input AS (
@@ -475,7 +566,7 @@ items AS (
 cleared AS ({_clear_expired_keys("input i JOIN items it USING (index)", "$2")}),
 new_runs AS (
     INSERT INTO runs ({_INSERT_RUN_COLUMNS}, batch_id, batch_index)
-    SELECT {_insert_run_values("b")}, b.id, i.index
+    SELECT {_insert_run_values("b", _BATCH_QUEUE_TIMESTAMP)}, b.id, i.index
     FROM input i JOIN items it ON it.index = i.index AND NOT it.linked CROSS JOIN batch b
     WHERE (SELECT count(*) FROM cleared) >= 0
     ORDER BY i.index

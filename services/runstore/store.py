@@ -11,9 +11,10 @@ Refusals are `runops.kit.errors` exceptions, so the servicer only translates mes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -61,6 +62,9 @@ log = structlog.get_logger("runops.runstore")
 
 T = TypeVar("T")
 
+# An idempotency key's scope: (environment, task, key).
+Key = tuple[str, str, str]
+
 # Final run statuses as the proto enum (what CompleteRun / CancelRun compare a retry against).
 _COMPLETED = common_pb2.RUN_STATUS_COMPLETED_SUCCESSFULLY
 _FAILED = common_pb2.RUN_STATUS_COMPLETED_WITH_ERRORS
@@ -98,6 +102,32 @@ class Database:
     async def write(self, statement: Callable[[DbConnection], Awaitable[T]]) -> T:
         async with self.router.transaction() as conn:
             return await statement(conn)
+
+
+@dataclass
+class KeyLock:
+    """Creates of some idempotency keys, serialized across both databases (`conn`: a
+    transaction on the LEGACY writer holding an advisory lock per key until the creates have
+    committed; None: no lock needed). LEGACY work under the lock runs on that connection (one
+    statement at a time: its holder does not use it concurrently), so the holder never waits
+    for a second LEGACY connection while holding one (no pool deadlock under contention)."""
+
+    legacy: Database
+    conn: DbConnection | None = None
+
+    async def read(
+        self, db: Database, query: Callable[[DbConnection], Awaitable[T]], consistency: Consistency
+    ) -> T:
+        if self.conn is None or db is not self.legacy:
+            return await db.read(query, consistency)
+        return await query(self.conn)
+
+    async def write(self, db: Database, statement: Callable[[DbConnection], Awaitable[T]]) -> T:
+        """On LEGACY under the lock: inside its transaction (committed with it)."""
+        if self.conn is None or db is not self.legacy:
+            return await db.write(statement)
+        async with self.conn.transaction():
+            return await statement(self.conn)
 
 
 class RunStore:
@@ -176,28 +206,41 @@ class RunStore:
     async def create_runs(self, rows: Sequence[RunRow]) -> list[CreatedRun]:
         """Every run in one statement per database (both written concurrently), results in
         request order. Ids are minted by the residency policy where none was given. A key a
-        live run of the other database holds returns that run (keys are unique across both)."""
+        live run of the other database holds returns that run (keys are unique across both:
+        keyed creates hold `key_lock` from that check until their insert committed)."""
         rows = [self._with_id(row) for row in rows]
         groups: dict[str, list[int]] = {}
         for position, row in enumerate(rows):
             groups.setdefault(self.owner(row.id).name, []).append(position)
+        # Single-database mode neither checks nor locks keys (the unique index serializes).
+        keys = [_claimed_key(row) for row in rows] if self.split else [None] * len(rows)
         results: list[CreatedRun | None] = [None] * len(rows)
 
-        async def write(db: Database, positions: list[int]) -> None:
-            held = await self._held_elsewhere(db, [rows[k] for k in positions])
+        async def write(db: Database, positions: list[int], lock: KeyLock) -> None:
+            held = await self._held_elsewhere(db, [keys[k] for k in positions], lock)
             for k, run in held.items():
                 results[positions[k]] = CreatedRun(run, is_cached=True)
             todo = [positions[k] for k in range(len(positions)) if k not in held]
             if not todo:
                 return
-            created = await db.write(
-                lambda conn: self.tables.create_runs(conn, [rows[k] for k in todo])
-            )
+
+            async def create(conn: DbConnection) -> list[CreatedRun]:
+                return await self.tables.create_runs(conn, [rows[k] for k in todo])
+
+            created = await lock.write(db, create)
             for k, result in zip(todo, created, strict=True):
                 results[k] = result
 
         by_name = {db.name: db for db in self.databases}
-        await asyncio.gather(*(write(by_name[name], ks) for name, ks in groups.items()))
+        async with self.key_lock([key for key in keys if key is not None]) as lock:
+            writes = [write(by_name[name], ks, lock) for name, ks in groups.items()]
+            if lock.conn is None:
+                await asyncio.gather(*writes)
+            else:
+                # One database after the other: rows of one key in both see each other (the
+                # second checks after the first wrote).
+                for written in writes:
+                    await written
         created = [result for result in results if result is not None]
         await self._settle_links(rows, created)
         return created
@@ -234,24 +277,36 @@ class RunStore:
             )
             log.info("relinked items of unwritten runs to their key holders", runs=len(holders))
 
+    @contextlib.asynccontextmanager
+    async def key_lock(self, keys: Sequence[Key]) -> AsyncIterator[KeyLock]:
+        """Serializes creates of these (environment, task, key) triples across both databases
+        (spec §3): the locks are held in ONE agreed database (LEGACY, which every deployment has)
+        from the check of the other database until the insert committed, so a second create of
+        a key sees the first one's run. No lock without keys, nor in single-database mode, where
+        the unique index alone serializes them."""
+        if self.new is None or not keys:
+            yield KeyLock(self.legacy)
+            return
+        async with self.legacy.router.transaction() as conn:
+            await self.tables.lock_idempotency_keys(conn, keys)
+            yield KeyLock(self.legacy, conn)
+
     async def _held_elsewhere(
-        self, db: Database, rows: Sequence[RunRow]
+        self, db: Database, keys: Sequence[Key | None], lock: KeyLock
     ) -> dict[int, common_pb2.Run]:
-        """Positions of `rows` whose idempotency key a live run in the OTHER database holds."""
+        """Positions of `keys` (the rows' claimed keys) a live run in the OTHER database holds."""
         other = self.other(db)
         if other is None:
             return {}
-        wanted = [
-            (k, (row.environment_id, row.task_identifier, row.idempotency_key))
-            for k, row in enumerate(rows)
-            if row.idempotency_key is not None and row.status in sql.CLAIMING_RUN_STATUSES
-        ]
+        wanted = [(k, key) for k, key in enumerate(keys) if key is not None]
         if not wanted:
             return {}
-        keys = [key for _, key in wanted]
-        found = await other.read(
-            lambda conn: self.tables.live_key_holders(conn, keys), Consistency.WRITER
-        )
+        asked = [key for _, key in wanted]
+
+        async def holders(conn: DbConnection) -> dict[int, common_pb2.Run]:
+            return await self.tables.live_key_holders(conn, asked)
+
+        found = await lock.read(other, holders, Consistency.WRITER)
         return {wanted[n][0]: run for n, run in found.items()}
 
     async def create_run(self, row: RunRow) -> CreatedRun:
@@ -477,8 +532,32 @@ class RunStore:
             )
             for item in items
         ]
-        if other is not None:
-            items = await self._link_across(db, other, environment_id, items)
+        # Items that would claim a key: checked against the other database and written under
+        # the key lock (keys are unique across both databases).
+        keyed = [
+            (k, (environment_id, item.run.task_identifier, item.run.idempotency_key))
+            for k, item in enumerate(items)
+            if other is not None
+            and not item.existing_run_id
+            and item.run is not None
+            and item.run.idempotency_key is not None
+            and item.run.status in sql.CLAIMING_RUN_STATUSES
+        ]
+        async with self.key_lock([key for _, key in keyed]) as lock:
+            if other is not None:
+                items = await self._link_across(other, keyed, items, lock)
+
+            async def accept(conn: DbConnection) -> AcceptedItems:
+                result = await self.tables.accept_batch_items(conn, batch_id, environment_id, items)
+                if result.out_of_range:
+                    # Raised inside the transaction: nothing of the chunk stays written.
+                    raise _out_of_range(items, result)
+                return result
+
+            try:
+                result = await lock.write(db, accept)
+            except BatchNotAccepting as exc:
+                raise _not_accepting(batch_id, exc.batch) from None
         pending = {
             item.existing_run_id
             for item in items
@@ -488,18 +567,6 @@ class RunStore:
             run_id for run_id in pending if other is not None and self.owner(run_id) is other
         )
         local = sorted(pending.difference(foreign))
-
-        async def accept(conn: DbConnection) -> AcceptedItems:
-            result = await self.tables.accept_batch_items(conn, batch_id, environment_id, items)
-            if result.out_of_range:
-                # Raised inside the transaction: nothing of the chunk stays written.
-                raise _out_of_range(items, result)
-            return result
-
-        try:
-            result = await db.write(accept)
-        except BatchNotAccepting as exc:
-            raise _not_accepting(batch_id, exc.batch) from None
         if foreign and other is not None:
             # Written after our commit: a run that became final before now was either seen by
             # its completion's link count (after our commit) or is seen final here.
@@ -515,25 +582,21 @@ class RunStore:
         return result
 
     async def _link_across(
-        self, db: Database, other: Database, environment_id: str, items: list[ItemRow]
+        self,
+        other: Database,
+        keyed: Sequence[tuple[int, Key]],
+        items: list[ItemRow],
+        lock: KeyLock,
     ) -> list[ItemRow]:
         """Items linked to runs of the other database learn whether those are final; items
-        whose idempotency key a live run there holds link to it."""
-        keyed = [
-            (k, item.run)
-            for k, item in enumerate(items)
-            if not item.existing_run_id
-            and item.run is not None
-            and item.run.idempotency_key is not None
-            and item.run.status in sql.CLAIMING_RUN_STATUSES
-        ]
+        whose idempotency key (`keyed`: item position, key) a live run there holds link to it."""
         if keyed:
-            keys = [
-                (environment_id, run.task_identifier, run.idempotency_key or "") for _, run in keyed
-            ]
-            holders = await other.read(
-                lambda conn: self.tables.live_key_holders(conn, keys), Consistency.WRITER
-            )
+            keys = [key for _, key in keyed]
+
+            async def live(conn: DbConnection) -> dict[int, common_pb2.Run]:
+                return await self.tables.live_key_holders(conn, keys)
+
+            holders = await lock.read(other, live, Consistency.WRITER)
             for n, holder in holders.items():
                 k = keyed[n][0]
                 items[k] = ItemRow(items[k].index, None, holder.id)
@@ -546,9 +609,11 @@ class RunStore:
         )
         if not foreign:
             return items
-        final = await other.read(
-            lambda conn: self.tables.final_run_ids(conn, foreign), Consistency.WRITER
-        )
+
+        async def final_ids(conn: DbConnection) -> set[str]:
+            return await self.tables.final_run_ids(conn, foreign)
+
+        final = await lock.read(other, final_ids, Consistency.WRITER)
         return [
             dataclasses.replace(item, existing_run_final=True)
             if item.existing_run_id in final
@@ -678,15 +743,28 @@ class RunStore:
         next_cursor = pending[-1] if len(pending) == limit else ""
         return aborted, next_cursor
 
+    # -- background: TTL expiry ---------------------------------------------------------------
+    async def expire(
+        self, db: Database, *, holder: str, lease_ttl: timedelta, limit: int
+    ) -> list[str] | None:
+        """One expiry step on `db` under its lease (see `Expirer`): the expired run ids, their
+        links in the other database counted; None when another process holds the lease."""
+        expired = await self.tables.expire_runs(
+            db.router.writer, holder=holder, lease_ttl=lease_ttl, limit=limit
+        )
+        if expired:
+            await self._count_links_elsewhere(db, expired)
+        return expired
+
     async def recheck_processing(self, db: Database, threshold: timedelta, limit: int) -> int:
         """Sealed batches of `db` still waiting on runs `threshold` after their seal (or last
         check): uncounted items whose run is final count (in either database); items whose run
         was written nowhere (a buffered run that never drained, or resolved to another run
         after the item linked to it) complete the waitpoint with an error naming their indexes.
         So a batch-and-wait ends one way or the other. How many batches were failed."""
-        batch_ids = await db.write(
-            lambda conn: self.tables.due_processing_batches(conn, threshold, limit)
-        )
+        # On the writer pool, not through the router: a background step that usually changes
+        # nothing must not make this process's default reads wait for the replica.
+        batch_ids = await self.tables.due_processing_batches(db.router.writer, threshold, limit)
         if not batch_ids:
             return 0
         repaired = await db.write(lambda conn: self.tables.repair_batch_counts(conn, batch_ids))
@@ -724,6 +802,13 @@ class RunStore:
     async def release_leases(self, holder: str) -> None:
         for db in self.databases:
             await self.tables.release_reaper_lease(db.router.writer, holder)
+
+
+def _claimed_key(row: RunRow) -> Key | None:
+    """The (environment, task, key) the run would hold: none for a run created final."""
+    if row.idempotency_key is None or row.status not in sql.CLAIMING_RUN_STATUSES:
+        return None
+    return (row.environment_id, row.task_identifier, row.idempotency_key)
 
 
 def _stuck_message(indexes: Sequence[int]) -> str:

@@ -46,6 +46,7 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 Queryable = Connection | asyncpg.Pool
 
 REAPER_LEASE = "batch-seal-reaper"
+EXPIRY_LEASE = "run-ttl-expiry"
 
 
 # The fields whose array travels as NULL when every row holds this default (see
@@ -320,6 +321,18 @@ class RunTables:
                 batch_record = await conn.fetchrow(sql.SELECT_BATCH, record["batch_id"], None)
                 batch = None if batch_record is None else batch_from_record(batch_record)
         return FinalizedRun(run_from_record(record), batch, changed)
+
+    async def lock_idempotency_keys(
+        self, conn: Connection, keys: Sequence[tuple[str, str, str]]
+    ) -> None:
+        """Holds a lock per (environment, task, key) until `conn`'s transaction ends; a second
+        holder of any of them waits."""
+        await conn.execute(
+            sql.LOCK_IDEMPOTENCY_KEYS,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+        )
 
     async def reset_idempotency_key(
         self, db: Queryable, environment_id: str, task_identifier: str, key: str
@@ -631,3 +644,18 @@ class RunTables:
     async def release_reaper_lease(self, db: Queryable, holder: str) -> None:
         """On shutdown: another process may take over at once."""
         await db.execute(sql.RELEASE_LEASE, REAPER_LEASE, holder)
+
+    # -- TTL expiry -----------------------------------------------------------------------------
+    async def expire_runs(
+        self, db: Queryable, *, holder: str, lease_ttl: timedelta, limit: int = 500
+    ) -> list[str] | None:
+        """One expiry step: up to `limit` runs not started within their TTL become EXPIRED
+        (batches count them, their waitpoints complete with the error). The expired run ids;
+        None when another process holds the expiry lease."""
+        if await db.fetchval(sql.TAKE_LEASE, EXPIRY_LEASE, holder, lease_ttl) is None:
+            return None
+        records = await db.fetch(sql.EXPIRE_RUNS, limit)
+        return [record["id"] for record in records]
+
+    async def release_expiry_lease(self, db: Queryable, holder: str) -> None:
+        await db.execute(sql.RELEASE_LEASE, EXPIRY_LEASE, holder)

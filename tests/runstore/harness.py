@@ -39,6 +39,7 @@ def settings_for(
         # The reaper runs often here, so a backdated batch is aborted within a test.
         "runstore_reaper_interval_seconds": 0.3,
         "runstore_reaper_lease_seconds": 5,
+        "runstore_expiry_interval_seconds": 0.3,
     }
     if new is not None:
         values["runops_db"] = database(new)
@@ -129,3 +130,10 @@ async def where(stack: LocalStack, table: str, row_id: str) -> set[str]:
         if await rows(db.admin_writer_dsn, f"SELECT 1 FROM {table} WHERE id = $1", row_id):
             found.add(name)
     return found
+
+
+async def get_waitpoint(client: Stub, waitpoint_id: str, env: str) -> common_pb2.Waitpoint:
+    reply = await client.GetWaitpoint(
+        rs.GetWaitpointRequest(waitpoint_id=waitpoint_id, environment_id=env, consistency=RYW)
+    )
+    return reply.waitpoint
