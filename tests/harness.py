@@ -23,6 +23,16 @@ from runops.migrations import migrate
 
 T = TypeVar("T")
 
+# What a caller may see while a dependency is down or hung: it retries these (never INTERNAL).
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
 # A grpc.aio channel closes when collected; stubs do not keep theirs alive.
 _channels: list[grpc.aio.Channel] = []
 

@@ -23,7 +23,7 @@ from runops.mollifier.v1 import mollifier_pb2 as m
 from services.controlplane.app import ControlPlane
 from services.runstore.app import RunStoreApp
 from tests.controlplane.harness import Seeded
-from tests.harness import until
+from tests.harness import RETRYABLE, until
 from tests.mollifier.service_harness import (
     body,
     runs_in_postgres,
@@ -37,12 +37,6 @@ BEFORE_KILL_SECONDS = 1.5
 # Long enough that fail-open triggers complete inside the outage on a loaded 2-core machine.
 OUTAGE_SECONDS = 2.5
 AFTER_RESTART_SECONDS = 3.0
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
 
 
 @dataclass(frozen=True)
