@@ -15,6 +15,7 @@ import pytest
 from runops.common.v1 import common_pb2
 from runops.controlplane.client import ControlPlaneClient
 from runops.controlplane.v1 import controlplane_pb2 as cp
+from runops.kit.cache import Loaded
 from runops.kit.errors import FailedPrecondition, NotFound, Unauthenticated
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
@@ -242,8 +243,8 @@ async def test_a_lost_feed_resets_streams_and_caching_resumes(
 
 
 async def test_the_client_resubscribes_on_its_own(stack: LocalStack, admin: Stub) -> None:
-    """The control plane it watches restarts; the client caches nothing meanwhile, then
-    subscribes again and caches again."""
+    """The control plane it watches restarts; meanwhile the client serves what it holds and
+    stores nothing new, then subscribes again (a reset: everything dropped) and caches again."""
     port = free_port()
     plane: ControlPlane = await start_control_plane(stack, grpc_port=port)
     seeded = await seed(admin)
@@ -261,11 +262,15 @@ async def test_the_client_resubscribes_on_its_own(stack: LocalStack, admin: Stub
             return not client.subscribed.is_set()
 
         await until(unsubscribed)
-        assert not client.cache.environments.peek(seeded.env_id)[0]
+        assert client.cache.environments.peek(seeded.env_id)[0], "served until its TTL"
         assert not client.cache.enabled
+        missing = "env_cmissing000000000000000003"
+        client.cache.environments.offer(missing, Loaded(None), client.cache.environments.begin())
+        assert not client.cache.environments.peek(missing)[0], "nothing new is stored"
         plane = await start_control_plane(stack, grpc_port=port)
         try:
             await asyncio.wait_for(client.subscribed.wait(), 15)
+            assert not client.cache.environments.peek(seeded.env_id)[0], "the reset dropped it"
             await client.get_environment(seeded.env_id)
             assert client.cache.environments.peek(seeded.env_id)[0]
         finally:

@@ -5,8 +5,9 @@ WatchInvalidations subscription keeps fresh (reconnecting on its own).
         env = await control_plane.authenticate_api_key(key)    # raises Unauthenticated
         app = ServiceApp(..., api_key_resolver=control_plane.authenticate_api_key)
 
-While the subscription is down the client cannot know what changed, so it caches nothing and
-asks the control plane every time; the first message of every (re)subscription is a reset.
+While the subscription is down the client cannot know what changed, so it stores nothing new
+(what it holds is served until its TTL) and asks the control plane for the rest; the first
+message of every (re)subscription is a reset.
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ class ControlPlaneClient(ServiceClient):
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
         finally:
+            # Missed invalidations from here on: store nothing new, but serve what is cached
+            # for the rest of its TTL (a control plane outage must not refuse live keys). The
+            # next subscription's reset drops it all.
             self.cache.enabled = False
-            self.cache.clear()
 
     # -- lookups ----------------------------------------------------------------------------
     async def authenticate_api_key(self, api_key: str) -> cp.Environment:
