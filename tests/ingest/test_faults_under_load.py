@@ -12,22 +12,30 @@ only retryable statuses during the fault, and recovery without a restart.
 from __future__ import annotations
 
 import asyncio
+import functools
+import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
+from runops.ingest.client import BatchResult, IngestClient, filter_items
 from runops.ingest.v1 import ingest_pb2 as ing
+from runops.kit.backoff import ExponentialBackoff
 from runops.kit.errors import details_of
-from runops.localstack import LocalStack
+from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster
 from runops.localstack.ports import free_port
 from runops.localstack.settings import ADMIN_TOKEN
-from tests.controlplane.harness import seed, start_control_plane
+from services.ingest.app import Ingest
+from tests.controlplane.harness import Seeded, seed, start_control_plane
 from tests.controlplane.harness import stub as controlplane_stub
-from tests.harness import RETRYABLE, until
+from tests.harness import RETRYABLE, private_postgres, until
 from tests.ingest.harness import Suite, ingest_in_process, stub
-from tests.runstore.harness import rows
+from tests.ingest.test_resilience import SlowItems, shuffled_with_repeats
+from tests.runstore.harness import rows, start_run_store
 
 # The ingest process's API-key cache lifetime here (30 s by default): short enough to see it end.
 KEY_TTL = 6.0
@@ -139,3 +147,93 @@ async def test_control_plane_down_cached_keys_work_for_their_ttl_uncached_are_un
     assert len(stored) == len(set(stored))
     assert set(acknowledged) <= set(stored)
     assert len(stored) - len(acknowledged) <= refused_cached
+
+
+# -- the run-ops writer stopped mid-stream ---------------------------------------------------------
+STREAMS = 3
+ITEMS = 600
+OUTAGE_SECONDS = 3.0
+
+
+@pytest.fixture(scope="module")
+async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresCluster]:
+    """A run-ops database of this module's own: the test stops its writer."""
+    state_dir = Path(tmp_path_factory.mktemp("ingest-load-faults"))
+    async with private_postgres("ingest-load", state_dir, RUNOPS_DATABASE, "runops") as pg:
+        yield pg
+
+
+@pytest.fixture(scope="module")
+async def ingest_on_cluster(suite: Suite, cluster: PostgresCluster) -> AsyncIterator[Ingest]:
+    """Ingest over a run store whose run-ops database is `cluster`."""
+    store = await start_run_store(
+        suite.stack.controlplane_db,
+        cluster,
+        name="runstore-ingest-load",
+        runops_db={
+            "writer_url": cluster.writer_dsn,
+            "replica_url": cluster.replica_dsn,
+            "replica_timeout_seconds": 0.5,
+        },
+    )
+    try:
+        async with ingest_in_process(suite, runstore_target=store.app.target) as started:
+            yield started
+    finally:
+        await store.app.stop(grace=1)
+
+
+async def runs_per_index(cluster: PostgresCluster, batch_id: str) -> Counter[int]:
+    found = await rows(
+        cluster.admin_writer_dsn, "SELECT batch_index FROM runs WHERE batch_id = $1", batch_id
+    )
+    return Counter(row["batch_index"] for row in found)
+
+
+@pytest.mark.slow
+async def test_run_ops_writer_stopped_mid_stream_loses_and_duplicates_nothing(
+    ingest_on_cluster: Ingest, cluster: PostgresCluster, seeded: Seeded
+) -> None:
+    async with IngestClient(
+        ingest_on_cluster.app.target,
+        seeded.api_key,
+        max_items=25,
+        backoff=ExponentialBackoff(base=0.2, cap=1.0, jitter=0.5),
+        attempts=40,  # at most 1 s apart: far longer than the outage plus a restart
+    ) as client:
+        results: list[BatchResult] = []
+        streaming = []
+        for stream in range(STREAMS):
+            created = await client.create_batch(ITEMS, idempotency_key=f"writer-stop-{stream}")
+            result = BatchResult(created.batch.id, created, ing.StreamBatchItemsResponse())
+            results.append(result)
+            source = shuffled_with_repeats(ITEMS, random.Random(stream))
+            slow = SlowItems(source, 0.004)
+            streaming.append(
+                asyncio.create_task(
+                    client.stream_items(
+                        created.batch.friendly_id,
+                        slow.paced,
+                        items_for=functools.partial(filter_items, source),
+                        result=result,
+                    )
+                )
+            )
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(cluster.stop_server, "writer")
+        try:
+            await asyncio.sleep(OUTAGE_SECONDS)
+        finally:
+            await asyncio.to_thread(cluster.start_server, "writer")
+        replies = await asyncio.wait_for(asyncio.gather(*streaming), 90)
+    failures = [f.code for r in results for f in r.failures]
+    print(
+        f"\nrun-ops writer stopped {OUTAGE_SECONDS:g}s under {STREAMS} streams of {ITEMS}: "
+        f"{sum(r.streams for r in results)} streams opened, failures {Counter(failures)}"
+    )
+    assert failures, "the outage was met mid-stream"
+    assert set(failures) <= RETRYABLE
+    for reply, result in zip(replies, results, strict=True):
+        assert reply.sealed
+        assert reply.accepted_count == ITEMS
+        assert await runs_per_index(cluster, result.batch_id) == Counter(range(ITEMS))
