@@ -1,10 +1,12 @@
-"""Redis SIGKILLed and restarted mid-burst, through the SERVICE (issue 9): concurrent callers
-trigger at one environment while the gate is tripped; the mollifier's own Redis (AOF,
-`appendfsync everysec`, `runops.localstack.redis.RedisServer`) is killed and started again on
-the same port and directory. Every caller that got an answer is recorded: after the drain,
+"""Redis SIGKILLed and restarted, and separately hung (SIGSTOP, then SIGCONT), mid-burst,
+through the SERVICE (issue 9, issue 17): concurrent callers trigger at one environment while the
+gate is tripped; the mollifier's own Redis (AOF, `appendfsync everysec`,
+`runops.localstack.redis.RedisServer`) is killed and started again on the same port and
+directory, or stopped in place. Every caller that got an answer is recorded: after the drain,
 Postgres (read directly) holds every acknowledged run, buffered or not, with the id and creation
-time the caller was shown; triggers during the outage failed open to the run store or got a
-retryable status. The figures are printed and documented in docs/mollifier.md."""
+time the caller was shown, and no run nobody was told about beyond the calls that failed;
+triggers during the outage failed open to the run store or got a retryable status. The figures
+are printed and documented in docs/mollifier.md."""
 
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from tests.mollifier.service_harness import (
 
 CALLERS = 20
 BEFORE_KILL_SECONDS = 1.5
-# Long enough that fail-open triggers complete inside the outage on a loaded 2-core machine.
-OUTAGE_SECONDS = 2.5
+# Long enough that fail-open triggers complete inside the outage on a loaded 2-core machine
+# (a hung Redis costs each trigger its socket timeouts before it fails open).
+OUTAGE_SECONDS = {"killed": 2.5, "hung": 5.0}
 AFTER_RESTART_SECONDS = 3.0
 
 
@@ -51,7 +54,9 @@ def _fail_open_count() -> float:
 
 
 @pytest.mark.slow
-async def test_redis_killed_mid_burst_loses_no_acknowledged_trigger(
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+async def test_redis_killed_or_hung_mid_burst_loses_no_acknowledged_trigger(
+    fault: str,
     redis_server: RedisServer,
     env: Seeded,
     stack: LocalStack,
@@ -91,10 +96,15 @@ async def test_redis_killed_mid_burst_loses_no_acknowledged_trigger(
 
         callers = [asyncio.create_task(caller()) for _ in range(CALLERS)]
         await asyncio.sleep(BEFORE_KILL_SECONDS)
-        redis_server.kill()
-        killed_at = time.monotonic()
-        await asyncio.sleep(OUTAGE_SECONDS)
-        redis_server.start()  # the same port and directory: the AOF is replayed
+        if fault == "killed":
+            redis_server.kill()
+            killed_at = time.monotonic()
+            await asyncio.sleep(OUTAGE_SECONDS[fault])
+            redis_server.start()  # the same port and directory: the AOF is replayed
+        else:
+            with redis_server.suspended():
+                killed_at = time.monotonic()
+                await asyncio.sleep(OUTAGE_SECONDS[fault])
         restarted_at = time.monotonic()
         await asyncio.sleep(AFTER_RESTART_SECONDS)
         stop.set()
@@ -127,9 +137,9 @@ async def test_redis_killed_mid_burst_loses_no_acknowledged_trigger(
             lost = [a for run_id, a in acknowledged.items() if run_id not in stored]
             window = killed_at - min((a.ended for a in lost), default=killed_at)
             print(
-                f"\nRedis SIGKILLed mid-burst (AOF everysec), {CALLERS} callers: "
+                f"\nRedis {fault} mid-burst (AOF everysec), {CALLERS} callers: "
                 f"{len(answers)} acknowledged ({len(buffered)} buffered, {len(straight)} "
-                f"straight, {len(during)} answered during the {OUTAGE_SECONDS:g}s outage, all "
+                f"straight, {len(during)} answered during the {OUTAGE_SECONDS[fault]:g}s outage, all "
                 f"fail-open), {len(refused)} retryable refusals; after the drain "
                 f"{len(lost)} acknowledged runs lost (loss window {window * 1000:.0f} ms), "
                 f"{len(stored) - len(acknowledged)} runs nobody was told about"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,6 +74,18 @@ class _RedisProcess(LocalServer):
             self._proc.wait(timeout=10)
             self._proc = None
 
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"the redis-server on port {self.port} is not running")
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+
 
 class RedisServer:
     """A standalone Redis on a free loopback port."""
@@ -95,6 +109,11 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL, keeping the files: start() again recovers what reached the disk."""
         self._server.kill()
+
+    def suspended(self) -> contextlib.AbstractContextManager[None]:
+        """`with server.suspended():` Redis hangs inside (SIGSTOP): it accepts TCP connections
+        but answers nothing. SIGCONT on the way out, whatever happened."""
+        return self._server.suspended()
 
 
 class RedisCluster:
