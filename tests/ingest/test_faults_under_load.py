@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -27,13 +28,22 @@ from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.backoff import ExponentialBackoff
 from runops.kit.errors import details_of
 from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster
-from runops.localstack.ports import free_port
+from runops.localstack.delay_proxy import DelayProxy
+from runops.localstack.ports import HOST, free_port
 from runops.localstack.settings import ADMIN_TOKEN
 from services.ingest.app import Ingest
+from services.ingest.offload import STORE_PAYLOAD_TYPE, ObjectStore
 from tests.controlplane.harness import Seeded, seed, start_control_plane
 from tests.controlplane.harness import stub as controlplane_stub
 from tests.harness import RETRYABLE, private_postgres, until
-from tests.ingest.harness import Suite, ingest_in_process, stub
+from tests.ingest.harness import (
+    Suite,
+    ingest_in_process,
+    item,
+    settings_for,
+    store_config,
+    stub,
+)
 from tests.ingest.test_resilience import SlowItems, shuffled_with_repeats
 from tests.runstore.harness import rows, start_run_store
 
@@ -237,3 +247,100 @@ async def test_run_ops_writer_stopped_mid_stream_loses_and_duplicates_nothing(
         assert reply.sealed
         assert reply.accepted_count == ITEMS
         assert await runs_per_index(cluster, result.batch_id) == Counter(range(ITEMS))
+
+
+# -- the object store erroring, and separately slow, mid-offload -----------------------------------
+OFFLOAD_ITEMS = 300
+# One way, per segment: a round trip takes twice this, past the attempt timeout below.
+SLOW_DELAY = 1.5
+
+
+def offloaded_and_not(indexes: list[int]) -> list[ing.BatchItem]:
+    """Odd indexes carry a payload above the offload threshold (4 KiB here)."""
+    return [item(i, size=5000 if i % 2 else 16) for i in indexes]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["erroring", "slow"])
+async def test_object_store_erroring_or_slow_mid_offload_loses_nothing(
+    fault: str, suite: Suite, seeded: Seeded
+) -> None:
+    moto = urlsplit(suite.stack.s3_endpoint_url)
+    assert moto.hostname is not None
+    assert moto.port is not None
+    port = free_port()
+    proxy = await DelayProxy(moto.hostname, moto.port, delay=0.01, port=port).start()
+    results: list[BatchResult] = []
+    try:
+        async with (
+            ingest_in_process(
+                suite,
+                s3_endpoint_url=f"http://{HOST}:{port}",
+                s3_attempts=2,
+                s3_attempt_timeout_seconds=1.0,
+            ) as ingest,
+            IngestClient(
+                ingest.app.target,
+                seeded.api_key,
+                max_items=20,
+                backoff=ExponentialBackoff(base=0.2, cap=1.0, jitter=0.5),
+                attempts=40,
+            ) as client,
+        ):
+            streaming = []
+            for stream in range(2):
+                created = await client.create_batch(
+                    OFFLOAD_ITEMS, idempotency_key=f"offload-{fault}-{stream}-{port}"
+                )
+                result = BatchResult(created.batch.id, created, ing.StreamBatchItemsResponse())
+                results.append(result)
+                indexes = list(range(OFFLOAD_ITEMS))
+                random.Random(stream).shuffle(indexes)
+                source = offloaded_and_not(indexes)
+                streaming.append(
+                    asyncio.create_task(
+                        client.stream_items(
+                            created.batch.friendly_id,
+                            SlowItems(source, 0.006).paced,
+                            items_for=functools.partial(filter_items, source),
+                            result=result,
+                        )
+                    )
+                )
+            await asyncio.sleep(0.5)
+            if fault == "erroring":
+                await proxy.close()  # connections reset, new ones refused
+                await asyncio.sleep(OUTAGE_SECONDS)
+                proxy = await DelayProxy(moto.hostname, moto.port, delay=0.01, port=port).start()
+            else:
+                proxy.delay = SLOW_DELAY
+                await asyncio.sleep(OUTAGE_SECONDS)
+                proxy.delay = 0.01
+            replies = await asyncio.wait_for(asyncio.gather(*streaming), 90)
+    finally:
+        await proxy.close()
+    failures = [f.code for r in results for f in r.failures]
+    print(
+        f"\nobject store {fault} {OUTAGE_SECONDS:g}s mid-offload, 2 streams of {OFFLOAD_ITEMS}: "
+        f"{sum(r.streams for r in results)} streams opened, failures {Counter(failures)}"
+    )
+    assert failures, "the fault was met mid-stream"
+    assert set(failures) <= RETRYABLE
+    settings = settings_for(suite)
+    async with ObjectStore(store_config(suite.stack, settings)) as store:
+        for reply, result in zip(replies, results, strict=True):
+            assert reply.sealed
+            assert reply.accepted_count == OFFLOAD_ITEMS
+            found = await rows(
+                suite.stack.runops_db.admin_writer_dsn,
+                "SELECT batch_index, payload, payload_type FROM runs WHERE batch_id = $1",
+                result.batch_id,
+            )
+            assert Counter(row["batch_index"] for row in found) == Counter(range(OFFLOAD_ITEMS))
+            for row in found:
+                if row["batch_index"] % 2 == 0:
+                    continue
+                # Every offloaded run's payload is its key, and the object is there, whole.
+                assert row["payload_type"] == STORE_PAYLOAD_TYPE
+                stored = await store.get(bytes(row["payload"]).decode())
+                assert stored == offloaded_and_not([row["batch_index"]])[0].payload
