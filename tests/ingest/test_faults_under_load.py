@@ -30,6 +30,7 @@ from runops.kit.errors import details_of
 from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster
 from runops.localstack.delay_proxy import DelayProxy
 from runops.localstack.ports import HOST, free_port
+from runops.localstack.redis import RedisServer
 from runops.localstack.settings import ADMIN_TOKEN
 from services.ingest.app import Ingest
 from services.ingest.offload import STORE_PAYLOAD_TYPE, ObjectStore
@@ -44,7 +45,9 @@ from tests.ingest.harness import (
     store_config,
     stub,
 )
+from tests.ingest.test_keyed import keyed, outcomes
 from tests.ingest.test_resilience import SlowItems, shuffled_with_repeats
+from tests.mollifier.service_harness import body, seeded_env, start_mollifier
 from tests.runstore.harness import rows, start_run_store
 
 # The ingest process's API-key cache lifetime here (30 s by default): short enough to see it end.
@@ -344,3 +347,94 @@ async def test_object_store_erroring_or_slow_mid_offload_loses_nothing(
                 assert row["payload_type"] == STORE_PAYLOAD_TYPE
                 stored = await store.get(bytes(row["payload"]).decode())
                 assert stored == offloaded_and_not([row["batch_index"]])[0].payload
+
+
+# -- Redis stopped, and separately hung, during a keyed batch ---------------------------------------
+KEYED_ITEMS = 300
+KEYS = 120
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["stopped", "hung"])
+async def test_redis_stopped_or_hung_during_a_keyed_batch_gives_one_run_per_key(
+    fault: str, suite: Suite, tmp_path: Path
+) -> None:
+    """Ingest and the mollifier it claims keys through share a Redis of this test's own."""
+    env = await seeded_env(suite.controlplane_target, enabled=True)
+    server = RedisServer(tmp_path)
+    server.start()
+    redis = {"url": server.url, "socket_timeout_seconds": 1, "retry_attempts": 1}
+    mollifier = await start_mollifier(
+        redis=redis,
+        key_prefix=f"keyed-faults-{tmp_path.name}",
+        runstore_target=suite.runstore_target,
+        controlplane_target=suite.controlplane_target,
+        drainer_enabled=True,
+    )
+    try:
+        async with (
+            ingest_in_process(
+                suite, mollifier_target=mollifier.app.target, redis=redis, max_chunk_items=20
+            ) as ingest,
+            IngestClient(
+                ingest.app.target,
+                env.api_key,
+                max_items=20,
+                backoff=ExponentialBackoff(base=0.2, cap=1.0, jitter=0.5),
+                attempts=40,
+            ) as client,
+        ):
+            created = await client.create_batch(KEYED_ITEMS, idempotency_key=f"keyed-{fault}")
+            result = BatchResult(created.batch.id, created, ing.StreamBatchItemsResponse())
+            indexes = list(range(KEYED_ITEMS))
+            random.Random(17).shuffle(indexes)
+            source = [keyed(i, f"k{i % KEYS}") for i in indexes]
+            streaming = asyncio.create_task(
+                client.stream_items(
+                    created.batch.friendly_id,
+                    SlowItems(source, 0.01).paced,
+                    items_for=functools.partial(filter_items, source),
+                    result=result,
+                )
+            )
+            await asyncio.sleep(0.8)
+            if fault == "stopped":
+                await asyncio.to_thread(server.stop, True)  # SIGTERM; the AOF stays
+                await asyncio.sleep(OUTAGE_SECONDS)
+                await asyncio.to_thread(server.start)
+            else:
+                with server.suspended():
+                    await asyncio.sleep(OUTAGE_SECONDS)
+            reply = await asyncio.wait_for(streaming, 90)
+            found = await outcomes(stub(ingest.app.target, env.api_key), created.batch.friendly_id)
+    finally:
+        await mollifier.app.stop(grace=1)
+        server.stop()
+    failures = [f.code for f in result.failures]
+    print(
+        f"\nRedis {fault} {OUTAGE_SECONDS:g}s during a keyed batch of {KEYED_ITEMS} "
+        f"({KEYS} keys): {result.streams} streams opened, failures {Counter(failures)}"
+    )
+    assert set(failures) <= RETRYABLE
+    assert reply.sealed
+    assert reply.accepted_count == KEYED_ITEMS
+    # Every index has its run; the items of one key share one run; Postgres holds one run per
+    # key and nothing else.
+    assert sorted(found) == list(range(KEYED_ITEMS))
+    run_of_key: dict[str, set[str]] = {}
+    for index, outcome in found.items():
+        assert outcome.run_id, index
+        run_of_key.setdefault(f"k{index % KEYS}", set()).add(body(outcome.run_id))
+    assert all(len(runs) == 1 for runs in run_of_key.values()), run_of_key
+    stored = await rows(
+        suite.stack.runops_db.admin_writer_dsn,
+        "SELECT id, idempotency_key FROM runs WHERE environment_id = $1",
+        env.env_id,
+    )
+    stored += await rows(
+        suite.stack.controlplane_db.admin_writer_dsn,
+        "SELECT id, idempotency_key FROM runs WHERE environment_id = $1",
+        env.env_id,
+    )
+    assert len(stored) == KEYS
+    assert {row["idempotency_key"]: {row["id"]} for row in stored} == run_of_key
