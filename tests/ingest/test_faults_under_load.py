@@ -370,6 +370,10 @@ async def test_redis_stopped_or_hung_during_a_keyed_batch_gives_one_run_per_key(
         runstore_target=suite.runstore_target,
         controlplane_target=suite.controlplane_target,
         drainer_enabled=True,
+        # A claim taken by a command the client gave up on (Redis hung, then resumed) is held
+        # until it expires (its unit's release timed out too): items with its key are refused
+        # ABORTED IDEMPOTENCY_KEY_BUSY and retried until then. 30 s by default; short here.
+        claim_ttl_max_seconds=8,
     )
     try:
         async with (
