@@ -7,6 +7,10 @@ only retryable statuses during the fault, and recovery without a restart.
   with RetryInfo, never UNAUTHENTICATED; both work again once the control plane is back.
 - The run-ops Postgres writer stopped and started again mid-stream: the client library
   (IngestClient) retries and resends only the missing indexes; exactly one run per index.
+- The object store erroring (its proxy closed), and separately slow (past the attempt timeout),
+  mid-offload: one run per index, and every offloaded run's object is in the store, whole.
+- Redis stopped, and separately hung (SIGSTOP), during a keyed batch (ingest and the mollifier
+  it claims keys through share it): exactly one run per key.
 """
 
 from __future__ import annotations
@@ -124,10 +128,12 @@ async def test_control_plane_down_cached_keys_work_for_their_ttl_uncached_are_un
                         assert details_of(outcome).retry_after is not None, outcome
                         if with_cached_key:
                             refused_cached += 1
-                            assert started > cached_until - 0.5, "cached key refused in its TTL"
+                            # Checked no later than it ended: its entry had expired by then.
+                            assert ended > cached_until, "cached key refused within its TTL"
                         continue
                     assert with_cached_key, "an uncached key was checked without the plane"
-                    assert ended < expired_after + 0.5, "a cached key served after its TTL"
+                    # Checked no earlier than it started: its entry was still live then.
+                    assert started < expired_after, "a cached key served after its TTL"
                     acknowledged.append(outcome.batch.id)
                 await asyncio.sleep(0.1)
             served_while_down = len(acknowledged) - 1
