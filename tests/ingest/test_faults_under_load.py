@@ -31,7 +31,7 @@ from runops.ingest.client import BatchResult, IngestClient, filter_items
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.backoff import ExponentialBackoff
 from runops.kit.errors import details_of
-from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster
+from runops.localstack import LocalStack, PostgresCluster
 from runops.localstack.delay_proxy import DelayProxy
 from runops.localstack.ports import HOST, free_port
 from runops.localstack.redis import RedisServer
@@ -40,7 +40,7 @@ from services.ingest.app import Ingest
 from services.ingest.offload import STORE_PAYLOAD_TYPE, ObjectStore
 from tests.controlplane.harness import Seeded, seed, start_control_plane
 from tests.controlplane.harness import stub as controlplane_stub
-from tests.harness import RETRYABLE, private_postgres, until
+from tests.harness import RETRYABLE, until
 from tests.ingest.harness import (
     Suite,
     ingest_in_process,
@@ -52,10 +52,37 @@ from tests.ingest.harness import (
 from tests.ingest.test_keyed import keyed, outcomes
 from tests.ingest.test_resilience import SlowItems, shuffled_with_repeats
 from tests.mollifier.service_harness import body, seeded_env, start_mollifier
-from tests.runstore.harness import rows, start_run_store
+from tests.runstore.harness import private_runops, rows, run_store_on
 
 # The ingest process's API-key cache lifetime here (30 s by default): short enough to see it end.
 KEY_TTL = 6.0
+
+
+def retrying_client(target: str, api_key: str) -> IngestClient:
+    """A client whose retries (at most 1 s apart, 40 of them) outlast every outage here plus a
+    restart; chunks of 20 items."""
+    backoff = ExponentialBackoff(base=0.2, cap=1.0, jitter=0.5)
+    return IngestClient(target, api_key, max_items=20, backoff=backoff, attempts=40)
+
+
+def paced_stream(
+    client: IngestClient,
+    created: ing.CreateBatchResponse,
+    source: list[ing.BatchItem],
+    delay: float,
+) -> tuple[asyncio.Task[ing.StreamBatchItemsResponse], BatchResult]:
+    """Streams `source` into the batch in the background, `delay` seconds per item (so a fault
+    lands mid-stream); resends come from `source`. The result records the client's failures."""
+    result = BatchResult(created.batch.id, created, ing.StreamBatchItemsResponse())
+    streaming = asyncio.create_task(
+        client.stream_items(
+            created.batch.friendly_id,
+            SlowItems(source, delay).paced,
+            items_for=functools.partial(filter_items, source),
+            result=result,
+        )
+    )
+    return streaming, result
 
 
 async def batch_ids(stack: LocalStack, env_id: str) -> list[str]:
@@ -176,30 +203,18 @@ OUTAGE_SECONDS = 3.0
 
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresCluster]:
-    """A run-ops database of this module's own: the test stops its writer."""
-    state_dir = Path(tmp_path_factory.mktemp("ingest-load-faults"))
-    async with private_postgres("ingest-load", state_dir, RUNOPS_DATABASE, "runops") as pg:
+    async with private_runops(tmp_path_factory, "ingest-load") as pg:
         yield pg
 
 
 @pytest.fixture(scope="module")
 async def ingest_on_cluster(suite: Suite, cluster: PostgresCluster) -> AsyncIterator[Ingest]:
     """Ingest over a run store whose run-ops database is `cluster`."""
-    store = await start_run_store(
-        suite.stack.controlplane_db,
-        cluster,
-        name="runstore-ingest-load",
-        runops_db={
-            "writer_url": cluster.writer_dsn,
-            "replica_url": cluster.replica_dsn,
-            "replica_timeout_seconds": 0.5,
-        },
-    )
-    try:
-        async with ingest_in_process(suite, runstore_target=store.app.target) as started:
-            yield started
-    finally:
-        await store.app.stop(grace=1)
+    async with (
+        run_store_on(suite.stack, cluster, name="runstore-ingest-load") as store,
+        ingest_in_process(suite, runstore_target=store.app.target) as started,
+    ):
+        yield started
 
 
 async def runs_per_index(cluster: PostgresCluster, batch_id: str) -> Counter[int]:
@@ -213,31 +228,15 @@ async def runs_per_index(cluster: PostgresCluster, batch_id: str) -> Counter[int
 async def test_run_ops_writer_stopped_mid_stream_loses_and_duplicates_nothing(
     ingest_on_cluster: Ingest, cluster: PostgresCluster, seeded: Seeded
 ) -> None:
-    async with IngestClient(
-        ingest_on_cluster.app.target,
-        seeded.api_key,
-        max_items=25,
-        backoff=ExponentialBackoff(base=0.2, cap=1.0, jitter=0.5),
-        attempts=40,  # at most 1 s apart: far longer than the outage plus a restart
-    ) as client:
+    async with retrying_client(ingest_on_cluster.app.target, seeded.api_key) as client:
         results: list[BatchResult] = []
         streaming = []
         for stream in range(STREAMS):
             created = await client.create_batch(ITEMS, idempotency_key=f"writer-stop-{stream}")
-            result = BatchResult(created.batch.id, created, ing.StreamBatchItemsResponse())
-            results.append(result)
             source = shuffled_with_repeats(ITEMS, random.Random(stream))
-            slow = SlowItems(source, 0.004)
-            streaming.append(
-                asyncio.create_task(
-                    client.stream_items(
-                        created.batch.friendly_id,
-                        slow.paced,
-                        items_for=functools.partial(filter_items, source),
-                        result=result,
-                    )
-                )
-            )
+            task, result = paced_stream(client, created, source, 0.004)
+            streaming.append(task)
+            results.append(result)
         await asyncio.sleep(0.5)
         await asyncio.to_thread(cluster.stop_server, "writer")
         try:
@@ -288,34 +287,18 @@ async def test_object_store_erroring_or_slow_mid_offload_loses_nothing(
                 s3_attempts=2,
                 s3_attempt_timeout_seconds=1.0,
             ) as ingest,
-            IngestClient(
-                ingest.app.target,
-                seeded.api_key,
-                max_items=20,
-                backoff=ExponentialBackoff(base=0.2, cap=1.0, jitter=0.5),
-                attempts=40,
-            ) as client,
+            retrying_client(ingest.app.target, seeded.api_key) as client,
         ):
             streaming = []
             for stream in range(2):
                 created = await client.create_batch(
                     OFFLOAD_ITEMS, idempotency_key=f"offload-{fault}-{stream}-{port}"
                 )
-                result = BatchResult(created.batch.id, created, ing.StreamBatchItemsResponse())
-                results.append(result)
                 indexes = list(range(OFFLOAD_ITEMS))
                 random.Random(stream).shuffle(indexes)
-                source = offloaded_and_not(indexes)
-                streaming.append(
-                    asyncio.create_task(
-                        client.stream_items(
-                            created.batch.friendly_id,
-                            SlowItems(source, 0.006).paced,
-                            items_for=functools.partial(filter_items, source),
-                            result=result,
-                        )
-                    )
-                )
+                task, result = paced_stream(client, created, offloaded_and_not(indexes), 0.006)
+                streaming.append(task)
+                results.append(result)
             await asyncio.sleep(0.5)
             if fault == "erroring":
                 await proxy.close()  # connections reset, new ones refused
@@ -386,27 +369,13 @@ async def test_redis_stopped_or_hung_during_a_keyed_batch_gives_one_run_per_key(
             ingest_in_process(
                 suite, mollifier_target=mollifier.app.target, redis=redis, max_chunk_items=20
             ) as ingest,
-            IngestClient(
-                ingest.app.target,
-                env.api_key,
-                max_items=20,
-                backoff=ExponentialBackoff(base=0.2, cap=1.0, jitter=0.5),
-                attempts=40,
-            ) as client,
+            retrying_client(ingest.app.target, env.api_key) as client,
         ):
             created = await client.create_batch(KEYED_ITEMS, idempotency_key=f"keyed-{fault}")
-            result = BatchResult(created.batch.id, created, ing.StreamBatchItemsResponse())
             indexes = list(range(KEYED_ITEMS))
             random.Random(17).shuffle(indexes)
             source = [keyed(i, f"k{i % KEYS}") for i in indexes]
-            streaming = asyncio.create_task(
-                client.stream_items(
-                    created.batch.friendly_id,
-                    SlowItems(source, 0.01).paced,
-                    items_for=functools.partial(filter_items, source),
-                    result=result,
-                )
-            )
+            streaming, result = paced_stream(client, created, source, 0.01)
             await asyncio.sleep(0.8)
             if fault == "stopped":
                 await asyncio.to_thread(server.stop, True)  # SIGTERM; the AOF stays

@@ -12,18 +12,17 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster
+from runops.localstack import LocalStack, PostgresCluster
 from services.controlplane.app import ControlPlane
 from services.runstore.app import RunStoreApp
 from tests.controlplane.harness import Seeded
-from tests.harness import RETRYABLE, private_postgres, until
+from tests.harness import RETRYABLE, until
 from tests.mollifier.service_harness import body, start_mollifier, stub, trigger_request
-from tests.runstore.harness import rows, start_run_store
+from tests.runstore.harness import private_runops, rows, run_store_on
 
 CALLERS = 10
 OUTAGE_SECONDS = 3.0
@@ -31,26 +30,14 @@ OUTAGE_SECONDS = 3.0
 
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresCluster]:
-    """A run-ops database of this module's own: the test stops its writer."""
-    state_dir = Path(tmp_path_factory.mktemp("mollifier-load-faults"))
-    async with private_postgres("mollifier-load", state_dir, RUNOPS_DATABASE, "runops") as pg:
+    async with private_runops(tmp_path_factory, "mollifier-load") as pg:
         yield pg
 
 
 @pytest.fixture(scope="module")
 async def store(stack: LocalStack, cluster: PostgresCluster) -> AsyncIterator[RunStoreApp]:
-    started = await start_run_store(
-        stack.controlplane_db,
-        cluster,
-        name="runstore-mollifier-load",
-        runops_db={
-            "writer_url": cluster.writer_dsn,
-            "replica_url": cluster.replica_dsn,
-            "replica_timeout_seconds": 0.5,
-        },
-    )
-    yield started
-    await started.app.stop(grace=1)
+    async with run_store_on(stack, cluster, name="runstore-mollifier-load") as started:
+        yield started
 
 
 @pytest.mark.slow

@@ -3,20 +3,24 @@ and helpers that read each database directly."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
+import pytest
 
 from runops.common.v1 import common_pb2
 from runops.kit.ids import Residency, mint_body
-from runops.localstack import LocalStack, PostgresDatabase
+from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster, PostgresDatabase
 from runops.localstack.settings import INTERNAL_TOKEN, database, in_process_settings
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 from services.runstore.app import RunStoreApp, build_run_store
 from services.runstore.settings import RunStoreSettings
-from tests.harness import stub_on
+from tests.harness import private_postgres, stub_on
 
 if TYPE_CHECKING:
     from runops.runstore.v1.runstore_pb2_grpc import RunStoreServiceAsyncStub
@@ -65,6 +69,36 @@ async def start_on_stack(
     return await start_run_store(
         stack.controlplane_db, stack.runops_db if split else None, name=name, **overrides
     )
+
+
+@contextlib.asynccontextmanager
+async def private_runops(
+    tmp_path_factory: pytest.TempPathFactory, name: str
+) -> AsyncIterator[PostgresCluster]:
+    """A run-ops database (writer + streaming replica) of one test module alone: its tests may
+    stop or hang its servers (the session's stack stays untouched)."""
+    state_dir = Path(tmp_path_factory.mktemp(name))
+    async with private_postgres(name, state_dir, RUNOPS_DATABASE, "runops") as pg:
+        yield pg
+
+
+@contextlib.asynccontextmanager
+async def run_store_on(
+    stack: LocalStack, cluster: PostgresCluster, *, name: str = "runstore", **db: Any
+) -> AsyncIterator[RunStoreApp]:
+    """A run store whose run-ops database is `cluster` (a replica read slower than 0.5 s goes to
+    the writer); `db`: more settings of that database."""
+    runops_db = {
+        "writer_url": cluster.writer_dsn,
+        "replica_url": cluster.replica_dsn,
+        "replica_timeout_seconds": 0.5,
+        **db,
+    }
+    started = await start_run_store(stack.controlplane_db, cluster, name=name, runops_db=runops_db)
+    try:
+        yield started
+    finally:
+        await started.app.stop(grace=1)
 
 
 def stub(target: str, token: str | None = INTERNAL_TOKEN) -> Stub:

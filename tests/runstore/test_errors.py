@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,10 +17,10 @@ from runops.common.v1 import common_pb2
 from runops.kit.channels import create_channel
 from runops.kit.errors import details_of
 from runops.kit.ids import Residency
-from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster
+from runops.localstack import LocalStack, PostgresCluster
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.app import RunStoreApp
-from tests.harness import expect_error, private_postgres
+from tests.harness import expect_error
 from tests.runstore.harness import (
     RYW,
     Stub,
@@ -29,8 +28,9 @@ from tests.runstore.harness import (
     body,
     items,
     new_env,
+    private_runops,
     run_input,
-    start_run_store,
+    run_store_on,
     stub,
 )
 
@@ -202,26 +202,14 @@ async def test_bad_input_names_every_field(client: Stub) -> None:
 
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresCluster]:
-    """A run-ops database (writer + streaming replica) for these tests alone."""
-    state_dir = Path(tmp_path_factory.mktemp("runstore-faults"))
-    async with private_postgres("runstore-faults", state_dir, RUNOPS_DATABASE, "runops") as pg:
+    async with private_runops(tmp_path_factory, "runstore-faults") as pg:
         yield pg
 
 
 @pytest.fixture(scope="module")
 async def faulty(stack: LocalStack, cluster: PostgresCluster) -> AsyncIterator[RunStoreApp]:
-    started = await start_run_store(
-        stack.controlplane_db,
-        cluster,
-        runops_db={
-            "writer_url": cluster.writer_dsn,
-            "replica_url": cluster.replica_dsn,
-            "replica_timeout_seconds": 0.5,
-            "statement_timeout_seconds": 60,
-        },
-    )
-    yield started
-    await started.app.stop(grace=1)
+    async with run_store_on(stack, cluster, statement_timeout_seconds=60) as started:
+        yield started
 
 
 async def test_a_stopped_writer_is_unavailable_then_served_again_without_a_restart(

@@ -11,17 +11,23 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 
 from runops.kit.ids import body_of
-from runops.localstack import RUNOPS_DATABASE, LocalStack, PostgresCluster
+from runops.localstack import LocalStack, PostgresCluster
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.app import RunStoreApp
-from tests.harness import RETRYABLE, private_postgres
-from tests.runstore.harness import new_env, rows, run_input, start_run_store, stub
+from tests.harness import RETRYABLE
+from tests.runstore.harness import (
+    new_env,
+    private_runops,
+    rows,
+    run_input,
+    run_store_on,
+    stub,
+)
 
 READERS = 8
 WRITERS = 2
@@ -32,26 +38,15 @@ READ_DEADLINE = 5.0
 
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresCluster]:
-    state_dir = Path(tmp_path_factory.mktemp("runstore-load-faults"))
-    async with private_postgres("runstore-load", state_dir, RUNOPS_DATABASE, "runops") as pg:
+    async with private_runops(tmp_path_factory, "runstore-load") as pg:
         yield pg
 
 
 @pytest.fixture(scope="module")
 async def store(stack: LocalStack, cluster: PostgresCluster) -> AsyncIterator[RunStoreApp]:
-    started = await start_run_store(
-        stack.controlplane_db,
-        cluster,
-        runops_db={
-            "writer_url": cluster.writer_dsn,
-            "replica_url": cluster.replica_dsn,
-            "replica_timeout_seconds": 0.5,
-            # Far above every wait here: the router's own timeouts must notice the hang.
-            "statement_timeout_seconds": 60,
-        },
-    )
-    yield started
-    await started.app.stop(grace=1)
+    # A statement timeout far above every wait here: the router's own timeouts notice the hang.
+    async with run_store_on(stack, cluster, statement_timeout_seconds=60) as started:
+        yield started
 
 
 @pytest.mark.slow
