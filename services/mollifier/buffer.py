@@ -7,9 +7,11 @@ by separate single-key calls and tolerates staleness in both directions:
 - accept writes the entry, *then* adds the environment: an environment is never missing from
   the index while it holds an entry, except after an index write that failed (the sweep's
   `reindex` repairs that);
-- the drainer removes an environment only by `forget_if_empty`: remove, *then* read its size
-  atomically, and add it back if it holds anything. Whatever accept did in between, the
-  environment ends up indexed.
+- the drainer removes an environment only by `forget_if_empty`: only if it looks empty, remove,
+  *then* read its size atomically, and add it back if it holds anything. Whatever accept did in
+  between, the environment ends up indexed. A drainer that dies between the remove and the add
+  leaves it out; `reindex` finds it by its queue or its draining set (recovery only visits
+  indexed environments, so entries DRAINING there would otherwise never come back).
 """
 
 from __future__ import annotations
@@ -307,6 +309,10 @@ class MollifierBuffer:
 
     async def forget_if_empty(self, environment_id: str, organization_id: str) -> bool:
         """Drop an environment from the index unless it holds entries (see the module doc)."""
+        # Checked first so a drainer holding entries (its own write in flight) never takes
+        # their environment out: dying between the HDEL and the HSET would orphan them.
+        if await self.size(environment_id) > 0:
+            return False
         await self.client.hdel(self.global_keys.environments, environment_id)
         if await self.size(environment_id) > 0:
             await self.client.hset(self.global_keys.environments, environment_id, organization_id)
@@ -334,21 +340,29 @@ class MollifierBuffer:
         )
 
     async def reindex(self) -> int:
-        """Add every environment that holds queued entries but is missing from the index (an
-        index write that failed after its accept). Scans every node; run it rarely."""
+        """Add every environment that holds queued or DRAINING entries but is missing from the
+        index (an index write that failed after its accept, a drainer that died inside
+        `forget_if_empty`). Scans every node; run it rarely."""
         indexed = await self.environments()
         added = 0
-        pattern = f"{{{self.prefix}:*}}:q"
+        pattern = f"{{{self.prefix}:*}}:[qd]"
         async for raw_key in self.client.scan_iter(match=pattern, count=1000):
             key = _text(raw_key)
             environment_id = key[len(self.prefix) + 2 : -len("}:q")]
-            if environment_id in indexed:
+            # "}" only in another key whose user-given tail ends like a queue's (a lookup).
+            if "}" in environment_id or environment_id in indexed:
                 continue
-            first = await self.client.lindex(key, 0)
+            keys = self.keys(environment_id)
+            if key == keys.queue:
+                first = await self.client.lindex(key, 0)
+            else:
+                members = await self.client.zrange(key, 0, 0)
+                first = members[0] if members and isinstance(members[0], bytes | str) else None
             if first is None:
                 continue
             entry = await self.get(environment_id, _text(first))
             organization_id = entry.organization_id if entry is not None else ""
             await self.client.hset(self.global_keys.environments, environment_id, organization_id)
+            indexed[environment_id] = organization_id
             added += 1
         return added

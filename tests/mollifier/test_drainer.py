@@ -4,11 +4,15 @@ writer (the collaborator the run store replaces; Redis stays real)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
+import pytest
+
 from runops.kit.backoff import ExponentialBackoff
+from runops.kit.redis import RedisClient
 from services.mollifier.buffer import MollifierBuffer
 from services.mollifier.drainer.drainer import (
     DRAIN_FAILED_CODE,
@@ -19,6 +23,7 @@ from services.mollifier.drainer.drainer import (
     WriteStatus,
 )
 from services.mollifier.entries import EntryStatus
+from services.mollifier.sweeper import StaleSweeper
 from tests.mollifier.helpers import accept_all, now, snapshot
 
 
@@ -162,6 +167,37 @@ async def test_a_drainer_abandoned_mid_write_is_recovered_by_another(
     stuck.block.set()
     await asyncio.wait_for(dead_tick, 5)
     assert await buffer.size("env_k") == 0
+
+
+@pytest.mark.parametrize("index", ["kept", "lost"])
+async def test_entries_draining_with_nothing_queued_are_recovered_and_written(
+    buffer: MollifierBuffer, redis: RedisClient, index: str
+) -> None:
+    # A drainer killed while its write was in flight: every entry of the environment DRAINING
+    # under its token, none queued. "lost": it died inside forget_if_empty, between the HDEL
+    # and the HSET back (the code before this test's fix could); the sweep's reindex repairs it.
+    snaps = [snapshot("env_dead") for _ in range(5)]
+    await accept_all(buffer, snaps)
+    assert len(await buffer.pop("env_dead", 10, "dead:0")) == 5
+    if index == "lost":
+        await redis.hdel(buffer.global_keys.environments, "env_dead")
+        report = await StaleSweeper(buffer).sweep_once()
+        assert report is not None
+        assert report.reindexed == 1
+    writer = MemoryWriter()
+    rescuer = drainer_of(
+        buffer, writer, visibility_timeout_seconds=0.5, recovery_interval_seconds=0.1
+    )
+
+    async def written() -> bool:
+        return len(writer.runs) == 5
+
+    began = time.monotonic()
+    await run_until([rescuer], written, polls=150)
+    # Within the visibility timeout + a recovery interval and a tick (slack for a busy machine).
+    assert time.monotonic() - began < 2.0
+    assert set(writer.runs) == {s.run_id for s in snaps}
+    assert await buffer.size("env_dead") == 0
 
 
 async def test_retryable_failures_back_off_then_write_a_system_failure_run_after_three(

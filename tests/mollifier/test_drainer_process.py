@@ -8,6 +8,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import structlog.testing
+
 from runops.localstack import LocalStack
 from runops.localstack.delay_proxy import DelayProxy
 from runops.localstack.ports import free_port
@@ -95,7 +97,19 @@ async def test_a_killed_drainer_process_loses_nothing(
         stats = await rescuer.buffer.stats(env.env_id)
         return stats.depth == 0 and await count_runs(stack, env.env_id) >= 600
 
-    await until(done, limit=120, interval=0.05)
+    with structlog.testing.capture_logs() as rescuer_logs:
+        try:
+            await until(done, limit=120, interval=0.05)
+        except AssertionError as exc:
+            stats = await rescuer.buffer.stats(env.env_id)
+            indexed = env.env_id in await rescuer.buffer.environments()
+            runs = await count_runs(stack, env.env_id)
+            raise AssertionError(
+                f"{exc}: depth {stats.depth}, draining {stats.draining}, runs {runs}/600, "
+                f"indexed {indexed}\n-- killed drainer's log tail:\n"
+                f"{log_tail(tmp_path / 'drainer.log')}\n-- rescuer's log tail:\n"
+                + ("\n".join(map(str, rescuer_logs[-20:])) or "(nothing logged)")
+            ) from exc
     await asyncio.sleep(0.5)
     stored = await runs_in_postgres(stack, env.env_id)
     assert set(stored) == ids, "no loss, no duplicates"
