@@ -363,7 +363,7 @@ async def test_the_recheck_repairs_a_lost_count(suite: Suite, api: Stub, seeded:
     assert await pending(suite, seeded.env_id, batch)
     # Sealed longer ago than the re-check threshold (5 minutes).
     await execute(
-        db, "UPDATE batches SET sealed_at = now() - interval '6 minutes' WHERE id = $1", batch.id
+        db, "UPDATE batches SET sealed_at = now() - interval '2 hours' WHERE id = $1", batch.id
     )
     await assert_completed(suite, seeded.env_id, api, batch)
 
@@ -376,7 +376,7 @@ async def test_the_recheck_names_items_whose_runs_were_never_written(
     case = await linked_to_buffered(suite, ingest, links=1)
     await execute(
         database_of(suite, case.batch),
-        "UPDATE batches SET sealed_at = now() - interval '6 minutes' WHERE id = $1",
+        "UPDATE batches SET sealed_at = now() - interval '2 hours' WHERE id = $1",
         case.batch.id,
     )
     done = await resumed(suite, case.env.env_id, case.batch)

@@ -44,6 +44,10 @@ def settings_for(
         "runstore_reaper_interval_seconds": 0.3,
         "runstore_reaper_lease_seconds": 5,
         "runstore_expiry_interval_seconds": 0.3,
+        # Batches of earlier tests stay PROCESSING for the whole session (a 100,000-item one
+        # among them); at the 5-minute default they would all fall due mid-session and slow
+        # every reaper step that a later test waits on. Re-check tests backdate past this.
+        "runstore_processing_recheck_seconds": 3600,
     }
     if new is not None:
         values["runops_db"] = database(new)
