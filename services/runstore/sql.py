@@ -405,10 +405,13 @@ WHERE i.run_id = m.old AND NOT i.run_final
 """
 
 # Items linked to a run of the other database that is not final yet (as far as we know), by
-# run id after $1: the reaper asks the other database which of them became final.
+# run id after $1: the reaper asks the other database which of them became final. $3 is the
+# NEW body shape (kit.ids) and $4 whether the other database is NEW: links within this
+# database are counted by the statement that makes their run final and never need the repair,
+# so the reaper's pages hold only the other database's runs, however many live links there are.
 SELECT_PENDING_LINKS = """
 SELECT DISTINCT run_id FROM batch_items
-WHERE linked AND NOT run_final AND run_id > $1
+WHERE linked AND NOT run_final AND run_id > $1 AND (run_id ~ $3) = $4
 ORDER BY run_id
 LIMIT $2
 """

@@ -727,7 +727,10 @@ class RunStore:
         if other is None:
             return aborted, cursor
         pending = await db.read(
-            lambda conn: self.tables.pending_links(conn, cursor, limit), Consistency.WRITER
+            lambda conn: self.tables.pending_links(
+                conn, cursor, limit, other_is_new=other.residency is Residency.NEW
+            ),
+            Consistency.WRITER,
         )
         foreign = [run_id for run_id in pending if self.owner(run_id) is other]
         if foreign:

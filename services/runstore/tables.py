@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from runops.common.v1 import common_pb2
-from runops.kit.ids import RUN
+from runops.kit.ids import NEW_BODY_SQL_PATTERN, RUN
 from runops.kit.limits import MAX_MISSING_RANGES
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore import sql
@@ -589,10 +589,14 @@ class RunTables:
             if final:
                 await conn.fetchrow(sql.MARK_LINKED_RUNS_FINAL, list(final))
 
-    async def pending_links(self, db: Queryable, after: str, limit: int) -> list[str]:
-        """Run ids (ascending, after `after`) that items here link to and have not counted as
-        final yet."""
-        records = await db.fetch(sql.SELECT_PENDING_LINKS, after, limit)
+    async def pending_links(
+        self, db: Queryable, after: str, limit: int, *, other_is_new: bool
+    ) -> list[str]:
+        """Run ids of the other database (ascending, after `after`) that items here link to and
+        have not counted as final yet."""
+        records = await db.fetch(
+            sql.SELECT_PENDING_LINKS, after, limit, NEW_BODY_SQL_PATTERN, other_is_new
+        )
         return [record["run_id"] for record in records]
 
     # -- the seal-timeout reaper ----------------------------------------------------------------

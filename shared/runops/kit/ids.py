@@ -109,6 +109,8 @@ _MAX_RANDOM = (1 << _RANDOM_BITS) - 1
 _PREFIX = r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*"
 _PREFIX_RE = re.compile(_PREFIX)
 _NEW_BODY_RE = re.compile(r"[0-9a-v]{25}1")
+# The same shape for a SQL `~` match (Postgres regular expressions), anchored.
+NEW_BODY_SQL_PATTERN = "^" + _NEW_BODY_RE.pattern + "$"
 # A bare NEW body, or a well-formed prefix + "_" + a NEW body. The prefix alternation cannot
 # backtrack badly (segments are underscore-delimited) and input length is capped before matching.
 _NEW_ID_RE = re.compile(rf"(?:{_PREFIX}_)?[0-9a-v]{{25}}1")
