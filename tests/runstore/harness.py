@@ -45,8 +45,9 @@ def settings_for(
         "runstore_reaper_lease_seconds": 5,
         "runstore_expiry_interval_seconds": 0.3,
         # Batches of earlier tests stay PROCESSING for the whole session (a 100,000-item one
-        # among them); at the 5-minute default they would all fall due mid-session and slow
-        # every reaper step that a later test waits on. Re-check tests backdate past this.
+        # among them): kept out of the re-check so no reaper step a later test waits on pays for
+        # them (a precaution; the link-repair flake had another cause). Re-check tests backdate
+        # their batch past this.
         "runstore_processing_recheck_seconds": 3600,
     }
     if new is not None:
