@@ -22,6 +22,26 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ResultShape:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResultShapeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResultShape.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESULT_SHAPE_UNSPECIFIED: _ResultShape.ValueType  # 0
+    """As RESULT_SHAPE_FULL."""
+    RESULT_SHAPE_FULL: _ResultShape.ValueType  # 1
+    RESULT_SHAPE_IDS: _ResultShape.ValueType  # 2
+
+class ResultShape(_ResultShape, metaclass=_ResultShapeEnumTypeWrapper):
+    """How much of each written run a bulk write answers."""
+
+RESULT_SHAPE_UNSPECIFIED: ResultShape.ValueType  # 0
+"""As RESULT_SHAPE_FULL."""
+RESULT_SHAPE_FULL: ResultShape.ValueType  # 1
+RESULT_SHAPE_IDS: ResultShape.ValueType  # 2
+Global___ResultShape: _TypeAlias = ResultShape  # noqa: Y015
+
 class _SealBatchOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -258,20 +278,92 @@ class CreateRunsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUNS_FIELD_NUMBER: _builtins.int
+    RESULT_SHAPE_FIELD_NUMBER: _builtins.int
+    result_shape: Global___ResultShape.ValueType
+    """What the answer carries per run: unspecified or FULL, a whole Run in `results`; IDS, only
+    `created` (ids, creation times, is_cached and errors as columns), which costs the run store
+    no message per run.
+    """
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunInput]: ...
     def __init__(
         self,
         *,
         runs: _abc.Iterable[Global___RunInput] | None = ...,
+        result_shape: Global___ResultShape.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result_shape", b"result_shape", "runs", b"runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateRunsRequest: _TypeAlias = CreateRunsRequest  # noqa: Y015
+
+@_typing.final
+class CreatedRuns(_message.Message):
+    """A bulk write's lean answer, as columns in request order: entry i of every column is run i."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ErrorsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        @_builtins.property
+        def value(self) -> _common_pb2.ItemError: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _common_pb2.ItemError | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FRIENDLY_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_US_FIELD_NUMBER: _builtins.int
+    IS_CACHED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def friendly_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The run's friendly id: the one requested or minted, or the existing run's when is_cached;
+        empty where the run could not be written (see errors).
+        """
+
+    @_builtins.property
+    def created_at_us(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Creation time, microseconds since the Unix epoch (0 where not written)."""
+
+    @_builtins.property
+    def is_cached(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """An existing live run with the same idempotency key (or the same id, a replay) was returned."""
+
+    @_builtins.property
+    def errors(self) -> _containers.MessageMap[_builtins.int, _common_pb2.ItemError]:
+        """Runs that could not be written, by position in the request; the others are unaffected."""
+
+    def __init__(
+        self,
+        *,
+        friendly_id: _abc.Iterable[_builtins.str] | None = ...,
+        created_at_us: _abc.Iterable[_builtins.int] | None = ...,
+        is_cached: _abc.Iterable[_builtins.bool] | None = ...,
+        errors: _abc.Mapping[_builtins.int, _common_pb2.ItemError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_us", b"created_at_us", "errors", b"errors", "friendly_id", b"friendly_id", "is_cached", b"is_cached"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatedRuns: _TypeAlias = CreatedRuns  # noqa: Y015
 
 @_typing.final
 class CreateRunResult(_message.Message):
@@ -307,18 +399,24 @@ class CreateRunsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateRunResult]:
-        """In request order."""
+        """In request order (result_shape FULL)."""
+
+    @_builtins.property
+    def created(self) -> Global___CreatedRuns:
+        """result_shape IDS."""
 
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___CreateRunResult] | None = ...,
+        created: Global___CreatedRuns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,6 +468,63 @@ class GetRunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRunResponse: _TypeAlias = GetRunResponse  # noqa: Y015
+
+@_typing.final
+class GetRunsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    consistency: _common_pb2.ConsistencyLevel.ValueType
+    environment_id: _builtins.str
+    """The caller's environment (required): another environment's runs are not found."""
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Friendly or internal ids, up to 1,000 per call; the answer keeps their order."""
+
+    def __init__(
+        self,
+        *,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        consistency: _common_pb2.ConsistencyLevel.ValueType = ...,
+        environment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "environment_id", b"environment_id", "run_ids", b"run_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunsRequest: _TypeAlias = GetRunsRequest  # noqa: Y015
+
+@_typing.final
+class GetRunsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    MISSING_RUN_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Run]:
+        """The runs found, in request order; an id not found (or of another environment) is left out
+        and listed in missing_run_ids.
+        """
+
+    @_builtins.property
+    def missing_run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[_common_pb2.Run] | None = ...,
+        missing_run_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_run_ids", b"missing_run_ids", "runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunsResponse: _TypeAlias = GetRunsResponse  # noqa: Y015
 
 @_typing.final
 class FindRunByIdempotencyKeyRequest(_message.Message):
