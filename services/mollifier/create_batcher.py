@@ -23,12 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from runops.common.v1 import common_pb2
 from runops.kit.errors import RunopsError
-from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
+
+
+class RunCreator(Protocol):
+    """What the batcher needs of the run store (`RunStoreClient`)."""
+
+    async def create_run(self, run: rs.RunInput) -> rs.CreateRunResponse: ...
+
+    async def create_runs(self, runs: Sequence[rs.RunInput]) -> list[rs.CreateRunResult]: ...
 
 
 @dataclass(frozen=True)
@@ -44,9 +53,7 @@ class _Batch:
 
 
 class CreateBatcher:
-    def __init__(
-        self, run_store: RunStoreClient, *, max_runs: int, max_wait_seconds: float
-    ) -> None:
+    def __init__(self, run_store: RunCreator, *, max_runs: int, max_wait_seconds: float) -> None:
         if max_runs < 1 or max_wait_seconds < 0:
             raise ValueError("max_runs must be positive and max_wait_seconds not negative")
         self._run_store = run_store
