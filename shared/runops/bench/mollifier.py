@@ -1,7 +1,7 @@
 """Mollifier burst (spec §7): N triggers at one environment from many concurrent callers, the
 drain of the buffer into Postgres, beside the raw bulk-insert floor of the same runs.
 
-    python -m runops.bench.mollifier [--triggers N] [--callers C] [--channels K]
+    python -m runops.bench.mollifier [--triggers N] [--callers C] [--channels K] [--drainers D]
 
 Every service runs as its own OS process: control plane, run store, the mollifier service
 (`RUNOPS_DRAINER_ENABLED=false`) and its drainer (`python -m services.mollifier.drainer`, the
@@ -16,7 +16,7 @@ Every service runs as its own OS process: control plane, run store, the mollifie
                 gate (100 per 200 ms) passes some straight to the run store, the rest are
                 buffered -> accepted/s, p50/p99 trigger latency, how many were buffered. The
                 drainer is NOT running yet, so the burst and the drain do not share the CPU
-  drain         the drainer process starts; the bench polls count(*) of the environment's runs
+  drain         the drainer process starts (D of them with --drainers); the bench polls count(*) of the environment's runs
                 on both writers (a run lands in the database its id's residency names) every
                 20 ms until all N are there -> drain rate = runs written by the drainer / the
                 time from the first drained run seen to the last (its start-up excluded)
@@ -133,7 +133,8 @@ class MollifierResult:
     drained: int  # runs written by the drainer over the measured drain window
     drain_seconds: float
     drain_total_seconds: float  # from the drainer's start to the last run (start-up included)
-    drainer_cores: float  # CPU of the drainer process over the drain, in cores
+    drainers: int  # drainer processes draining at once
+    drainer_cores: float  # CPU of the drainer processes over the drain, in cores
     runstore_cores: float
     service_cores: float  # the mollifier service over the burst
     burst_runstore_cores: float  # the run store over the burst (the gate's pass-throughs)
@@ -158,7 +159,7 @@ class MollifierResult:
             Row(b, f"burst of {self.triggers:,} triggers, {self.callers} callers: accepted",
                 self.accepted_rate, "triggers/s"),
             Row(b, "p99 trigger latency", self.p99_ms, "ms"),
-            Row.against(b, "drain into Postgres", self.drain_rate, "runs/s", self.floor_rate,
+            Row.against(b, f"drain into Postgres, {self.drainers} drainer(s)", self.drain_rate, "runs/s", self.floor_rate,
                         "unnest INSERT", target=">= 0.5 of unnest", at_least=0.5),
         ]  # fmt: skip
 
@@ -176,7 +177,8 @@ class MollifierResult:
                 f" {self.burst_runstore_cores:.2f}, load generator {self.loadgen_cores:.2f}",
                 f"  drain: {self.drained:,} runs in {self.drain_seconds:.2f}s ="
                 f" {self.drain_rate:,.0f} runs/s (from the last poll before the first drained run"
-                f" to the last; from the drainer's start {self.drain_total_seconds:.2f}s); CPU (cores) drainer"
+                f" to the last; from the drainers' start {self.drain_total_seconds:.2f}s);"
+                f" {self.drainers} drainer process(es), CPU (cores) drainers"
                 f" {self.drainer_cores:.2f}, run store {self.runstore_cores:.2f}",
                 f"  floor: unnest INSERT of {self.triggers:,} runs ({floors.CHUNK} a statement,"
                 f" {floors.IN_FLIGHT} in flight) {self.floor_rate:,.0f} runs/s -> drain"
@@ -250,6 +252,7 @@ async def measure(
     channels: int,
     gate_threshold: int | None,
     progress: Progress,
+    drainers: int = 1,
 ) -> MollifierResult:
     from runops.localstack.ports import free_port
     from runops.localstack.services import ServiceProcess
@@ -299,22 +302,29 @@ async def measure(
                 f" {burst['p99'] * 1000:.1f} ms, {burst['buffered']:,} buffered"
             )
             after_burst = await counter.count()
-            drainer = ServiceProcess(
-                "mollifier", free_port(), -1, suite.logs / "mollifier-drainer.log",
-                env=suite.env(**own), companion="mollifier-drainer",
-            )  # fmt: skip
-            drainer.start()
+            fleet = [
+                ServiceProcess(
+                    "mollifier", free_port(), -1, suite.logs / f"mollifier-drainer-{n}.log",
+                    env=suite.env(**own), companion="mollifier-drainer",
+                )
+                for n in range(drainers)
+            ]  # fmt: skip
+            for drainer in fleet:
+                drainer.start()
             try:
-                before = (cpu_seconds(pid_of(drainer)), cpu_seconds(store_pid))
+                pids = [pid_of(d) for d in fleet]
+                before = [cpu_seconds(p) for p in (*pids, store_pid)]
                 drained, drain_seconds, total_seconds = await _drain(
                     counter, triggers, after_burst, DRAIN_LIMIT_SECONDS
                 )
-                cores = [
+                used = [
                     (cpu_seconds(p) - b) / total_seconds
-                    for p, b in zip((pid_of(drainer), store_pid), before, strict=True)
+                    for p, b in zip((*pids, store_pid), before, strict=True)
                 ]
+                cores = [sum(used[:-1]), used[-1]]
             finally:
-                await asyncio.to_thread(drainer.stop)
+                for drainer in fleet:
+                    await asyncio.to_thread(drainer.stop)
             say(f"drain: {drained / drain_seconds if drain_seconds else 0:,.0f} runs/s")
             await asyncio.sleep(0.2)  # a duplicate written late would show now
             found = await counter.ids()
@@ -340,6 +350,7 @@ async def measure(
         drained=drained,
         drain_seconds=drain_seconds,
         drain_total_seconds=total_seconds,
+        drainers=drainers,
         drainer_cores=cores[0],
         runstore_cores=cores[1],
         service_cores=service_cores,
@@ -349,7 +360,7 @@ async def measure(
     )
 
 
-DEFAULTS = {"triggers": 20_000, "callers": 64, "channels": 4}
+DEFAULTS = {"triggers": 20_000, "callers": 64, "channels": 4, "drainers": 1}
 
 
 async def run(
@@ -358,6 +369,7 @@ async def run(
     triggers: int = DEFAULTS["triggers"],
     callers: int = DEFAULTS["callers"],
     channels: int = DEFAULTS["channels"],
+    drainers: int = DEFAULTS["drainers"],
     gate_threshold: int | None = None,
     progress: Progress | None = None,
 ) -> MollifierResult:
@@ -368,7 +380,7 @@ async def run(
     async with running_suite(stack, say) as suite:
         return await measure(
             suite, triggers=triggers, callers=callers, channels=channels,
-            gate_threshold=gate_threshold, progress=say,
+            gate_threshold=gate_threshold, progress=say, drainers=drainers,
         )  # fmt: skip
 
 
@@ -378,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--triggers", type=int, default=DEFAULTS["triggers"], help="triggers in the burst")
     add("--callers", type=int, default=DEFAULTS["callers"], help="concurrent callers")
     add("--channels", type=int, default=DEFAULTS["channels"], help="gRPC channels they share")
+    add("--drainers", type=int, default=DEFAULTS["drainers"], help="drainer processes at once")
     args = parser.parse_args(argv)
     if args.loadgen_worker:
         worker_main(_burst_work)
