@@ -185,3 +185,28 @@ async def test_entries_buffered_before_the_upgrade_drain_as_the_runs_shown(
     assert rows[body_of(cancelled.run_id)]["status"] == "CANCELED"
     assert all(row["status"] != "SYSTEM_FAILURE" for row in rows.values())
     assert (await buffer.stats(env)).depth == 0
+
+
+async def test_a_corrupt_snapshot_does_not_hold_back_its_tick(
+    stack: LocalStack, run_store: RunStoreClient, buffer: MollifierBuffer, redis: RedisClient
+) -> None:
+    # Sent undecoded, a snapshot Redis holds corrupt fails the whole CreateRuns: the writer
+    # then writes the others, and the corrupt one is refused for good (left DRAINING).
+    env = new_env()
+    snaps = [snapshot(env) for _ in range(5)]
+    for snap in snaps:
+        await buffer_as_before(buffer, redis, snap, now())
+    corrupt = snaps[2]
+    await redis.hset(buffer.keys(env).entry(corrupt.run_id), "input", b"\xff\xff\xff\xff")
+
+    drainer = Drainer(buffer, RunStoreWriter(run_store), max_attempts=MAX_ATTEMPTS)
+    first = await drainer.tick()
+    assert (first.popped, first.written, first.requeued) == (5, 4, 1)
+    assert set(await stored_runs(stack, env)) == {
+        body_of(snap.run_id) for snap in snaps if snap is not corrupt
+    }
+    # Its last attempt decodes it, fails, and leaves it DRAINING (recovery brings it back).
+    second = await drainer.tick()
+    assert (second.popped, second.written) == (1, 0)
+    stats = await buffer.stats(env)
+    assert (stats.depth, stats.draining) == (0, 1)

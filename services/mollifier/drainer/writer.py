@@ -10,6 +10,10 @@ A per-run error is retryable when its code is (UNAVAILABLE, ABORTED, …), else 
 whole-call refusal for a caller's mistake (one bad snapshot fails the request's validation) is
 retried run by run, so one bad entry cannot hold the others back.
 
+A snapshot the buffer holds corrupt (bytes sent undecoded) fails the whole call: after any such
+failure the items' bytes are parsed, and the undecodable ones are answered PERMANENT while the
+others are written.
+
 A whole-call transient refusal the run store answered itself (its ErrorInfo names a statement
 timeout, e.g. a run's row locked by another transaction, or a serialization conflict) is
 retried run by run too: a run refused again while others of its tick were written is RETRYABLE
@@ -27,6 +31,7 @@ from collections.abc import Sequence
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from runops.common.v1 import common_pb2
 from runops.kit.errors import RETRYABLE_CODES, RunopsError, details_of
@@ -76,6 +81,17 @@ def _result(item: DrainItem, friendly_id: str, error: common_pb2.ItemError | Non
     return WriteResult(WriteStatus.OK)
 
 
+def _undecodable(items: Sequence[DrainItem]) -> set[int]:
+    """Positions of items whose bytes are not a RunInput (only looked at after a failed call)."""
+    found = set()
+    for i, item in enumerate(items):
+        try:
+            rs.RunInput.FromString(item.wire)
+        except DecodeError:
+            found.add(i)
+    return found
+
+
 class RunStoreWriter:
     def __init__(self, run_store: RunStoreClient) -> None:
         self._run_store = run_store
@@ -89,6 +105,9 @@ class RunStoreWriter:
             log.warning("CreateRuns refused the tick; writing its runs one by one", error=str(exc))
             return [result for item in items for result in await self.create_runs([item])]
         except grpc.aio.AioRpcError as exc:
+            if not _refused(exc) and (undecodable := _undecodable(items)):
+                # Bytes sent undecoded: a snapshot Redis holds corrupt must not stall its tick.
+                return await self._without(items, undecodable)
             if not _refused(exc) or len(items) == 1:
                 raise
             log.warning(
@@ -100,6 +119,17 @@ class RunStoreWriter:
         if len(outcomes) != len(items):
             raise RuntimeError(f"CreateRuns answered {len(outcomes)} runs for {len(items)}")
         return [_result(item, *outcome) for item, outcome in zip(items, outcomes, strict=True)]
+
+    async def _without(
+        self, items: Sequence[DrainItem], undecodable: set[int]
+    ) -> list[WriteResult]:
+        """The tick's other runs written; the undecodable ones PERMANENT (never sent again: at
+        their last attempt the drainer decodes them, fails, and leaves them DRAINING)."""
+        log.error("buffered snapshots do not decode", count=len(undecodable))
+        rest = [item for i, item in enumerate(items) if i not in undecodable]
+        written = iter(await self.create_runs(rest) if rest else [])
+        refused = WriteResult(WriteStatus.PERMANENT, "the buffered snapshot does not decode")
+        return [refused if i in undecodable else next(written) for i in range(len(items))]
 
     async def _one_by_one(self, items: Sequence[DrainItem]) -> list[WriteResult]:
         """Each run alone: a transient refusal is that run's own (RETRYABLE) once another run
