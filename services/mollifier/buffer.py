@@ -6,7 +6,9 @@ The index (`{prefix}:envs`, environment -> organization) lives in its own slot, 
 by separate single-key calls and tolerates staleness in both directions:
 - accept writes the entry, *then* adds the environment: an environment is never missing from
   the index while it holds an entry, except after an index write that failed (the sweep's
-  `reindex` repairs that);
+  `reindex` repairs that). So a trigger's accept (`gate_and_accept`) into an environment that
+  already held entries need not write the index again; it does at most once a second per
+  environment all the same, which repairs a failed write within a burst;
 - the drainer removes an environment only by `forget_if_empty`: only if it looks empty, remove,
   *then* read its size atomically, and add it back if it holds anything. Whatever accept did in
   between, the environment ends up indexed. A drainer that dies between the remove and the add
