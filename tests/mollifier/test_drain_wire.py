@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import pytest
 
 from runops.kit.ids import body_of
@@ -29,7 +28,7 @@ from services.mollifier.drainer.drainer import (
 from services.mollifier.drainer.writer import RunStoreWriter
 from services.mollifier.entries import BufferedEntry, to_ms
 from tests.mollifier.helpers import now, snapshot
-from tests.mollifier.service_harness import RunStoreOnPort
+from tests.mollifier.service_harness import RunStoreOnPort, run_rows
 from tests.runstore.harness import new_env
 
 MAX_ATTEMPTS = 3
@@ -148,21 +147,6 @@ async def buffer_as_before(
     await redis.hset(buffer.global_keys.environments, snap.environment_id, snap.organization_id)
 
 
-async def stored_runs(stack: LocalStack, environment_id: str) -> dict[str, asyncpg.Record]:
-    found: dict[str, asyncpg.Record] = {}
-    for db in (stack.controlplane_db, stack.runops_db):
-        conn = await asyncpg.connect(db.admin_writer_dsn)
-        try:
-            for row in await conn.fetch(
-                "SELECT id, status, created_at, tags FROM runs WHERE environment_id = $1",
-                environment_id,
-            ):
-                found[row["id"]] = row
-        finally:
-            await conn.close()
-    return found
-
-
 async def test_entries_buffered_before_the_upgrade_drain_as_the_runs_shown(
     stack: LocalStack, run_store: RunStoreClient, buffer: MollifierBuffer, redis: RedisClient
 ) -> None:
@@ -178,7 +162,7 @@ async def test_entries_buffered_before_the_upgrade_drain_as_the_runs_shown(
     drainer = Drainer(buffer, RunStoreWriter(run_store), max_attempts=MAX_ATTEMPTS)
     report = await drainer.tick()
     assert (report.popped, report.written, report.requeued) == (20, 20, 0)
-    rows = await stored_runs(stack, env)
+    rows = await run_rows(stack, env)
     assert set(rows) == {body_of(snap.run_id) for snap in snaps}, "every run, once"
     assert all(row["created_at"] == created for row in rows.values())
     assert list(rows[body_of(tagged.run_id)]["tags"]) == ["late"]
@@ -202,7 +186,7 @@ async def test_a_corrupt_snapshot_does_not_hold_back_its_tick(
     drainer = Drainer(buffer, RunStoreWriter(run_store), max_attempts=MAX_ATTEMPTS)
     first = await drainer.tick()
     assert (first.popped, first.written, first.requeued) == (5, 4, 1)
-    assert set(await stored_runs(stack, env)) == {
+    assert set(await run_rows(stack, env)) == {
         body_of(snap.run_id) for snap in snaps if snap is not corrupt
     }
     # Its last attempt decodes it, fails, and leaves it DRAINING (recovery brings it back).
