@@ -32,6 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def trigger_line(reply: m.TriggerResponse) -> str:
+    """One line per trigger: the run's id and status, and where it went (buffered, with the
+    mollifier's notice, or straight to the run store; `cached` when its key's run returned)."""
+    from runops.common.v1 import common_pb2
+
+    status = common_pb2.RunStatus.Name(reply.run.status).removeprefix("RUN_STATUS_")
+    where = "buffered" if reply.buffered else "written to the run store"
+    line = f"{reply.run.friendly_id} {status} ({where}{', cached' if reply.is_cached else ''})"
+    return f"{line}: {reply.notice}" if reply.notice else line
+
+
 def stats_table(stats: m.GetBufferStatsResponse) -> str:
     """Depth, draining and oldest entry's age per environment with anything buffered (and a
     total line when several have), or "empty"."""
@@ -74,7 +85,7 @@ async def _run(args: argparse.Namespace, target: str) -> int:
             return 0
         request = m.TriggerRequest(environment_id=args.env, task_identifier=args.task)
         if args.action == "trigger":
-            print(await client.trigger(request))
+            print(trigger_line(await client.trigger(request)))
             return 0
         buffered = 0
         remaining = args.count
