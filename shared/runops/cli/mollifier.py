@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from runops.cli.arguments import at_least_one
 from runops.cli.errors import FAILURE_EXIT, call_failure, print_error, report_call_failure
+from runops.cli.grid import aligned
 
 if TYPE_CHECKING:
     from runops.mollifier.v1 import mollifier_pb2 as m
@@ -62,16 +63,7 @@ def stats_table(stats: m.GetBufferStatsResponse) -> str:
         return "empty"
     if len(rows) > 1:
         rows.append(("total", f"{stats.total_depth:,}", f"{stats.total_draining:,}", ""))
-    table = (STATS_HEADER, *rows)
-    widths = [max(len(row[i]) for row in table) for i in range(len(STATS_HEADER))]
-    # The environment left-aligned, the numbers right-aligned.
-    return "\n".join(
-        "  ".join(
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in table
-    )
+    return aligned((STATS_HEADER, *rows))
 
 
 async def _run(args: argparse.Namespace, target: str) -> int:
