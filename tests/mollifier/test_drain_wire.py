@@ -194,3 +194,53 @@ async def test_a_corrupt_snapshot_does_not_hold_back_its_tick(
     assert (second.popped, second.written) == (1, 0)
     stats = await buffer.stats(env)
     assert (stats.depth, stats.draining) == (0, 1)
+
+
+class LeanRunStore:
+    """Answers CreateRuns the lean way (`created` columns), as a run store with IDS does."""
+
+    def __init__(self) -> None:
+        self.requests: list[rs.CreateRunsRequest] = []
+
+    async def create_runs_serialized(self, runs: Sequence[bytes]) -> rs.CreateRunsResponse:
+        request = rs.CreateRunsRequest.FromString(
+            b"".join(rs.CreateRunsRequest(runs=[rs.RunInput.FromString(r)]).SerializeToString()
+                     for r in runs)
+        )  # fmt: skip
+        self.requests.append(request)
+        response = rs.CreateRunsResponse()
+        created = response.created
+        for i, run in enumerate(request.runs):
+            if run.payload == b"bad":
+                created.friendly_id.append("")
+                created.errors[i].code = 3
+                created.errors[i].reason = "BAD"
+            elif run.payload == b"busy":
+                created.friendly_id.append("")
+                created.errors[i].code = 14
+                created.errors[i].reason = "BUSY"
+            else:
+                created.friendly_id.append(run.run_id)
+            created.created_at_us.append(0)
+            created.is_cached.append(False)
+        return response
+
+
+async def test_the_lean_answer_is_read_by_position(
+    buffer: MollifierBuffer, redis: RedisClient
+) -> None:
+    env = "env_lean"
+    snaps = [snapshot(env) for _ in range(4)]
+    snaps[1].payload, snaps[3].payload = b"bad", b"busy"
+    for snap in snaps:
+        await buffer.accept(snap, created_at=now())
+    store = LeanRunStore()
+    writer = Capture()
+    report = await Drainer(buffer, writer, max_attempts=MAX_ATTEMPTS).tick()
+    items = [writer.items[snap.run_id] for snap in snaps]
+    results = await RunStoreWriter(store).create_runs(items)  # type: ignore[arg-type]
+    assert [r.status for r in results] == [
+        WriteStatus.OK, WriteStatus.PERMANENT, WriteStatus.OK, WriteStatus.RETRYABLE
+    ]  # fmt: skip
+    assert results[1].message.startswith("BAD")
+    assert report.popped == 4
