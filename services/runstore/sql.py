@@ -267,7 +267,9 @@ run_waitpoints AS (
     ON CONFLICT DO NOTHING
 ),
 {_count_final_items("SELECT id FROM inserted WHERE completed_at IS NOT NULL")}
-SELECT id, created_at, updated_at, completed_at FROM inserted
+SELECT id, created_at, updated_at, completed_at,
+    (extract(epoch FROM created_at) * 1000000)::bigint AS created_at_us
+FROM inserted
 """
 
 # For each (id, environment, task, key): the run with that id, else the live run holding the key.

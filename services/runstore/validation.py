@@ -7,8 +7,9 @@ import dataclasses
 import functools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -34,6 +35,7 @@ from runops.kit.limits import (
 )
 from runops.kit.replica import Consistency
 from runops.runstore.v1 import runstore_pb2 as rs
+from services.runstore.columns import FIELDS, ItemChunk, RunChunk
 from services.runstore.rows import BatchRow, ItemKinds, ItemRow, RunRow
 
 ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
@@ -284,19 +286,103 @@ def create_run(run: rs.RunInput) -> RunRow:
     return row
 
 
-def create_runs(
-    request: rs.CreateRunsRequest, mint: Callable[[], str] | None = None
-) -> list[RunRow]:
-    """The rows, ids minted with `mint` where a run names none."""
+def create_runs(request: rs.CreateRunsRequest, mint: Callable[[], str] | None = None) -> RunChunk:
+    """The runs as columns, ids minted with `mint` where a run names none."""
     v = Violations()
-    if v.require(list(request.runs), "runs") and len(request.runs) > MAX_RUNS_PER_CALL:
-        v.add("runs", f"must hold at most {MAX_RUNS_PER_CALL} runs (got {len(request.runs)})")
-    rows = [
-        _plain_run_row(run, mint=mint) or run_input(v, run, f"runs[{i}]", mint=mint)
-        for i, run in enumerate(request.runs)
+    runs = request.runs
+    if v.require(list(runs), "runs") and len(runs) > MAX_RUNS_PER_CALL:
+        v.add("runs", f"must hold at most {MAX_RUNS_PER_CALL} runs (got {len(runs)})")
+    chunk = None if v else _plain_chunk(runs, in_batch=False, mint=mint)
+    if chunk is None:
+        rows = [
+            _plain_run_row(run, mint=mint) or run_input(v, run, f"runs[{i}]", mint=mint)
+            for i, run in enumerate(runs)
+        ]
+        v.raise_if_any()
+        chunk = RunChunk.from_rows([row for row in rows if row is not None])
+    return chunk
+
+
+def _plain_chunk(
+    runs: Sequence[rs.RunInput], *, in_batch: bool, mint: Callable[[], str] | None
+) -> RunChunk | None:
+    """The fast path of a chunk: its columns when every run passes every check, else None, and
+    then the caller checks run by run (so a violation is found, worded and named in one place
+    only). Each column is checked whole, by the rules of `_check_run_input` in their column
+    form (limits' `ids_fit`, the cached id and task checks over a column's distinct values);
+    a run with options, a default TTL or a final state is also worked out on its own."""
+    count = len(runs)
+    run_ids = [run.run_id for run in runs]
+    parents = [run.parent_run_id for run in runs]
+    roots = [run.root_run_id for run in runs]
+    columns: dict[str, list[Any] | None] = {
+        "environment_id": [run.environment_id for run in runs],
+        "organization_id": [run.organization_id for run in runs],
+        "project_id": [run.project_id for run in runs],
+        "task_identifier": [run.task_identifier for run in runs],
+        "payload_type": [run.payload_type for run in runs],
+        "worker_version": [run.worker_version for run in runs],
+        "queue": [run.default_queue for run in runs],
+        "machine_preset": [run.default_machine_preset for run in runs],
+        "max_attempts": [run.default_max_attempts for run in runs],
+    }
+    optional = {""} if in_batch else set()
+    if not (
+        limits.ids_fit(run_ids, RUN)
+        and limits.ids_fit(parents, RUN)
+        and limits.ids_fit(roots, RUN)
+        and all(
+            _is_friendly_id(value, prefix)
+            for name, prefix in _OWNER_IDS
+            for value in set(columns[name] or ()) - optional
+        )
+        and all(map(_is_task_identifier, set(columns["task_identifier"] or ())))
+        and all(
+            max(map(len, columns[name] or ())) <= TEXT_LIMIT
+            for name in ("payload_type", "worker_version", "queue", "machine_preset")
+        )
+        and max(columns["max_attempts"] or ()) <= MAX_ATTEMPTS
+    ):
+        return None
+    ids = [
+        run_id.removeprefix(_RUN_PREFIX) or (mint() if mint is not None else "")
+        for run_id in run_ids
     ]
-    v.raise_if_any()
-    return [row for row in rows if row is not None]
+    columns["id"] = ids
+    columns["payload"] = [run.payload for run in runs]
+    columns["parent_run_id"] = None if parents.count("") == count else [p or None for p in parents]
+    columns["root_run_id"] = None if roots.count("") == count else [r or None for r in roots]
+    columns["resume_parent_on_completion"] = [run.resume_parent_on_completion for run in runs]
+    columns["created_at"] = [
+        _when(run.created_at) if run.HasField("created_at") else None for run in runs
+    ]
+    chunk = RunChunk(count, {name: columns.get(name) for name in FIELDS})
+    for k, run in enumerate(runs):
+        if run.HasField("options") or run.HasField("default_ttl") or run.WhichOneof("final_state"):
+            row = _rich_row(run, ids[k], in_batch)
+            if row is None:
+                return None
+            chunk.put_row(k, row)
+    return chunk
+
+
+# The owner ids of a run (left empty in a batch: the batch's), with their prefixes.
+_OWNER_IDS = (
+    ("environment_id", ENVIRONMENT),
+    ("organization_id", ORGANIZATION),
+    ("project_id", PROJECT),
+)
+_RUN_PREFIX = RUN + "_"
+
+
+def _rich_row(run: rs.RunInput, body: str, in_batch: bool) -> RunRow | None:
+    """The row of a run with options, a default TTL or a final state when it passes every
+    check, else None."""
+    if run.WhichOneof("final_state") == "failed":
+        v = Violations()
+        _check_run_input(v, run, "", in_batch=in_batch)
+        return None if v else _run_row(run, body)
+    return _run_row(run, body) if _plainly_valid(run, in_batch) else None
 
 
 def create_failed_run(request: rs.CreateFailedRunRequest) -> RunRow:
@@ -448,12 +534,16 @@ def create_batch(request: rs.CreateBatchRequest) -> BatchRow:
 
 def accept_batch_items(
     request: rs.AcceptBatchItemsRequest, mint: Callable[[], str] | None = None
-) -> tuple[BatchRef, list[ItemRow]]:
+) -> tuple[BatchRef, ItemChunk]:
     """The batch and its items, run ids minted with `mint` where a run names none."""
     v = Violations()
     ref = _batch_ref(v, request.batch_id, request.environment_id)
     if v.require(list(request.items), "items") and len(request.items) > MAX_ITEMS_PER_CALL:
         v.add("items", f"must hold at most {MAX_ITEMS_PER_CALL} items (got {len(request.items)})")
+    chunk = _plain_items(request.items, mint) if len(request.items) <= MAX_ITEMS_PER_CALL else None
+    if chunk is not None:
+        v.raise_if_any()
+        return ref, chunk
     items: list[ItemRow] = []
     for i, item in enumerate(request.items[:MAX_ITEMS_PER_CALL]):
         if item.index > MAX_INDEX:
@@ -472,7 +562,43 @@ def accept_batch_items(
             row = _batch_item_row(v, item, f"items[{i}]", mint)
         items.append(ItemRow(item.index, row))
     v.raise_if_any()
-    return ref, items
+    return ref, ItemChunk.from_rows(items)
+
+
+def _plain_items(
+    items: Sequence[rs.BatchItemInput], mint: Callable[[], str] | None
+) -> ItemChunk | None:
+    """The fast path of `accept_batch_items`' items (see `_plain_chunk`): None when any item
+    fails a check. A linked item's run is neither checked nor written; a pre-failed item's is
+    worked out on its own."""
+    indexes = [item.index for item in items]
+    links = [item.existing_run_id for item in items]
+    if not indexes or max(indexes) > MAX_INDEX or not limits.ids_fit(links, RUN):
+        return None
+    linked = links.count("") != len(links)
+    runs = [_LINKED if link else item.run for item, link in zip(items, links, strict=True)]
+    chunk = _plain_chunk(runs, in_batch=True, mint=mint)
+    if chunk is None:
+        return None
+    for k, item in enumerate(items):
+        if links[k]:
+            chunk.put_row(k, _NO_RUN)
+        elif item.HasField("pre_failed"):
+            v = Violations()
+            run_error(v, item.pre_failed, "")
+            row = chunk.row(k)
+            if v:
+                return None
+            chunk.put_row(k, row.failed(item.pre_failed.code, item.pre_failed.message))
+    if not linked:
+        return ItemChunk(indexes, chunk)
+    bodies = [link.removeprefix(_RUN_PREFIX) or None for link in links]
+    return ItemChunk(indexes, chunk, bodies, [False] * len(links))
+
+
+# Stands in for a linked item's run in the checks (it is neither checked nor written).
+_LINKED = rs.RunInput(task_identifier="linked")
+_NO_RUN = RunRow(id="", environment_id="", organization_id="", project_id="", task_identifier="")
 
 
 def _batch_item_row(

@@ -134,8 +134,8 @@ def test_minted_ids_only_for_runs_that_name_none() -> None:
             for run_id in ("", "run_given", "")
         ]
     )
-    rows = validation.create_runs(request, lambda: next(minted))
-    assert [row.id for row in rows] == ["m1", "given", "m2"]
+    runs = validation.create_runs(request, lambda: next(minted))
+    assert runs.ids == ["m1", "given", "m2"]
 
 
 def _valid_run() -> rs.RunInput:
