@@ -128,7 +128,7 @@ def _columns(env: str, count: int, **fields: object) -> rs.RunColumns:
         payload_type=["application/json"],
     )
     for name, value in fields.items():
-        getattr(columns, name).extend(value)  # type: ignore[call-overload]
+        getattr(columns, name).extend(value)
     return columns
 
 
