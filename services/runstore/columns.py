@@ -25,15 +25,6 @@ FIELDS = tuple(name for name, _ in sql.RUN_INPUT_FIELDS)
 DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(RunRow) if f.default is not dataclasses.MISSING
 }
-# Fields whose array may travel as NULL when every run holds the default (see
-# sql.RUN_INPUT_DEFAULTS; tags: NULL is no tags).
-_NULL_WHEN_ALL = frozenset(
-    name
-    for name in FIELDS
-    if name in DEFAULTS and (DEFAULTS[name] is None or name in sql.RUN_INPUT_DEFAULTS)
-) | {"tags"}
-
-
 @dataclass(slots=True)
 class RunChunk:
     """Runs as columns, one per sql.RUN_INPUT_FIELDS name (`id`: the body)."""
@@ -89,23 +80,35 @@ class RunChunk:
     def row(self, k: int) -> RunRow:
         return RunRow(**{name: self.value(name, k) for name in FIELDS})
 
-    def arrays(self) -> list[list[Any] | None]:
-        """One array per sql.RUN_INPUT_FIELDS column (None: every run holds the default, where
-        the statement puts the default back)."""
-        arrays: list[list[Any] | None] = []
+    def params(self, *leading: list[Any] | None) -> list[Any]:
+        """The parameters of `sql._unnest` over `leading` columns (None: every row NULL) and
+        these runs: an array per field, then a scalar per field. A field whose every run holds
+        one value travels as that scalar and a NULL array; the ids always as an array (so
+        unnest makes one row per run)."""
+        arrays: list[Any] = list(leading)
+        scalars: list[Any] = [None] * len(leading)
         for name in FIELDS:
             column = self.columns[name]
-            if name in _NULL_WHEN_ALL:
-                if column is None or column.count(DEFAULTS[name]) == self.count:
-                    arrays.append(None)
-                elif name == "tags":
-                    # Each run's tags as a JSON array (a text[][] must be rectangular).
-                    arrays.append([json.dumps(list(tags)) if tags else None for tags in column])
-                else:
-                    arrays.append(column)
+            if column is None:
+                arrays.append(None)
+                scalars.append(_sql_value(name, DEFAULTS[name]))
+            elif name != "id" and column.count(column[0]) == self.count:
+                arrays.append(None)
+                scalars.append(_sql_value(name, column[0]))
             else:
-                arrays.append(self.values(name))
-        return arrays
+                arrays.append(
+                    [_sql_value(name, tags) for tags in column] if name == "tags" else column
+                )
+                scalars.append(None)
+        return arrays + scalars
+
+
+def _sql_value(name: str, value: Any) -> Any:
+    """A field's value as its statement parameter takes it: tags as a JSON array (a text[][]
+    must be rectangular), NULL for none."""
+    if name == "tags":
+        return json.dumps(list(value)) if value else None
+    return value
 
 
 @dataclass(slots=True)

@@ -86,7 +86,7 @@ class RunTables:
         pending = list(range(runs.count))
         # A conflicting insert that rolled back leaves nothing to return: write those again.
         for _ in range(3):
-            inserted = await db.fetch(sql.INSERT_RUNS, *runs.take(pending).arrays())
+            inserted = await db.fetch(sql.INSERT_RUNS, *runs.take(pending).params())
             fresh = {record["id"]: record for record in inserted}
             missing: list[int] = []
             for k in pending:
@@ -399,10 +399,7 @@ class RunTables:
                     sql.ACCEPT_BATCH_ITEMS,
                     batch_id,
                     environment_id,
-                    indexes,
-                    chunk.existing_run_id,
-                    chunk.existing_run_final,
-                    *chunk.runs.arrays(),
+                    *chunk.runs.params(indexes, chunk.existing_run_id, chunk.existing_run_final),
                 )
                 if record is None:
                     raise _Rollback
