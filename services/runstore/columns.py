@@ -25,6 +25,8 @@ FIELDS = tuple(name for name, _ in sql.RUN_INPUT_FIELDS)
 DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(RunRow) if f.default is not dataclasses.MISSING
 }
+
+
 @dataclass(slots=True)
 class RunChunk:
     """Runs as columns, one per sql.RUN_INPUT_FIELDS name (`id`: the body)."""
@@ -124,7 +126,7 @@ class ItemChunk:
 
     @classmethod
     def from_rows(cls, items: Sequence[ItemRow]) -> ItemChunk:
-        runs = [_NO_RUN if item.existing_run_id else (item.run or _NO_RUN) for item in items]
+        runs = [NO_RUN if item.existing_run_id else (item.run or NO_RUN) for item in items]
         links = [item.existing_run_id for item in items]
         return cls(
             [item.index for item in items],
@@ -157,7 +159,7 @@ class ItemChunk:
 
 
 # Fills the run columns of linked items (no run is written for them).
-_NO_RUN = RunRow(id="", environment_id="", organization_id="", project_id="", task_identifier="")
+NO_RUN = RunRow(id="", environment_id="", organization_id="", project_id="", task_identifier="")
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from runops.kit.limits import (
 )
 from runops.kit.replica import Consistency
 from runops.runstore.v1 import runstore_pb2 as rs
-from services.runstore.columns import FIELDS, ItemChunk, RunChunk
+from services.runstore.columns import FIELDS, NO_RUN, ItemChunk, RunChunk
 from services.runstore.rows import BatchRow, ItemKinds, ItemRow, RunRow
 
 ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
@@ -298,7 +298,9 @@ def create_runs(request: rs.CreateRunsRequest, mint: Callable[[], str] | None = 
         assert chunk is not None
         return chunk
     runs = request.runs
-    if v.require(list(runs), "runs") and len(runs) > MAX_RUNS_PER_CALL:
+    if not runs:
+        v.add("runs", "is required")
+    elif len(runs) > MAX_RUNS_PER_CALL:
         v.add("runs", f"must hold at most {MAX_RUNS_PER_CALL} runs (got {len(runs)})")
     chunk = None if v else _plain_chunk(runs, in_batch=False, mint=mint)
     if chunk is None:
@@ -476,7 +478,7 @@ def run_columns(
     if chunk is not None:
         return chunk
     rows = [
-        _NO_RUN
+        NO_RUN
         if k in linked
         else run_input(v, column_run(columns, k), f"{field}[{k}]", in_batch=in_batch, mint=mint)
         for k in range(count)
@@ -706,7 +708,9 @@ def accept_batch_items(
         v.raise_if_any()
         assert columns is not None
         return ref, columns
-    if v.require(list(request.items), "items") and len(request.items) > MAX_ITEMS_PER_CALL:
+    if not request.items:
+        v.add("items", "is required")
+    elif len(request.items) > MAX_ITEMS_PER_CALL:
         v.add("items", f"must hold at most {MAX_ITEMS_PER_CALL} items (got {len(request.items)})")
     chunk = _plain_items(request.items, mint) if len(request.items) <= MAX_ITEMS_PER_CALL else None
     if chunk is not None:
@@ -750,7 +754,7 @@ def _plain_items(
         return None
     for k, item in enumerate(items):
         if links[k]:
-            chunk.put_row(k, _NO_RUN)
+            chunk.put_row(k, NO_RUN)
         elif item.HasField("pre_failed"):
             v = Violations()
             run_error(v, item.pre_failed, "")
@@ -798,7 +802,7 @@ def item_columns(
     if v or runs is None:
         return None
     for k in links:
-        runs.put_row(k, _NO_RUN)
+        runs.put_row(k, NO_RUN)
     for k, error in columns.pre_failed.items():
         if k not in links:
             runs.put_row(k, runs.row(k).failed(error.code, error.message))
@@ -810,7 +814,6 @@ def item_columns(
 
 # Stands in for a linked item's run in the checks (it is neither checked nor written).
 _LINKED = rs.RunInput(task_identifier="linked")
-_NO_RUN = RunRow(id="", environment_id="", organization_id="", project_id="", task_identifier="")
 
 
 def _batch_item_row(
