@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from runops.bench import floors, program
+from runops.bench import floors, profile, program
 from runops.bench.loadgen import in_subprocess, worker_main
 from runops.bench.proc import cpu_seconds, reset_peak, status_kib
 from runops.bench.report import Row, durability, settings, table
@@ -279,7 +279,8 @@ async def _large(
     idle = status_kib(pid, "VmRSS") or 0
     if not reset_peak(pid):
         raise RuntimeError(f"cannot reset the peak RSS of pid {pid} (/proc/{pid}/clear_refs)")
-    result = await _batch(suite, target, pid, items, LARGE_PAYLOAD, offloaded=True)
+    async with profile.phase(f"256 KiB items c={concurrency}"):
+        result = await _batch(suite, target, pid, items, LARGE_PAYLOAD, offloaded=True)
     large = Large(concurrency, items, result["seconds"], idle, status_kib(pid, "VmHWM") or 0)
     say(
         f"256 KiB items, c={concurrency}: {large.per_second:,.1f}/s, RSS idle"
@@ -303,10 +304,11 @@ async def _floor(suite: Suite, method: floors.Method, rows: int) -> float:
     """Seconds for `rows` batch items (and their runs) of a batch of their own."""
     dsn = suite.stack.runops_db.writer_dsn
     batch_id = await floors.create_batch(dsn, suite.environment_id, rows)
-    return await floors.measure(
-        dsn, method=method, rows=rows, payload_bytes=SMALL_PAYLOAD,
-        environment_id=suite.environment_id, batch_id=batch_id,
-    )  # fmt: skip
+    async with profile.phase(f"floor {method}"):
+        return await floors.measure(
+            dsn, method=method, rows=rows, payload_bytes=SMALL_PAYLOAD,
+            environment_id=suite.environment_id, batch_id=batch_id,
+        )  # fmt: skip
 
 
 async def measure(
@@ -334,7 +336,8 @@ async def measure(
             pid, target = pid_of(process), process.target
             store = pid_of(suite.base[1])
             before = (cpu_seconds(pid), cpu_seconds(store))
-            small_run = await _batch(suite, target, pid, small, SMALL_PAYLOAD)
+            async with profile.phase("small items end to end"):
+                small_run = await _batch(suite, target, pid, small, SMALL_PAYLOAD)
             # CPU of the two services over the batch (the run count check after it included).
             cores = tuple(
                 (cpu_seconds(p) - b) / small_run["seconds"]
@@ -351,7 +354,8 @@ async def measure(
             await _batch(suite, target, pid, 1000, SMALL_PAYLOAD)
             say(f"{big:,}-item batch in one stream")
             mark = big // RSS_MARK_FRACTION
-            big_run = await _batch(suite, target, pid, big, SMALL_PAYLOAD, rss_mark=mark)
+            async with profile.phase(f"{big:,}-item stream"):
+                big_run = await _batch(suite, target, pid, big, SMALL_PAYLOAD, rss_mark=mark)
             say(f"{big:,} items in {big_run['seconds']:.1f}s")
     return IngestResult(
         cpus=os.cpu_count() or 1,

@@ -24,6 +24,7 @@ from typing import Any, Self, TypeVar
 import asyncpg
 import grpc
 
+from runops.bench import profile
 from runops.bench.proc import own_cpu_seconds
 from runops.kit.errors import RunopsError
 
@@ -225,7 +226,9 @@ async def drive(
     assert proc.stdout is not None
     marks: dict[str, S] = {}
     result: dict[str, Any] | None = None
+    profiled = False  # `runops bench --profile`: this worker opened the phase
     try:
+        await profile.join(profile.LOADGEN, proc.pid)  # a phase the benchmark opened
         proc.stdin.write(spec_json.encode() + b"\n")
         await proc.stdin.drain()
         async for line in proc.stdout:
@@ -236,12 +239,21 @@ async def drive(
             if message["event"] == "result":
                 result = message["result"]
             else:
-                marks[message["event"]] = sample()
+                event = message["event"]
+                marks[event] = sample()
+                # The measured window (between the closed loop's marks) is a profiled phase.
+                if event == "start" and (profiled := await profile.begin(label)):
+                    await profile.join(profile.LOADGEN, proc.pid)
+                elif event == "end" and profiled:
+                    profiled = False
+                    await profile.end()
                 proc.stdin.write(b"go\n")
                 await proc.stdin.drain()
         proc.stdin.close()
         code = await proc.wait()
     finally:
+        if profiled:
+            await profile.end()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from runops.bench import floors, program
+from runops.bench import floors, profile, program
 from runops.bench.loadgen import in_subprocess, percentile, worker_main
 from runops.bench.proc import cpu_seconds
 from runops.bench.report import Row, durability, settings, table
@@ -257,10 +257,12 @@ async def measure(
     say = progress
     stack = suite.stack
     await _set_flag(suite)
-    floor_seconds = await floors.measure(
-        stack.runops_db.writer_dsn, method="unnest", rows=triggers, payload_bytes=PAYLOAD_BYTES,
-        environment_id=f"{suite.environment_id}_floor", batch_id=None,
-    )  # fmt: skip
+    async with profile.phase("floor unnest INSERT"):
+        floor_seconds = await floors.measure(
+            stack.runops_db.writer_dsn, method="unnest", rows=triggers,
+            payload_bytes=PAYLOAD_BYTES, environment_id=f"{suite.environment_id}_floor",
+            batch_id=None,
+        )  # fmt: skip
     say(f"floor unnest INSERT: {triggers / floor_seconds:,.0f} runs/s")
 
     conns = [await asyncpg.connect(db.admin_writer_dsn)
@@ -283,7 +285,8 @@ async def measure(
                 "callers": callers, "channels": channels,
             }  # fmt: skip
             cpu_before = (cpu_seconds(service_pid), cpu_seconds(store_pid))
-            burst = await in_subprocess(MODULE, spec)
+            async with profile.phase("burst"):
+                burst = await in_subprocess(MODULE, spec)
             service_cores, burst_store_cores = (
                 (cpu_seconds(p) - b) / burst["seconds"]
                 for p, b in zip((service_pid, store_pid), cpu_before, strict=True)
@@ -306,9 +309,11 @@ async def measure(
             drainer.start()
             try:
                 before = (cpu_seconds(pid_of(drainer)), cpu_seconds(store_pid))
-                drained, drain_seconds, total_seconds = await _drain(
-                    counter, triggers, after_burst, DRAIN_LIMIT_SECONDS
-                )
+                with profile.watching("mollifier-drainer", pid_of(drainer)):
+                    async with profile.phase("drain"):
+                        drained, drain_seconds, total_seconds = await _drain(
+                            counter, triggers, after_burst, DRAIN_LIMIT_SECONDS
+                        )
                 cores = [
                     (cpu_seconds(p) - b) / total_seconds
                     for p, b in zip((pid_of(drainer), store_pid), before, strict=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
+from pathlib import Path
 
 DESCRIPTION = """\
 Runs every benchmark of spec §7 (control plane, run store, ingest, mollifier) one after the
@@ -38,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: checks every row comes out, in ~1 min"
     )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="record every process of each measured phase with py-spy into DIR"
+        " (<benchmark>-<phase>-<process>.txt) and write DIR/summary.md (top self-time frames)",
+    )
 
 
 def durability_lines(durability: dict[str, str], durable: bool) -> list[str]:
@@ -52,7 +61,8 @@ def durability_lines(durability: dict[str, str], durable: bool) -> list[str]:
     ]
 
 
-async def _run_all(names: list[str], durable: bool, smoke: bool) -> int:
+async def _run_all(names: list[str], durable: bool, smoke: bool, profile_dir: Path | None) -> int:
+    from runops.bench import profile
     from runops.bench.report import Row, table
     from runops.bench.suite import Outcome, run_one
     from runops.kit.logging import configure_logging
@@ -62,6 +72,7 @@ async def _run_all(names: list[str], durable: bool, smoke: bool) -> int:
     say = printing_progress("bench")
     began = time.monotonic()
     outcomes: list[Outcome] = []
+    profiler = None if profile_dir is None else profile.start(profile_dir)
     stack = LocalStack(None, durable=durable, progress=say)
     await asyncio.to_thread(stack.start)
     try:
@@ -71,6 +82,7 @@ async def _run_all(names: list[str], durable: bool, smoke: bool) -> int:
             say(f"== {name}: {outcome.missing or f'done in {outcome.seconds:.0f}s'}")
             outcomes.append(outcome)
     finally:
+        profile.stop()
         await asyncio.to_thread(stack.stop)
     rows: list[Row] = [row for outcome in outcomes for row in outcome.rows]
     durability = next((o.durability for o in outcomes if o.durability), {})
@@ -83,6 +95,11 @@ async def _run_all(names: list[str], durable: bool, smoke: bool) -> int:
         table(rows),
     ]
     lines += [f"{o.name}: {o.missing}" for o in outcomes if o.missing]
+    if profiler is not None:
+        lines.append(
+            f"\nprofiles: {len(profiler.recordings)} py-spy recordings, top frames in"
+            f" {profiler.write_summary()}"
+        )
     missed = [row for row in rows if row.met is False]
     lines.append(
         f"\n{len(missed)} of {sum(r.met is not None for r in rows)} targets missed"
@@ -101,4 +118,10 @@ def _cpus() -> int:
 
 def command(args: argparse.Namespace) -> int:
     names = args.only or ["controlplane", "runstore", "ingest", "mollifier"]
-    return asyncio.run(_run_all(names, args.durable, args.smoke))
+    if args.profile is not None:
+        from runops.bench.profile import INSTALL_HINT, py_spy
+
+        if py_spy() is None:
+            print(f"runops bench: {INSTALL_HINT}", file=sys.stderr)
+            return 2
+    return asyncio.run(_run_all(names, args.durable, args.smoke, args.profile))
