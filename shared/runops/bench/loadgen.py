@@ -242,8 +242,8 @@ async def drive(
                 event = message["event"]
                 marks[event] = sample()
                 # The measured window (between the closed loop's marks) is a profiled phase.
-                if event == "start" and (profiled := await profile.begin(label)):
-                    await profile.join(profile.LOADGEN, proc.pid)
+                if event == "start":
+                    profiled = await profile.begin(label, **{profile.LOADGEN: proc.pid})
                 elif event == "end" and profiled:
                     profiled = False
                     await profile.end()

@@ -98,28 +98,32 @@ class Profiler:
     phase_name: str | None = None
     _live: list[_Live] = field(default_factory=list)
 
-    async def begin(self, phase: str) -> bool:
-        """Record every watched process from now on; False (nothing done) if a phase is open."""
+    async def begin(self, phase: str, **more: int) -> bool:
+        """Record every watched process (and `more`: name=pid) from now on; False (nothing
+        done) if a phase is open."""
         if self.phase_name is not None:
             return False
         self.phase_name = phase
-        for name, pid in self.processes.items():
-            await self.add(name, pid)
-        # The phase starts once every recorder samples (py-spy takes a moment to attach).
+        await self.add(**self.processes, **more)
+        return True
+
+    async def add(self, **processes: int) -> None:
+        """Record these processes (name=pid) too, until the open phase ends (none open:
+        nothing); back once each recorder samples (py-spy takes a moment to attach)."""
+        if self.phase_name is None:
+            return
+        started = [await self._record(name, pid) for name, pid in processes.items()]
         deadline = time.monotonic() + ATTACH_SECONDS
-        for one in self._live:
+        for one in started:
             log = one.recording.path.with_suffix(".log")
             while time.monotonic() < deadline and one.proc.returncode is None:
                 if b"Sampling process" in log.read_bytes():
                     break
                 await asyncio.sleep(0.02)
             one.recording.started = time.monotonic()
-        return True
 
-    async def add(self, process: str, pid: int) -> None:
-        """Record `pid` too, until the open phase ends (none open: nothing)."""
-        if self.phase_name is None:
-            return
+    async def _record(self, process: str, pid: int) -> _Live:
+        assert self.phase_name is not None
         pid = interpreter_pid(pid)
         self.directory.mkdir(parents=True, exist_ok=True)
         stem = f"{slug(self.benchmark)}-{slug(self.phase_name)}-{slug(process)}"
@@ -139,7 +143,9 @@ class Profiler:
             )  # fmt: skip
         finally:
             log.close()
-        self._live.append(_Live(recording, proc))
+        live = _Live(recording, proc)
+        self._live.append(live)
+        return live
 
     async def end(self) -> None:
         """Stop every recording of the open phase (SIGINT: py-spy writes its file)."""
@@ -238,12 +244,13 @@ async def phase(name: str) -> AsyncIterator[None]:
 async def join(process: str, pid: int) -> None:
     """Record `pid` in the open phase (a load generator that just started)."""
     if ACTIVE is not None:
-        await ACTIVE.add(process, pid)
+        await ACTIVE.add(**{process: pid})
 
 
-async def begin(name: str) -> bool:
-    """Open a phase (True) unless one is open or no profiler is active."""
-    return ACTIVE is not None and await ACTIVE.begin(name)
+async def begin(name: str, **more: int) -> bool:
+    """Open a phase recording the watched processes and `more` (name=pid); True unless one is
+    open or no profiler is active."""
+    return ACTIVE is not None and await ACTIVE.begin(name, **more)
 
 
 async def end() -> None:

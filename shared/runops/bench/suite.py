@@ -43,12 +43,12 @@ SIZES: dict[str, dict[Size, dict[str, Any]]] = {
         },
     },
     "ingest": {
-        "full": {"small": 20_000, "large_c1": 30, "large_c10": 200, "big": 100_000},
-        "smoke": {"small": 50, "large_c1": 2, "large_c10": 4, "big": 100},
+        "full": {"small": 20_000, "large_c1": 45, "large_c10": 450, "big": 100_000},
+        "smoke": {"small": 50, "large_c1": 2, "large_c10": 4, "big": 100, "repetitions": 1},
     },
     "mollifier": {
         "full": {"triggers": 20_000},
-        "smoke": {"triggers": 300, "callers": 8},
+        "smoke": {"triggers": 300, "callers": 8, "repetitions": 1},
     },
 }
 
