@@ -52,6 +52,9 @@ class ServerSettings(BaseSettings):
     # Server processes sharing the port (SO_REUSEPORT), each with its own event loop, pools,
     # caches and feeds; "auto" is one per usable core. 1 serves in this very process.
     processes: int = Field(default=1, ge=1, le=512)
+    # The event loop each server process runs on: asyncio's own, or uvloop (measured with
+    # `runops bench`, docs/benchmarks.md "uvloop"; kept off by default).
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
     @field_validator("processes", mode="before")
     @classmethod
