@@ -12,9 +12,12 @@ DESCRIPTION = """\
 Runs every benchmark of spec §7 (control plane, run store, ingest, mollifier) one after the
 other on one local stack it starts (Postgres writers with replicas, Redis, moto S3; the services
 as OS processes), then prints one table: benchmark, figure, raw floor measured in the same run,
-ratio, target, met or not; and the durability settings it ran with. About 5-8 minutes on 2
-cores. The benchmarks are part of the installed package (runops.bench); each also runs alone
-with its full report: python -m runops.bench.<name>.
+ratio, target, met or not; and the durability settings it ran with. Each measured phase runs
+at least 10 s or is repeated 3 times (the median printed, its min-max in the spread column).
+About 12-15 minutes on 2 cores. --profile DIR records every process of each measured phase
+with py-spy (DIR/<benchmark>-<phase>-<process>.txt) and writes DIR/summary.md. The
+benchmarks are part of the installed package (runops.bench); each also runs alone with its full
+report: python -m runops.bench.<name>.
 
 Durability: by default the local stack's Postgres runs with fsync=off, synchronous_commit=off
 and full_page_writes=off (fast, throw-away), which inflates every Postgres figure. --durable
@@ -91,6 +94,8 @@ async def _run_all(names: list[str], durable: bool, smoke: bool, profile_dir: Pa
         f"runops bench: {len(names)} benchmarks in {time.monotonic() - began:.0f}s,"
         f" {_cpus()} CPUs{' (smoke sizes)' if smoke else ''}",
         *durability_lines(durability, durable),
+        "spread: min-max over the repetitions of a figure measured several times (median shown);"
+        " blank: one window of >= 10 s",
         "",
         table(rows),
     ]
