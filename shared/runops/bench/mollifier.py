@@ -212,7 +212,7 @@ class MollifierResult:
             p99 = Repeated(tuple(c.p99_ms for c in cycles))
             drain = Repeated(tuple(c.drain_rate for c in cycles))
             procs = "" if n == 1 else f", {n} processes"
-            drainers = "1 drainer" if cycles[0].drainers == 1 else f"{cycles[0].drainers} drainers"
+            drainers = _count(cycles[0].drainers, "drainer")
             rows += [
                 Row.repeated(b, f"Trigger accepted/s, {self.callers} callers{procs}", accepted,
                              "triggers/s", empty, "empty unary RPC", target=">= 0.8 of empty RPC",
@@ -235,7 +235,7 @@ class MollifierResult:
         for c in self.cycles:
             straight = c.triggers - c.buffered
             lines += [
-                f"  {c.processes} server process(es), {c.drainers} drainer(s):",
+                f"  {_count(c.processes, 'server process')}, {_count(c.drainers, 'drainer')}:",
                 f"    empty RPC (health Check, same callers and server): {c.empty_rate:,.0f}/s,"
                 f" p99 {c.empty_p99_ms:.1f} ms",
                 f"    burst: {c.triggers:,} triggers from {self.callers} callers on"
@@ -256,6 +256,10 @@ class MollifierResult:
             " those runs (each repetition on an environment of its own)"
         )
         return "\n".join(lines)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}es" if what.endswith("s") else f"{n} {what}s"
 
 
 async def _mollifier_environment(suite: Suite) -> str:
@@ -352,12 +356,12 @@ async def _cycle(burst: Burst, processes: int, drainers: int, say: Progress) -> 
             "environment_id": counter.environment_id, "triggers": triggers,
             "callers": burst.callers, "channels": burst.channels,
         }  # fmt: skip
-        async with profile.phase(f"empty RPC, {processes} processes"):
+        async with profile.phase(f"empty RPC, {_count(processes, 'process')}"):
             empty = await in_subprocess(MODULE, spec | {"empty": True})
         if empty["errors"] or empty["calls"] != triggers:
             raise RuntimeError(f"empty RPC: {empty['errors']} errors of {triggers} calls")
         cpu_before = (process_tree_cpu(service_pid) or 0.0, cpu_seconds(store_pid))
-        async with profile.phase(f"burst, {processes} processes"):
+        async with profile.phase(f"burst, {_count(processes, 'process')}"):
             result = await in_subprocess(MODULE, spec)
         service_cores, burst_store_cores = (
             ((process_tree_cpu(service_pid) or 0.0) - cpu_before[0]) / result["seconds"],
@@ -370,7 +374,7 @@ async def _cycle(burst: Burst, processes: int, drainers: int, say: Progress) -> 
                 f" {len(set(ids))} distinct run ids for {triggers} triggers"
             )
         say(
-            f"burst ({processes} processes): {triggers / result['seconds']:,.0f} triggers/s"
+            f"burst ({_count(processes, 'process')}): {triggers / result['seconds']:,.0f} triggers/s"
             f" (empty RPC {triggers / empty['seconds']:,.0f}/s), p99"
             f" {result['p99'] * 1000:.1f} ms, {result['buffered']:,} buffered"
         )
@@ -390,7 +394,7 @@ async def _cycle(burst: Burst, processes: int, drainers: int, say: Progress) -> 
             with contextlib.ExitStack() as watched:
                 for k, pid in enumerate(pids):
                     watched.enter_context(profile.watching(f"mollifier-drainer-{k + 1}", pid))
-                async with profile.phase(f"drain, {drainers} drainers"):
+                async with profile.phase(f"drain, {_count(drainers, 'drainer')}"):
                     drained, drain_seconds, total_seconds = await _drain(
                         counter, triggers, after_burst, DRAIN_LIMIT_SECONDS
                     )
@@ -401,7 +405,7 @@ async def _cycle(burst: Burst, processes: int, drainers: int, say: Progress) -> 
         finally:
             await asyncio.gather(*(asyncio.to_thread(d.stop) for d in started))
     say(
-        f"drain ({drainers} drainers): {drained / drain_seconds if drain_seconds else 0:,.0f} runs/s"
+        f"drain ({_count(drainers, 'drainer')}): {drained / drain_seconds if drain_seconds else 0:,.0f} runs/s"
     )
     await asyncio.sleep(0.2)  # a duplicate written late would show now
     found = await counter.ids()

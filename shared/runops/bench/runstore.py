@@ -833,13 +833,14 @@ async def measure(
     progress(
         f"{batch_items:,}-item batch: chunks of {batch_chunk:,}, {write_concurrency} in flight"
     )
-    result, marks = await _in_subprocess(
-        spec(
-            "large_batch", f"{batch_items:,}-item batch", concurrency=write_concurrency,
-            chunk=batch_chunk, items=batch_items, **grpc_at,
-        ),
-        procs,
-    )  # fmt: skip
+    async with profile.phase(f"{batch_items:,}-item batch"):
+        result, marks = await _in_subprocess(
+            spec(
+                "large_batch", f"{batch_items:,}-item batch", concurrency=write_concurrency,
+                chunk=batch_chunk, items=batch_items, **grpc_at,
+            ),
+            procs,
+        )  # fmt: skip
     batch = LargeBatch(
         items=batch_items,
         chunk=batch_chunk,
@@ -936,7 +937,7 @@ async def _service_process(
     process = ServiceProcess("runstore", free_port(), -1, logs / f"{label}.log", env=env)
     async with process:
         assert process.proc is not None
-        say(f"run store ({processes} processes) serving on {process.target} (pid"
+        say(f"run store ({processes} process{'es' if processes > 1 else ''}) serving on {process.target} (pid"
             f" {process.proc.pid}, log {logs})")  # fmt: skip
         with profile.watching(label, process.proc.pid):
             yield Service(process.target, token, process.proc.pid)
