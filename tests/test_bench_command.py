@@ -52,12 +52,14 @@ def test_controlplane_rows_from_a_result() -> None:
             self.per_second = rate
 
     class Result:
-        floor, client, cached = Phase(4000), Phase(80_000), Phase(1600)
+        floor, client, cached, health = Phase(4000), Phase(80_000), Phase(1600), Phase(2000)
 
     rows = controlplane_rows(Result())
     assert rows[0].ratio == 20
     assert rows[0].met is True
     assert rows[1].met is None
+    assert rows[2].floor_name == "empty RPC, same server"
+    assert rows[2].ratio == 0.8
 
 
 def test_command_is_registered() -> None:

@@ -63,6 +63,9 @@ def controlplane_rows(result: Any) -> list[Row]:
         ),
         Row.against(b, "cached AuthenticateApiKey over gRPC", result.cached.per_second,
                     "calls/s", floor, name),
+        # Spec §7: printed beside an empty RPC (health Check) on the same server.
+        Row.against(b, "cached AuthenticateApiKey over gRPC", result.cached.per_second,
+                    "calls/s", result.health.per_second, "empty RPC, same server"),
     ]  # fmt: skip
 
 
