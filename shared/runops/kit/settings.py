@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from typing import Any, Literal, TypeVar
@@ -55,6 +56,14 @@ class ServerSettings(BaseSettings):
     # The event loop each server process runs on: asyncio's own, or uvloop (measured with
     # `runops bench`, docs/benchmarks.md "uvloop"; kept off by default).
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+
+    @field_validator("event_loop")
+    @classmethod
+    def _uvloop_installed(cls, value: str) -> str:
+        # Not a dependency (asyncio is the default): say so at start-up, not as an ImportError.
+        if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("uvloop is not installed (pip install uvloop)")
+        return value
 
     @field_validator("processes", mode="before")
     @classmethod
