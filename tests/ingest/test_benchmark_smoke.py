@@ -10,7 +10,8 @@ from runops.localstack import LocalStack
 
 
 async def test_ingest_benchmark_smoke(stack: LocalStack) -> None:
-    size = SIZES["ingest"]["smoke"]
+    # Two repetitions of the short phases (smoke sizes have one): the rows get their spread.
+    size = SIZES["ingest"]["smoke"] | {"repetitions": 2}
     result = await run(stack, **size)
 
     # Every batch was checked sealed whole, its runs counted in Postgres (offloaded ones by

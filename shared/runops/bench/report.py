@@ -60,10 +60,10 @@ class Row:
         floor_name: str, *, target: str = "", at_least: float | None = None,
     ) -> Row:  # fmt: skip
         """A figure beside its floor, both measured several times: the medians (and their
-        ratio), the spread of the figure."""
+        ratio), the spread of the figure (none for a single measurement: `--smoke`)."""
         return cls.against(
             benchmark, figure, values.median, unit, floor.median, floor_name, target=target,
-            at_least=at_least, spread=values.spread,
+            at_least=at_least, spread=values.spread if len(values.values) > 1 else None,
         )  # fmt: skip
 
 
