@@ -37,8 +37,11 @@ async def test_profile_writes_a_file_per_process_per_phase_and_a_summary(
         assert recording.path.name == f"runstore-createruns-grpc-{recording.process}.txt"
         assert recording.seconds > 0
         assert profile.read(recording.path).samples > 0, recording
-    # The 2-process run store is recorded with its children (--subprocesses).
-    assert any(r.process == "runstore-2-processes" for r in profiler.recordings)
+    # The 2-process run store: its supervisor and each of its two server processes.
+    create_2 = [r for r in profiler.recordings if r.phase == "CreateRuns (gRPC), 2 processes"]
+    children = [r for r in create_2 if r.process.startswith("runstore-2-processes-child-")]
+    assert len(children) == 2, [r.process for r in create_2]
+    assert max(profile.read(r.path).busy_samples for r in children) > 0
 
     assert "## runstore: CreateRuns (gRPC)" in summary
     assert "**runstore** (pid" in summary

@@ -9,9 +9,11 @@ How the benchmarks take part, with no profiler active every call is a no-op:
   (the measured window, warm-up excluded), or joins a phase a benchmark opened around a
   load generator without marks (`phase(name)`).
 
-py-spy runs `--nonblocking` (the process is never paused) with `--subprocesses` (a service with
-RUNOPS_PROCESSES > 1 is a supervisor and its children) and without `--idle`, so every sample
-is one of a thread running: busy = samples / (rate x seconds recorded), in cores.
+py-spy runs `--nonblocking` (the process is never paused) and without `--idle`, so every sample
+is one of a thread running: busy = samples / (rate x seconds recorded), in cores. A service of
+RUNOPS_PROCESSES > 1 is a supervisor and its children: each child is recorded too
+(`<process>-child-N`); not with `--subprocesses`, which would take in the bench process's
+children (load generators, services) where it serves the control plane or a bare servicer.
 """
 
 from __future__ import annotations
@@ -46,22 +48,28 @@ def py_spy() -> str | None:
 
 
 def interpreter_pid(pid: int) -> int:
-    """`pid` if it runs a Python interpreter, else its first child that does (a launcher or
-    shim that did not exec)."""
+    """`pid` if it runs a Python interpreter, else its first Python child (a launcher or shim
+    that did not exec)."""
+    with contextlib.suppress(OSError):
+        if "python" in Path(f"/proc/{pid}/exe").resolve().name:
+            return pid
+    return next(iter(python_children(pid)), pid)
 
-    def is_python(p: int) -> bool:
-        try:
-            return "python" in Path(f"/proc/{p}/exe").resolve().name
-        except OSError:
-            return False
 
-    if is_python(pid):
-        return pid
+def python_children(pid: int) -> list[int]:
+    """The Python processes `pid` started (directly), e.g. a supervisor's server processes;
+    not multiprocessing's resource tracker, which serves nothing."""
+    found = []
     with contextlib.suppress(OSError):
         for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            if is_python(int(child)):
-                return int(child)
-    return pid
+            with contextlib.suppress(OSError):
+                python = "python" in Path(f"/proc/{child}/exe").resolve().name
+                if (
+                    python
+                    and b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+                ):
+                    found.append(int(child))
+    return found
 
 
 def slug(text: str) -> str:
@@ -93,7 +101,8 @@ class Profiler:
     executable: str
     rate: int = RATE
     benchmark: str = ""
-    processes: dict[str, int] = field(default_factory=dict)  # what every phase records
+    # What every phase records: name -> (pid, its Python children too).
+    processes: dict[str, tuple[int, bool]] = field(default_factory=dict)
     recordings: list[Recording] = field(default_factory=list)
     phase_name: str | None = None
     _live: list[_Live] = field(default_factory=list)
@@ -104,7 +113,13 @@ class Profiler:
         if self.phase_name is not None:
             return False
         self.phase_name = phase
-        await self.add(**self.processes, **more)
+        watched: dict[str, int] = {}
+        for name, (pid, children) in self.processes.items():
+            watched[name] = pid
+            if children:
+                for n, child in enumerate(python_children(pid), 1):
+                    watched[f"{name}-child-{n}"] = child
+        await self.add(**watched, **more)
         return True
 
     async def add(self, **processes: int) -> None:
@@ -138,7 +153,7 @@ class Profiler:
             proc = await asyncio.create_subprocess_exec(
                 self.executable, "record", "--pid", str(pid), "--format", "raw",
                 "--output", str(path), "--rate", str(self.rate), "--nonblocking",
-                "--subprocesses", "--full-filenames",
+                "--full-filenames",
                 stdout=log, stderr=log, start_new_session=True,
             )  # fmt: skip
         finally:
@@ -161,14 +176,12 @@ class Profiler:
                 one.proc.kill()
                 await one.proc.wait()
                 one.recording.error = "py-spy did not stop"
+            log = one.recording.path.with_suffix(".log")  # py-spy's own output
             if not one.recording.error and not one.recording.path.exists():
-                log = one.recording.path.with_suffix(".log")
-                tail = (
-                    log.read_text(errors="replace").strip().splitlines()[-1:]
-                    if log.exists()
-                    else []
-                )
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:]
                 one.recording.error = f"no samples written ({' '.join(tail) or 'py-spy exited'})"
+            if not one.recording.error:
+                log.unlink(missing_ok=True)
             self.recordings.append(one.recording)
 
     def write_summary(self) -> Path:
@@ -210,8 +223,9 @@ def benchmark(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def watching(name: str, pid: int | None) -> Iterator[None]:
-    """Record process `pid` as `name` in every phase while inside."""
+def watching(name: str, pid: int | None, *, children: bool = False) -> Iterator[None]:
+    """Record process `pid` as `name` in every phase while inside (and, with `children`, each
+    Python child it has when a phase begins: a service's RUNOPS_PROCESSES children)."""
     if ACTIVE is None or pid is None:
         yield
         return
@@ -221,7 +235,7 @@ def watching(name: str, pid: int | None) -> Iterator[None]:
         if key not in profiler.processes:
             break
         key = f"{name}-{n}"
-    profiler.processes[key] = pid
+    profiler.processes[key] = (pid, children)
     try:
         yield
     finally:
@@ -312,10 +326,10 @@ def summary(recordings: list[Recording], rate: int) -> str:
     lines = [
         "# runops bench --profile: top self-time frames per process per phase",
         "",
-        f"py-spy record --nonblocking --subprocesses --rate {rate} --format raw (idle samples"
+        f"py-spy record --nonblocking --rate {rate} --format raw, per process (idle samples"
         " are not recorded). busy = samples with a non-idle leaf frame (not a select, lock or"
         " executor wait that py-spy's own idle check let through) / (rate x seconds recorded):"
-        " the cores the process kept busy (its threads and children added up; 1.00 = one core"
+        " the cores the process kept busy (its threads added up; 1.00 = one core"
         " all the time). Share"
         " = a frame's self-time samples / the process's samples. Raw files beside this one"
         " (`<benchmark>-<phase>-<process>.txt`, flamegraph.pl / speedscope read them).",

@@ -939,7 +939,7 @@ async def _service_process(
         assert process.proc is not None
         say(f"run store ({processes} process{'es' if processes > 1 else ''}) serving on {process.target} (pid"
             f" {process.proc.pid}, log {logs})")  # fmt: skip
-        with profile.watching(label, process.proc.pid):
+        with profile.watching(label, process.proc.pid, children=True):
             yield Service(process.target, token, process.proc.pid)
 
 

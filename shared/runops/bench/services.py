@@ -59,7 +59,7 @@ class Suite:
         async with process:
             self.extra.append(process)
             try:
-                with profile.watching(label, pid_of(process)):
+                with profile.watching(label, pid_of(process), children=True):
                     yield process
             finally:
                 self.extra.remove(process)
@@ -90,7 +90,7 @@ async def running_suite(stack: LocalStack, progress: Progress) -> AsyncIterator[
     async with contextlib.AsyncExitStack() as exits:
         for process in suite.base:
             await exits.enter_async_context(process)
-            exits.enter_context(profile.watching(process.name, pid_of(process)))
+            exits.enter_context(profile.watching(process.name, pid_of(process), children=True))
         progress(f"{', '.join(BASE_SERVICES)} serving (logs in {logs})")
         seeded = await bootstrap_at(
             suite.base[0].target, suite.admin_token, "bench", suffix_if_taken=True
