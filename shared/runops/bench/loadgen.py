@@ -169,6 +169,19 @@ async def closed_loop(
     )
 
 
+def own_connection_channel(target: str, token: str) -> grpc.aio.Channel:
+    """A kit channel (`create_channel`'s options and interceptors) on a connection of its own:
+    grpc shares one connection between channels of the same target and options, and
+    SO_REUSEPORT spreads a service's connections, not its calls, over its RUNOPS_PROCESSES."""
+    from runops.kit.channels import channel_options, propagating_interceptors
+
+    return grpc.aio.insecure_channel(
+        target,
+        options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)],
+        interceptors=propagating_interceptors(token),
+    )
+
+
 # -- the worker's side --------------------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from runops.bench import floors, profile, program
-from runops.bench.loadgen import in_subprocess, percentile, worker_main
+from runops.bench.loadgen import in_subprocess, own_connection_channel, percentile, worker_main
 from runops.bench.proc import cpu_seconds, process_tree_cpu
 from runops.bench.report import REPETITIONS, Repeated, Row, durability, settings, table
 from runops.bench.services import Suite, pid_of, running_suite
@@ -79,9 +79,11 @@ async def _burst_work(spec: dict[str, Any]) -> dict[str, Any]:
     from runops.mollifier.v1 import mollifier_pb2_grpc as m_grpc
 
     n, callers, empty = int(spec["triggers"]), int(spec["callers"]), bool(spec.get("empty"))
-    channels = [
-        create_channel(spec["target"], token=spec["token"]) for _ in range(int(spec["channels"]))
-    ]
+    # A server of several processes: a connection per channel, so each process gets calls.
+    make: Callable[..., Any] = (
+        own_connection_channel if spec.get("own_connections") else create_channel
+    )
+    channels = [make(spec["target"], token=spec["token"]) for _ in range(int(spec["channels"]))]
     stubs = [m_grpc.MollifierServiceStub(c) for c in channels]
     checks: list[Any] = [health_pb2_grpc.HealthStub(c) for c in channels]
     env = spec["environment_id"]
@@ -355,6 +357,7 @@ async def _cycle(burst: Burst, processes: int, drainers: int, say: Progress) -> 
             "target": svc.target, "token": suite.internal_token,
             "environment_id": counter.environment_id, "triggers": triggers,
             "callers": burst.callers, "channels": burst.channels,
+            "own_connections": processes > 1,
         }  # fmt: skip
         async with profile.phase(f"empty RPC, {_count(processes, 'process')}"):
             empty = await in_subprocess(MODULE, spec | {"empty": True})

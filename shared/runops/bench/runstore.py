@@ -93,6 +93,8 @@ SIZES = (
 HOLE_EVERY = 997
 DUPLICATES = 10
 PAGE_SIZE = 1000
+# The load generator's connections to a run store of 2 processes.
+TWO_PROCESS_CHANNELS = 8
 
 
 def payload(i: int) -> bytes:
@@ -117,6 +119,7 @@ class LoadSpec(loadgen.Spec):
     run_ids: tuple[str, ...] = ()  # bodies (reads)
     batch_id: str = ""  # body (accept phases)
     items: int = 0  # the large batch's run_count
+    channels: int = 1  # gRPC connections the callers share (reads and CreateRuns)
 
 
 def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
@@ -125,18 +128,40 @@ def _timestamp(when: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def _clients(spec: LoadSpec) -> tuple[list[RunStoreClient], loadgen.Close]:
+    """`spec.channels` clients; more than one: each on a connection of its own
+    (`loadgen.own_connection_channel`), so a service's processes all get calls."""
+    if spec.channels == 1:
+        clients = [RunStoreClient(spec.target, token=spec.token)]
+        channels = []
+    else:
+        channels = [
+            loadgen.own_connection_channel(spec.target, spec.token) for _ in range(spec.channels)
+        ]
+        clients = [RunStoreClient(spec.target, channel=channel) for channel in channels]
+
+    async def close() -> None:
+        for client in clients:
+            await client.close()
+        for channel in channels:
+            await channel.close()
+
+    return clients, close
+
+
 async def _get_run_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
-    client = RunStoreClient(spec.target, token=spec.token)
+    clients, close = _clients(spec)
     friendly = [f"run_{body}" for body in spec.run_ids]
 
     async def call(n: int) -> int:
         k = n % len(friendly)
+        client = clients[n % len(clients)]
         run = await client.get_run(environment_id=spec.environment_id, run_id=friendly[k])
         if run is None or run.id != spec.run_ids[k]:
             raise loadgen.Mismatch("wrong or missing run")
         return 1
 
-    return call, client.close
+    return call, close
 
 
 async def _pool(spec: LoadSpec) -> asyncpg.Pool:
@@ -167,9 +192,10 @@ def _count(status: str, expected: int) -> int:
 
 
 async def _create_runs_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
-    client = RunStoreClient(spec.target, token=spec.token)
+    clients, close = _clients(spec)
 
     async def call(n: int) -> int:
+        client = clients[n % len(clients)]
         created_at = _timestamp(datetime.now(UTC))
         runs = [
             rs.RunInput(
@@ -192,7 +218,7 @@ async def _create_runs_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Clo
             raise loadgen.Mismatch(f"created {fresh} runs of {spec.chunk}")
         return fresh
 
-    return call, client.close
+    return call, close
 
 
 async def _pg_runs_caller(spec: LoadSpec, method: Method) -> tuple[loadgen.Call, loadgen.Close]:
@@ -801,7 +827,9 @@ async def measure(
     get_run_2 = create_runs_2 = None
     if service_2 is not None:
         async with service_2() as two:
-            at_2 = {"target": two.target, "token": two.token}
+            # Several connections, so both processes get calls (one per process would do if
+            # the kernel spread them evenly; it hashes them).
+            at_2 = {"target": two.target, "token": two.token, "channels": TWO_PROCESS_CHANNELS}
             procs_2 = Processes(two.pid, procs.writer, procs.replica)
             get_run_2 = await _phase(
                 spec("get_run", "GetRun (gRPC, routed, replica), 2 processes", **at_2, **read),
