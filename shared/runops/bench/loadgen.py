@@ -217,6 +217,10 @@ def worker_main(work: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> 
 # -- the driver's side --------------------------------------------------------------------------
 
 
+# A result line may be large (the mollifier's burst returns every run id it was given).
+RESULT_LINE_LIMIT = 64 * 1024 * 1024
+
+
 async def start_worker(module: str) -> asyncio.subprocess.Process:
     """`python -m <module> --loadgen-worker` on the same code as this process (an installed
     package or a checkout), stdin and stdout piped."""
@@ -226,6 +230,7 @@ async def start_worker(module: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", module, "--loadgen-worker",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        limit=RESULT_LINE_LIMIT,
     )  # fmt: skip
 
 

@@ -3,7 +3,7 @@ an empty unary RPC on the same server, the drain of the buffer into Postgres bes
 bulk-insert floor of the same runs; with 1 and with 2 server processes (and drainers).
 
     python -m runops.bench.mollifier [--triggers N] [--callers C] [--channels K]
-                                     [--repetitions R] [--processes 1 2]
+                                     [--repetitions R] [--processes 1 2] [--drainers D]
 
 Every service runs as its own OS process: control plane, run store, the mollifier service
 (`RUNOPS_DRAINER_ENABLED=false`, RUNOPS_PROCESSES=P) and its drainers (`python -m
@@ -439,6 +439,7 @@ async def measure(
     repetitions: int,
     processes: tuple[int, ...],
     progress: Progress,
+    drainers: int | None = None,
 ) -> MollifierResult:
     say = progress
     stack = suite.stack
@@ -459,10 +460,10 @@ async def measure(
     burst = Burst(suite, triggers, callers, channels, gate, conns)
     cycles = []
     try:
-        # N server processes, N drainers: the 1 vs 2 rows of each (spec §7).
+        # N server processes, N drainers (or `drainers`): the 1 vs 2 rows of each (spec §7).
         for n in processes:
             for _ in range(repetitions):
-                cycles.append(await _cycle(burst, n, n, say))
+                cycles.append(await _cycle(burst, n, drainers or n, say))
     finally:
         for conn in conns:
             await conn.close()
@@ -491,6 +492,7 @@ async def run(
     channels: int = DEFAULTS["channels"],
     repetitions: int = DEFAULTS["repetitions"],
     processes: tuple[int, ...] = DEFAULTS["processes"],
+    drainers: int | None = None,
     gate_threshold: int | None = None,
     progress: Progress | None = None,
 ) -> MollifierResult:
@@ -503,7 +505,7 @@ async def run(
         return await measure(
             suite, triggers=triggers, callers=callers, channels=channels,
             gate_threshold=gate_threshold, repetitions=repetitions, processes=processes,
-            progress=say,
+            progress=say, drainers=drainers,
         )  # fmt: skip
 
 
@@ -516,13 +518,16 @@ def main(argv: list[str] | None = None) -> None:
     add("--repetitions", type=int, default=REPETITIONS, help="cycles per configuration")
     add("--processes", type=int, nargs="+", default=list(DEFAULTS["processes"]),
         help="configurations: N server processes and N drainers each (default 1 2)")  # fmt: skip
+    add("--drainers", type=int, help="drainer processes in every configuration (default: N)")
     args = parser.parse_args(argv)
     if args.loadgen_worker:
         worker_main(_burst_work)
         return
-    if min(args.triggers, args.callers, args.channels, args.repetitions, *args.processes) < 1:
+    if min(args.triggers, args.callers, args.channels, args.repetitions, *args.processes,
+           args.drainers or 1) < 1:  # fmt: skip
         parser.error("sizes must be >= 1")
     sizes = {name: getattr(args, name) for name in DEFAULTS} | {"processes": tuple(args.processes)}
+    sizes["drainers"] = args.drainers
     result = program.on_local_stack(lambda stack, say: run(stack, **sizes, progress=say))
     print(result.report(), "", table(result.rows()), sep="\n", flush=True)
 
