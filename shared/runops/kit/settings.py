@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Any, Literal, TypeVar
 
@@ -53,6 +54,17 @@ class ServerSettings(BaseSettings):
     # Server processes sharing the port (SO_REUSEPORT), each with its own event loop, pools,
     # caches and feeds; "auto" is one per usable core (affinity capped by the cgroup CPU quota). 1 serves in this very process.
     processes: int = Field(default=1, ge=1, le=512)
+    # The event loop each server process runs on: asyncio's own, or uvloop (measured with
+    # `runops bench`, docs/benchmarks.md "uvloop"; kept off by default).
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+
+    @field_validator("event_loop")
+    @classmethod
+    def _uvloop_installed(cls, value: str) -> str:
+        # Not a dependency (asyncio is the default): say so at start-up, not as an ImportError.
+        if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("uvloop is not installed (pip install uvloop)")
+        return value
 
     @field_validator("processes", mode="before")
     @classmethod
