@@ -325,6 +325,31 @@ class RunStore:
             run_not_found,
         )
 
+    async def get_runs(
+        self, run_ids: Sequence[str], environment_id: str, consistency: Consistency
+    ) -> list[common_pb2.Run | None]:
+        """Each id's run (None: not in this environment's runs), in the order asked: one
+        statement per database, both read at once. An id of neither shape is looked for in
+        both, NEW's answer first (as `probe`)."""
+        wanted: dict[str, list[str]] = {db.name: [] for db in self.databases}
+        for body in dict.fromkeys(run_ids):
+            for db in self.probe(body):
+                wanted[db.name].append(body)
+
+        async def read(db: Database) -> dict[str, common_pb2.Run]:
+            ids = wanted[db.name]
+            return await db.read(
+                lambda conn: self.tables.get_runs(conn, ids, environment_id), consistency
+            )
+
+        found: dict[str, common_pb2.Run] = {}
+        # NEW comes first in `databases`: merged last, its answer wins.
+        for runs in reversed(
+            await asyncio.gather(*(read(db) for db in self.databases if wanted[db.name]))
+        ):
+            found.update(runs)
+        return [found.get(body) for body in run_ids]
+
     async def find_run_by_idempotency_key(
         self, environment_id: str, task: str, key: str, consistency: Consistency
     ) -> common_pb2.Run | None:

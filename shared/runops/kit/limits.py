@@ -37,6 +37,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "MAX_RUNS_PER_CALL",
     "MAX_RUN_COUNT",
+    "MAX_RUN_IDS_PER_CALL",
     "MAX_TAGS",
     "OPTION_DURATIONS",
     "OPTION_TEXT_LIMITS",
@@ -87,6 +88,8 @@ MAX_KEYS_PER_CALL = 10_000
 # Runs one CreateRuns call, and items one AcceptBatchItems call, may carry.
 MAX_RUNS_PER_CALL = 10_000
 MAX_ITEMS_PER_CALL = 10_000
+# Run ids one GetRuns call may read.
+MAX_RUN_IDS_PER_CALL = 1_000
 # The largest batch the run store writes (ingest's RUNOPS_MAX_RUN_COUNT may not exceed it).
 MAX_RUN_COUNT = 1_000_000
 # A batch in one of these statuses changes no more.
