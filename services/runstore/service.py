@@ -78,13 +78,13 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
 
     async def GetRuns(self, request: rs.GetRunsRequest, context: Context) -> rs.GetRunsResponse:
         ref = validation.get_runs(request)
-        runs = await self._store.get_runs(ref.run_ids, ref.environment_id, ref.consistency)
         response = rs.GetRunsResponse()
-        for asked, run in zip(request.run_ids, runs, strict=True):
-            if run is None:
-                response.missing_run_ids.append(asked)
-            else:
-                response.runs.append(run)
+        runs = await self._store.get_runs(
+            ref.run_ids, ref.environment_id, ref.consistency, new=response.runs.add
+        )
+        response.missing_run_ids.extend(
+            asked for asked, run in zip(request.run_ids, runs, strict=True) if run is None
+        )
         return response
 
     async def FindRunByIdempotencyKey(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+import asyncpg
 import structlog
 
 from runops.common.v1 import common_pb2
@@ -44,6 +45,7 @@ from runops.kit.ids import (
 from runops.kit.replica import Consistency, DbConnection, ReplicaRouter
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore import sql
+from services.runstore.records import run_from_record
 from services.runstore.rows import (
     AcceptedItems,
     BatchRow,
@@ -326,29 +328,37 @@ class RunStore:
         )
 
     async def get_runs(
-        self, run_ids: Sequence[str], environment_id: str, consistency: Consistency
+        self,
+        run_ids: Sequence[str],
+        environment_id: str,
+        consistency: Consistency,
+        new: Callable[..., common_pb2.Run] = common_pb2.Run,
     ) -> list[common_pb2.Run | None]:
-        """Each id's run (None: not in this environment's runs), in the order asked: one
-        statement per database, both read at once. An id of neither shape is looked for in
-        both, NEW's answer first (as `probe`)."""
+        """Each id's run (None: not in this environment's runs), in the order asked, each made
+        by `new` (a repeated field's `add` builds them in place, in that order): one statement
+        per database, both read at once. An id of neither shape is looked for in both, NEW's
+        answer first (as `probe`)."""
         wanted: dict[str, list[str]] = {db.name: [] for db in self.databases}
         for body in dict.fromkeys(run_ids):
             for db in self.probe(body):
                 wanted[db.name].append(body)
 
-        async def read(db: Database) -> dict[str, common_pb2.Run]:
+        async def read(db: Database) -> dict[str, asyncpg.Record]:
             ids = wanted[db.name]
             return await db.read(
-                lambda conn: self.tables.get_runs(conn, ids, environment_id), consistency
+                lambda conn: self.tables.run_records(conn, ids, environment_id), consistency
             )
 
-        found: dict[str, common_pb2.Run] = {}
+        found: dict[str, asyncpg.Record] = {}
         # NEW comes first in `databases`: merged last, its answer wins.
-        for runs in reversed(
+        for records in reversed(
             await asyncio.gather(*(read(db) for db in self.databases if wanted[db.name]))
         ):
-            found.update(runs)
-        return [found.get(body) for body in run_ids]
+            found.update(records)
+        return [
+            None if (record := found.get(body)) is None else run_from_record(record, new)
+            for body in run_ids
+        ]
 
     async def find_run_by_idempotency_key(
         self, environment_id: str, task: str, key: str, consistency: Consistency

@@ -33,6 +33,7 @@ See shared/runops/bench/README.md for the figures.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import tempfile
@@ -71,6 +72,8 @@ Progress = Callable[[str], None]
 Kind = Literal[
     "get_run",
     "pg_get_run",
+    "get_runs",
+    "pg_get_runs",
     "create_runs",
     "pg_insert_runs",
     "pg_copy_runs",
@@ -155,6 +158,42 @@ async def _pg_get_run_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Clos
         return 1
 
     return call, pool.close
+
+
+async def _get_runs_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
+    """GetRuns of `chunk` of the seeded runs a call (round-robin windows), by friendly id."""
+    client = RunStoreClient(spec.target, token=spec.token)
+    friendly = [f"run_{body}" for body in spec.run_ids]
+
+    async def call(n: int) -> int:
+        ids = _window(friendly, n, spec.chunk)
+        reply = await client.get_runs(environment_id=spec.environment_id, run_ids=ids)
+        if len(reply.runs) != len(ids) or reply.runs[-1].friendly_id != ids[-1]:
+            raise loadgen.Mismatch("wrong or missing runs")
+        return len(reply.runs)
+
+    return call, client.close
+
+
+async def _pg_get_runs_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
+    """The service's own statement for the same windows of runs (records, not messages)."""
+    from services.runstore.sql import SELECT_RUNS_BY_IDS
+
+    pool = await _pool(spec)
+
+    async def call(n: int) -> int:
+        ids = _window(list(spec.run_ids), n, spec.chunk)
+        found = await pool.fetch(SELECT_RUNS_BY_IDS, ids, spec.environment_id)
+        if len(found) != len(ids):
+            raise loadgen.Mismatch("wrong or missing runs")
+        return len(found)
+
+    return call, pool.close
+
+
+def _window(ids: list[str], n: int, size: int) -> list[str]:
+    start = n * size % len(ids)
+    return (ids[start:] + ids[:start])[:size]
 
 
 def _count(status: str, expected: int) -> int:
@@ -265,6 +304,10 @@ async def _make_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
             return await _get_run_caller(spec)
         case "pg_get_run":
             return await _pg_get_run_caller(spec)
+        case "get_runs":
+            return await _get_runs_caller(spec)
+        case "pg_get_runs":
+            return await _pg_get_runs_caller(spec)
         case "create_runs":
             return await _create_runs_caller(spec)
         case "pg_insert_runs" | "pg_copy_runs":
@@ -542,6 +585,75 @@ async def _phase(spec: LoadSpec, unit: str, procs: Processes, progress: Progress
 
 
 @dataclass(frozen=True)
+class Reads:
+    """Issue 16's read floors: routed GetRun against a bare grpc.aio servicer doing the same
+    read (`bare_runstore`), and GetRuns against the raw read of the same rows."""
+
+    bare_get_run: Phase
+    get_runs: Phase
+    floor_get_runs: Phase
+    ids_per_call: int
+
+    @property
+    def phases(self) -> tuple[Phase, ...]:
+        return (self.bare_get_run, self.get_runs, self.floor_get_runs)
+
+    def lines(self, get_run: Phase) -> list[str]:
+        seam = get_run.per_second / self.bare_get_run.per_second
+        share = self.get_runs.per_second / self.floor_get_runs.per_second
+        return [
+            f"GetRun vs a bare grpc.aio servicer: {seam:.0%} ({_verdict(seam >= 0.8)} the target"
+            " >= 80%)",
+            f"GetRuns ({self.ids_per_call:,} ids a call): {share:.0%} of the raw read's rows/s"
+            f" ({_verdict(share >= 0.5)} the target >= 50%)",
+        ]
+
+
+def _verdict(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
+
+
+async def measure_reads(
+    stack: LocalStack,
+    service: Service,
+    spec: Callable[..., LoadSpec],
+    procs: Processes,
+    progress: Progress,
+    *,
+    concurrency: int,
+    batch_concurrency: int,
+    bodies: tuple[str, ...],
+) -> Reads:
+    """The bare servicer as a process of its own (pool of `concurrency` on the run-ops replica,
+    as the service's), GetRun through it; then GetRuns of up to MAX_RUN_IDS_PER_CALL seeded runs
+    a call and the raw `= ANY` read of the same windows, `batch_concurrency` callers each."""
+    from runops.bench.bare_runstore import BareRunStore
+    from runops.kit.limits import MAX_RUN_IDS_PER_CALL
+    from runops.localstack.ports import free_port
+
+    db = stack.runops_db
+    per_call = min(MAX_RUN_IDS_PER_CALL, len(bodies))
+    async with BareRunStore(db.replica_dsn, free_port(), concurrency) as bare:
+        bare_procs = dataclasses.replace(procs, service=bare.pid)
+        bare_get_run = await _phase(
+            spec("get_run", "GetRun (bare grpc.aio servicer)", target=bare.target,
+                 concurrency=concurrency, run_ids=bodies),
+            "calls", bare_procs, progress,
+        )  # fmt: skip
+    batch = {"concurrency": batch_concurrency, "chunk": per_call, "run_ids": bodies}
+    get_runs = await _phase(
+        spec("get_runs", "GetRuns (gRPC, routed, replica)", target=service.target,
+             token=service.token, **batch),
+        "runs", procs, progress,
+    )  # fmt: skip
+    floor = await _phase(
+        spec("pg_get_runs", "raw = ANY read (asyncpg, replica)", dsn=db.replica_dsn, **batch),
+        "runs", procs, progress,
+    )  # fmt: skip
+    return Reads(bare_get_run, get_runs, floor, per_call)
+
+
+@dataclass(frozen=True)
 class LargeBatch:
     items: int
     chunk: int
@@ -589,10 +701,12 @@ class BenchResult:
     floor_copy_items: Phase
     accept: Phase
     batch: LargeBatch
+    reads: Reads | None = None
 
     def phases(self) -> tuple[Phase, ...]:
         return (
             self.get_run, self.floor_read,
+            *(self.reads.phases if self.reads else ()),
             self.create_runs, self.floor_insert_runs, self.floor_copy_runs,
             self.accept, self.floor_insert_items, self.floor_copy_items,
         )  # fmt: skip
@@ -643,6 +757,7 @@ class BenchResult:
             "",
             f"GetRun overhead (raw / routed): {self.get_run_overhead:.2f}x"
             f" ({verdict(self.get_run_overhead <= 1.5)} the target <= 1.5x)",
+            *(self.reads.lines(self.get_run) if self.reads else ()),
             f"CreateRuns: {self.create_runs_share:.0%} of the unnest floor"
             f" ({verdict(self.create_runs_share >= 0.5)} the target >= 50%), {copy_runs:.0%} of"
             " COPY",
@@ -763,6 +878,10 @@ async def measure(
         spec("get_run", "GetRun (gRPC, routed, replica)", **grpc_at, **read),
         "calls", procs, progress,
     )  # fmt: skip
+    reads = await measure_reads(
+        stack, service, spec, procs, progress, concurrency=concurrency,
+        batch_concurrency=write_concurrency, bodies=tuple(bodies),
+    )  # fmt: skip
     floor_insert_runs = await _phase(
         spec("pg_insert_runs", "raw unnest INSERT runs", dsn=db.writer_dsn, **write),
         "runs", procs, progress,
@@ -832,6 +951,7 @@ async def measure(
         floor_copy_items=floor_copy_items,
         accept=accept,
         batch=batch,
+        reads=reads,
     )
 
 

@@ -81,6 +81,8 @@ def runstore_rows(result: Any) -> list[Row]:
                     result.floor_insert_items.per_second, "unnest INSERT",
                     target=">= 0.5 of unnest", at_least=0.5),
     ]  # fmt: skip
+    if result.reads is not None:
+        rows += reads_rows(result)
     batch = result.batch
     if batch.rss_tenth_kib and batch.rss_all_kib:
         rows.append(
@@ -91,6 +93,19 @@ def runstore_rows(result: Any) -> list[Row]:
             )
         )  # fmt: skip
     return rows
+
+
+def reads_rows(result: Any) -> list[Row]:
+    """Issue 16's read targets: the routing seam, the batched read."""
+    b, reads = "run store", result.reads
+    return [
+        Row.against(b, "routed GetRun vs bare servicer", result.get_run.per_second, "calls/s",
+                    reads.bare_get_run.per_second, "bare grpc.aio GetRun",
+                    target=">= 0.8 of bare", at_least=0.8),
+        Row.against(b, f"GetRuns ({reads.ids_per_call:,} ids a call)",
+                    reads.get_runs.per_second, "runs/s", reads.floor_get_runs.per_second,
+                    "raw = ANY read", target=">= 0.5 of raw", at_least=0.5),
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
