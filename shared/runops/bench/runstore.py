@@ -15,6 +15,10 @@ warm-up first, then N measured seconds of closed-loop callers:
                      replica, round-robin over R seeded runs
   GetRun             RunStoreClient.get_run (default consistency: the owning store's replica), C
                      callers, the same R runs by friendly id
+  bare GetRun        the same GetRun through a bare grpc.aio servicer (bare_runstore: no kit,
+                     asyncpg's default pool of C on the replica): the routing seam's floor
+  GetRuns            RunStoreClient.get_runs of min(1,000, R) of the runs a call, W in flight
+  raw = ANY read     the service's own SELECT_RUNS_BY_IDS for the same ids, asyncpg, W in flight
   raw unnest runs    INSERT INTO runs ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING, K rows a
                      statement, W in flight, on the run-ops writer
   raw COPY runs      copy_records_to_table('runs'), the same rows
