@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runops.kit.cores import usable_cores
 
 ENV_PREFIX = "RUNOPS_"
 
@@ -50,7 +51,7 @@ class ServerSettings(BaseSettings):
     # Service-to-service calls present this token; without it internal RPCs are open (local dev).
     internal_token: SecretStr | None = None
     # Server processes sharing the port (SO_REUSEPORT), each with its own event loop, pools,
-    # caches and feeds; "auto" is one per usable core. 1 serves in this very process.
+    # caches and feeds; "auto" is one per usable core (affinity capped by the cgroup CPU quota). 1 serves in this very process.
     processes: int = Field(default=1, ge=1, le=512)
 
     @field_validator("processes", mode="before")
@@ -62,15 +63,6 @@ class ServerSettings(BaseSettings):
             if not value.strip().isdigit():
                 raise ValueError("must be a number of processes (1 or more) or 'auto'")
         return value
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask; a container's CPU quota is not seen,
-    so set RUNOPS_PROCESSES to the CPU limit there)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 S = TypeVar("S", bound=BaseSettings)
