@@ -349,9 +349,7 @@ def get_runs(request: rs.GetRunsRequest) -> RunsRef:
     if v.require(list(ids), "run_ids") and len(ids) > MAX_RUN_IDS_PER_CALL:
         v.add("run_ids", f"must hold at most {MAX_RUN_IDS_PER_CALL} ids (got {len(ids)})")
     # Past the cap the call is refused anyway: the ids beyond it are not looked at.
-    bodies = [
-        run_id(v, value, f"run_ids[{i}]") for i, value in enumerate(ids[:MAX_RUN_IDS_PER_CALL])
-    ]
+    bodies = limits.id_bodies(v, ids[:MAX_RUN_IDS_PER_CALL], "run_ids", RUN, bare=True)
     ref = RunsRef(
         bodies, environment(v, request.environment_id), consistency(v, request.consistency)
     )

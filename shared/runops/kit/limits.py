@@ -50,6 +50,7 @@ __all__ = [
     "Violations",
     "cancel_reason",
     "delay_until",
+    "id_bodies",
     "id_body",
     "max_attempts",
     "metadata_type",
@@ -180,6 +181,21 @@ def id_body(
         )
         return ""
     return body
+
+
+def id_bodies(
+    v: Violations, values: Sequence[str], field: str, prefix: str, *, bare: bool = False
+) -> list[str]:
+    """`id_body` of each of `values` (violations named `field[i]`), the valid ones checked in
+    one pass without building a field path."""
+    full = prefix + "_"
+    bodies = [value.removeprefix(full) for value in values]
+    if all(
+        (bare or body != value) and len(value) <= ID_LIMIT and ID_BODY.fullmatch(body)
+        for value, body in zip(values, bodies, strict=True)
+    ):
+        return bodies
+    return [id_body(v, value, f"{field}[{i}]", prefix, bare=bare) for i, value in enumerate(values)]
 
 
 def task_identifier(v: Violations, value: str, field: str) -> bool:
