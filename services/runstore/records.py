@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -20,62 +21,15 @@ def _ts(value: datetime | None, into: timestamp_pb2.Timestamp) -> None:
         into.seconds, into.nanos = _epoch_parts(value)
 
 
-@functools.lru_cache(maxsize=1024)
-def _epoch_parts(value: datetime) -> tuple[int, int]:
-    """What Timestamp.FromDatetime sets (a naive datetime is UTC), several times cheaper, and
-    cached: the rows of one write share their timestamps (now() of the transaction)."""
+def _since_epoch(value: datetime) -> tuple[int, int]:
+    """What Timestamp.FromDatetime sets (a naive datetime is UTC), several times cheaper."""
     since = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - EPOCH
     return since.days * 86_400 + since.seconds, since.microseconds * 1000
 
 
-def run_from_record(row: asyncpg.Record) -> common_pb2.Run:
-    body: str = row["id"]
-    run = common_pb2.Run(
-        id=body,
-        friendly_id=f"{RUN}_{body}",
-        residency=residency_of(body).to_proto(),
-        environment_id=row["environment_id"],
-        organization_id=row["organization_id"],
-        project_id=row["project_id"],
-        task_identifier=row["task_identifier"],
-        status=common_pb2.RunStatus.Value("RUN_STATUS_" + row["status"]),
-        payload=row["payload"],
-        payload_type=row["payload_type"],
-        metadata=row["metadata"],
-        metadata_type=row["metadata_type"],
-        tags=row["tags"],
-        queue=row["queue"],
-        concurrency_key=row["concurrency_key"],
-        idempotency_key=row["idempotency_key"] or "",
-        max_attempts=row["max_attempts"],
-        machine_preset=row["machine_preset"],
-        lock_to_version=row["lock_to_version"],
-        worker_version=row["worker_version"],
-        batch_id=f"{BATCH}_{row['batch_id']}" if row["batch_id"] else "",
-        parent_run_id=row["parent_run_id"] or "",
-        root_run_id=row["root_run_id"] or "",
-        resume_parent_on_completion=row["resume_parent_on_completion"],
-        output=row["output"] or b"",
-        output_type=row["output_type"],
-        is_test=row["is_test"],
-        waitpoint_id=f"{WAITPOINT}_{row['waitpoint_id']}" if row["waitpoint_id"] else "",
-    )
-    if row["batch_index"] is not None:
-        run.batch_index = row["batch_index"]
-    if row["error_code"] is not None:
-        run.error.code = row["error_code"]
-        run.error.message = row["error_message"]
-    if row["ttl_ms"] is not None:
-        run.ttl.FromMilliseconds(row["ttl_ms"])
-    if row["priority_ms"]:
-        run.priority.FromMilliseconds(row["priority_ms"])
-    _ts(row["idempotency_key_expires_at"], run.idempotency_key_expires_at)
-    _ts(row["delay_until"], run.delay_until)
-    _ts(row["created_at"], run.created_at)
-    _ts(row["updated_at"], run.updated_at)
-    _ts(row["completed_at"], run.completed_at)
-    _ts(row["queue_timestamp"], run.queue_timestamp)
-    return run
+# Cached for the answers of writes: the rows of one write share their timestamps (now() of the
+# transaction). Rows read have timestamps of their own: those skip the cache.
+_epoch_parts = functools.lru_cache(maxsize=1024)(_since_epoch)
 
 
 # A row's status → the proto enum.
@@ -84,6 +38,55 @@ _RUN_STATUSES = {
     for name, number in common_pb2.RunStatus.items()
     if name != "RUN_STATUS_UNSPECIFIED"
 }
+# Run fields a row holds as the message does, left out when empty (NULL, "", 0, false: the
+# field's default): every field set costs, and a read run has many empty ones.
+_RUN_AS_IS = (
+    "environment_id", "organization_id", "project_id", "task_identifier", "payload",
+    "payload_type", "metadata", "metadata_type", "tags", "queue", "concurrency_key",
+    "idempotency_key", "max_attempts", "machine_preset", "lock_to_version", "worker_version",
+    "parent_run_id", "root_run_id", "resume_parent_on_completion", "output", "output_type",
+    "is_test",
+)  # fmt: skip
+
+_RUN_TIMES = (
+    "idempotency_key_expires_at", "delay_until", "created_at", "updated_at", "completed_at",
+    "queue_timestamp",
+)  # fmt: skip
+
+
+def run_from_record(
+    row: asyncpg.Record, new: Callable[..., common_pb2.Run] = common_pb2.Run
+) -> common_pb2.Run:
+    """The run a row of RUN_COLUMNS holds. `new` makes the message from its fields: the class,
+    or a repeated field's `add`, which builds the run in place (no copy into the answer)."""
+    body: str = row["id"]
+    fields = {name: value for name in _RUN_AS_IS if (value := row[name])}
+    if row["batch_id"]:
+        fields["batch_id"] = f"{BATCH}_{row['batch_id']}"
+    if row["batch_index"] is not None:
+        fields["batch_index"] = row["batch_index"]
+    if row["waitpoint_id"]:
+        fields["waitpoint_id"] = f"{WAITPOINT}_{row['waitpoint_id']}"
+    if row["error_code"] is not None:
+        fields["error"] = {"code": row["error_code"], "message": row["error_message"]}
+    run = new(
+        id=body,
+        friendly_id=f"{RUN}_{body}",
+        residency=residency_of(body).to_proto(),
+        status=_RUN_STATUSES[row["status"]],
+        **fields,
+    )
+    if row["ttl_ms"] is not None:
+        run.ttl.FromMilliseconds(row["ttl_ms"])
+    if row["priority_ms"]:
+        run.priority.FromMilliseconds(row["priority_ms"])
+    for name in _RUN_TIMES:
+        # Looked up only when set: reaching a sub-message builds a Python object for it.
+        value = row[name]
+        if value is not None:
+            stamp = getattr(run, name)
+            stamp.seconds, stamp.nanos = _since_epoch(value)
+    return run
 
 
 def created_run(row: RunRow, record: asyncpg.Record) -> common_pb2.Run:

@@ -81,6 +81,17 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         run = await self._store.get_run(ref.run_id, ref.environment_id, ref.consistency)
         return rs.GetRunResponse(run=run)
 
+    async def GetRuns(self, request: rs.GetRunsRequest, context: Context) -> rs.GetRunsResponse:
+        ref = validation.get_runs(request)
+        response = rs.GetRunsResponse()
+        runs = await self._store.get_runs(
+            ref.run_ids, ref.environment_id, ref.consistency, new=response.runs.add
+        )
+        response.missing_run_ids.extend(
+            asked for asked, run in zip(request.run_ids, runs, strict=True) if run is None
+        )
+        return response
+
     async def FindRunByIdempotencyKey(
         self, request: rs.FindRunByIdempotencyKeyRequest, context: Context
     ) -> rs.FindRunByIdempotencyKeyResponse:

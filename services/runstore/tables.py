@@ -226,8 +226,16 @@ class RunTables:
     async def get_runs(
         self, db: Queryable, run_ids: Sequence[str], environment_id: str
     ) -> dict[str, common_pb2.Run]:
+        records = await self.run_records(db, run_ids, environment_id)
+        return {body: run_from_record(record) for body, record in records.items()}
+
+    async def run_records(
+        self, db: Queryable, run_ids: Sequence[str], environment_id: str
+    ) -> dict[str, asyncpg.Record]:
+        """The environment's rows of these ids, by id: records, so the caller builds each run
+        where it belongs (`records.run_from_record(record, new)`)."""
         records = await db.fetch(sql.SELECT_RUNS_BY_IDS, list(run_ids), environment_id)
-        return {record["id"]: run_from_record(record) for record in records}
+        return {record["id"]: record for record in records}
 
     async def complete_run(
         self,

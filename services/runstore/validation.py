@@ -29,6 +29,7 @@ from runops.kit.limits import (
     MAX_MISSING_RANGES,
     MAX_PAGE_SIZE,
     MAX_RUN_COUNT,
+    MAX_RUN_IDS_PER_CALL,
     MAX_RUNS_PER_CALL,
     TASK_IDENTIFIER_LIMIT,
     TEXT_LIMIT,
@@ -590,6 +591,27 @@ def _run_ref(v: Violations, run: str, env: str, level: int = 0) -> RunRef:
 def run_ref(run: str, env: str, level: int = 0) -> RunRef:
     v = Violations()
     ref = _run_ref(v, run, env, level)
+    v.raise_if_any()
+    return ref
+
+
+@dataclasses.dataclass(frozen=True)
+class RunsRef:
+    run_ids: list[str]  # bodies, in request order (repeats kept)
+    environment_id: str
+    consistency: Consistency = Consistency.REPLICA
+
+
+def get_runs(request: rs.GetRunsRequest) -> RunsRef:
+    v = Violations()
+    ids = request.run_ids
+    if v.require(list(ids), "run_ids") and len(ids) > MAX_RUN_IDS_PER_CALL:
+        v.add("run_ids", f"must hold at most {MAX_RUN_IDS_PER_CALL} ids (got {len(ids)})")
+    # Past the cap the call is refused anyway: the ids beyond it are not looked at.
+    bodies = limits.id_bodies(v, ids[:MAX_RUN_IDS_PER_CALL], "run_ids", RUN, bare=True)
+    ref = RunsRef(
+        bodies, environment(v, request.environment_id), consistency(v, request.consistency)
+    )
     v.raise_if_any()
     return ref
 

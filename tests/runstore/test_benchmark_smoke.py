@@ -40,6 +40,11 @@ async def test_benchmark_smoke(stack: LocalStack) -> None:
     assert result.create_runs_2.rows == result.create_runs_2.calls * 50
     assert result.create_runs_share > 0
     assert result.accept_share > 0
+    reads = result.reads  # GetRuns beside the raw = ANY read of the same ids
+    assert reads is not None
+    assert reads.ids_per_call == 20  # every seeded run in one call
+    assert reads.get_runs.rows == reads.get_runs.calls * 20
+    assert reads.share > 0
     assert result.durability["synchronous_commit"] == "off"  # the local stack's setting
 
     batch = result.batch
@@ -56,6 +61,7 @@ async def test_benchmark_smoke(stack: LocalStack) -> None:
         assert phase.name in report
     for line in (
         "of the bare servicer's",
+        "GetRuns (20 ids a call)",
         "raw / routed",
         "CreateRuns:",
         "AcceptBatchItems:",

@@ -15,6 +15,10 @@ warm-up first, then N measured seconds of closed-loop callers:
                      replica, round-robin over R seeded runs
   GetRun             RunStoreClient.get_run (default consistency: the owning store's replica), C
                      callers, the same R runs by friendly id
+  bare GetRun        the same GetRun through a bare grpc.aio servicer (bare_runstore: no kit,
+                     asyncpg's default pool of C on the replica): the routing seam's floor
+  GetRuns            RunStoreClient.get_runs of min(1,000, R) of the runs a call, W in flight
+  raw = ANY read     the service's own SELECT_RUNS_BY_IDS for the same ids, asyncpg, W in flight
   raw unnest runs    INSERT INTO runs ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING, K rows a
                      statement, W in flight, on the run-ops writer
   raw COPY runs      copy_records_to_table('runs'), the same rows
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import tempfile
@@ -48,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import asyncpg
 from google.protobuf import timestamp_pb2
 
-from runops.bench import bare, loadgen, proc, profile, program
+from runops.bench import loadgen, proc, profile, program
 from runops.bench.floors import (
     MAX_ATTEMPTS,
     ORG,
@@ -72,6 +77,8 @@ Progress = Callable[[str], None]
 Kind = Literal[
     "get_run",
     "pg_get_run",
+    "get_runs",
+    "pg_get_runs",
     "create_runs",
     "pg_insert_runs",
     "pg_copy_runs",
@@ -183,6 +190,42 @@ async def _pg_get_run_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Clos
     return call, pool.close
 
 
+async def _get_runs_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
+    """GetRuns of `chunk` of the seeded runs a call (round-robin windows), by friendly id."""
+    client = RunStoreClient(spec.target, token=spec.token)
+    friendly = [f"run_{body}" for body in spec.run_ids]
+
+    async def call(n: int) -> int:
+        ids = _window(friendly, n, spec.chunk)
+        reply = await client.get_runs(environment_id=spec.environment_id, run_ids=ids)
+        if len(reply.runs) != len(ids) or reply.runs[-1].friendly_id != ids[-1]:
+            raise loadgen.Mismatch("wrong or missing runs")
+        return len(reply.runs)
+
+    return call, client.close
+
+
+async def _pg_get_runs_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
+    """The service's own statement for the same windows of runs (records, not messages)."""
+    from services.runstore.sql import SELECT_RUNS_BY_IDS
+
+    pool = await _pool(spec)
+
+    async def call(n: int) -> int:
+        ids = _window(list(spec.run_ids), n, spec.chunk)
+        found = await pool.fetch(SELECT_RUNS_BY_IDS, ids, spec.environment_id)
+        if len(found) != len(ids):
+            raise loadgen.Mismatch("wrong or missing runs")
+        return len(found)
+
+    return call, pool.close
+
+
+def _window(ids: list[str], n: int, size: int) -> list[str]:
+    start = n * size % len(ids)
+    return (ids[start:] + ids[:start])[:size]
+
+
 def _count(status: str, expected: int) -> int:
     """Rows in an "INSERT 0 N" / "COPY N" status, which must be `expected`."""
     written = int(status.rsplit(" ", 1)[-1])
@@ -292,6 +335,10 @@ async def _make_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
             return await _get_run_caller(spec)
         case "pg_get_run":
             return await _pg_get_run_caller(spec)
+        case "get_runs":
+            return await _get_runs_caller(spec)
+        case "pg_get_runs":
+            return await _pg_get_runs_caller(spec)
         case "create_runs":
             return await _create_runs_caller(spec)
         case "pg_insert_runs" | "pg_copy_runs":
@@ -569,6 +616,82 @@ async def _phase(spec: LoadSpec, unit: str, procs: Processes, progress: Progress
 
 
 @dataclass(frozen=True)
+class Reads:
+    """Issue 16's batched read: GetRuns against the raw read of the same rows."""
+
+    get_runs: Phase
+    floor_get_runs: Phase
+    ids_per_call: int
+
+    @property
+    def phases(self) -> tuple[Phase, ...]:
+        return (self.get_runs, self.floor_get_runs)
+
+    @property
+    def share(self) -> float:
+        return self.get_runs.per_second / self.floor_get_runs.per_second
+
+    def lines(self) -> list[str]:
+        return [
+            f"GetRuns ({self.ids_per_call:,} ids a call): {self.share:.0%} of the raw read's"
+            f" rows/s ({_verdict(self.share >= 0.5)} the target >= 50%)",
+        ]
+
+
+def _verdict(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
+
+
+async def measure_bare_get_run(
+    stack: LocalStack,
+    spec: Callable[..., LoadSpec],
+    procs: Processes,
+    progress: Progress,
+    read: dict[str, Any],
+) -> Phase:
+    """GetRun through the bare servicer (`bare_runstore`), a process of its own like the run
+    store, its pool as large as the service's, on the run-ops replica."""
+    from runops.bench.bare_runstore import BareRunStore
+    from runops.localstack.ports import free_port
+
+    replica = stack.runops_db.replica_dsn
+    async with BareRunStore(replica, free_port(), read["concurrency"]) as bare:
+        with profile.watching("bare servicer", bare.pid):
+            return await _phase(
+                spec("get_run", "GetRun (bare grpc.aio servicer)", target=bare.target, **read),
+                "calls", dataclasses.replace(procs, service=bare.pid), progress,
+            )  # fmt: skip
+
+
+async def measure_reads(
+    service: Service,
+    replica_dsn: str,
+    spec: Callable[..., LoadSpec],
+    procs: Processes,
+    progress: Progress,
+    *,
+    batch_concurrency: int,
+    bodies: tuple[str, ...],
+) -> Reads:
+    """GetRuns of up to MAX_RUN_IDS_PER_CALL seeded runs a call and the raw `= ANY` read of the
+    same windows, `batch_concurrency` callers each."""
+    from runops.kit.limits import MAX_RUN_IDS_PER_CALL
+
+    per_call = min(MAX_RUN_IDS_PER_CALL, len(bodies))
+    batch = {"concurrency": batch_concurrency, "chunk": per_call, "run_ids": bodies}
+    get_runs = await _phase(
+        spec("get_runs", "GetRuns (gRPC, routed, replica)", target=service.target,
+             token=service.token, **batch),
+        "runs", procs, progress,
+    )  # fmt: skip
+    floor = await _phase(
+        spec("pg_get_runs", "raw = ANY read (asyncpg, replica)", dsn=replica_dsn, **batch),
+        "runs", procs, progress,
+    )  # fmt: skip
+    return Reads(get_runs, floor, per_call)
+
+
+@dataclass(frozen=True)
 class LargeBatch:
     items: int
     chunk: int
@@ -609,7 +732,7 @@ class BenchResult:
     service_pid: int | None
     floor_read: Phase
     get_run: Phase
-    bare_get_run: Phase  # the same read in a bare grpc.aio servicer (`bare.py`)
+    bare_get_run: Phase  # the same read in a bare grpc.aio servicer (`bare_runstore`)
     get_run_2: Phase | None  # routed GetRun / CreateRuns on a run store of 2 processes
     create_runs_2: Phase | None
     floor_insert_runs: Phase
@@ -619,11 +742,13 @@ class BenchResult:
     floor_copy_items: Phase
     accept: Phase
     batch: LargeBatch
+    reads: Reads | None = None
 
     def phases(self) -> tuple[Phase, ...]:
         two = tuple(p for p in (self.get_run_2, self.create_runs_2) if p is not None)
         return (
             self.get_run, self.bare_get_run, self.floor_read,
+            *(self.reads.phases if self.reads else ()),
             self.create_runs, self.floor_insert_runs, self.floor_copy_runs,
             self.accept, self.floor_insert_items, self.floor_copy_items, *two,
         )  # fmt: skip
@@ -680,6 +805,7 @@ class BenchResult:
             f"GetRun: {self.get_run_share:.0%} of the bare servicer's"
             f" ({verdict(self.get_run_share >= 0.8)} the target >= 80%); raw / routed"
             f" {self.get_run_overhead:.2f}x",
+            *(self.reads.lines() if self.reads else ()),
             f"CreateRuns: {self.create_runs_share:.0%} of the unnest floor"
             f" ({verdict(self.create_runs_share >= 0.5)} the target >= 50%), {copy_runs:.0%} of"
             " COPY",
@@ -803,16 +929,11 @@ async def measure(
         spec("get_run", "GetRun (gRPC, routed, replica)", **grpc_at, **read),
         "calls", procs, progress,
     )  # fmt: skip
-    pool = min(200, max(concurrency, write_concurrency))  # the service's pools' size
-    async with bare.get_run_server(db.replica_dsn, pool) as bare_target:
-        with profile.watching("bare servicer (bench process)", os.getpid()):
-            bare_get_run = await _phase(
-                spec("get_run", "bare servicer GetRun (grpc.aio, no interceptor)",
-                     target=bare_target, token=service.token, **read),
-                "calls", procs, progress,
-            )  # fmt: skip
-    # Issue 16's batched read (GetRuns, many runs by id in one call) goes here: its rows/s beside
-    # raw asyncpg's read of the same ids (target >= 0.5), as a phase pair like the two above.
+    bare_get_run = await measure_bare_get_run(stack, spec, procs, progress, read)
+    reads = await measure_reads(
+        service, db.replica_dsn, spec, procs, progress, batch_concurrency=write_concurrency,
+        bodies=tuple(bodies),
+    )  # fmt: skip
     floor_insert_runs = await _phase(
         spec("pg_insert_runs", "raw unnest INSERT runs", dsn=db.writer_dsn, **write),
         "runs", procs, progress,
@@ -901,6 +1022,7 @@ async def measure(
         floor_copy_items=floor_copy_items,
         accept=accept,
         batch=batch,
+        reads=reads,
     )
 
 

@@ -23,7 +23,8 @@ import inspect
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextvars import Token
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -33,13 +34,14 @@ from runops.kit import metrics
 from runops.kit.auth import Access, Authenticator
 from runops.kit.context import (
     Caller,
+    Principal,
     current_principal,
     current_request_id,
     current_server_context,
 )
 from runops.kit.errors import Internal, InvalidArgument, PermissionDenied, RunopsError, rich_status
 from runops.kit.log_ids import bind_ids
-from runops.kit.logging import bind_new, calls_logged, request_log_context
+from runops.kit.logging import bind_new, calls_logged, close_call_log, open_call_log
 from runops.kit.request_checks import check_request
 
 log = structlog.get_logger("runops.rpc")
@@ -225,63 +227,106 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 return mapped
         return None
 
-    @asynccontextmanager
-    async def _call_scope(
+    def _call_scope(
         self, method: str, labels: _MethodMetrics, access: Access | None, context: Context
-    ) -> AsyncIterator[None]:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
-        request_id = str(metadata.get("x-request-id") or os.urandom(16).hex())
-        tokens = (
+    ) -> _CallScope:
+        return _CallScope(self, method, labels, access, context)
+
+
+class _CallScope:
+    """One call's scope (`async with`): request context and log context bound, the caller
+    authenticated, the call counted and timed; an exception leaving it becomes a rich status.
+    A class rather than an @asynccontextmanager: it is entered on every call, and a generator
+    per call costs more than the rest of it."""
+
+    __slots__ = (
+        "_access", "_context", "_interceptor", "_labels", "_log", "_method", "_principal_token",
+        "_request_id", "_started", "_tokens",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        interceptor: ServerInterceptor,
+        method: str,
+        labels: _MethodMetrics,
+        access: Access | None,
+        context: Context,
+    ) -> None:
+        self._interceptor = interceptor
+        self._method = method
+        self._labels = labels
+        self._access = access
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        context, method = self._context, self._method
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = self._request_id = str(metadata.get("x-request-id") or os.urandom(16).hex())
+        self._tokens = (
             current_request_id.set(request_id),
             current_server_context.set(context),
         )
-        principal_token = None
+        self._principal_token: Token[Principal] | None = None
+        self._started = time.perf_counter()
+        self._labels.started.inc()
+        self._log = open_call_log({"rpc": method, "request_id": request_id})
+        try:
+            if self._access is None:
+                raise PermissionDenied(
+                    f"{method} declares no access level; the server refuses it",
+                    reason="ACCESS_NOT_DECLARED",
+                )
+            principal = await self._interceptor._auth.authenticate(self._access, metadata)
+            self._principal_token = current_principal.set(principal)
+            if principal.caller is Caller.API_KEY:
+                # API-key subjects are environments (the control plane's Environment).
+                env_id = getattr(principal.subject, "id", None)
+                bind_new({"environment_id": env_id if isinstance(env_id, str) else None})
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def __aexit__(
+        self,
+        _type: type[BaseException] | None,
+        exc: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
         code = grpc.StatusCode.OK
-        started = time.perf_counter()
-        labels.started.inc()
-        with request_log_context(rpc=method, request_id=request_id):
-            try:
-                if access is None:
-                    raise PermissionDenied(
-                        f"{method} declares no access level; the server refuses it",
-                        reason="ACCESS_NOT_DECLARED",
-                    )
-                principal = await self._auth.authenticate(access, metadata)
-                principal_token = current_principal.set(principal)
-                if principal.caller is Caller.API_KEY:
-                    # API-key subjects are environments (the control plane's Environment).
-                    env_id = getattr(principal.subject, "id", None)
-                    bind_new({"environment_id": env_id if isinstance(env_id, str) else None})
-                yield
-            except (asyncio.CancelledError, GeneratorExit):
+        context = self._context
+        try:
+            if exc is None:
+                return
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 # The client went away, or the server cancelled the RPC at the end of the grace
                 # period; a stream's consumer closing the generator lands here too.
                 code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException as exc:
-                if _is_abort(exc):
-                    code = _context_code(context)
-                    raise
-                err = self._map(exc)
-                if err is None:
-                    log.exception("unhandled error", error_type=type(exc).__name__)
-                    err = Internal(
-                        f"internal error; quote request id {request_id} when reporting it"
-                    )
-                elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                    log.warning("rpc failed", code=err.code.name, reason=err.reason, error=str(exc))
-                code = err.code
-                await context.abort_with_status(rich_status(err))
-            finally:
-                seconds = time.perf_counter() - started
-                labels.handled(code).inc()
-                labels.seconds.observe(seconds)
-                if calls_logged():
-                    log.debug("rpc handled", code=code.name, seconds=round(seconds, 6))
-                if principal_token is not None:
-                    current_principal.reset(principal_token)
-                current_request_id.reset(tokens[0])
-                current_server_context.reset(tokens[1])
+                return
+            if _is_abort(exc):
+                code = _context_code(context)
+                return
+            err = self._interceptor._map(exc)
+            if err is None:
+                log.exception("unhandled error", error_type=type(exc).__name__)
+                err = Internal(
+                    f"internal error; quote request id {self._request_id} when reporting it"
+                )
+            elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                log.warning("rpc failed", code=err.code.name, reason=err.reason, error=str(exc))
+            code = err.code
+            await context.abort_with_status(rich_status(err))
+        finally:
+            labels = self._labels
+            seconds = time.perf_counter() - self._started
+            labels.handled(code).inc()
+            labels.seconds.observe(seconds)
+            if calls_logged():
+                log.debug("rpc handled", code=code.name, seconds=round(seconds, 6))
+            if self._principal_token is not None:
+                current_principal.reset(self._principal_token)
+            current_request_id.reset(self._tokens[0])
+            current_server_context.reset(self._tokens[1])
+            close_call_log(self._log)
 
 
 def _is_abort(exc: BaseException) -> bool:

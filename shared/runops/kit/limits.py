@@ -38,6 +38,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "MAX_RUNS_PER_CALL",
     "MAX_RUN_COUNT",
+    "MAX_RUN_IDS_PER_CALL",
     "MAX_TAGS",
     "OPTION_DURATIONS",
     "OPTION_TEXT_LIMITS",
@@ -50,6 +51,7 @@ __all__ = [
     "Violations",
     "cancel_reason",
     "delay_until",
+    "id_bodies",
     "id_body",
     "ids_fit",
     "max_attempts",
@@ -89,6 +91,8 @@ MAX_KEYS_PER_CALL = 10_000
 # Runs one CreateRuns call, and items one AcceptBatchItems call, may carry.
 MAX_RUNS_PER_CALL = 10_000
 MAX_ITEMS_PER_CALL = 10_000
+# Run ids one GetRuns call may read.
+MAX_RUN_IDS_PER_CALL = 1_000
 # The largest batch the run store writes (ingest's RUNOPS_MAX_RUN_COUNT may not exceed it).
 MAX_RUN_COUNT = 1_000_000
 # A batch in one of these statuses changes no more.
@@ -192,6 +196,21 @@ def ids_fit(values: Iterable[str], prefix: str) -> bool:
 def _optional_id(prefix: str) -> re.Pattern[str]:
     """id_body's rule as one pattern: the body ID_BODY, the whole id at most ID_LIMIT long."""
     return re.compile(rf"(?:{re.escape(prefix)}_[0-9a-z]{{1,{ID_LIMIT - len(prefix) - 1}}})?")
+
+
+def id_bodies(
+    v: Violations, values: Sequence[str], field: str, prefix: str, *, bare: bool = False
+) -> list[str]:
+    """`id_body` of each of `values` (violations named `field[i]`), the valid ones checked in
+    one pass without building a field path."""
+    full = prefix + "_"
+    bodies = [value.removeprefix(full) for value in values]
+    if all(
+        (bare or body != value) and len(value) <= ID_LIMIT and ID_BODY.fullmatch(body)
+        for value, body in zip(values, bodies, strict=True)
+    ):
+        return bodies
+    return [id_body(v, value, f"{field}[{i}]", prefix, bare=bare) for i, value in enumerate(values)]
 
 
 def task_identifier(v: Violations, value: str, field: str) -> bool:

@@ -38,13 +38,25 @@ _call: ContextVar[_CallLog | None] = ContextVar("runops_log_call", default=None)
 def request_log_context(**values: object) -> Iterator[None]:
     """Binds `values` (None and "" skipped) for the call's log lines, and resets them, and
     whatever `bind_new` added, when the call ends."""
-    call = _CallLog()
-    marker = _call.set(call)
-    bind_new(values)
+    opened = open_call_log(values)
     try:
         yield
     finally:
-        _call.reset(marker)
+        close_call_log(opened)
+
+
+def open_call_log(values: Mapping[str, object]) -> Token[_CallLog | None]:
+    """`request_log_context` without the context manager (the server interceptor's per-call
+    path): binds `values`; `close_call_log` with what this returns resets everything bound."""
+    marker = _call.set(_CallLog())
+    bind_new(values)
+    return marker
+
+
+def close_call_log(marker: Token[_CallLog | None]) -> None:
+    call = _call.get()
+    _call.reset(marker)
+    if call is not None:
         for tokens in reversed(call.tokens):
             structlog.contextvars.reset_contextvars(**tokens)
 

@@ -86,6 +86,14 @@ def database_field() -> Any:
     return Field(default_factory=dict, validate_default=True)
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """A released connection's reset: nothing to send. Pooled connections hold no session
+    state (no SET, LISTEN, session advisory lock or WITH HOLD cursor: LISTEN has a connection
+    of its own, locks are transaction-scoped), so asyncpg's default reset query (`RESET ALL`,
+    `UNLISTEN *`...) would only cost a round trip per release, one per read. asyncpg still rolls
+    back a transaction left open before it calls this."""
+
+
 async def create_pool(dsn: str, settings: DatabaseSettings, application_name: str) -> asyncpg.Pool:
     # min_size 0 by default: create_pool connects nothing, so the service starts while the
     # database is down. command_timeout backs the server's statement_timeout on the client.
@@ -95,6 +103,7 @@ async def create_pool(dsn: str, settings: DatabaseSettings, application_name: st
         max_size=settings.pool_max_size,
         timeout=settings.connect_timeout_seconds,
         command_timeout=settings.statement_timeout_seconds + 1,
+        reset=_keep_session,
         server_settings={
             "statement_timeout": str(int(settings.statement_timeout_seconds * 1000)),
             "application_name": application_name,

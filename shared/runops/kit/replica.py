@@ -21,6 +21,7 @@ import enum
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
 from typing import Literal, TypeVar
 
 import asyncpg
@@ -67,26 +68,44 @@ def parse_lsn(text: str) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
-@contextlib.asynccontextmanager
-async def connection(pool: asyncpg.Pool) -> AsyncIterator[DbConnection]:
+def connection(pool: asyncpg.Pool) -> _Pooled:
     """`pool.acquire()` that survives its server dying or hanging: a connection left by anything
     but a database error (a lost connection, a timeout, a cancellation) is terminated before it
     goes back, and a release that fails (asyncpg's "cannot switch to state …") is only logged:
     the connection is gone either way, and the caller's own outcome is what matters."""
-    conn = await pool.acquire()
-    try:
-        yield conn
-    except BaseException as exc:
-        if not isinstance(exc, asyncpg.PostgresError) or is_connection_failure(exc):
+    return _Pooled(pool)
+
+
+class _Pooled:
+    """`connection`'s context manager: a class, not an @asynccontextmanager, as every read
+    enters one."""
+
+    __slots__ = ("_conn", "_pool")
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def __aenter__(self) -> DbConnection:
+        self._conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record] = await self._pool.acquire()
+        return self._conn
+
+    async def __aexit__(
+        self,
+        _type: type[BaseException] | None,
+        exc: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        if exc is not None and (
+            not isinstance(exc, asyncpg.PostgresError) or is_connection_failure(exc)
+        ):
             conn.terminate()
-        raise
-    finally:
         try:
-            await pool.release(conn)
-        except Exception as exc:
-            if not is_connection_failure(exc):
+            await self._pool.release(conn)
+        except Exception as failed:
+            if not is_connection_failure(failed):
                 raise
-            log.warning("releasing a dying connection failed", error=repr(exc))
+            log.warning("releasing a dying connection failed", error=repr(failed))
 
 
 class _Behind:

@@ -207,8 +207,12 @@ class _Walk:
                 if value:
                     self.string(value, cap, (path, name))
             elif kind == _STR_LIST:
-                for i, value in enumerate(getattr(message, name)):
-                    self.string(value, cap, ((path, name), i))
+                values = getattr(message, name)
+                # All at once first (a request may carry thousands of ids): element by element,
+                # field paths built, only when one of them fails.
+                if values and (max(map(len, values)) > cap or _FORBIDDEN.search("".join(values))):
+                    for i, value in enumerate(values):
+                        self.string(value, cap, ((path, name), i))
             elif kind == _MSG:
                 if message.HasField(name):
                     assert sub is not None

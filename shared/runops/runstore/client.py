@@ -102,6 +102,18 @@ class RunStoreClient(ServiceClient):
         except NotFound:
             return None
 
+    async def get_runs(
+        self, *, environment_id: str, run_ids: Sequence[str], read_your_writes: bool = False
+    ) -> rs.GetRunsResponse:
+        """Up to 1,000 runs in one call: `runs` in the order asked, the ids the environment has
+        no run for in `missing_run_ids` (as given)."""
+        request = rs.GetRunsRequest(
+            environment_id=environment_id,
+            run_ids=run_ids,
+            consistency=consistency(read_your_writes),
+        )
+        return await self._call(self.stub.GetRuns, request)
+
     async def find_run_by_idempotency_key(
         self,
         *,

@@ -51,6 +51,11 @@ class RunStoreServiceStub:
                 request_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunRequest.SerializeToString,
                 response_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunResponse.FromString,
                 _registered_method=True)
+        self.GetRuns = channel.unary_unary(
+                '/runops.runstore.v1.RunStoreService/GetRuns',
+                request_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunsRequest.SerializeToString,
+                response_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunsResponse.FromString,
+                _registered_method=True)
         self.FindRunByIdempotencyKey = channel.unary_unary(
                 '/runops.runstore.v1.RunStoreService/FindRunByIdempotencyKey',
                 request_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.FindRunByIdempotencyKeyRequest.SerializeToString,
@@ -158,6 +163,14 @@ class RunStoreServiceServicer:
 
     def GetRun(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRuns(self, request, context):
+        """Many runs by id (up to 1,000) in one call: one statement per database, answers in request
+        order, ids not found listed apart.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -290,6 +303,11 @@ def add_RunStoreServiceServicer_to_server(servicer, server):
                     servicer.GetRun,
                     request_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunRequest.FromString,
                     response_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunResponse.SerializeToString,
+            ),
+            'GetRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRuns,
+                    request_deserializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunsRequest.FromString,
+                    response_serializer=runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunsResponse.SerializeToString,
             ),
             'FindRunByIdempotencyKey': grpc.unary_unary_rpc_method_handler(
                     servicer.FindRunByIdempotencyKey,
@@ -460,6 +478,33 @@ class RunStoreService:
             '/runops.runstore.v1.RunStoreService/GetRun',
             runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunRequest.SerializeToString,
             runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runops.runstore.v1.RunStoreService/GetRuns',
+            runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunsRequest.SerializeToString,
+            runops_dot_runstore_dot_v1_dot_runstore__pb2.GetRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class RunStoreServiceStub:
     CreateRuns: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.CreateRunsRequest, _runstore_pb2.CreateRunsResponse]
     """Many runs in one round trip (the mollifier drainer's write path)."""
     GetRun: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.GetRunRequest, _runstore_pb2.GetRunResponse]
+    GetRuns: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.GetRunsRequest, _runstore_pb2.GetRunsResponse]
+    """Many runs by id (up to 1,000) in one call: one statement per database, answers in request
+    order, ids not found listed apart.
+    """
     FindRunByIdempotencyKey: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.FindRunByIdempotencyKeyRequest, _runstore_pb2.FindRunByIdempotencyKeyResponse]
     """Probes NEW then LEGACY: the key does not reveal residency."""
     ListBatchRuns: _grpc.UnaryUnaryMultiCallable[_runstore_pb2.ListBatchRunsRequest, _runstore_pb2.ListBatchRunsResponse]
@@ -79,6 +83,10 @@ class RunStoreServiceAsyncStub(RunStoreServiceStub):
     CreateRuns: _aio.UnaryUnaryMultiCallable[_runstore_pb2.CreateRunsRequest, _runstore_pb2.CreateRunsResponse]  # type: ignore[assignment]
     """Many runs in one round trip (the mollifier drainer's write path)."""
     GetRun: _aio.UnaryUnaryMultiCallable[_runstore_pb2.GetRunRequest, _runstore_pb2.GetRunResponse]  # type: ignore[assignment]
+    GetRuns: _aio.UnaryUnaryMultiCallable[_runstore_pb2.GetRunsRequest, _runstore_pb2.GetRunsResponse]  # type: ignore[assignment]
+    """Many runs by id (up to 1,000) in one call: one statement per database, answers in request
+    order, ids not found listed apart.
+    """
     FindRunByIdempotencyKey: _aio.UnaryUnaryMultiCallable[_runstore_pb2.FindRunByIdempotencyKeyRequest, _runstore_pb2.FindRunByIdempotencyKeyResponse]  # type: ignore[assignment]
     """Probes NEW then LEGACY: the key does not reveal residency."""
     ListBatchRuns: _aio.UnaryUnaryMultiCallable[_runstore_pb2.ListBatchRunsRequest, _runstore_pb2.ListBatchRunsResponse]  # type: ignore[assignment]
@@ -134,6 +142,16 @@ class RunStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _runstore_pb2.GetRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_runstore_pb2.GetRunResponse, _abc.Awaitable[_runstore_pb2.GetRunResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRuns(
+        self,
+        request: _runstore_pb2.GetRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runstore_pb2.GetRunsResponse, _abc.Awaitable[_runstore_pb2.GetRunsResponse]]:
+        """Many runs by id (up to 1,000) in one call: one statement per database, answers in request
+        order, ids not found listed apart.
+        """
 
     @_abc_1.abstractmethod
     def FindRunByIdempotencyKey(
