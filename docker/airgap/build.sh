@@ -42,6 +42,10 @@ if [ -n "$ca_bundle" ]; then
 fi
 
 started=$SECONDS
+root=""
+logs="$(mktemp -d)"
+trap 'rm -rf "$logs" ${root:+"$root"}' EXIT
+
 timed() {  # timed LABEL COMMAND...: runs it, prints how long it took
   local label="$1" t0=$SECONDS
   shift
@@ -56,7 +60,6 @@ base_image() {
   fi
   command -v debootstrap >/dev/null || { echo "airgap: debootstrap is missing (apt-get install debootstrap)" >&2; return 1; }
   root="$(mktemp -d /var/tmp/runops-rootfs.XXXXXX)"
-  trap 'rm -rf "$root"' EXIT
   debootstrap --variant=minbase bookworm "$root" "$MIRROR" >/dev/null
   # The suites the official images use too: point releases and security fixes.
   cat > "$root/etc/apt/sources.list" <<SOURCES
@@ -76,10 +79,36 @@ build() {  # build TAG CONTEXT DOCKERFILE [ARGS...]
   "$DOCKER" build --quiet -f "$file" -t "$tag" "$@" "$context" >/dev/null
 }
 
+# Builds that do not depend on each other run side by side (mostly waiting on downloads);
+# each one's output is shown only if it fails.
+declare -A running=()
+start() {  # start LABEL COMMAND...
+  local label="$1"
+  shift
+  timed "$label" "$@" >"$logs/$label" 2>&1 &
+  running[$label]=$!
+}
+finish() {  # waits for everything start()ed; fails if any of it failed
+  local label failed=0
+  for label in "${!running[@]}"; do
+    if wait "${running[$label]}"; then
+      grep '^airgap:' "$logs/$label"
+    else
+      echo "airgap: $label FAILED:"
+      cat "$logs/$label"
+      failed=1
+    fi
+  done
+  running=()
+  return $failed
+}
+
 timed "base (debootstrap)" base_image
-timed "python" build "$PYTHON" $AIRGAP $AIRGAP/python.Dockerfile --build-arg BASE_IMAGE="$BASE"
-timed "postgres" build runops-airgap/postgres:15 $AIRGAP $AIRGAP/postgres.Dockerfile --build-arg BASE_IMAGE="$BASE"
-timed "redis" build runops-airgap/redis:7 $AIRGAP $AIRGAP/redis.Dockerfile --build-arg BASE_IMAGE="$BASE"
-timed "moto" build runops-airgap/moto:5 $AIRGAP $AIRGAP/moto.Dockerfile --build-arg PYTHON_IMAGE="$PYTHON" "${ca_args[@]}"
-timed "runops" build runops-airgap/runops:local . docker/Dockerfile --build-arg PYTHON_IMAGE="$PYTHON" "${ca_args[@]}"
+start python build "$PYTHON" $AIRGAP $AIRGAP/python.Dockerfile --build-arg BASE_IMAGE="$BASE"
+start postgres build runops-airgap/postgres:15 $AIRGAP $AIRGAP/postgres.Dockerfile --build-arg BASE_IMAGE="$BASE"
+start redis build runops-airgap/redis:7 $AIRGAP $AIRGAP/redis.Dockerfile --build-arg BASE_IMAGE="$BASE"
+finish
+start moto build runops-airgap/moto:5 $AIRGAP $AIRGAP/moto.Dockerfile --build-arg PYTHON_IMAGE="$PYTHON" "${ca_args[@]}"
+start runops build runops-airgap/runops:local . docker/Dockerfile --build-arg PYTHON_IMAGE="$PYTHON" "${ca_args[@]}"
+finish
 printf 'airgap: %-28s %4ds\n' "all images" $((SECONDS - started))
