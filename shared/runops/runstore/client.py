@@ -20,10 +20,18 @@ from datetime import datetime
 import grpc
 
 from runops.common.v1 import common_pb2
+from runops.kit import wire
 from runops.kit.clients import ServiceClient, consistency
 from runops.kit.errors import NotFound
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
+
+_CREATE_RUNS_PATH = "/{}/CreateRuns".format(
+    rs.DESCRIPTOR.services_by_name["RunStoreService"].full_name
+)
+# CreateRunsRequest.runs and .result_shape on the wire.
+_RUNS_TAG = wire.tag(rs.CreateRunsRequest.RUNS_FIELD_NUMBER, wire.LENGTH_DELIMITED)
+_SHAPE_TAG = wire.tag(rs.CreateRunsRequest.RESULT_SHAPE_FIELD_NUMBER, wire.VARINT)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,12 @@ class RunStoreClient(ServiceClient):
     ) -> None:
         super().__init__(target, token=token, channel=channel)
         self.stub = rs_grpc.RunStoreServiceStub(self._channel)
+        # CreateRuns whose request is already in wire form (`create_runs_serialized`).
+        self._create_runs_serialized = self._channel.unary_unary(
+            _CREATE_RUNS_PATH,
+            request_serializer=bytes,
+            response_deserializer=rs.CreateRunsResponse.FromString,
+        )
 
     # -- runs -----------------------------------------------------------------------------------
     async def create_run(self, run: rs.RunInput) -> rs.CreateRunResponse:
@@ -52,6 +66,29 @@ class RunStoreClient(ServiceClient):
         keeps its `run_id` and `created_at`."""
         reply = await self._call(self.stub.CreateRuns, rs.CreateRunsRequest(runs=runs))
         return list(reply.results)
+
+    async def create_runs_serialized(
+        self, runs: Sequence[bytes], *, shape: rs.ResultShape.ValueType = rs.RESULT_SHAPE_IDS
+    ) -> rs.CreateRunsResponse:
+        """`CreateRuns` of runs already serialized (RunInput bytes, as the mollifier's buffer
+        holds them), joined into the request's wire form without decoding: a repeated message
+        field is tag, length and bytes per element. `shape` IDS (default) answers `created`
+        (ids, creation times, errors by position); a run store without it answers `results`."""
+        parts = [part for run in runs for part in (_RUNS_TAG, wire.varint(len(run)), run)]
+        if shape:
+            parts += (_SHAPE_TAG, wire.varint(shape))
+        return await self._call(self._create_runs_serialized, b"".join(parts))
+
+    async def create_runs_ids(self, runs: Sequence[rs.RunInput] | rs.RunColumns) -> rs.CreatedRuns:
+        """`create_runs` answered lean (RESULT_SHAPE_IDS), rows or columns in: friendly ids,
+        creation times (microseconds) and is_cached as columns in request order; a run that
+        could not be written has "" and 0 there and its error in `errors[position]`."""
+        request = rs.CreateRunsRequest(result_shape=rs.RESULT_SHAPE_IDS)
+        if isinstance(runs, rs.RunColumns):
+            request.columns.CopyFrom(runs)
+        else:
+            request.runs.extend(runs)
+        return (await self._call(self.stub.CreateRuns, request)).created
 
     async def get_run(
         self, *, environment_id: str, run_id: str, read_your_writes: bool = False
@@ -144,6 +181,24 @@ class RunStoreClient(ServiceClient):
         request = rs.AcceptBatchItemsRequest(
             environment_id=environment_id, batch_id=batch_id, items=items
         )
+        return await self._call(self.stub.AcceptBatchItems, request)
+
+    async def accept_batch_items_ids(
+        self,
+        *,
+        environment_id: str,
+        batch_id: str,
+        items: Sequence[rs.BatchItemInput] | rs.BatchItemColumns,
+    ) -> rs.AcceptBatchItemsResponse:
+        """`accept_batch_items` answered lean (RESULT_SHAPE_IDS), rows or columns in: the items
+        in `accepted` (index, run id, duplicate as columns, in request order)."""
+        request = rs.AcceptBatchItemsRequest(
+            environment_id=environment_id, batch_id=batch_id, result_shape=rs.RESULT_SHAPE_IDS
+        )
+        if isinstance(items, rs.BatchItemColumns):
+            request.item_columns.CopyFrom(items)
+        else:
+            request.items.extend(items)
         return await self._call(self.stub.AcceptBatchItems, request)
 
     async def missing_ranges(
