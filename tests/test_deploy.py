@@ -1,9 +1,10 @@
 """docker/compose.yaml and docker/k8s agree with the services (runops.registry and each
-settings class), read as YAML (no Docker engine here): every service and companion runs, each
-one's environment validates against its settings class as it would at start-up (every required
-variable set, directly or via the ConfigMap/Secret), ports match, health checks use gRPC health
-and start-up order uses depends_on conditions, pods are probed natively, limited, non-root and
-read-only, Services are headless and the stateless services scale horizontally."""
+settings class), read as YAML (the running containers are checked by tests/e2e/test_containers.py
+under .ci/compose): every service and companion runs, each one's environment validates against
+its settings class as it would at start-up (every required variable set, directly or via the
+ConfigMap/Secret), ports match, health checks use gRPC health and start-up order uses depends_on
+conditions, pods are probed natively, limited, non-root and read-only, Services are headless and
+the stateless services scale horizontally."""
 
 from __future__ import annotations
 

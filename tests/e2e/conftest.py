@@ -24,6 +24,7 @@ from runops.cli.up import UpContext, start_suite, write_env_file
 from runops.localstack import LocalStack, printing_progress
 from runops.localstack.ports import HOST
 from runops.localstack.services import stop_services
+from tests.e2e.containers import Compose, compose_project
 from tests.e2e.suite import Clients, Endpoints, read_env_file
 
 # Two server processes per service: what scale-out looks like, on 2 cores.
@@ -32,6 +33,20 @@ REPLICAS = 2
 # however slowly a shared 2-core machine runs the callers. Against an env file's suite the
 # defaults apply and the burst test reports what it saw.
 LOCAL_OVERRIDES = {"RUNOPS_GATE_THRESHOLD": "20", "RUNOPS_LOG_LEVEL": "warning"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The compose-only checks stop and restart containers: after everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("compose") is not None)
+
+
+@pytest.fixture(scope="session")
+def compose() -> Compose:
+    """The compose project's containers (tests/e2e/containers.py); skips without one."""
+    project = compose_project()
+    if project is None:
+        pytest.skip("needs the compose stack: RUNOPS_E2E_COMPOSE_PROJECT (.ci/compose sets it)")
+    return Compose(project)
 
 
 @pytest.fixture(scope="session")
