@@ -144,6 +144,12 @@ class RunStoreClient(ServiceClient):
         request = rs.AcceptBatchItemsRequest(
             environment_id=environment_id, batch_id=batch_id, items=items
         )
+        return await self.accept_batch_items_request(request)
+
+    async def accept_batch_items_request(
+        self, request: rs.AcceptBatchItemsRequest
+    ) -> rs.AcceptBatchItemsResponse:
+        """`accept_batch_items` for a request built whole (ingest writes its bytes at once)."""
         return await self._call(self.stub.AcceptBatchItems, request)
 
     async def missing_ranges(
