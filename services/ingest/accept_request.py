@@ -40,11 +40,13 @@ _OPTIONS = _tag(rs.RunInput, "options")
 _RUN = _tag(rs.BatchItemInput, "run")
 _ITEM = _tag(rs.AcceptBatchItemsRequest, "items")
 _INDEX = bytes([rs.BatchItemInput.DESCRIPTOR.fields_by_name["index"].number << 3])
-_NO_OPTIONS = _OPTIONS + b"\x00"  # options present and empty, as `RunInput(options=...)` wrote
+# Options present and empty (`RunInput(options=item.options)` wrote them so); 2 bytes.
+_NO_OPTIONS = _OPTIONS + b"\x00"
 _SMALL = [bytes([n]) for n in range(0x80)]
 
 
 def varint(value: int) -> bytes:
+    """`value`'s base-128 varint (the protobuf encoding of an unsigned integer)."""
     if value < 0x80:
         return _SMALL[value]
     out = bytearray()
@@ -98,6 +100,9 @@ def encode(
     add = parts.append
     heads: dict[DefaultsKey, bytes] = {}  # a run's task field and its default fields
     types: dict[str, bytes] = {}
+    # (head, payload type field, payload size) -> the run's fields up to its payload, and its
+    # size: the same for most items of a unit.
+    shapes: dict[tuple[bytes, bytes, int], tuple[bytes, int]] = {}
     optioned = set(unit.with_options)
     for k, index in enumerate(unit.indexes):
         if k in special:
@@ -115,17 +120,24 @@ def encode(
         type_field = types.get(payload_type)
         if type_field is None:
             type_field = types[payload_type] = _field(_PAYLOAD_TYPE, payload_type.encode())
+        shape = (head, type_field, len(payload))
+        known = shapes.get(shape)
+        if known is None:
+            payload_head = head + (_PAYLOAD + varint(len(payload)) if payload else b"")
+            known = shapes[shape] = (
+                payload_head,
+                len(payload_head) + len(payload) + len(type_field),
+            )
+        payload_head, run_size = known
         if k in optioned:
             options = unit.items[k].options.SerializeToString()
             options_field = _OPTIONS + varint(len(options)) + options
+            run_size += len(options_field)
         else:
             options_field = _NO_OPTIONS
-        payload_head = _PAYLOAD + varint(len(payload)) if payload else b""
-        run_size = len(head) + len(payload_head) + len(payload) + len(type_field)
-        run_size += len(options_field)
+            run_size += 2
         item_head = _INDEX + varint(index) + _RUN + varint(run_size)
         add(_ITEM + varint(len(item_head) + run_size) + item_head)
-        add(head)
         add(payload_head)
         add(payload)
         add(type_field)
