@@ -1,6 +1,8 @@
 """One unit's `AcceptBatchItemsRequest`, written as protobuf wire bytes from the unit's columns
-and parsed once (upb, in C), instead of a `BatchItemInput` and a `RunInput` message built and
-then copied into the request per item: the hot path of small items (issue 16).
+and handed to gRPC as they are (`RunStoreClient.accept_batch_items_wire`), instead of a
+`BatchItemInput` and a `RunInput` message built per item, copied into a request and serialized:
+the hot path of small items (issue 16). No request message is held while the call is in flight
+either (its arena was more than twice the bytes).
 
 An item's run is its task, payload, payload type and options, plus the task defaults of its
 (worker, task) pair: those are resolved once per distinct pair (`TaskDefaults.fill` on one
@@ -39,6 +41,8 @@ _PAYLOAD_TYPE = _tag(rs.RunInput, "payload_type")
 _OPTIONS = _tag(rs.RunInput, "options")
 _RUN = _tag(rs.BatchItemInput, "run")
 _ITEM = _tag(rs.AcceptBatchItemsRequest, "items")
+_BATCH_ID = _tag(rs.AcceptBatchItemsRequest, "batch_id")
+_ENVIRONMENT_ID = _tag(rs.AcceptBatchItemsRequest, "environment_id")
 _INDEX = bytes([rs.BatchItemInput.DESCRIPTOR.fields_by_name["index"].number << 3])
 # Options present and empty (`RunInput(options=item.options)` wrote them so); 2 bytes.
 _NO_OPTIONS = _OPTIONS + b"\x00"
@@ -91,18 +95,18 @@ def encode(
     defaults: Mapping[DefaultsKey, bytes],
     payloads: Mapping[int, tuple[bytes, str]],
     special: Mapping[int, rs.BatchItemInput],
-) -> rs.AcceptBatchItemsRequest:
-    """The request writing every item of `unit`, in its order. By position k: `workers[k]` the
-    worker an item with options locks to (absent: ""), `payloads[k]` a payload and type that
-    replace the item's (offloaded), `special[k]` the whole input of an item that is not a plain
-    run (its task defaults are the caller's)."""
-    parts: list[bytes] = []
+) -> bytes:
+    """The serialized request writing every item of `unit`, in its order. By position k:
+    `workers[k]` the worker an item with options locks to (absent: ""), `payloads[k]` a payload
+    and type that replace the item's (offloaded), `special[k]` the whole input of an item that
+    is not a plain run (its task defaults are the caller's)."""
+    # Every message's fields in their numbers' order, defaults left out: upb's own encoding.
+    parts = [_field(_BATCH_ID, batch_id.encode())]
     add = parts.append
-    heads: dict[DefaultsKey, bytes] = {}  # a run's task field and its default fields
-    types: dict[str, bytes] = {}
-    # (head, payload type field, payload size) -> the run's fields up to its payload, and its
-    # size: the same for most items of a unit.
-    shapes: dict[tuple[bytes, bytes, int], tuple[bytes, int]] = {}
+    # (defaults key, payload type, payload size) -> the run's fields before its payload, its
+    # payload type field, its default fields, and their size with the payload's: the same for
+    # most items of a unit.
+    shapes: dict[tuple[DefaultsKey, str, int], tuple[bytes, bytes, bytes, int]] = {}
     optioned = set(unit.with_options)
     for k, index in enumerate(unit.indexes):
         if k in special:
@@ -110,39 +114,33 @@ def encode(
             add(_ITEM + varint(len(body)) + body)
             continue
         key = (workers.get(k, ""), unit.tasks[k])
-        head = heads.get(key)
-        if head is None:
-            head = heads[key] = _field(_TASK, key[1].encode()) + defaults.get(key, b"")
         if k in payloads:
             payload, payload_type = payloads[k]
         else:
             payload, payload_type = unit.payloads[k], unit.payload_types[k]
-        type_field = types.get(payload_type)
-        if type_field is None:
-            type_field = types[payload_type] = _field(_PAYLOAD_TYPE, payload_type.encode())
-        shape = (head, type_field, len(payload))
+        shape = (key, payload_type, len(payload))
         known = shapes.get(shape)
         if known is None:
-            payload_head = head + (_PAYLOAD + varint(len(payload)) if payload else b"")
-            known = shapes[shape] = (
-                payload_head,
-                len(payload_head) + len(payload) + len(type_field),
-            )
-        payload_head, run_size = known
+            head = _field(_TASK, key[1].encode())
+            if payload:
+                head += _PAYLOAD + varint(len(payload))
+            type_field = _field(_PAYLOAD_TYPE, payload_type.encode())
+            tail = defaults.get(key, b"")
+            size = len(head) + len(payload) + len(type_field) + len(tail)
+            known = shapes[shape] = (head, type_field, tail, size)
+        head, type_field, tail, run_size = known
         if k in optioned:
             options = unit.items[k].options.SerializeToString()
             options_field = _OPTIONS + varint(len(options)) + options
-            run_size += len(options_field)
         else:
             options_field = _NO_OPTIONS
-            run_size += 2
-        item_head = _INDEX + varint(index) + _RUN + varint(run_size)
+        run_size += len(options_field)
+        item_head = (_INDEX + varint(index) if index else b"") + _RUN + varint(run_size)
         add(_ITEM + varint(len(item_head) + run_size) + item_head)
-        add(payload_head)
+        add(head)
         add(payload)
         add(type_field)
         add(options_field)
-    request = rs.AcceptBatchItemsRequest.FromString(b"".join(parts))
-    request.environment_id = environment_id
-    request.batch_id = batch_id
-    return request
+        add(tail)
+    add(_field(_ENVIRONMENT_ID, environment_id.encode()))
+    return b"".join(parts)

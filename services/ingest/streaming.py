@@ -130,8 +130,9 @@ class Phase2:
                 payloads=offloaded,
                 special=special,
             )
-            del unit, offloaded
+            del unit, offloaded  # the request's bytes hold all the call needs
             accepted = await self._accept(request)
+            del request
         except BaseException:
             if claims is not None:
                 await claims.release()
@@ -146,6 +147,7 @@ class Phase2:
     def _pre_failed(self, unit: validation.CheckedUnit, k: int) -> rs.BatchItemInput:
         """A run written already failed at the item's index; its payload is not kept."""
         limit = self._limits.max_item_payload_bytes
+        size = len(unit.payloads[k])
         return rs.BatchItemInput(
             index=unit.indexes[k],
             run=rs.RunInput(
@@ -155,7 +157,7 @@ class Phase2:
             ),
             pre_failed=common_pb2.RunError(
                 code=PAYLOAD_TOO_LARGE,
-                message=f"payload of {len(unit.payloads[k])} bytes exceeds the {limit}-byte maximum",
+                message=f"payload of {size} bytes exceeds the {limit}-byte maximum",
             ),
         )
 
@@ -185,9 +187,10 @@ class Phase2:
                 raise outcome
         return dict(outcome for outcome in outcomes if not isinstance(outcome, BaseException))
 
-    async def _accept(self, request: rs.AcceptBatchItemsRequest) -> rs.AcceptBatchItemsResponse:
+    async def _accept(self, request: bytes) -> rs.AcceptBatchItemsResponse:
+        """One AcceptBatchItems of a serialized request (`accept_request.encode`)."""
         try:
-            return await self._run_store.accept_batch_items_request(request)
+            return await self._run_store.accept_batch_items_wire(request)
         except FailedPrecondition as exc:
             if exc.reason in ("BATCH_SEALED", "BATCH_ABORTED"):
                 raise BatchClosed(exc.reason) from exc

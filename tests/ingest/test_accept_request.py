@@ -10,6 +10,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from runops.common.v1 import common_pb2
+from runops.controlplane.client import ControlPlaneClient
 from runops.controlplane.defaults import TaskDefaults
 from runops.controlplane.model import WorkerResolution
 from runops.controlplane.v1 import controlplane_pb2 as cp
@@ -30,15 +31,15 @@ TASKS = (
 )
 
 
-class FakeControlPlane:
+class FakeControlPlane(ControlPlaneClient):
     """The current worker ("") knows TASKS; a locked version "v-old" has no tasks; any other
     version is NOT_FOUND."""
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # no channel: only resolve_worker_version is called
         self.calls: list[str] = []
 
     async def resolve_worker_version(
-        self, environment_id: str, worker: str = ""
+        self, environment_id: str, *, worker: str = "", task_identifiers: Sequence[str] = ()
     ) -> WorkerResolution:
         self.calls.append(worker)
         if worker == "":
@@ -88,7 +89,7 @@ async def _expected(items: Sequence[ing.BatchItem]) -> rs.AcceptBatchItemsReques
                 options=item.options,
             ),
         )
-    await TaskDefaults(FakeControlPlane()).fill("env", [i.run for i in inputs.values()])  # type: ignore[arg-type]
+    await TaskDefaults(FakeControlPlane()).fill("env", [i.run for i in inputs.values()])
     inputs[7].run.payload = b"packets/p/env/batch_b/item_7/payload"
     inputs[7].run.payload_type = "application/store"
     inputs[8] = rs.BatchItemInput(index=8, existing_run_id="run_existing")
@@ -110,7 +111,7 @@ async def test_the_encoded_request_is_the_one_built_message_by_message() -> None
         key = (workers.get(k, ""), task)
         keys[key] = keys.get(key, 0) + 1
     plane = FakeControlPlane()
-    defaults = await accept_request.defaults_by_key(TaskDefaults(plane), "env", keys)  # type: ignore[arg-type]
+    defaults = await accept_request.defaults_by_key(TaskDefaults(plane), "env", keys)
     assert sorted(plane.calls) == ["", "v-old"]  # once per worker, not per item
     position = {index: k for k, index in enumerate(unit.indexes)}
     pre_failed = rs.BatchItemInput(
@@ -119,7 +120,7 @@ async def test_the_encoded_request_is_the_one_built_message_by_message() -> None
         pre_failed=common_pb2.RunError(code="PAYLOAD_TOO_LARGE"),
     )
     pre_failed.run.MergeFromString(defaults[("", "sms/send")])
-    request = accept_request.encode(
+    wire = accept_request.encode(
         unit,
         environment_id="env",
         batch_id="b",
@@ -133,9 +134,10 @@ async def test_the_encoded_request_is_the_one_built_message_by_message() -> None
             position[9]: pre_failed,
         },
     )
+    request = rs.AcceptBatchItemsRequest.FromString(wire)
     expected = await _expected(items)
     assert request == expected
-    assert request.SerializeToString() == expected.SerializeToString()
+    assert wire == expected.SerializeToString()
     # The worker's defaults reached the runs of its known task only.
     by_index = {i.index: i for i in request.items}
     assert by_index[0].run.default_queue == "mail"

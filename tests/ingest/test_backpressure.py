@@ -13,7 +13,7 @@ from runops.ingest.v1 import ingest_pb2 as ing
 from services.ingest.app import transport_options
 from services.ingest.offload import OffloadedPayload
 from tests.controlplane.harness import Seeded
-from tests.ingest.harness import Suite, ingest_in_process, item, stub
+from tests.ingest.harness import Suite, ingest_in_process, item, settings_for, stub
 from tests.ingest.test_service import create
 
 CHUNK_BYTES = 64 * 1024  # the smallest RUNOPS_MAX_CHUNK_BYTES
@@ -23,9 +23,10 @@ CHUNKS = 40  # 2.4 MiB in all: far beyond the bound, well within an unbounded wi
 
 
 async def test_a_busy_stream_is_read_ahead_by_about_one_chunk(suite: Suite, seeded: Seeded) -> None:
-    async with ingest_in_process(suite, ingest_concurrency=1, max_chunk_bytes=CHUNK_BYTES) as svc:
+    limits: dict[str, int] = {"ingest_concurrency": 1, "max_chunk_bytes": CHUNK_BYTES}
+    async with ingest_in_process(suite, **limits) as svc:
         assert ("grpc.http2.bdp_probe", 0) in svc.app.transport_options
-        assert svc.app.transport_options == transport_options(svc.app.settings)  # type: ignore[arg-type]
+        assert svc.app.transport_options == transport_options(settings_for(suite, **limits))
         # Every upload waits until released: the one slot stays busy with the first unit.
         released, holding = asyncio.Event(), asyncio.Event()
         offloader = svc.servicer._offloader

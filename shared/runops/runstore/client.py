@@ -25,6 +25,10 @@ from runops.kit.errors import NotFound
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 
+_ACCEPT_BATCH_ITEMS = "/{}/AcceptBatchItems".format(
+    rs.DESCRIPTOR.services_by_name["RunStoreService"].full_name
+)
+
 
 @dataclass(frozen=True)
 class MissingRanges:
@@ -41,6 +45,13 @@ class RunStoreClient(ServiceClient):
     ) -> None:
         super().__init__(target, token=token, channel=channel)
         self.stub = rs_grpc.RunStoreServiceStub(self._channel)
+        # AcceptBatchItems for a request already serialized: its bytes go out as they are.
+        self._accept_wire: grpc.aio.UnaryUnaryMultiCallable[bytes, rs.AcceptBatchItemsResponse]
+        self._accept_wire = self._channel.unary_unary(
+            _ACCEPT_BATCH_ITEMS,
+            request_serializer=None,
+            response_deserializer=rs.AcceptBatchItemsResponse.FromString,
+        )
 
     # -- runs -----------------------------------------------------------------------------------
     async def create_run(self, run: rs.RunInput) -> rs.CreateRunResponse:
@@ -144,13 +155,12 @@ class RunStoreClient(ServiceClient):
         request = rs.AcceptBatchItemsRequest(
             environment_id=environment_id, batch_id=batch_id, items=items
         )
-        return await self.accept_batch_items_request(request)
-
-    async def accept_batch_items_request(
-        self, request: rs.AcceptBatchItemsRequest
-    ) -> rs.AcceptBatchItemsResponse:
-        """`accept_batch_items` for a request built whole (ingest writes its bytes at once)."""
         return await self._call(self.stub.AcceptBatchItems, request)
+
+    async def accept_batch_items_wire(self, request: bytes) -> rs.AcceptBatchItemsResponse:
+        """`accept_batch_items` for a serialized AcceptBatchItemsRequest (ingest writes a
+        unit's request as wire bytes: no message is built to be serialized again)."""
+        return await self._call(self._accept_wire, request)
 
     async def missing_ranges(
         self,
