@@ -140,12 +140,24 @@ class AcceptedItem:
 
 @dataclass(frozen=True, slots=True)
 class AcceptedItems:
-    # In request order (out-of-range indexes excluded).
-    items: list[AcceptedItem]
+    """The items, as columns in request order (out-of-range indexes excluded): index, friendly
+    run id, duplicate (the index was present already; the run is the one written or linked the
+    first time)."""
+
+    indexes: list[int]
+    run_ids: list[str]
+    duplicates: list[bool]
     accepted_count: int
     run_count: int
     # Indexes >= run_count: not written.
     out_of_range: list[int]
+
+    @property
+    def items(self) -> list[AcceptedItem]:
+        return [
+            AcceptedItem(*item)
+            for item in zip(self.indexes, self.run_ids, self.duplicates, strict=True)
+        ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from runops.kit.dependencies import unique_violation
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 from services.runstore import validation
+from services.runstore.answers import answer_ids, answer_items
 from services.runstore.rows import CreatedRun, SealOutcome
 from services.runstore.store import RunStore, batch_not_found
 
@@ -53,10 +54,14 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
     async def CreateRuns(
         self, request: rs.CreateRunsRequest, context: Context
     ) -> rs.CreateRunsResponse:
-        rows = validation.create_runs(request, self._store.run_minter())
+        runs = validation.create_runs(request, self._store.run_minter())
+        created = await self._store.create_runs(runs)
         response = rs.CreateRunsResponse()
-        for created in await self._store.create_runs(rows):
-            _add_result(response.results, created)
+        if request.result_shape == rs.RESULT_SHAPE_IDS:
+            answer_ids(response.created, created)
+        else:
+            for result in created.results(runs):
+                _add_result(response.results, result)
         return response
 
     async def CreateFailedRun(
@@ -191,10 +196,15 @@ class RunStoreServicer(rs_grpc.RunStoreServiceServicer):
         response = rs.AcceptBatchItemsResponse(
             accepted_count=result.accepted_count, run_count=result.run_count
         )
+        if request.result_shape == rs.RESULT_SHAPE_IDS:
+            answer_items(response.accepted, result)
+            return response
         # Added in place: a message list given to a constructor is built, then copied.
         add = response.items.add
-        for item in result.items:
-            add(index=item.index, run_id=item.run_id, duplicate=item.duplicate)
+        for index, run_id, duplicate in zip(
+            result.indexes, result.run_ids, result.duplicates, strict=True
+        ):
+            add(index=index, run_id=run_id, duplicate=duplicate)
         return response
 
     async def GetBatchMissingRanges(

@@ -91,40 +91,19 @@ WAITPOINT_COLUMNS = (
 )
 
 
-# The run fields whose array may be sent as NULL when every row of the chunk holds RunRow's
-# default (most fields of most chunks; fewer values to encode), as the SQL of that default.
-# A NULL array is padded with NULLs by unnest; coalesce puts the default back. Fields whose
-# default is NULL need no entry; `tags` is NULL for no tags already (see _insert_run_values).
-RUN_INPUT_DEFAULTS = {
-    "payload": "'\\x'::bytea",
-    "payload_type": "''",
-    "metadata": "''",
-    "metadata_type": "''",
-    "queue": "''",
-    "concurrency_key": "''",
-    "max_attempts": "0",
-    "machine_preset": "''",
-    "lock_to_version": "''",
-    "worker_version": "''",
-    "priority_ms": "0",
-    "is_test": "false",
-    "options": "'{}'::jsonb",
-    "resume_parent_on_completion": "false",
-    "error_message": "''",
-}
-
-
 def _unnest(first_param: int, leading: tuple[tuple[str, str], ...] = ()) -> str:
     """`(SELECT <fields>, ord FROM unnest($n::t[], ...) WITH ORDINALITY AS ...) AS input` over
-    leading + run fields, defaults put back where a field's array was NULL."""
+    leading + run fields: one array parameter per field, then one scalar parameter per field,
+    in the same order. A field whose every row holds one value (a default, or the chunk's
+    environment, task, queue...) travels as a NULL array (unnest pads it with NULLs) and that
+    value as its scalar, which coalesce puts back: one value to encode and decode instead of
+    one per row. A field sent as an array has a NULL scalar."""
     fields = leading + RUN_INPUT_FIELDS
     arrays = ", ".join(f"${first_param + n}::{t}[]" for n, (_, t) in enumerate(fields))
     names = ", ".join(name for name, _ in fields)
+    scalar = first_param + len(fields)
     columns = ", ".join(
-        f"coalesce(u.{name}, {RUN_INPUT_DEFAULTS[name]}) AS {name}"
-        if name in RUN_INPUT_DEFAULTS
-        else f"u.{name}"
-        for name, _ in fields
+        f"coalesce(u.{name}, ${scalar + n}::{t}) AS {name}" for n, (name, t) in enumerate(fields)
     )
     source = f"unnest({arrays}) WITH ORDINALITY AS u({names}, ord)"
     return f"(SELECT {columns}, u.ord FROM {source}) AS input"
@@ -267,7 +246,9 @@ run_waitpoints AS (
     ON CONFLICT DO NOTHING
 ),
 {_count_final_items("SELECT id FROM inserted WHERE completed_at IS NOT NULL")}
-SELECT id, created_at, updated_at, completed_at FROM inserted
+SELECT id, created_at, updated_at, completed_at,
+    (extract(epoch FROM created_at) * 1000000)::bigint AS created_at_us
+FROM inserted
 """
 
 # For each (id, environment, task, key): the run with that id, else the live run holding the key.

@@ -44,6 +44,7 @@ from runops.kit.ids import (
 from runops.kit.replica import Consistency, DbConnection, ReplicaRouter
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore import sql
+from services.runstore.columns import CreatedRuns, ItemChunk, RunChunk
 from services.runstore.rows import (
     AcceptedItems,
     BatchRow,
@@ -51,7 +52,6 @@ from services.runstore.rows import (
     CreatedRun,
     FinalizedRun,
     ItemKinds,
-    ItemRow,
     MissingRanges,
     RunRow,
     SealResult,
@@ -70,6 +70,7 @@ _COMPLETED = common_pb2.RUN_STATUS_COMPLETED_SUCCESSFULLY
 _FAILED = common_pb2.RUN_STATUS_COMPLETED_WITH_ERRORS
 _CANCELED = common_pb2.RUN_STATUS_CANCELED
 _FINAL = frozenset(common_pb2.RunStatus.Value(f"RUN_STATUS_{s}") for s in sql.FINAL_RUN_STATUSES)
+_FINAL_STATUSES = frozenset(sql.FINAL_RUN_STATUSES)
 # Stuck item indexes a re-check names in its error at most (the count says how many in all).
 MAX_STUCK_INDEXES = 20
 
@@ -200,39 +201,39 @@ class RunStore:
         return functools.partial(mint_body, residency_of(parent))
 
     # -- runs -----------------------------------------------------------------------------------
-    def _with_id(self, row: RunRow) -> RunRow:
-        return row if row.id else dataclasses.replace(row, id=self.minter.mint_body())
-
-    async def create_runs(self, rows: Sequence[RunRow]) -> list[CreatedRun]:
+    async def create_runs(self, runs: RunChunk) -> CreatedRuns:
         """Every run in one statement per database (both written concurrently), results in
         request order. Ids are minted by the residency policy where none was given. A key a
         live run of the other database holds returns that run (keys are unique across both:
         keyed creates hold `key_lock` from that check until their insert committed)."""
-        rows = [self._with_id(row) for row in rows]
+        ids = runs.ids
+        if "" in ids:
+            ids[:] = [body or self.minter.mint_body() for body in ids]
         groups: dict[str, list[int]] = {}
-        for position, row in enumerate(rows):
-            groups.setdefault(self.owner(row.id).name, []).append(position)
+        if self.new is None:
+            groups[self.legacy.name] = list(range(runs.count))
+        else:
+            for position, body in enumerate(ids):
+                groups.setdefault(self.owner(body).name, []).append(position)
         # Single-database mode neither checks nor locks keys (the unique index serializes).
-        keys = [_claimed_key(row) for row in rows] if self.split else [None] * len(rows)
-        results: list[CreatedRun | None] = [None] * len(rows)
+        keys = _claimed_keys(runs) if self.split else {}
+        results = CreatedRuns.empty(runs.count)
 
         async def write(db: Database, positions: list[int], lock: KeyLock) -> None:
-            held = await self._held_elsewhere(db, [keys[k] for k in positions], lock)
+            held = await self._held_elsewhere(db, [keys.get(k) for k in positions], lock)
             for k, run in held.items():
-                results[positions[k]] = CreatedRun(run, is_cached=True)
-            todo = [positions[k] for k in range(len(positions)) if k not in held]
+                results.cached(positions[k], run)
+            todo = [p for k, p in enumerate(positions) if k not in held] if held else positions
             if not todo:
                 return
 
-            async def create(conn: DbConnection) -> list[CreatedRun]:
-                return await self.tables.create_runs(conn, [rows[k] for k in todo])
+            async def create(conn: DbConnection) -> CreatedRuns:
+                return await self.tables.write_runs(conn, runs.take(todo))
 
-            created = await lock.write(db, create)
-            for k, result in zip(todo, created, strict=True):
-                results[k] = result
+            results.merge(todo, await lock.write(db, create))
 
         by_name = {db.name: db for db in self.databases}
-        async with self.key_lock([key for key in keys if key is not None]) as lock:
+        async with self.key_lock(sorted(set(keys.values()))) as lock:
             writes = [write(by_name[name], ks, lock) for name, ks in groups.items()]
             if lock.conn is None:
                 await asyncio.gather(*writes)
@@ -241,11 +242,10 @@ class RunStore:
                 # second checks after the first wrote).
                 for written in writes:
                     await written
-        created = [result for result in results if result is not None]
-        await self._settle_links(rows, created)
-        return created
+        await self._settle_links(runs, results)
+        return results
 
-    async def _settle_links(self, rows: Sequence[RunRow], created: Sequence[CreatedRun]) -> None:
+    async def _settle_links(self, runs: RunChunk, created: CreatedRuns) -> None:
         """After a create: batch items linked to these ids (a buffered run an item linked to,
         now drained) must count when the run is final. A run written final counted the items
         of its own database in its insert; here the other database's. A run never written (the
@@ -253,16 +253,16 @@ class RunStore:
         final_written: dict[str, list[str]] = {}
         holders: dict[str, str] = {}
         final_holders: list[str] = []
-        for row, result in zip(rows, created, strict=True):
-            run = result.run
-            if run is None:
-                continue
-            if run.id != row.id:
-                holders[row.id] = run.id
+        ids = runs.ids
+        for k, run in created.existing.items():
+            if run.id != ids[k]:
+                holders[ids[k]] = run.id
                 if run.status in _FINAL:
                     final_holders.append(run.id)
-            elif not result.is_cached and run.status in _FINAL:
-                final_written.setdefault(self.owner(run.id).name, []).append(run.id)
+        if self.split and not _FINAL_STATUSES.isdisjoint(runs.values("status")):
+            for k, record in created.records.items():
+                if record["completed_at"] is not None:
+                    final_written.setdefault(self.owner(ids[k]).name, []).append(ids[k])
         for db in self.databases:
             if db.name in final_written:
                 await self._count_links_elsewhere(db, final_written[db.name])
@@ -310,7 +310,8 @@ class RunStore:
         return {wanted[n][0]: run for n, run in found.items()}
 
     async def create_run(self, row: RunRow) -> CreatedRun:
-        [created] = await self.create_runs([row])
+        runs = RunChunk.from_rows([row])
+        [created] = (await self.create_runs(runs)).results(runs)
         if created.run is None:
             raise unique_violation(created.conflict or "runs_pkey", "runs")
         return created
@@ -515,7 +516,7 @@ class RunStore:
         raise batch_not_found(batch_id)
 
     async def accept_batch_items(
-        self, batch_id: str, environment_id: str, items: Sequence[ItemRow]
+        self, batch_id: str, environment_id: str, items: ItemChunk
     ) -> AcceptedItems:
         """A chunk in one transaction of the batch's database. Runs inherit the batch's
         residency; an item with a key a live run of the other database holds links to that run;
@@ -523,45 +524,49 @@ class RunStore:
         when it completes (see docs/runstore.md, "Links across the databases")."""
         db = await self._batch_home(batch_id, environment_id)
         other = self.other(db)
-        residency = residency_of(batch_id)
-        items = [
-            item
-            if item.existing_run_id or item.run is None or item.run.id
-            else dataclasses.replace(
-                item, run=dataclasses.replace(item.run, id=mint_body(residency))
-            )
-            for item in items
-        ]
+        runs = items.runs
+        links = items.existing_run_id
+        ids = runs.ids
+        if "" in ids:
+            residency = residency_of(batch_id)
+            ids[:] = [
+                body or ("" if links is not None and links[k] else mint_body(residency))
+                for k, body in enumerate(ids)
+            ]
         # Items that would claim a key: checked against the other database and written under
         # the key lock (keys are unique across both databases).
-        keyed = [
-            (k, (environment_id, item.run.task_identifier, item.run.idempotency_key))
-            for k, item in enumerate(items)
-            if other is not None
-            and not item.existing_run_id
-            and item.run is not None
-            and item.run.idempotency_key is not None
-            and item.run.status in sql.CLAIMING_RUN_STATUSES
-        ]
+        keyed: list[tuple[int, Key]] = []
+        if other is not None and runs.columns["idempotency_key"] is not None:
+            keyed = [
+                (k, (environment_id, runs.value("task_identifier", k), key))
+                for k, (key, status) in enumerate(
+                    zip(runs.values("idempotency_key"), runs.values("status"), strict=True)
+                )
+                if key is not None
+                and (links is None or not links[k])
+                and status in sql.CLAIMING_RUN_STATUSES
+            ]
         async with self.key_lock([key for _, key in keyed]) as lock:
             if other is not None:
-                items = await self._link_across(other, keyed, items, lock)
+                await self._link_across(other, keyed, items, lock)
 
             async def accept(conn: DbConnection) -> AcceptedItems:
                 result = await self.tables.accept_batch_items(conn, batch_id, environment_id, items)
                 if result.out_of_range:
                     # Raised inside the transaction: nothing of the chunk stays written.
-                    raise _out_of_range(items, result)
+                    raise _out_of_range(items.indexes, result)
                 return result
 
             try:
                 result = await lock.write(db, accept)
             except BatchNotAccepting as exc:
                 raise _not_accepting(batch_id, exc.batch) from None
+        if items.existing_run_id is None:
+            return result
         pending = {
-            item.existing_run_id
-            for item in items
-            if item.existing_run_id and not item.existing_run_final
+            run_id
+            for run_id, final in zip(items.existing_run_id, items.finals(), strict=True)
+            if run_id and not final
         }
         foreign = sorted(
             run_id for run_id in pending if other is not None and self.owner(run_id) is other
@@ -585,9 +590,9 @@ class RunStore:
         self,
         other: Database,
         keyed: Sequence[tuple[int, Key]],
-        items: list[ItemRow],
+        items: ItemChunk,
         lock: KeyLock,
-    ) -> list[ItemRow]:
+    ) -> None:
         """Items linked to runs of the other database learn whether those are final; items
         whose idempotency key (`keyed`: item position, key) a live run there holds link to it."""
         if keyed:
@@ -598,28 +603,22 @@ class RunStore:
 
             holders = await lock.read(other, live, Consistency.WRITER)
             for n, holder in holders.items():
-                k = keyed[n][0]
-                items[k] = ItemRow(items[k].index, None, holder.id)
+                items.set_link(keyed[n][0], holder.id)
+        if items.existing_run_id is None:
+            return
         foreign = sorted(
-            {
-                i.existing_run_id
-                for i in items
-                if i.existing_run_id and self.owner(i.existing_run_id) is other
-            }
+            {run_id for run_id in items.existing_run_id if run_id and self.owner(run_id) is other}
         )
         if not foreign:
-            return items
+            return
 
         async def final_ids(conn: DbConnection) -> set[str]:
             return await self.tables.final_run_ids(conn, foreign)
 
         final = await lock.read(other, final_ids, Consistency.WRITER)
-        return [
-            dataclasses.replace(item, existing_run_final=True)
-            if item.existing_run_id in final
-            else item
-            for item in items
-        ]
+        for k, run_id in enumerate(items.existing_run_id):
+            if run_id in final:
+                items.set_link(k, run_id, final=True)
 
     async def missing_ranges(
         self, batch_id: str, environment_id: str, limit: int, consistency: Consistency
@@ -807,11 +806,18 @@ class RunStore:
             await self.tables.release_reaper_lease(db.router.writer, holder)
 
 
-def _claimed_key(row: RunRow) -> Key | None:
-    """The (environment, task, key) the run would hold: none for a run created final."""
-    if row.idempotency_key is None or row.status not in sql.CLAIMING_RUN_STATUSES:
-        return None
-    return (row.environment_id, row.task_identifier, row.idempotency_key)
+def _claimed_keys(runs: RunChunk) -> dict[int, Key]:
+    """The (environment, task, key) each run would hold, by position: none for a run without a
+    key or created final."""
+    if runs.columns["idempotency_key"] is None:
+        return {}
+    return {
+        k: (runs.value("environment_id", k), runs.value("task_identifier", k), key)
+        for k, (key, status) in enumerate(
+            zip(runs.values("idempotency_key"), runs.values("status"), strict=True)
+        )
+        if key is not None and status in sql.CLAIMING_RUN_STATUSES
+    }
 
 
 def _stuck_message(indexes: Sequence[int]) -> str:
@@ -822,15 +828,15 @@ def _stuck_message(indexes: Sequence[int]) -> str:
     return f"{len(indexes)} item(s) wait on runs that were never written: indexes {shown}{more}"
 
 
-def _out_of_range(items: Sequence[ItemRow], result: AcceptedItems) -> InvalidArgument:
+def _out_of_range(indexes: Sequence[int], result: AcceptedItems) -> InvalidArgument:
     bad = set(result.out_of_range)
     violations = [
         FieldViolation(
             f"items[{k}].index",
-            f"must be below the batch's run_count {result.run_count} (got {item.index})",
+            f"must be below the batch's run_count {result.run_count} (got {index})",
         )
-        for k, item in enumerate(items)
-        if item.index in bad
+        for k, index in enumerate(indexes)
+        if index in bad
     ]
     return InvalidArgument(
         f"{len(violations)} item(s) outside [0, {result.run_count}); nothing was written",

@@ -9,8 +9,6 @@ below, never as a half-written change.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
@@ -21,14 +19,13 @@ from runops.kit.ids import NEW_BODY_SQL_PATTERN, RUN
 from runops.kit.limits import MAX_MISSING_RANGES
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore import sql
+from services.runstore.columns import CreatedRuns, ItemChunk, RunChunk
 from services.runstore.records import (
     batch_from_record,
-    created_run,
     run_from_record,
     waitpoint_from_record,
 )
 from services.runstore.rows import (
-    AcceptedItem,
     AcceptedItems,
     BatchRow,
     CreatedBatch,
@@ -47,46 +44,6 @@ Queryable = Connection | asyncpg.Pool
 
 REAPER_LEASE = "batch-seal-reaper"
 EXPIRY_LEASE = "run-ttl-expiry"
-
-
-# The fields whose array travels as NULL when every row holds this default (see
-# sql.RUN_INPUT_DEFAULTS): asyncpg's encoding costs per value, and most fields of most chunks
-# are all-default.
-_NULL_WHEN_ALL: dict[str, object] = {
-    f.name: f.default
-    for f in dataclasses.fields(RunRow)
-    if f.default is None or f.name in sql.RUN_INPUT_DEFAULTS
-}
-
-
-def _run_arrays(rows: Sequence[RunRow]) -> list[list[object] | None]:
-    """One array per RUN_INPUT_FIELDS column (None: every row holds the default)."""
-    arrays: list[list[object] | None] = []
-    for name, _ in sql.RUN_INPUT_FIELDS:
-        if name == "tags":
-            arrays.append(_tags_array(rows))
-            continue
-        values = [getattr(row, name) for row in rows]
-        if name in _NULL_WHEN_ALL:
-            default = _NULL_WHEN_ALL[name]
-            if all(value == default for value in values):
-                arrays.append(None)
-                continue
-        arrays.append(values)
-    return arrays
-
-
-def _tags_array(rows: Sequence[RunRow]) -> list[object] | None:
-    """Each row's tags as a JSON array; NULL for a run with none, and for the whole column when
-    no run has any (most chunks): the SQL makes both an empty array, and unnest pads a NULL
-    array with NULLs."""
-    if not any(row.tags for row in rows):
-        return None
-    return [json.dumps(list(row.tags)) if row.tags else None for row in rows]
-
-
-# Fills the run columns of linked items (no run is written for them).
-_NO_RUN = RunRow(id="", environment_id="", organization_id="", project_id="", task_identifier="")
 
 
 class BatchNotAccepting(Exception):
@@ -115,33 +72,40 @@ class RunTables:
 
     # -- runs -----------------------------------------------------------------------------------
     async def create_runs(self, db: Queryable, rows: Sequence[RunRow]) -> list[CreatedRun]:
+        """`write_runs` of these rows, answered whole."""
+        chunk = RunChunk.from_rows(rows)
+        return (await self.write_runs(db, chunk)).results(chunk)
+
+    async def write_runs(self, db: Queryable, runs: RunChunk) -> CreatedRuns:
         """Writes every run in one statement; results in request order. A run whose
         (environment, task, idempotency key) a live run holds is that run with is_cached (an
         expired holder loses the key and a fresh run is made, atomically); a run whose id exists
         already (a replay) is the existing run with is_cached."""
-        results: list[CreatedRun | None] = [None] * len(rows)
-        pending = list(range(len(rows)))
+        created = CreatedRuns.empty(runs.count)
+        ids = runs.ids
+        pending = list(range(runs.count))
         # A conflicting insert that rolled back leaves nothing to return: write those again.
         for _ in range(3):
-            batch = [rows[k] for k in pending]
-            inserted = await db.fetch(sql.INSERT_RUNS, *_run_arrays(batch))
+            inserted = await db.fetch(sql.INSERT_RUNS, *runs.take(pending).params())
             fresh = {record["id"]: record for record in inserted}
             missing: list[int] = []
             for k in pending:
-                record = fresh.pop(rows[k].id, None)
+                record = fresh.pop(ids[k], None)
                 if record is None:
                     missing.append(k)
                 else:
-                    results[k] = CreatedRun(created_run(rows[k], record))
+                    created.records[k] = record
+                    created.ids[k] = ids[k]
+                    created.created_at_us[k] = record["created_at_us"]
             if not missing:
                 break
             found = await db.fetch(
                 sql.SELECT_RUNS_FOR_INPUTS,
-                [rows[k].id for k in missing],
-                [rows[k].environment_id for k in missing],
-                [rows[k].task_identifier for k in missing],
-                [rows[k].idempotency_key for k in missing],
-                [rows[k].status for k in missing],
+                [ids[k] for k in missing],
+                [runs.value("environment_id", k) for k in missing],
+                [runs.value("task_identifier", k) for k in missing],
+                [runs.value("idempotency_key", k) for k in missing],
+                [runs.value("status", k) for k in missing],
             )
             by_position = {record["ord"] - 1: record for record in found}
             pending = []
@@ -149,15 +113,17 @@ class RunTables:
                 record = by_position.get(position)
                 if record is None:
                     pending.append(k)
-                elif record["same_id"] and record["environment_id"] != rows[k].environment_id:
-                    results[k] = CreatedRun(None, conflict="runs_pkey")
+                elif record["same_id"] and record["environment_id"] != runs.value(
+                    "environment_id", k
+                ):
+                    created.conflicts[k] = "runs_pkey"
                 else:
-                    results[k] = CreatedRun(run_from_record(record), is_cached=True)
+                    created.cached(k, run_from_record(record))
             if not pending:
                 break
         else:
             raise TransientConflict("idempotency key holders kept changing; retry")
-        return [result for result in results if result is not None]
+        return created
 
     async def get_run(
         self, db: Queryable, run_id: str, environment_id: str | None = None
@@ -415,24 +381,25 @@ class RunTables:
         return None if record is None else waitpoint_from_record(record)
 
     async def accept_batch_items(
-        self, conn: Connection, batch_id: str, environment_id: str, items: Sequence[ItemRow]
+        self,
+        conn: Connection,
+        batch_id: str,
+        environment_id: str,
+        items: ItemChunk | Sequence[ItemRow],
     ) -> AcceptedItems:
         """A chunk → batch-item rows plus their runs, in one transaction (one statement, plus
         one read when some indexes were present already, plus one when items lost their
         idempotency key to a live run and link to it). Safe with concurrent overlapping chunks:
         no index is written twice. Raises BatchNotAccepting (nothing written)."""
-        runs = [_NO_RUN if item.existing_run_id else (item.run or _NO_RUN) for item in items]
-        indexes = [item.index for item in items]
+        chunk = items if isinstance(items, ItemChunk) else ItemChunk.from_rows(items)
+        indexes = chunk.indexes
         try:
             async with conn.transaction():
                 record = await conn.fetchrow(
                     sql.ACCEPT_BATCH_ITEMS,
                     batch_id,
                     environment_id,
-                    indexes,
-                    [item.existing_run_id for item in items],
-                    [item.existing_run_final for item in items],
-                    *_run_arrays(runs),
+                    *chunk.runs.params(indexes, chunk.existing_run_id, chunk.existing_run_final),
                 )
                 if record is None:
                     raise _Rollback
@@ -442,7 +409,7 @@ class RunTables:
                 if record["key_held"]:
                     written.update(
                         await self._link_key_holders(
-                            conn, batch_id, environment_id, items, record["key_held"]
+                            conn, batch_id, environment_id, chunk, record["key_held"]
                         )
                     )
                 run_count: int = record["run_count"]
@@ -453,38 +420,46 @@ class RunTables:
                     existing = {r["index"]: r["run_id"] for r in found}
         except _Rollback:
             raise BatchNotAccepting(await self.get_batch(conn, batch_id, environment_id)) from None
-        accepted: list[AcceptedItem] = []
-        out_of_range: list[int] = []
+        accepted = AcceptedItems([], [], [], record["accepted_count"], run_count, [])
+        if len(written) == len(indexes) and max(indexes) < run_count:
+            # Every item new (most chunks): the answer is the statement's, in request order.
+            accepted.indexes.extend(indexes)
+            accepted.run_ids.extend([f"{RUN}_{written[index]}" for index in indexes])
+            accepted.duplicates.extend([False] * len(indexes))
+            return accepted
         for index in indexes:
             if index >= run_count:
-                out_of_range.append(index)
-            elif index in written:
+                accepted.out_of_range.append(index)
+                continue
+            if index in written:
                 # A repeated index of this chunk is a duplicate of its first occurrence.
-                accepted.append(AcceptedItem(index, f"{RUN}_{written.pop(index)}", False))
-                existing[index] = accepted[-1].run_id.removeprefix(f"{RUN}_")
+                existing[index] = written.pop(index)
+                accepted.duplicates.append(False)
             else:
-                accepted.append(AcceptedItem(index, f"{RUN}_{existing[index]}", True))
-        return AcceptedItems(accepted, record["accepted_count"], run_count, out_of_range)
+                accepted.duplicates.append(True)
+            accepted.indexes.append(index)
+            accepted.run_ids.append(f"{RUN}_{existing[index]}")
+        return accepted
 
     async def _link_key_holders(
         self,
         conn: Connection,
         batch_id: str,
         environment_id: str,
-        items: Sequence[ItemRow],
+        items: ItemChunk,
         held: Sequence[int],
     ) -> dict[int, str]:
-        first: dict[int, ItemRow] = {}
-        for item in items:
-            first.setdefault(item.index, item)
+        first: dict[int, int] = {}
+        for k, index in enumerate(items.indexes):
+            first.setdefault(index, k)
         wanted = [first[index] for index in held]
         records = await conn.fetch(
             sql.LINK_KEY_HOLDERS,
             batch_id,
             environment_id,
-            [item.index for item in wanted],
-            [item.run.task_identifier if item.run else "" for item in wanted],
-            [item.run.idempotency_key if item.run else None for item in wanted],
+            [items.indexes[k] for k in wanted],
+            [items.runs.value("task_identifier", k) for k in wanted],
+            [items.runs.value("idempotency_key", k) for k in wanted],
         )
         if len(records) != len(wanted):
             # The holder lost the key in between (reset): nothing of this chunk stays written.

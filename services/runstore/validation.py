@@ -7,8 +7,10 @@ import dataclasses
 import functools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -34,6 +36,7 @@ from runops.kit.limits import (
 )
 from runops.kit.replica import Consistency
 from runops.runstore.v1 import runstore_pb2 as rs
+from services.runstore.columns import FIELDS, NO_RUN, ItemChunk, RunChunk
 from services.runstore.rows import BatchRow, ItemKinds, ItemRow, RunRow
 
 ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
@@ -284,19 +287,265 @@ def create_run(run: rs.RunInput) -> RunRow:
     return row
 
 
-def create_runs(
-    request: rs.CreateRunsRequest, mint: Callable[[], str] | None = None
-) -> list[RunRow]:
-    """The rows, ids minted with `mint` where a run names none."""
+def create_runs(request: rs.CreateRunsRequest, mint: Callable[[], str] | None = None) -> RunChunk:
+    """The runs as columns, ids minted with `mint` where a run names none."""
     v = Violations()
-    if v.require(list(request.runs), "runs") and len(request.runs) > MAX_RUNS_PER_CALL:
-        v.add("runs", f"must hold at most {MAX_RUNS_PER_CALL} runs (got {len(request.runs)})")
-    rows = [
-        _plain_run_row(run, mint=mint) or run_input(v, run, f"runs[{i}]", mint=mint)
-        for i, run in enumerate(request.runs)
+    if request.HasField("columns"):
+        if request.runs:
+            v.add("runs", "must be empty when columns are given")
+        chunk = run_columns(v, request.columns, "columns", in_batch=False, mint=mint)
+        v.raise_if_any()
+        assert chunk is not None
+        return chunk
+    runs = request.runs
+    if not runs:
+        v.add("runs", "is required")
+    elif len(runs) > MAX_RUNS_PER_CALL:
+        v.add("runs", f"must hold at most {MAX_RUNS_PER_CALL} runs (got {len(runs)})")
+    chunk = None if v else _plain_chunk(runs, in_batch=False, mint=mint)
+    if chunk is None:
+        rows = [
+            _plain_run_row(run, mint=mint) or run_input(v, run, f"runs[{i}]", mint=mint)
+            for i, run in enumerate(runs)
+        ]
+        v.raise_if_any()
+        chunk = RunChunk.from_rows([row for row in rows if row is not None])
+    return chunk
+
+
+def _plain_chunk(
+    runs: Sequence[rs.RunInput], *, in_batch: bool, mint: Callable[[], str] | None
+) -> RunChunk | None:
+    """The fast path of a chunk of rows: see `_checked_chunk`."""
+    runs = list(runs)
+    inputs: dict[str, list[Any]] = {
+        name: list(map(attrgetter(name), runs)) for name in _INPUT_COLUMNS
+    }
+    inputs["created_at"] = [
+        _when(run.created_at) if run.HasField("created_at") else None for run in runs
     ]
-    v.raise_if_any()
-    return [row for row in rows if row is not None]
+    rich = {
+        k: run
+        for k, run in enumerate(runs)
+        if run.HasField("options") or run.HasField("default_ttl") or run.WhichOneof("final_state")
+    }
+    return _checked_chunk(inputs, len(runs), rich, in_batch=in_batch, mint=mint)
+
+
+# RunInput's fields a chunk takes as columns (the rest: `rich` runs, one by one).
+_INPUT_COLUMNS = (
+    "run_id",
+    "environment_id",
+    "organization_id",
+    "project_id",
+    "task_identifier",
+    "payload",
+    "payload_type",
+    "parent_run_id",
+    "root_run_id",
+    "resume_parent_on_completion",
+    "worker_version",
+    "default_max_attempts",
+    "default_queue",
+    "default_machine_preset",
+)
+
+
+def _checked_chunk(
+    inputs: dict[str, list[Any]],
+    count: int,
+    rich: dict[int, rs.RunInput],
+    *,
+    in_batch: bool,
+    mint: Callable[[], str] | None,
+) -> RunChunk | None:
+    """The fast path of a chunk: its columns when every run passes every check, else None, and
+    then the caller checks run by run (so a violation is found, worded and named in one place
+    only). `inputs`: RunInput's _INPUT_COLUMNS and created_at (a datetime or None), a list
+    each; `rich`: the runs with options, a default TTL or a final state, worked out one by one.
+    Each column is checked whole, by `_check_run_input`'s rules in their column form (limits'
+    `ids_fit`, the cached id and task checks over a column's distinct values)."""
+    optional = {""} if in_batch else set()
+    if not (
+        limits.ids_fit(inputs["run_id"], RUN)
+        and limits.ids_fit(inputs["parent_run_id"], RUN)
+        and limits.ids_fit(inputs["root_run_id"], RUN)
+        and all(
+            _is_friendly_id(value, prefix)
+            for name, prefix in _OWNER_IDS
+            for value in set(inputs[name]) - optional
+        )
+        and all(map(_is_task_identifier, set(inputs["task_identifier"])))
+        and all(
+            max(map(len, inputs[name])) <= TEXT_LIMIT
+            for name in (
+                "payload_type",
+                "worker_version",
+                "default_queue",
+                "default_machine_preset",
+            )
+        )
+        and max(inputs["default_max_attempts"]) <= MAX_ATTEMPTS
+    ):
+        return None
+    ids = [
+        run_id.removeprefix(_RUN_PREFIX) or (mint() if mint is not None else "")
+        for run_id in inputs["run_id"]
+    ]
+    parents, roots = inputs["parent_run_id"], inputs["root_run_id"]
+    columns: dict[str, list[Any] | None] = {
+        "id": ids,
+        "environment_id": inputs["environment_id"],
+        "organization_id": inputs["organization_id"],
+        "project_id": inputs["project_id"],
+        "task_identifier": inputs["task_identifier"],
+        "payload": inputs["payload"],
+        "payload_type": inputs["payload_type"],
+        "queue": inputs["default_queue"],
+        "max_attempts": inputs["default_max_attempts"],
+        "machine_preset": inputs["default_machine_preset"],
+        "worker_version": inputs["worker_version"],
+        "parent_run_id": None if parents.count("") == count else [p or None for p in parents],
+        "root_run_id": None if roots.count("") == count else [r or None for r in roots],
+        "resume_parent_on_completion": inputs["resume_parent_on_completion"],
+        "created_at": inputs["created_at"],
+    }
+    chunk = RunChunk(count, {name: columns.get(name) for name in FIELDS})
+    for k, run in rich.items():
+        row = _rich_row(run, ids[k], in_batch)
+        if row is None:
+            return None
+        chunk.put_row(k, row)
+    return chunk
+
+
+def run_columns(
+    v: Violations,
+    columns: rs.RunColumns,
+    field: str,
+    *,
+    in_batch: bool,
+    mint: Callable[[], str] | None,
+    count: int | None = None,
+    linked: Collection[int] = (),
+) -> RunChunk | None:
+    """The chunk of a RunColumns (`count`: the runs it must hold, if the caller knows; `linked`:
+    positions whose runs are neither checked nor written, left as defaults). Its shape first
+    (how many entries each column holds); then the fast path on whole columns, and when that
+    refuses, every run checked as the RunInput it stands for, named `<field>[i]`."""
+    if count is not None and columns.count != count:
+        v.add(f"{field}.count", f"must be {count}, one run per item (got {columns.count})")
+        return None
+    count = columns.count
+    if not 1 <= count <= MAX_RUNS_PER_CALL:
+        v.add(f"{field}.count", f"must be between 1 and {MAX_RUNS_PER_CALL} (got {count})")
+        return None
+    for name in (*_INPUT_COLUMNS, "default_ttl_ms", "created_at_us"):
+        held = len(getattr(columns, name))
+        if held not in (0, 1, count):
+            v.add(f"{field}.{name}", f"must hold 0, 1 or count ({count}) entries (got {held})")
+    for name in ("options", "failed", "cancelled"):
+        beyond = [k for k in getattr(columns, name) if k >= count]
+        if beyond:
+            v.add(f"{field}.{name}", f"holds positions beyond count {count} ({min(beyond)})")
+    created = _column(columns.created_at_us, count, 0)
+    if created is not None and not _EARLIEST_US <= min(created) <= max(created) <= _LATEST_US:
+        v.add(f"{field}.created_at_us", "must be between 0001-01-01 and 9999-12-31")
+    ttls = _column(columns.default_ttl_ms, count, 0)
+    if ttls is not None and max(map(abs, ttls)) > _LONGEST_MS:
+        v.add(f"{field}.default_ttl_ms", "must be within ±10,000 years")
+    if v:
+        return None
+    inputs: dict[str, list[Any]] = {
+        name: _column(getattr(columns, name), count, _INPUT_DEFAULTS[name])
+        or [_INPUT_DEFAULTS[name]] * count
+        for name in _INPUT_COLUMNS
+    }
+    inputs["created_at"] = (
+        [None] * count
+        if created is None
+        else [EPOCH + timedelta(microseconds=us) if us else None for us in created]
+    )
+    rich_positions = {*columns.options, *columns.failed, *columns.cancelled}
+    if ttls is not None:
+        rich_positions.update(k for k, ms in enumerate(ttls) if ms)
+    for k in linked:
+        for name in (*_INPUT_COLUMNS, "created_at"):
+            inputs[name][k] = getattr(_LINKED, name) if name != "created_at" else None
+    rich_positions.difference_update(linked)
+    rich = {k: column_run(columns, k) for k in sorted(rich_positions)}
+    chunk = _checked_chunk(inputs, count, rich, in_batch=in_batch, mint=mint)
+    if chunk is not None:
+        return chunk
+    rows = [
+        NO_RUN
+        if k in linked
+        else run_input(v, column_run(columns, k), f"{field}[{k}]", in_batch=in_batch, mint=mint)
+        for k in range(count)
+    ]
+    return None if v else RunChunk.from_rows([row for row in rows if row is not None])
+
+
+def _column(values: Sequence[Any], count: int, default: Any) -> list[Any] | None:
+    """A column of `count` values (one entry: every run's), None when it holds none."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return [values[0]] * count
+    return list(values)
+
+
+def column_run(columns: rs.RunColumns, k: int) -> rs.RunInput:
+    """Run k of `columns` as the RunInput it stands for."""
+    run = rs.RunInput()
+    for name in _INPUT_COLUMNS:
+        values = getattr(columns, name)
+        if values:
+            setattr(run, name, values[0 if len(values) == 1 else k])
+    if columns.default_ttl_ms:
+        ms = columns.default_ttl_ms[0 if len(columns.default_ttl_ms) == 1 else k]
+        if ms:
+            run.default_ttl.FromMilliseconds(ms)
+    if columns.created_at_us:
+        us = columns.created_at_us[0 if len(columns.created_at_us) == 1 else k]
+        if us:
+            run.created_at.FromMicroseconds(us)
+    if k in columns.options:
+        run.options.CopyFrom(columns.options[k])
+    if k in columns.failed:
+        run.failed.CopyFrom(columns.failed[k])
+    elif k in columns.cancelled:
+        run.cancelled.CopyFrom(columns.cancelled[k])
+    return run
+
+
+# RunInput's defaults of the _INPUT_COLUMNS (a column given empty).
+_INPUT_DEFAULTS: dict[str, Any] = {name: getattr(rs.RunInput(), name) for name in _INPUT_COLUMNS}
+# google.protobuf.Timestamp's range in microseconds, Duration's in milliseconds.
+_EARLIEST_US = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
+_LATEST_US = (datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC) - EPOCH) // timedelta(
+    microseconds=1
+)
+_LONGEST_MS = 315_576_000_000_000
+
+
+# The owner ids of a run (left empty in a batch: the batch's), with their prefixes.
+_OWNER_IDS = (
+    ("environment_id", ENVIRONMENT),
+    ("organization_id", ORGANIZATION),
+    ("project_id", PROJECT),
+)
+_RUN_PREFIX = RUN + "_"
+
+
+def _rich_row(run: rs.RunInput, body: str, in_batch: bool) -> RunRow | None:
+    """The row of a run with options, a default TTL or a final state when it passes every
+    check, else None."""
+    if run.WhichOneof("final_state") == "failed":
+        v = Violations()
+        _check_run_input(v, run, "", in_batch=in_batch)
+        return None if v else _run_row(run, body)
+    return _run_row(run, body) if _plainly_valid(run, in_batch) else None
 
 
 def create_failed_run(request: rs.CreateFailedRunRequest) -> RunRow:
@@ -448,12 +697,25 @@ def create_batch(request: rs.CreateBatchRequest) -> BatchRow:
 
 def accept_batch_items(
     request: rs.AcceptBatchItemsRequest, mint: Callable[[], str] | None = None
-) -> tuple[BatchRef, list[ItemRow]]:
+) -> tuple[BatchRef, ItemChunk]:
     """The batch and its items, run ids minted with `mint` where a run names none."""
     v = Violations()
     ref = _batch_ref(v, request.batch_id, request.environment_id)
-    if v.require(list(request.items), "items") and len(request.items) > MAX_ITEMS_PER_CALL:
+    if request.HasField("item_columns"):
+        if request.items:
+            v.add("items", "must be empty when item_columns are given")
+        columns = item_columns(v, request.item_columns, "item_columns", mint)
+        v.raise_if_any()
+        assert columns is not None
+        return ref, columns
+    if not request.items:
+        v.add("items", "is required")
+    elif len(request.items) > MAX_ITEMS_PER_CALL:
         v.add("items", f"must hold at most {MAX_ITEMS_PER_CALL} items (got {len(request.items)})")
+    chunk = _plain_items(request.items, mint) if len(request.items) <= MAX_ITEMS_PER_CALL else None
+    if chunk is not None:
+        v.raise_if_any()
+        return ref, chunk
     items: list[ItemRow] = []
     for i, item in enumerate(request.items[:MAX_ITEMS_PER_CALL]):
         if item.index > MAX_INDEX:
@@ -472,7 +734,86 @@ def accept_batch_items(
             row = _batch_item_row(v, item, f"items[{i}]", mint)
         items.append(ItemRow(item.index, row))
     v.raise_if_any()
-    return ref, items
+    return ref, ItemChunk.from_rows(items)
+
+
+def _plain_items(
+    items: Sequence[rs.BatchItemInput], mint: Callable[[], str] | None
+) -> ItemChunk | None:
+    """The fast path of `accept_batch_items`' items (see `_plain_chunk`): None when any item
+    fails a check. A linked item's run is neither checked nor written; a pre-failed item's is
+    worked out on its own."""
+    indexes = [item.index for item in items]
+    links = [item.existing_run_id for item in items]
+    if not indexes or max(indexes) > MAX_INDEX or not limits.ids_fit(links, RUN):
+        return None
+    linked = links.count("") != len(links)
+    runs = [_LINKED if link else item.run for item, link in zip(items, links, strict=True)]
+    chunk = _plain_chunk(runs, in_batch=True, mint=mint)
+    if chunk is None:
+        return None
+    for k, item in enumerate(items):
+        if links[k]:
+            chunk.put_row(k, NO_RUN)
+        elif item.HasField("pre_failed"):
+            v = Violations()
+            run_error(v, item.pre_failed, "")
+            row = chunk.row(k)
+            if v:
+                return None
+            chunk.put_row(k, row.failed(item.pre_failed.code, item.pre_failed.message))
+    if not linked:
+        return ItemChunk(indexes, chunk)
+    bodies = [link.removeprefix(_RUN_PREFIX) or None for link in links]
+    return ItemChunk(indexes, chunk, bodies, [False] * len(links))
+
+
+def item_columns(
+    v: Violations, columns: rs.BatchItemColumns, field: str, mint: Callable[[], str] | None
+) -> ItemChunk | None:
+    """The chunk of a BatchItemColumns, violations named under `field`."""
+    indexes = list(columns.index)
+    count = len(indexes)
+    if not v.require(indexes, f"{field}.index"):
+        return None
+    if count > MAX_ITEMS_PER_CALL:
+        v.add(f"{field}.index", f"must hold at most {MAX_ITEMS_PER_CALL} items (got {count})")
+        return None
+    if max(indexes) > MAX_INDEX:
+        for k, index in enumerate(indexes):
+            if index > MAX_INDEX:
+                v.add(f"{field}.index[{k}]", f"must be at most {MAX_INDEX} (got {index})")
+    links: dict[int, str] = {}
+    for k, run_id in sorted(columns.existing_run_id.items()):
+        if k >= count:
+            v.add(f"{field}.existing_run_id", f"holds positions beyond the {count} items ({k})")
+            break
+        body = limits.id_body(v, run_id, f"{field}.existing_run_id[{k}]", RUN)
+        if body:
+            links[k] = body
+    for k, error in sorted(columns.pre_failed.items()):
+        if k >= count:
+            v.add(f"{field}.pre_failed", f"holds positions beyond the {count} items ({k})")
+            break
+        run_error(v, error, f"{field}.pre_failed[{k}]")
+    runs = run_columns(
+        v, columns.runs, f"{field}.runs", in_batch=True, mint=mint, count=count, linked=links
+    )
+    if v or runs is None:
+        return None
+    for k in links:
+        runs.put_row(k, NO_RUN)
+    for k, error in columns.pre_failed.items():
+        if k not in links:
+            runs.put_row(k, runs.row(k).failed(error.code, error.message))
+    if not links:
+        return ItemChunk(indexes, runs)
+    bodies = [links.get(k) for k in range(count)]
+    return ItemChunk(indexes, runs, bodies, [False] * count)
+
+
+# Stands in for a linked item's run in the checks (it is neither checked nor written).
+_LINKED = rs.RunInput(task_identifier="linked")
 
 
 def _batch_item_row(

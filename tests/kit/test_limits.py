@@ -88,3 +88,27 @@ def test_a_negative_duration_is_refused_however_short() -> None:
     options = common_pb2.TriggerOptions()
     options.ttl.nanos = -1
     assert _violations(options) == ["options.ttl"]
+
+
+_id_parts = st.sampled_from(["", "run_", "run", "env_", "RUN_", "run_run_", "_"])
+_id_bodies = st.text(alphabet="0123456789az_A-\n ", max_size=70)
+
+
+@settings(max_examples=500)
+@given(st.lists(st.tuples(_id_parts, _id_bodies), max_size=5), st.sampled_from(["run", "env"]))
+def test_the_column_form_of_ids_accepts_exactly_what_id_body_accepts(
+    parts: list[tuple[str, str]], prefix: str
+) -> None:
+    values = [head + body for head, body in parts]
+    v = Violations()
+    for value in values:
+        limits.id_body(v, value, "id", prefix, required=False)
+    assert limits.ids_fit(values, prefix) == (not v)
+
+
+@pytest.mark.parametrize("length", [59, 60, 61, 64, 65])
+def test_the_column_form_of_ids_keeps_the_length_limit(length: int) -> None:
+    value = "run_" + "a" * length
+    v = Violations()
+    limits.id_body(v, value, "id", "run", required=False)
+    assert limits.ids_fit([value], "run") == (not v) == (length <= 60)

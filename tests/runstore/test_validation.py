@@ -134,8 +134,8 @@ def test_minted_ids_only_for_runs_that_name_none() -> None:
             for run_id in ("", "run_given", "")
         ]
     )
-    rows = validation.create_runs(request, lambda: next(minted))
-    assert [row.id for row in rows] == ["m1", "given", "m2"]
+    runs = validation.create_runs(request, lambda: next(minted))
+    assert runs.ids == ["m1", "given", "m2"]
 
 
 def _valid_run() -> rs.RunInput:
@@ -217,3 +217,120 @@ def test_one_bad_field_takes_the_slow_path_and_is_named(
     with pytest.raises(InvalidArgument) as raised:
         v.raise_if_any()
     assert [violation.field for violation in raised.value.violations] == [field]
+
+
+@st.composite
+def plain_inputs(draw: st.DrawFn) -> rs.RunInput:
+    """A run without options, default TTL or final state: the columns alone carry it."""
+    run = draw(run_inputs())
+    run.ClearField("options")
+    run.ClearField("default_ttl")
+    run.ClearField("final_state")
+    return run
+
+
+chunks = st.lists(st.one_of(run_inputs(), plain_inputs()), min_size=1, max_size=5)
+
+
+def _negative_part(run: rs.RunInput) -> bool:
+    parts = [run.options.idempotency_key_ttl, run.options.ttl, run.options.priority]
+    return any(d.seconds < 0 or d.nanos < 0 for d in [*parts, run.default_ttl])
+
+
+def _rows_one_by_one(
+    runs: list[rs.RunInput], in_batch: bool
+) -> tuple[list[RunRow | None], list[str]]:
+    v = Violations()
+    rows = [
+        validation.run_input(v, run, f"runs[{i}]", in_batch=in_batch) for i, run in enumerate(runs)
+    ]
+    try:
+        v.raise_if_any()
+    except InvalidArgument as err:
+        return rows, [f"{f.field}: {f.description}" for f in err.violations]
+    return rows, []
+
+
+@settings(max_examples=500)
+@given(chunks, st.booleans())
+def test_the_chunk_fast_path_accepts_only_valid_chunks_and_builds_the_same_rows(
+    runs: list[rs.RunInput], in_batch: bool
+) -> None:
+    fast = validation._plain_chunk(runs, in_batch=in_batch, mint=None)
+    rows, violations = _rows_one_by_one(runs, in_batch)
+    if fast is not None:
+        assert not violations, "the fast path accepted a chunk the checks refuse"
+        assert [_without_clock(fast.row(k)) for k in range(len(runs))] == [
+            _without_clock(row) for row in rows if row is not None
+        ]
+    elif not violations:
+        assert any(_negative_part(run) for run in runs), "a valid chunk missed the fast path"
+
+
+def _as_columns(runs: list[rs.RunInput], broadcast: bool) -> rs.RunColumns:
+    """The same runs as RunColumns (with `broadcast`, a column whose runs agree holds one
+    entry, and one whose runs all hold the default none)."""
+    columns = rs.RunColumns(count=len(runs))
+    for name in validation._INPUT_COLUMNS:
+        values = [getattr(run, name) for run in runs]
+        if broadcast and len(set(values)) == 1:
+            values = [] if values[0] == getattr(rs.RunInput(), name) else values[:1]
+        getattr(columns, name).extend(values)
+    columns.default_ttl_ms.extend(run.default_ttl.ToMilliseconds() for run in runs)
+    columns.created_at_us.extend(
+        run.created_at.ToMicroseconds() if run.HasField("created_at") else 0 for run in runs
+    )
+    for k, run in enumerate(runs):
+        if run.HasField("options"):
+            columns.options[k].CopyFrom(run.options)
+        if run.HasField("failed"):
+            columns.failed[k].CopyFrom(run.failed)
+        elif run.HasField("cancelled"):
+            columns.cancelled[k].CopyFrom(run.cancelled)
+    return columns
+
+
+def _whole_ms(run: rs.RunInput) -> bool:
+    """A default TTL columns can carry as it is (whole milliseconds, not zero when set)."""
+    ttl = run.default_ttl
+    return not run.HasField("default_ttl") or (
+        ttl.nanos % 1_000_000 == 0 and ttl.ToMilliseconds() != 0
+    )
+
+
+@settings(max_examples=300)
+@given(chunks, st.booleans(), st.booleans())
+def test_columns_check_and_build_as_the_rows_they_stand_for(
+    runs: list[rs.RunInput], in_batch: bool, broadcast: bool
+) -> None:
+    for run in runs:
+        if not _whole_ms(run):
+            run.ClearField("default_ttl")
+    v = Violations()
+    chunk = validation.run_columns(
+        v, _as_columns(runs, broadcast), "columns", in_batch=in_batch, mint=None
+    )
+    rows, violations = _rows_one_by_one(runs, in_batch)
+    try:
+        v.raise_if_any()
+        got: list[str] = []
+    except InvalidArgument as err:
+        got = [f"{f.field}: {f.description}" for f in err.violations]
+    assert got == [violation.replace("runs[", "columns[", 1) for violation in violations]
+    if chunk is not None:
+        assert [_without_clock(chunk.row(k)) for k in range(len(runs))] == [
+            _without_clock(row) for row in rows if row is not None
+        ]
+
+
+def test_a_column_of_the_wrong_length_is_named() -> None:
+    columns = rs.RunColumns(count=3, task_identifier=["a", "b"], environment_id=["env_1"])
+    columns.options[5].queue = "q"
+    v = Violations()
+    assert validation.run_columns(v, columns, "columns", in_batch=False, mint=None) is None
+    with pytest.raises(InvalidArgument) as refused:
+        v.raise_if_any()
+    assert [f.field for f in refused.value.violations] == [
+        "columns.task_identifier",
+        "columns.options",
+    ]

@@ -185,8 +185,8 @@ async def _create_runs_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Clo
             )
             for i in range(spec.chunk)
         ]
-        results = await client.create_runs(runs)
-        fresh = sum(1 for r in results if r.HasField("run") and not r.is_cached)
+        created = await client.create_runs_ids(runs)
+        fresh = len(created.friendly_id) - sum(created.is_cached) - len(created.errors)
         if fresh != spec.chunk:
             raise loadgen.Mismatch(f"created {fresh} runs of {spec.chunk}")
         return fresh
@@ -215,12 +215,12 @@ async def _accept_caller(spec: LoadSpec) -> tuple[loadgen.Call, loadgen.Close]:
 
     async def call(n: int) -> int:
         first = n * spec.chunk
-        reply = await client.accept_batch_items(
+        reply = await client.accept_batch_items_ids(
             environment_id=spec.environment_id,
             batch_id=batch,
             items=_items(range(first, first + spec.chunk)),
         )
-        fresh = sum(1 for item in reply.items if not item.duplicate)
+        fresh = len(reply.accepted.duplicate) - sum(reply.accepted.duplicate)
         if fresh != spec.chunk:
             raise loadgen.Mismatch(f"accepted {fresh} new items of {spec.chunk}")
         return fresh

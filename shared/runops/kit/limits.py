@@ -9,8 +9,9 @@ path (the run store's per-row fast path), so no service holds a copy of these ru
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from operator import attrgetter
 
@@ -50,6 +51,7 @@ __all__ = [
     "cancel_reason",
     "delay_until",
     "id_body",
+    "ids_fit",
     "max_attempts",
     "metadata_type",
     "negative",
@@ -177,6 +179,19 @@ def id_body(
         )
         return ""
     return body
+
+
+def ids_fit(values: Iterable[str], prefix: str) -> bool:
+    """True exactly when `id_body(..., prefix, required=False)` refuses none of `values` (each
+    empty or a `<prefix>_<body>` id): a whole column in one pass, no field path built (the run
+    store's bulk fast path; tests/kit/test_limits.py holds the two to agreement)."""
+    return all(map(_optional_id(prefix).fullmatch, values))
+
+
+@functools.cache
+def _optional_id(prefix: str) -> re.Pattern[str]:
+    """id_body's rule as one pattern: the body ID_BODY, the whole id at most ID_LIMIT long."""
+    return re.compile(rf"(?:{re.escape(prefix)}_[0-9a-z]{{1,{ID_LIMIT - len(prefix) - 1}}})?")
 
 
 def task_identifier(v: Violations, value: str, field: str) -> bool:

@@ -64,6 +64,17 @@ class RunStoreClient(ServiceClient):
         reply = await self._call(self.stub.CreateRuns, rs.CreateRunsRequest(runs=runs))
         return list(reply.results)
 
+    async def create_runs_ids(self, runs: Sequence[rs.RunInput] | rs.RunColumns) -> rs.CreatedRuns:
+        """`create_runs` answered lean (RESULT_SHAPE_IDS), rows or columns in: friendly ids,
+        creation times (microseconds) and is_cached as columns in request order; a run that
+        could not be written has "" and 0 there and its error in `errors[position]`."""
+        request = rs.CreateRunsRequest(result_shape=rs.RESULT_SHAPE_IDS)
+        if isinstance(runs, rs.RunColumns):
+            request.columns.CopyFrom(runs)
+        else:
+            request.runs.extend(runs)
+        return (await self._call(self.stub.CreateRuns, request)).created
+
     async def get_run(
         self, *, environment_id: str, run_id: str, read_your_writes: bool = False
     ) -> common_pb2.Run | None:
@@ -161,6 +172,24 @@ class RunStoreClient(ServiceClient):
         """`accept_batch_items` for a serialized AcceptBatchItemsRequest (ingest writes a
         unit's request as wire bytes: no message is built to be serialized again)."""
         return await self._call(self._accept_wire, request)
+
+    async def accept_batch_items_ids(
+        self,
+        *,
+        environment_id: str,
+        batch_id: str,
+        items: Sequence[rs.BatchItemInput] | rs.BatchItemColumns,
+    ) -> rs.AcceptBatchItemsResponse:
+        """`accept_batch_items` answered lean (RESULT_SHAPE_IDS), rows or columns in: the items
+        in `accepted` (index, run id, duplicate as columns, in request order)."""
+        request = rs.AcceptBatchItemsRequest(
+            environment_id=environment_id, batch_id=batch_id, result_shape=rs.RESULT_SHAPE_IDS
+        )
+        if isinstance(items, rs.BatchItemColumns):
+            request.item_columns.CopyFrom(items)
+        else:
+            request.items.extend(items)
+        return await self._call(self.stub.AcceptBatchItems, request)
 
     async def missing_ranges(
         self,

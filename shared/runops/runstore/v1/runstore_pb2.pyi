@@ -279,6 +279,7 @@ class CreateRunsRequest(_message.Message):
 
     RUNS_FIELD_NUMBER: _builtins.int
     RESULT_SHAPE_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
     result_shape: Global___ResultShape.ValueType
     """What the answer carries per run: unspecified or FULL, a whole Run in `results`; IDS, only
     `created` (ids, creation times, is_cached and errors as columns), which costs the run store
@@ -286,19 +287,198 @@ class CreateRunsRequest(_message.Message):
     """
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunInput]: ...
+    @_builtins.property
+    def columns(self) -> Global___RunColumns:
+        """The same runs as columns (struct of arrays), instead of `runs`: the cheaper form for a
+        caller that holds its rows as columns. Exactly one of `runs` and `columns` is given.
+        """
+
     def __init__(
         self,
         *,
         runs: _abc.Iterable[Global___RunInput] | None = ...,
         result_shape: Global___ResultShape.ValueType = ...,
+        columns: Global___RunColumns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result_shape", b"result_shape", "runs", b"runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "result_shape", b"result_shape", "runs", b"runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateRunsRequest: _TypeAlias = CreateRunsRequest  # noqa: Y015
+
+@_typing.final
+class RunColumns(_message.Message):
+    """Runs as columns: entry i of a column is run i's field of RunInput's same name. A column holds
+    `count` entries, one entry (the same value for every run), or none (RunInput's default for
+    every run). Fields rare per run travel per position.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        @_builtins.property
+        def value(self) -> _common_pb2.TriggerOptions: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _common_pb2.TriggerOptions | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class FailedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        @_builtins.property
+        def value(self) -> _common_pb2.RunError: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _common_pb2.RunError | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CancelledEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        @_builtins.property
+        def value(self) -> Global___RunCancellation: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: Global___RunCancellation | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    TASK_IDENTIFIER_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    PAYLOAD_TYPE_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    ROOT_RUN_ID_FIELD_NUMBER: _builtins.int
+    RESUME_PARENT_ON_COMPLETION_FIELD_NUMBER: _builtins.int
+    WORKER_VERSION_FIELD_NUMBER: _builtins.int
+    DEFAULT_TTL_MS_FIELD_NUMBER: _builtins.int
+    DEFAULT_MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    DEFAULT_QUEUE_FIELD_NUMBER: _builtins.int
+    DEFAULT_MACHINE_PRESET_FIELD_NUMBER: _builtins.int
+    CREATED_AT_US_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """How many runs (1 to 10,000)."""
+    @_builtins.property
+    def run_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def environment_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def organization_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def project_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def task_identifier(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def payload(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def payload_type(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def parent_run_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def root_run_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def resume_parent_on_completion(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    @_builtins.property
+    def worker_version(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def default_ttl_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """RunInput.default_ttl in milliseconds; 0: none."""
+
+    @_builtins.property
+    def default_max_attempts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def default_queue(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def default_machine_preset(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def created_at_us(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """RunInput.created_at in microseconds since the Unix epoch; 0: now."""
+
+    @_builtins.property
+    def options(self) -> _containers.MessageMap[_builtins.int, _common_pb2.TriggerOptions]:
+        """RunInput.options by position (runs with none left out)."""
+
+    @_builtins.property
+    def failed(self) -> _containers.MessageMap[_builtins.int, _common_pb2.RunError]:
+        """RunInput.failed / .cancelled by position: runs written already final."""
+
+    @_builtins.property
+    def cancelled(self) -> _containers.MessageMap[_builtins.int, Global___RunCancellation]: ...
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        run_id: _abc.Iterable[_builtins.str] | None = ...,
+        environment_id: _abc.Iterable[_builtins.str] | None = ...,
+        organization_id: _abc.Iterable[_builtins.str] | None = ...,
+        project_id: _abc.Iterable[_builtins.str] | None = ...,
+        task_identifier: _abc.Iterable[_builtins.str] | None = ...,
+        payload: _abc.Iterable[_builtins.bytes] | None = ...,
+        payload_type: _abc.Iterable[_builtins.str] | None = ...,
+        parent_run_id: _abc.Iterable[_builtins.str] | None = ...,
+        root_run_id: _abc.Iterable[_builtins.str] | None = ...,
+        resume_parent_on_completion: _abc.Iterable[_builtins.bool] | None = ...,
+        worker_version: _abc.Iterable[_builtins.str] | None = ...,
+        default_ttl_ms: _abc.Iterable[_builtins.int] | None = ...,
+        default_max_attempts: _abc.Iterable[_builtins.int] | None = ...,
+        default_queue: _abc.Iterable[_builtins.str] | None = ...,
+        default_machine_preset: _abc.Iterable[_builtins.str] | None = ...,
+        created_at_us: _abc.Iterable[_builtins.int] | None = ...,
+        options: _abc.Mapping[_builtins.int, _common_pb2.TriggerOptions] | None = ...,
+        failed: _abc.Mapping[_builtins.int, _common_pb2.RunError] | None = ...,
+        cancelled: _abc.Mapping[_builtins.int, Global___RunCancellation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "count", b"count", "created_at_us", b"created_at_us", "default_machine_preset", b"default_machine_preset", "default_max_attempts", b"default_max_attempts", "default_queue", b"default_queue", "default_ttl_ms", b"default_ttl_ms", "environment_id", b"environment_id", "failed", b"failed", "options", b"options", "organization_id", b"organization_id", "parent_run_id", b"parent_run_id", "payload", b"payload", "payload_type", b"payload_type", "project_id", b"project_id", "resume_parent_on_completion", b"resume_parent_on_completion", "root_run_id", b"root_run_id", "run_id", b"run_id", "task_identifier", b"task_identifier", "worker_version", b"worker_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunColumns: _TypeAlias = RunColumns  # noqa: Y015
 
 @_typing.final
 class CreatedRuns(_message.Message):
@@ -1190,25 +1370,118 @@ class AcceptBatchItemsRequest(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    ITEM_COLUMNS_FIELD_NUMBER: _builtins.int
+    RESULT_SHAPE_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     environment_id: _builtins.str
     """The caller's environment (required): another environment's rows are NOT_FOUND."""
+    result_shape: Global___ResultShape.ValueType
+    """IDS: the answer carries `accepted` (columns) instead of `items`."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchItemInput]: ...
+    @_builtins.property
+    def item_columns(self) -> Global___BatchItemColumns:
+        """The same items as columns, instead of `items`. Exactly one of the two is given."""
+
     def __init__(
         self,
         *,
         batch_id: _builtins.str = ...,
         items: _abc.Iterable[Global___BatchItemInput] | None = ...,
         environment_id: _builtins.str = ...,
+        item_columns: Global___BatchItemColumns | None = ...,
+        result_shape: Global___ResultShape.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item_columns", b"item_columns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "environment_id", b"environment_id", "items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "environment_id", b"environment_id", "item_columns", b"item_columns", "items", b"items", "result_shape", b"result_shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AcceptBatchItemsRequest: _TypeAlias = AcceptBatchItemsRequest  # noqa: Y015
+
+@_typing.final
+class BatchItemColumns(_message.Message):
+    """Batch items as columns: entry i of each is item i (see RunColumns for a column's length)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PreFailedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        @_builtins.property
+        def value(self) -> _common_pb2.RunError: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _common_pb2.RunError | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ExistingRunIdEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    PRE_FAILED_FIELD_NUMBER: _builtins.int
+    EXISTING_RUN_ID_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Every item's index (its length is the item count)."""
+
+    @_builtins.property
+    def runs(self) -> Global___RunColumns:
+        """The items' runs (runs.count equals the item count); a linked item's entries are ignored."""
+
+    @_builtins.property
+    def pre_failed(self) -> _containers.MessageMap[_builtins.int, _common_pb2.RunError]:
+        """BatchItemInput.pre_failed by position."""
+
+    @_builtins.property
+    def existing_run_id(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
+        """BatchItemInput.existing_run_id by position."""
+
+    def __init__(
+        self,
+        *,
+        index: _abc.Iterable[_builtins.int] | None = ...,
+        runs: Global___RunColumns | None = ...,
+        pre_failed: _abc.Mapping[_builtins.int, _common_pb2.RunError] | None = ...,
+        existing_run_id: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["existing_run_id", b"existing_run_id", "index", b"index", "pre_failed", b"pre_failed", "runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchItemColumns: _TypeAlias = BatchItemColumns  # noqa: Y015
 
 @_typing.final
 class AcceptedItem(_message.Message):
@@ -1243,25 +1516,59 @@ class AcceptBatchItemsResponse(_message.Message):
     ITEMS_FIELD_NUMBER: _builtins.int
     ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
     RUN_COUNT_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
     accepted_count: _builtins.int
     """The batch's accepted count after this call."""
     run_count: _builtins.int
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcceptedItem]: ...
+    @_builtins.property
+    def accepted(self) -> Global___AcceptedItemColumns:
+        """result_shape IDS: `items` as columns, in request order."""
+
     def __init__(
         self,
         *,
         items: _abc.Iterable[Global___AcceptedItem] | None = ...,
         accepted_count: _builtins.int = ...,
         run_count: _builtins.int = ...,
+        accepted: Global___AcceptedItemColumns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "items", b"items", "run_count", b"run_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "accepted_count", b"accepted_count", "items", b"items", "run_count", b"run_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AcceptBatchItemsResponse: _TypeAlias = AcceptBatchItemsResponse  # noqa: Y015
+
+@_typing.final
+class AcceptedItemColumns(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def run_id(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def duplicate(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    def __init__(
+        self,
+        *,
+        index: _abc.Iterable[_builtins.int] | None = ...,
+        run_id: _abc.Iterable[_builtins.str] | None = ...,
+        duplicate: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "index", b"index", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptedItemColumns: _TypeAlias = AcceptedItemColumns  # noqa: Y015
 
 @_typing.final
 class GetBatchMissingRangesRequest(_message.Message):
