@@ -44,8 +44,14 @@ _ITEM = _tag(rs.AcceptBatchItemsRequest, "items")
 _BATCH_ID = _tag(rs.AcceptBatchItemsRequest, "batch_id")
 _ENVIRONMENT_ID = _tag(rs.AcceptBatchItemsRequest, "environment_id")
 _INDEX = bytes([rs.BatchItemInput.DESCRIPTOR.fields_by_name["index"].number << 3])
-# Options present and empty (`RunInput(options=item.options)` wrote them so); 2 bytes.
-_NO_OPTIONS = _OPTIONS + b"\x00"
+# result_shape IDS (a varint field): the answer is columns (`accepted`), not an AcceptedItem
+# message per item.
+_IDS = bytes(
+    [
+        rs.AcceptBatchItemsRequest.DESCRIPTOR.fields_by_name["result_shape"].number << 3,
+        rs.RESULT_SHAPE_IDS,
+    ]
+)
 _SMALL = [bytes([n]) for n in range(0x80)]
 
 
@@ -96,7 +102,8 @@ def encode(
     payloads: Mapping[int, tuple[bytes, str]],
     special: Mapping[int, rs.BatchItemInput],
 ) -> bytes:
-    """The serialized request writing every item of `unit`, in its order. By position k:
+    """The serialized request writing every item of `unit`, in its order, answered lean
+    (`result_shape` IDS: `accepted` columns). By position k:
     `workers[k]` the worker an item with options locks to (absent: ""), `payloads[k]` a payload
     and type that replace the item's (offloaded), `special[k]` the whole input of an item that
     is not a plain run (its task defaults are the caller's)."""
@@ -132,9 +139,9 @@ def encode(
         if k in optioned:
             options = unit.items[k].options.SerializeToString()
             options_field = _OPTIONS + varint(len(options)) + options
-        else:
-            options_field = _NO_OPTIONS
-        run_size += len(options_field)
+            run_size += len(options_field)
+        else:  # none: the run store's plain fast path (an empty message is the same options)
+            options_field = b""
         item_head = (_INDEX + varint(index) if index else b"") + _RUN + varint(run_size)
         add(_ITEM + varint(len(item_head) + run_size) + item_head)
         add(head)
@@ -143,4 +150,5 @@ def encode(
         add(options_field)
         add(tail)
     add(_field(_ENVIRONMENT_ID, environment_id.encode()))
+    add(_IDS)
     return b"".join(parts)

@@ -138,9 +138,14 @@ class Phase2:
                 await claims.release()
             raise
         if claims is not None:
-            await _publish(claims, keyed, accepted.items)
+            await _publish(claims, keyed, accepted.accepted)
         if linked or pre_failed:
-            fresh = {item.index for item in accepted.items if not item.duplicate}
+            columns = accepted.accepted
+            fresh = {
+                index
+                for index, duplicate in zip(columns.index, columns.duplicate, strict=True)
+                if not duplicate
+            }
             self.linked_count += len(fresh & linked)
             self.pre_failed_count += len(fresh & pre_failed)
 
@@ -148,12 +153,13 @@ class Phase2:
         """A run written already failed at the item's index; its payload is not kept."""
         limit = self._limits.max_item_payload_bytes
         size = len(unit.payloads[k])
+        item = unit.items[k]
         return rs.BatchItemInput(
             index=unit.indexes[k],
             run=rs.RunInput(
                 task_identifier=unit.tasks[k],
                 payload_type=unit.payload_types[k],
-                options=unit.items[k].options,
+                options=item.options if item.HasField("options") else None,
             ),
             pre_failed=common_pb2.RunError(
                 code=PAYLOAD_TOO_LARGE,
@@ -283,10 +289,14 @@ def _keyed(item: ing.BatchItem) -> KeyedItem:
 
 
 async def _publish(
-    claims: UnitClaims, keyed: Sequence[KeyedItem], accepted: Sequence[rs.AcceptedItem]
+    claims: UnitClaims, keyed: Sequence[KeyedItem], accepted: rs.AcceptedItemColumns
 ) -> None:
     """The run each claimed item got, duplicates included (a resent index keeps the run written
     the first time: that is the key's run)."""
     claimed = {item.index for item in keyed} - set(claims.existing)
-    runs = {item.index: item.run_id for item in accepted if item.index in claimed}
+    runs = {
+        index: run_id
+        for index, run_id in zip(accepted.index, accepted.run_id, strict=True)
+        if index in claimed
+    }
     await claims.publish(runs)
