@@ -87,14 +87,15 @@ class Phase2:
         limit = self._limits.max_item_payload_bytes
         threshold = self._offloader.threshold_bytes
         # By position in the unit; most units have none of these.
-        special: dict[int, rs.BatchItemInput] = {}
-        pre_failed: set[int] = set()  # batch indexes
+        pre_failed: dict[int, common_pb2.RunError] = {}
         to_offload: list[int] = []
         if max(map(len, unit.payloads), default=0) >= min(limit + 1, threshold):
             for k, payload in enumerate(unit.payloads):
                 if len(payload) > limit:
-                    special[k] = self._pre_failed(unit, k)
-                    pre_failed.add(unit.indexes[k])
+                    pre_failed[k] = common_pb2.RunError(
+                        code=PAYLOAD_TOO_LARGE,
+                        message=f"payload of {len(payload)} bytes exceeds the {limit}-byte maximum",
+                    )
                 elif len(payload) >= threshold:
                     to_offload.append(k)
         workers: dict[int, str] = {}
@@ -102,25 +103,22 @@ class Phase2:
         for k in unit.with_options:
             options = unit.items[k].options
             workers[k] = options.lock_to_version
-            if options.idempotency_key and k not in special:
+            if options.idempotency_key and k not in pre_failed:
                 keyed.append(_keyed(unit.items[k]))
         counts = collections.Counter(
             zip((workers.get(k, "") for k in range(len(unit.tasks))), unit.tasks, strict=True)
             if workers
             else zip(itertools.repeat(""), unit.tasks)
         )
+        # Pre-failed runs take task defaults too.
         defaults = await accept_request.defaults_by_key(self._defaults, self.environment_id, counts)
-        for k, input in special.items():  # pre-failed runs take task defaults too
-            input.run.MergeFromString(defaults[(workers.get(k, ""), unit.tasks[k])])
         claims = await self._keyed.resolve(self.environment_id, keyed) if keyed else None
         try:
             existing = dict(claims.existing) if claims is not None else {}
-            linked = set(existing)
-            if existing:
-                for k, index in enumerate(unit.indexes):
-                    if index in existing:
-                        special[k] = rs.BatchItemInput(index=index, existing_run_id=existing[index])
-            offloaded = await self._offload(unit, [k for k in to_offload if k not in special])
+            linked_at = {k: existing[i] for k, i in enumerate(unit.indexes) if i in existing}
+            offloaded = await self._offload(
+                unit, [k for k in to_offload if k not in linked_at and k not in pre_failed]
+            )
             request = accept_request.encode(
                 unit,
                 environment_id=self.environment_id,
@@ -128,8 +126,10 @@ class Phase2:
                 workers=workers,
                 defaults=defaults,
                 payloads=offloaded,
-                special=special,
+                pre_failed=pre_failed,
+                linked=linked_at,
             )
+            pre_failed_indexes = {unit.indexes[k] for k in pre_failed}
             del unit, offloaded  # the request's bytes hold all the call needs
             accepted = await self._accept(request)
             del request
@@ -139,7 +139,8 @@ class Phase2:
             raise
         if claims is not None:
             await _publish(claims, keyed, accepted.accepted)
-        if linked or pre_failed:
+        linked = set(existing)
+        if linked or pre_failed_indexes:
             columns = accepted.accepted
             fresh = {
                 index
@@ -147,25 +148,7 @@ class Phase2:
                 if not duplicate
             }
             self.linked_count += len(fresh & linked)
-            self.pre_failed_count += len(fresh & pre_failed)
-
-    def _pre_failed(self, unit: validation.CheckedUnit, k: int) -> rs.BatchItemInput:
-        """A run written already failed at the item's index; its payload is not kept."""
-        limit = self._limits.max_item_payload_bytes
-        size = len(unit.payloads[k])
-        item = unit.items[k]
-        return rs.BatchItemInput(
-            index=unit.indexes[k],
-            run=rs.RunInput(
-                task_identifier=unit.tasks[k],
-                payload_type=unit.payload_types[k],
-                options=item.options if item.HasField("options") else None,
-            ),
-            pre_failed=common_pb2.RunError(
-                code=PAYLOAD_TOO_LARGE,
-                message=f"payload of {size} bytes exceeds the {limit}-byte maximum",
-            ),
-        )
+            self.pre_failed_count += len(fresh & pre_failed_indexes)
 
     async def _offload(
         self, unit: validation.CheckedUnit, positions: Sequence[int]

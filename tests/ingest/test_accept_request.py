@@ -1,6 +1,6 @@
-"""A unit's AcceptBatchItemsRequest written as wire bytes holds exactly what building a
-BatchItemInput and RunInput message per item (and filling each run's task defaults) holds, in
-upb's own encoding (options only where an item sets them, a lean IDS answer asked for); the
+"""A unit's AcceptBatchItemsRequest as columns stands for exactly the rows a BatchItemInput and
+RunInput message per item (each run's task defaults filled) held, as the run store reads columns
+back (`column_run`); columns every item holds alike travel once; the
 columnar validation refuses exactly what the per-item rules refuse, with the same error."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.errors import InvalidArgument, NotFound
 from runops.runstore.v1 import runstore_pb2 as rs
 from services.ingest import accept_request, validation
+from services.runstore.validation import column_run
 
 WORKER = cp.BackgroundWorker(id="w1", environment_id="env", version="20261204.1")
 TASKS = (
@@ -104,7 +105,7 @@ async def _expected(items: Sequence[ing.BatchItem]) -> rs.AcceptBatchItemsReques
     )
 
 
-async def test_the_encoded_request_is_the_one_built_message_by_message() -> None:
+async def test_the_columns_stand_for_the_rows_built_message_by_message() -> None:
     items = ing.ItemChunk(items=_items()).items
     unit = validation.unit(items, 2**31 - 1)
     assert unit.repeated == 1
@@ -118,42 +119,67 @@ async def test_the_encoded_request_is_the_one_built_message_by_message() -> None
     defaults = await accept_request.defaults_by_key(TaskDefaults(plane), "env", keys)
     assert sorted(plane.calls) == ["", "v-old"]  # once per worker, not per item
     position = {index: k for k, index in enumerate(unit.indexes)}
-    pre_failed = rs.BatchItemInput(
-        index=9,
-        run=rs.RunInput(task_identifier="sms/send", payload_type="t/y"),
-        pre_failed=common_pb2.RunError(code="PAYLOAD_TOO_LARGE"),
-    )
-    pre_failed.run.MergeFromString(defaults[("", "sms/send")])
     wire = accept_request.encode(
         unit,
         environment_id="env",
         batch_id="b",
         workers=workers,
         defaults=defaults,
-        payloads={
-            position[7]: (b"packets/p/env/batch_b/item_7/payload", "application/store"),
-        },
-        special={
-            position[8]: rs.BatchItemInput(index=8, existing_run_id="run_existing"),
-            position[9]: pre_failed,
-        },
+        payloads={position[7]: (b"packets/p/env/batch_b/item_7/payload", "application/store")},
+        pre_failed={position[9]: common_pb2.RunError(code="PAYLOAD_TOO_LARGE")},
+        linked={position[8]: "run_existing"},
     )
     request = rs.AcceptBatchItemsRequest.FromString(wire)
     expected = await _expected(items)
-    assert request == expected
-    assert wire == expected.SerializeToString()
-    # The worker's defaults reached the runs of its known task only.
-    by_index = {i.index: i for i in request.items}
+    assert (request.batch_id, request.environment_id) == ("b", "env")
+    assert request.result_shape == rs.RESULT_SHAPE_IDS
+    assert not request.items
+    columns = request.item_columns
+    assert list(columns.index) == [item.index for item in expected.items]
+    assert columns.runs.count == len(expected.items)
+    # Each item as the run store reads it back from the columns.
+    for k, item in enumerate(expected.items):
+        if item.existing_run_id:
+            assert columns.existing_run_id[k] == item.existing_run_id
+            continue
+        assert k not in columns.existing_run_id
+        assert column_run(columns.runs, k) == item.run, k
+        expected_error = item.pre_failed if item.HasField("pre_failed") else None
+        assert columns.pre_failed.get(k) == expected_error
+    # A column every item holds alike travels once.
+    assert len(columns.runs.payload) == len(expected.items)
+    assert len(columns.runs.default_ttl_ms) == len(expected.items)
+    by_index = {i.index: i for i in expected.items}
     assert by_index[0].run.default_queue == "mail"
     assert by_index[0].run.worker_version == WORKER.version
     assert by_index[200].run.default_queue == ""
     assert by_index[5].run.worker_version == ""
 
 
-@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16_383, 16_384, 2**31 - 1, 2**32 - 1])
-def test_varint_is_protobufs(value: int) -> None:
-    encoded = accept_request.varint(value)
-    assert common_pb2.IndexRange.FromString(b"\x08" + encoded).start == value
+def test_a_unit_of_one_task_sends_its_shared_columns_once() -> None:
+    items = ing.ItemChunk(items=[ing.BatchItem(index=i, task="t", payload=b"p") for i in range(50)])
+    unit = validation.unit(items.items, 50)
+    defaults = {("", "t"): rs.RunInput(worker_version="w1", default_queue="q")}
+    columns = rs.AcceptBatchItemsRequest.FromString(
+        accept_request.encode(
+            unit,
+            environment_id="env",
+            batch_id="b",
+            workers={},
+            defaults=defaults,
+            payloads={},
+            pre_failed={},
+            linked={},
+        )
+    ).item_columns
+    runs = columns.runs
+    assert list(runs.task_identifier) == ["t"]
+    assert list(runs.payload_type) == [""]
+    assert list(runs.worker_version) == ["w1"]
+    assert list(runs.default_queue) == ["q"]
+    assert list(runs.default_ttl_ms) == [0]
+    assert len(runs.payload) == 50
+    assert all(column_run(runs, k).worker_version == "w1" for k in range(50))
 
 
 @pytest.mark.parametrize(
