@@ -3,7 +3,7 @@ tests beside their services)."""
 
 from __future__ import annotations
 
-from runops.bench.report import Row, table
+from runops.bench.report import Repeated, Row, table
 from runops.bench.suite import BENCHMARKS, SIZES, controlplane_rows
 from runops.cli.bench import durability_lines
 from runops.cli.main import build_parser
@@ -22,10 +22,22 @@ def test_rows_and_table() -> None:
     lines = table(rows).splitlines()
     assert len(lines) == 5
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == ["benchmark", "figure", "value", "raw floor", "ratio", "target", "met"]
+    assert header == [
+        "benchmark", "figure", "value", "spread", "raw floor", "ratio", "target", "met",
+    ]  # fmt: skip
     assert "yes" in lines[2]
     assert "**NO**" in lines[3]
     assert lines[4].split("|")[-2].strip() == ""  # no target: neither met nor missed
+
+
+def test_a_repeated_figure_is_its_median_with_its_spread() -> None:
+    figure, floor = Repeated((900.0, 1200.0, 1000.0)), Repeated((2100.0, 1900.0, 2000.0))
+    row = Row.repeated("ingest", "small", figure, "items/s", floor, "unnest", at_least=0.5)
+    assert (row.value, row.floor, row.ratio) == (1000.0, 2000.0, 0.5)
+    assert row.met is True
+    assert row.spread == (900.0, 1200.0)
+    cells = [cell.strip() for cell in table([row]).splitlines()[2].strip("|").split("|")]
+    assert cells[2:4] == ["1,000 items/s", "900-1,200"]
 
 
 def test_every_benchmark_has_both_sizes() -> None:
@@ -40,12 +52,14 @@ def test_controlplane_rows_from_a_result() -> None:
             self.per_second = rate
 
     class Result:
-        floor, client, cached = Phase(4000), Phase(80_000), Phase(1600)
+        floor, client, cached, health = Phase(4000), Phase(80_000), Phase(1600), Phase(2000)
 
     rows = controlplane_rows(Result())
     assert rows[0].ratio == 20
     assert rows[0].met is True
     assert rows[1].met is None
+    assert rows[2].floor_name == "empty RPC, same server"
+    assert rows[2].ratio == 0.8
 
 
 def test_command_is_registered() -> None:

@@ -179,7 +179,7 @@ class Phase2:
     async def _accept(self, request: bytes) -> rs.AcceptBatchItemsResponse:
         """One AcceptBatchItems of a serialized request (`accept_request.encode`)."""
         try:
-            return await self._run_store.accept_batch_items_wire(request)
+            return await self._run_store.accept_batch_items_serialized(request)
         except FailedPrecondition as exc:
             if exc.reason in ("BATCH_SEALED", "BATCH_ABORTED"):
                 raise BatchClosed(exc.reason) from exc

@@ -31,6 +31,7 @@ from services.mollifier.builders import (
 )
 from services.mollifier.claim_store import ClaimStore
 from services.mollifier.claims import IdempotencyClaims
+from services.mollifier.create_batcher import CreateBatcher
 from services.mollifier.drainer.drainer import Drainer
 from services.mollifier.gate import Gate
 from services.mollifier.policy import Policies
@@ -120,6 +121,11 @@ async def build_mollifier(settings: MollifierSettings, *, name: str = "mollifier
         claims=claims,
         runs=runs,
         run_store=run_store,
+        creates=CreateBatcher(
+            run_store,
+            max_runs=settings.create_batch_max_runs,
+            max_wait_seconds=settings.create_batch_max_wait_seconds,
+        ),
         minter=IdMinter(database_split=settings.runstore_split),
         defaults=TaskDefaults(control_plane),
     )

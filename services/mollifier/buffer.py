@@ -6,7 +6,9 @@ The index (`{prefix}:envs`, environment -> organization) lives in its own slot, 
 by separate single-key calls and tolerates staleness in both directions:
 - accept writes the entry, *then* adds the environment: an environment is never missing from
   the index while it holds an entry, except after an index write that failed (the sweep's
-  `reindex` repairs that);
+  `reindex` repairs that). So a trigger's accept (`gate_and_accept`) into an environment that
+  already held entries need not write the index again; it does at most once a second per
+  environment all the same, which repairs a failed write within a burst;
 - the drainer removes an environment only by `forget_if_empty`: only if it looks empty, remove,
   *then* read its size atomically, and add it back if it holds anything. Whatever accept did in
   between, the environment ends up indexed. A drainer that dies between the remove and the add
@@ -17,6 +19,7 @@ by separate single-key calls and tolerates staleness in both directions:
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,7 +30,16 @@ import structlog
 from runops.kit.limits import DEFAULT_IDEMPOTENCY_KEY_TTL
 from runops.kit.redis import RedisClient
 from runops.runstore.v1 import runstore_pb2
-from services.mollifier.entries import BufferedEntry, EntryStatus, pairs, parse_ms, to_ms
+from services.mollifier.entries import (
+    POP_FIELDS,
+    BufferedEntry,
+    EntryStatus,
+    PoppedEntry,
+    pairs,
+    parse_ms,
+    to_ms,
+)
+from services.mollifier.gate import Gate, GateDecision
 from services.mollifier.keys import EnvKeys, GlobalKeys
 from services.mollifier.scripts import Scripts
 
@@ -46,6 +58,17 @@ class AcceptOutcome(enum.StrEnum):
 class AcceptResult:
     outcome: AcceptOutcome
     run_id: str
+
+
+@dataclass(frozen=True)
+class GatedAccept:
+    decision: GateDecision
+    # None when the gate passed the trigger (nothing was written).
+    accepted: AcceptResult | None
+
+
+# `gate_and_accept` rewrites the index entry of a busy environment at least this often.
+INDEX_REFRESH_SECONDS = 1.0
 
 
 class MutationOutcome(enum.StrEnum):
@@ -99,6 +122,8 @@ class MollifierBuffer:
         self.ack_grace_ms = int(ack_grace_seconds * 1000)
         self.scripts = Scripts(client)
         self.global_keys = GlobalKeys(prefix)
+        # Environment -> when `gate_and_accept` next rewrites its index entry (monotonic).
+        self._indexed: dict[str, float] = {}
 
     def keys(self, environment_id: str) -> EnvKeys:
         return EnvKeys(self.prefix, environment_id)
@@ -115,14 +140,69 @@ class MollifierBuffer:
         `created_at` the time shown to the caller. With an idempotency key, a live buffered run
         holding it wins (EXISTING); the key's lookup expires at `idempotency_key_expires_at`
         (default: created_at + the snapshot's key TTL, else 30 days)."""
+        keys, lookup, args = self._accept_args(snapshot, created_at, idempotency_key_expires_at)
+        outcome, run_id = await self.scripts.call(
+            "accept", [keys.entry(snapshot.run_id), keys.queue, *lookup], args
+        )
+        result = AcceptResult(AcceptOutcome(_text(outcome)), _text(run_id))
+        if result.outcome is AcceptOutcome.ACCEPTED:
+            await self._index(snapshot.environment_id, snapshot.organization_id)
+        return result
+
+    async def gate_and_accept(
+        self,
+        gate: Gate,
+        snapshot: runstore_pb2.RunInput,
+        *,
+        created_at: datetime,
+        idempotency_key_expires_at: datetime | None = None,
+    ) -> GatedAccept:
+        """`gate.check`, then `accept` when the gate refuses, in one round trip. The index is
+        written after an accept into an environment that held nothing (while it holds entries
+        it is indexed: see the module doc), and at least every `INDEX_REFRESH_SECONDS` per
+        environment, so an index write that failed is repaired by the next burst too."""
+        keys, lookup, args = self._accept_args(snapshot, created_at, idempotency_key_expires_at)
+        passed, tripped, outcome, run_id, held = await self.scripts.call(
+            "trigger",
+            [
+                *gate.keys(snapshot.environment_id),
+                keys.entry(snapshot.run_id),
+                keys.queue,
+                keys.draining,
+                *lookup,
+            ],
+            [*gate.args(), *args],
+        )
+        decision = GateDecision(bool(int(passed)), bool(int(tripped)))
+        if decision.passed:
+            return GatedAccept(decision, None)
+        result = AcceptResult(AcceptOutcome(_text(outcome)), _text(run_id))
+        if result.outcome is AcceptOutcome.ACCEPTED:
+            environment_id = snapshot.environment_id
+            now = time.monotonic()
+            if int(held) == 0 or self._indexed.get(environment_id, 0.0) < now:
+                if len(self._indexed) > 10_000:
+                    self._indexed.clear()
+                self._indexed[environment_id] = now + INDEX_REFRESH_SECONDS
+                await self._index(environment_id, snapshot.organization_id)
+        return GatedAccept(decision, result)
+
+    def _accept_args(
+        self,
+        snapshot: runstore_pb2.RunInput,
+        created_at: datetime,
+        idempotency_key_expires_at: datetime | None,
+    ) -> tuple[EnvKeys, list[str], list[object]]:
+        """accept.lua's keys and arguments: the environment's keys, the idempotency lookup
+        (none without a key) and ARGV."""
         if not snapshot.run_id or not snapshot.environment_id:
             raise ValueError("a buffered snapshot needs its run_id and environment_id")
         keys = self.keys(snapshot.environment_id)
-        script_keys = [keys.entry(snapshot.run_id), keys.queue]
+        lookup: list[str] = []
         expires = ""
         key = snapshot.options.idempotency_key
         if key:
-            script_keys.append(keys.lookup(snapshot.task_identifier, key))
+            lookup.append(keys.lookup(snapshot.task_identifier, key))
             if idempotency_key_expires_at is None:
                 ttl = (
                     snapshot.options.idempotency_key_ttl.ToTimedelta()
@@ -131,23 +211,16 @@ class MollifierBuffer:
                 )
                 idempotency_key_expires_at = created_at + ttl
             expires = str(to_ms(idempotency_key_expires_at))
-        outcome, run_id = await self.scripts.call(
-            "accept",
-            script_keys,
-            [
-                snapshot.run_id,
-                snapshot.SerializeToString(),
-                snapshot.organization_id,
-                snapshot.environment_id,
-                to_ms(created_at),
-                expires,
-                keys.entry_prefix,
-            ],
-        )
-        result = AcceptResult(AcceptOutcome(_text(outcome)), _text(run_id))
-        if result.outcome is AcceptOutcome.ACCEPTED:
-            await self._index(snapshot.environment_id, snapshot.organization_id)
-        return result
+        args: list[object] = [
+            snapshot.run_id,
+            snapshot.SerializeToString(),
+            snapshot.organization_id,
+            snapshot.environment_id,
+            to_ms(created_at),
+            expires,
+            keys.entry_prefix,
+        ]
+        return keys, lookup, args
 
     async def _index(self, environment_id: str, organization_id: str) -> None:
         # The entry is safe already; a failed index write only delays its drain until the next
@@ -160,21 +233,22 @@ class MollifierBuffer:
             )
 
     # -- drain ------------------------------------------------------------------------------
-    async def pop(self, environment_id: str, count: int, owner: str) -> list[BufferedEntry]:
+    async def pop(self, environment_id: str, count: int, owner: str) -> list[PoppedEntry]:
         """Up to `count` entries from the front of the queue, now DRAINING and owned by
-        `owner` (a drainer's token)."""
+        `owner` (a drainer's token), read only as far as the drainer needs."""
         keys = self.keys(environment_id)
         taken = await self.scripts.call(
-            "pop", [keys.queue, keys.draining], [count, keys.entry_prefix, owner]
+            "pop", [keys.queue, keys.draining], [count, keys.entry_prefix, owner, *POP_FIELDS]
         )
-        entries = []
-        for flat in taken:
-            entry = BufferedEntry.from_fields(pairs(flat))
-            if entry is None:
-                log.error("unreadable buffer entry dropped", environment_id=environment_id)
-                continue
-            entries.append(entry)
-        return entries
+        entries = [PoppedEntry(values) for values in taken]
+        readable = [entry for entry in entries if entry.readable]
+        if len(readable) < len(entries):
+            log.error(
+                "unreadable buffer entries dropped",
+                environment_id=environment_id,
+                count=len(entries) - len(readable),
+            )
+        return readable
 
     async def ack(self, environment_id: str, run_ids: Sequence[str]) -> int:
         """The runs were written: DONE, lookup deleted, readable for the ack grace."""

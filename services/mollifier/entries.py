@@ -10,14 +10,18 @@ since the epoch; one that does not parse, or lies outside 0001..9999, reads as a
 from __future__ import annotations
 
 import enum
+import functools
 import json
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
 from runops.common.v1 import common_pb2
+from runops.kit import wire
 from runops.kit.ids import body_of, residency_of, residency_to_proto
 from runops.kit.limits import EPOCH
 from runops.runstore.v1 import runstore_pb2
@@ -77,9 +81,130 @@ def _tags(raw: str) -> tuple[str, ...]:
     return tuple(tag for tag in value if isinstance(tag, str))
 
 
+# RunInput.created_at and Timestamp's seconds and nanos on the wire.
+_CREATED_AT_TAG = wire.tag(runstore_pb2.RunInput.CREATED_AT_FIELD_NUMBER, wire.LENGTH_DELIMITED)
+_SECONDS_TAG = wire.tag(timestamp_pb2.Timestamp.SECONDS_FIELD_NUMBER, wire.VARINT)
+_NANOS_TAG = wire.tag(timestamp_pb2.Timestamp.NANOS_FIELD_NUMBER, wire.VARINT)
+
+
+# Timestamp.nanos of each whole millisecond, and the seconds of recent times (a drain's entries
+# share few seconds), in wire form: the creation time of an entry costs two lookups.
+_NANOS_PARTS = tuple(_NANOS_TAG + wire.varint(millis * 1_000_000) for millis in range(1000))
+
+
+@functools.lru_cache(maxsize=4096)
+def _seconds_part(seconds: int) -> bytes:
+    return _SECONDS_TAG + wire.varint(seconds)
+
+
+def created_at_field(ms: int) -> bytes:
+    """`RunInput.created_at = ms` (non-negative) in wire form, to append to a serialized
+    RunInput: both parts are written even when zero, so it replaces whatever the snapshot
+    held (a later occurrence wins on parse)."""
+    seconds, millis = divmod(ms, 1000)
+    return wire.length_delimited(_CREATED_AT_TAG, _seconds_part(seconds) + _NANOS_PARTS[millis])
+
+
 def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     """HGETALL as a Lua script returns it (a flat list) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+# The fields of an entry's hash a drainer reads, in the order `pop.lua` answers them.
+POP_FIELDS = (
+    "id", "input", "org", "env", "status", "created_at", "attempts", "draining_since", "owner",
+    "idem_expires_at", "tags", "metadata", "metadata_type", "delay_until", "cancelled_at",
+    "cancel_reason", "idem_reset", "error",
+)  # fmt: skip
+_ID, _INPUT, _ENV, _CREATED_AT, _ATTEMPTS, _KEY_EXPIRES = (
+    POP_FIELDS.index(name)
+    for name in ("id", "input", "env", "created_at", "attempts", "idem_expires_at")
+)
+# Written only by a change made while buffered (`mutate.lua`, `reset_key.lua`): an entry with
+# none of them drains as its snapshot bytes as accepted.
+_CHANGE_FIELDS = ("tags", "metadata_type", "delay_until", "cancelled_at", "idem_reset")
+_changes = operator.itemgetter(*(POP_FIELDS.index(name) for name in _CHANGE_FIELDS))
+
+
+class PoppedEntry:
+    """An entry as `MollifierBuffer.pop` took it (DRAINING): its hash's fields in POP_FIELDS
+    order (None when absent), decoded only as far as the drainer needs. `entry` decodes the
+    whole of it (a changed entry, an entry out of attempts, tests)."""
+
+    __slots__ = ("_entry", "attempts", "environment_id", "run_id", "values")
+
+    def __init__(self, values: list[bytes | None]) -> None:
+        self.values = values
+        raw_id, raw_env, raw_attempts = values[_ID], values[_ENV], values[_ATTEMPTS]
+        self.run_id = raw_id.decode(errors="replace") if raw_id else ""
+        self.environment_id = raw_env.decode(errors="replace") if raw_env else ""
+        try:
+            self.attempts = int(raw_attempts or 0)
+        except ValueError:
+            self.attempts = 0
+        self._entry: BufferedEntry | bool | None = False
+
+    @property
+    def readable(self) -> bool:
+        """It has a run id and a snapshot (what `BufferedEntry.from_fields` needs first)."""
+        return bool(self.run_id) and self.values[_INPUT] is not None
+
+    @property
+    def entry(self) -> BufferedEntry | None:
+        """The whole entry, decoded once (None when it is not readable)."""
+        if self._entry is False:
+            self._entry = BufferedEntry.from_fields(
+                {
+                    name.encode(): value
+                    for name, value in zip(POP_FIELDS, self.values, strict=True)
+                    if value is not None
+                }
+            )
+        assert self._entry is not True
+        return self._entry
+
+    @property
+    def created_at(self) -> datetime | None:
+        return parse_ms(self.values[_CREATED_AT])
+
+    # What the bookkeeping fields read (tests, logs); the drainer itself needs none of them.
+    @property
+    def status(self) -> EntryStatus | None:
+        entry = self.entry
+        return entry.status if entry is not None else None
+
+    @property
+    def owner(self) -> str:
+        entry = self.entry
+        return entry.owner if entry is not None else ""
+
+    @property
+    def draining_since(self) -> datetime | None:
+        entry = self.entry
+        return entry.draining_since if entry is not None else None
+
+    @property
+    def error(self) -> str:
+        entry = self.entry
+        return entry.error if entry is not None else ""
+
+    def unchanged_wire(self, now_ms: int) -> bytes | None:
+        """What the drainer writes for an entry nothing changed while buffered, without decoding
+        it: the snapshot bytes as accepted (they hold the run id) with the creation time its
+        caller was shown appended: the same RunInput `BufferedEntry.run_input` and the writer
+        would build. None when that needs the decoded entry: a change made while buffered, an
+        idempotency key expiry that passed or does not read, a creation time that does not."""
+        values = self.values
+        snapshot = values[_INPUT]
+        if snapshot is None or _changes(values).count(None) != len(_CHANGE_FIELDS):
+            return None
+        expires = values[_KEY_EXPIRES]
+        if expires is not None and not (expires.isdigit() and now_ms < int(expires) <= _MAX_MS):
+            return None
+        created = values[_CREATED_AT]
+        if created is None or not created.isdigit() or int(created) > _MAX_MS:
+            return None
+        return snapshot + created_at_field(int(created))
 
 
 @dataclass(frozen=True)

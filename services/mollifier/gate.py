@@ -11,6 +11,7 @@ environment (100 by default) and expires when the environment goes quiet.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from dataclasses import dataclass
 
@@ -42,19 +43,28 @@ class Gate:
         self.threshold = threshold
         self.window_us = max(1, round(window_seconds * 1_000_000))
         self.hold_us = max(1, round(hold_seconds * 1_000_000))
+        # Members of the window log: unique across processes, cheaper than a uuid each.
+        self._member_prefix = uuid.uuid4().hex[:16]
+        self._members = itertools.count()
+
+    def keys(self, environment_id: str) -> list[str]:
+        """gate.lua's keys."""
+        keys = EnvKeys(self._prefix, environment_id)
+        return [keys.gate_window, keys.gate_hold]
+
+    def args(self, now_us: int | None = None) -> list[object]:
+        """gate.lua's arguments (a unique member for this decision's pass)."""
+        return [
+            self.threshold,
+            self.window_us,
+            self.hold_us,
+            "" if now_us is None else now_us,
+            f"{self._member_prefix}:{next(self._members)}",
+        ]
 
     async def check(self, environment_id: str, *, now_us: int | None = None) -> GateDecision:
         """Pass straight through, or buffer. `now_us` replaces the server's clock (tests)."""
-        keys = EnvKeys(self._prefix, environment_id)
         passed, tripped = await self._scripts.call(
-            "gate",
-            [keys.gate_window, keys.gate_hold],
-            [
-                self.threshold,
-                self.window_us,
-                self.hold_us,
-                "" if now_us is None else now_us,
-                uuid.uuid4().hex,
-            ],
+            "gate", self.keys(environment_id), self.args(now_us)
         )
         return GateDecision(bool(int(passed)), bool(int(tripped)))

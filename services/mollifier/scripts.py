@@ -24,6 +24,15 @@ NAMES = (
 _SOURCES = {name: (LUA / f"{name}.lua").read_text() for name in NAMES}
 
 
+def _function(name: str) -> str:
+    """Script `name` as a local Lua function of (KEYS, ARGV), for a script that composes it."""
+    return f"local function {name}(KEYS, ARGV)\n{_SOURCES[name]}end\n"
+
+
+# The gate and the buffer write in one call: their own scripts, composed (not copied).
+_SOURCES["trigger"] = _function("gate") + _function("accept") + (LUA / "trigger.lua").read_text()
+
+
 class Scripts:
     """Every script, registered on one client. At most `max_in_flight` calls at once: redis-py's
     Cluster client fails a command with MaxConnectionsError when a node's pool is exhausted

@@ -42,6 +42,13 @@ class MollifierSettings(ServerSettings):
     gate_hold_seconds: float = Field(default=0.5, gt=0, le=3600)
     """Once tripped, the environment stays tripped (buffers) this long."""
 
+    create_batch_max_runs: int = Field(default=100, ge=1, le=MAX_RUNS_PER_CALL)
+    """Triggers passing the gate are written together (group commit): one `CreateRuns` once
+    this many are gathered… (1: each alone, through `CreateRun`)."""
+    create_batch_max_wait_seconds: float = Field(default=0.002, ge=0, le=1)
+    """… or this long after the first of them arrived (0: on the event loop's next turn). The
+    most a passed trigger waits for its batch to fill; each caller still gets its own run."""
+
     claim_ttl_min_seconds: float = Field(default=5.0, gt=0, le=3600)
     """An idempotency claim lives at least this long, whatever the key's own expiry."""
     claim_ttl_max_seconds: float = Field(default=30.0, gt=0, le=3600)

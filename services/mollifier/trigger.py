@@ -6,9 +6,11 @@ Every trigger first takes its task's defaults from the environment's current wor
 Order of a trigger that may be buffered:
 1. an idempotency key is claimed (`IdempotencyClaims.acquire`: waiters poll the winner up to 5 s
    and return its run); a claimed key whose live run still waits in the buffer returns that;
-2. the gate decides: pass → `CreateRun` in the run store; tripped → the snapshot (with its
-   pre-minted run id and the creation time shown to the caller) goes to the buffer and the
-   caller gets the synthesized QUEUED run (`buffered`);
+2. the gate decides, and a refused trigger is buffered, in one Redis round trip
+   (`MollifierBuffer.gate_and_accept`): pass → the run store, through the group commit of
+   `CreateBatcher` (concurrent pass-throughs share one `CreateRuns`); tripped → the snapshot
+   (with its pre-minted run id and the creation time shown to the caller) is in the buffer and
+   the caller gets the synthesized QUEUED run (`buffered`);
 3. the claim is published with the run id (released if nothing was written).
 
 Redis errors anywhere before the write fail open: the trigger goes to the run store, whose
@@ -32,8 +34,9 @@ from runops.kit.limits import DEFAULT_IDEMPOTENCY_KEY_TTL
 from runops.mollifier.claims import ClaimOutcome, KeyToClaim
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
-from services.mollifier.buffer import AcceptOutcome, MollifierBuffer
+from services.mollifier.buffer import AcceptOutcome, AcceptResult, MollifierBuffer
 from services.mollifier.claims import IdempotencyClaims
+from services.mollifier.create_batcher import CreateBatcher
 from services.mollifier.entries import EntryStatus, queued_entry
 from services.mollifier.gate import Gate
 from services.mollifier.policy import EnvPolicy, Policies
@@ -47,6 +50,8 @@ TRIGGERS = Counter(
     "shadow_would_buffer, shadow_passed).",
     ["path"],
 )
+_PASSED = TRIGGERS.labels("passed")
+_BUFFERED = TRIGGERS.labels("buffered")
 BUFFERED_NOTICE = (
     "This environment is triggering faster than {threshold} runs per {window:g}s: the run was "
     "accepted and is queued for creation (buffered); it keeps this id and creation time."
@@ -96,6 +101,7 @@ class TriggerFront:
         claims: IdempotencyClaims,
         runs: BufferedRuns,
         run_store: RunStoreClient,
+        creates: CreateBatcher,
         minter: IdMinter,
         defaults: TaskDefaults,
     ) -> None:
@@ -105,6 +111,7 @@ class TriggerFront:
         self._claims = claims
         self._runs = runs
         self._run_store = run_store
+        self._creates = creates
         self._minter = minter
         self._defaults = defaults
         self.notice = BUFFERED_NOTICE.format(
@@ -202,14 +209,17 @@ class TriggerFront:
                     await self._publish(policy, claim, token, waiting.run_id)
                     TRIGGERS.labels("cached").inc()
                     return Triggered(waiting.to_run(created_at), True, True)
-            decision = await self._gate.check(snapshot.environment_id)
-            if decision.passed:
-                TRIGGERS.labels("passed").inc()
-                result = await self._create(snapshot)
+            gated = await self._buffer.gate_and_accept(
+                self._gate, snapshot, created_at=created_at, idempotency_key_expires_at=expires
+            )
+            if gated.accepted is None:
+                _PASSED.inc()
+                created = await self._creates.create(snapshot)
+                result = Triggered(created.run, is_cached=created.is_cached)
             else:
-                if decision.tripped_now:
+                if gated.decision.tripped_now:
                     log.info("gate tripped", environment_id=snapshot.environment_id)
-                result = await self._buffered(snapshot, created_at, expires)
+                result = await self._buffered(snapshot, created_at, expires, gated.accepted)
         except redis.exceptions.RedisError as exc:
             log.warning(
                 "redis failed; trigger goes straight to the run store",
@@ -232,11 +242,12 @@ class TriggerFront:
         return result
 
     async def _buffered(
-        self, snapshot: rs.RunInput, created_at: datetime, expires: datetime | None
+        self,
+        snapshot: rs.RunInput,
+        created_at: datetime,
+        expires: datetime | None,
+        accepted: AcceptResult,
     ) -> Triggered:
-        accepted = await self._buffer.accept(
-            snapshot, created_at=created_at, idempotency_key_expires_at=expires
-        )
         if accepted.outcome is AcceptOutcome.EXISTING:
             entry = await self._buffer.get(snapshot.environment_id, accepted.run_id)
             if entry is not None:
@@ -244,7 +255,7 @@ class TriggerFront:
                 return Triggered(entry.to_run(created_at), True, True)
             # Drained meanwhile: the run store holds it (or the key) now.
             return await self._create(snapshot)
-        TRIGGERS.labels("buffered").inc()
+        _BUFFERED.inc()
         entry = queued_entry(snapshot, created_at, expires)
         return Triggered(entry.to_run(created_at), buffered=True, notice=self.notice)
 

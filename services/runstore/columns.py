@@ -80,7 +80,12 @@ class RunChunk:
         )
 
     def row(self, k: int) -> RunRow:
-        return RunRow(**{name: self.value(name, k) for name in FIELDS})
+        return RunRow(*[self.value(name, k) for name in FIELDS])
+
+    def rows(self) -> list[RunRow]:
+        """Every run as a row (whole answers), transposed at once."""
+        columns = [self.values(name) for name in FIELDS]
+        return [RunRow(*values) for values in zip(*columns, strict=True)]
 
     def params(self, *leading: list[Any] | None) -> list[Any]:
         """The parameters of `sql._unnest` over `leading` columns (None: every row NULL) and
@@ -216,11 +221,11 @@ class CreatedRuns:
     def results(self, runs: RunChunk) -> list[CreatedRun]:
         """Whole answers, one per run (`runs`: what was asked)."""
         results: list[CreatedRun] = []
-        for k in range(len(self.ids)):
+        for k, row in enumerate(runs.rows()):
             if k in self.conflicts:
                 results.append(CreatedRun(None, conflict=self.conflicts[k]))
             elif k in self.existing:
                 results.append(CreatedRun(self.existing[k], is_cached=True))
             else:
-                results.append(CreatedRun(created_run(runs.row(k), self.records[k])))
+                results.append(CreatedRun(created_run(row, self.records[k])))
         return results

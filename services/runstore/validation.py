@@ -324,10 +324,16 @@ def _plain_chunk(
     inputs["created_at"] = [
         _when(run.created_at) if run.HasField("created_at") else None for run in runs
     ]
+    ttls = [run.default_ttl if run.HasField("default_ttl") else None for run in runs]
+    if ttls.count(None) != len(ttls):
+        if any(ttl is not None and limits.negative(ttl) for ttl in ttls):
+            return None
+        inputs["ttl_ms"] = [None if ttl is None else _duration_ms(ttl) for ttl in ttls]
+    # Empty options are no options (every option falls back to the run's defaults).
     rich = {
         k: run
         for k, run in enumerate(runs)
-        if run.HasField("options") or run.HasField("default_ttl") or run.WhichOneof("final_state")
+        if (run.HasField("options") and run.options.ByteSize()) or run.WhichOneof("final_state")
     }
     return _checked_chunk(inputs, len(runs), rich, in_batch=in_batch, mint=mint)
 
@@ -362,7 +368,8 @@ def _checked_chunk(
     """The fast path of a chunk: its columns when every run passes every check, else None, and
     then the caller checks run by run (so a violation is found, worded and named in one place
     only). `inputs`: RunInput's _INPUT_COLUMNS and created_at (a datetime or None), a list
-    each; `rich`: the runs with options, a default TTL or a final state, worked out one by one.
+    each, and ttl_ms (the default TTL's milliseconds or None, not negative) unless no run has
+    one; `rich`: the runs with options or a final state, worked out one by one.
     Each column is checked whole, by `_check_run_input`'s rules in their column form (limits'
     `ids_fit`, the cached id and task checks over a column's distinct values)."""
     optional = {""} if in_batch else set()
@@ -409,6 +416,7 @@ def _checked_chunk(
         "root_run_id": None if roots.count("") == count else [r or None for r in roots],
         "resume_parent_on_completion": inputs["resume_parent_on_completion"],
         "created_at": inputs["created_at"],
+        "ttl_ms": inputs.get("ttl_ms"),
     }
     chunk = RunChunk(count, {name: columns.get(name) for name in FIELDS})
     for k, run in rich.items():
@@ -468,7 +476,9 @@ def run_columns(
     )
     rich_positions = {*columns.options, *columns.failed, *columns.cancelled}
     if ttls is not None:
-        rich_positions.update(k for k, ms in enumerate(ttls) if ms)
+        inputs["ttl_ms"] = [ms or None for ms in ttls]
+        # A negative one is refused run by run (the slow path names it).
+        rich_positions.update(k for k, ms in enumerate(ttls) if ms < 0)
     for k in linked:
         for name in (*_INPUT_COLUMNS, "created_at"):
             inputs[name][k] = getattr(_LINKED, name) if name != "created_at" else None

@@ -10,13 +10,20 @@ from runops.localstack import LocalStack
 
 
 async def test_ingest_benchmark_smoke(stack: LocalStack) -> None:
-    result = await run(stack, **SIZES["ingest"]["smoke"])
+    # Two repetitions of the short phases (smoke sizes have one): the rows get their spread.
+    size = SIZES["ingest"]["smoke"] | {"repetitions": 2}
+    result = await run(stack, **size)
 
     # Every batch was checked sealed whole, its runs counted in Postgres (offloaded ones by
     # payload type) before a figure was kept; here the figures themselves.
-    assert result.small_seconds > 0
-    assert result.floor_unnest_seconds > 0
-    assert result.floor_copy_seconds > 0
+    for figure in (
+        result.small_seconds,
+        result.small_2_seconds,
+        result.floor_unnest_seconds,
+        result.floor_copy_seconds,
+    ):
+        assert len(figure) == size["repetitions"]
+        assert all(seconds > 0 for seconds in figure)
     for large in (result.large_c1, result.large_c10):
         assert large.seconds > 0
         assert 0 < large.idle_kib <= large.peak_kib, large
@@ -31,12 +38,16 @@ async def test_ingest_benchmark_smoke(stack: LocalStack) -> None:
     assert figures == [
         "small items end to end",
         "small items end to end",
+        "small items end to end, 2 processes",
         "256 KiB offloaded, c=10 vs c=1",
         "peak RSS, c=10",
         "peak RSS, c=1",
         "RSS at 100 items",
     ]
-    assert [row.floor_name for row in rows[:2]] == ["unnest INSERT", "COPY"]
+    assert [row.floor_name for row in rows[:3]] == ["unnest INSERT", "COPY", "unnest INSERT"]
+    for row in rows[:3]:  # repeated figures: the median, within its spread
+        assert row.spread is not None
+        assert row.spread[0] <= row.value <= row.spread[1]
     for row in rows:
         assert row.benchmark == "ingest"
         assert row.ratio is not None

@@ -258,3 +258,32 @@ async def test_shutdown_goes_on_when_grpc_stop_hangs(
     finally:
         never.set()
         await real_stop(None)
+
+
+def test_run_loop_runs_on_the_loop_named() -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+
+    kit_server.run_loop(main(), "uvloop")
+    kit_server.run_loop(main(), "asyncio")
+    assert seen[0].startswith("uvloop")
+    assert seen[1].startswith("asyncio")
+
+
+async def test_a_process_on_uvloop_serves_and_drains() -> None:
+    proc = spawn({**PROCESS_ENV, "RUNOPS_EVENT_LOOP": "uvloop"})
+    try:
+        target = await asyncio.wait_for(asyncio.to_thread(serving_address, proc), timeout=60)
+        async with grpc.aio.insecure_channel(target) as ch:
+            in_flight = asyncio.ensure_future(stub(ch).Behave(behave("sleep:1"), timeout=30))
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            response = await in_flight
+            assert response.echo.behaviour == "sleep:1"
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

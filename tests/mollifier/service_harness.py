@@ -109,21 +109,24 @@ def trigger_request(env: str, **fields: Any) -> m.TriggerRequest:
     return m.TriggerRequest(**values)
 
 
-async def runs_in_postgres(stack: LocalStack, env: str) -> dict[str, datetime]:
-    """run id (body) -> created_at of every run of `env`, read on both writers directly."""
-    found: dict[str, datetime] = {}
+async def run_rows(stack: LocalStack, env: str) -> dict[str, asyncpg.Record]:
+    """run id (body) -> row of every run of `env`, read on both writers directly."""
+    found: dict[str, asyncpg.Record] = {}
     for db in (stack.controlplane_db, stack.runops_db):
         conn = await asyncpg.connect(db.admin_writer_dsn)
         try:
-            rows = await conn.fetch(
-                "SELECT id, created_at FROM runs WHERE environment_id = $1", env
-            )
+            rows = await conn.fetch("SELECT * FROM runs WHERE environment_id = $1", env)
         finally:
             await conn.close()
         for row in rows:
             assert row["id"] not in found, f"run {row['id']} in both databases"
-            found[row["id"]] = row["created_at"]
+            found[row["id"]] = row
     return found
+
+
+async def runs_in_postgres(stack: LocalStack, env: str) -> dict[str, datetime]:
+    """run id (body) -> created_at of every run of `env`, read on both writers directly."""
+    return {run_id: row["created_at"] for run_id, row in (await run_rows(stack, env)).items()}
 
 
 async def count_runs(stack: LocalStack, env: str) -> int:

@@ -94,6 +94,29 @@ async def test_stats_shows_the_buffer_a_burst_filled(
     assert cells[3].endswith("s")
 
 
+async def test_trigger_prints_one_line_per_run(
+    services: Callable[..., Awaitable[Mollifier]],
+    env: Seeded,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    service = await services(**TRIPPED)
+    monkeypatch.setenv(TARGET_ENV, service.app.target)
+    monkeypatch.setenv(TOKEN_ENV, INTERNAL_TOKEN)
+    lines = []
+    for _ in range(2):
+        code, out, err = await _run(["trigger", "--env", env.env_id], capsys)
+        assert code == 0, err
+        lines.append(out)
+    # The first trigger goes through the open gate; the second trips it and is buffered.
+    first, second = (line.rstrip("\n") for line in lines)
+    assert "{" not in first + second, lines
+    assert first.split()[0].startswith("run_"), first
+    assert first.split()[1:] == ["PENDING", "(written", "to", "the", "run", "store)"], first
+    assert second.split()[0].startswith("run_"), second
+    assert "QUEUED (buffered)" in second, second
+
+
 async def test_each_failure_is_one_error_line(
     services: Callable[..., Awaitable[Mollifier]],
     monkeypatch: pytest.MonkeyPatch,

@@ -34,6 +34,10 @@ async def test_benchmark_smoke(stack: LocalStack) -> None:
     for phase in (result.create_runs, result.floor_insert_runs, result.accept):
         assert phase.rows == phase.calls * 50, phase.name  # whole chunks, each written once
     assert result.get_run_overhead > 0
+    assert result.get_run_share > 0  # routed GetRun / the bare servicer's
+    assert result.get_run_2 is not None  # and on a run store of 2 processes
+    assert result.create_runs_2 is not None
+    assert result.create_runs_2.rows == result.create_runs_2.calls * 50
     assert result.create_runs_share > 0
     assert result.accept_share > 0
     assert result.durability["synchronous_commit"] == "off"  # the local stack's setting
@@ -51,7 +55,8 @@ async def test_benchmark_smoke(stack: LocalStack) -> None:
     for phase in result.phases():
         assert phase.name in report
     for line in (
-        "GetRun overhead",
+        "of the bare servicer's",
+        "raw / routed",
         "CreateRuns:",
         "AcceptBatchItems:",
         "service RSS",

@@ -221,10 +221,11 @@ def test_one_bad_field_takes_the_slow_path_and_is_named(
 
 @st.composite
 def plain_inputs(draw: st.DrawFn) -> rs.RunInput:
-    """A run without options, default TTL or final state: the columns alone carry it."""
+    """A run without options (or with empty ones) or final state: the columns alone carry it."""
     run = draw(run_inputs())
     run.ClearField("options")
-    run.ClearField("default_ttl")
+    if draw(st.booleans()):
+        run.options.SetInParent()
     run.ClearField("final_state")
     return run
 

@@ -50,7 +50,7 @@ from runops.kit.background import Worker
 from runops.kit.backoff import ExponentialBackoff
 from runops.runstore.v1 import runstore_pb2
 from services.mollifier.buffer import MollifierBuffer
-from services.mollifier.entries import BufferedEntry
+from services.mollifier.entries import BufferedEntry, PoppedEntry, to_ms
 
 log = structlog.get_logger("runops.mollifier.drainer")
 
@@ -66,17 +66,48 @@ class DrainKind(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
 class DrainItem:
-    entry: BufferedEntry
-    kind: DrainKind
-    # The snapshot with its buffered changes; run_id is the id the caller was given.
-    run: runstore_pb2.RunInput
-    # The creation time the caller was shown (None if its stored value was unreadable).
-    created_at: datetime | None
-    # FAILED: the error code and message of the SYSTEM_FAILURE run; CANCELLED: the reason.
-    error_code: str = ""
-    error_message: str = ""
+    """One entry of a tick as the writer sends it. `wire`: the serialized RunInput to write
+    (the snapshot with its buffered changes, the run id and creation time its caller was
+    shown, `failed` / `cancelled` by kind); an entry nothing changed is its snapshot bytes as
+    accepted plus that creation time, never decoded. `entry` and `run` decode on first use."""
+
+    __slots__ = ("_run", "error_code", "error_message", "kind", "popped", "wire")
+
+    def __init__(
+        self,
+        popped: PoppedEntry,
+        kind: DrainKind,
+        wire: bytes,
+        error_code: str = "",
+        error_message: str = "",
+    ) -> None:
+        self.popped = popped
+        self.kind = kind
+        self.wire = wire
+        # FAILED: the error code and message of the SYSTEM_FAILURE run; CANCELLED: the reason.
+        self.error_code = error_code
+        self.error_message = error_message
+        self._run: runstore_pb2.RunInput | None = None
+
+    @property
+    def entry(self) -> BufferedEntry:
+        entry = self.popped.entry
+        if entry is None:
+            raise ValueError(f"buffer entry {self.popped.run_id} does not decode")
+        return entry
+
+    @property
+    def run(self) -> runstore_pb2.RunInput:
+        """What is written, decoded (logs, tests)."""
+        if self._run is None:
+            self._run = runstore_pb2.RunInput.FromString(self.wire)
+        return self._run
+
+    @property
+    def created_at(self) -> datetime | None:
+        """The creation time the caller was shown (None if its stored value was unreadable)."""
+        return self.popped.created_at
 
 
 class WriteStatus(enum.StrEnum):
@@ -119,7 +150,7 @@ class Batch:
     """A tick's popped entries (by environment, queue order), DRAINING under `owner`."""
 
     owner: str
-    held: dict[str, list[BufferedEntry]]
+    held: dict[str, list[PoppedEntry]]
     report: TickReport
 
     @property
@@ -200,23 +231,31 @@ class Drainer:
             log.warning("requeued entries stuck in DRAINING", count=recovered, drainer=self.name)
         return recovered
 
-    def _item(self, entry: BufferedEntry, now: datetime) -> DrainItem:
+    def _item(self, popped: PoppedEntry, now: datetime, now_ms: int) -> DrainItem | None:
+        """None: the entry does not decode (it stays DRAINING; recovery requeues it)."""
+        if popped.attempts < self.max_attempts:
+            wire = popped.unchanged_wire(now_ms)
+            if wire is not None:
+                return DrainItem(popped, DrainKind.CREATE, wire)
+        entry = popped.entry
+        if entry is None:
+            return None
         run = entry.run_input(now)
+        if entry.created_at is not None:
+            run.created_at.FromDatetime(entry.created_at)
         if entry.attempts >= self.max_attempts:
             message = entry.error or "the run could not be written"
+            error = f"buffered run not written after {entry.attempts} attempts: {message}"
+            run.failed.code, run.failed.message = DRAIN_FAILED_CODE, error
             return DrainItem(
-                entry,
-                DrainKind.FAILED,
-                run,
-                entry.created_at,
-                DRAIN_FAILED_CODE,
-                f"buffered run not written after {entry.attempts} attempts: {message}",
+                popped, DrainKind.FAILED, run.SerializeToString(), DRAIN_FAILED_CODE, error
             )
         if entry.cancelled:
+            run.cancelled.reason = entry.cancel_reason
             return DrainItem(
-                entry, DrainKind.CANCELLED, run, entry.created_at, "", entry.cancel_reason
+                popped, DrainKind.CANCELLED, run.SerializeToString(), "", entry.cancel_reason
             )
-        return DrainItem(entry, DrainKind.CREATE, run, entry.created_at)
+        return DrainItem(popped, DrainKind.CREATE, run.SerializeToString())
 
     async def tick(self) -> TickReport:
         """One tick, start to end: take a batch, write it, settle it."""
@@ -247,6 +286,7 @@ class Drainer:
         cancelled write requeues what the batch holds (attempts unchanged)."""
         held, owner, report = batch.held, batch.owner, batch.report
         now = datetime.now(UTC)
+        now_ms = to_ms(now)
         # Interleaved across environments: each one's entries stay in queue order.
         ordered = [
             entry
@@ -254,7 +294,11 @@ class Drainer:
             for entry in group
             if entry is not None
         ]
-        items = [self._item(entry, now) for entry in ordered]
+        items = [item for entry in ordered if (item := self._item(entry, now, now_ms))]
+        if len(items) < len(ordered):
+            log.error("undecodable buffer entries left DRAINING", count=len(ordered) - len(items))
+            if not items:
+                return report
         try:
             results = await self.writer.create_runs(items)
             if len(results) != len(items):
@@ -270,9 +314,7 @@ class Drainer:
         await self._settle(items, results, owner, report)
         return report
 
-    async def _requeue_all(
-        self, held: dict[str, list[BufferedEntry]], owner: str, error: str
-    ) -> int:
+    async def _requeue_all(self, held: dict[str, list[PoppedEntry]], owner: str, error: str) -> int:
         counts = await asyncio.gather(
             *(
                 self.buffer.requeue(
@@ -296,7 +338,7 @@ class Drainer:
         last_try: dict[str, list[str]] = defaultdict(list)
         errors: dict[str, str] = {}
         for item, result in zip(items, results, strict=True):
-            env, run_id = item.entry.environment_id, item.entry.run_id
+            env, run_id = item.popped.environment_id, item.popped.run_id
             if result.status is WriteStatus.OK:
                 (failed if item.kind is DrainKind.FAILED else done)[env].append(run_id)
             elif result.status is WriteStatus.RETRYABLE:

@@ -39,7 +39,7 @@ import asyncpg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from runops.bench import proc, program
+from runops.bench import proc, profile, program
 from runops.bench.loadgen import (
     Call,
     Close,
@@ -508,10 +508,20 @@ async def run(
 ) -> BenchResult:
     """Seed `keys` environments, then measure the floor, the cached path, the bare RPC (health
     check) and ControlPlaneClient's cached path on the same server, and the uncached path."""
+    say: Progress = progress or (lambda _line: None)
+    # The control planes run in this process: it is what `--profile` records as the service.
+    watched = profile.watching("controlplane (bench process)", os.getpid())
+    with watched:
+        return await _measure(stack, seconds, concurrency, keys, loadgen, say)
+
+
+async def _measure(
+    stack: LocalStack, seconds: float, concurrency: int, keys: int, loadgen: LoadgenMode,
+    say: Progress,
+) -> BenchResult:  # fmt: skip
     from runops.localstack.settings import INTERNAL_TOKEN
     from services.controlplane.store import SELECT_BY_KEY_HASH
 
-    say: Progress = progress or (lambda _line: None)
     warmup = warmup_for(seconds)
     pool_size = min(concurrency, 200)
     pids: list[int] = []

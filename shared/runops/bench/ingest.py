@@ -3,6 +3,7 @@ large items through a slow object store at concurrency 1 and 10 with the ingest 
 and a 100,000-item batch in one stream with its RSS at 10% and at the end.
 
     python -m runops.bench.ingest [--small N] [--large-c1 N] [--large-c10 N] [--big N]
+                                  [--repetitions R]
 
 Every service runs as its own OS process (control plane, run store, ingest: `python -m
 services.<name>`); the client side of every phase (the ingest client library
@@ -16,7 +17,7 @@ subprocess, so it takes no CPU from a server's event loop. Phases, in order:
                     (VmHWM, reset to the idle RSS before the measured batch) of that process
   large, c=10       the same on a fresh ingest process with concurrency 10
                     -> speedup = items/s at 10 / items/s at 1 (target >= 8x); peak <= idle +
-                       2 x concurrency x RUNOPS_MAX_CHUNK_BYTES (512 KiB here)
+                       2 x concurrency x RUNOPS_MAX_CHUNK_BYTES (512 KiB here) + 8 MiB
   floor unnest      N batch_items + runs rows of <= 1 KiB, asyncpg, unnest INSERT ... ON CONFLICT,
                     1000 rows a statement, 2 in flight, on the run-ops writer
   floor COPY        the same rows with copy_records_to_table (both tables, one transaction)
@@ -24,6 +25,9 @@ subprocess, so it takes no CPU from a server's event loop. Phases, in order:
                     the c=10 ingest process -> run store -> Postgres, timed from CreateBatch to
                     the sealed answer; the runs are counted in Postgres afterwards
                     -> items/s / floor (target >= 50% of unnest; aim 50% of COPY)
+  small, 2 procs    the same through a fresh c=10 ingest of RUNOPS_PROCESSES=2
+                    (the floors and both small-items figures: R repetitions, the median printed
+                    with its spread)
   big batch         one 100,000-item batch in one stream on a fresh c=10 ingest process (after a
                     1,000-item warm-up); its RSS when 10,000 items were sent and when the stream
                     sealed (target within 10%)
@@ -42,10 +46,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from runops.bench import floors, program
+from runops.bench import floors, profile, program
 from runops.bench.loadgen import in_subprocess, worker_main
 from runops.bench.proc import cpu_seconds, reset_peak, status_kib
-from runops.bench.report import Row, durability, settings, table
+from runops.bench.report import REPETITIONS, Repeated, Row, durability, settings, table
 from runops.bench.services import Suite, pid_of, running_suite
 
 if TYPE_CHECKING:
@@ -61,6 +65,7 @@ LARGE_PAYLOAD = 256 * KIB
 # not, so the client library's chunker sends one item a message.
 MAX_CHUNK_BYTES = 512 * KIB
 DELAY_SECONDS = 0.05
+RSS_SLACK_BYTES = 8 * MIB  # spec §7's peak RSS allowance beyond the chunks in flight
 RSS_MARK_FRACTION = 10  # the big batch's first RSS sample: at a tenth of its items
 BENCHMARK = "ingest"
 
@@ -125,8 +130,8 @@ class Large:
 
     @property
     def allowance_kib(self) -> int:
-        """Spec §7: peak <= idle + 2 x concurrency x the largest chunk."""
-        return 2 * self.concurrency * MAX_CHUNK_BYTES // KIB
+        """Spec §7: peak <= idle + 2 x concurrency x the largest chunk + 8 MiB."""
+        return 2 * self.concurrency * MAX_CHUNK_BYTES // KIB + RSS_SLACK_BYTES // KIB
 
 
 @dataclass(frozen=True)
@@ -134,11 +139,14 @@ class IngestResult:
     cpus: int
     durability: dict[str, str]
     small_items: int
-    small_seconds: float
-    small_ingest_cores: float  # CPU of the ingest process over the small-items batch, in cores
+    # Each small-items figure once per repetition (spec §7: a phase shorter than 10 s is
+    # repeated, the median printed with its spread).
+    small_seconds: tuple[float, ...]
+    small_ingest_cores: float  # CPU of the ingest process over the last small-items batch
     small_runstore_cores: float  # ... of the run store process
-    floor_unnest_seconds: float
-    floor_copy_seconds: float
+    small_2_seconds: tuple[float, ...]  # the same through an ingest of 2 processes
+    floor_unnest_seconds: tuple[float, ...]
+    floor_copy_seconds: tuple[float, ...]
     large_c1: Large
     large_c10: Large
     big_items: int
@@ -146,17 +154,36 @@ class IngestResult:
     rss_at_mark_kib: int
     rss_at_end_kib: int
 
+    def _rates(self, seconds: tuple[float, ...]) -> Repeated:
+        return Repeated(tuple(self.small_items / s for s in seconds))
+
+    @property
+    def small(self) -> Repeated:
+        return self._rates(self.small_seconds)
+
+    @property
+    def small_2(self) -> Repeated:
+        return self._rates(self.small_2_seconds)
+
+    @property
+    def unnest(self) -> Repeated:
+        return self._rates(self.floor_unnest_seconds)
+
+    @property
+    def copy(self) -> Repeated:
+        return self._rates(self.floor_copy_seconds)
+
     @property
     def small_rate(self) -> float:
-        return self.small_items / self.small_seconds
+        return self.small.median
 
     @property
     def unnest_rate(self) -> float:
-        return self.small_items / self.floor_unnest_seconds
+        return self.unnest.median
 
     @property
     def copy_rate(self) -> float:
-        return self.small_items / self.floor_copy_seconds
+        return self.copy.median
 
     @property
     def speedup(self) -> float:
@@ -170,13 +197,17 @@ class IngestResult:
         b = BENCHMARK
         mark = self.big_items // RSS_MARK_FRACTION
         rows = [
-            Row.against(
-                b, "small items end to end", self.small_rate, "items/s", self.unnest_rate,
+            Row.repeated(
+                b, "small items end to end", self.small, "items/s", self.unnest,
                 "unnest INSERT", target=">= 0.5 of unnest", at_least=0.5,
             ),
-            Row.against(
-                b, "small items end to end", self.small_rate, "items/s", self.copy_rate,
+            Row.repeated(
+                b, "small items end to end", self.small, "items/s", self.copy,
                 "COPY", target="aim 0.5 of COPY", at_least=0.5,
+            ),
+            Row.repeated(
+                b, "small items end to end, 2 processes", self.small_2, "items/s", self.unnest,
+                "unnest INSERT", target=">= 0.5 of unnest", at_least=0.5,
             ),
             Row(
                 b, "256 KiB offloaded, c=10 vs c=1", self.large_c10.per_second, "items/s",
@@ -189,7 +220,7 @@ class IngestResult:
                 Row(
                     b, f"peak RSS, c={large.concurrency}", large.peak_kib / KIB, "MiB",
                     large.idle_kib / KIB, "idle RSS", large.peak_kib / large.idle_kib,
-                    f"<= idle + {large.allowance_kib // KIB} MiB = {bound:.0f} MiB",
+                    f"<= idle + 2 x {large.concurrency} x chunk + 8 MiB = {bound:.0f} MiB",
                     large.peak_kib <= large.idle_kib + large.allowance_kib,
                 )
             )  # fmt: skip
@@ -205,11 +236,11 @@ class IngestResult:
     def report(self) -> str:
         lines = [
             f"batch ingest, {self.cpus} CPUs, Postgres: " + settings(self.durability),
-            f"  small items: {self.small_items:,} in {self.small_seconds:.2f}s ="
-            f" {self.small_rate:,.0f}/s; floors (same rows, {floors.CHUNK} a statement,"
-            f" {floors.IN_FLIGHT} in flight): unnest {self.unnest_rate:,.0f}/s,"
-            f" COPY {self.copy_rate:,.0f}/s; CPU meanwhile (cores): ingest"
-            f" {self.small_ingest_cores:.2f}, run store {self.small_runstore_cores:.2f}",
+            f"  small items, {self.small_items:,} a batch, items/s per repetition:"
+            f" {_each(self.small)} (2 ingest processes: {_each(self.small_2)}); floors (same"
+            f" rows, {floors.CHUNK} a statement, {floors.IN_FLIGHT} in flight): unnest"
+            f" {_each(self.unnest)}, COPY {_each(self.copy)}; CPU over the last batch (cores):"
+            f" ingest {self.small_ingest_cores:.2f}, run store {self.small_runstore_cores:.2f}",
         ]
         for large in (self.large_c1, self.large_c10):
             lines.append(
@@ -224,6 +255,10 @@ class IngestResult:
             f" {self.rss_at_end_kib / KIB:.1f} MiB ({self.rss_growth - 1:+.1%})"
         )
         return "\n".join(lines)
+
+
+def _each(figure: Repeated) -> str:
+    return ", ".join(f"{v:,.0f}" for v in figure.values)
 
 
 async def _count_runs(dsn: str, batch_friendly_id: str, *, offloaded: bool = False) -> int:
@@ -279,7 +314,8 @@ async def _large(
     idle = status_kib(pid, "VmRSS") or 0
     if not reset_peak(pid):
         raise RuntimeError(f"cannot reset the peak RSS of pid {pid} (/proc/{pid}/clear_refs)")
-    result = await _batch(suite, target, pid, items, LARGE_PAYLOAD, offloaded=True)
+    async with profile.phase(f"256 KiB items c={concurrency}"):
+        result = await _batch(suite, target, pid, items, LARGE_PAYLOAD, offloaded=True)
     large = Large(concurrency, items, result["seconds"], idle, status_kib(pid, "VmHWM") or 0)
     say(
         f"256 KiB items, c={concurrency}: {large.per_second:,.1f}/s, RSS idle"
@@ -303,15 +339,17 @@ async def _floor(suite: Suite, method: floors.Method, rows: int) -> float:
     """Seconds for `rows` batch items (and their runs) of a batch of their own."""
     dsn = suite.stack.runops_db.writer_dsn
     batch_id = await floors.create_batch(dsn, suite.environment_id, rows)
-    return await floors.measure(
-        dsn, method=method, rows=rows, payload_bytes=SMALL_PAYLOAD,
-        environment_id=suite.environment_id, batch_id=batch_id,
-    )  # fmt: skip
+    async with profile.phase(f"floor {method}"):
+        return await floors.measure(
+            dsn, method=method, rows=rows, payload_bytes=SMALL_PAYLOAD,
+            environment_id=suite.environment_id, batch_id=batch_id,
+        )  # fmt: skip
 
 
 async def measure(
-    suite: Suite, *, small: int, large_c1: int, large_c10: int, big: int, progress: Progress
-) -> IngestResult:
+    suite: Suite, *, small: int, large_c1: int, large_c10: int, big: int, repetitions: int,
+    progress: Progress,
+) -> IngestResult:  # fmt: skip
     from urllib.parse import urlsplit
 
     from runops.localstack.delay_proxy import DelayProxy
@@ -327,23 +365,39 @@ async def measure(
             c1 = await _large(suite, process, 1, large_c1, say)
         async with suite.service("ingest", "ingest-c10", **_ingest_env(proxy_url, 10)) as process:
             c10 = await _large(suite, process, 10, large_c10, say)
-            unnest = await _floor(suite, "unnest", small)
-            say(f"floor unnest INSERT: {small / unnest:,.0f} rows/s")
-            copy = await _floor(suite, "copy", small)
-            say(f"floor COPY: {small / copy:,.0f} rows/s")
+            unnest, copy, small_seconds = [], [], []
+            for _ in range(repetitions):
+                unnest.append(await _floor(suite, "unnest", small))
+                say(f"floor unnest INSERT: {small / unnest[-1]:,.0f} rows/s")
+                copy.append(await _floor(suite, "copy", small))
+                say(f"floor COPY: {small / copy[-1]:,.0f} rows/s")
             pid, target = pid_of(process), process.target
             store = pid_of(suite.base[1])
-            before = (cpu_seconds(pid), cpu_seconds(store))
-            small_run = await _batch(suite, target, pid, small, SMALL_PAYLOAD)
-            # CPU of the two services over the batch (the run count check after it included).
-            cores = tuple(
-                (cpu_seconds(p) - b) / small_run["seconds"]
-                for p, b in zip((pid, store), before, strict=True)
-            )
-            say(
-                f"small items end to end: {small / small_run['seconds']:,.0f} items/s; CPU"
-                f" (cores) ingest {cores[0]:.2f}, run store {cores[1]:.2f}"
-            )
+            for _ in range(repetitions):
+                before = (cpu_seconds(pid), cpu_seconds(store))
+                async with profile.phase("small items end to end"):
+                    small_run = await _batch(suite, target, pid, small, SMALL_PAYLOAD)
+                small_seconds.append(small_run["seconds"])
+                # CPU of the two services over the batch (the run count check after it
+                # included).
+                cores = tuple(
+                    (cpu_seconds(p) - b) / small_run["seconds"]
+                    for p, b in zip((pid, store), before, strict=True)
+                )
+                say(
+                    f"small items end to end: {small / small_run['seconds']:,.0f} items/s; CPU"
+                    f" (cores) ingest {cores[0]:.2f}, run store {cores[1]:.2f}"
+                )
+        two = _ingest_env(proxy_url, 10) | {"RUNOPS_PROCESSES": "2"}
+        small_2_seconds = []
+        async with suite.service("ingest", "ingest-2-processes", **two) as process:
+            pid, target = pid_of(process), process.target
+            await _batch(suite, target, pid, min(small, 1000), SMALL_PAYLOAD)  # warm-up
+            for _ in range(repetitions):
+                async with profile.phase("small items end to end, 2 processes"):
+                    run_2 = await _batch(suite, target, pid, small, SMALL_PAYLOAD)
+                small_2_seconds.append(run_2["seconds"])
+                say(f"small items, 2 ingest processes: {small / run_2['seconds']:,.0f} items/s")
         # A fresh process for the one-stream batch: its RSS is the stream's, not what the
         # phases before left in the allocator.
         async with suite.service("ingest", "ingest-big", **_ingest_env(proxy_url, 10)) as process:
@@ -351,17 +405,19 @@ async def measure(
             await _batch(suite, target, pid, 1000, SMALL_PAYLOAD)
             say(f"{big:,}-item batch in one stream")
             mark = big // RSS_MARK_FRACTION
-            big_run = await _batch(suite, target, pid, big, SMALL_PAYLOAD, rss_mark=mark)
+            async with profile.phase(f"{big:,}-item stream"):
+                big_run = await _batch(suite, target, pid, big, SMALL_PAYLOAD, rss_mark=mark)
             say(f"{big:,} items in {big_run['seconds']:.1f}s")
     return IngestResult(
         cpus=os.cpu_count() or 1,
         durability=await durability(suite.stack.runops_db.admin_writer_dsn),
         small_items=small,
-        small_seconds=small_run["seconds"],
+        small_seconds=tuple(small_seconds),
         small_ingest_cores=cores[0],
         small_runstore_cores=cores[1],
-        floor_unnest_seconds=unnest,
-        floor_copy_seconds=copy,
+        small_2_seconds=tuple(small_2_seconds),
+        floor_unnest_seconds=tuple(unnest),
+        floor_copy_seconds=tuple(copy),
         large_c1=c1,
         large_c10=c10,
         big_items=big,
@@ -371,8 +427,13 @@ async def measure(
     )
 
 
-# Sizes: the defaults take about 2-3 minutes on 2 cores (stack start-up included).
-DEFAULTS = {"small": 20_000, "large_c1": 30, "large_c10": 200, "big": 100_000}
+# Sizes: the defaults take about 4 minutes on 2 cores (stack start-up included). The 256 KiB
+# phases run >= 10 s each (about 4 items/s at c=1 and 40 at c=10 behind the 50 ms proxy), the
+# small-items batch and its floors (a few seconds) are repeated (spec §7).
+DEFAULTS = {
+    "small": 20_000, "large_c1": 45, "large_c10": 450, "big": 100_000,
+    "repetitions": REPETITIONS,
+}  # fmt: skip
 
 
 async def run(
@@ -382,6 +443,7 @@ async def run(
     large_c1: int = DEFAULTS["large_c1"],
     large_c10: int = DEFAULTS["large_c10"],
     big: int = DEFAULTS["big"],
+    repetitions: int = DEFAULTS["repetitions"],
     progress: Progress | None = None,
 ) -> IngestResult:
     """Start a control plane and a run store as processes on `stack`, seed an environment, then
@@ -389,8 +451,9 @@ async def run(
     say: Progress = progress or (lambda _line: None)
     async with running_suite(stack, say) as suite:
         return await measure(
-            suite, small=small, large_c1=large_c1, large_c10=large_c10, big=big, progress=say
-        )
+            suite, small=small, large_c1=large_c1, large_c10=large_c10, big=big,
+            repetitions=repetitions, progress=say,
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -400,11 +463,15 @@ def main(argv: list[str] | None = None) -> None:
     add("--large-c1", type=int, default=DEFAULTS["large_c1"], help="256 KiB items at c=1")
     add("--large-c10", type=int, default=DEFAULTS["large_c10"], help="256 KiB items at c=10")
     add("--big", type=int, default=DEFAULTS["big"], help="the one-stream batch (<= 100000)")
+    add("--repetitions", type=int, default=REPETITIONS, help="of the small-items batch, floors")
     args = parser.parse_args(argv)
     if args.loadgen_worker:
         worker_main(_ingest_work)
         return
-    if min(args.small, args.large_c1, args.large_c10) < 1 or not 10 <= args.big <= 100_000:
+    if (
+        min(args.small, args.large_c1, args.large_c10, args.repetitions) < 1
+        or not 10 <= args.big <= 100_000
+    ):
         parser.error("sizes must be >= 1, --big 10 to 100000")
     sizes = {name: getattr(args, name) for name in DEFAULTS}
     result = program.on_local_stack(lambda stack, say: run(stack, **sizes, progress=say))

@@ -24,6 +24,7 @@ from typing import Any, Self, TypeVar
 import asyncpg
 import grpc
 
+from runops.bench import profile
 from runops.bench.proc import own_cpu_seconds
 from runops.kit.errors import RunopsError
 
@@ -168,6 +169,19 @@ async def closed_loop(
     )
 
 
+def own_connection_channel(target: str, token: str) -> grpc.aio.Channel:
+    """A kit channel (`create_channel`'s options and interceptors) on a connection of its own:
+    grpc shares one connection between channels of the same target and options, and
+    SO_REUSEPORT spreads a service's connections, not its calls, over its RUNOPS_PROCESSES."""
+    from runops.kit.channels import channel_options, propagating_interceptors
+
+    return grpc.aio.insecure_channel(
+        target,
+        options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)],
+        interceptors=propagating_interceptors(token),
+    )
+
+
 # -- the worker's side --------------------------------------------------------------------------
 
 
@@ -203,6 +217,10 @@ def worker_main(work: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> 
 # -- the driver's side --------------------------------------------------------------------------
 
 
+# A result line may be large (the mollifier's burst returns every run id it was given).
+RESULT_LINE_LIMIT = 64 * 1024 * 1024
+
+
 async def start_worker(module: str) -> asyncio.subprocess.Process:
     """`python -m <module> --loadgen-worker` on the same code as this process (an installed
     package or a checkout), stdin and stdout piped."""
@@ -212,6 +230,7 @@ async def start_worker(module: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", module, "--loadgen-worker",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        limit=RESULT_LINE_LIMIT,
     )  # fmt: skip
 
 
@@ -225,7 +244,9 @@ async def drive(
     assert proc.stdout is not None
     marks: dict[str, S] = {}
     result: dict[str, Any] | None = None
+    profiled = False  # `runops bench --profile`: this worker opened the phase
     try:
+        await profile.join(profile.LOADGEN, proc.pid)  # a phase the benchmark opened
         proc.stdin.write(spec_json.encode() + b"\n")
         await proc.stdin.drain()
         async for line in proc.stdout:
@@ -236,12 +257,21 @@ async def drive(
             if message["event"] == "result":
                 result = message["result"]
             else:
-                marks[message["event"]] = sample()
+                event = message["event"]
+                marks[event] = sample()
+                # The measured window (between the closed loop's marks) is a profiled phase.
+                if event == "start":
+                    profiled = await profile.begin(label, **{profile.LOADGEN: proc.pid})
+                elif event == "end" and profiled:
+                    profiled = False
+                    await profile.end()
                 proc.stdin.write(b"go\n")
                 await proc.stdin.drain()
         proc.stdin.close()
         code = await proc.wait()
     finally:
+        if profiled:
+            await profile.end()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

@@ -3,7 +3,8 @@ benchmark, figure, raw floor, ratio, target, met or not."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import statistics
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -28,6 +29,8 @@ class Row:
     ratio: float | None = None
     target: str = ""
     met: bool | None = None
+    # min-max of `value` over repeated measurements (None: one window of >= 10 s).
+    spread: tuple[float, float] | None = None
 
     @classmethod
     def against(
@@ -42,13 +45,50 @@ class Row:
         target: str = "",
         at_least: float | None = None,
         at_most: float | None = None,
+        spread: tuple[float, float] | None = None,
     ) -> Row:
         """A figure beside its floor; the target is on value / floor."""
         ratio = value / floor if floor else 0.0
         return cls(
             benchmark, figure, value, unit, floor, floor_name, ratio, target,
-            _met(ratio, at_least, at_most),
+            _met(ratio, at_least, at_most), spread,
         )  # fmt: skip
+
+    @classmethod
+    def repeated(
+        cls, benchmark: str, figure: str, values: Repeated, unit: str, floor: Repeated,
+        floor_name: str, *, target: str = "", at_least: float | None = None,
+    ) -> Row:  # fmt: skip
+        """A figure beside its floor, both measured several times: the medians (and their
+        ratio), the spread of the figure (none for a single measurement: `--smoke`)."""
+        return cls.against(
+            benchmark, figure, values.median, unit, floor.median, floor_name, target=target,
+            at_least=at_least, spread=values.spread if len(values.values) > 1 else None,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Repeated:
+    """One figure measured several times (a phase shorter than 10 s, spec §7): the median is
+    the figure, min-max its spread."""
+
+    values: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        return min(self.values), max(self.values)
+
+
+REPETITIONS = 3
+
+
+async def repeat(times: int, measure: Callable[[int], Awaitable[float]]) -> Repeated:
+    """`measure(i)` for i in 0..times-1, one after the other."""
+    return Repeated(tuple([await measure(i) for i in range(times)]))
 
 
 def _met(ratio: float, at_least: float | None, at_most: float | None) -> bool | None:
@@ -63,17 +103,26 @@ def number(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
+def spread(row: Row) -> str:
+    """`low-high` without the unit ("": a single window)."""
+    if row.spread is None:
+        return ""
+    low, high = (number(v, row.unit).rsplit(" ", 1)[0] for v in row.spread)
+    return f"{low}-{high}"
+
+
 def table(rows: Sequence[Row]) -> str:
     """A Markdown table (readable in a terminal too)."""
-    head = ("benchmark", "figure", "value", "raw floor", "ratio", "target", "met")
+    head = ("benchmark", "figure", "value", "spread", "raw floor", "ratio", "target", "met")
     body = []
     for row in rows:
         floor = "" if row.floor is None else f"{number(row.floor, row.unit)} ({row.floor_name})"
         ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
         met = {None: "", True: "yes", False: "**NO**"}[row.met]
         body.append(
-            (row.benchmark, row.figure, number(row.value, row.unit), floor, ratio, row.target, met)
-        )
+            (row.benchmark, row.figure, number(row.value, row.unit), spread(row), floor, ratio,
+             row.target, met)
+        )  # fmt: skip
     widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
 
     def line(cells: Iterable[str]) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runops.bench import profile
 from runops.localstack.ports import free_port
 from runops.localstack.services import ServiceProcess, targets_env
 from runops.localstack.settings import process_env
@@ -58,7 +59,8 @@ class Suite:
         async with process:
             self.extra.append(process)
             try:
-                yield process
+                with profile.watching(label, pid_of(process), children=True):
+                    yield process
             finally:
                 self.extra.remove(process)
 
@@ -88,6 +90,9 @@ async def running_suite(stack: LocalStack, progress: Progress) -> AsyncIterator[
     async with contextlib.AsyncExitStack() as exits:
         for process in suite.base:
             await exits.enter_async_context(process)
+            # The base mollifier only answers claims: the benchmarks' own is "mollifier".
+            label = "mollifier-claims" if process.name == "mollifier" else process.name
+            exits.enter_context(profile.watching(label, pid_of(process), children=True))
         progress(f"{', '.join(BASE_SERVICES)} serving (logs in {logs})")
         seeded = await bootstrap_at(
             suite.base[0].target, suite.admin_token, "bench", suffix_if_taken=True

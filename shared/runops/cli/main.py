@@ -77,6 +77,11 @@ COMMANDS: dict[str, Command] = {
         lambda parser: importlib.import_module("runops.cli.bench").add_arguments(parser),
         "runops.cli.bench:command",
     ),
+    "soak": (
+        "minutes of mixed load at half capacity: memory, descriptors, connections stay flat",
+        lambda parser: importlib.import_module("runops.cli.soak").add_arguments(parser),
+        "runops.cli.soak:command",
+    ),
     "demo": (
         "demos against a running `runops up` (batch: a 10,000-item batch)",
         lambda parser: importlib.import_module("runops.cli.batch").add_demo_arguments(parser),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from runops.cli.arguments import at_least_one
 from runops.cli.errors import FAILURE_EXIT, call_failure, print_error, report_call_failure
+from runops.cli.grid import aligned
 
 if TYPE_CHECKING:
     from runops.mollifier.v1 import mollifier_pb2 as m
@@ -30,6 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency", type=at_least_one, default=20, help="burst: callers at once"
     )
+
+
+def trigger_line(reply: m.TriggerResponse) -> str:
+    """One line per trigger: the run's id and status, and where it went (buffered, with the
+    mollifier's notice, or straight to the run store; `cached` when its key's run returned)."""
+    from runops.common.v1 import common_pb2
+
+    status = common_pb2.RunStatus.Name(reply.run.status).removeprefix("RUN_STATUS_")
+    where = "buffered" if reply.buffered else "written to the run store"
+    line = f"{reply.run.friendly_id} {status} ({where}{', cached' if reply.is_cached else ''})"
+    return f"{line}: {reply.notice}" if reply.notice else line
 
 
 def stats_table(stats: m.GetBufferStatsResponse) -> str:
@@ -51,16 +63,7 @@ def stats_table(stats: m.GetBufferStatsResponse) -> str:
         return "empty"
     if len(rows) > 1:
         rows.append(("total", f"{stats.total_depth:,}", f"{stats.total_draining:,}", ""))
-    table = (STATS_HEADER, *rows)
-    widths = [max(len(row[i]) for row in table) for i in range(len(STATS_HEADER))]
-    # The environment left-aligned, the numbers right-aligned.
-    return "\n".join(
-        "  ".join(
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in table
-    )
+    return aligned((STATS_HEADER, *rows))
 
 
 async def _run(args: argparse.Namespace, target: str) -> int:
@@ -74,7 +77,7 @@ async def _run(args: argparse.Namespace, target: str) -> int:
             return 0
         request = m.TriggerRequest(environment_id=args.env, task_identifier=args.task)
         if args.action == "trigger":
-            print(await client.trigger(request))
+            print(trigger_line(await client.trigger(request)))
             return 0
         buffered = 0
         remaining = args.count

@@ -17,7 +17,7 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -370,10 +370,21 @@ def run_service(
             if status:
                 raise SystemExit(status)
         else:
-            asyncio.run(_build_and_serve(build, settings))
+            run_loop(_build_and_serve(build, settings), settings.event_loop)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """`asyncio.run(main)` on the event loop RUNOPS_EVENT_LOOP names."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+    else:
+        asyncio.run(main)
 
 
 def _serve_process(
@@ -386,7 +397,7 @@ def _serve_process(
     try:
         configure_logging(settings.log_level, settings.log_format)
         log.info("process starting", index=index, pid=os.getpid(), parent_pid=parent_pid)
-        asyncio.run(_build_and_serve(build, settings, parent_pid=parent_pid))
+        run_loop(_build_and_serve(build, settings, parent_pid=parent_pid), settings.event_loop)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

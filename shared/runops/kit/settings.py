@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runops.kit.cores import usable_cores
 
 ENV_PREFIX = "RUNOPS_"
 
@@ -50,8 +52,19 @@ class ServerSettings(BaseSettings):
     # Service-to-service calls present this token; without it internal RPCs are open (local dev).
     internal_token: SecretStr | None = None
     # Server processes sharing the port (SO_REUSEPORT), each with its own event loop, pools,
-    # caches and feeds; "auto" is one per usable core. 1 serves in this very process.
+    # caches and feeds; "auto" is one per usable core (affinity capped by the cgroup CPU quota). 1 serves in this very process.
     processes: int = Field(default=1, ge=1, le=512)
+    # The event loop each server process runs on: asyncio's own, or uvloop (measured with
+    # `runops bench`, docs/benchmarks.md "uvloop"; kept off by default).
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+
+    @field_validator("event_loop")
+    @classmethod
+    def _uvloop_installed(cls, value: str) -> str:
+        # Not a dependency (asyncio is the default): say so at start-up, not as an ImportError.
+        if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("uvloop is not installed (pip install uvloop)")
+        return value
 
     @field_validator("processes", mode="before")
     @classmethod
@@ -62,15 +75,6 @@ class ServerSettings(BaseSettings):
             if not value.strip().isdigit():
                 raise ValueError("must be a number of processes (1 or more) or 'auto'")
         return value
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask; a container's CPU quota is not seen,
-    so set RUNOPS_PROCESSES to the CPU limit there)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 S = TypeVar("S", bound=BaseSettings)

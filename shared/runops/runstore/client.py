@@ -20,14 +20,21 @@ from datetime import datetime
 import grpc
 
 from runops.common.v1 import common_pb2
+from runops.kit import wire
 from runops.kit.clients import ServiceClient, consistency
 from runops.kit.errors import NotFound
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 
-_ACCEPT_BATCH_ITEMS = "/{}/AcceptBatchItems".format(
+_ACCEPT_BATCH_ITEMS_PATH = "/{}/AcceptBatchItems".format(
     rs.DESCRIPTOR.services_by_name["RunStoreService"].full_name
 )
+_CREATE_RUNS_PATH = "/{}/CreateRuns".format(
+    rs.DESCRIPTOR.services_by_name["RunStoreService"].full_name
+)
+# CreateRunsRequest.runs and .result_shape on the wire.
+_RUNS_TAG = wire.tag(rs.CreateRunsRequest.RUNS_FIELD_NUMBER, wire.LENGTH_DELIMITED)
+_SHAPE_TAG = wire.tag(rs.CreateRunsRequest.RESULT_SHAPE_FIELD_NUMBER, wire.VARINT)
 
 
 @dataclass(frozen=True)
@@ -45,11 +52,16 @@ class RunStoreClient(ServiceClient):
     ) -> None:
         super().__init__(target, token=token, channel=channel)
         self.stub = rs_grpc.RunStoreServiceStub(self._channel)
-        # AcceptBatchItems for a request already serialized: its bytes go out as they are.
-        self._accept_wire: grpc.aio.UnaryUnaryMultiCallable[bytes, rs.AcceptBatchItemsResponse]
-        self._accept_wire = self._channel.unary_unary(
-            _ACCEPT_BATCH_ITEMS,
-            request_serializer=None,
+        # CreateRuns whose request is already in wire form (`create_runs_serialized`).
+        self._create_runs_serialized = self._channel.unary_unary(
+            _CREATE_RUNS_PATH,
+            request_serializer=bytes,
+            response_deserializer=rs.CreateRunsResponse.FromString,
+        )
+        # AcceptBatchItems whose request is already in wire form (ingest's columns).
+        self._accept_batch_items_serialized = self._channel.unary_unary(
+            _ACCEPT_BATCH_ITEMS_PATH,
+            request_serializer=bytes,
             response_deserializer=rs.AcceptBatchItemsResponse.FromString,
         )
 
@@ -63,6 +75,18 @@ class RunStoreClient(ServiceClient):
         keeps its `run_id` and `created_at`."""
         reply = await self._call(self.stub.CreateRuns, rs.CreateRunsRequest(runs=runs))
         return list(reply.results)
+
+    async def create_runs_serialized(
+        self, runs: Sequence[bytes], *, shape: rs.ResultShape.ValueType = rs.RESULT_SHAPE_IDS
+    ) -> rs.CreateRunsResponse:
+        """`CreateRuns` of runs already serialized (RunInput bytes, as the mollifier's buffer
+        holds them), joined into the request's wire form without decoding: a repeated message
+        field is tag, length and bytes per element. `shape` IDS (default) answers `created`
+        (ids, creation times, errors by position); a run store without it answers `results`."""
+        parts = [part for run in runs for part in (_RUNS_TAG, wire.varint(len(run)), run)]
+        if shape:
+            parts += (_SHAPE_TAG, wire.varint(shape))
+        return await self._call(self._create_runs_serialized, b"".join(parts))
 
     async def create_runs_ids(self, runs: Sequence[rs.RunInput] | rs.RunColumns) -> rs.CreatedRuns:
         """`create_runs` answered lean (RESULT_SHAPE_IDS), rows or columns in: friendly ids,
@@ -168,10 +192,10 @@ class RunStoreClient(ServiceClient):
         )
         return await self._call(self.stub.AcceptBatchItems, request)
 
-    async def accept_batch_items_wire(self, request: bytes) -> rs.AcceptBatchItemsResponse:
-        """`accept_batch_items` for a serialized AcceptBatchItemsRequest (ingest writes a
-        unit's request as wire bytes: no message is built to be serialized again)."""
-        return await self._call(self._accept_wire, request)
+    async def accept_batch_items_serialized(self, request: bytes) -> rs.AcceptBatchItemsResponse:
+        """`accept_batch_items` of a serialized AcceptBatchItemsRequest (ingest's columns,
+        serialized before the call so no message is held while it is in flight)."""
+        return await self._call(self._accept_batch_items_serialized, request)
 
     async def accept_batch_items_ids(
         self,
