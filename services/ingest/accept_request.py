@@ -8,8 +8,8 @@ A column every item holds the same value of travels as one entry (the task, the 
 the task defaults of a unit of one task). An item's task defaults are those of its (worker,
 task) pair, resolved once per distinct pair (`TaskDefaults.fill` on one prototype run each).
 Rare per-item fields travel by position: options, pre-failed errors, links to existing runs.
-The request goes out serialized (`RunStoreClient.accept_batch_items_serialized`), so no message is
-held while the call is in flight.
+The request goes out serialized (`RunStoreClient.accept_batch_items_serialized`), so no
+message is held while the call is in flight.
 """
 
 from __future__ import annotations
