@@ -30,6 +30,19 @@ SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["BatchIngestService"]
 CONTROL_PLANE_FEED_TIMEOUT_SECONDS = 5.0
 
 
+def transport_options(settings: IngestSettings) -> list[tuple[str, int]]:
+    """The read-ahead of a client stream, bounded to one chunk message. Phase 2 reads a message
+    only when its pipeline has a free slot (spec §5); without a bound, gRPC's BDP probing grows
+    a stream's flow-control window to megabytes, so the transport would buffer what the
+    pipeline has not asked for (peak RSS beyond concurrency x chunk, and the client would not
+    feel backpressure). A fixed window of RUNOPS_MAX_CHUNK_BYTES keeps the next chunk on its
+    way while every slot is busy, so the pipeline never waits a round trip for it."""
+    return [
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", settings.max_chunk_bytes),
+    ]
+
+
 class Ingest:
     """The parts of one ingest process, reachable from tests and benchmarks."""
 
@@ -107,7 +120,12 @@ async def build_ingest(settings: IngestSettings, store_config: StoreConfig | Non
         token=settings.internal_token,
         health=False,
     )
-    app = ServiceApp("ingest", settings, api_key_resolver=control_plane.client.authenticate_api_key)
+    app = ServiceApp(
+        "ingest",
+        settings,
+        api_key_resolver=control_plane.client.authenticate_api_key,
+        transport_options=transport_options(settings),
+    )
     redis = await open_redis(app, "redis", settings.redis)
     return Ingest(app, control_plane, redis, settings, store_config)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 import structlog
@@ -172,17 +172,18 @@ def process_peak_in_flight() -> int:
     return _process_peak
 
 
-async def split_units(chunks: AsyncIterable[Iterable[T]], max_items: int) -> AsyncIterator[list[T]]:
+async def split_units(
+    chunks: AsyncIterable[Sequence[T]], max_items: int
+) -> AsyncIterator[Sequence[T]]:
     """Units of at most `max_items` from received chunks (a chunk larger than a unit is split;
-    smaller ones are not merged, so nothing waits for the next message)."""
+    smaller ones are not merged, so nothing waits for the next message). A chunk that fits is
+    one unit as it is: nothing is copied item by item."""
     if max_items < 1:
         raise ValueError(f"max_items must be >= 1, got {max_items}")
     async for chunk in chunks:
-        unit: list[T] = []
-        for item in chunk:
-            unit.append(item)
-            if len(unit) == max_items:
-                yield unit
-                unit = []
-        if unit:
-            yield unit
+        if len(chunk) <= max_items:
+            if chunk:
+                yield chunk
+            continue
+        for start in range(0, len(chunk), max_items):
+            yield chunk[start : start + max_items]

@@ -13,6 +13,8 @@ retry rule.
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +26,7 @@ from runops.kit.errors import Aborted, FailedPrecondition, InvalidArgument
 from runops.kit.limits import MAX_ITEMS_PER_CALL
 from runops.runstore.client import RunStoreClient
 from runops.runstore.v1 import runstore_pb2 as rs
-from services.ingest import validation
+from services.ingest import accept_request, validation
 from services.ingest.keyed import KeyedItem, KeyedItems, UnitClaims
 from services.ingest.offload import Offloader
 from services.ingest.pipeline import Pipeline, split_units
@@ -68,7 +70,7 @@ class Phase2:
         self._keyed = keyed
         self._defaults = defaults
         self._limits = limits
-        self.pipeline: Pipeline[list[ing.BatchItem]] = Pipeline(limits.concurrency)
+        self.pipeline: Pipeline[Sequence[ing.BatchItem]] = Pipeline(limits.concurrency)
         self.pre_failed_count = 0
         self.linked_count = 0
 
@@ -79,93 +81,105 @@ class Phase2:
         unit_size = min(self._limits.max_chunk_items, MAX_ITEMS_PER_CALL)
         await self.pipeline.run(split_units(_chunks(messages), unit_size), self._unit)
 
-    async def _unit(self, items: list[ing.BatchItem]) -> None:
-        checked = validation.unit(items, self.batch.run_count)
-        inputs: dict[int, rs.BatchItemInput] = {}
+    async def _unit(self, items: Sequence[ing.BatchItem]) -> None:
+        unit = validation.unit(items, self.batch.run_count)
+        del items
+        limit = self._limits.max_item_payload_bytes
+        threshold = self._offloader.threshold_bytes
+        # By position in the unit; most units have none of these.
+        pre_failed: dict[int, common_pb2.RunError] = {}
+        to_offload: list[int] = []
+        if max(map(len, unit.payloads), default=0) >= min(limit + 1, threshold):
+            for k, payload in enumerate(unit.payloads):
+                if len(payload) > limit:
+                    pre_failed[k] = common_pb2.RunError(
+                        code=PAYLOAD_TOO_LARGE,
+                        message=f"payload of {len(payload)} bytes exceeds the {limit}-byte maximum",
+                    )
+                elif len(payload) >= threshold:
+                    to_offload.append(k)
+        workers: dict[int, str] = {}
         keyed: list[KeyedItem] = []
-        to_offload: list[ing.BatchItem] = []
-        for item in checked.items:
-            if len(item.payload) > self._limits.max_item_payload_bytes:
-                inputs[item.index] = self._pre_failed(item)
-                continue
-            if item.options.idempotency_key:
-                keyed.append(_keyed(item))
-            if self._offloader.should_offload(item.payload):
-                to_offload.append(item)
-            inputs[item.index] = rs.BatchItemInput(
-                index=item.index,
-                run=rs.RunInput(
-                    task_identifier=item.task,
-                    payload=item.payload,
-                    payload_type=item.payload_type,
-                    options=item.options,
-                ),
-            )
-        del items, checked
-        await self._defaults.fill(self.environment_id, [item.run for item in inputs.values()])
+        for k in unit.with_options:
+            options = unit.items[k].options
+            workers[k] = options.lock_to_version
+            if options.idempotency_key and k not in pre_failed:
+                keyed.append(_keyed(unit.items[k]))
+        counts = collections.Counter(
+            zip((workers.get(k, "") for k in range(len(unit.tasks))), unit.tasks, strict=True)
+            if workers
+            else zip(itertools.repeat(""), unit.tasks)
+        )
+        # Pre-failed runs take task defaults too.
+        defaults = await accept_request.defaults_by_key(self._defaults, self.environment_id, counts)
         claims = await self._keyed.resolve(self.environment_id, keyed) if keyed else None
         try:
             existing = dict(claims.existing) if claims is not None else {}
-            linked = set(existing)
-            for index, run_id in existing.items():
-                inputs[index] = rs.BatchItemInput(index=index, existing_run_id=run_id)
-            await self._offload([item for item in to_offload if item.index not in linked], inputs)
-            del to_offload
-            accepted = await self._accept(list(inputs.values()))
+            linked_at = {k: existing[i] for k, i in enumerate(unit.indexes) if i in existing}
+            offloaded = await self._offload(
+                unit, [k for k in to_offload if k not in linked_at and k not in pre_failed]
+            )
+            request = accept_request.encode(
+                unit,
+                environment_id=self.environment_id,
+                batch_id=self.batch.id,
+                workers=workers,
+                defaults=defaults,
+                payloads=offloaded,
+                pre_failed=pre_failed,
+                linked=linked_at,
+            )
+            pre_failed_indexes = {unit.indexes[k] for k in pre_failed}
+            del unit, offloaded  # the request's bytes hold all the call needs
+            accepted = await self._accept(request)
+            del request
         except BaseException:
             if claims is not None:
                 await claims.release()
             raise
         if claims is not None:
-            await _publish(claims, keyed, accepted.items)
-        new = [item for item in accepted.items if not item.duplicate]
-        fresh = {item.index for item in new}
-        self.linked_count += len(fresh & linked)
-        self.pre_failed_count += sum(1 for index in fresh if inputs[index].HasField("pre_failed"))
-
-    def _pre_failed(self, item: ing.BatchItem) -> rs.BatchItemInput:
-        """A run written already failed at the item's index; its payload is not kept."""
-        limit = self._limits.max_item_payload_bytes
-        return rs.BatchItemInput(
-            index=item.index,
-            run=rs.RunInput(
-                task_identifier=item.task, payload_type=item.payload_type, options=item.options
-            ),
-            pre_failed=common_pb2.RunError(
-                code=PAYLOAD_TOO_LARGE,
-                message=f"payload of {len(item.payload)} bytes exceeds the {limit}-byte maximum",
-            ),
-        )
+            await _publish(claims, keyed, accepted.accepted)
+        linked = set(existing)
+        if linked or pre_failed_indexes:
+            columns = accepted.accepted
+            fresh = {
+                index
+                for index, duplicate in zip(columns.index, columns.duplicate, strict=True)
+                if not duplicate
+            }
+            self.linked_count += len(fresh & linked)
+            self.pre_failed_count += len(fresh & pre_failed_indexes)
 
     async def _offload(
-        self, items: Sequence[ing.BatchItem], inputs: dict[int, rs.BatchItemInput]
-    ) -> None:
+        self, unit: validation.CheckedUnit, positions: Sequence[int]
+    ) -> dict[int, tuple[bytes, str]]:
         """Uploads the unit's large payloads concurrently (the store's connection pool bounds
-        them) and puts each one's reference in its place; the first failure fails the unit."""
+        them): each one's reference and payload type by position; the first failure fails the
+        unit."""
 
-        async def one(item: ing.BatchItem) -> None:
+        async def one(k: int) -> tuple[int, tuple[bytes, str]]:
             offloaded = await self._offloader.offload(
                 project_id=self.batch.project_id,
                 environment_id=self.batch.environment_id,
                 batch_id=self.batch.id,
-                index=item.index,
-                payload=item.payload,
-                payload_type=item.payload_type,
+                index=unit.indexes[k],
+                payload=unit.payloads[k],
+                payload_type=unit.payload_types[k],
             )
-            run = inputs[item.index].run
-            run.payload = offloaded.payload
-            run.payload_type = offloaded.payload_type
+            # The payload is in the store: the unit holds only its reference from here on.
+            unit.payloads[k] = b""
+            return k, (offloaded.payload, offloaded.payload_type)
 
-        outcomes = await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
+        outcomes = await asyncio.gather(*(one(k) for k in positions), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        return dict(outcome for outcome in outcomes if not isinstance(outcome, BaseException))
 
-    async def _accept(self, inputs: list[rs.BatchItemInput]) -> rs.AcceptBatchItemsResponse:
+    async def _accept(self, request: bytes) -> rs.AcceptBatchItemsResponse:
+        """One AcceptBatchItems of a serialized request (`accept_request.encode`)."""
         try:
-            return await self._run_store.accept_batch_items(
-                environment_id=self.environment_id, batch_id=self.batch.id, items=inputs
-            )
+            return await self._run_store.accept_batch_items_serialized(request)
         except FailedPrecondition as exc:
             if exc.reason in ("BATCH_SEALED", "BATCH_ABORTED"):
                 raise BatchClosed(exc.reason) from exc
@@ -258,10 +272,14 @@ def _keyed(item: ing.BatchItem) -> KeyedItem:
 
 
 async def _publish(
-    claims: UnitClaims, keyed: Sequence[KeyedItem], accepted: Sequence[rs.AcceptedItem]
+    claims: UnitClaims, keyed: Sequence[KeyedItem], accepted: rs.AcceptedItemColumns
 ) -> None:
     """The run each claimed item got, duplicates included (a resent index keeps the run written
     the first time: that is the key's run)."""
     claimed = {item.index for item in keyed} - set(claims.existing)
-    runs = {item.index: item.run_id for item in accepted if item.index in claimed}
+    runs = {
+        index: run_id
+        for index, run_id in zip(accepted.index, accepted.run_id, strict=True)
+        if index in claimed
+    }
     await claims.publish(runs)

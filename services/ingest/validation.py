@@ -55,21 +55,74 @@ def create_batch(request: ing.CreateBatchRequest, max_run_count: int) -> None:
 
 @dataclass(frozen=True)
 class CheckedUnit:
-    """A unit's items, first occurrence of each index only (a repeat within the unit is
-    dropped here; across units the run store reports it as a duplicate)."""
+    """A unit's items that passed, as columns (position k is one item), first occurrence of each
+    index only (a repeat within the unit is dropped here; across units the run store reports it
+    as a duplicate). Each payload is read out of its message once: `payloads[k]`."""
 
-    items: list[ing.BatchItem]
+    items: Sequence[ing.BatchItem]
+    indexes: list[int]
+    tasks: list[str]
+    payloads: list[bytes]
+    payload_types: list[str]
+    # Positions of the items that set options (most set none).
+    with_options: list[int]
     repeated: int
 
 
 def unit(items: Sequence[ing.BatchItem], run_count: int) -> CheckedUnit:
     """Checks every item of a unit; INVALID_ARGUMENT naming each bad item (reason
     INDEX_OUT_OF_RANGE when an index is outside [0, run_count), with the first such index in
-    the metadata), before anything of the unit is written."""
+    the metadata), before anything of the unit is written.
+
+    The rules run on whole columns (each distinct task and payload type once, options only where
+    set); only a unit they find fault with is walked item by item, for the error naming each."""
+    indexes = [item.index for item in items]
+    tasks = [item.task for item in items]
+    payload_types = [item.payload_type for item in items]
+    with_options = [k for k, item in enumerate(items) if item.HasField("options")]
+    if not _columns_fit(items, run_count, indexes, tasks, payload_types, with_options):
+        _refuse(items, run_count)
+    received = len(indexes)
+    if len(set(indexes)) < received:
+        first = {index: k for k, index in reversed(list(enumerate(indexes)))}
+        kept = sorted(first.values())
+        items = [items[k] for k in kept]
+        indexes = [indexes[k] for k in kept]
+        tasks = [tasks[k] for k in kept]
+        payload_types = [payload_types[k] for k in kept]
+        with_options = [k for k, item in enumerate(items) if item.HasField("options")]
+    return CheckedUnit(
+        items,
+        indexes,
+        tasks,
+        [item.payload for item in items],
+        payload_types,
+        with_options,
+        received - len(indexes),
+    )
+
+
+def _columns_fit(
+    items: Sequence[ing.BatchItem],
+    run_count: int,
+    indexes: list[int],
+    tasks: list[str],
+    payload_types: list[str],
+    with_options: list[int],
+) -> bool:
+    """True when no item breaks a rule (`_refuse` would find nothing)."""
+    return (
+        (not indexes or max(indexes) < run_count)
+        and all(limits.TASK_IDENTIFIER.fullmatch(task) for task in set(tasks))
+        and max(map(len, set(payload_types)), default=0) <= TEXT_LIMIT
+        and all(limits.trigger_options_fit(items[k].options) for k in with_options)
+    )
+
+
+def _refuse(items: Sequence[ing.BatchItem], run_count: int) -> None:
+    """The rules item by item, raising the error that names every bad item."""
     v = Violations()
     out_of_range: list[int] = []
-    seen: set[int] = set()
-    kept: list[ing.BatchItem] = []
     for item in items:
         field = f"items[{item.index}]"
         if item.index >= run_count:
@@ -78,9 +131,6 @@ def unit(items: Sequence[ing.BatchItem], run_count: int) -> CheckedUnit:
         limits.task_identifier(v, item.task, f"{field}.task")
         v.max_length(item.payload_type, f"{field}.payload_type", TEXT_LIMIT)
         limits.trigger_options(v, item.options, f"{field}.options")
-        if item.index not in seen:
-            seen.add(item.index)
-            kept.append(item)
     if out_of_range:
         first = out_of_range[0]
         raise InvalidArgument(
@@ -94,7 +144,6 @@ def unit(items: Sequence[ing.BatchItem], run_count: int) -> CheckedUnit:
             ],
         )
     v.raise_if_any("items have invalid fields")
-    return CheckedUnit(kept, len(items) - len(kept))
 
 
 def list_batch_items(request: ing.ListBatchItemsRequest) -> tuple[str, int]:

@@ -53,31 +53,40 @@ class TaskDefaults:
         self._timeout = timeout_seconds
         self._logged = _LogThrottle(LOG_INTERVAL_SECONDS, LOG_MEMORY)
 
-    async def fill(self, environment_id: str, runs: Sequence[rs.RunInput]) -> None:
+    async def fill(
+        self,
+        environment_id: str,
+        runs: Sequence[rs.RunInput],
+        *,
+        counts: Sequence[int] | None = None,
+    ) -> None:
         """Sets each run's `worker_version` and `default_*` from its task, with one cached
         resolution per worker the runs lock to (one for a trigger or a usual chunk). A run left
-        to the platform defaults is counted; why is logged (never once per item)."""
-        by_worker: dict[str, list[rs.RunInput]] = {}
-        for run in runs:
-            by_worker.setdefault(run.options.lock_to_version, []).append(run)
+        to the platform defaults is counted; why is logged (never once per item). `counts`: how
+        many runs each of `runs` stands for (a prototype per distinct task), for the count."""
+        weights = [1] * len(runs) if counts is None else counts
+        by_worker: dict[str, list[tuple[rs.RunInput, int]]] = {}
+        for run, weight in zip(runs, weights, strict=True):
+            by_worker.setdefault(run.options.lock_to_version, []).append((run, weight))
         for worker, group in by_worker.items():
+            total = sum(weight for _, weight in group)
             resolution = await self._resolve(environment_id, worker)
             if isinstance(resolution, str):
-                TASK_DEFAULTS.labels(resolution).inc(len(group))
+                TASK_DEFAULTS.labels(resolution).inc(total)
                 continue
             resolved, tasks = resolution
-            wanted = {run.task_identifier for run in group}
+            wanted = {run.task_identifier for run, _ in group}
             found = {t.task_identifier: t for t in tasks if t.task_identifier in wanted}
             applied = 0
-            for run in group:
+            for run, weight in group:
                 task = found.get(run.task_identifier)
                 if task is not None:
                     _fill(run, resolved.version, task)
-                    applied += 1
+                    applied += weight
             TASK_DEFAULTS.labels("worker").inc(applied)
-            if applied == len(group):
+            if applied == total:
                 continue
-            TASK_DEFAULTS.labels("unknown_task").inc(len(group) - applied)
+            TASK_DEFAULTS.labels("unknown_task").inc(total - applied)
             unknown = sorted(wanted - found.keys())
             if fresh := [t for t in unknown if self._logged.first((environment_id, "task", t))]:
                 log.info(

@@ -86,9 +86,13 @@ class ServiceApp:
         *,
         api_key_resolver: ApiKeyResolver | None = None,
         error_mappers: Sequence[ErrorMapper] = (),
+        transport_options: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """`transport_options`: grpc server options of this service besides the common ones
+        (`server_options`), e.g. ingest's bounded read-ahead of client streams."""
         self.name = name
         self.settings = settings
+        self.transport_options = list(transport_options)
         self._api_key_resolver = api_key_resolver
         self._error_mappers = (*error_mappers, dependency_error)
         self._services: list[_Registration] = []
@@ -185,7 +189,8 @@ class ServiceApp:
             self._access,
             self._error_mappers,
         )
-        server = grpc.aio.server(interceptors=[interceptor], options=server_options(self.settings))
+        options = [*server_options(self.settings), *self.transport_options]
+        server = grpc.aio.server(interceptors=[interceptor], options=options)
         for reg in self._services:
             reg.register(reg.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -26,6 +26,9 @@ from runops.kit.errors import NotFound
 from runops.runstore.v1 import runstore_pb2 as rs
 from runops.runstore.v1 import runstore_pb2_grpc as rs_grpc
 
+_ACCEPT_BATCH_ITEMS_PATH = "/{}/AcceptBatchItems".format(
+    rs.DESCRIPTOR.services_by_name["RunStoreService"].full_name
+)
 _CREATE_RUNS_PATH = "/{}/CreateRuns".format(
     rs.DESCRIPTOR.services_by_name["RunStoreService"].full_name
 )
@@ -54,6 +57,12 @@ class RunStoreClient(ServiceClient):
             _CREATE_RUNS_PATH,
             request_serializer=bytes,
             response_deserializer=rs.CreateRunsResponse.FromString,
+        )
+        # AcceptBatchItems whose request is already in wire form (ingest's columns).
+        self._accept_batch_items_serialized = self._channel.unary_unary(
+            _ACCEPT_BATCH_ITEMS_PATH,
+            request_serializer=bytes,
+            response_deserializer=rs.AcceptBatchItemsResponse.FromString,
         )
 
     # -- runs -----------------------------------------------------------------------------------
@@ -194,6 +203,11 @@ class RunStoreClient(ServiceClient):
             environment_id=environment_id, batch_id=batch_id, items=items
         )
         return await self._call(self.stub.AcceptBatchItems, request)
+
+    async def accept_batch_items_serialized(self, request: bytes) -> rs.AcceptBatchItemsResponse:
+        """`accept_batch_items` of a serialized AcceptBatchItemsRequest (ingest's columns,
+        serialized before the call so no message is held while it is in flight)."""
+        return await self._call(self._accept_batch_items_serialized, request)
 
     async def accept_batch_items_ids(
         self,
