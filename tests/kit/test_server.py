@@ -260,14 +260,17 @@ async def test_shutdown_goes_on_when_grpc_stop_hangs(
         await real_stop(None)
 
 
-def test_run_loop_runs_on_the_loop_named() -> None:
+async def test_run_loop_runs_on_the_loop_named() -> None:
     seen: list[str] = []
 
     async def main() -> None:
         seen.append(type(asyncio.get_running_loop()).__module__)
 
-    kit_server.run_loop(main(), "uvloop")
-    kit_server.run_loop(main(), "asyncio")
+    # In threads of their own, as a service process runs it in its main thread: run in this
+    # one, asyncio.run would leave the test session's main thread with no current event loop
+    # (the sync fixtures that build grpc.aio channels after it fail).
+    await asyncio.to_thread(kit_server.run_loop, main(), "uvloop")
+    await asyncio.to_thread(kit_server.run_loop, main(), "asyncio")
     assert seen[0].startswith("uvloop")
     assert seen[1].startswith("asyncio")
 
