@@ -292,10 +292,12 @@ def _as_columns(runs: list[rs.RunInput], broadcast: bool) -> rs.RunColumns:
 
 
 def _whole_ms(run: rs.RunInput) -> bool:
-    """A default TTL columns can carry as it is (whole milliseconds, not zero when set)."""
+    """A default TTL columns can carry as it is (whole milliseconds, not zero when set, seconds
+    and nanos of one sign: a mixed-sign Duration is refused as a row, while its milliseconds in
+    a column are a plain number)."""
     ttl = run.default_ttl
     return not run.HasField("default_ttl") or (
-        ttl.nanos % 1_000_000 == 0 and ttl.ToMilliseconds() != 0
+        ttl.nanos % 1_000_000 == 0 and ttl.ToMilliseconds() != 0 and ttl.seconds * ttl.nanos >= 0
     )
 
 
