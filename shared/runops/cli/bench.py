@@ -14,7 +14,7 @@ other on one local stack it starts (Postgres writers with replicas, Redis, moto 
 as OS processes), then prints one table: benchmark, figure, raw floor measured in the same run,
 ratio, target, met or not; and the durability settings it ran with. Each measured phase runs
 at least 10 s or is repeated 3 times (the median printed, its min-max in the spread column).
-About 12-15 minutes on 2 cores. --profile DIR records every process of each measured phase
+About 8-9 minutes on a quiet 2-core machine. --profile DIR records every process of each measured phase
 with py-spy (DIR/<benchmark>-<phase>-<process>.txt) and writes DIR/summary.md. The
 benchmarks are part of the installed package (runops.bench); each also runs alone with its full
 report: python -m runops.bench.<name>.
