@@ -322,11 +322,17 @@ class _CallScope:
             labels.seconds.observe(seconds)
             if calls_logged():
                 log.debug("rpc handled", code=code.name, seconds=round(seconds, 6))
-            if self._principal_token is not None:
-                current_principal.reset(self._principal_token)
-            current_request_id.reset(self._tokens[0])
-            current_server_context.reset(self._tokens[1])
-            close_call_log(self._log)
+            try:
+                if self._principal_token is not None:
+                    current_principal.reset(self._principal_token)
+                current_request_id.reset(self._tokens[0])
+                current_server_context.reset(self._tokens[1])
+                close_call_log(self._log)
+            except ValueError:
+                # "Token ... was created in a different Context": a server stream whose client
+                # went away is closed by asyncio's async-generator finalizer in a task of its
+                # own, on a copy of another Context. Nothing was set there; nothing to restore.
+                pass
 
 
 def _is_abort(exc: BaseException) -> bool:
