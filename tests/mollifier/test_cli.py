@@ -68,15 +68,20 @@ def test_stats_table_lines_up_each_environment_and_a_total() -> None:
     assert stats_table(m.GetBufferStatsResponse(environments=[stats.environments[2]])) == "empty"
 
 
-async def test_stats_shows_the_buffer_a_burst_filled(
-    services: Callable[..., Awaitable[Mollifier]],
-    env: Seeded,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+@pytest.fixture
+async def tripped(
+    services: Callable[..., Awaitable[Mollifier]], monkeypatch: pytest.MonkeyPatch
+) -> Mollifier:
+    """A mollifier whose gate trips at once (no drainer), and the CLI pointed at it."""
     service = await services(**TRIPPED)
     monkeypatch.setenv(TARGET_ENV, service.app.target)
     monkeypatch.setenv(TOKEN_ENV, INTERNAL_TOKEN)
+    return service
+
+
+async def test_stats_shows_the_buffer_a_burst_filled(
+    tripped: Mollifier, env: Seeded, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert await _run(["stats", "--env", env.env_id], capsys) == (0, "empty\n", "")
 
     code, out, err = await _run(
@@ -95,14 +100,8 @@ async def test_stats_shows_the_buffer_a_burst_filled(
 
 
 async def test_trigger_prints_one_line_per_run(
-    services: Callable[..., Awaitable[Mollifier]],
-    env: Seeded,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    tripped: Mollifier, env: Seeded, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    service = await services(**TRIPPED)
-    monkeypatch.setenv(TARGET_ENV, service.app.target)
-    monkeypatch.setenv(TOKEN_ENV, INTERNAL_TOKEN)
     lines = []
     for _ in range(2):
         code, out, err = await _run(["trigger", "--env", env.env_id], capsys)
