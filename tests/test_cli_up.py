@@ -31,3 +31,17 @@ def test_a_bad_argument_exits_2_before_anything_starts(
     assert [line for line in err.splitlines() if "error: " in line] == [
         next(line for line in err.splitlines() if wanted in line)
     ]
+
+
+def test_a_state_dir_that_cannot_be_made_is_one_error_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # /proc refuses new directories, even to root (the suite may run as root).
+    assert main(["up", "--check", "--state-dir", "/proc/runops-state"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: cannot write /proc/runops-state: No such file or directory (pass --state-dir a "
+        "writable directory, or free some space)"
+    ], err

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from runops import migrations, registry
-from runops.localstack import ExternalServers, LocalStack, PostgresDatabase, StackError
+from runops.localstack import ExternalServers, LocalStack, PostgresDatabase, StackError, ports
 from runops.localstack.ports import CLUSTER_MAX_PORT, free_cluster_port, is_listening
 from runops.migrations import MigrationError, migrate
 
@@ -425,6 +425,37 @@ def test_failed_start_stops_what_did_start(tmp_path: Path, monkeypatch: pytest.M
 def test_cluster_ports_leave_room_for_the_bus_port() -> None:
     for _ in range(20):
         assert free_cluster_port() <= CLUSTER_MAX_PORT
+
+
+def test_a_port_another_process_was_handed_is_not_handed_out_until_it_exits() -> None:
+    """Two test sessions on one machine never get the same port (SO_REUSEPORT servers of one
+    user would share it silently): the other process's claims hold until it exits."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from runops.localstack.ports import free_port, free_cluster_port; "
+            "print(*[free_port() for _ in range(5)], free_cluster_port(), flush=True); "
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": f"{REPO / 'shared'}:{REPO}"},
+    )
+    assert holder.stdout is not None
+    assert holder.stdin is not None
+    held = [int(port) for port in holder.stdout.readline().split()]
+    held.append(held[-1] + 10000)  # the cluster port's bus port
+    try:
+        assert len(set(held)) == 7, held
+        assert [port for port in held if ports._hand_out(port)] == []
+    finally:
+        holder.stdin.close()
+        assert holder.wait(10) == 0
+    # Gone with it: the ports are free to hand out again (and stay ours until we exit).
+    assert all(ports._hand_out(port) for port in held)
 
 
 def test_cli_help_is_fast_and_lists_commands() -> None:

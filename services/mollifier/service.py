@@ -178,6 +178,9 @@ class MollifierServicer(m_grpc.MollifierServiceServicer):
     ) -> m.GetBufferStatsResponse:
         validation.stats(request)
         stats = await self._runs.stats(request.environment_id or None)
+        if request.environment_id and not (stats[0].depth or stats[0].draining):
+            # Nothing buffered: "empty" only for an environment that exists (else NOT_FOUND).
+            await self._policies.of(request.environment_id)
         reply = m.GetBufferStatsResponse()
         for env in stats:
             item = reply.environments.add(

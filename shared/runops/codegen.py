@@ -50,8 +50,8 @@ def generate(out_root: Path) -> list[Path]:
         f"-I{include}",
         f"--python_out={out_root}",
         f"--grpc_python_out={out_root}",
-        f"--mypy_out={out_root}",
-        f"--mypy_grpc_out={out_root}",
+        f"--mypy_out=quiet:{out_root}",  # no "Writing mypy to" line per file
+        f"--mypy_grpc_out=quiet:{out_root}",
         *protos,
     ]
     if protoc.main(args) != 0:

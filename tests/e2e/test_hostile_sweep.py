@@ -62,14 +62,14 @@ FILL_ATTEMPTS = 4
 PADDING_FIELD = 10_000
 MAX_MESSAGE_BYTES = int(ServerSettings.model_fields["max_message_bytes"].default)
 CALL_TIMEOUT = 20.0
-# A server stream that sent nothing this long after a valid request is open (OK).
-STREAM_QUIET_SECONDS = 2.0
+# A server stream that sent nothing this long after a valid request is open (OK). Every stream
+# swept today answers at once (its first message or its error), so this costs nothing; it is long
+# so that a loaded machine's late error is never mistaken for an open stream.
+STREAM_QUIET_SECONDS = 10.0
 # Methods swept at once (each sends its cases in turn).
 CONCURRENCY = 8
 WRONG_TOKEN = "not-a-token-of-this-suite"
 LOG_ALARMS = ("Traceback", "unhandled error")
-# The kit sends stdlib logging to stderr as "LEVEL logger message" (runops.kit.logging).
-LIBRARY_LOGGERS = ("ERROR grpc", "ERROR asyncio", "WARNING grpc", "WARNING asyncio")
 
 
 # -- the contracts ---------------------------------------------------------------------------
@@ -540,24 +540,21 @@ def _log_sizes(logs: tuple[Path, ...]) -> dict[Path, int]:
     return {path: path.stat().st_size if path.exists() else 0 for path in logs}
 
 
-def _alarms_since(sizes: dict[Path, int]) -> tuple[list[str], list[str]]:
-    """What the logs gained: (alarms raised by runops code, alarms from grpc's or asyncio's own
-    stdlib loggers). Each alarm comes with the line before it and the traceback after it."""
-    ours: list[str] = []
-    libraries: list[str] = []
+def _alarms_since(sizes: dict[Path, int]) -> list[str]:
+    """What the logs gained: each alarm with the line before it and the traceback after it. A
+    traceback logged through grpc's or asyncio's own loggers counts too: the one seen so far was
+    ours (the kit's call scope closed by asyncio's finalizer in another Context)."""
+    alarms: list[str] = []
     for path, size in sizes.items():
         with path.open("rb") as log:
             log.seek(size)
             text = log.read().decode(errors="replace")
         lines = text.splitlines()
         for i, line in enumerate(lines):
-            if not any(alarm in line for alarm in LOG_ALARMS):
-                continue
-            before = lines[i - 1] if i else ""
-            block = f"{path.name}: " + "\n    ".join(x[:300] for x in lines[max(i - 1, 0) : i + 14])
-            from_library = line.startswith("Traceback") and before.startswith(LIBRARY_LOGGERS)
-            (libraries if from_library else ours).append(block)
-    return ours, libraries
+            if any(alarm in line for alarm in LOG_ALARMS):
+                block = "\n    ".join(x[:300] for x in lines[max(i - 1, 0) : i + 14])
+                alarms.append(f"{path.name}: {block}")
+    return alarms
 
 
 async def _serving(target: str) -> list[str]:
@@ -609,9 +606,5 @@ async def test_every_rpc_answers_hostile_input_precisely(clients: Clients) -> No
     assert not sweep.failures, f"{len(sweep.failures)} wrong answers:\n" + "\n".join(sweep.failures)
     down = [line for target in channels for line in await _serving(target)]
     assert not down, f"not serving after the sweep: {down}"
-    alarms, library_noise = _alarms_since(sizes)
-    # grpc's and asyncio's own loggers (a stream the sweep cancelled mid-write, seen once on a
-    # loaded CI machine) are shown for follow-up, not counted as our unhandled errors.
-    for block in library_noise:
-        print("library traceback during the sweep:", block)
+    alarms = _alarms_since(sizes)
     assert not alarms, "unhandled errors logged during the sweep:\n" + "\n".join(alarms)

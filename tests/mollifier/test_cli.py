@@ -127,6 +127,8 @@ async def test_each_failure_is_one_error_line(
         # (target, token, argv, exit code, what stderr says)
         (service.app.target, INTERNAL_TOKEN, ["trigger", "--env", "env_unknown"], 1,
          "error: environment env_unknown does not exist"),
+        (service.app.target, INTERNAL_TOKEN, ["stats", "--env", "env_unknown"], 1,
+         "error: environment env_unknown does not exist"),
         (service.app.target, INTERNAL_TOKEN, ["trigger", "--env", ""], 2,
          "environment_id: is required"),
         (service.app.target, "wrong", ["stats"], 1, f"(check ${TOKEN_ENV})"),

@@ -426,7 +426,9 @@ async def test_a_claims_owner_gets_it_back_and_is_checked(services: Factory, env
         assert longest.outcome is ClaimOutcome.CLAIMED
 
 
-async def test_buffer_stats(services: Factory, env: Seeded) -> None:
+async def test_buffer_stats(
+    services: Factory, env: Seeded, svc_control_plane: ControlPlane
+) -> None:
     service = await services(**TRIPPED)
     client = stub(service.app.target)
     for _ in range(6):
@@ -437,6 +439,14 @@ async def test_buffer_stats(services: Factory, env: Seeded) -> None:
     assert stats.environments[0].oldest_entry_age.ToTimedelta() >= timedelta(0)
     everything = await client.GetBufferStats(m.GetBufferStatsRequest())
     assert env.env_id in {e.environment_id for e in everything.environments}
+    # An environment with nothing buffered answers zeros; one that does not exist, NOT_FOUND.
+    other = await seeded_env(svc_control_plane.app.target, enabled=True)
+    quiet = await client.GetBufferStats(m.GetBufferStatsRequest(environment_id=other.env_id))
+    assert (quiet.total_depth, quiet.total_draining) == (0, 0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.GetBufferStats(m.GetBufferStatsRequest(environment_id="env_unknown"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "env_unknown" in (caught.value.details() or "")
 
 
 async def test_bad_input_names_the_field(services: Factory, env: Seeded) -> None:

@@ -185,8 +185,16 @@ def up(state_dir: Path | None, with_cluster: bool, check: bool, replicas: int = 
     except (KeyboardInterrupt, _Stop):
         progress("stop requested")
         return 0
-    except (StackError, OSError) as exc:  # OSError: a state dir that cannot be written
+    except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a state dir that cannot be written, a full disk
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"error: cannot write{where}: {exc.strerror or exc} (pass --state-dir a writable "
+            "directory, or free some space)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         # A second Ctrl-C must not leave half the stack running.

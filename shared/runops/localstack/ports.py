@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 HOST = "127.0.0.1"
 # A Redis Cluster node also listens on port + 10000 (its bus), so cluster ports stay below this.
@@ -15,6 +19,36 @@ _lock = threading.Lock()
 # Ports this process already handed out: the OS may offer the same free port twice before the
 # first server binds it.
 _handed_out: set[int] = set()
+# Another process on the machine (a second test session, `runops up`) may be offered the same
+# free port before either server binds it, and two servers with SO_REUSEPORT (same user) would
+# then share it silently. A port handed out holds a byte-range lock at offset `port` of one file,
+# released by the kernel when this process exits; other processes skip ports they cannot lock.
+CLAIMS_FILE = Path(tempfile.gettempdir()) / "runops-ports.lock"
+_claims_fd: int | None = None
+
+
+def _claimed_machine_wide(port: int) -> bool:
+    global _claims_fd
+    if _claims_fd is None:
+        try:
+            _claims_fd = os.open(CLAIMS_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return True  # no shared file (another user's, read-only /tmp): this process's view
+    try:
+        fcntl.lockf(_claims_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port, os.SEEK_SET)
+    except OSError:
+        return False
+    return True
+
+
+def _hand_out(*ports: int) -> bool:
+    """Take `ports` if neither this process nor another on the machine has them."""
+    if any(port in _handed_out for port in ports):
+        return False
+    if not all(_claimed_machine_wide(port) for port in ports):
+        return False
+    _handed_out.update(ports)
+    return True
 
 
 def _bindable(port: int) -> bool:
@@ -27,14 +61,14 @@ def _bindable(port: int) -> bool:
 
 
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 that this process has not handed out before."""
+    """A currently free TCP port on 127.0.0.1 that no process on this machine was handed before
+    (this one, or another still running)."""
     with _lock:
         for _ in range(100):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 sock.bind((HOST, 0))
                 port = int(sock.getsockname()[1])
-            if port not in _handed_out:
-                _handed_out.add(port)
+            if _hand_out(port):
                 return port
     raise RuntimeError("no free TCP port on 127.0.0.1: too many servers running?")
 
@@ -44,10 +78,7 @@ def free_cluster_port() -> int:
     with _lock:
         for _ in range(500):
             port = random.randint(20000, CLUSTER_MAX_PORT)
-            if port in _handed_out or port + 10000 in _handed_out:
-                continue
-            if _bindable(port) and _bindable(port + 10000):
-                _handed_out.update((port, port + 10000))
+            if _bindable(port) and _bindable(port + 10000) and _hand_out(port, port + 10000):
                 return port
     raise RuntimeError("no free port pair (port, port + 10000) below 55535 on 127.0.0.1")
 
