@@ -1,8 +1,9 @@
 """Items with an idempotency key: which of them link to an existing run (spec §5).
 
-The contract the servicer uses is `KeyedItems.resolve(environment_id, items) -> UnitClaims`:
-for a unit's keyed items, which already resolve to a run (link to it: `existing`), and a handle
-to settle the claims it took once the unit was written (`publish`) or failed (`release`).
+The contract the servicer uses is `KeyedItems.resolve(environment_id, items, owner=batch id)
+-> UnitClaims`: for a unit's keyed items, which already resolve to a run (link to it:
+`existing`), and a handle to settle the claims it took once the unit was written (`publish`) or
+failed (`release`).
 
 `MollifierKeyedItems` resolves them through the mollifier's batched claim (spec §4: one call per
 unit for its distinct keys), which serializes them with single triggers of the same key and sees
@@ -19,6 +20,20 @@ runs still waiting in the mollifier's buffer. Per key:
   (two units each holding a key the other waits for must not wait each other out), and after a
   pause the unit claims again; still pending after `CLAIM_ROUNDS`, the unit fails ABORTED
   `IDEMPOTENCY_KEY_BUSY` with RetryInfo, and the client's retry resends it.
+
+The batch owns its claims (`KeyToClaim.owner`, the batch's id): a key one of its units claimed
+and has not published yet is handed back to the next of its units that asks (CLAIMED, the same
+token) instead of PENDING, so a batch never waits on a claim it took itself. That matters when
+the claim call timed out but Redis applied it later (a hung Redis resumed): the claim is held by
+a token nobody has, and without an owner every later unit of the batch with the key would be
+refused `IDEMPOTENCY_KEY_BUSY` until the claim's TTL (30 s). Two units of the batch with one key
+may now both hold the claim and both write: the run store's unique (environment, task, key)
+gives the second the first one's run (the concurrent-accept case of
+`tests/runstore/test_key_lock.py::test_a_keyed_batch_item_and_concurrent_creates_share_one_run`,
+what the fail-open below relies on too), and both publish that run. A release by either unit
+deletes the shared claim while the other may still be writing: a trigger or another batch may
+then claim the key and write too, and the same unique key still gives both one run; at worst
+that caller misses a run still buffered in the mollifier, as with fail-open.
 
 The claim fails open as `Trigger` does (spec §4, §5): when the mollifier or its Redis is
 unavailable (UNAVAILABLE, DEADLINE_EXCEEDED), every key of the unit is taken as SKIPPED, logged
@@ -54,7 +69,8 @@ FAIL_OPEN = Counter(
 FAIL_OPEN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 # How long the mollifier waits for keys another caller holds, per round (its maximum is 5 s):
-# a unit of this batch holding the key publishes as soon as its AcceptBatchItems returned.
+# a trigger or another batch holding the key publishes as soon as its run is written (this
+# batch's own claims never make it wait: they are handed back).
 CLAIM_WAIT = timedelta(seconds=2)
 # Rounds of claiming before the unit fails retryably, and the pause between them (jittered).
 CLAIM_ROUNDS = 3
@@ -89,7 +105,11 @@ class UnitClaims(Protocol):
 
 
 class KeyedItems(Protocol):
-    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> UnitClaims: ...
+    async def resolve(
+        self, environment_id: str, items: Sequence[KeyedItem], *, owner: str
+    ) -> UnitClaims:
+        """`owner`: the batch the unit belongs to (its claims' owner, module docstring)."""
+        ...
 
 
 Key = tuple[str, str]  # (task identifier, idempotency key)
@@ -183,7 +203,9 @@ class MollifierKeyedItems:
             log_retries=False,
         )
 
-    async def resolve(self, environment_id: str, items: Sequence[KeyedItem]) -> MollifierUnitClaims:
+    async def resolve(
+        self, environment_id: str, items: Sequence[KeyedItem], *, owner: str
+    ) -> MollifierUnitClaims:
         indexes: dict[Key, list[int]] = {}
         expiry: dict[Key, datetime | None] = {}
         for item in items:
@@ -191,7 +213,7 @@ class MollifierKeyedItems:
             indexes.setdefault(key, []).append(item.index)
             expiry.setdefault(key, item.expires_at)
         keys = list(indexes)
-        to_claim = [KeyToClaim(task, key, expiry[(task, key)]) for task, key in keys]
+        to_claim = [KeyToClaim(task, key, expiry[(task, key)], owner) for task, key in keys]
 
         async def claim() -> MollifierUnitClaims:
             answers = await self._mollifier.claim_keys(

@@ -112,7 +112,11 @@ class Phase2:
         )
         # Pre-failed runs take task defaults too.
         defaults = await accept_request.defaults_by_key(self._defaults, self.environment_id, counts)
-        claims = await self._keyed.resolve(self.environment_id, keyed) if keyed else None
+        claims = (
+            await self._keyed.resolve(self.environment_id, keyed, owner=self.batch.id)
+            if keyed
+            else None
+        )
         try:
             existing = dict(claims.existing) if claims is not None else {}
             linked_at = {k: existing[i] for k, i in enumerate(unit.indexes) if i in existing}

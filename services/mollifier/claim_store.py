@@ -2,7 +2,10 @@
 
 `claim` takes a key with an ownership token (a UUID) for a TTL clamped to [min, max] by the
 key's own expiry; a key already claimed answers PENDING, or EXISTING_RUN once its owner
-published a run. `publish` records the run id and `release` deletes the claim, each only with
+published a run. A claim may name its `owner` (the caller's logical attempt, e.g. a batch): the
+same non-empty owner asking for a key it holds unpublished gets it back, CLAIMED with the token
+held and the TTL renewed as for a new claim, instead of waiting on itself (a claim a hung Redis
+applied after the call that took it gave up would otherwise be held by nobody until its TTL). `publish` records the run id and `release` deletes the claim, each only with
 the owner's token (compare-and-delete). A published claim whose key has expired is claimed
 anew: after the key's TTL a trigger makes a new run. Waiting for a PENDING key and what a claim
 means for a trigger or a batch is the protocol's (`claims.py`).
@@ -68,9 +71,17 @@ class ClaimStore:
     async def try_claim_many(
         self, environment_id: str, keys: Sequence[KeyToClaim]
     ) -> list[ClaimAnswer]:
-        """One attempt per key: CLAIMED (with its token), EXISTING_RUN or PENDING each."""
+        """One attempt per key: CLAIMED (with its token; the held one for its own owner),
+        EXISTING_RUN or PENDING each."""
         calls = [
-            (key, (uuid.uuid4().hex, "" if key.expires_at is None else str(to_ms(key.expires_at))))
+            (
+                key,
+                (
+                    uuid.uuid4().hex,
+                    "" if key.expires_at is None else str(to_ms(key.expires_at)),
+                    key.owner,
+                ),
+            )
             for key in keys
         ]
         replies = await self._run(

@@ -125,8 +125,16 @@ def get_run(request: m.GetRunRequest) -> bool:
 
 
 def claim(request: m.ClaimIdempotencyKeyRequest) -> KeyToClaim:
-    key_ref(request.environment_id, request.task_identifier, request.idempotency_key)
+    v = Violations()
+    _key(v, request.environment_id, request.task_identifier, request.idempotency_key)
+    owner(v, request.owner)
+    v.raise_if_any()
     return _key_to_claim(request)
+
+
+def owner(v: Violations, value: str, field: str = "owner") -> None:
+    """A claim's owner: optional (empty: none), and no longer than other free text."""
+    v.max_length(value, field, TEXT_LIMIT)
 
 
 def _key_to_claim(key: m.ClaimIdempotencyKeyRequest | m.ClaimKeyInput) -> KeyToClaim:
@@ -135,6 +143,7 @@ def _key_to_claim(key: m.ClaimIdempotencyKeyRequest | m.ClaimKeyInput) -> KeyToC
         key.task_identifier,
         key.idempotency_key,
         _time(expires) if key.HasField("idempotency_key_expires_at") else None,
+        key.owner,
     )
 
 
@@ -179,7 +188,10 @@ def claim_many(
     request: m.ClaimIdempotencyKeysRequest, default_wait: float
 ) -> tuple[list[KeyToClaim], float]:
     v = Violations()
-    claims = [_key_to_claim(key) for _, key in _keys(v, request.environment_id, request.keys)]
+    claims: list[KeyToClaim] = []
+    for field, key in _keys(v, request.environment_id, request.keys):
+        owner(v, key.owner, f"{field}.owner")
+        claims.append(_key_to_claim(key))
     wait = default_wait
     if request.HasField("wait"):
         asked = request.wait.ToTimedelta()

@@ -10,7 +10,9 @@ only retryable statuses during the fault, and recovery without a restart.
 - The object store erroring (its proxy closed), and separately slow (past the attempt timeout),
   mid-offload: one run per index, and every offloaded run's object is in the store, whole.
 - Redis stopped, and separately hung (SIGSTOP), during a keyed batch (ingest and the mollifier
-  it claims keys through share it): exactly one run per key.
+  it claims keys through share it): exactly one run per key, and the batch recovers at once when
+  Redis is back (it never waits out a claim of its own that Redis applied after its call gave
+  up).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import pytest
 from runops.ingest.client import BatchResult, IngestClient, filter_items
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.backoff import ExponentialBackoff
-from runops.kit.errors import details_of
+from runops.kit.errors import ErrorDetails, details_of
 from runops.localstack import LocalStack, PostgresCluster
 from runops.localstack.delay_proxy import DelayProxy
 from runops.localstack.ports import HOST, free_port
 from runops.localstack.redis import RedisServer
 from runops.localstack.settings import ADMIN_TOKEN
 from services.ingest.app import Ingest
+from services.ingest.keyed import KEY_BUSY
 from services.ingest.offload import STORE_PAYLOAD_TYPE, ObjectStore
 from tests.controlplane.harness import Seeded, seed, start_control_plane
 from tests.controlplane.harness import stub as controlplane_stub
@@ -341,6 +344,21 @@ async def test_object_store_erroring_or_slow_mid_offload_loses_nothing(
 # -- Redis stopped, and separately hung, during a keyed batch ---------------------------------------
 KEYED_ITEMS = 300
 KEYS = 120
+# From Redis back to the batch sealed: the client's retries (at most 1 s apart) and the rest of
+# the stream; far below the claim TTL (30 s), which the batch must never wait out.
+RECOVERY_SECONDS = 12.0
+
+
+class TimedFailures(list[ErrorDetails]):
+    """A BatchResult's failures, each with the monotonic time the client met it (`at`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: list[float] = []
+
+    def append(self, details: ErrorDetails) -> None:
+        self.at.append(time.monotonic())
+        super().append(details)
 
 
 @pytest.mark.slow
@@ -359,10 +377,9 @@ async def test_redis_stopped_or_hung_during_a_keyed_batch_gives_one_run_per_key(
         runstore_target=suite.runstore_target,
         controlplane_target=suite.controlplane_target,
         drainer_enabled=True,
-        # A claim taken by a command the client gave up on (Redis hung, then resumed) is held
-        # until it expires (its unit's release timed out too): items with its key are refused
-        # ABORTED IDEMPOTENCY_KEY_BUSY and retried until then. 30 s by default; short here.
-        claim_ttl_max_seconds=8,
+        # The claim TTL stays the default (30 s): a claim taken by a command the client gave up
+        # on (Redis hung, then resumed; its unit's release timed out too) is held until it
+        # expires, but by the batch as owner, so the batch's later units get it back at once.
     )
     try:
         async with (
@@ -376,6 +393,7 @@ async def test_redis_stopped_or_hung_during_a_keyed_batch_gives_one_run_per_key(
             random.Random(17).shuffle(indexes)
             source = [keyed(i, f"k{i % KEYS}") for i in indexes]
             streaming, result = paced_stream(client, created, source, 0.01)
+            result.failures = timed = TimedFailures()
             await asyncio.sleep(0.8)
             if fault == "stopped":
                 await asyncio.to_thread(server.stop, True)  # SIGTERM; the AOF stays
@@ -384,17 +402,28 @@ async def test_redis_stopped_or_hung_during_a_keyed_batch_gives_one_run_per_key(
             else:
                 with server.suspended():
                     await asyncio.sleep(OUTAGE_SECONDS)
+            resumed = time.monotonic()
             reply = await asyncio.wait_for(streaming, 90)
+            recovery = time.monotonic() - resumed
             found = await outcomes(stub(ingest.app.target, env.api_key), created.batch.friendly_id)
     finally:
         await mollifier.app.stop(grace=1)
         server.stop()
     failures = [f.code for f in result.failures]
+    busy_after = [
+        at - resumed
+        for f, at in zip(timed, timed.at, strict=True)
+        if f.reason == KEY_BUSY and at > resumed
+    ]
     print(
         f"\nRedis {fault} {OUTAGE_SECONDS:g}s during a keyed batch of {KEYED_ITEMS} "
-        f"({KEYS} keys): {result.streams} streams opened, failures {Counter(failures)}"
+        f"({KEYS} keys): {result.streams} streams opened, failures {Counter(failures)}, "
+        f"sealed {recovery:.1f}s after Redis was back"
     )
     assert set(failures) <= RETRYABLE
+    # Recovery without waiting out a claim: no unit refused for a busy key once Redis is back.
+    assert not busy_after, f"IDEMPOTENCY_KEY_BUSY at {busy_after} s after Redis was back"
+    assert recovery < RECOVERY_SECONDS
     assert reply.sealed
     assert reply.accepted_count == KEYED_ITEMS
     # Every index has its run; the items of one key share one run; Postgres holds one run per

@@ -234,7 +234,7 @@ async def test_keys_held_elsewhere_fail_the_unit_retryably_after_the_rounds() ->
     keyed_items = MollifierKeyedItems(held, rounds=3, pause_seconds=0.01)  # type: ignore[arg-type]
     items = [KeyedItem(0, TASK, "k-held"), KeyedItem(1, TASK, "k-held"), KeyedItem(2, TASK, "k2")]
     with pytest.raises(Aborted) as caught:
-        await keyed_items.resolve("env_x", items)
+        await keyed_items.resolve("env_x", items, owner="batch_x")
     assert held.claim_calls == 3
     assert caught.value.reason == KEY_BUSY
     assert caught.value.metadata == {"keys": "2"}

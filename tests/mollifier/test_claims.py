@@ -182,3 +182,38 @@ async def test_batched_claims_are_chunked_and_answer_each_key(
     claims = IdempotencyClaims(store, buffer, BufferedRuns(buffer, run_store))
     acquired = await claims.acquire(ENV, keys[20:30])
     assert {r.outcome for r in acquired} == {ClaimOutcome.CLAIMED}
+
+
+async def test_an_owner_gets_back_a_claim_it_holds_and_nobody_else_does(
+    redis: RedisClient, buffer: MollifierBuffer, prefix: str
+) -> None:
+    store = store_of(buffer, prefix, max_ttl_seconds=10)
+    key = KeyToClaim("task", "owned", owner="batch_a")
+    claim_key = EnvKeys(prefix, ENV).claim("task", "owned")
+    [first] = await store.try_claim_many(ENV, [key])
+    assert first.outcome is ClaimOutcome.CLAIMED
+    await redis.pexpire(claim_key, 2000)  # as if the claim had been held a while
+    # Its owner gets it back: the token it holds, the TTL renewed as for a new claim.
+    [again] = await store.try_claim_many(ENV, [key])
+    assert again.outcome is ClaimOutcome.CLAIMED
+    assert again.claim_token == first.claim_token
+    assert 9500 < await redis.pttl(claim_key) <= 10_000
+    # Another owner, and no owner, wait as before.
+    others = [KeyToClaim("task", "owned", owner="batch_b"), KeyToClaim("task", "owned")]
+    assert [a.outcome for a in await store.try_claim_many(ENV, others)] == [
+        ClaimOutcome.PENDING
+    ] * 2
+    # A claim taken without an owner is nobody's to re-enter, the empty owner's included.
+    unowned = KeyToClaim("task", "unowned")
+    assert (await store.try_claim_many(ENV, [unowned]))[0].outcome is ClaimOutcome.CLAIMED
+    assert (await store.try_claim_many(ENV, [unowned]))[0].outcome is ClaimOutcome.PENDING
+    # Published, it names its run to its owner too; released by the token, it is free.
+    assert await publish(store, key, again.claim_token, "run_owned")
+    [published] = await store.try_claim_many(ENV, [key])
+    assert published.outcome is ClaimOutcome.EXISTING_RUN
+    assert published.existing_run_id == "run_owned"
+    [held] = await store.try_claim_many(ENV, [KeyToClaim("task", "held", owner="batch_a")])
+    assert await release(store, held.key, held.claim_token)
+    [fresh] = await store.try_claim_many(ENV, [KeyToClaim("task", "held", owner="batch_b")])
+    assert fresh.outcome is ClaimOutcome.CLAIMED
+    assert fresh.claim_token != held.claim_token

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from runops.common.v1 import common_pb2
-from runops.kit.errors import details_of
+from runops.kit.errors import InvalidArgument, details_of
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
 from runops.localstack.settings import INTERNAL_TOKEN
@@ -371,6 +371,59 @@ async def test_batched_claims_answer_an_explicit_outcome_per_key(
             )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "keys[0].idempotency_key" in {v.field for v in details_of(caught.value).violations}
+
+
+async def test_a_claims_owner_gets_it_back_and_is_checked(services: Factory, env: Seeded) -> None:
+    service = await services()
+    async with MollifierClient(service.app.target, token=INTERNAL_TOKEN) as client:
+        mine, theirs = KeyToClaim(TASK, "o1", owner="batch_a"), KeyToClaim(TASK, "o1", owner="b")
+        [first] = await client.claim_keys(environment_id=env.env_id, keys=[mine])
+        assert first.outcome is ClaimOutcome.CLAIMED
+        no_wait = timedelta(milliseconds=1)
+        again = await client.claim_keys(
+            environment_id=env.env_id, keys=[mine, theirs, KeyToClaim(TASK, "o1")], wait=no_wait
+        )
+        assert [a.outcome for a in again] == [ClaimOutcome.CLAIMED] + [ClaimOutcome.PENDING] * 2
+        assert again[0].claim_token == first.claim_token
+        # The single claim re-enters alike (it would otherwise wait, then fail CLAIM_TIMEOUT).
+        single = await client.stub.ClaimIdempotencyKey(
+            m.ClaimIdempotencyKeyRequest(
+                environment_id=env.env_id,
+                task_identifier=TASK,
+                idempotency_key="o1",
+                owner="batch_a",
+            )
+        )
+        assert single.outcome == m.CLAIM_OUTCOME_CLAIMED
+        assert single.claim_token == first.claim_token
+        await client.publish_keys(environment_id=env.env_id, published=[(first, f"run_{0:026d}")])
+        [published] = await client.claim_keys(environment_id=env.env_id, keys=[mine])
+        assert published.outcome is ClaimOutcome.EXISTING_RUN
+        assert published.existing_run_id == f"run_{0:026d}"
+
+        for bad in ("batch\x00a", "o" * 257):
+            with pytest.raises(InvalidArgument) as caught:
+                await client.claim_keys(
+                    environment_id=env.env_id,
+                    keys=[KeyToClaim(TASK, "o2"), KeyToClaim(TASK, "o3", owner=bad)],
+                )
+            assert [v.field for v in caught.value.violations] == ["keys[1].owner"]
+            with pytest.raises(grpc.aio.AioRpcError) as single_caught:
+                await client.stub.ClaimIdempotencyKey(
+                    m.ClaimIdempotencyKeyRequest(
+                        environment_id=env.env_id,
+                        task_identifier=TASK,
+                        idempotency_key="o2",
+                        owner=bad,
+                    )
+                )
+            assert single_caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert [v.field for v in details_of(single_caught.value).violations] == ["owner"]
+        # The longest owner passes.
+        [longest] = await client.claim_keys(
+            environment_id=env.env_id, keys=[KeyToClaim(TASK, "o4", owner="o" * 256)]
+        )
+        assert longest.outcome is ClaimOutcome.CLAIMED
 
 
 async def test_buffer_stats(

@@ -4,7 +4,8 @@ a key to claim and the answer for it.
 Outcomes: CLAIMED (this caller owns the claim: write the run, then publish it, or release on
 failure), EXISTING_RUN (the key resolves to that run: use it, write nothing), SKIPPED (the
 organization has no mollifier flag: no claim; the run store's unique key dedups), PENDING
-(another caller still holds the claim after the wait).
+(another caller still holds the claim after the wait). A claim held by the key's own non-empty
+`owner` is not another caller's: it answers CLAIMED with the token held.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class KeyToClaim:
     idempotency_key: str
     # The key's own expiry (clamps the claim's TTL to [5 s, 30 s]); None: no expiry.
     expires_at: datetime | None = None
+    # The caller's logical attempt (a batch's id): a key this owner claimed and has not
+    # published yet answers CLAIMED again with the token held, not PENDING. "": no owner.
+    owner: str = ""
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,9 @@ class MollifierClient(ServiceClient):
                 request.wait.FromTimedelta(wait)
             for key in chunk:
                 item = request.keys.add(
-                    task_identifier=key.task_identifier, idempotency_key=key.idempotency_key
+                    task_identifier=key.task_identifier,
+                    idempotency_key=key.idempotency_key,
+                    owner=key.owner,
                 )
                 if key.expires_at is not None:
                     item.idempotency_key_expires_at.FromDatetime(key.expires_at)

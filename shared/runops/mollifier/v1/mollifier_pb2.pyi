@@ -277,9 +277,12 @@ class ClaimIdempotencyKeyRequest(_message.Message):
     TASK_IDENTIFIER_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     environment_id: _builtins.str
     task_identifier: _builtins.str
     idempotency_key: _builtins.str
+    owner: _builtins.str
+    """The caller's logical attempt (at most 256 characters), as in ClaimKeyInput.owner."""
     @_builtins.property
     def idempotency_key_expires_at(self) -> _timestamp_pb2.Timestamp:
         """The key's own expiry; the claim TTL is clamped to [5 s, 30 s] by it."""
@@ -291,10 +294,11 @@ class ClaimIdempotencyKeyRequest(_message.Message):
         task_identifier: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         idempotency_key_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key_expires_at", b"idempotency_key_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "task_identifier", b"task_identifier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "owner", b"owner", "task_identifier", b"task_identifier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,8 +344,15 @@ class ClaimKeyInput(_message.Message):
     TASK_IDENTIFIER_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     task_identifier: _builtins.str
     idempotency_key: _builtins.str
+    owner: _builtins.str
+    """The caller's logical attempt (e.g. a batch's id; at most 256 characters; empty: none). A
+    key this owner already claimed and has not published is handed back to it (CLAIMED, the
+    same claim_token, its TTL renewed) instead of PENDING, so a caller never waits on a claim
+    it took itself, e.g. one a Redis hang applied after the call that took it timed out.
+    """
     @_builtins.property
     def idempotency_key_expires_at(self) -> _timestamp_pb2.Timestamp:
         """The key's own expiry; the claim TTL is clamped to [5 s, 30 s] by it."""
@@ -352,10 +363,11 @@ class ClaimKeyInput(_message.Message):
         task_identifier: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         idempotency_key_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key_expires_at", b"idempotency_key_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "task_identifier", b"task_identifier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "owner", b"owner", "task_identifier", b"task_identifier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

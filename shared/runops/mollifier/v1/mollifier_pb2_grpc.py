@@ -192,7 +192,8 @@ class MollifierServiceServicer:
         explicit outcome: CLAIMED (+ claim_token), EXISTING_RUN (+ existing_run_id; runs are not
         loaded: link the item to that id), SKIPPED (organization without the flag: every key is
         SKIPPED), PENDING (another caller still held the key after `wait`, at most 5 s; retry
-        those keys later). Keys repeated within the request: the first occurrence is claimed, the
+        those keys later; a key held unpublished by the same non-empty `owner` is no other
+        caller's: it answers CLAIMED with the token held). Keys repeated within the request: the first occurrence is claimed, the
         later ones answer PENDING (they would wait on this very caller). Redis unreachable:
         UNAVAILABLE `REDIS_UNAVAILABLE` with RetryInfo (the caller may write without claims: the
         run store's unique key still holds).
