@@ -26,6 +26,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from runops.kit.redis_pool import IdleClosingPool
 from runops.kit.server import ServiceApp
 
 log = structlog.get_logger("runops.redis")
@@ -57,6 +58,9 @@ class RedisSettings(BaseModel):
     retry_backoff_cap_seconds: float = Field(default=1.0, gt=0, le=60)
     health_check_interval_seconds: float = Field(default=30.0, ge=0, le=600)
     """A pooled connection idle longer than this is PINGed before use (0: never)."""
+    max_idle_seconds: float = Field(default=60.0, ge=0, le=3600)
+    """A pooled connection idle longer than this is closed (0: never), so the connections a
+    burst opened go away again (standalone; a Cluster client keeps its own per-node pools)."""
 
     @field_validator("cluster_nodes", mode="before")
     @classmethod
@@ -125,8 +129,11 @@ def create_redis(settings: RedisSettings) -> RedisClient:
     assert settings.url is not None  # the model validator guarantees one of them
     # Blocking: a burst beyond max_connections waits (up to the socket timeout) for a free
     # connection instead of failing with MaxConnectionsError.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.url, timeout=settings.socket_timeout_seconds, **common
+    pool = IdleClosingPool.from_url(
+        settings.url,
+        timeout=settings.socket_timeout_seconds,
+        max_idle_seconds=settings.max_idle_seconds,
+        **common,
     )
     return aioredis.Redis.from_pool(pool)
 
