@@ -176,13 +176,17 @@ class PostgresDatabase:
     # A timeout parameter (not asyncio.timeout) because TimeoutError here is the answer tests
     # assert on while replay is paused.
     async def wait_for_replica(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        """Return once the replica has replayed everything the writer had written when this was
-        called; TimeoutError otherwise (e.g. while replay is paused)."""
+        """Return once the replica has replayed everything the writer had committed when this
+        was called; TimeoutError otherwise (e.g. while replay is paused). The target is the
+        writer's WAL insert position, not its write position: with synchronous_commit off (the
+        local stack's default) a commit returns while its record is still in WAL buffers, past
+        the write position, so waiting for that one could return before the row replicated
+        (a CI flake of test_replica_replicates_and_replay_pause_holds_rows_back)."""
         if not self.has_replica:
             return
         writer = await asyncpg.connect(self.admin_writer_dsn)
         try:
-            target = await writer.fetchval("SELECT pg_current_wal_lsn()::text")
+            target = await writer.fetchval("SELECT pg_current_wal_insert_lsn()::text")
         finally:
             await writer.close()
         replica = await asyncpg.connect(self.admin_replica_dsn)
