@@ -25,6 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from runops.kit.redis import warm_up
 from runops.localstack import ExternalServers, LocalStack, PostgresDatabase, printing_progress
 
 ENV_PREFIX = "RUNOPS_TEST_"
@@ -185,6 +186,10 @@ async def redis_cluster_client(redis_cluster: list[str]) -> AsyncIterator[RedisC
         ClusterNode(host, int(port)) for host, port in (n.rsplit(":", 1) for n in redis_cluster)
     ]
     client = RedisCluster(startup_nodes=nodes)
+    # Its slot map loaded before any test's burst of first commands (`runops.kit.redis.warm_up`:
+    # redis-py's async RedisCluster breaks connections when many start at once on a cold client;
+    # seen as a CI flake of tests/ingest/test_ratelimit.py::test_on_redis_cluster).
+    assert await warm_up(client), "the session's Redis Cluster does not answer"
     try:
         yield client
     finally:
