@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.backoff import ExponentialBackoff
-from runops.localstack import LocalStack
+from runops.kit.ids import Residency, residency_of
+from runops.localstack import LocalStack, PostgresDatabase
 from runops.localstack.ports import free_port
 from runops.localstack.services import ServiceProcess
 from runops.localstack.settings import in_process_settings, process_env
@@ -101,6 +103,21 @@ def ingest_process(
 
 def stub(target: str, api_key: str | None) -> Stub:
     return stub_on(ing_grpc.BatchIngestServiceStub, target, api_key)
+
+
+def database_of(suite: Suite, batch: common_pb2.Batch) -> PostgresDatabase:
+    """The database the batch lives in (by its id's residency)."""
+    if residency_of(batch.id) is Residency.NEW:
+        return suite.stack.runops_db
+    return suite.stack.controlplane_db
+
+
+async def replayed(suite: Suite, api: Stub, batch: common_pb2.Batch) -> common_pb2.Batch:
+    """`GetBatch` once the batch's replica has replayed everything written so far. The public
+    read goes to a replica, so reading at once after a write can show the state before it (a CI
+    flake on a busy machine)."""
+    await database_of(suite, batch).wait_for_replica()
+    return (await api.GetBatch(ing.GetBatchRequest(batch_id=batch.friendly_id))).batch
 
 
 def item(index: int, size: int = 16, **fields: Any) -> ing.BatchItem:

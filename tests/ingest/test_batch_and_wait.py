@@ -23,7 +23,7 @@ import pytest
 from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.kit.errors import details_of
-from runops.kit.ids import Residency, mint_body, residency_of
+from runops.kit.ids import Residency, mint_body
 from runops.localstack import PostgresDatabase
 from runops.mollifier.v1 import mollifier_pb2 as m
 from runops.runstore.v1 import runstore_pb2 as rs
@@ -33,7 +33,16 @@ from services.mollifier.builders import drainer_of
 from services.mollifier.drainer.drainer import DRAIN_FAILED_CODE
 from tests.controlplane.harness import Seeded
 from tests.harness import expect_error, until
-from tests.ingest.harness import Stub, Suite, ingest_in_process, item, requests, stub
+from tests.ingest.harness import (
+    Stub,
+    Suite,
+    database_of,
+    ingest_in_process,
+    item,
+    replayed,
+    requests,
+    stub,
+)
 from tests.ingest.test_keyed import flagged, keyed, outcomes
 from tests.mollifier.service_harness import TASK, body, seeded_env, trigger_request
 from tests.mollifier.service_harness import stub as mollifier_stub
@@ -84,7 +93,7 @@ async def assert_completed(suite: Suite, env: str, api: Stub, batch: common_pb2.
     """The waitpoint completed without error and the batch counts every item."""
     found = await resumed(suite, env, batch)
     assert not found.output_is_error, found.output
-    done = (await api.GetBatch(ing.GetBatchRequest(batch_id=batch.friendly_id))).batch
+    done = await replayed(suite, api, batch)  # one statement completed both
     assert done.status == common_pb2.BATCH_STATUS_COMPLETED
     assert done.completed_run_count == done.run_count
 
@@ -147,12 +156,6 @@ async def drain(mollifier: Mollifier, env: str) -> None:
     raise AssertionError("the buffer did not drain")
 
 
-def database_of(suite: Suite, batch: common_pb2.Batch) -> PostgresDatabase:
-    if residency_of(batch.id) is Residency.NEW:
-        return suite.stack.runops_db
-    return suite.stack.controlplane_db
-
-
 async def execute(db: PostgresDatabase, statement: str, *args: object) -> None:
     conn = await asyncpg.connect(db.admin_writer_dsn)
     try:
@@ -165,7 +168,7 @@ async def test_two_items_with_one_key_in_one_chunk(suite: Suite, api: Stub, seed
     env = seeded.env_id
     batch = await batch_and_wait(api, 2)
     await stream(api, batch, [keyed(0, "k-one-chunk"), keyed(1, "k-one-chunk")])
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(suite, api, batch)
     assert found[1].outcome == ing.ITEM_OUTCOME_LINKED
     assert found[0].run_id == found[1].run_id
     assert await pending(suite, env, batch)
@@ -184,7 +187,7 @@ async def test_two_items_with_one_key_in_different_chunks(
     async with ingest_in_process(suite, max_chunk_items=1, ingest_concurrency=1) as small:
         chunks = [[keyed(0, "k-chunks")], [item(1, task=TASK)], [keyed(2, "k-chunks")]]
         await stream(stub(small.app.target, env.api_key), batch, *chunks)
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(suite, api, batch)
     assert found[2].outcome == ing.ITEM_OUTCOME_LINKED
     assert found[2].run_id == found[0].run_id
     await complete(suite, env.env_id, found[0].run_id)
@@ -200,7 +203,7 @@ async def test_items_linked_to_runs_already_completed(suite: Suite, ingest: Inge
     api = stub(ingest.app.target, env.api_key)
     batch = await batch_and_wait(api, 3)
     await stream(api, batch, [keyed(0, "k-done"), keyed(1, "k-done"), item(2, task=TASK)])
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(suite, api, batch)
     assert found[0].run_id == found[1].run_id == earlier.friendly_id
     assert await pending(suite, env.env_id, batch)
     await complete(suite, env.env_id, found[2].run_id)
@@ -214,7 +217,7 @@ async def test_every_item_linked(suite: Suite, ingest: Ingest) -> None:
     api = stub(ingest.app.target, env.api_key)
     batch = await batch_and_wait(api, 3)
     await stream(api, batch, [keyed(0, "k-all-0"), keyed(1, "k-all-1"), keyed(2, "k-all-1")])
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(suite, api, batch)
     assert all(o.outcome == ing.ITEM_OUTCOME_LINKED for o in found.values())
     assert await pending(suite, env.env_id, batch)
     await complete(suite, env.env_id, runs[1].friendly_id)
@@ -235,7 +238,7 @@ async def test_every_item_pre_failed(suite: Suite, api: Stub, seeded: Seeded) ->
     found = await resumed(suite, seeded.env_id, batch)
     assert found.output_is_error
     assert json.loads(found.output)["code"] == "BATCH_ABORTED"
-    done = (await api.GetBatch(ing.GetBatchRequest(batch_id=batch.friendly_id))).batch
+    done = await replayed(suite, api, batch)
     assert done.status == common_pb2.BATCH_STATUS_ABORTED
 
 
@@ -257,7 +260,7 @@ async def linked_to_buffered(suite: Suite, ingest: Ingest, links: int) -> Linked
     batch = await batch_and_wait(api, links + 1)
     chunk = [keyed(i, target.idempotency_key) for i in range(links)] + [item(links, task=TASK)]
     await stream(api, batch, chunk)
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(suite, api, batch)
     assert all(found[i].run_id == target.friendly_id for i in range(links))
     await complete(suite, env.env_id, found[links].run_id)
     assert await pending(suite, env.env_id, batch)
@@ -321,7 +324,7 @@ async def test_a_buffered_run_resolved_to_another_run_at_drain_time(
     ).run
     assert holder.friendly_id != case.target.friendly_id
     await drain(mollifier, env.env_id)
-    found = await outcomes(case.api, case.batch.friendly_id)
+    found = await outcomes(suite, case.api, case.batch)
     assert found[0].run_id == holder.friendly_id
     assert await pending(suite, env.env_id, case.batch)
     await complete(suite, env.env_id, holder.friendly_id)
@@ -352,7 +355,7 @@ async def test_the_recheck_repairs_a_lost_count(suite: Suite, api: Stub, seeded:
     PROCESSING batches counts it from the run's real state."""
     batch = await batch_and_wait(api, 1)
     await stream(api, batch, [item(0)])
-    run_id = (await outcomes(api, batch.friendly_id))[0].run_id
+    run_id = (await outcomes(suite, api, batch))[0].run_id
     db = database_of(suite, batch)
     await execute(
         db,

@@ -405,7 +405,7 @@ async def test_redis_stopped_or_hung_during_a_keyed_batch_gives_one_run_per_key(
             resumed = time.monotonic()
             reply = await asyncio.wait_for(streaming, 90)
             recovery = time.monotonic() - resumed
-            found = await outcomes(stub(ingest.app.target, env.api_key), created.batch.friendly_id)
+            found = await outcomes(suite, stub(ingest.app.target, env.api_key), created.batch)
     finally:
         await mollifier.app.stop(grace=1)
         server.stop()

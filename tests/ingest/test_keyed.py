@@ -31,7 +31,15 @@ from services.mollifier.app import Mollifier
 from services.mollifier.builders import drainer_of
 from tests.controlplane.harness import Seeded
 from tests.harness import expect_error
-from tests.ingest.harness import Stub, Suite, ingest_in_process, item, requests, stub
+from tests.ingest.harness import (
+    Stub,
+    Suite,
+    database_of,
+    ingest_in_process,
+    item,
+    requests,
+    stub,
+)
 from tests.mollifier.service_harness import (
     TASK,
     body,
@@ -47,9 +55,14 @@ def keyed(index: int, key: str, **fields: Any) -> ing.BatchItem:
     return item(index, task=TASK, options=common_pb2.TriggerOptions(idempotency_key=key), **fields)
 
 
-async def outcomes(api: Stub, batch_id: str) -> dict[int, ing.BatchItemOutcome]:
-    reply = await api.ListBatchItems(ing.ListBatchItemsRequest(batch_id=batch_id, page_size=1000))
-    return {o.index: o for o in reply.items}
+async def outcomes(
+    suite: Suite, api: Stub, batch: common_pb2.Batch
+) -> dict[int, ing.BatchItemOutcome]:
+    """The batch's items by index, once its replica has replayed what was written so far
+    (ListBatchItems reads a replica)."""
+    await database_of(suite, batch).wait_for_replica()
+    request = ing.ListBatchItemsRequest(batch_id=batch.friendly_id, page_size=1000)
+    return {o.index: o for o in (await api.ListBatchItems(request)).items}
 
 
 async def runs_with_key(suite: Suite, env: str, key: str) -> list[str]:
@@ -98,7 +111,7 @@ async def test_an_item_links_to_a_run_still_buffered_in_the_mollifier(
     reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
     assert reply.sealed
     assert reply.linked_count == 1
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(suite, api, batch)
     assert found[0].outcome == ing.ITEM_OUTCOME_LINKED
     assert found[0].run_id == target.friendly_id
     assert found[1].outcome == ing.ITEM_OUTCOME_CREATED
@@ -138,7 +151,7 @@ async def test_an_item_links_to_a_persisted_run_and_a_repeated_key_to_one_run(
         ]
         reply = await small_api.StreamBatchItems(requests(batch.friendly_id, chunk))
     assert reply.sealed
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(suite, api, batch)
     assert found[0].outcome == ing.ITEM_OUTCOME_LINKED
     assert found[0].run_id == persisted.run.friendly_id
     assert found[2].outcome == ing.ITEM_OUTCOME_CREATED
@@ -173,7 +186,7 @@ async def test_an_organization_without_the_flag_still_dedups_through_the_run_sto
     chunk = [keyed(0, "k-off"), keyed(1, "k-off-new"), keyed(2, "k-off-new")]
     reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
     assert reply.sealed
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(suite, api, batch)
     assert found[0].outcome == ing.ITEM_OUTCOME_LINKED
     assert found[0].run_id == earlier.run.friendly_id
     assert found[2].outcome == ing.ITEM_OUTCOME_LINKED
@@ -206,7 +219,7 @@ async def test_a_failed_unit_releases_its_claims(suite: Suite, ingest: Ingest) -
     reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
     assert reply.sealed
     assert reply.accepted_count == 2
-    found = await outcomes(api, batch.friendly_id)
+    found = await outcomes(suite, api, batch)
     assert {o.outcome for o in found.values()} == {ing.ITEM_OUTCOME_CREATED}
     found_run = await mollifier_stub(suite.mollifier_target).FindRunByIdempotencyKey(
         m.FindRunByIdempotencyKeyRequest(
@@ -289,7 +302,7 @@ async def test_keyed_items_fail_open_to_the_run_store_when_the_mollifier_cannot_
         reply = await api.StreamBatchItems(requests(batch.friendly_id, chunk))
         assert reply.sealed
         assert reply.accepted_count == 6
-        found = await outcomes(api, batch.friendly_id)
+        found = await outcomes(suite, api, batch)
     assert fail_open_count() - fell_open == 5  # every keyed item, counted
     assert sorted(found) == list(range(6))
     assert all(o.run_id for o in found.values())

@@ -20,7 +20,17 @@ from services.ingest.app import Ingest
 from services.ingest.offload import STORE_PAYLOAD_TYPE, packet_key
 from tests.controlplane.harness import Seeded
 from tests.harness import expect_error, health_status, until_health
-from tests.ingest.harness import Stub, Suite, ingest_in_process, item, items, requests, stub
+from tests.ingest.harness import (
+    Stub,
+    Suite,
+    database_of,
+    ingest_in_process,
+    item,
+    items,
+    replayed,
+    requests,
+    stub,
+)
 from tests.runstore.harness import start_on_stack
 
 
@@ -136,6 +146,7 @@ async def test_oversized_offloaded_and_keyed_items(
     async with stored["Body"] as body:
         assert await body.read() == big
 
+    await database_of(suite, batch).wait_for_replica()  # ListBatchItems reads a replica
     outcomes = [
         o async for o in _pages(api, batch.friendly_id, ing.ITEM_FILTER_PRE_FAILED_OR_LINKED, 1)
     ]
@@ -186,9 +197,9 @@ async def test_refusals_name_what_is_wrong_and_keep_what_was_accepted(
     assert d.reason == "INDEX_OUT_OF_RANGE"
     assert d.fields == ["items[12].index"]
     assert d.metadata["index"] == "12"
-    got = await api.GetBatch(ing.GetBatchRequest(batch_id=batch.friendly_id))
-    assert got.batch.accepted_count >= 3
-    assert not got.batch.sealed
+    accepted = await replayed(suite, api, batch)
+    assert accepted.accepted_count >= 3
+    assert not accepted.sealed
 
     # Malformed options, named by index.
     bad = item(5, options=common_pb2.TriggerOptions(max_attempts=1000, tags=["a"] * 11))
@@ -289,7 +300,7 @@ async def test_token_bucket_refuses_with_retry_info(suite: Suite, seeded: Seeded
 
 
 async def test_aborted_batch_is_failed_precondition_for_the_sealing_stream_and_retries(
-    api: Stub, seeded: Seeded
+    api: Stub, seeded: Seeded, suite: Suite
 ) -> None:
     batch = await create(api, 2)
     # Every item pre-failed: the seal makes it ABORTED (EVERY_ITEM_FAILED), and the stream that
@@ -313,7 +324,7 @@ async def test_aborted_batch_is_failed_precondition_for_the_sealing_stream_and_r
         }
         assert answer.message == answers[0].message
     assert f"batch {batch.friendly_id} was aborted (every item failed)" in answers[0].message
-    after = (await api.GetBatch(ing.GetBatchRequest(batch_id=batch.friendly_id))).batch
+    after = await replayed(suite, api, batch)
     assert after.status == common_pb2.BATCH_STATUS_ABORTED
     assert after.accepted_count == 2
 

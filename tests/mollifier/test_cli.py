@@ -19,9 +19,7 @@ from runops.mollifier.v1 import mollifier_pb2 as m
 from services.mollifier.app import Mollifier
 from tests.controlplane.harness import Seeded
 from tests.harness import without_log_lines
-
-# Every trigger after the first is buffered, and stays there (no drainer).
-TRIPPED = {"gate_threshold": 1, "gate_hold_seconds": 600, "drainer_enabled": False}
+from tests.mollifier.service_harness import TRIPPED
 
 
 @pytest.fixture
@@ -73,7 +71,7 @@ async def tripped(
     services: Callable[..., Awaitable[Mollifier]], monkeypatch: pytest.MonkeyPatch
 ) -> Mollifier:
     """A mollifier whose gate trips at once (no drainer), and the CLI pointed at it."""
-    service = await services(**TRIPPED)
+    service = await services(drainer_enabled=False, **TRIPPED)
     monkeypatch.setenv(TARGET_ENV, service.app.target)
     monkeypatch.setenv(TOKEN_ENV, INTERNAL_TOKEN)
     return service
@@ -121,7 +119,7 @@ async def test_each_failure_is_one_error_line(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    service = await services(**TRIPPED)
+    service = await services(drainer_enabled=False, **TRIPPED)
     closed = f"127.0.0.1:{free_port()}"
     cases = [
         # (target, token, argv, exit code, what stderr says)

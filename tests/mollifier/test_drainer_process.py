@@ -21,6 +21,7 @@ from services.runstore.app import RunStoreApp
 from tests.controlplane.harness import Seeded
 from tests.harness import until
 from tests.mollifier.service_harness import (
+    TRIPPED,
     count_runs,
     runs_in_postgres,
     stub,
@@ -39,7 +40,7 @@ async def test_a_killed_drainer_process_loses_nothing(
     prefix: str,
     tmp_path: Path,
 ) -> None:
-    service = await services(gate_threshold=1, gate_hold_seconds=600)
+    service = await services(**TRIPPED)
     client = stub(service.app.target)
     replies = [await client.Trigger(trigger_request(env.env_id)) for _ in range(600)]
     ids = {r.run.friendly_id.removeprefix("run_") for r in replies}

@@ -27,6 +27,7 @@ from tests.controlplane.harness import Seeded
 from tests.harness import health_status, until, until_health
 from tests.mollifier.service_harness import (
     TASK,
+    TRIPPED,
     body,
     count_runs,
     runs_in_postgres,
@@ -37,8 +38,6 @@ from tests.mollifier.service_harness import (
 from tests.runstore.harness import start_on_stack
 
 Factory = Callable[..., Awaitable[Mollifier]]
-# Trips at once and stays tripped: everything after the first trigger is buffered.
-TRIPPED = {"gate_threshold": 1, "gate_hold_seconds": 600}
 
 
 def ttl(seconds: float) -> duration_pb2.Duration:

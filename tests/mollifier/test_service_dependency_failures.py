@@ -28,6 +28,7 @@ from tests.controlplane.harness import Seeded
 from tests.harness import expect_error
 from tests.mollifier.service_harness import (
     TASK,
+    TRIPPED,
     RunStoreOnPort,
     Stub,
     count_runs,
@@ -142,9 +143,7 @@ async def test_reset_with_the_run_store_down_is_unavailable_until_both_stores_an
     run_store = RunStoreOnPort(stack)
     await run_store.start()
     try:
-        service = await services(
-            runstore_target=run_store.target, gate_threshold=1, gate_hold_seconds=600
-        )
+        service = await services(runstore_target=run_store.target, **TRIPPED)
         client = stub(service.app.target)
         stored = await client.Trigger(_keyed(env.env_id, "k-stored"))
         buffered = await client.Trigger(_keyed(env.env_id, "k-buffered"))

@@ -27,10 +27,16 @@ from tests.controlplane.harness import (
 )
 from tests.controlplane.harness import stub as cp_stub
 from tests.harness import until
-from tests.mollifier.service_harness import TASK, count_runs, seeded_env, stub, trigger_request
+from tests.mollifier.service_harness import (
+    TASK,
+    TRIPPED,
+    count_runs,
+    seeded_env,
+    stub,
+    trigger_request,
+)
 
 Factory = Callable[..., Awaitable[Mollifier]]
-TRIPPED = {"gate_threshold": 1, "gate_hold_seconds": 600}
 
 
 @pytest.mark.parametrize("path", ["straight", "buffered"])
