@@ -3,7 +3,7 @@ flag changes every few seconds), and the flatness rule that judges its curves.""
 
 from __future__ import annotations
 
-from runops.bench.soak import Series, run
+from runops.bench.soak import ROTATION_BOUND_SECONDS, Series, run
 from runops.cli.main import build_parser
 from runops.localstack import LocalStack
 
@@ -21,9 +21,11 @@ async def test_a_short_soak_is_correct_and_samples_every_process(stack: LocalSta
     assert tally.trigger_ids
     assert tally.reads > 0
     assert tally.batches >= 2
-    # Rotations at 5 s, 10 s, 15 s (and the soak's own first key): each old key was refused.
+    # Rotations at 5 s, 10 s, 15 s (and the soak's own first key): each old key was refused
+    # within the bound.
     assert tally.rotations >= 3
     assert tally.old_key_still_worked == 0
+    assert 0 < tally.old_key_refused_after <= ROTATION_BOUND_SECONDS
     assert tally.flag_changes == tally.rotations
     assert result.runs_found == result.runs_expected > len(tally.trigger_ids)
     names = {s.name for s in result.series}

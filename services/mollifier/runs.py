@@ -94,12 +94,10 @@ class BufferedRuns:
     async def find_by_idempotency_key(
         self, environment_id: str, task_identifier: str, key: str, *, read_your_writes: bool
     ) -> common_pb2.Run | None:
-        run = await self._run_store.find_run_by_idempotency_key(
-            environment_id=environment_id,
-            task_identifier=task_identifier,
-            idempotency_key=key,
-            read_your_writes=read_your_writes,
-        )
+        """The run store's run holding the key, else the buffer's live one. Where neither has
+        it, a replica's absence is confirmed on the writer: a run drained a moment ago is out
+        of the buffer (its lookup goes with the ack) while a replica may not show it yet."""
+        run = await self._find_stored(environment_id, task_identifier, key, read_your_writes)
         if run is not None:
             return run
         try:
@@ -113,16 +111,25 @@ class BufferedRuns:
                 reason="BUFFER_UNAVAILABLE",
                 retry_after=1.0,
             ) from exc
-        if entry is None or not entry.idempotency_key_live(_now()):
+        if entry is None:
+            if read_your_writes:
+                return None
+            return await self._find_stored(environment_id, task_identifier, key, True)
+        if not entry.idempotency_key_live(_now()):
             return None
         if entry.status in (EntryStatus.DONE, EntryStatus.FAILED):
-            return await self._run_store.find_run_by_idempotency_key(
-                environment_id=environment_id,
-                task_identifier=task_identifier,
-                idempotency_key=key,
-                read_your_writes=True,
-            )
+            return await self._find_stored(environment_id, task_identifier, key, True)
         return entry.to_run(_now())
+
+    async def _find_stored(
+        self, environment_id: str, task_identifier: str, key: str, read_your_writes: bool
+    ) -> common_pb2.Run | None:
+        return await self._run_store.find_run_by_idempotency_key(
+            environment_id=environment_id,
+            task_identifier=task_identifier,
+            idempotency_key=key,
+            read_your_writes=read_your_writes,
+        )
 
     async def reset_idempotency_key(
         self, environment_id: str, task_identifier: str, key: str

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from runops.common.v1 import common_pb2
 from runops.kit.errors import InvalidArgument, details_of
+from runops.kit.ids import Residency, residency_of
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
 from runops.localstack.settings import INTERNAL_TOKEN
@@ -228,6 +229,44 @@ async def test_read_fallback_serves_only_the_owning_environment(
         )
     )
     assert not elsewhere.HasField("run")
+
+
+async def test_a_run_just_drained_is_found_by_id_and_key_while_replicas_lag(
+    services: Factory, env: Seeded, stack: LocalStack
+) -> None:
+    """The drainer writes through one run store, the reads come through another whose replica
+    has not replayed the write. GetRun finds the finished entry and reads the writer;
+    FindRunByIdempotencyKey, whose lookup went with the ack, confirms the replica's absence on
+    the writer (it used to answer NOT_FOUND here)."""
+    reader_store = await start_on_stack(stack, split=True, name="runstore-lagging-reader")
+    try:
+        reader = await services(runstore_target=reader_store.app.target, **TRIPPED)
+        client = stub(reader.app.target)
+        await client.Trigger(trigger_request(env.env_id))  # takes the only pass
+        options = common_pb2.TriggerOptions(idempotency_key="k-lag")
+        reply = await client.Trigger(trigger_request(env.env_id, options=options))
+        assert reply.buffered
+        run_id = reply.run.friendly_id
+        db = (
+            stack.runops_db
+            if residency_of(body(run_id)) is Residency.NEW
+            else stack.controlplane_db
+        )
+        async with db.replay_paused():
+            drainer = await services(drainer_enabled=True)  # on the session's run store
+            await drained(drainer, stack, env.env_id, 2)
+            got = await client.GetRun(m.GetRunRequest(environment_id=env.env_id, run_id=run_id))
+            found = await client.FindRunByIdempotencyKey(
+                m.FindRunByIdempotencyKeyRequest(
+                    environment_id=env.env_id, task_identifier=TASK, idempotency_key="k-lag"
+                )
+            )
+            assert await db.is_replay_paused(), "the reads ran while the replica lagged"
+    finally:
+        await reader_store.app.stop(grace=1)
+    assert (got.run.friendly_id, got.run.buffered) == (run_id, False)
+    assert found.HasField("run"), "a drained run's key must not read as unknown"
+    assert (found.run.friendly_id, found.run.buffered) == (run_id, False)
 
 
 async def test_mutations_apply_to_the_snapshot_and_busy_once_draining(
