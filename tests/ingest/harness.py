@@ -14,7 +14,7 @@ from runops.common.v1 import common_pb2
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.backoff import ExponentialBackoff
-from runops.kit.ids import Residency, residency_of
+from runops.kit.ids import residency_of
 from runops.localstack import LocalStack, PostgresDatabase
 from runops.localstack.ports import free_port
 from runops.localstack.services import ServiceProcess
@@ -107,9 +107,7 @@ def stub(target: str, api_key: str | None) -> Stub:
 
 def database_of(suite: Suite, batch: common_pb2.Batch) -> PostgresDatabase:
     """The database the batch lives in (by its id's residency)."""
-    if residency_of(batch.id) is Residency.NEW:
-        return suite.stack.runops_db
-    return suite.stack.controlplane_db
+    return suite.stack.database_for(residency_of(batch.id))
 
 
 async def replayed(suite: Suite, api: Stub, batch: common_pb2.Batch) -> common_pb2.Batch:

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from runops.common.v1 import common_pb2
 from runops.kit.errors import InvalidArgument, details_of
-from runops.kit.ids import Residency, residency_of
+from runops.kit.ids import residency_of
 from runops.localstack import LocalStack
 from runops.localstack.ports import free_port
 from runops.localstack.settings import INTERNAL_TOKEN
@@ -247,11 +247,7 @@ async def test_a_run_just_drained_is_found_by_id_and_key_while_replicas_lag(
         reply = await client.Trigger(trigger_request(env.env_id, options=options))
         assert reply.buffered
         run_id = reply.run.friendly_id
-        db = (
-            stack.runops_db
-            if residency_of(body(run_id)) is Residency.NEW
-            else stack.controlplane_db
-        )
+        db = stack.database_for(residency_of(body(run_id)))
         async with db.replay_paused():
             drainer = await services(drainer_enabled=True)  # on the session's run store
             await drained(drainer, stack, env.env_id, 2)

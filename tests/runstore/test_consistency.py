@@ -31,10 +31,6 @@ from tests.runstore.harness import (
 QUIET = "runstore-quiet"
 
 
-def home(stack: LocalStack, residency: Residency) -> PostgresDatabase:
-    return stack.runops_db if residency is Residency.NEW else stack.controlplane_db
-
-
 async def insert_behind_the_service(db: PostgresDatabase, run_id: str, env: str) -> None:
     await rows(
         db.admin_writer_dsn,
@@ -48,7 +44,7 @@ async def insert_behind_the_service(db: PostgresDatabase, run_id: str, env: str)
 async def test_default_reads_use_the_replica_and_read_your_writes_the_writer(
     client: Stub, stack: LocalStack, residency: Residency
 ) -> None:
-    db = home(stack, residency)
+    db = stack.database_for(residency)
     env = new_env()
     run_id = body(residency)
     await db.wait_for_replica()
@@ -98,8 +94,8 @@ async def test_read_your_writes_never_touches_the_other_writer(
     quiet_store: RunStoreApp, stack: LocalStack, residency: Residency
 ) -> None:
     client = stub(quiet_store.app.target)
-    owner = home(stack, residency)
-    other = home(stack, Residency.LEGACY if residency is Residency.NEW else Residency.NEW)
+    owner = stack.database_for(residency)
+    other = stack.database_for(Residency.LEGACY if residency is Residency.NEW else Residency.NEW)
     env = new_env()
     run_id = body(residency)
     await insert_behind_the_service(owner, run_id, env)

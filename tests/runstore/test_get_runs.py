@@ -17,7 +17,7 @@ from runops.runstore.v1 import runstore_pb2 as rs
 from services.runstore.app import RunStoreApp
 from tests.harness import expect_error
 from tests.runstore.harness import RYW, Stub, body, new_env, run_input
-from tests.runstore.test_consistency import home, insert_behind_the_service
+from tests.runstore.test_consistency import insert_behind_the_service
 
 
 async def create(client: Stub, env: str, residency: Residency) -> str:
@@ -117,7 +117,7 @@ async def test_bad_requests_name_their_fields(
 async def test_default_reads_use_the_replica_and_read_your_writes_the_writer(
     client: Stub, stack: LocalStack, residency: Residency
 ) -> None:
-    db = home(stack, residency)
+    db = stack.database_for(residency)
     env = new_env()
     run_id = body(residency)
     await db.wait_for_replica()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from runops.kit.ids import Residency
 from runops.localstack.postgres import PostgresCluster, PostgresDatabase
 from runops.localstack.process import StackError
 from runops.localstack.redis import RedisCluster, RedisServer
@@ -136,6 +137,10 @@ class LocalStack:
     def runops_db(self) -> PostgresDatabase:
         """The run-ops database (NEW run rows)."""
         return self._started(self._runops_db, "runops_db")
+
+    def database_for(self, residency: Residency) -> PostgresDatabase:
+        """The database holding the rows of ids of this residency (the run store's split)."""
+        return self.runops_db if residency is Residency.NEW else self.controlplane_db
 
     @property
     def redis_url(self) -> str:
