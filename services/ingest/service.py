@@ -14,6 +14,7 @@ import grpc
 from runops.common.v1 import common_pb2
 from runops.controlplane.defaults import TaskDefaults
 from runops.controlplane.v1 import controlplane_pb2 as cp
+from runops.ingest import handshake
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
 from runops.kit.context import current_principal
@@ -130,8 +131,10 @@ class IngestServicer(ing_grpc.BatchIngestServiceServicer):
         if verdict is Verdict.ABORTED:
             raise aborted_error(batch)
         if verdict is Verdict.DONE:
-            # Nothing to write: whatever else the client sends is not read.
+            # Nothing to write: the kit drops what else the client sends, then answers.
             return phase2.answer(batch, sealed=True)
+        # The handshake: items are welcome now.
+        await context.send_initial_metadata(handshake.STREAM_OPEN)
         self.streams.add(phase2)
         try:
             with contextlib.suppress(BatchClosed):  # sealed or aborted meanwhile: the rule answers

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import grpc
 
 from runops.common.v1 import common_pb2
+from runops.ingest import handshake
 from runops.ingest.chunking import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, achunk_items
 from runops.ingest.v1 import ingest_pb2 as ing
 from runops.ingest.v1 import ingest_pb2_grpc as ing_grpc
@@ -97,6 +98,18 @@ DONE_STATUSES = frozenset(
         common_pb2.BATCH_STATUS_PARTIAL_FAILED,
     }
 )
+
+
+class _Answer:
+    """A StreamBatchItems call, for its request generator (created before the call) to wait
+    on the service's initial metadata."""
+
+    call: grpc.aio.StreamUnaryCall[ing.StreamBatchItemsRequest, ing.StreamBatchItemsResponse]
+
+    async def open(self) -> bool:
+        """Whether the service takes items on this stream; on any other answer nothing more is
+        sent (the service answers once the client half-closes: the generator's end)."""
+        return handshake.is_open(await self.call.initial_metadata())
 
 
 class IngestError(Exception):
@@ -333,10 +346,12 @@ class IngestClient(ServiceClient):
             while True:
                 source = None if ask else self._source(items, items_for, todo, batch_id)
                 refused: list[ItemTooLarge] = []
-                requests = self._requests(batch_id, source, progress, refused)
+                answered = _Answer()
+                requests = self._requests(batch_id, source, progress, refused, answered)
                 tally.streams += 1
                 try:
-                    reply = await self.stub.StreamBatchItems(requests, timeout=self.timeout)
+                    answered.call = self.stub.StreamBatchItems(requests, timeout=self.timeout)
+                    reply = await answered.call
                 except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
                     # grpc cancels the call when the request iterator raises: say why.
                     if refused:
@@ -390,11 +405,13 @@ class IngestClient(ServiceClient):
         items: Items | None,
         progress: Callable[[int], None] | None,
         refused: list[ItemTooLarge],
+        answered: _Answer,
     ) -> AsyncIterator[ing.StreamBatchItemsRequest]:
-        """The stream's messages; an item too large for any message is put in `refused` and
-        raised (grpc then cancels the call)."""
+        """The stream's messages: the header, then (once the service said the stream is open,
+        `runops.ingest.handshake`) the items. An item too large for any message is put in
+        `refused` and raised (grpc then cancels the call)."""
         yield ing.StreamBatchItemsRequest(header=ing.StreamHeader(batch_id=batch_id))
-        if items is None:
+        if items is None or not await answered.open():
             return
         async for chunk in achunk_items(items, max_items=self.max_items, max_bytes=self.max_bytes):
             request = ing.StreamBatchItemsRequest(chunk=ing.ItemChunk(items=chunk))

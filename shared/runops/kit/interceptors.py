@@ -14,11 +14,16 @@ refused with PERMISSION_DENIED `ACCESS_NOT_DECLARED`, never served as PUBLIC.
 Each handler's request deserializer is wrapped: bytes that are not a valid message (a DecodeError,
 invalid UTF-8 in a string) become INVALID_ARGUMENT `MALFORMED_REQUEST` rather than grpc's
 UNKNOWN naming a Python class.
+
+A client stream is answered only once the client has finished sending (`_ClientStream.finish`):
+grpc's asyncio client turns a write that fails because the server already answered into
+`INTERNAL: Internal error from Core`, overwriting the status the server sent (grpc/grpc#36066).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import time
@@ -45,6 +50,12 @@ from runops.kit.logging import bind_new, calls_logged, close_call_log, open_call
 from runops.kit.request_checks import check_request
 
 log = structlog.get_logger("runops.rpc")
+
+# How much of a client stream the kit reads, and for how long, before answering it early
+# (an error, or a handler that stopped reading): a client still sending gets to its half-close
+# and then the answer. Past either bound the answer goes out anyway.
+DRAIN_SECONDS = 2.0
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
 
 # Turns a dependency's exception into a domain error (e.g. lost connection -> UNAVAILABLE);
 # returns None for exceptions it does not know.
@@ -186,8 +197,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
-                async with scope(method, labels, access, context):
-                    return _answered(await inner_su(_counted(requests, labels), context))
+                stream = _ClientStream(requests, labels)
+                async with scope(method, labels, access, context, stream):
+                    return _answered(await inner_su(stream, context))
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, deserialize, handler.response_serializer
@@ -209,8 +221,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def stream_stream(
             requests: AsyncIterator[Any], context: Context
         ) -> AsyncIterator[Any]:
-            async with scope(method, labels, access, context):
-                async for response in _responses(inner_ss(_counted(requests, labels), context)):
+            stream = _ClientStream(requests, labels)
+            async with scope(method, labels, access, context, stream):
+                async for response in _responses(inner_ss(stream, context)):
                     labels.sent.inc()
                     yield response
 
@@ -228,20 +241,26 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return None
 
     def _call_scope(
-        self, method: str, labels: _MethodMetrics, access: Access | None, context: Context
+        self,
+        method: str,
+        labels: _MethodMetrics,
+        access: Access | None,
+        context: Context,
+        stream: _ClientStream | None = None,
     ) -> _CallScope:
-        return _CallScope(self, method, labels, access, context)
+        return _CallScope(self, method, labels, access, context, stream)
 
 
 class _CallScope:
     """One call's scope (`async with`): request context and log context bound, the caller
-    authenticated, the call counted and timed; an exception leaving it becomes a rich status.
+    authenticated, the call counted and timed; an exception leaving it becomes a rich status,
+    sent (like an early answer) once a client stream has been read to its end.
     A class rather than an @asynccontextmanager: it is entered on every call, and a generator
     per call costs more than the rest of it."""
 
     __slots__ = (
         "_access", "_context", "_interceptor", "_labels", "_log", "_method", "_principal_token",
-        "_request_id", "_started", "_tokens",
+        "_request_id", "_started", "_stream", "_tokens",
     )  # fmt: skip
 
     def __init__(
@@ -251,12 +270,14 @@ class _CallScope:
         labels: _MethodMetrics,
         access: Access | None,
         context: Context,
+        stream: _ClientStream | None,
     ) -> None:
         self._interceptor = interceptor
         self._method = method
         self._labels = labels
         self._access = access
         self._context = context
+        self._stream = stream
 
     async def __aenter__(self) -> None:
         context, method = self._context, self._method
@@ -296,6 +317,8 @@ class _CallScope:
         context = self._context
         try:
             if exc is None:
+                if self._stream is not None:
+                    await self._stream.finish(context)
                 return
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 # The client went away, or the server cancelled the RPC at the end of the grace
@@ -314,6 +337,8 @@ class _CallScope:
             elif err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
                 log.warning("rpc failed", code=err.code.name, reason=err.reason, error=str(exc))
             code = err.code
+            if self._stream is not None:
+                await self._stream.finish(context)
             await context.abort_with_status(rich_status(err))
         finally:
             labels = self._labels
@@ -362,7 +387,42 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
         yield item
 
 
-async def _counted(requests: AsyncIterator[Any], labels: _MethodMetrics) -> AsyncIterator[Any]:
-    async for request in requests:
-        labels.received.inc()
-        yield _checked(request)
+class _ClientStream:
+    """A client stream's requests as the handler reads them (counted, checked), and the rest of
+    them read and dropped before the call is answered (`finish`)."""
+
+    __slots__ = ("_labels", "_requests", "ended")
+
+    def __init__(self, requests: AsyncIterator[Any], labels: _MethodMetrics) -> None:
+        self._requests = aiter(requests)
+        self._labels = labels
+        self.ended = False  # the client half-closed and the handler saw it
+
+    def __aiter__(self) -> _ClientStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            request = await anext(self._requests)
+        except StopAsyncIteration:
+            self.ended = True
+            raise
+        self._labels.received.inc()
+        return _checked(request)
+
+    async def finish(self, context: Context) -> None:
+        """Before an answer the handler gives without having read the stream to its end: the
+        initial metadata goes out at once (a client waiting on it knows to stop sending and
+        half-close), then the rest is read, within DRAIN_SECONDS and DRAIN_MAX_BYTES."""
+        if self.ended:
+            return
+        with contextlib.suppress(grpc.aio.UsageError):  # already sent (by the handler)
+            await context.send_initial_metadata(())
+        read = 0
+        with contextlib.suppress(Exception):  # out of time, or the call broke: answer anyway
+            async with asyncio.timeout(DRAIN_SECONDS):
+                async for request in self._requests:
+                    read += request.ByteSize() if hasattr(request, "ByteSize") else 0
+                    if read > DRAIN_MAX_BYTES:
+                        return
+        self.ended = True

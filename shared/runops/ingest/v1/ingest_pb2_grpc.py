@@ -75,6 +75,10 @@ class BatchIngestServiceServicer:
 
     def StreamBatchItems(self, request_iterator, context):
         """Phase 2. First message: the header naming the batch; then chunks of items in any order.
+        Once the batch takes items the server sends initial metadata `runops-stream: open`; a
+        client should send items only after it. Any other answer (a bad key, an unknown, aborted
+        or finished batch) comes without it: stop sending, half-close, read the status. The server
+        answers a stream only after the client's half-close (at most 2 s or 64 MiB more read).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,7 +36,12 @@ class BatchIngestServiceStub:
     CreateBatch: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.CreateBatchRequest, _ingest_pb2.CreateBatchResponse]
     """Phase 1. A replayed idempotency key returns the same batch with is_cached."""
     StreamBatchItems: _grpc.StreamUnaryMultiCallable[_ingest_pb2.StreamBatchItemsRequest, _ingest_pb2.StreamBatchItemsResponse]
-    """Phase 2. First message: the header naming the batch; then chunks of items in any order."""
+    """Phase 2. First message: the header naming the batch; then chunks of items in any order.
+    Once the batch takes items the server sends initial metadata `runops-stream: open`; a
+    client should send items only after it. Any other answer (a bad key, an unknown, aborted
+    or finished batch) comes without it: stop sending, half-close, read the status. The server
+    answers a stream only after the client's half-close (at most 2 s or 64 MiB more read).
+    """
     GetBatch: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetBatchRequest, _ingest_pb2.GetBatchResponse]
     WatchBatch: _grpc.UnaryStreamMultiCallable[_ingest_pb2.WatchBatchRequest, _ingest_pb2.WatchBatchResponse]
     """Progress updates until the batch reaches a final status."""
@@ -53,7 +58,12 @@ class BatchIngestServiceAsyncStub(BatchIngestServiceStub):
     CreateBatch: _aio.UnaryUnaryMultiCallable[_ingest_pb2.CreateBatchRequest, _ingest_pb2.CreateBatchResponse]  # type: ignore[assignment]
     """Phase 1. A replayed idempotency key returns the same batch with is_cached."""
     StreamBatchItems: _aio.StreamUnaryMultiCallable[_ingest_pb2.StreamBatchItemsRequest, _ingest_pb2.StreamBatchItemsResponse]  # type: ignore[assignment]
-    """Phase 2. First message: the header naming the batch; then chunks of items in any order."""
+    """Phase 2. First message: the header naming the batch; then chunks of items in any order.
+    Once the batch takes items the server sends initial metadata `runops-stream: open`; a
+    client should send items only after it. Any other answer (a bad key, an unknown, aborted
+    or finished batch) comes without it: stop sending, half-close, read the status. The server
+    answers a stream only after the client's half-close (at most 2 s or 64 MiB more read).
+    """
     GetBatch: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetBatchRequest, _ingest_pb2.GetBatchResponse]  # type: ignore[assignment]
     WatchBatch: _aio.UnaryStreamMultiCallable[_ingest_pb2.WatchBatchRequest, _ingest_pb2.WatchBatchResponse]  # type: ignore[assignment]
     """Progress updates until the batch reaches a final status."""
@@ -79,7 +89,12 @@ class BatchIngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_ingest_pb2.StreamBatchItemsRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.StreamBatchItemsResponse, _abc.Awaitable[_ingest_pb2.StreamBatchItemsResponse]]:
-        """Phase 2. First message: the header naming the batch; then chunks of items in any order."""
+        """Phase 2. First message: the header naming the batch; then chunks of items in any order.
+        Once the batch takes items the server sends initial metadata `runops-stream: open`; a
+        client should send items only after it. Any other answer (a bad key, an unknown, aborted
+        or finished batch) comes without it: stop sending, half-close, read the status. The server
+        answers a stream only after the client's half-close (at most 2 s or 64 MiB more read).
+        """
 
     @_abc_1.abstractmethod
     def GetBatch(
