@@ -143,3 +143,20 @@ async def test_a_client_writing_after_the_first_answer_still_gets_the_status(
             await call.done_writing()
         got += await answers([call])
     assert set(got) == {"UNAUTHENTICATED INVALID_API_KEY", "NOT_FOUND BATCH_NOT_FOUND"}, got
+
+
+async def test_after_a_bad_chunk_the_server_reads_on_until_the_half_close(api: Stub) -> None:
+    """The stream fails mid-way (the pipeline gives up a read in flight) while the client keeps
+    sending for a while: every later write still lands (the server reads on), and the status
+    after the half-close is the bad chunk's."""
+    batch = (await api.CreateBatch(ing.CreateBatchRequest(run_count=600))).batch
+    header = ing.StreamBatchItemsRequest(header=ing.StreamHeader(batch_id=batch.id))
+    bad = ing.StreamBatchItemsRequest(chunk=ing.ItemChunk(items=[item(5, task="")]))
+    good = [ing.StreamBatchItemsRequest(chunk=ing.ItemChunk(items=c)) for c in chunks(30)]
+    for _ in range(ROUNDS // 8):
+        call = api.StreamBatchItems(timeout=30)
+        for request in [header, good[0], bad, *good[1:]]:
+            await call.write(request)  # raises once the server has answered
+            await asyncio.sleep(0.01)
+        await call.done_writing()
+        assert await answers([call]) == ["INVALID_ARGUMENT INVALID_ARGUMENT"]

@@ -389,26 +389,38 @@ async def _responses(result: Any) -> AsyncIterator[Any]:
 
 class _ClientStream:
     """A client stream's requests as the handler reads them (counted, checked), and the rest of
-    them read and dropped before the call is answered (`finish`)."""
+    them read and dropped before the call is answered (`finish`).
 
-    __slots__ = ("_labels", "_requests", "ended")
+    Each read runs as a task of its own that a cancelled reader leaves running (the ingest
+    pipeline gives up a read in flight when a unit fails): grpc's receive operation cannot be
+    abandoned half-way, so the next read, or `finish`, takes its result instead."""
+
+    __slots__ = ("_labels", "_pending", "_requests", "ended")
 
     def __init__(self, requests: AsyncIterator[Any], labels: _MethodMetrics) -> None:
         self._requests = aiter(requests)
         self._labels = labels
+        self._pending: asyncio.Future[Any] | None = None
         self.ended = False  # the client half-closed and the handler saw it
 
     def __aiter__(self) -> _ClientStream:
         return self
 
     async def __anext__(self) -> Any:
-        try:
-            request = await anext(self._requests)
-        except StopAsyncIteration:
+        request = await asyncio.shield(self._read())
+        self._pending = None
+        if request is _END:
             self.ended = True
-            raise
+            raise StopAsyncIteration
         self._labels.received.inc()
         return _checked(request)
+
+    def _read(self) -> asyncio.Future[Any]:
+        """The read in flight, or a new one: the next request, or _END."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(_next_or_end(self._requests))
+            self._pending.add_done_callback(_retrieve)
+        return self._pending
 
     async def finish(self, context: Context) -> None:
         """Before an answer the handler gives without having read the stream to its end: the
@@ -421,8 +433,26 @@ class _ClientStream:
         read = 0
         with contextlib.suppress(Exception):  # out of time, or the call broke: answer anyway
             async with asyncio.timeout(DRAIN_SECONDS):
-                async for request in self._requests:
+                while read <= DRAIN_MAX_BYTES:
+                    request = await self._read()
+                    self._pending = None
+                    if request is _END:
+                        break
                     read += request.ByteSize() if hasattr(request, "ByteSize") else 0
-                    if read > DRAIN_MAX_BYTES:
-                        return
         self.ended = True
+
+
+_END = object()
+
+
+async def _next_or_end(requests: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(requests)
+    except StopAsyncIteration:
+        return _END
+
+
+def _retrieve(read: asyncio.Future[Any]) -> None:
+    """A read nobody took (the call ended meanwhile): its error is not worth a warning."""
+    if not read.cancelled():
+        read.exception()
