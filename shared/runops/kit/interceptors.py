@@ -407,20 +407,21 @@ class _ClientStream:
         return self
 
     async def __anext__(self) -> Any:
-        request = await asyncio.shield(self._read())
-        self._pending = None
+        request = await self._read()
         if request is _END:
             self.ended = True
             raise StopAsyncIteration
         self._labels.received.inc()
         return _checked(request)
 
-    def _read(self) -> asyncio.Future[Any]:
-        """The read in flight, or a new one: the next request, or _END."""
+    async def _read(self) -> Any:
+        """The next request, or _END: the read in flight if a cancelled reader left one."""
         if self._pending is None:
             self._pending = asyncio.ensure_future(_next_or_end(self._requests))
             self._pending.add_done_callback(_retrieve)
-        return self._pending
+        request = await asyncio.shield(self._pending)
+        self._pending = None
+        return request
 
     async def finish(self, context: Context) -> None:
         """Before an answer the handler gives without having read the stream to its end: the
@@ -435,10 +436,11 @@ class _ClientStream:
             async with asyncio.timeout(DRAIN_SECONDS):
                 while read <= DRAIN_MAX_BYTES:
                     request = await self._read()
-                    self._pending = None
                     if request is _END:
                         break
                     read += request.ByteSize() if hasattr(request, "ByteSize") else 0
+        if self._pending is not None:  # out of time mid-read: the answer goes out now
+            self._pending.cancel()
         self.ended = True
 
 
